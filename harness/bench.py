@@ -1,0 +1,146 @@
+"""The bench pipeline: system -> build -> train -> accuracy -> results, for several variants of
+one sweep. It only composes stages through their records."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from . import build, environment, results, systems, timing, train, upstream
+from .errors import UserError
+from .records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
+
+
+@dataclass
+class BenchRequest:
+    system: str
+    variants: list[str]
+    steps: int = 100
+    device: str = "auto"
+    seed: int = 10
+    sweep_id: str | None = None
+    accuracy: bool = True
+    profile: bool = False
+    upstream_version: str | None = None
+    upstream_source: Path | None = None
+    runs_dir: Path = results.RUNS
+    work_root: Path = results.WORK
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, not {device!r}")
+    has_gpu = environment.cuda_available()
+    if device == "cuda" and not has_gpu:
+        raise UserError("--device cuda: no CUDA GPU is visible to torch on this machine")
+    return "cuda" if device == "cuda" or (device == "auto" and has_gpu) else "cpu"
+
+
+@dataclass
+class Prepared:
+    system: System
+    built: list[BuiltVariant]
+    device: str
+    pin: UpstreamPin
+
+
+def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
+    """Everything that can reject the request, before anything is written under results/."""
+    if req.steps < 2:
+        raise UserError(f"--steps must be at least 2, not {req.steps}")
+    if not req.variants:
+        raise UserError("no variant given")
+    from . import variants as vmod
+
+    for v in req.variants:
+        vmod.chain(v)  # unknown variant / bad manifest / forbidden override -> UserError now
+    system = systems.load_system(req.system)
+    device = resolve_device(req.device)
+    pin = (upstream.source_pin(req.upstream_source) if req.upstream_source
+           else upstream.default_pin(req.upstream_version))
+    systems.ensure_data(system, log)
+    frames = systems.validate_system(system)
+    log(f"system {system.name}: {frames['train']} training / {frames['validation']} validation frames, "
+        f"{system.atoms_per_frame} atoms, types {list(system.type_map)}")
+    built = []
+    for v in req.variants:
+        b = build.build_variant(v, pin)
+        log(f"variant {v}: {'cached build' if b.cached else 'built'} {b.tree.parent.name}")
+        built.append(b)
+    return Prepared(system, built, device, pin)
+
+
+def run(req: BenchRequest, log: Callable[[str], None] = print,
+        accuracy_stage: Callable[..., AccuracyResult] | None = None) -> list[dict[str, Any]]:
+    prep = prepare(req, log)
+    sweep = req.sweep_id or results.new_sweep_id()
+    env = environment.capture()
+    out: list[dict[str, Any]] = []
+    records: list[RunRecord] = []
+    for b in prep.built:
+        rid = results.run_id(sweep, prep.system.name, b.name)
+        spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
+                       device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile)
+        log(f"[{b.name}] training {req.steps} steps on {prep.device} ({prep.system.name})")
+        tr = train.run_training(spec, progress=_progress_bar(b.name))
+        _end_progress()
+        tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s)
+        rec = RunRecord(run=spec, train=tr, timing=tm, environment=env)
+        if tr.status == "ok" and accuracy_stage is not None and req.accuracy:
+            rec.accuracy = accuracy_stage(rec, records)
+        if req.profile and tr.status == "ok":
+            from . import profile
+
+            rec.profile = profile.summarise(tr.work_dir)
+        path = results.write_run(rec, req.runs_dir)
+        records.append(rec)
+        d = results.to_dict(rec)
+        d["_path"] = str(path)
+        out.append(d)
+        if tr.status != "ok":
+            log(f"[{b.name}] {tr.status.upper()}: {tr.error}")
+        if tr.status == "interrupted":
+            break
+    return out
+
+
+def _progress_bar(name: str):
+    tty = sys.stderr.isatty()
+    last = [-1]
+
+    def show(done: int, total: int) -> None:
+        if done == last[0]:
+            return
+        last[0] = done
+        if tty:
+            width = 30
+            fill = int(width * min(done, total) / max(total, 1))
+            sys.stderr.write(f"\r  [{name}] [{'#' * fill}{'.' * (width - fill)}] {done}/{total} steps")
+            sys.stderr.flush()
+
+    return show
+
+
+def _end_progress() -> None:
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """s/step per run and the ratio to the sweep's first variant (same sweep, same card)."""
+    head = f"{'system':8} {'variant':12} {'status':8} {'ms/step':>9} {'IQR ms':>8} {'speedup':>8} {'peak MiB':>9} {'accuracy':>8}"
+    lines = [head, "-" * len(head)]
+    base = next((r["timing"]["step_s_median"] for r in rows if r["status"] == "ok"
+                 and r["timing"]["step_s_median"]), None) if rows and rows[0]["status"] == "ok" else None
+    for r in rows:
+        t = r["timing"]
+        med = t.get("step_s_median")
+        ms = f"{med * 1e3:9.2f}" if med else f"{'-':>9}"
+        iqr = f"{t['step_s_iqr'] * 1e3:8.2f}" if t.get("step_s_iqr") is not None else f"{'-':>8}"
+        sp = f"{base / med:7.2f}x" if base and med else f"{'-':>8}"
+        mem = r["memory"].get("gpu_peak_bytes")
+        mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9}"
+        verdict = (r.get("accuracy") or {}).get("verdict") or "-"
+        lines.append(f"{r['system']:8} {r['variant']:12} {r['status']:8} {ms} {iqr} {sp} {mem_s} {verdict.upper():>8}")
+    return "\n".join(lines)

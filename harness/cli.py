@@ -1,0 +1,154 @@
+"""The one command-line interface: `dpharness <command>`; make targets are thin wrappers."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+
+from .errors import HarnessError, UserError
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from . import bench
+
+    accuracy_stage = None
+    if not a.no_accuracy:
+        try:
+            from . import accuracy
+
+            accuracy_stage = accuracy.stage(strict=a.strict)
+        except ImportError:
+            accuracy_stage = None
+    req = bench.BenchRequest(
+        system=a.system, variants=a.variant or ["baseline"], steps=a.steps, device=a.device,
+        seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
+        upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
+    )
+    rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
+    print(bench.format_table(rows))
+    for r in rows:
+        print(f"wrote {r['_path']}", file=sys.stderr)
+    if any(r["status"] != "ok" for r in rows):
+        return 3
+    if a.strict and any((r.get("accuracy") or {}).get("verdict") == "fail" for r in rows):
+        return 4
+    return 0
+
+
+def _systems(a: argparse.Namespace) -> int:
+    from . import systems
+
+    names = a.name or systems.list_system_names()
+    rows = []
+    for n in names:
+        s = systems.load_system(n)
+        if a.setup:
+            systems.ensure_data(s, log=lambda m: print(m, file=sys.stderr))
+        problems = systems.checksum_problems(s)
+        row = {"system": s.name, "atoms": s.atoms_per_frame, "types": list(s.type_map),
+               "frames": s.spec.get("frames"), "data": "ok" if not problems else f"{len(problems)} problem(s): {problems[0]}"}
+        if not problems:
+            row["frames"] = systems.validate_system(s)
+            if not a.no_stats:
+                row["neighbours"] = systems.neighbour_stats(s)
+        rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        nb = r.get("neighbours")
+        nbs = (f"rcut {nb['rcut']}: max neighbours {nb['max_neighbours']} sel {nb['sel']} "
+               f"{'covers' if nb['sel_covers'] else 'DOES NOT cover'}") if nb else ""
+        print(f"{r['system']:8} {r['atoms']:4d} atoms  types {','.join(r['types']):10} frames {r['frames']}  data {r['data']}  {nbs}")
+    return 0 if all(r["data"] == "ok" for r in rows) else 2
+
+
+def _variants(a: argparse.Namespace) -> int:
+    from . import variants
+
+    for n in variants.list_variant_names():
+        v = variants.load_variant(n)
+        ov = ", ".join(f"{k.split('/')[-2]}.{k.split('/')[-1]}={val}" for k, val in v.overrides.items()) or "-"
+        print(f"{n:12} base={v.base or '-':10} backend={v.backend:4} overrides: {ov}")
+        if a.verbose:
+            print(f"    {v.description}")
+    return 0
+
+
+def _build(a: argparse.Namespace) -> int:
+    from . import build, upstream
+
+    pin = upstream.source_pin(Path(a.upstream_source)) if a.upstream_source else upstream.default_pin()
+    for v in a.variant:
+        b = build.build_variant(v, pin)
+        print(f"{v}: {'cached' if b.cached else 'built'} {b.tree}")
+        for line in b.log:
+            print(f"    {line}")
+    return 0
+
+
+def _wheelhouse(a: argparse.Namespace) -> int:
+    from . import wheelhouse
+
+    return wheelhouse.download(Path(a.dest), log=lambda m: print(m, file=sys.stderr))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpharness", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="build, train, check and time variants on one system")
+    b.add_argument("--system", default="water", help="system name (systems/<name>) or path to a system dir")
+    b.add_argument("--variant", action="append", help="variant (repeatable; the first is the ratio base)")
+    b.add_argument("--steps", type=int, default=100)
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--seed", type=int, default=10)
+    b.add_argument("--no-accuracy", action="store_true", help="skip the accuracy gate")
+    b.add_argument("--strict", action="store_true", help="exit non-zero when the accuracy gate fails")
+    b.add_argument("--profile", action="store_true", help="also capture a torch.profiler window")
+    b.add_argument("--upstream-version", default=None)
+    b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
+    b.set_defaults(func=_bench)
+
+    s = sub.add_parser("systems", help="list systems with data status and neighbour statistics")
+    s.add_argument("name", nargs="*")
+    s.add_argument("--setup", action="store_true", help="obtain missing upstream data (water)")
+    s.add_argument("--no-stats", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_systems)
+
+    v = sub.add_parser("variants", help="list variants")
+    v.add_argument("-v", "--verbose", action="store_true")
+    v.set_defaults(func=_variants)
+
+    bd = sub.add_parser("build", help="build (or show the cached build of) variants")
+    bd.add_argument("variant", nargs="+")
+    bd.add_argument("--upstream-source", default=None)
+    bd.set_defaults(func=_build)
+
+    w = sub.add_parser("wheelhouse", help="download the offline wheels a GPU node needs")
+    w.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "wheelhouse"))
+    w.set_defaults(func=_wheelhouse)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a)
+    except HarnessError as e:
+        if a.debug:
+            traceback.print_exc()
+        print(f"dpharness: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dpharness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

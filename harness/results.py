@@ -1,0 +1,125 @@
+"""Stage 7: the results store. One schema-versioned JSON per run under results/runs/,
+written atomically (temp file + fsync + rename) so a crash never leaves half a record."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from .records import RunRecord, to_jsonable
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNS = ROOT / "results" / "runs"
+WORK = ROOT / "results" / "work"
+SCHEMA = "dpharness.run/1"
+
+
+def new_sweep_id() -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+
+
+def run_id(sweep_id: str, system: str, variant: str, extra: str = "") -> str:
+    return f"{sweep_id}-{system}-{variant}{'-' + extra if extra else ''}"
+
+
+def to_dict(rec: RunRecord) -> dict[str, Any]:
+    """The results JSON (documented in README 'Results schema')."""
+    run, train, timing = rec.run, rec.train, rec.timing
+    return {
+        "schema": SCHEMA,
+        "run_id": run.run_id,
+        "sweep_id": run.sweep_id,
+        "system": run.system.name,
+        "variant": run.variant.name,
+        "variant_hash": run.variant.hash,
+        "variant_chain": list(run.variant.chain),
+        "variant_description": run.variant.description,
+        "backend": run.variant.backend,
+        "overrides": run.variant.overrides,
+        "accuracy_class": run.variant.accuracy_class,
+        "status": train.status,
+        "error": train.error,
+        "steps": run.steps,
+        "seed": run.seed,
+        "device": {"kind": run.device, "name": rec.environment.get("gpu_name") if run.device == "cuda" else "cpu",
+                   "count": rec.environment.get("gpu_count", 0) if run.device == "cuda" else 0},
+        "timing": {k: v for k, v in to_jsonable(timing).items()},
+        "memory": {"gpu_peak_bytes": train.gpu_peak_bytes},
+        "accuracy": to_jsonable(rec.accuracy),
+        "profile": rec.profile,
+        "artifacts": {
+            "work_dir": _rel(train.work_dir),
+            "lcurve": _rel(train.lcurve),
+            "checkpoint": _rel(train.checkpoint),
+            "input": _rel(train.input_path),
+            "log": _rel(train.log_path),
+        },
+        "lcurve": _read_lcurve(train.lcurve),
+        "environment": rec.environment,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _rel(p: Path | None) -> str | None:
+    if p is None:
+        return None
+    try:
+        return str(Path(p).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(p)
+
+
+def _read_lcurve(path: Path | None) -> dict[str, list] | None:
+    """lcurve.out columns, kept in the record so the report never needs the work dir."""
+    if path is None or not Path(path).is_file():
+        return None
+    header: list[str] | None = None
+    rows: list[list[float]] = []
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            header = line.lstrip("#").split()
+            continue
+        try:
+            rows.append([float(x) for x in line.split()])
+        except ValueError:
+            continue
+    if not header or not rows:
+        return None
+    cols = list(zip(*rows))
+    return {h: list(c) for h, c in zip(header, cols)}
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_run(rec: RunRecord, runs_dir: Path = RUNS) -> Path:
+    path = runs_dir / f"{rec.run.run_id}.json"
+    atomic_write_json(path, to_dict(rec))
+    return path
+
+
+def load_runs(runs_dir: Path = RUNS) -> list[dict[str, Any]]:
+    out = []
+    for p in sorted(runs_dir.glob("*.json")):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(d, dict) and str(d.get("schema", "")).startswith("dpharness.run/"):
+            out.append(d)
+    return out

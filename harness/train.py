@@ -1,0 +1,157 @@
+"""Stage 4: the training run. Writes the run's input.json (system input + the variant's allowed
+overrides + the sweep's step count), runs upstream's `dp <backend> train` through
+harness.launch in a subprocess with the variant tree first on the path, and collects what it
+observed (per-step times, peak memory, lcurve, checkpoint) into a TrainResult."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .records import ALLOWED_OVERRIDES, RunSpec, System, TrainResult
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKEND_FLAG = {"pt": "--pt", "jax": "--jax", "tf": "--tf"}
+
+
+def set_path(d: dict[str, Any], path: str, value: Any) -> None:
+    keys = path.split("/")
+    for k in keys[:-1]:
+        d = d.setdefault(k, {})
+    d[keys[-1]] = value
+
+
+def get_path(d: dict[str, Any], path: str, default: Any = None) -> Any:
+    for k in path.split("/"):
+        if not isinstance(d, dict) or k not in d:
+            return default
+        d = d[k]
+    return d
+
+
+def make_input(system: System, overrides: dict[str, Any], steps: int, seed: int | None = None) -> dict[str, Any]:
+    """The input a run trains with. Only the ALLOWED_OVERRIDES differ between variants; the step
+    count, display and save frequency are benchmark settings shared by every variant of a sweep."""
+    inp = copy.deepcopy(system.input)
+    for key, value in overrides.items():
+        if key not in ALLOWED_OVERRIDES:
+            raise UserError(f"override {key!r} is not allowed (only {', '.join(ALLOWED_OVERRIDES)})")
+        set_path(inp, key, value)
+    tr = inp.setdefault("training", {})
+    tr["training_data"]["systems"] = [str(p) for p in system.train]
+    if "validation_data" in tr:
+        tr["validation_data"]["systems"] = [str(p) for p in system.validation]
+    tr["numb_steps"] = int(steps)
+    tr["disp_freq"] = max(1, min(int(tr.get("disp_freq", 100)), int(steps)))
+    tr["save_freq"] = max(1, int(steps))  # one checkpoint, at the end: no I/O in the timed window
+    tr["disp_file"] = "lcurve.out"
+    if seed is not None:
+        tr["seed"] = int(seed)
+    return inp
+
+
+def launch_command(tree: Path, modules: tuple[Path, ...], dp_args: list[str]) -> list[str]:
+    cmd = [sys.executable, "-m", "harness.launch", "--tree", str(tree)]
+    for m in modules:
+        cmd += ["--module", str(m)]
+    return cmd + ["--", *dp_args]
+
+
+def subprocess_env(device: str, extra: dict[str, str], work_dir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["DPH_RUN_DIR"] = str(work_dir)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2))))
+    if device == "cpu":
+        env["DEVICE"] = "cpu"
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    env.update(extra)
+    return env
+
+
+def run_training(spec: RunSpec, progress=None) -> TrainResult:
+    """Train; never raises for a failed run (status says it), only for bad input."""
+    wd = spec.work_dir
+    wd.mkdir(parents=True, exist_ok=True)
+    inp = make_input(spec.system, spec.variant.overrides, spec.steps, spec.seed)
+    input_path = wd / "input.json"
+    input_path.write_text(json.dumps(inp, indent=2))
+    log_path = wd / "train.log"
+    # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
+    dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
+    cmd = launch_command(spec.variant.tree, spec.variant.modules, dp_args)
+    env = subprocess_env(spec.device, {**spec.variant.env, "DPH_VARIANT": spec.variant.name}, wd)
+    if spec.profile:
+        env["DPH_PROFILE"] = "steady"
+    t0 = time.perf_counter()
+    status, error = "ok", None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.25)
+                if progress is not None:
+                    progress(_read_progress(wd), spec.steps)
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            status, error = "interrupted", "interrupted by SIGINT"
+    wall = time.perf_counter() - t0
+    if status == "ok" and proc.returncode != 0:
+        status, error = "failed", _diagnose(log_path, proc.returncode)
+    steps_file = wd / "steps.json"
+    steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
+    step_s = steps.get("step_s") or []
+    if status == "ok" and len(step_s) < spec.steps - 1:
+        status, error = "failed", f"only {len(step_s)} of {spec.steps} steps were timed"
+    ckpt = _latest_checkpoint(wd)
+    lcurve = wd / "lcurve.out"
+    return TrainResult(
+        status=status, error=error, step_s=step_s, clock=steps.get("clock", "host"),
+        startup_s=steps.get("startup_s"), wall_s=wall, gpu_peak_bytes=steps.get("gpu_peak_bytes"),
+        work_dir=wd, checkpoint=ckpt, lcurve=lcurve if lcurve.is_file() else None,
+        input_path=input_path, log_path=log_path,
+    )
+
+
+def _read_progress(wd: Path) -> int:
+    try:
+        return int((wd / "progress").read_text() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def _latest_checkpoint(wd: Path) -> Path | None:
+    for name in ("model.ckpt.pt", "model.ckpt.jax", "model.ckpt.index"):
+        p = wd / name
+        if p.exists():
+            return p.resolve() if p.is_symlink() else p
+    cands = sorted(wd.glob("model.ckpt-*.pt"), key=lambda p: p.stat().st_mtime)
+    return cands[-1] if cands else None
+
+
+def _diagnose(log_path: Path, rc: int) -> str:
+    """One line naming the cause of a failed run, from the end of its log."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if rc < 0:
+        return f"killed by signal {-rc}"
+    for ln in reversed(lines):
+        if "OutOfMemoryError" in ln or "out of memory" in ln.lower():
+            return "GPU out of memory: " + ln[-200:]
+    for ln in reversed(lines):
+        if ln.split(":")[0].endswith(("Error", "Exception")) or "Error:" in ln:
+            return ln[-300:]
+    return f"exit code {rc}" + (f": {lines[-1][-200:]}" if lines else "")

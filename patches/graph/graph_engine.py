@@ -1,0 +1,635 @@
+"""Training engine of the ``graph`` variant.
+
+Upstream (``deepmd.pt.train.training.Trainer``) builds everything: model with its
+statistics, loss, learning-rate schedule, optimizer settings and data. This engine
+replaces only the training loop:
+
+* all training frames live on the device, with their neighbour list, normalised
+  environment matrix R~ and its Jacobian dR~/dr precomputed once (frames never move
+  during training; davg/dstd are constant buffers);
+* a batch is sampled on the device (system by upstream's sampler weights, frame
+  uniform within the system), gathered into static buffers;
+* energy = upstream's own embedding / fitting networks applied to R~ (functional
+  descriptor assembly reading upstream's nn.Parameters), forces
+  F = -sum (dE/dR~) (dR~/dr) scattered to atoms i and j, virial from the same pieces;
+* the loss is upstream's own loss module, called on these predictions with the
+  learning rate as a device tensor;
+* on CUDA the whole step (sampling, forward, forces, loss, backward, Adam step,
+  LR update) is captured in one CUDA graph per shape group and replayed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import graph_geometry as geo  # noqa: E402
+
+log = logging.getLogger("deepmd.graph")
+
+
+class Unsupported(RuntimeError):
+    pass
+
+
+def _refuse(msg: str) -> None:
+    raise Unsupported(f"graph variant: unsupported input: {msg}")
+
+
+# --------------------------------------------------------------------------- checks
+def check_supported(tr: Any) -> None:
+    from deepmd.pt.loss import EnergyStdLoss
+    from deepmd.pt.model.descriptor.se_a import DescrptSeA
+
+    if tr.multi_task:
+        _refuse("multi-task training")
+    if tr.is_distributed or tr.world_size > 1:
+        _refuse("distributed training")
+    if tr.opt_type not in ("Adam", "AdamW"):
+        _refuse(f"optimizer {tr.opt_type} (only Adam/AdamW)")
+    if tr.enable_ema:
+        _refuse("training.enable_ema")
+    if tr.gradient_max_norm and tr.gradient_max_norm > 0:
+        _refuse("training.gradient_max_norm")
+    if tr.disp_avg:
+        _refuse("training.disp_avg")
+    if tr.change_bias_after_training:
+        _refuse("training.change_bias_after_training")
+    if tr.has_min_pair_filter:
+        _refuse("training_data.min_pair_dist")
+    if tr.sharding.enabled:
+        _refuse("training.zero_stage")
+    if tr.full_validator is not None:
+        _refuse("validating.full_validation")
+    if tr.enable_tensorboard or tr.enable_profiler or tr.profiling:
+        _refuse("tensorboard/profiler")
+    if getattr(tr, "_lora_enabled", False):
+        _refuse("LoRA")
+    ds = tr.training_dataloader.dataset
+    if not hasattr(ds, "systems"):
+        _refuse("non-npy (e.g. LMDB) training data")
+    loss = tr.loss
+    if type(loss) is not EnergyStdLoss:
+        _refuse(f"loss {type(loss).__name__} (only 'ener')")
+    if loss.has_ae or loss.has_pf or loss.has_gf or loss.has_h:
+        _refuse("loss terms other than energy/force/virial")
+    if loss.relative_f is not None or loss.enable_atom_ener_coeff:
+        _refuse("loss relative_f / enable_atom_ener_coeff")
+    model = tr.model
+    am = getattr(model, "atomic_model", None)
+    if am is None or type(am).__name__ != "DPEnergyAtomicModel":
+        _refuse(f"model {type(model).__name__} (only standard energy model)")
+    if type(model).__name__ not in ("EnergyModel",):
+        _refuse(f"model {type(model).__name__} (only standard energy model)")
+    desc = am.descriptor
+    if type(desc) is not DescrptSeA:
+        _refuse(f"descriptor {type(desc).__name__} (only se_e2_a)")
+    sea = desc.sea
+    if sea.compress:
+        _refuse("compressed descriptor")
+    if list(sea.exclude_types):
+        _refuse("descriptor exclude_types")
+    if getattr(am, "pair_excl", None) is not None or getattr(am, "atom_excl", None) is not None:
+        _refuse("pair/atom exclude types")
+    if getattr(sea, "env_protection", 0.0) not in (0.0, None) and False:
+        pass
+    fit = am.fitting_net
+    if type(fit).__name__ != "EnergyFittingNet":
+        _refuse(f"fitting {type(fit).__name__}")
+    if fit.numb_fparam > 0 or fit.numb_aparam > 0 or fit.dim_case_embd > 0:
+        _refuse("fparam/aparam/case embedding")
+    if fit.remove_vaccum_contribution is not None:
+        _refuse("fitting remove_vaccum_contribution (atom_ener)")
+    if list(getattr(fit, "exclude_types", []) or []):
+        _refuse("fitting exclude_types")
+    if getattr(model, "has_spin", False) is True:
+        _refuse("spin")
+
+
+# --------------------------------------------------------------------------- data
+class Group:
+    """Frames sharing one shape (per-type atom counts, batch size, label flags)."""
+
+    def __init__(self) -> None:
+        self.systems: list[int] = []
+        self.sys_prob: list[float] = []
+        self.frames: list[dict] = []  # filled during build
+        self.nframes_sys: list[int] = []
+
+
+class GraphEngine:
+    def __init__(self, trainer: Any, device: torch.device | None = None) -> None:
+        from deepmd.pt.utils import env
+
+        check_supported(trainer)
+        self.tr = trainer
+        self.device = torch.device(device) if device is not None else env.DEVICE
+        self.cuda = self.device.type == "cuda"
+        model = trainer.model
+        am = model.atomic_model
+        self.am = am
+        self.sea = am.descriptor.sea
+        self.fit = am.fitting_net
+        sea = self.sea
+        self.ntypes = sea.ntypes
+        self.sel = list(sea.sel)
+        self.sec = list(sea.sec)
+        self.nnei = sea.nnei
+        self.rcut = float(sea.rcut)
+        self.rcut_smth = float(sea.rcut_smth)
+        self.protection = float(getattr(sea, "env_protection", 0.0) or 0.0)
+        self.axis = sea.axis_neuron
+        self.ng = sea.filter_neuron[-1]
+        self.tos = sea.type_one_side
+        self.dprec = sea.prec
+        self.fprec = self.fit.prec
+        self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
+        self.loss = trainer.loss
+        self.params = list(trainer.wrapper.parameters())
+        self._build_lr_table()
+
+    # ----------------------------------------------------------------- forward
+    def out_bias_per_type(self) -> torch.Tensor:
+        out_bias, _ = self.am._fetch_out_stat(self.am.bias_keys)
+        return out_bias["energy"].reshape(self.ntypes, -1)[:, 0]
+
+    def descriptor(self, rt: torch.Tensor, tcount: list[int]) -> torch.Tensor:
+        """rt: B x nloc x nnei x 4 (atoms sorted by type, tcount atoms per type)."""
+        B, nloc = rt.shape[0], rt.shape[1]
+        nets = self.sea.filter_layers.networks
+        ng = self.ng
+        if self.tos:
+            xyz = None
+            for tj in range(self.ntypes):
+                rr = rt[:, :, self.sec[tj] : self.sec[tj + 1], :]
+                gg = nets[tj](rr[..., :1])
+                gr = torch.matmul(rr.transpose(-1, -2), gg)
+                xyz = gr if xyz is None else xyz + gr
+        else:
+            parts = []
+            a0 = 0
+            for ti in range(self.ntypes):
+                na = tcount[ti]
+                if na == 0:
+                    continue
+                acc = None
+                for tj in range(self.ntypes):
+                    rr = rt[:, a0 : a0 + na, self.sec[tj] : self.sec[tj + 1], :]
+                    gg = nets[tj * self.ntypes + ti](rr[..., :1])
+                    gr = torch.matmul(rr.transpose(-1, -2), gg)
+                    acc = gr if acc is None else acc + gr
+                parts.append(acc)
+                a0 += na
+            xyz = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        xyz = xyz / self.nnei  # B x nloc x 4 x ng
+        x1 = xyz.transpose(-1, -2)  # B x nloc x ng x 4
+        x2 = xyz[..., : self.axis]  # B x nloc x 4 x axis
+        d = torch.matmul(x1, x2).reshape(B, nloc, ng * self.axis)
+        return d.to(self.gprec)
+
+    def atomic_energy(self, desc: torch.Tensor, tcount: list[int], bias: torch.Tensor) -> torch.Tensor:
+        xx = desc.to(self.fprec)
+        nets = self.fit.filter_layers.networks
+        bae = self.fit.bias_atom_e
+        if self.fit.mixed_types:
+            types = torch.repeat_interleave(
+                torch.arange(self.ntypes, device=xx.device), torch.tensor(tcount, device=xx.device)
+            )
+            e = nets[0](xx) + bae[types].to(self.fprec)
+            e = e[..., 0] + bias.to(e.dtype)[types]
+            return e
+        parts = []
+        a0 = 0
+        for ti in range(self.ntypes):
+            na = tcount[ti]
+            if na == 0:
+                continue
+            e = nets[ti](xx[:, a0 : a0 + na]) + bae[ti].to(self.fprec)
+            e = e[..., 0] + bias[ti].to(e.dtype)
+            parts.append(e)
+            a0 += na
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def predict(
+        self,
+        rt: torch.Tensor,
+        jac: torch.Tensor,
+        jidx: torch.Tensor,
+        diff: torch.Tensor | None,
+        tcount: list[int],
+        bias: torch.Tensor,
+        create_graph: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Energy (B x 1), force (B x nloc x 3), virial (B x 9) from precomputed geometry.
+
+        jidx: B x nloc*nnei, neighbour index flattened over the batch (b*nloc + j).
+        """
+        B, nloc, nnei = rt.shape[:3]
+        if not rt.requires_grad:
+            rt = rt.detach().requires_grad_(True)
+        desc = self.descriptor(rt, tcount)
+        ae = self.atomic_energy(desc, tcount, bias)  # B x nloc
+        energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
+        (g,) = torch.autograd.grad(energy.sum(), rt, create_graph=create_graph)
+        # dE/d(r_j - r_i) for every pair: B x nloc x nnei x 3
+        gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2).to(self.gprec)
+        fi = gd.sum(dim=2).reshape(B * nloc, 3)
+        fj = torch.zeros_like(fi).index_add(0, jidx.reshape(-1), gd.reshape(-1, 3))
+        force = (fi - fj).reshape(B, nloc, 3)
+        out = {"energy": energy, "force": force}
+        if diff is not None:
+            # virial_ab = - sum_pairs d_a * dE/dd_b
+            vir = -torch.einsum("bnka,bnkc->bac", diff.to(self.gprec), gd)
+            out["virial"] = vir.reshape(B, 9)
+        return out
+
+    # ------------------------------------------------------------- geometry
+    def frame_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None):
+        dev = self.device
+        jloc, diff, mask = geo.frame_neighbors(coord.to(dev), atype.to(dev), None if box is None else box.to(dev), self.rcut, self.sel)
+        rt, jac = geo.env_and_jacobian(
+            diff, mask, atype.to(dev).long(), self.sea.mean, self.sea.stddev, self.rcut, self.rcut_smth, self.protection
+        )
+        nloc = coord.reshape(-1, 3).shape[0]
+        self_idx = torch.arange(nloc, device=dev)[:, None].expand_as(jloc)
+        jloc = torch.where(mask, jloc, self_idx)
+        return rt.to(self.dprec), jac.to(self.dprec), jloc, diff
+
+    def predict_frames(self, coord, atype, box, need_virial=True):
+        """Test helper: predictions for frames of one composition (coord nf x nloc x 3)."""
+        coord = coord.reshape(coord.shape[0], -1, 3)
+        nf, nloc = coord.shape[:2]
+        at = atype.reshape(-1, nloc)[0]
+        if not bool((at[1:] >= at[:-1]).all()):
+            raise ValueError("atoms must be sorted by type")
+        tcount = [int((at == t).sum()) for t in range(self.ntypes)]
+        rts, jacs, jis, dfs = [], [], [], []
+        for f in range(nf):
+            rt, jac, jl, df = self.frame_geometry(coord[f], at, None if box is None else box.reshape(nf, 9)[f])
+            rts.append(rt)
+            jacs.append(jac)
+            jis.append(jl + f * nloc)
+            dfs.append(df)
+        return self.predict(
+            torch.stack(rts),
+            torch.stack(jacs),
+            torch.stack(jis),
+            torch.stack(dfs) if need_virial else None,
+            tcount,
+            self.out_bias_per_type().to(self.device),
+            create_graph=False,
+        )
+
+    # ------------------------------------------------------------------ lr
+    def _build_lr_table(self) -> None:
+        tr = self.tr
+        base = float(tr.lr_schedule.start_lr)
+        # upstream's LambdaLR: lr = base * (value(step) / base)
+        self.lr_values = [base * (tr.lr_schedule.value(s) / base) for s in range(tr.num_steps)]
+
+    # ------------------------------------------------------------------ data
+    def build_data(self) -> None:
+        tr = self.tr
+        ds = tr.training_dataloader.dataset
+        weights = tr.training_dataloader.sampler.weights.detach().cpu().numpy().astype(np.float64)
+        weights = weights / weights.sum()
+        self.need_virial = bool(self.loss.has_v)
+        lab_keys = ["energy", "force"] + (["virial"] if self.need_virial else [])
+        groups: dict[tuple, dict] = {}
+        for sid, system in enumerate(ds.systems):
+            if weights[sid] <= 0:
+                continue
+            nfr = len(system)
+            bsz = int(ds.batch_sizes[sid])
+            f0 = system[0]
+            at = torch.as_tensor(np.asarray(f0["atype"])).long()
+            if not bool((at[1:] >= at[:-1]).all()):
+                _refuse("atoms not sorted by type (set sort_atoms)")
+            if (at < 0).any():
+                _refuse("virtual atoms / mixed_type data")
+            tcount = tuple(int((at == t).sum()) for t in range(self.ntypes))
+            finds = tuple(float(f0.get(f"find_{k}", 0.0)) for k in lab_keys)
+            key = (tcount, bsz, finds)
+            g = groups.setdefault(key, {"sids": [], "prob": [], "nfr": [], "sys": []})
+            g["sids"].append(sid)
+            g["prob"].append(weights[sid])
+            g["nfr"].append(nfr)
+            g["sys"].append(system)
+        self.groups = []
+        t0 = time.time()
+        for key, g in groups.items():
+            tcount, bsz, finds = key
+            rts, jacs, jls, dfs, labs = [], [], {k: [] for k in lab_keys}, [], None
+            jls = []
+            labs = {k: [] for k in lab_keys}
+            box_any = False
+            for system in g["sys"]:
+                for f in range(len(system)):
+                    fr = system[f]
+                    coord = torch.as_tensor(np.asarray(fr["coord"]), dtype=torch.float64)
+                    at = torch.as_tensor(np.asarray(fr["atype"])).long()
+                    box = fr.get("box")
+                    nopbc = box is None or float(fr.get("find_box", 1.0)) == 0.0 or getattr(system._data_system, "pbc", True) is False
+                    box_t = None if nopbc else torch.as_tensor(np.asarray(box), dtype=torch.float64)
+                    box_any = box_any or box_t is not None
+                    rt, jac, jl, df = self.frame_geometry(coord, at, box_t)
+                    rts.append(rt)
+                    jacs.append(jac)
+                    jls.append(jl.to(torch.int32))
+                    dfs.append(df.to(self.dprec) if self.need_virial else None)
+                    for k in lab_keys:
+                        v = fr.get(k)
+                        labs[k].append(torch.as_tensor(np.asarray(v), dtype=self.gprec) if v is not None else None)
+            dev = self.device
+            G = {
+                "tcount": list(tcount),
+                "bsz": bsz,
+                "finds": dict(zip(lab_keys, finds)),
+                "nloc": sum(tcount),
+                "prob": float(sum(g["prob"])),
+                "rt": torch.stack(rts).to(dev),
+                "jac": torch.stack(jacs).to(dev),
+                "jidx": torch.stack(jls).to(dev),
+                "diff": torch.stack(dfs).to(dev) if self.need_virial else None,
+                "labels": {},
+            }
+            nloc = G["nloc"]
+            for k in lab_keys:
+                if any(x is None for x in labs[k]):
+                    G["labels"][k] = torch.zeros((len(rts),) + ((1,) if k == "energy" else (nloc, 3) if k == "force" else (9,)), dtype=self.gprec, device=dev)
+                else:
+                    G["labels"][k] = torch.stack(labs[k]).reshape(len(rts), *((1,) if k == "energy" else (nloc, 3) if k == "force" else (9,))).to(dev)
+            # sampling tables: system CDF within the group, frame offsets
+            p = np.asarray(g["prob"], dtype=np.float64)
+            p = p / p.sum()
+            cdf = np.cumsum(p)
+            cdf[-1] = 1.0
+            G["cdf"] = torch.tensor(cdf, dtype=torch.float64, device=dev)
+            G["nfr"] = torch.tensor(g["nfr"], dtype=torch.int64, device=dev)
+            G["off"] = torch.tensor(np.concatenate([[0], np.cumsum(g["nfr"])[:-1]]), dtype=torch.int64, device=dev)
+            G["nfr_max"] = int(max(g["nfr"]))
+            G["replace"] = bsz > min(g["nfr"])
+            G["bias"] = self.out_bias_per_type().detach().to(dev)
+            nbytes = sum(
+                t.numel() * t.element_size()
+                for t in [G["rt"], G["jac"], G["jidx"]] + ([G["diff"]] if G["diff"] is not None else []) + list(G["labels"].values())
+            )
+            G["nbytes"] = nbytes
+            self.groups.append(G)
+            log.info(
+                "graph: group types=%s batch=%d systems=%d frames=%d prob=%.4f: device-resident geometry+labels %d bytes (%d bytes/frame)",
+                list(tcount), bsz, len(g["sids"]), len(rts), G["prob"], nbytes, nbytes // max(1, len(rts)),
+            )
+        if not self.groups:
+            _refuse("no training systems")
+        gp = np.array([G["prob"] for G in self.groups])
+        self.group_prob = gp / gp.sum()
+        log.info("graph: geometry precomputed in %.1f s", time.time() - t0)
+
+    # ------------------------------------------------------------------ step
+    def sample(self, G: dict) -> torch.Tensor:
+        dev = self.device
+        u = torch.rand(1, dtype=torch.float64, device=dev)
+        s = torch.searchsorted(G["cdf"], u, right=True).clamp_(max=G["cdf"].shape[0] - 1)
+        nfr = G["nfr"].index_select(0, s)  # 1
+        off = G["off"].index_select(0, s)
+        B = G["bsz"]
+        if B == 1 or G["replace"]:
+            r = torch.rand(B, dtype=torch.float64, device=dev)
+            fi = torch.minimum((r * nfr.to(torch.float64)).long(), nfr - 1)
+        else:
+            keys = torch.rand(G["nfr_max"], dtype=torch.float64, device=dev)
+            ar = torch.arange(G["nfr_max"], device=dev)
+            keys = torch.where(ar < nfr, keys, 2.0)
+            fi = torch.topk(keys, B, largest=False).indices
+        return off + fi
+
+    def gather(self, G: dict, idx: torch.Tensor):
+        rt = G["rt"].index_select(0, idx)
+        jac = G["jac"].index_select(0, idx)
+        B, nloc = rt.shape[0], rt.shape[1]
+        jidx = G["jidx"].index_select(0, idx).long()
+        jidx = jidx + (torch.arange(B, device=rt.device) * nloc)[:, None, None]
+        diff = G["diff"].index_select(0, idx) if G["diff"] is not None else None
+        labels = {k: v.index_select(0, idx) for k, v in G["labels"].items()}
+        return rt, jac, jidx, diff, labels
+
+    def loss_and_more(self, G: dict, pred: dict, labels: dict, lr: Any):
+        label = dict(labels)
+        for k, v in G["finds"].items():
+            label[f"find_{k}"] = v
+        nloc = G["nloc"]
+        atype_dummy = G.setdefault(
+            "atype_dummy", torch.zeros((G["bsz"], nloc), dtype=torch.int64, device=self.device)
+        )
+        _, loss, more = self.loss(
+            {"atype": atype_dummy},
+            lambda **kw: dict(pred),
+            label,
+            natoms=nloc,
+            learning_rate=lr,
+        )
+        return loss, more
+
+    def train_step(self, G: dict, lr: Any, idx: torch.Tensor | None = None):
+        if idx is None:
+            idx = self.sample(G)
+        rt, jac, jidx, diff, labels = self.gather(G, idx)
+        pred = self.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
+        loss, more = self.loss_and_more(G, pred, labels, lr)
+        loss.backward()
+        self.opt.step()
+        return loss, more
+
+    # ------------------------------------------------------------ optimizer
+    def make_optimizer(self) -> None:
+        tr = self.tr
+        cls = torch.optim.Adam if tr.opt_type == "Adam" else torch.optim.AdamW
+        betas = (float(tr.opt_param["adam_beta1"]), float(tr.opt_param["adam_beta2"]))
+        wd = float(tr.opt_param["weight_decay"])
+        start = tr.start_step
+        if self.cuda:
+            self.lr_table = torch.tensor(self.lr_values + [self.lr_values[-1] if self.lr_values else 0.0], dtype=torch.float64, device=self.device)
+            self.step_ctr = torch.full((1,), start, dtype=torch.int64, device=self.device)
+            self.lr_t = torch.tensor(self.lr_values[start] if start < len(self.lr_values) else 0.0, dtype=torch.float32 if False else torch.float64, device=self.device)
+            try:
+                opt = cls(self.params, lr=self.lr_t, betas=betas, weight_decay=wd, capturable=True, fused=True)
+            except Exception:  # noqa: BLE001
+                opt = cls(self.params, lr=self.lr_t, betas=betas, weight_decay=wd, capturable=True, foreach=True)
+        else:
+            opt = cls(self.params, lr=self.lr_values[start] if start < len(self.lr_values) else 0.0, betas=betas, weight_decay=wd)
+        # restart: carry upstream's loaded optimizer state over
+        old = tr.optimizer
+        if old is not None and len(old.state) > 0:
+            sd = old.state_dict()
+            for grp in sd["param_groups"]:
+                grp.pop("lr", None)
+                grp.pop("capturable", None)
+                grp.pop("fused", None)
+                grp.pop("foreach", None)
+            opt.load_state_dict(sd)
+            if self.cuda:
+                for grp in opt.param_groups:
+                    grp["lr"] = self.lr_t
+        self.opt = opt
+        tr.optimizer = opt  # upstream's save_model writes this optimizer's state
+
+    # ------------------------------------------------------------- capture
+    def _snapshot(self):
+        ps = [p.detach().clone() for p in self.params]
+        st = {id(p): {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in self.opt.state.items()}
+        return ps, st
+
+    def _restore(self, snap) -> None:
+        ps, st = snap
+        with torch.no_grad():
+            for p, v in zip(self.params, ps):
+                p.copy_(v)
+            for p, s in self.opt.state.items():
+                old = st.get(id(p))
+                for k, v in s.items():
+                    if not torch.is_tensor(v):
+                        continue
+                    if old is not None and k in old:
+                        v.copy_(old[k])
+                    else:
+                        v.zero_()
+            self.step_ctr.fill_(self.tr.start_step)
+
+    def _graph_body(self, G: dict):
+        lr = self.lr_table.index_select(0, self.step_ctr).reshape(())
+        self.lr_t.copy_(lr)
+        loss, more = self.train_step(G, self.lr_t)
+        self.step_ctr.add_(1)
+        return loss, more
+
+    def capture(self) -> None:
+        snap = self._snapshot()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                for G in self.groups:
+                    self.opt.zero_grad(set_to_none=True)
+                    self._graph_body(G)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+        for G in self.groups:
+            self.opt.zero_grad(set_to_none=True)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                loss, more = self._graph_body(G)
+            G["graph"] = g
+            G["out_loss"] = loss
+            G["out_more"] = more
+        torch.cuda.synchronize()
+        self._restore(snap)
+        torch.cuda.synchronize()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        from deepmd.dpmodel.train import TrainingTimer
+        from deepmd.loggers.training import format_training_message, format_training_message_per_task
+
+        try:
+            from harness import runtime
+        except Exception:  # noqa: BLE001
+            runtime = None
+        tr = self.tr
+        t_setup = time.time()
+        self.build_data()
+        self.make_optimizer()
+        if self.cuda:
+            self.capture()
+        if self.cuda:
+            mem = torch.cuda.memory_allocated(self.device)
+            log.info("graph: CUDA graphs captured (%d), device memory allocated %d bytes", len(self.groups), mem)
+        log.info("graph: setup %.1f s; %s", time.time() - t_setup, "CUDA-graph replay" if self.cuda else "eager (no CUDA)")
+
+        fout = open(tr.disp_file, mode="w" if not tr.restart_training else "a", buffering=1)
+        log.info("Start to train %d steps.", tr.num_steps)
+        tr.wrapper.train()
+        tr.step_timer = TrainingTimer(start_step=tr.start_step, num_steps=tr.num_steps, disp_freq=tr.disp_freq)
+        rng = np.random.default_rng(tr.rank + (int(torch.initial_seed()) % (2**31)))
+        ngroups = len(self.groups)
+        if runtime is not None:
+            runtime.clock.claim("graph")
+        for step_id in range(tr.start_step, tr.num_steps):
+            if runtime is not None:
+                runtime.clock.tick("graph")
+            display_step_id = step_id + 1
+            cur_lr = self.lr_values[step_id]
+            gi = 0 if ngroups == 1 else int(rng.choice(ngroups, p=self.group_prob))
+            G = self.groups[gi]
+            if self.cuda:
+                G["graph"].replay()
+                more = G["out_more"]
+            else:
+                self.opt.zero_grad(set_to_none=True)
+                for grp in self.opt.param_groups:
+                    grp["lr"] = cur_lr
+                _, more = self.train_step(G, cur_lr)
+            if tr.display_in_training and (display_step_id % tr.disp_freq == 0 or display_step_id == 1):
+                train_results = {}
+                for k in sorted(more):
+                    if "l2_" in k:
+                        continue
+                    v = more[k]
+                    train_results[k] = float(v) if torch.is_tensor(v) else v
+                valid_results = self._validate(cur_lr)
+                log.info(format_training_message_per_task(batch=display_step_id, task_name="trn", rmse=train_results, learning_rate=cur_lr))
+                if valid_results:
+                    log.info(format_training_message_per_task(batch=display_step_id, task_name="val", rmse=valid_results, learning_rate=None))
+                interval = tr.step_timer.record(display_step_id)
+                if tr.timing_in_training:
+                    log.info(format_training_message(batch=display_step_id, wall_time=interval.wall_time, eta=interval.eta, current_time=interval.timestamp))
+                if tr.lcurve_should_print_header:
+                    tr.print_header(fout, train_results, valid_results)
+                    tr.lcurve_should_print_header = False
+                tr.print_on_training(fout, display_step_id, cur_lr, train_results, valid_results)
+            should_save = display_step_id == tr.num_steps or (
+                tr.save_freq > 0 and display_step_id % tr.save_freq == 0 and step_id != tr.start_step
+            )
+            if should_save:
+                tr.latest_model = tr.ckpt_store.path_for(display_step_id)
+                tr.save_model(tr.latest_model, lr=cur_lr, step=step_id)
+                log.info(f"Saved model to {tr.latest_model}")
+                tr.ckpt_store.publish(tr.latest_model)
+        if self.cuda:
+            torch.cuda.synchronize()
+        if tr.timing_in_training:
+            msg = tr.step_timer.format_average()
+            if msg is not None:
+                log.info(msg)
+        log.info(f"Trained model has been saved to: {tr.save_ckpt}")
+        fout.close()
+
+    def _validate(self, cur_lr: float) -> dict:
+        tr = self.tr
+        if tr.validation_data is None:
+            return {}
+        tr.wrapper.eval()
+        single, sum_natoms = {}, 0
+        try:
+            for _ in range(tr.valid_numb_batch):
+                input_dict, label_dict, _ = tr.get_data(is_train=False)
+                if input_dict == {}:
+                    return {}
+                _, loss, more_loss = tr.wrapper(**input_dict, cur_lr=cur_lr, label=label_dict)
+                natoms = int((input_dict["atype"] >= 0).sum())
+                sum_natoms += natoms
+                for k, v in more_loss.items():
+                    if "l2_" not in k:
+                        single[k] = single.get(k, 0.0) + float(v) * natoms
+        finally:
+            # NB: unlike upstream we do not zero_grad here: the captured graph owns the
+            # .grad buffers (they are overwritten by each replay anyway).
+            tr.wrapper.train()
+        return {k: v / sum_natoms for k, v in single.items()}

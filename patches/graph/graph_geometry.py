@@ -1,0 +1,154 @@
+"""Fixed-shape geometry for the ``graph`` variant.
+
+Training frames never move, so everything that depends only on coordinates is
+computed once per frame here and kept on the device:
+
+* the neighbour list, padded to ``sel`` with upstream's semantics
+  (``deepmd.pt.utils.nlist.build_neighbor_list`` with ``cap_neighbors=True``:
+  keep the ``sum(sel)`` nearest neighbours within ``rcut`` over *all* periodic
+  images, then split them into per-type blocks of width ``sel[t]``, each block
+  sorted by distance, padded with "no neighbour");
+* the normalised environment matrix ``R~ = (env(r_ij) - davg) / dstd`` exactly as
+  ``deepmd.pt.model.descriptor.env_mat.prod_env_mat`` forms it (padding entries
+  are ``-davg/dstd``, as upstream);
+* its Jacobian ``dR~/d(r_j - r_i)`` (nloc x nnei x 4 x 3), obtained by autograd of
+  the same formula (padding entries: zero);
+* the local index of every neighbour (for scattering forces) and the displacement
+  vectors (for the virial).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def smooth_weight(distance: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
+    # == deepmd.pt.utils.preprocess.compute_smooth_weight
+    distance = torch.clamp(distance, min=rmin, max=rmax)
+    uu = (distance - rmin) / (rmax - rmin)
+    uu2 = uu * uu
+    return uu2 * uu * (-6 * uu2 + 15 * uu - 10) + 1
+
+
+def _image_shifts(box: torch.Tensor | None, rcut: float) -> torch.Tensor:
+    """Integer lattice shifts (nshift x 3) that cover every image within rcut."""
+    if box is None:
+        return torch.zeros(1, 3, dtype=torch.float64)
+    b = box.reshape(3, 3).to(torch.float64)
+    vol = torch.abs(torch.linalg.det(b))
+    # distance between opposite faces of the cell along each lattice vector
+    n = []
+    for a in range(3):
+        c1 = b[(a + 1) % 3]
+        c2 = b[(a + 2) % 3]
+        d = float(vol / torch.linalg.norm(torch.linalg.cross(c1, c2)))
+        n.append(int(math.ceil(rcut / d)))
+    rng = [torch.arange(-k, k + 1, dtype=torch.float64) for k in n]
+    g = torch.stack(torch.meshgrid(*rng, indexing="ij"), dim=-1).reshape(-1, 3)
+    # put the zero shift first (any order is fine; this keeps self detection simple)
+    order = torch.argsort((g != 0).any(-1).to(torch.int64), stable=True)
+    return g[order]
+
+
+def frame_neighbors(
+    coord: torch.Tensor,
+    atype: torch.Tensor,
+    box: torch.Tensor | None,
+    rcut: float,
+    sel: list[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Neighbour list of one frame, all images considered.
+
+    Returns ``jloc`` (nloc x nnei, local index of the neighbour, -1 = none),
+    ``diff`` (nloc x nnei x 3, r_j - r_i; zero for none) and ``mask`` (bool).
+    """
+    dev = coord.device
+    coord = coord.reshape(-1, 3).to(torch.float64)
+    nloc = coord.shape[0]
+    if box is not None:
+        b = box.reshape(3, 3).to(torch.float64).to(dev)
+        # wrap into the cell like upstream's normalize_coord
+        frac = torch.linalg.solve(b.T, coord.T).T
+        frac = frac - torch.floor(frac)
+        coord = frac @ b
+        shifts = _image_shifts(b.cpu(), rcut).to(dev) @ b  # nshift x 3
+    else:
+        shifts = torch.zeros(1, 3, dtype=torch.float64, device=dev)
+    nshift = shifts.shape[0]
+    # candidates: (shift, atom) flattened; index = s * nloc + j
+    ext = (shifts[:, None, :] + coord[None, :, :]).reshape(-1, 3)  # nshift*nloc x 3
+    ext_j = torch.arange(nloc, device=dev).repeat(nshift)
+    ext_t = atype.to(dev).long().repeat(nshift)
+    nsel = sum(sel)
+    jl, df, mk = [], [], []
+    chunk = max(1, 4_000_000 // ext.shape[0])
+    for i0 in range(0, nloc, chunk):
+        ci = coord[i0 : i0 + chunk]
+        d = ext[None, :, :] - ci[:, None, :]  # c x next x 3
+        rr = torch.linalg.norm(d, dim=-1)
+        ii = torch.arange(i0, i0 + ci.shape[0], device=dev)
+        rr[torch.arange(ci.shape[0], device=dev), ii] = -1.0  # self (zero shift) sorts first
+        k = min(nsel + 1, rr.shape[1])
+        rs, idx = torch.topk(rr, k, largest=False)
+        rs, idx = rs[:, 1:], idx[:, 1:]
+        if rs.shape[1] < nsel:
+            padn = nsel - rs.shape[1]
+            rs = torch.cat([rs, torch.full((rs.shape[0], padn), rcut + 1.0, dtype=rs.dtype, device=dev)], 1)
+            idx = torch.cat([idx, torch.zeros((idx.shape[0], padn), dtype=idx.dtype, device=dev)], 1)
+        valid = rs <= rcut  # upstream: rr > rcut -> -1
+        typ = torch.where(valid, ext_t[idx], -1)
+        out_j = torch.full((ci.shape[0], nsel), -1, dtype=torch.long, device=dev)
+        out_d = torch.zeros((ci.shape[0], nsel, 3), dtype=torch.float64, device=dev)
+        off = 0
+        for t, st in enumerate(sel):
+            is_t = typ == t
+            # position of each type-t candidate within its block (sorted order kept)
+            pos = torch.cumsum(is_t.to(torch.long), dim=1) - 1
+            take = is_t & (pos < st)
+            r_i, c_i = torch.nonzero(take, as_tuple=True)
+            dst = off + pos[r_i, c_i]
+            src = idx[r_i, c_i]
+            out_j[r_i, dst] = ext_j[src]
+            out_d[r_i, dst] = d[r_i, src]
+            off += st
+        jl.append(out_j)
+        df.append(out_d)
+        mk.append(out_j >= 0)
+    return torch.cat(jl), torch.cat(df), torch.cat(mk)
+
+
+def env_and_jacobian(
+    diff: torch.Tensor,
+    mask: torch.Tensor,
+    center_type: torch.Tensor,
+    davg: torch.Tensor,
+    dstd: torch.Tensor,
+    rcut: float,
+    rcut_smth: float,
+    protection: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """R~ (nloc x nnei x 4) and dR~/d diff (nloc x nnei x 4 x 3), float64.
+
+    Same formula as ``deepmd.pt.model.descriptor.env_mat._make_env_mat`` followed by
+    ``(env - davg[atype]) / dstd[atype]``.
+    """
+    diff = diff.detach().to(torch.float64).clone().requires_grad_(True)
+    m = mask.unsqueeze(-1)
+    length = torch.linalg.norm(diff, dim=-1, keepdim=True)
+    length = length + ~m
+    t0 = 1 / (length + protection)
+    t1 = diff / (length + protection) ** 2
+    weight = smooth_weight(length, rcut_smth, rcut) * m
+    env = torch.cat([t0, t1], dim=-1) * weight
+    jac = []
+    for k in range(4):
+        (g,) = torch.autograd.grad(env[..., k].sum(), diff, retain_graph=k < 3)
+        jac.append(g)
+    jac = torch.stack(jac, dim=-2)  # nloc x nnei x 4 x 3
+    avg = davg.to(torch.float64)[center_type]
+    std = dstd.to(torch.float64)[center_type]
+    rt = (env.detach() - avg) / std
+    jac = jac / std.unsqueeze(-1)
+    jac = jac * m.unsqueeze(-1)
+    return rt.detach(), jac.detach()
