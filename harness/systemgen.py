@@ -280,7 +280,7 @@ def run_subsystem(spec: SystemSpec, sub: SubSystem) -> dict[str, np.ndarray]:
         exx, eyy, ezz, eyz, exz, exy = sub.strain
         if any(sub.strain):
             b = _box(lmp)
-            lx, ly, lz = b[0, 0], b[1, 1], b[2, 2]
+            ly, lz = b[1, 1], b[2, 2]
             lmp.command(
                 f"change_box all x scale {_f(1 + exx)} y scale {_f(1 + eyy)} z scale {_f(1 + ezz)} "
                 f"xy final {_f(exy * ly * (1 + eyy))} xz final {_f(exz * lz * (1 + ezz))} "
@@ -365,9 +365,10 @@ def generate(name: str, out_dir: pathlib.Path, only: str | None = None) -> dict[
 
 # --------------------------------------------------------------------------- neighbours
 def neighbour_counts(coord: np.ndarray, box: np.ndarray, types: np.ndarray, ntypes: int,
-                     rcut: float) -> tuple[np.ndarray, float]:
-    """Max over atoms of the number of neighbours of each type within rcut (periodic images
-    included, self excluded), for one frame; plus the shortest pair distance."""
+                     rcut: float) -> tuple[np.ndarray, int, float]:
+    """For one frame: max over atoms of the number of neighbours of each type within rcut
+    (periodic images included, self excluded), max over atoms of all neighbours, and the
+    shortest pair distance."""
     cell = box.reshape(3, 3)
     x = coord.reshape(-1, 3)
     vol = abs(np.linalg.det(cell))
@@ -384,7 +385,7 @@ def neighbour_counts(coord: np.ndarray, box: np.ndarray, types: np.ndarray, ntyp
     r[np.arange(len(x)), np.arange(len(x)), len(shifts) // 2] = np.inf  # self at zero shift
     inside = r < rcut
     counts = np.stack([inside[:, types == t].sum(axis=(1, 2)) for t in range(ntypes)], axis=1)
-    return counts.max(axis=0), float(r.min())
+    return counts.max(axis=0), int(counts.sum(axis=1).max()), float(r.min())
 
 
 def neighbour_stats(name: str, system_dir: pathlib.Path, rcut: float | None = None) -> dict[str, Any]:
@@ -399,16 +400,11 @@ def neighbour_stats(name: str, system_dir: pathlib.Path, rcut: float | None = No
         types = np.loadtxt(d / "type.raw", dtype=int, ndmin=1)
         coord, box = np.load(d / "set.000/coord.npy"), np.load(d / "set.000/box.npy")
         for c, b in zip(coord, box):
-            cnt, r = neighbour_counts(c, b, types, ntypes, rcut)
+            cnt, tot, r = neighbour_counts(c, b, types, ntypes, rcut)
             maxn = np.maximum(maxn, cnt)
+            maxtot = max(maxtot, tot)
             rmin = min(rmin, r)
-            maxtot = max(maxtot, int(_total_max(c, b, types, rcut)))
     return {"rcut": rcut, "max_per_type": maxn.tolist(), "max_total": maxtot, "min_distance": round(rmin, 3)}
-
-
-def _total_max(coord: np.ndarray, box: np.ndarray, types: np.ndarray, rcut: float) -> int:
-    cnt, _ = neighbour_counts(coord, box, np.zeros_like(types), 1, rcut)
-    return int(cnt[0])
 
 
 def choose_sel(max_per_type: list[int], margin: float = 0.15, quantum: int = 10) -> list[int]:
