@@ -16,7 +16,7 @@ from .records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, U
 class BenchRequest:
     system: str
     variants: list[str]
-    steps: int = 100
+    steps: int | str = "auto"
     device: str = "auto"
     seed: int = 10
     sweep_id: str | None = None
@@ -37,6 +37,21 @@ def resolve_device(device: str) -> str:
     return "cuda" if device == "cuda" or (device == "auto" and has_gpu) else "cpu"
 
 
+DEFAULT_STEPS = {"cuda": 300, "cpu": 20}
+
+
+def resolve_steps(steps: int | str, device: str) -> int:
+    if steps == "auto":
+        return DEFAULT_STEPS[device]
+    try:
+        n = int(steps)
+    except (TypeError, ValueError):
+        raise UserError(f"--steps must be an integer or auto, not {steps!r}") from None
+    if n < 2:
+        raise UserError(f"--steps must be at least 2, not {n}")
+    return n
+
+
 @dataclass
 class Prepared:
     system: System
@@ -47,8 +62,8 @@ class Prepared:
 
 def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     """Everything that can reject the request, before anything is written under results/."""
-    if req.steps < 2:
-        raise UserError(f"--steps must be at least 2, not {req.steps}")
+    device = resolve_device(req.device)
+    req.steps = resolve_steps(req.steps, device)
     if not req.variants:
         raise UserError("no variant given")
     from . import variants as vmod
@@ -56,7 +71,6 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     for v in req.variants:
         vmod.chain(v)  # unknown variant / bad manifest / forbidden override -> UserError now
     system = systems.load_system(req.system)
-    device = resolve_device(req.device)
     pin = (upstream.source_pin(req.upstream_source) if req.upstream_source
            else upstream.default_pin(req.upstream_version))
     systems.ensure_data(system, log)

@@ -21,8 +21,11 @@ def _bench(a: argparse.Namespace) -> int:
             accuracy_stage = accuracy.stage(strict=a.strict)
         except ImportError:
             accuracy_stage = None
+    variants = list(dict.fromkeys(a.variant or ["baseline"]))
+    if not a.no_baseline and "baseline" not in variants:
+        variants.insert(0, "baseline")  # speed is a ratio to a baseline of the same sweep
     req = bench.BenchRequest(
-        system=a.system, variants=a.variant or ["baseline"], steps=a.steps, device=a.device,
+        system=a.system, variants=variants, steps=a.steps, device=a.device,
         seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
         upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
     )
@@ -103,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="build, train, check and time variants on one system")
     b.add_argument("--system", default="water", help="system name (systems/<name>) or path to a system dir")
     b.add_argument("--variant", action="append", help="variant (repeatable; the first is the ratio base)")
-    b.add_argument("--steps", type=int, default=100)
+    b.add_argument("--steps", default="auto", help="training steps per run (auto: 300 on a GPU, 20 on CPU)")
+    b.add_argument("--no-baseline", action="store_true", help="do not add baseline as the sweep's first variant")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--seed", type=int, default=10)
     b.add_argument("--no-accuracy", action="store_true", help="skip the accuracy gate")

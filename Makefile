@@ -1,0 +1,47 @@
+# Thin wrappers around the `dpharness` CLI; `make help` lists them.
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+SYSTEM  ?= water
+VARIANT ?= baseline
+STEPS   ?= auto
+DEVICE  ?= auto
+ARGS    ?=
+
+.PHONY: help venv bench test systems variants wheelhouse report profile clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+venv:  ## create .venv (automatic on first use)
+	@$(PYTHON) harness/bootstrap.py
+
+bench: venv  ## bench VARIANT (comma list) against baseline: SYSTEM= VARIANT= STEPS= DEVICE=
+	$(PY) -m harness bench --system $(SYSTEM) $(foreach v,$(subst $(comma), ,$(VARIANT)),--variant $(v)) --steps $(STEPS) --device $(DEVICE) $(ARGS)
+
+test:  ## run the test suite (CPU)
+	@$(PYTHON) harness/bootstrap.py --dev
+	$(PY) -m pytest -q $(ARGS)
+
+systems: venv  ## obtain/verify system data and list neighbour statistics (REGENERATE=1 regenerates copper and alcumg)
+ifeq ($(REGENERATE),1)
+	$(PY) -m harness systems --regenerate
+endif
+	$(PY) -m harness systems --setup
+
+variants: venv  ## list variants
+	$(PY) -m harness variants -v
+
+wheelhouse:  ## download the offline wheels for a Python 3.12 GPU node into wheelhouse/
+	$(PYTHON) -c "import sys; sys.path.insert(0, '.'); from harness.wheelhouse import download; from pathlib import Path; sys.exit(download(Path('wheelhouse')))"
+
+report: venv  ## write results/report/index.html from results/runs
+	$(PY) -m harness report $(ARGS)
+
+profile: venv  ## profile SYSTEM/VARIANT with torch.profiler
+	$(PY) -m harness profile --system $(SYSTEM) --variant $(VARIANT) $(ARGS)
+
+clean:  ## remove builds and run work dirs (keeps results/runs)
+	rm -rf build results/work
+
+comma := ,
