@@ -25,7 +25,8 @@ test:  ## run the test suite (CPU)
 
 systems: venv  ## obtain/verify system data and list neighbour statistics (REGENERATE=1 regenerates copper and alcumg)
 ifeq ($(REGENERATE),1)
-	$(PY) -m harness systems --regenerate
+	$(PY) -m pip install -q -r harness/pins/systemgen-requirements.txt
+	$(PY) -m harness systems --regenerate copper alcumg
 endif
 	$(PY) -m harness systems --setup
 

@@ -44,6 +44,12 @@ def _systems(a: argparse.Namespace) -> int:
     from . import systems
 
     names = a.name or systems.list_system_names()
+    if a.regenerate:
+        from . import systemgen
+
+        for n in [n for n in names if n in systemgen.SPECS]:
+            print(f"regenerating {n} (LAMMPS; minutes)", file=sys.stderr)
+            systemgen.main([n])
     rows = []
     for n in names:
         s = systems.load_system(n)
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", nargs="*")
     s.add_argument("--setup", action="store_true", help="obtain missing upstream data (water)")
     s.add_argument("--no-stats", action="store_true")
+    s.add_argument("--regenerate", action="store_true",
+                   help="regenerate the project's generated systems (needs the systemgen extra)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=_systems)
 

@@ -4,6 +4,7 @@ statistics to check that `sel` covers the data."""
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 import os
 import shutil
@@ -200,24 +201,28 @@ def validate_system(system: System) -> dict[str, int]:
 
 # ---------------------------------------------------------------- neighbour statistics
 
-def _neighbour_counts(coord: np.ndarray, box: np.ndarray, types: np.ndarray, ntypes: int, rcut: float) -> np.ndarray:
-    """Max over atoms of neighbours of each type within rcut, with all periodic images."""
-    inv = np.linalg.inv(box)
-    # images needed along each lattice vector: rcut over the plane spacing
-    spacing = 1.0 / np.linalg.norm(inv, axis=0)
-    n = np.ceil(rcut / spacing).astype(int)
-    shifts = np.array([[i, j, k] for i in range(-n[0], n[0] + 1) for j in range(-n[1], n[1] + 1)
-                       for k in range(-n[2], n[2] + 1)], dtype=float) @ box
-    frac = coord @ inv
-    coord = (frac - np.floor(frac)) @ box
-    d = coord[None, :, None, :] + shifts[None, None, :, :] - coord[:, None, None, :]  # [i, j, s, 3]
-    r2 = np.einsum("ijsk,ijsk->ijs", d, d)
-    within = (r2 < rcut * rcut) & (r2 > 1e-12)
-    per_j = within.sum(axis=2)  # [i, j]
-    out = np.zeros(ntypes, dtype=int)
-    for t in range(ntypes):
-        out[t] = per_j[:, types == t].sum(axis=1).max(initial=0)
-    return out
+def neighbour_counts(coord: np.ndarray, box: np.ndarray, types: np.ndarray, ntypes: int,
+                     rcut: float) -> tuple[np.ndarray, int, float]:
+    """For one frame: max over atoms of the number of neighbours of each type within rcut
+    (periodic images included, self excluded), max over atoms of all neighbours, and the
+    shortest pair distance."""
+    cell = box.reshape(3, 3)
+    x = coord.reshape(-1, 3)
+    vol = abs(np.linalg.det(cell))
+    # images needed per direction: rcut over the perpendicular width of the cell
+    widths = [vol / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)]
+    n = [int(math.ceil(rcut / w)) for w in widths]
+    shifts = np.array([(i, j, k) for i in range(-n[0], n[0] + 1) for j in range(-n[1], n[1] + 1)
+                       for k in range(-n[2], n[2] + 1)], dtype=float) @ cell
+    # wrap into the cell first so one image shell is enough
+    frac = np.linalg.solve(cell.T, x.T).T
+    x = (frac - np.floor(frac)) @ cell
+    d = x[None, :, None, :] + shifts[None, None, :, :] - x[:, None, None, :]  # [i, j, image, 3]
+    r = np.sqrt((d * d).sum(-1))
+    r[np.arange(len(x)), np.arange(len(x)), len(shifts) // 2] = np.inf  # self at zero shift
+    inside = r < rcut
+    counts = np.stack([inside[:, types == t].sum(axis=(1, 2)) for t in range(ntypes)], axis=1)
+    return counts.max(axis=0), int(counts.sum(axis=1).max()), float(r.min())
 
 
 def neighbour_stats(system: System, max_frames: int = 200) -> dict[str, Any]:
@@ -233,7 +238,7 @@ def neighbour_stats(system: System, max_frames: int = 200) -> dict[str, Any]:
             boxes = np.load(s / "box.npy").reshape(-1, 3, 3)
             step = max(1, len(coords) // max(1, max_frames // 4))
             for c, b in zip(coords[::step], boxes[::step]):
-                best = np.maximum(best, _neighbour_counts(c, b, types, ntypes, rcut))
+                best = np.maximum(best, neighbour_counts(c, b, types, ntypes, rcut)[0])
     sel = desc.get("sel")
     sel_list = list(sel) if isinstance(sel, list) else None
     covers = None if sel_list is None else all(int(s) >= int(m) for s, m in zip(sel_list, best))
