@@ -153,6 +153,8 @@ class GraphEngine:
         self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
         self.loss = trainer.loss
         self.params = list(trainer.wrapper.parameters())
+        self._fused_ok = True
+        self._upstream_opt = trainer.optimizer
         self._build_lr_table()
 
     # ----------------------------------------------------------------- forward
@@ -251,16 +253,27 @@ class GraphEngine:
         return out
 
     # ------------------------------------------------------------- geometry
-    def frame_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None):
+    def frames_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, chunk: int = 64):
+        """Precomputed geometry of F frames of one composition (atype: nloc, sorted)."""
         dev = self.device
-        jloc, diff, mask = geo.frame_neighbors(coord.to(dev), atype.to(dev), None if box is None else box.to(dev), self.rcut, self.sel)
-        rt, jac = geo.env_and_jacobian(
-            diff, mask, atype.to(dev).long(), self.sea.mean, self.sea.stddev, self.rcut, self.rcut_smth, self.protection
-        )
-        nloc = coord.reshape(-1, 3).shape[0]
-        self_idx = torch.arange(nloc, device=dev)[:, None].expand_as(jloc)
-        jloc = torch.where(mask, jloc, self_idx)
-        return rt.to(self.dprec), jac.to(self.dprec), jloc, diff
+        coord = coord.reshape(coord.shape[0], -1, 3)
+        nf, nloc = coord.shape[:2]
+        at = atype.reshape(-1).to(dev).long()
+        out = {"rt": [], "jac": [], "jidx": [], "diff": []}
+        for f0 in range(0, nf, chunk):
+            c = coord[f0 : f0 + chunk].to(dev)
+            bx = None if box is None else box.reshape(nf, 9)[f0 : f0 + chunk].to(dev)
+            jloc, diff, mask = geo.batch_neighbors(c, at, bx, self.rcut, self.sel)
+            rt, jac = geo.env_and_jacobian(
+                diff, mask, at[None, :].expand(c.shape[0], nloc), self.sea.mean, self.sea.stddev,
+                self.rcut, self.rcut_smth, self.protection,
+            )
+            self_idx = torch.arange(nloc, device=dev)[None, :, None].expand_as(jloc)
+            out["rt"].append(rt.to(self.dprec))
+            out["jac"].append(jac.to(self.dprec))
+            out["jidx"].append(torch.where(mask, jloc, self_idx).to(torch.int32))
+            out["diff"].append(diff.to(self.dprec))
+        return {k: torch.cat(v) for k, v in out.items()}
 
     def predict_frames(self, coord, atype, box, need_virial=True):
         """Test helper: predictions for frames of one composition (coord nf x nloc x 3)."""
@@ -270,21 +283,11 @@ class GraphEngine:
         if not bool((at[1:] >= at[:-1]).all()):
             raise ValueError("atoms must be sorted by type")
         tcount = [int((at == t).sum()) for t in range(self.ntypes)]
-        rts, jacs, jis, dfs = [], [], [], []
-        for f in range(nf):
-            rt, jac, jl, df = self.frame_geometry(coord[f], at, None if box is None else box.reshape(nf, 9)[f])
-            rts.append(rt)
-            jacs.append(jac)
-            jis.append(jl + f * nloc)
-            dfs.append(df)
+        geom = self.frames_geometry(coord, at, box)
+        jidx = geom["jidx"].long() + (torch.arange(nf, device=self.device) * nloc)[:, None, None]
         return self.predict(
-            torch.stack(rts),
-            torch.stack(jacs),
-            torch.stack(jis),
-            torch.stack(dfs) if need_virial else None,
-            tcount,
-            self.out_bias_per_type().to(self.device),
-            create_graph=False,
+            geom["rt"], geom["jac"], jidx, geom["diff"] if need_virial else None,
+            tcount, self.out_bias_per_type().to(self.device), create_graph=False,
         )
 
     # ------------------------------------------------------------------ lr
@@ -326,46 +329,41 @@ class GraphEngine:
         t0 = time.time()
         for key, g in groups.items():
             tcount, bsz, finds = key
-            rts, jacs, jls, dfs, labs = [], [], {k: [] for k in lab_keys}, [], None
-            jls = []
+            nloc = sum(tcount)
+            parts = {"rt": [], "jac": [], "jidx": [], "diff": []}
             labs = {k: [] for k in lab_keys}
-            box_any = False
+            nframes = 0
             for system in g["sys"]:
-                for f in range(len(system)):
-                    fr = system[f]
-                    coord = torch.as_tensor(np.asarray(fr["coord"]), dtype=torch.float64)
-                    at = torch.as_tensor(np.asarray(fr["atype"])).long()
-                    box = fr.get("box")
-                    nopbc = box is None or float(fr.get("find_box", 1.0)) == 0.0 or getattr(system._data_system, "pbc", True) is False
-                    box_t = None if nopbc else torch.as_tensor(np.asarray(box), dtype=torch.float64)
-                    box_any = box_any or box_t is not None
-                    rt, jac, jl, df = self.frame_geometry(coord, at, box_t)
-                    rts.append(rt)
-                    jacs.append(jac)
-                    jls.append(jl.to(torch.int32))
-                    dfs.append(df.to(self.dprec) if self.need_virial else None)
-                    for k in lab_keys:
-                        v = fr.get(k)
-                        labs[k].append(torch.as_tensor(np.asarray(v), dtype=self.gprec) if v is not None else None)
+                frs = [system[f] for f in range(len(system))]
+                coord = torch.as_tensor(np.stack([np.asarray(fr["coord"]) for fr in frs]), dtype=torch.float64)
+                at = torch.as_tensor(np.asarray(frs[0]["atype"])).long()
+                pbc = getattr(system._data_system, "pbc", True)
+                has_box = pbc and frs[0].get("box") is not None and float(frs[0].get("find_box", 1.0)) != 0.0
+                box = torch.as_tensor(np.stack([np.asarray(fr["box"]) for fr in frs]), dtype=torch.float64) if has_box else None
+                geom = self.frames_geometry(coord, at, box)
+                for k in parts:
+                    parts[k].append(geom[k])
+                shape = {"energy": (1,), "force": (nloc, 3), "virial": (9,)}
+                for k in lab_keys:
+                    if frs[0].get(k) is None:
+                        labs[k].append(torch.zeros((len(frs),) + shape[k], dtype=self.gprec))
+                    else:
+                        labs[k].append(torch.as_tensor(np.stack([np.asarray(fr[k]) for fr in frs]), dtype=self.gprec).reshape((len(frs),) + shape[k]))
+                nframes += len(frs)
             dev = self.device
             G = {
                 "tcount": list(tcount),
                 "bsz": bsz,
                 "finds": dict(zip(lab_keys, finds)),
-                "nloc": sum(tcount),
+                "nloc": nloc,
                 "prob": float(sum(g["prob"])),
-                "rt": torch.stack(rts).to(dev),
-                "jac": torch.stack(jacs).to(dev),
-                "jidx": torch.stack(jls).to(dev),
-                "diff": torch.stack(dfs).to(dev) if self.need_virial else None,
-                "labels": {},
+                "rt": torch.cat(parts["rt"]),
+                "jac": torch.cat(parts["jac"]),
+                "jidx": torch.cat(parts["jidx"]),
+                "diff": torch.cat(parts["diff"]) if self.need_virial else None,
+                "labels": {k: torch.cat(v).to(dev) for k, v in labs.items()},
             }
-            nloc = G["nloc"]
-            for k in lab_keys:
-                if any(x is None for x in labs[k]):
-                    G["labels"][k] = torch.zeros((len(rts),) + ((1,) if k == "energy" else (nloc, 3) if k == "force" else (9,)), dtype=self.gprec, device=dev)
-                else:
-                    G["labels"][k] = torch.stack(labs[k]).reshape(len(rts), *((1,) if k == "energy" else (nloc, 3) if k == "force" else (9,))).to(dev)
+            del parts
             # sampling tables: system CDF within the group, frame offsets
             p = np.asarray(g["prob"], dtype=np.float64)
             p = p / p.sum()
@@ -377,6 +375,8 @@ class GraphEngine:
             G["nfr_max"] = int(max(g["nfr"]))
             G["replace"] = bsz > min(g["nfr"])
             G["bias"] = self.out_bias_per_type().detach().to(dev)
+            # the loss only reads atype >= 0 (real-atom mask): all atoms are real
+            G["atype_dummy"] = torch.zeros((bsz, nloc), dtype=torch.int64, device=dev)
             nbytes = sum(
                 t.numel() * t.element_size()
                 for t in [G["rt"], G["jac"], G["jidx"]] + ([G["diff"]] if G["diff"] is not None else []) + list(G["labels"].values())
@@ -385,7 +385,7 @@ class GraphEngine:
             self.groups.append(G)
             log.info(
                 "graph: group types=%s batch=%d systems=%d frames=%d prob=%.4f: device-resident geometry+labels %d bytes (%d bytes/frame)",
-                list(tcount), bsz, len(g["sids"]), len(rts), G["prob"], nbytes, nbytes // max(1, len(rts)),
+                list(tcount), bsz, len(g["sids"]), nframes, G["prob"], nbytes, nbytes // max(1, nframes),
             )
         if not self.groups:
             _refuse("no training systems")
@@ -426,9 +426,7 @@ class GraphEngine:
         for k, v in G["finds"].items():
             label[f"find_{k}"] = v
         nloc = G["nloc"]
-        atype_dummy = G.setdefault(
-            "atype_dummy", torch.zeros((G["bsz"], nloc), dtype=torch.int64, device=self.device)
-        )
+        atype_dummy = G["atype_dummy"]
         _, loss, more = self.loss(
             {"atype": atype_dummy},
             lambda **kw: dict(pred),
@@ -459,14 +457,12 @@ class GraphEngine:
             self.lr_table = torch.tensor(self.lr_values + [self.lr_values[-1] if self.lr_values else 0.0], dtype=torch.float64, device=self.device)
             self.step_ctr = torch.full((1,), start, dtype=torch.int64, device=self.device)
             self.lr_t = torch.tensor(self.lr_values[start] if start < len(self.lr_values) else 0.0, dtype=torch.float32 if False else torch.float64, device=self.device)
-            try:
-                opt = cls(self.params, lr=self.lr_t, betas=betas, weight_decay=wd, capturable=True, fused=True)
-            except Exception:  # noqa: BLE001
-                opt = cls(self.params, lr=self.lr_t, betas=betas, weight_decay=wd, capturable=True, foreach=True)
+            impl = {"fused": True} if self._fused_ok else {"foreach": True}
+            opt = cls(self.params, lr=self.lr_t, betas=betas, weight_decay=wd, capturable=True, **impl)
         else:
             opt = cls(self.params, lr=self.lr_values[start] if start < len(self.lr_values) else 0.0, betas=betas, weight_decay=wd)
         # restart: carry upstream's loaded optimizer state over
-        old = tr.optimizer
+        old = self._upstream_opt
         if old is not None and len(old.state) > 0:
             sd = old.state_dict()
             for grp in sd["param_groups"]:
@@ -503,6 +499,15 @@ class GraphEngine:
                         v.zero_()
             self.step_ctr.fill_(self.tr.start_step)
 
+    def _warmup(self, s) -> None:
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                for G in self.groups:
+                    self.opt.zero_grad(set_to_none=True)
+                    self._graph_body(G)
+        torch.cuda.current_stream().wait_stream(s)
+        torch.cuda.synchronize()
+
     def _graph_body(self, G: dict):
         lr = self.lr_table.index_select(0, self.step_ctr).reshape(())
         self.lr_t.copy_(lr)
@@ -514,13 +519,19 @@ class GraphEngine:
         snap = self._snapshot()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                for G in self.groups:
-                    self.opt.zero_grad(set_to_none=True)
-                    self._graph_body(G)
-        torch.cuda.current_stream().wait_stream(s)
-        torch.cuda.synchronize()
+        try:
+            self._warmup(s)
+        except Exception as e:  # noqa: BLE001
+            if not self._fused_ok:
+                raise
+            log.warning("graph: fused capturable Adam failed (%s); using foreach capturable Adam", e)
+            torch.cuda.synchronize()
+            self._fused_ok = False
+            self.opt.zero_grad(set_to_none=True)
+            self._restore(snap)
+            self.make_optimizer()
+            snap = self._snapshot()
+            self._warmup(s)
         for G in self.groups:
             self.opt.zero_grad(set_to_none=True)
             g = torch.cuda.CUDAGraph()

@@ -51,45 +51,55 @@ def _image_shifts(box: torch.Tensor | None, rcut: float) -> torch.Tensor:
     return g[order]
 
 
-def frame_neighbors(
+def batch_neighbors(
     coord: torch.Tensor,
     atype: torch.Tensor,
     box: torch.Tensor | None,
     rcut: float,
     sel: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Neighbour list of one frame, all images considered.
+    """Neighbour lists of F frames of one composition, all periodic images considered.
 
-    Returns ``jloc`` (nloc x nnei, local index of the neighbour, -1 = none),
-    ``diff`` (nloc x nnei x 3, r_j - r_i; zero for none) and ``mask`` (bool).
+    coord: F x nloc x 3, atype: nloc, box: F x 9 (or None: no periodicity).
+    Returns ``jloc`` (F x nloc x nnei, local index of the neighbour, -1 = none),
+    ``diff`` (F x nloc x nnei x 3, r_j - r_i; zero for none) and ``mask`` (bool).
     """
     dev = coord.device
-    coord = coord.reshape(-1, 3).to(torch.float64)
-    nloc = coord.shape[0]
+    coord = coord.reshape(coord.shape[0], -1, 3).to(torch.float64)
+    nf, nloc = coord.shape[:2]
     if box is not None:
-        b = box.reshape(3, 3).to(torch.float64).to(dev)
+        b = box.reshape(nf, 3, 3).to(torch.float64).to(dev)
         # wrap into the cell like upstream's normalize_coord
-        frac = torch.linalg.solve(b.T, coord.T).T
+        frac = torch.linalg.solve(b.transpose(1, 2), coord.transpose(1, 2)).transpose(1, 2)
         frac = frac - torch.floor(frac)
         coord = frac @ b
-        shifts = _image_shifts(b.cpu(), rcut).to(dev) @ b  # nshift x 3
+        # one shift set covering every frame (extra images are harmless: only
+        # candidates within rcut are kept)
+        nmax = None
+        for f in range(nf):
+            g = _image_shifts(b[f].cpu(), rcut)
+            if nmax is None or g.shape[0] > nmax.shape[0]:
+                nmax = g
+        shifts = torch.einsum("sk,fkc->fsc", nmax.to(dev), b)  # F x nshift x 3
     else:
-        shifts = torch.zeros(1, 3, dtype=torch.float64, device=dev)
-    nshift = shifts.shape[0]
-    # candidates: (shift, atom) flattened; index = s * nloc + j
-    ext = (shifts[:, None, :] + coord[None, :, :]).reshape(-1, 3)  # nshift*nloc x 3
+        shifts = torch.zeros(nf, 1, 3, dtype=torch.float64, device=dev)
+    nshift = shifts.shape[1]
+    # candidates: (shift, atom) flattened; index = s * nloc + j (zero shift first)
+    ext = (shifts[:, :, None, :] + coord[:, None, :, :]).reshape(nf, -1, 3)
+    next_ = ext.shape[1]
     ext_j = torch.arange(nloc, device=dev).repeat(nshift)
-    ext_t = atype.to(dev).long().repeat(nshift)
+    ext_t = atype.to(dev).long().reshape(-1).repeat(nshift)
     nsel = sum(sel)
-    jl, df, mk = [], [], []
-    chunk = max(1, 4_000_000 // ext.shape[0])
-    for i0 in range(0, nloc, chunk):
-        ci = coord[i0 : i0 + chunk]
-        d = ext[None, :, :] - ci[:, None, :]  # c x next x 3
+    jl, df = [], []
+    fchunk = max(1, 3_000_000 // (nloc * next_))
+    for f0 in range(0, nf, fchunk):
+        d = ext[f0 : f0 + fchunk, None, :, :] - coord[f0 : f0 + fchunk, :, None, :]  # c x nloc x next x 3
+        c = d.shape[0]
+        d = d.reshape(c * nloc, next_, 3)
         rr = torch.linalg.norm(d, dim=-1)
-        ii = torch.arange(i0, i0 + ci.shape[0], device=dev)
-        rr[torch.arange(ci.shape[0], device=dev), ii] = -1.0  # self (zero shift) sorts first
-        k = min(nsel + 1, rr.shape[1])
+        rows = torch.arange(c * nloc, device=dev)
+        rr[rows, rows % nloc] = -1.0  # self (zero shift) sorts first, as upstream
+        k = min(nsel + 1, next_)
         rs, idx = torch.topk(rr, k, largest=False)
         rs, idx = rs[:, 1:], idx[:, 1:]
         if rs.shape[1] < nsel:
@@ -98,12 +108,12 @@ def frame_neighbors(
             idx = torch.cat([idx, torch.zeros((idx.shape[0], padn), dtype=idx.dtype, device=dev)], 1)
         valid = rs <= rcut  # upstream: rr > rcut -> -1
         typ = torch.where(valid, ext_t[idx], -1)
-        out_j = torch.full((ci.shape[0], nsel), -1, dtype=torch.long, device=dev)
-        out_d = torch.zeros((ci.shape[0], nsel, 3), dtype=torch.float64, device=dev)
+        out_j = torch.full((c * nloc, nsel), -1, dtype=torch.long, device=dev)
+        out_d = torch.zeros((c * nloc, nsel, 3), dtype=torch.float64, device=dev)
         off = 0
         for t, st in enumerate(sel):
             is_t = typ == t
-            # position of each type-t candidate within its block (sorted order kept)
+            # position of each type-t candidate within its block (distance order kept)
             pos = torch.cumsum(is_t.to(torch.long), dim=1) - 1
             take = is_t & (pos < st)
             r_i, c_i = torch.nonzero(take, as_tuple=True)
@@ -112,10 +122,10 @@ def frame_neighbors(
             out_j[r_i, dst] = ext_j[src]
             out_d[r_i, dst] = d[r_i, src]
             off += st
-        jl.append(out_j)
-        df.append(out_d)
-        mk.append(out_j >= 0)
-    return torch.cat(jl), torch.cat(df), torch.cat(mk)
+        jl.append(out_j.reshape(c, nloc, nsel))
+        df.append(out_d.reshape(c, nloc, nsel, 3))
+    jloc = torch.cat(jl)
+    return jloc, torch.cat(df), jloc >= 0
 
 
 def env_and_jacobian(
@@ -128,7 +138,9 @@ def env_and_jacobian(
     rcut_smth: float,
     protection: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """R~ (nloc x nnei x 4) and dR~/d diff (nloc x nnei x 4 x 3), float64.
+    """R~ (... x nloc x nnei x 4) and dR~/d diff (... x nnei x 4 x 3), float64.
+
+    center_type: (... x nloc) types of the centre atoms.
 
     Same formula as ``deepmd.pt.model.descriptor.env_mat._make_env_mat`` followed by
     ``(env - davg[atype]) / dstd[atype]``.
@@ -146,8 +158,8 @@ def env_and_jacobian(
         (g,) = torch.autograd.grad(env[..., k].sum(), diff, retain_graph=k < 3)
         jac.append(g)
     jac = torch.stack(jac, dim=-2)  # nloc x nnei x 4 x 3
-    avg = davg.to(torch.float64)[center_type]
-    std = dstd.to(torch.float64)[center_type]
+    avg = davg.to(torch.float64).to(diff.device)[center_type]
+    std = dstd.to(torch.float64).to(diff.device)[center_type]
     rt = (env.detach() - avg) / std
     jac = jac / std.unsqueeze(-1)
     jac = jac * m.unsqueeze(-1)
