@@ -1,0 +1,194 @@
+"""harness.profile: window placement, the breakdown of a (synthetic GPU) trace, the Nsight command
+builders and parsers, and ONE short real profiled CPU training run of a tiny model."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from harness import profile
+from harness.profile import breakdown_from_trace, choose_window
+
+
+def test_window_is_steady_and_ends_before_training_ends():
+    assert choose_window(300) == (90, 20)
+    assert choose_window(20) == (10, 9)
+    assert choose_window(14) == (10, 3)
+    assert choose_window(8) == (2, 5)
+    assert choose_window(2) is None
+    for n in range(3, 400):
+        s, w = choose_window(n)
+        assert s >= 1 and w >= 1 and s + w <= n - 1, n
+    assert choose_window(300, start=5, window=3) == (5, 3)
+    assert profile.parse_spec("steady,start=5,window=3") == {"start": 5, "window": 3}
+    with pytest.raises(ValueError):
+        profile.parse_spec("bogus")
+
+
+def _x(name, cat, ts, dur, tid=1, **args):
+    return {"ph": "X", "cat": cat, "name": name, "pid": 1, "tid": tid, "ts": ts, "dur": dur, "args": args}
+
+
+def synthetic_gpu_trace():
+    ev = [
+        _x("dph::forward", "user_annotation", 0, 100), _x("dph::force", "user_annotation", 60, 30),
+        _x("dph::backward", "user_annotation", 100, 100), _x("dph::optimizer", "user_annotation", 200, 20),
+        _x("dph::data", "user_annotation", 220, 10),
+        _x("aten::mm", "cpu_op", 5, 20),
+        _x("cudaLaunchKernel", "cuda_runtime", 10, 1, correlation=1),
+        _x("cudaLaunchKernel", "cuda_runtime", 12, 1, correlation=5),
+        _x("cudaLaunchKernel", "cuda_runtime", 70, 1, correlation=2),
+        _x("cudaLaunchKernel", "cuda_runtime", 150, 1, tid=2, correlation=3),  # autograd engine thread
+        _x("cudaLaunchKernel", "cuda_runtime", 205, 1, correlation=4),
+        _x("cudaMemcpyAsync", "cuda_runtime", 222, 1, correlation=6),
+        _x("void gemm<float>(float*)", "kernel", 20, 20, tid=7, correlation=1),
+        _x("void other_kernel()", "kernel", 30, 20, tid=7, correlation=5),  # overlaps: union counts once
+        _x("env_mat_kernel", "kernel", 75, 20, tid=7, correlation=2),
+        _x("tanh_backward_kernel", "kernel", 160, 30, tid=7, correlation=3),
+        _x("multi_tensor_apply_kernel", "kernel", 210, 5, tid=7, correlation=4),
+        _x("Memcpy HtoD (Pageable -> Device)", "gpu_memcpy", 225, 3, tid=7, correlation=6, kind="HtoD"),
+    ]
+    return {"traceEvents": ev}
+
+
+def test_breakdown_of_a_gpu_trace():
+    b = breakdown_from_trace(synthetic_gpu_trace(), steps=2, wall_s=500e-6)
+    assert b["wall_s_per_step"] == pytest.approx(250e-6)
+    assert b["gpu_busy_s_per_step"] == pytest.approx(88e-6 / 2)  # union of kernel + memcpy intervals
+    assert b["host_gap_s_per_step"] == pytest.approx(250e-6 - 44e-6)
+    assert b["kernels_per_step"] == 2.5 and b["launches_per_step"] == 2.5
+    assert b["memcpy"]["count"] == 1 and b["memcpy"]["time_s"] == pytest.approx(3e-6)
+    assert b["memcpy"]["by_kind"] == {"HtoD": 1}
+    assert b["top_kernels"][0]["name"] == "tanh_backward_kernel" and len(b["top_kernels"]) == 5
+    r = b["categories"]["by_range"]
+    assert b["categories"]["basis"] == "gpu_kernel_time"
+    # kernels are attributed by their launch time stamp, ranges from any thread
+    assert r["force/backward"] == pytest.approx(25e-6)
+    assert r["other"] == pytest.approx(20e-6)
+    assert r["optimizer"] == pytest.approx(2.5e-6)
+    assert r["data"] == pytest.approx(1.5e-6)
+    assert sum(r.values()) == pytest.approx(sum(b["categories"]["by_name"].values()))
+    n = b["categories"]["by_name"]
+    assert n["optimizer"] == pytest.approx(2.5e-6) and n["env-mat/descriptor"] == pytest.approx(10e-6)
+    assert b["ranges_host_s_per_step"]["forward"] == pytest.approx(35e-6)  # 100 - 30 (force) over 2 steps
+
+
+def test_breakdown_of_a_cpu_trace_has_no_gpu_fields():
+    ev = [_x("dph::forward", "user_annotation", 0, 100), _x("aten::mm", "cpu_op", 10, 50),
+          _x("aten::add", "cpu_op", 20, 10), _x("dph::optimizer", "user_annotation", 100, 10),
+          _x("aten::mul_", "cpu_op", 101, 5)]
+    b = breakdown_from_trace({"traceEvents": ev}, steps=1, wall_s=0.001)
+    assert b["gpu_busy_s_per_step"] is None and b["kernels_per_step"] is None and b["memcpy"] is None
+    assert b["categories"]["basis"] == "cpu_op_self_time"
+    assert b["top_ops"][0] == {"name": "aten::mm", "self_s": pytest.approx(40e-6), "count": 1,
+                               "per_step_s": pytest.approx(40e-6)}
+    assert b["categories"]["by_range"]["optimizer"] == pytest.approx(5e-6)
+    assert b["categories"]["by_range"]["other"] == pytest.approx(50e-6)
+
+
+NCU_LONG = '''==PROF== Connected to process 4242 (/usr/bin/python3.12)
+==PROF== Profiling "vectorized_elementwise_kernel" - 0: 0%....50%....100% - 1 pass
+==PROF== Disconnected from process 4242
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","Section Name","Metric Name","Metric Unit","Metric Value"
+"0","4242","python3.12","127.0.0.1","void at::native::vectorized_elementwise_kernel<4, at::native::tanh_kernel_cuda(at::TensorIteratorBase &)::{lambda()#1}, at::detail::Array<char *, 2>>(int, T2, T3)","1","7","(128, 1, 1)","(1024, 1, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","61.23"
+"0","4242","python3.12","127.0.0.1","void at::native::vectorized_elementwise_kernel<4, at::native::tanh_kernel_cuda(at::TensorIteratorBase &)::{lambda()#1}, at::detail::Array<char *, 2>>(int, T2, T3)","1","7","(128, 1, 1)","(1024, 1, 1)","0","9.0","Command line profiler metrics","gpu__time_duration.sum","nsecond","12,288"
+"1","4242","python3.12","127.0.0.1","void at::native::vectorized_elementwise_kernel<4, at::native::tanh_kernel_cuda(at::TensorIteratorBase &)::{lambda()#1}, at::detail::Array<char *, 2>>(int, T2, T3)","1","7","(128, 1, 1)","(1024, 1, 1)","0","9.0","Command line profiler metrics","dram__throughput.avg.pct_of_peak_sustained_elapsed","%","59.23"
+"2","4242","python3.12","127.0.0.1","sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32","1","7","(256, 1, 1)","(66, 1, 1)","0","9.0","Command line profiler metrics","sm__throughput.avg.pct_of_peak_sustained_elapsed","%","77.5"
+'''
+
+NCU_RAW = '''==PROF== Disconnected from process 1
+"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum"
+"","","","","","","","","","","","%","nsecond"
+"0","1","python","h","k1","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0","10.5","1,024"
+"1","1","python","h","k1","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0","20.5","2,048"
+"2","1","python","h","k2","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0","5","100"
+'''
+
+
+def test_parse_ncu_csv_long_and_raw():
+    k = profile.parse_ncu_csv(NCU_LONG)
+    assert len(k) == 2
+    assert k[0]["name"].startswith("void at::native::vectorized_elementwise_kernel<4,")
+    assert k[1]["name"] == "sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32"
+    assert k[0]["metrics"]["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == pytest.approx(60.23)
+    assert k[0]["metrics"]["gpu__time_duration.sum"] == 12288
+    assert k[0]["launches"] == 2
+    r = profile.parse_ncu_csv(NCU_RAW)
+    assert [x["name"] for x in r] == ["k1", "k2"]
+    assert r[0]["metrics"]["gpu__time_duration.sum"] == pytest.approx(1536) and r[0]["launches"] == 2
+    assert profile.parse_ncu_csv("==PROF== nothing profiled\n") == []
+
+
+def test_nsight_commands_and_nsys_parser(tmp_path):
+    cmd = ["python", "-m", "harness.launch", "--tree", "T", "--", "--pt", "train", "input.json"]
+    n = profile.nsys_command(tmp_path / "nsys", cmd)
+    assert n[:2] == ["nsys", "profile"] and n[-len(cmd):] == cmd and "--trace=cuda,nvtx,osrt" in n
+    assert profile.nsys_stats_command(tmp_path / "x.nsys-rep")[:2] == ["nsys", "stats"]
+    assert profile.kernel_base_name("void at::native::vectorized_elementwise_kernel<4, X>(int, T2)") == \
+        "vectorized_elementwise_kernel"
+    assert profile.kernel_base_name("sm90_xmma_gemm_nn") == "sm90_xmma_gemm_nn"
+    c = profile.ncu_command(["void at::native::foo<1>(int)", "bar_kernel"], None, cmd, launch_skip=50)
+    assert c[0] == "ncu" and "--csv" in c and c[-len(cmd):] == cmd
+    assert c[c.index("--kernel-name") + 1] == "regex:^(bar_kernel|foo)$"
+    assert c[c.index("--launch-skip") + 1] == "50" and c[c.index("--launch-count") + 1] == "2"
+    text = ("Processing [x.sqlite] with [cuda_gpu_kern_sum.py]...\n"
+            "Time (%),Total Time (ns),Instances,Avg (ns),Med (ns),Min (ns),Max (ns),StdDev (ns),Name\n"
+            "60.0,6000,3,2000.0,2000.0,1900,2100,100.0,gemm_kernel\n"
+            "40.0,4000,8,500.0,500.0,400,600,50.0,\"void at::native::foo<int, 2>(int)\"\n")
+    rows = profile.parse_nsys_kern_sum(text)
+    assert rows[0] == {"name": "gemm_kernel", "pct": 60.0, "total_s": pytest.approx(6e-6), "count": 3}
+    assert rows[1]["name"] == "void at::native::foo<int, 2>(int)"
+
+
+def test_summarise_absent_and_present(tmp_path):
+    assert profile.summarise(tmp_path) is None
+    (tmp_path / "profile.json").write_text(json.dumps({"status": "ok", "steps": 3}))
+    assert profile.summarise(tmp_path) == {"status": "ok", "steps": 3}
+
+
+def test_format_breakdown_handles_missing_profiles():
+    b = breakdown_from_trace(synthetic_gpu_trace(), steps=2, wall_s=500e-6)
+    b.update(status="ok", window={"start_step": 90, "steps": 2})
+    text = profile.format_breakdown([{"variant": "baseline", "profile": b, "status": "ok"},
+                                     {"variant": "fp32", "profile": None, "status": "failed"}])
+    assert "force/backward" in text and "tanh_backward_kernel" in text and "no profile" in text
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory):
+    from harness import bench, regression, systems
+
+    if systems.checksum_problems(systems.load_system("water")):
+        pytest.skip("water data absent (make systems): the real profiled run needs a few of its frames")
+    tmp = tmp_path_factory.mktemp("prof")
+    sd = regression.make_tiny_system(tmp / "system")
+    req = bench.BenchRequest(system=str(sd), variants=["baseline"], steps=14, device="cpu", accuracy=False,
+                             profile=True, runs_dir=tmp / "runs", work_root=tmp / "work")
+    (row,) = bench.run(req, log=lambda m: None)
+    return row
+
+
+def test_real_profiled_cpu_run(profiled_run):
+    row = profiled_run
+    assert row["status"] == "ok", row["error"]
+    p = row["profile"]
+    assert p and p["status"] == "ok" and p["device"] == "cpu"
+    w = p["window"]
+    assert w == {"start_step": 10, "steps": 3, "numb_steps": 14}
+    assert w["start_step"] + w["steps"] <= w["numb_steps"] - 1  # closed before training ended
+    assert len(json.loads(open(f"{row['artifacts']['work_dir']}/steps.json").read())["step_s"]) >= 13
+    wd = row["artifacts"]["work_dir"]
+    trace = json.loads(gzip.open(f"{wd}/{profile.TRACE}").read())
+    names = {e.get("name") for e in trace["traceEvents"]}
+    for r in ("data", "forward", "descriptor", "embedding", "fitting", "force", "backward", "optimizer"):
+        assert profile.RANGE_PREFIX + r in names, r
+        assert p["ranges_host_s_per_step"][r] > 0, r
+    assert any(m.endswith(":descriptor") for m in p["wrapped_modules"])
+    assert p["gpu_busy_s_per_step"] is None and p["top_kernels"] == [] and len(p["top_ops"]) == 15
+    cats = p["categories"]["by_range"]
+    assert cats["force/backward"] > 0 and cats["embedding"] > 0 and cats["optimizer"] > 0
+    assert 0 < sum(cats.values()) <= p["wall_s_per_step"] * 1.05
+    assert profile.summarise(wd) == p
+    # monkeypatches are gone after the window: the results record has the same profile as the file
+    assert json.loads(open(row["_path"]).read())["profile"] == p
