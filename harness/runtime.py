@@ -96,3 +96,24 @@ class StepClock:
 clock = StepClock()
 run_dir: str = os.environ.get("DPH_RUN_DIR", ".")
 variant: str = os.environ.get("DPH_VARIANT", "baseline")
+
+# ---------------------------------------------------------------- accuracy-gate hooks
+# Set by a variant's patch module (at import) when the variant evaluates or trains through its
+# own code rather than upstream's, so that harness.parity_eval checks *that* code. Both are
+# called in the parity subprocess with the baseline checkpoint's weights already loaded.
+
+parity_forward: Callable | None = None
+"""``fn(model, coord, atype, box) -> dict`` with ``energy`` [nf], ``force`` [nf, nat, 3] and
+``virial`` [nf, 9] (any float dtype; cast to float64 by the caller). ``model`` is upstream's
+model object built from the run's input (precision overrides applied), ``coord`` float64
+[nf, nat, 3], ``atype`` int64 [nf, nat], ``box`` float64 [nf, 9]. None: upstream's forward."""
+
+parity_train_step: Callable | None = None
+"""``fn(model, loss_fn, batch, lr) -> None``: one optimizer step that updates ``model``'s
+parameters in place, as the variant's training loop would take it from a fresh optimizer.
+``loss_fn`` is upstream's loss module (``loss_fn(input_dict, model, label, natoms, lr)``),
+``batch`` is ``{"input": input_dict, "label": label_dict, "optim": {"type", "betas",
+"weight_decay", "gradient_max_norm"}}`` (upstream's Trainer.get_data split; the optimizer
+settings upstream's Trainer would use), ``lr`` the learning rate of step 0. Leave each
+parameter's ``.grad`` populated if possible: the gate then compares gradients as well as
+updates. None: upstream's ModelWrapper + loss + torch Adam step."""

@@ -1,0 +1,632 @@
+"""Stage 5: the accuracy gate (ASC22 rule: an optimisation must give the same test results as the
+reference). See docs/accuracy.md.
+
+For every successful training run of a sweep, ``stage()`` returns a callable that
+
+1. runs upstream's ``dp --pt test`` on the run's checkpoint and the system's validation data,
+   always with the *unpatched baseline* build (the judge is never patched by the variant), and
+   parses energy RMSE/atom, force RMSE and virial RMSE/atom;
+2. for a variant, compares those with the sweep's baseline run (same system, seed, steps) within
+   a relative tolerance derived from a seed-spread calibration file
+   (results/calibration/<system>-<device>-<steps>.json, written by ``dpharness calibrate``);
+3. checks same-weights parity: the *baseline's* checkpoint evaluated (energy, force, virial) by
+   the baseline build and by the variant's build + patch modules + input overrides, compared
+   within a per-accuracy-class tolerance -- deterministic, independent of training noise;
+4. checks one training step from those same weights on one fixed frame (gradients and the Adam
+   update), which catches a wrong backward.
+
+The verdict is "baseline" for the reference run itself, else "pass" or "fail" (with ``strict``
+False, a variant that cannot be judged at all -- no baseline run, or no parity possible and no
+calibration -- gets verdict None and says why). The gate never raises: a crash is a "fail"
+whose ``detail`` names the cause.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from . import build, results, train
+from .records import AccuracyResult, RunRecord
+
+ROOT = Path(__file__).resolve().parent.parent
+CALIBRATION = ROOT / "results" / "calibration"
+CAL_SCHEMA = "dpharness.calibration/1"
+
+# Same-weights parity tolerance per accuracy class: relative error max|a-b| / max|b| of energy,
+# force and virial. float64: a float64 variant may only reorder float64 arithmetic (measured
+# reorderings stay ~1e-13..1e-12); float32: upstream's own fp32 precision override evaluated on
+# fp64 weights differs by ~1e-7..3e-6 (measured on water, see docs/accuracy.md); mixed: bf16/tf32
+# style kernels with float32 accumulation.
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5, "mixed": 1e-3}
+
+# One training step is compared at TOLERANCE x STEP_FACTOR, for two reasons.
+# (a) The update is the difference of two stored parameters, p' - p, so in the model's precision
+#     it is quantised at ulp(|p|): relative to the update size (lr = 1e-3 at step 0 upstream) that
+#     is eps_mach * |p| / lr ~ 6e-8 / 1e-3 = 6e-5 for float32 weights of order 1, i.e. ~6x the
+#     float32 class tolerance; for float64 it is ~1e-13, far inside 100 x 1e-10.
+# (b) The gradient of the force loss is a mixed second derivative (d/dθ of dE/dr) summed over
+#     every atom with upstream's force prefactor (1000 at step 0): more accumulated rounding and
+#     cancellation than the forward; measured fp32-vs-fp64 gradient differences are ~2e-6 of the
+#     largest gradient, and up to ~5e-4 of the update for elements whose gradient is near Adam's
+#     eps. x100 keeps >=2x headroom over those measurements while a 1e-6 relative error in the
+#     forward (the broken-force test variant) still fails by orders of magnitude in float64.
+STEP_FACTOR = 100
+# Adam's first step moves each element by lr * g / (|g| + eps). Where |g| is within ~1e3 * eps of
+# zero the direction is set by eps, not by the gradient, and rounding noise of the gradient is
+# amplified by up to 1/eps: those elements are compared through the gradient check only.
+ADAM_EPS = 1e-8
+UPDATE_MASK_G = 1e3 * ADAM_EPS
+
+DEFAULT_TEST_FRAMES = {"cpu": 20, "cuda": 0}  # dp test -n per validation system (0 = all)
+PARITY_FRAMES = 2
+DP_TEST_TIMEOUT_S = 3600
+PARITY_TIMEOUT_S = 1800
+METRICS = ("rmse_e_per_atom", "rmse_f", "rmse_v")
+_DP_TEST_KEYS = {"Energy RMSE/Natoms": "rmse_e_per_atom", "Force  RMSE": "rmse_f",
+                 "Virial RMSE/Natoms": "rmse_v"}
+
+
+# ---------------------------------------------------------------- dp test
+
+def baseline_tree(previous: list[RunRecord] | None = None) -> Path:
+    """The unpatched baseline build that judges every run."""
+    for r in previous or []:
+        if r.run.variant.name == "baseline" and tuple(r.run.variant.chain) == ("baseline",):
+            return r.run.variant.tree
+    return build.build_variant("baseline").tree
+
+
+def parse_dp_test(text: str) -> dict[str, float | None]:
+    """RMSEs of the weighted-average block (last block) of `dp test`'s log."""
+    tail = text.rsplit("weighted average of errors", 1)
+    if len(tail) != 2:
+        raise RuntimeError("dp test printed no 'weighted average of errors' block")
+    out: dict[str, float | None] = {k: None for k in METRICS}
+    for label, key in _DP_TEST_KEYS.items():
+        m = re.search(re.escape(label) + r"\s*:\s*([-+0-9.eE]+|nan|inf)", tail[1])
+        if m:
+            out[key] = float(m.group(1))
+    if out["rmse_e_per_atom"] is None and out["rmse_f"] is None:
+        raise RuntimeError("dp test printed neither an energy nor a force RMSE")
+    return out
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if "Triton" not in ln]
+    return " | ".join(lines[-n:])[-300:]
+
+
+def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
+                  frames: int, tree: Path) -> tuple[subprocess.Popen, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    listing = out_dir / "dp_test_systems.txt"
+    listing.write_text("".join(f"{Path(p).resolve()}\n" for p in validation))
+    log = out_dir / "dp_test.log"
+    cmd = train.launch_command(tree, (), ["--pt", "test", "-m", str(Path(checkpoint).resolve()),
+                                          "-f", str(listing), "-n", str(int(frames))])
+    env = train.subprocess_env(device, {"DPH_VARIANT": "baseline"}, out_dir)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, log
+
+
+def finish_dp_test(proc: subprocess.Popen, log: Path, frames: int) -> dict[str, Any]:
+    try:
+        rc = proc.wait(timeout=DP_TEST_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"dp test timed out after {DP_TEST_TIMEOUT_S} s") from None
+    if rc != 0:
+        raise RuntimeError(f"dp test exit {rc}: {_tail(log)}")
+    res: dict[str, Any] = dict(parse_dp_test(log.read_text(errors="replace")))
+    res["numb_test"] = int(frames)
+    return res
+
+
+def run_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
+                frames: int, tree: Path | None = None) -> dict[str, Any]:
+    """`dp --pt test` of `checkpoint` with the baseline build; returns the RMSEs."""
+    proc, log = start_dp_test(checkpoint, validation, out_dir, device, frames, tree or baseline_tree())
+    return finish_dp_test(proc, log, frames)
+
+
+# ---------------------------------------------------------------- same-weights parity
+
+def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str, str], name: str,
+                      input_path: Path, checkpoint: Path, eval_system: Path, train_system: Path | None,
+                      out: Path, device: str, frames: int = PARITY_FRAMES) -> tuple[subprocess.Popen, Path]:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "harness.parity_eval", "--tree", str(tree)]
+    for m in modules:
+        cmd += ["--module", str(m)]
+    cmd += ["--input", str(Path(input_path).resolve()), "--checkpoint", str(Path(checkpoint).resolve()),
+            "--eval-system", str(Path(eval_system).resolve()), "--frames", str(int(frames)),
+            "--out", str(out.resolve())]
+    if train_system is not None:
+        cmd += ["--train-system", str(Path(train_system).resolve())]
+    env = train.subprocess_env(device, {**env_extra, "DPH_VARIANT": name}, out.parent)
+    log = out.with_suffix(".log")
+    for p in (out, out.with_suffix(".json")):
+        p.unlink(missing_ok=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return proc, log
+
+
+def finish_parity_eval(proc: subprocess.Popen, log: Path, out: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    try:
+        rc = proc.wait(timeout=PARITY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise RuntimeError(f"parity evaluation timed out after {PARITY_TIMEOUT_S} s") from None
+    meta_p = out.with_suffix(".json")
+    meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
+    if rc != 0:
+        raise RuntimeError(f"parity evaluation exit {rc}: {_tail(log)}")
+    with np.load(out) as z:
+        arrays = {k: z[k] for k in z.files}
+    return meta, arrays
+
+
+def _rel(diff: float, scale: float) -> float:
+    if scale > 0:
+        return diff / scale
+    return 0.0 if diff == 0 else math.inf
+
+
+def compare_eval(ref: dict[str, np.ndarray], var: dict[str, np.ndarray], tol: float) -> dict[str, Any]:
+    """Max abs/rel differences of energy, force, virial (relative: max|a-b| / max|b|)."""
+    out: dict[str, Any] = {}
+    for q, key in (("e", "energy"), ("f", "force"), ("v", "virial")):
+        a, b = var[key].astype(np.float64), ref[key].astype(np.float64)
+        if a.shape != b.shape:
+            raise RuntimeError(f"parity: {key} shape {a.shape} != baseline {b.shape}")
+        d = float(np.abs(a - b).max()) if a.size else 0.0
+        if not np.all(np.isfinite(a)):
+            d = math.inf
+        out[f"max_abs_{q}"] = d
+        out[f"max_rel_{q}"] = _rel(d, float(np.abs(b).max()) if b.size else 0.0)
+    out["rms_f"] = float(np.sqrt(np.mean((var["force"] - ref["force"]) ** 2)))
+    out["tolerance"] = tol
+    out["frames"] = int(ref["energy"].shape[0])
+    return out
+
+
+def compare_step(ref: dict[str, np.ndarray], var: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Differences of one training step: parameter updates and (when both have them) gradients."""
+    upd = sorted(k for k in ref if k.startswith("upd/") and ref[k].size)
+    if not upd:
+        return {"step_update_max_rel": None, "step_grad_max_rel": None}
+    missing = [k for k in upd if k not in var or var[k].shape != ref[k].shape]
+    if missing:
+        raise RuntimeError(f"parity step: parameter {missing[0][4:]} missing or reshaped in the variant")
+    have_grad = all(k.replace("upd/", "grad/", 1) in ref and k.replace("upd/", "grad/", 1) in var for k in upd)
+    d_u, s_u, d_g, s_g, masked = 0.0, 0.0, 0.0, 0.0, 0
+    for k in upd:
+        du = np.abs(var[k] - ref[k])
+        if not np.all(np.isfinite(var[k])):
+            du = np.full_like(du, np.inf)
+        s_u = max(s_u, float(np.abs(ref[k]).max()))
+        if have_grad:
+            g = k.replace("upd/", "grad/", 1)
+            gr = ref[g]
+            ok = np.abs(gr) >= UPDATE_MASK_G
+            masked += int((~ok).sum())
+            if ok.any():
+                d_u = max(d_u, float(du[ok].max()))
+            dg = np.abs(var[g] - gr)
+            d_g = max(d_g, float(dg.max()) if np.all(np.isfinite(var[g])) else math.inf)
+            s_g = max(s_g, float(np.abs(gr).max()))
+        else:
+            d_u = max(d_u, float(du.max()))
+    return {
+        "step_update_max_rel": _rel(d_u, s_u),
+        "step_update_max_abs": d_u,
+        "step_update_masked": masked,
+        "step_grad_max_rel": _rel(d_g, s_g) if have_grad else None,
+        "step_params": len(upd),
+    }
+
+
+def reference_paths(base: RunRecord) -> Path:
+    return Path(base.train.work_dir) / "accuracy" / "parity_baseline.npz"
+
+
+def start_reference(base: RunRecord, tree: Path) -> tuple[subprocess.Popen, Path, Path]:
+    s = base.run.system
+    out = reference_paths(base)
+    proc, log = start_parity_eval(tree, (), {}, "baseline", base.train.input_path, base.train.checkpoint,
+                                  s.validation[0], s.train[0], out, base.run.device)
+    return proc, log, out
+
+
+def load_reference(base: RunRecord, tree: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """The baseline build's same-weights outputs for the sweep baseline (computed once, cached)."""
+    out = reference_paths(base)
+    if out.is_file() and out.with_suffix(".json").is_file():
+        meta = json.loads(out.with_suffix(".json").read_text())
+        if meta.get("load") == "ok" and meta.get("eval"):
+            with np.load(out) as z:
+                return meta, {k: z[k] for k in z.files}
+    proc, log, out = start_reference(base, tree)
+    return finish_parity_eval(proc, log, out)
+
+
+def parity_verdict(par: dict[str, Any], cls: str) -> list[str]:
+    """Reasons the parity numbers fail their class tolerance (empty: pass)."""
+    tol = TOLERANCE[cls]
+    bad = [f"{q} rel {par[f'max_rel_{q}']:.2e} > {tol:.0e}" for q in ("e", "f", "v")
+           if not par[f"max_rel_{q}"] <= tol]
+    stol = tol * STEP_FACTOR
+    for key, label in (("step_update_max_rel", "step update"), ("step_grad_max_rel", "step gradient")):
+        v = par.get(key)
+        if v is not None and not v <= stol:
+            bad.append(f"{label} rel {v:.2e} > {stol:.0e}")
+    return bad
+
+
+# ---------------------------------------------------------------- calibration
+
+def calibration_path(system: str, device: str, steps: int, directory: Path = CALIBRATION) -> Path:
+    return directory / f"{system}-{device}-{int(steps)}.json"
+
+
+def find_calibration(system: str, device: str, steps: int,
+                     directory: Path = CALIBRATION) -> tuple[dict | None, str]:
+    """The calibration for (system, device, steps), else the nearest steps for system/device."""
+    exact = calibration_path(system, device, steps, directory)
+    if exact.is_file():
+        return json.loads(exact.read_text()), f"calibration {exact.name}"
+    cands = []
+    for p in directory.glob(f"{system}-{device}-*.json"):
+        try:
+            d = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if d.get("schema") == CAL_SCHEMA and d.get("system") == system and d.get("device") == device:
+            cands.append((abs(int(d["steps"]) - int(steps)), int(d["steps"]), p.name, d))
+    if not cands:
+        return None, f"no seed-spread calibration for {system}"
+    cands.sort(key=lambda c: c[:2])
+    _, s, name, d = cands[0]
+    return d, f"calibration {name} (nearest: {s} steps, none at {steps})"
+
+
+def summarise(values: list[float]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def derive_threshold(st: dict[str, float], offset: float = 0.0) -> float:
+    """Relative tolerance of a dp-test metric from its seed spread:
+    max(3 * std / mean, (max - min) / mean, offset), where `offset` (reduced-precision classes
+    only) is the largest same-seed relative difference between the class's reference variant
+    (upstream's fp32 override) and the baseline: what the allowed override itself changes."""
+    if st["mean"] <= 0:
+        return math.inf
+    return max(3.0 * st["std"] / st["mean"], (st["max"] - st["min"]) / st["mean"], offset)
+
+
+def build_calibration(system: str, device: str, steps: int, runs: dict[str, list[dict]],
+                      frames: int) -> dict[str, Any]:
+    """runs: class -> [{"seed", "variant", "dp_test"}]. Stats and thresholds per class and metric."""
+    stats: dict[str, dict] = {}
+    thresholds: dict[str, dict] = {}
+    ref = {r["seed"]: r["dp_test"] for r in runs.get("float64", []) if r.get("dp_test")}
+    for cls, rs in runs.items():
+        stats[cls], thresholds[cls] = {}, {}
+        for m in METRICS:
+            vals = [r["dp_test"][m] for r in rs if r.get("dp_test") and r["dp_test"].get(m) is not None]
+            if len(vals) < 2:
+                continue
+            st = summarise(vals)
+            offset = 0.0
+            if cls != "float64":
+                offs = [_rel(abs(r["dp_test"][m] - ref[r["seed"]][m]), abs(ref[r["seed"]][m]))
+                        for r in rs if r["seed"] in ref and r["dp_test"].get(m) is not None
+                        and ref[r["seed"]].get(m) is not None]
+                if offs:
+                    offset = max(offs)
+                    st["max_rel_offset_vs_float64"] = offset
+            stats[cls][m] = st
+            thresholds[cls][m] = derive_threshold(st, offset)
+    return {
+        "schema": CAL_SCHEMA, "system": system, "device": device, "steps": int(steps),
+        "numb_test": int(frames), "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
+        "rule": ("rel_tol[class][metric] = max(3*std/mean, (max-min)/mean over seeds "
+                 "[, max same-seed |x_class - x_float64| / x_float64 for reduced-precision classes])"),
+        "runs": runs, "stats": stats, "thresholds": thresholds,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def dp_test_verdict(var: dict, base: dict, cal: dict, cls: str) -> tuple[list[str], str]:
+    """Reasons the variant's dp test differs from the baseline's by more than the calibrated
+    seed spread of its class (empty: pass), and a note on which thresholds were used."""
+    th = cal.get("thresholds") or {}
+    note = ""
+    if cls not in th:
+        present = [c for c in ("float32", "float64") if c in th]
+        if not present:
+            return [], "calibration has no thresholds"
+        used = max(present, key=lambda c: max(th[c].values(), default=0))
+        note = f"class {cls} uncalibrated, using {used} thresholds"
+        cls = used
+    bad = []
+    for m in METRICS:
+        a, b, t = var.get(m), base.get(m), th[cls].get(m)
+        if a is None or b is None or t is None:
+            continue
+        r = _rel(abs(a - b), abs(b))
+        if not r <= t:
+            bad.append(f"dp test {m} {a:.4g} vs baseline {b:.4g} (rel {r:.2e} > seed spread {t:.2e})")
+    return bad, note
+
+
+# ---------------------------------------------------------------- the stage
+
+def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | None:
+    for r in reversed(previous):
+        if (r.run.variant.name == "baseline" and r.run.system.name == rec.run.system.name
+                and r.run.seed == rec.run.seed and r.run.steps == rec.run.steps
+                and r.run.sweep_id == rec.run.sweep_id and r.train.status == "ok"
+                and r.train.checkpoint is not None):
+            return r
+    return None
+
+
+def _fmt(d: dict | None) -> str:
+    if not d:
+        return "-"
+    parts = [f"E/atom {d['rmse_e_per_atom']:.4g}" if d.get("rmse_e_per_atom") is not None else None,
+             f"F {d['rmse_f']:.4g}" if d.get("rmse_f") is not None else None,
+             f"V/atom {d['rmse_v']:.4g}" if d.get("rmse_v") is not None else None]
+    return "dp test " + ", ".join(p for p in parts if p)
+
+
+def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
+             frames: int | None = None, calibration_dir: Path = CALIBRATION) -> AccuracyResult:
+    """The gate for one run (may raise; `stage` wraps it)."""
+    device = rec.run.device
+    nframes = DEFAULT_TEST_FRAMES.get(device, 0) if frames is None else int(frames)
+    tree = baseline_tree(previous + ([rec] if rec.run.variant.name == "baseline" else []))
+    acc_dir = Path(rec.train.work_dir) / "accuracy"
+    if rec.train.checkpoint is None:
+        raise RuntimeError("training left no checkpoint")
+    dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree)
+    if rec.run.variant.name == "baseline":
+        # the reference of every variant's same-weights parity, computed once per sweep baseline
+        ref_proc, ref_log, ref_out = start_reference(rec, tree)
+        dp = finish_dp_test(*dp_proc, nframes)
+        meta, _ = finish_parity_eval(ref_proc, ref_log, ref_out)
+        if meta.get("load") != "ok":
+            raise RuntimeError(f"baseline parity reference: {meta.get('load')}")
+        return AccuracyResult(dp_test=dp, parity=None, verdict="baseline",
+                              detail=f"reference run; {_fmt(dp)}")
+    base = _find_baseline(rec, previous)
+    if base is None:
+        dp = finish_dp_test(*dp_proc, nframes)
+        why = (f"no baseline run of sweep {rec.run.sweep_id} with the same system, seed and steps "
+               "to compare with")
+        return AccuracyResult(dp_test=dp, verdict="fail" if strict else None,
+                              detail=f"not judged: {why}; {_fmt(dp)}")
+    cls = rec.run.variant.accuracy_class
+    v = rec.run.variant
+    s = rec.run.system
+    out = acc_dir / "parity_variant.npz"
+    var_proc = start_parity_eval(v.tree, v.modules, v.env, v.name, rec.train.input_path, base.train.checkpoint,
+                                 s.validation[0], s.train[0], out, device)
+    ref_meta, ref = load_reference(base, baseline_tree([base]))
+    dp = finish_dp_test(*dp_proc, nframes)
+    var_meta, var = finish_parity_eval(*var_proc, out)
+    reasons: list[str] = []
+    notes: list[str] = []
+    parity: dict[str, Any] | None = None
+    if ref_meta.get("load") != "ok":
+        raise RuntimeError(f"baseline parity reference: {ref_meta.get('load')}")
+    if var_meta.get("load") != "ok":
+        notes.append("same-weights parity not applicable (the variant's parameters differ in shape: "
+                     f"{str(var_meta.get('load'))[:120]})")
+    else:
+        parity = compare_eval(ref, var, TOLERANCE[cls])
+        parity["class"] = cls
+        parity.update(compare_step(ref, var))
+        if isinstance(var_meta.get("step"), str):
+            notes.append(var_meta["step"])
+        reasons += parity_verdict(parity, cls)
+    base_dp = base.accuracy.dp_test if base.accuracy and base.accuracy.dp_test else None
+    if base_dp is None:
+        base_dp = run_dp_test(base.train.checkpoint, s.validation, Path(base.train.work_dir) / "accuracy",
+                              device, nframes, tree)
+    cal, cal_note = find_calibration(s.name, device, rec.run.steps, calibration_dir)
+    notes.append(cal_note)
+    if cal is not None:
+        bad, note = dp_test_verdict(dp, base_dp, cal, cls)
+        reasons += bad
+        if note:
+            notes.append(note)
+    judged = parity is not None or cal is not None
+    if not judged:
+        return AccuracyResult(dp_test=dp, parity=parity, verdict="fail" if strict else None,
+                              detail="not judged: " + "; ".join(notes) + f"; {_fmt(dp)}")
+    if parity is not None:
+        head = (f"parity F rel {parity['max_rel_f']:.1e} (tol {TOLERANCE[cls]:.0e}, {cls})"
+                + (f", step {parity['step_update_max_rel']:.1e}" if parity.get("step_update_max_rel") is not None else ""))
+    else:
+        head = "dp test vs calibrated seed spread only"
+    if reasons:
+        return AccuracyResult(dp_test=dp, parity=parity, verdict="fail",
+                              detail="; ".join(reasons + notes))
+    return AccuracyResult(dp_test=dp, parity=parity, verdict="pass", detail="; ".join([head] + notes))
+
+
+def stage(strict: bool = False, frames: int | None = None,
+          calibration_dir: Path = CALIBRATION) -> Callable[[RunRecord, list[RunRecord]], AccuracyResult]:
+    """The accuracy stage bench.run calls after each successful training run."""
+
+    def accuracy_stage(rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
+        try:
+            return evaluate(rec, previous, strict=strict, frames=frames, calibration_dir=calibration_dir)
+        except Exception as e:  # the gate must never crash the bench: a crash is a fail
+            msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+            return AccuracyResult(verdict="fail", detail=f"accuracy gate error: {msg}")
+
+    return accuracy_stage
+
+
+# ---------------------------------------------------------------- CLI
+
+def _dp_test_only(frames: int | None) -> Callable[[RunRecord, list[RunRecord]], AccuracyResult]:
+    def st(rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
+        n = DEFAULT_TEST_FRAMES.get(rec.run.device, 0) if frames is None else frames
+        try:
+            dp = run_dp_test(rec.train.checkpoint, rec.run.system.validation,
+                             Path(rec.train.work_dir) / "accuracy", rec.run.device, n)
+        except Exception as e:
+            return AccuracyResult(verdict="fail", detail=f"accuracy gate error: {e}"[:400])
+        return AccuracyResult(dp_test=dp, detail="calibration run")
+
+    return st
+
+
+CALIBRATION_VARIANTS = {"float64": "baseline", "float32": "fp32"}
+
+
+def calibrate(system: str, steps: int | str, device: str, seeds: list[int], classes: list[str],
+              frames: int | None = None, out_dir: Path = CALIBRATION, work_root: Path = results.WORK,
+              log: Callable[[str], None] = print) -> Path:
+    """Train each class's reference variant with every seed, dp-test each, write the calibration."""
+    from . import bench
+
+    if len(seeds) < 3:
+        from .errors import UserError
+
+        raise UserError("calibrate needs at least 3 seeds (a spread of two is no spread)")
+    variants = [CALIBRATION_VARIANTS[c] for c in classes]
+    runs: dict[str, list[dict]] = {c: [] for c in classes}
+    resolved: dict[str, Any] = {}
+    for seed in seeds:
+        req = bench.BenchRequest(system=system, variants=variants, steps=steps, device=device, seed=seed,
+                                 runs_dir=out_dir / "runs", work_root=work_root)
+        rows = bench.run(req, log=log, accuracy_stage=_dp_test_only(frames))
+        resolved = {"steps": req.steps, "device": rows[0]["device"]["kind"] if rows else device,
+                    "system": rows[0]["system"] if rows else system}
+        for cls, r in zip(classes, rows):
+            acc = r.get("accuracy") or {}
+            if r["status"] != "ok" or not acc.get("dp_test"):
+                raise RuntimeError(f"calibration run {r['run_id']} failed: {r.get('error') or acc.get('detail')}")
+            runs[cls].append({"seed": seed, "variant": r["variant"], "run_id": r["run_id"],
+                              "dp_test": acc["dp_test"]})
+            log(f"seed {seed} {r['variant']}: {_fmt(acc['dp_test'])}")
+    n = frames if frames is not None else DEFAULT_TEST_FRAMES.get(resolved["device"], 0)
+    cal = build_calibration(resolved["system"], resolved["device"], resolved["steps"], runs, n)
+    path = calibration_path(resolved["system"], resolved["device"], resolved["steps"], out_dir)
+    results.atomic_write_json(path, cal)
+    return path
+
+
+def parity_check(system: str, variant: str, checkpoint: Path | None = None, device: str = "auto",
+                 steps: int = 20, runs_dir: Path = results.RUNS, work_dir: Path | None = None) -> dict[str, Any]:
+    """Same-weights parity of `variant` against baseline on a baseline checkpoint, without training.
+    The checkpoint defaults to the newest successful baseline run of `system` in runs_dir."""
+    from . import bench, systems
+    from .errors import UserError
+
+    dev = bench.resolve_device(device)
+    sysobj = systems.load_system(system)
+    if checkpoint is None:
+        found = [r for r in results.load_runs(runs_dir) if r.get("variant") == "baseline"
+                 and r.get("system") == sysobj.name and r.get("status") == "ok"
+                 and (r.get("artifacts") or {}).get("checkpoint")]
+        for r in sorted(found, key=lambda r: r.get("created", ""), reverse=True):
+            p = Path(r["artifacts"]["checkpoint"])
+            p = p if p.is_absolute() else ROOT / p
+            if p.is_file():
+                checkpoint = p
+                break
+        if checkpoint is None:
+            raise UserError(f"no baseline checkpoint of {sysobj.name} under {runs_dir}: pass --checkpoint")
+    bb, vb = build.build_variant("baseline"), build.build_variant(variant)
+    wd = work_dir or results.WORK / f"parity-{time.strftime('%Y%m%dT%H%M%S')}-{sysobj.name}-{variant}"
+    wd.mkdir(parents=True, exist_ok=True)
+    inputs = {}
+    for b in (bb, vb):
+        p = wd / f"input-{b.name}.json"
+        p.write_text(json.dumps(train.make_input(sysobj, b.overrides, steps), indent=2))
+        inputs[b.name] = p
+    rp = start_parity_eval(bb.tree, (), {}, "baseline", inputs["baseline"], checkpoint, sysobj.validation[0],
+                           sysobj.train[0], wd / "parity_baseline.npz", dev)
+    vp = start_parity_eval(vb.tree, vb.modules, vb.env, vb.name, inputs[vb.name], checkpoint,
+                           sysobj.validation[0], sysobj.train[0], wd / "parity_variant.npz", dev)
+    rmeta, ref = finish_parity_eval(*rp, wd / "parity_baseline.npz")
+    vmeta, var = finish_parity_eval(*vp, wd / "parity_variant.npz")
+    if vmeta.get("load") != "ok" or rmeta.get("load") != "ok":
+        return {"variant": variant, "verdict": "not applicable", "detail": vmeta.get("load") or rmeta.get("load")}
+    par = compare_eval(ref, var, TOLERANCE[vb.accuracy_class])
+    par["class"] = vb.accuracy_class
+    par.update(compare_step(ref, var))
+    bad = parity_verdict(par, vb.accuracy_class)
+    return {"variant": variant, "system": sysobj.name, "checkpoint": str(checkpoint), "parity": par,
+            "verdict": "fail" if bad else "pass", "detail": "; ".join(bad) or "within tolerance"}
+
+
+def _cmd_calibrate(a: argparse.Namespace) -> int:
+    seeds = [int(s) for s in str(a.seeds).split(",") if s.strip()]
+    classes = [c.strip() for c in a.classes.split(",") if c.strip()]
+    for c in classes:
+        if c not in CALIBRATION_VARIANTS:
+            from .errors import UserError
+
+            raise UserError(f"--classes: {c!r} is not one of {', '.join(CALIBRATION_VARIANTS)}")
+    path = calibrate(a.system, a.steps, a.device, seeds, classes, frames=a.frames,
+                     log=lambda m: print(m, file=sys.stderr))
+    cal = json.loads(path.read_text())
+    for cls, th in cal["thresholds"].items():
+        for m, t in th.items():
+            st = cal["stats"][cls][m]
+            print(f"{cls:8} {m:16} mean {st['mean']:.5g} std {st['std']:.2g} "
+                  f"[{st['min']:.5g}, {st['max']:.5g}] -> rel tol {t:.3g}")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_parity(a: argparse.Namespace) -> int:
+    out = parity_check(a.system, a.variant, Path(a.checkpoint) if a.checkpoint else None, a.device)
+    print(json.dumps(out, indent=1))
+    return 0 if out.get("verdict") == "pass" else 4
+
+
+def register_cli(subparsers) -> None:
+    """Add `calibrate` and `parity` to dpharness's sub-command parser (cli.build_parser)."""
+    c = subparsers.add_parser("calibrate", help="seed-spread calibration of the accuracy gate's dp-test tolerance")
+    c.add_argument("--system", default="water")
+    c.add_argument("--steps", default="auto", help="training steps (use the sweep's; auto: 300 GPU, 20 CPU)")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--seeds", default="1,2,3", help="comma list, at least 3")
+    c.add_argument("--classes", default="float64,float32", help="accuracy classes to calibrate (float64,float32)")
+    c.add_argument("--frames", type=int, default=None, help="dp test frames per validation system (0 = all)")
+    c.set_defaults(func=_cmd_calibrate)
+    p = subparsers.add_parser("parity", help="same-weights parity of a variant vs baseline (no training)")
+    p.add_argument("--system", default="water")
+    p.add_argument("--variant", required=True)
+    p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_cmd_parity)

@@ -1,0 +1,83 @@
+"""Shared pytest fixtures.
+
+``tiny_system`` is a small water-based training system (systems/<name>/ shape: system.yaml,
+input.json, data/) for tests that really train upstream: a handful of frames of upstream's water
+example and a reduced-size se_e2_a model (embedding [4, 8, 16], axis_neuron 4, fitting [16, 16]),
+so a training step and a process start-up are as cheap as upstream allows on CPU. The science
+settings that matter for neighbour lists (rcut, sel) are the water system's own.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WATER_SOURCES = (REPO / "systems" / "water" / "data", REPO.parent / "shared" / "systems" / "water")
+SMALL_MODEL = {"neuron": [4, 8, 16], "axis_neuron": 4, "fitting": [16, 16]}
+
+
+def water_source() -> Path | None:
+    """The first directory holding upstream's water data (data_0 .. data_3), or None."""
+    for d in WATER_SOURCES:
+        if (d / "data_0" / "set.000" / "coord.npy").is_file() and (d / "data_3" / "set.000").is_dir():
+            return d
+    return None
+
+
+def _copy_frames(src: Path, dst: Path, frames: int) -> int:
+    """Copy the first `frames` frames of one DeePMD npy data set (set.000 only)."""
+    (dst / "set.000").mkdir(parents=True)
+    for f in ("type.raw", "type_map.raw"):
+        if (src / f).is_file():
+            shutil.copy(src / f, dst / f)
+    n = 0
+    for p in sorted((src / "set.000").glob("*.npy")):
+        a = np.load(p)[:frames]
+        n = a.shape[0]
+        np.save(dst / "set.000" / p.name, a)
+    return n
+
+
+def make_tiny_system(dest: Path, name: str = "tinywater", train_frames: int = 8,
+                     validation_frames: int = 4) -> Path:
+    """Write a tiny water system directory at `dest` and return it (raises if no water data)."""
+    src = water_source()
+    if src is None:
+        raise FileNotFoundError("upstream water data not found (run `make systems`)")
+    water = REPO / "systems" / "water"
+    spec = yaml.safe_load((water / "system.yaml").read_text())
+    inp = json.loads((water / "input.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    ntr = _copy_frames(src / "data_0", dest / "data" / "train_0", train_frames)
+    nva = _copy_frames(src / "data_3", dest / "data" / "valid_0", validation_frames)
+    m = copy.deepcopy(inp)
+    m["model"]["descriptor"].update(neuron=SMALL_MODEL["neuron"], axis_neuron=SMALL_MODEL["axis_neuron"])
+    m["model"]["fitting_net"]["neuron"] = SMALL_MODEL["fitting"]
+    m["training"]["validation_data"]["numb_btch"] = 1
+    (dest / "input.json").write_text(json.dumps(m, indent=2))
+    sysyaml = {
+        "name": name,
+        "description": f"test-only: {ntr}+{nva} frames of upstream water, reduced-size model",
+        "provenance": {"source": "test", "from": str(src)},
+        "type_map": spec["type_map"],
+        "atoms_per_frame": spec["atoms_per_frame"],
+        "train": ["data/train_0"],
+        "validation": ["data/valid_0"],
+        "frames": {"train": ntr, "validation": nva},
+    }
+    (dest / "system.yaml").write_text(yaml.safe_dump(sysyaml, sort_keys=False))
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_system(tmp_path_factory) -> Path:
+    """Path of a tiny water-based system dir (session-wide, read-only by convention)."""
+    if water_source() is None:
+        pytest.skip("upstream water data absent: run `make systems` (or provide ../shared/systems/water)")
+    return make_tiny_system(tmp_path_factory.mktemp("systems") / "tinywater")
