@@ -271,7 +271,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% if s.img_steps %}<img alt="s/step per variant" src="{{ s.img_steps }}">{% endif %}
 {% if s.accuracy %}<h3>Accuracy</h3>
 <table><tr><th class="l">variant</th>{% for c in s.acc_cols %}<th>{{ c }}</th>{% endfor %}<th>verdict</th><th class="l">detail</th></tr>
-{% for a in s.accuracy %}<tr><td class="l">{{ a.variant }}</td>{% for v in a.values %}<td>{{ v }}</td>{% endfor %}
+{% for a in s.accuracy %}<tr><td class="l">{{ a.variant }}</td>{% for v in a.vals %}<td>{{ v }}</td>{% endfor %}
 <td class="{{ a.vclass }}">{{ a.verdict }}</td><td class="l">{{ a.detail }}</td></tr>{% endfor %}</table>{% endif %}
 {% if s.img_lcurve %}<h3>Learning curves</h3><img alt="learning curves" src="{{ s.img_lcurve }}">{% endif %}
 {% if s.img_profile %}<h3>Profile breakdown</h3><img alt="profile breakdown" src="{{ s.img_profile }}">
@@ -327,7 +327,7 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
             if a.get("dp_test") or a.get("verdict"):
                 verdict, vclass = _verdict(a.get("verdict"))
                 dt = a.get("dp_test") or {}
-                acc.append({"variant": r["variant"], "values": [_fmt(dt.get(c), 1, 5) for c in acc_cols],
+                acc.append({"variant": r["variant"], "vals": [_fmt(dt.get(c), 1, 5) for c in acc_cols],
                             "verdict": verdict, "vclass": vclass, "detail": a.get("detail") or ""})
         profiles = []
         for r in rs:
