@@ -1,0 +1,227 @@
+"""The accuracy gate (harness.accuracy): it must FAIL a deliberately broken variant and PASS the
+baseline run as a variant and upstream's fp32 override under the float32 class.
+
+The slow tests train a tiny water system (tests/conftest.py) for 5 steps on CPU through the real
+pipeline (bench.run -> train -> accuracy stage: dp test with the baseline build, same-weights
+and one-step parity in subprocesses). One sweep is shared by the module (~80 s on 2 cores), the
+baseline-as-variant run adds one more training (~35 s). The pure tests cover parsing, the
+calibration arithmetic and file lookup.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness import accuracy, bench, train
+from harness.records import RunRecord, RunSpec
+from harness import timing as timing_mod
+
+STEPS = 5
+
+
+# ---------------------------------------------------------------- pure tests
+
+DP_TEST_LOG = """\
+[x] DEEPMD INFO    # ---------------output of dp test---------------
+[x] DEEPMD INFO    Energy RMSE/Natoms : 9.000000e+00 eV
+[x] DEEPMD INFO    Force  RMSE        : 9.000000e+00 eV/Å
+[x] DEEPMD INFO    # ----------weighted average of errors-----------
+[x] DEEPMD INFO    # number of systems : 2
+[x] DEEPMD INFO    Energy MAE         : 1.3e+02 eV
+[x] DEEPMD INFO    Energy RMSE        : 1.325040e+02 eV
+[x] DEEPMD INFO    Energy RMSE/Natoms : 6.901251e-01 eV
+[x] DEEPMD INFO    Force  RMSE        : 8.415861e-01 eV/Å
+[x] DEEPMD INFO    Virial RMSE        : 3.0e+00 eV
+[x] DEEPMD INFO    Virial RMSE/Natoms : 1.500000e-02 eV
+"""
+
+
+def test_parse_dp_test_takes_the_weighted_average_block() -> None:
+    d = accuracy.parse_dp_test(DP_TEST_LOG)
+    assert d == {"rmse_e_per_atom": 0.6901251, "rmse_f": 0.8415861, "rmse_v": 0.015}
+    no_virial = DP_TEST_LOG.replace("Virial RMSE/Natoms : 1.500000e-02 eV", "")
+    assert accuracy.parse_dp_test(no_virial)["rmse_v"] is None
+    with pytest.raises(RuntimeError):
+        accuracy.parse_dp_test("Traceback: boom")
+
+
+def test_threshold_is_the_larger_of_three_sigma_and_spread() -> None:
+    st = accuracy.summarise([1.0, 1.1, 0.9])
+    assert st["mean"] == pytest.approx(1.0) and st["std"] == pytest.approx(0.1)
+    assert accuracy.derive_threshold(st) == pytest.approx(0.3)  # 3*std/mean > (max-min)/mean = 0.2
+    st = accuracy.summarise([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 2.0])
+    assert accuracy.derive_threshold(st) == pytest.approx(1.0 / 1.1)  # the spread wins here
+
+
+def _cal_runs(f64: list[float], f32: list[float]) -> dict:
+    mk = lambda vals, v: [{"seed": i + 1, "variant": v, "dp_test": {"rmse_e_per_atom": x, "rmse_f": x,
+                                                                  "rmse_v": None}}
+                          for i, x in enumerate(vals)]
+    return {"float64": mk(f64, "baseline"), "float32": mk(f32, "fp32")}
+
+
+def test_calibration_file_thresholds_lookup_and_verdict(tmp_path: Path) -> None:
+    cal = accuracy.build_calibration("tiny", "cpu", 50, _cal_runs([1.0, 1.02, 0.98], [1.5, 1.0, 1.0]), 20)
+    th = cal["thresholds"]
+    assert th["float64"]["rmse_f"] == pytest.approx(0.06)  # 3 * 0.02 / 1.0
+    assert "rmse_v" not in th["float64"]  # no virial labels: no virial threshold
+    # float32 also admits what upstream's fp32 override changes at the same seed (seed 1: 50 %)
+    assert th["float32"]["rmse_f"] == pytest.approx(max(3 * np.std([1.5, 1, 1], ddof=1) / (3.5 / 3), 0.5 / (3.5 / 3), 0.5))
+    accuracy.results.atomic_write_json(accuracy.calibration_path("tiny", "cpu", 50, tmp_path), cal)
+    got, note = accuracy.find_calibration("tiny", "cpu", 50, tmp_path)
+    assert got["steps"] == 50 and "nearest" not in note
+    got, note = accuracy.find_calibration("tiny", "cpu", 60, tmp_path)
+    assert got["steps"] == 50 and "nearest: 50 steps, none at 60" in note
+    got, note = accuracy.find_calibration("tiny", "cuda", 50, tmp_path)
+    assert got is None and note == "no seed-spread calibration for tiny"
+    base = {"rmse_e_per_atom": 1.0, "rmse_f": 1.0, "rmse_v": None}
+    assert accuracy.dp_test_verdict({"rmse_e_per_atom": 1.05, "rmse_f": 0.96, "rmse_v": None}, base, cal, "float64")[0] == []
+    bad, _ = accuracy.dp_test_verdict({"rmse_e_per_atom": 1.0, "rmse_f": 1.2, "rmse_v": None}, base, cal, "float64")
+    assert len(bad) == 1 and "rmse_f" in bad[0]
+    bad, note = accuracy.dp_test_verdict({"rmse_e_per_atom": 1.0, "rmse_f": 1.2, "rmse_v": None}, base, cal, "mixed")
+    assert bad == [] and "mixed uncalibrated" in note
+
+
+def test_compare_eval_and_step_relative_errors() -> None:
+    rng = np.random.default_rng(0)
+    ref = {"energy": rng.normal(size=2), "force": rng.normal(size=(2, 5, 3)), "virial": rng.normal(size=(2, 9))}
+    var = {k: v.copy() for k, v in ref.items()}
+    var["force"][0, 0, 0] += 1e-7 * np.abs(ref["force"]).max()
+    par = accuracy.compare_eval(ref, var, 1e-10)
+    assert par["max_rel_e"] == 0 and par["max_rel_f"] == pytest.approx(1e-7)
+    par.update({"step_update_max_rel": 0.0, "step_grad_max_rel": 0.0})
+    assert accuracy.parity_verdict(par, "float32") == []
+    assert accuracy.parity_verdict(par, "float64") and "f rel" in accuracy.parity_verdict(par, "float64")[0]
+    var["force"][1, 1, 1] = np.nan
+    assert not accuracy.parity_verdict(accuracy.compare_eval(ref, var, 1e-5) | {"step_update_max_rel": None}, "mixed") == []
+    # step: an element whose gradient is ~eps (Adam-ill-conditioned) is judged by the gradient only
+    g = np.array([1.0, 1e-9, -0.5])
+    up = np.array([-1e-3, -1e-4, 1e-3])
+    r = {"upd/w": up, "grad/w": g}
+    v = {"upd/w": up + np.array([0, 5e-4, 0]), "grad/w": g + np.array([0, 1e-9, 0])}
+    st = accuracy.compare_step(r, v)
+    assert st["step_update_max_rel"] == 0 and st["step_update_masked"] == 1
+    assert st["step_grad_max_rel"] == pytest.approx(1e-9)
+    v["grad/w"] = g * 1.5  # a wrong backward
+    assert accuracy.compare_step(r, v)["step_grad_max_rel"] == pytest.approx(0.5)
+
+
+def test_broken_force_manifest_says_test_only() -> None:
+    from harness import variants
+
+    v = variants.load_variant("broken-force")
+    assert "TEST-ONLY" in v.description and "NEVER SHIP" in v.description
+    assert v.accuracy_class == "float64"
+
+
+# ---------------------------------------------------------------- real runs (slow)
+
+@pytest.fixture(scope="module")
+def sweep(tiny_system: Path, tmp_path_factory):
+    """One sweep: baseline, fp32, broken-force, with the real accuracy stage. Returns
+    (rows, records) -- records as the stage saw them, for follow-up runs."""
+    tmp = tmp_path_factory.mktemp("acc")
+    seen: list[RunRecord] = []
+    gate = accuracy.stage(strict=True)
+
+    def capture(rec, previous):
+        res = gate(rec, previous)
+        seen.append(rec)
+        return res
+
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "broken-force"],
+                             steps=STEPS, device="cpu", seed=7, runs_dir=tmp / "runs", work_root=tmp / "work")
+    rows = bench.run(req, log=lambda m: None, accuracy_stage=capture)
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("error") for r in rows]
+    return rows, seen, tmp
+
+
+@pytest.mark.slow
+def test_baseline_run_is_the_reference(sweep) -> None:
+    rows, _, _ = sweep
+    acc = rows[0]["accuracy"]
+    assert acc["verdict"] == "baseline"
+    dp = acc["dp_test"]
+    assert dp["rmse_v"] is None  # water has no virial labels
+    assert 0 < dp["rmse_e_per_atom"] < 100 and 0 < dp["rmse_f"] < 100
+
+
+@pytest.mark.slow
+def test_gate_fails_the_broken_variant(sweep) -> None:
+    rows, _, _ = sweep
+    acc = rows[2]["accuracy"]
+    assert rows[2]["variant"] == "broken-force"
+    assert acc["verdict"] == "fail", acc["detail"]
+    par = acc["parity"]
+    assert par["class"] == "float64" and par["tolerance"] == 1e-10
+    # a 1e-6 perturbation of the descriptor: forces and the backward are off by orders of magnitude
+    assert par["max_rel_f"] > 1e-8 and par["step_grad_max_rel"] > 1e-8
+    assert "f rel" in acc["detail"]
+    # and the results JSON carries it
+    saved = json.loads(Path(rows[2]["_path"]).read_text())
+    assert saved["accuracy"]["verdict"] == "fail"
+
+
+@pytest.mark.slow
+def test_gate_passes_fp32_under_the_float32_class(sweep) -> None:
+    rows, _, _ = sweep
+    acc = rows[1]["accuracy"]
+    assert rows[1]["variant"] == "fp32"
+    assert acc["verdict"] == "pass", acc["detail"]
+    par = acc["parity"]
+    assert par["class"] == "float32" and par["tolerance"] == 1e-5
+    # fp32 on fp64 weights really differs (it is not a no-op) but within the class tolerance
+    assert 1e-9 < par["max_rel_f"] <= 1e-5
+    assert par["step_update_max_rel"] <= 1e-3 and par["step_grad_max_rel"] <= 1e-3
+    assert "no seed-spread calibration for tinywater" in acc["detail"]
+
+
+@pytest.mark.slow
+def test_gate_passes_baseline_run_as_a_variant(sweep) -> None:
+    rows, seen, tmp = sweep
+    base = seen[0]
+    assert base.run.variant.name == "baseline"
+    copy = dataclasses.replace(base.run.variant, name="baseline-as-variant")
+    spec = RunSpec(run_id=base.run.run_id + "-copy", sweep_id=base.run.sweep_id, system=base.run.system,
+                   variant=copy, steps=base.run.steps, device=base.run.device, seed=base.run.seed,
+                   work_dir=tmp / "work" / "baseline-as-variant")
+    tr = train.run_training(spec)
+    assert tr.status == "ok", tr.error
+    rec = RunRecord(run=spec, train=tr, timing=timing_mod.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s),
+                    environment={})
+    acc = accuracy.stage(strict=True)(rec, seen)
+    assert acc.verdict == "pass", acc.detail
+    par = acc.parity
+    # same build, same weights: bit-identical on CPU
+    assert par["max_abs_f"] == 0 and par["max_abs_e"] == 0 and par["step_update_max_rel"] == 0
+    # same seed, same code: dp test identical to the sweep baseline's
+    assert acc.dp_test == rows[0]["accuracy"]["dp_test"]
+    # with a calibration whose thresholds are absurdly tight the dp test still agrees exactly
+    cal = accuracy.build_calibration(base.run.system.name, "cpu", STEPS, _cal_runs([1.0, 1.0 + 1e-9, 1.0], [1.0] * 3), 20)
+    accuracy.results.atomic_write_json(accuracy.calibration_path(base.run.system.name, "cpu", STEPS, tmp / "cal"), cal)
+    acc2 = accuracy.stage(strict=True, calibration_dir=tmp / "cal")(rec, seen)
+    assert acc2.verdict == "pass", acc2.detail
+    assert f"calibration {base.run.system.name}-cpu-{STEPS}.json" in acc2.detail
+
+
+@pytest.mark.slow
+def test_gate_crash_is_a_fail_not_an_exception(sweep) -> None:
+    _, seen, _ = sweep
+    rec = seen[1]
+    broken = dataclasses.replace(rec, train=dataclasses.replace(rec.train, checkpoint=None))
+    acc = accuracy.stage()(broken, seen[:1])
+    assert acc.verdict == "fail" and "accuracy gate error" in acc.detail and "checkpoint" in acc.detail
+
+
+@pytest.mark.slow
+def test_without_a_sweep_baseline_the_variant_is_not_judged(sweep) -> None:
+    _, seen, _ = sweep
+    rec = seen[1]  # fp32, judged against no baseline
+    lenient = accuracy.stage(strict=False)(rec, [])
+    assert lenient.verdict is None and lenient.detail.startswith("not judged: no baseline run")
+    assert lenient.dp_test and not math.isnan(lenient.dp_test["rmse_f"])
