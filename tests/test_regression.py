@@ -52,13 +52,15 @@ def test_compare_passes_within_and_fails_beyond_thresholds():
 def test_regress_cli_exit_code(tmp_path, monkeypatch, capsys, fp32, rc):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps(regression.measure(_sweep(0.07, 0.05))))
-    monkeypatch.setattr(regression, "run_sweep", lambda work, steps, log: _sweep(0.07, fp32))
+    calls = []
+    monkeypatch.setattr(regression, "run_sweep", lambda work, steps, log: calls.append(1) or _sweep(0.07, fp32))
     p = argparse.ArgumentParser()
     regression.register_cli(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["regress", "--reference", str(ref)])
     assert a.func(a) == rc
     out = capsys.readouterr().out
     assert ("REGRESSION CHECK FAILED" in out) == (rc == 1)
+    assert len(calls) == (2 if rc else 1)  # one retry before failing
 
 
 def test_missing_reference_fails(tmp_path, monkeypatch, capsys):
