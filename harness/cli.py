@@ -28,6 +28,7 @@ def _bench(a: argparse.Namespace) -> int:
         system=a.system, variants=variants, steps=a.steps, device=a.device,
         seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
         upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
+        runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
     )
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
     print(bench.format_table(rows))
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--strict", action="store_true", help="exit non-zero when the accuracy gate fails")
     b.add_argument("--profile", action="store_true", help="also capture a torch.profiler window")
     b.add_argument("--upstream-version", default=None)
+    b.add_argument("--results-dir", default=str(Path(__file__).resolve().parent.parent / "results"),
+                   help="where runs/ (JSON records) and work/ (logs, checkpoints) go")
     b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
     b.set_defaults(func=_bench)
 

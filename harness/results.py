@@ -80,7 +80,9 @@ def _read_lcurve(path: Path | None) -> dict[str, list] | None:
     rows: list[list[float]] = []
     for line in Path(path).read_text().splitlines():
         if line.startswith("#"):
-            header = line.lstrip("#").split()
+            words = line.lstrip("#").split()
+            if words[:1] == ["step"]:  # upstream also writes a comment line after the header
+                header = words
             continue
         try:
             rows.append([float(x) for x in line.split()])

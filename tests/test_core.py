@@ -1,0 +1,248 @@
+"""Harness core: manifests, the strict diff applier, cached builds, inputs, timing, result
+writing, bad-input handling, and one real short training run through the CLI."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import build, cli, diffs, results, timing, train, variants
+from harness.errors import UserError
+from harness.records import ALLOWED_OVERRIDES
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _manifest(d: Path, name: str, **extra) -> Path:
+    d = d / name
+    d.mkdir(parents=True)
+    body = {"name": name, "description": "test", "base": "baseline", "upstream": ["3.2.0"], "backend": "pt",
+            **extra}
+    import yaml
+
+    (d / "manifest.yaml").write_text(yaml.safe_dump(body))
+    return d
+
+
+@pytest.fixture
+def patches(tmp_path) -> Path:
+    """A private patches dir holding the real baseline plus whatever a test adds."""
+    p = tmp_path / "patches"
+    shutil.copytree(REPO / "patches" / "baseline", p / "baseline")
+    return p
+
+
+# ---------------------------------------------------------------- manifests
+
+def test_shipped_variants_load_and_only_use_allowed_overrides():
+    names = variants.list_variant_names()
+    assert {"baseline", "fp32", "tos", "fp32-tos"} <= set(names)
+    for n in names:
+        v = variants.load_variant(n)
+        assert set(v.overrides) <= set(ALLOWED_OVERRIDES)
+        assert variants.chain(n)[0].name == "baseline"
+
+
+def test_forbidden_override_is_rejected(patches):
+    _manifest(patches, "cheat", overrides={"model/descriptor/rcut": 4.0})
+    with pytest.raises(UserError, match="not allowed"):
+        variants.load_variant("cheat", patches)
+
+
+@pytest.mark.parametrize("body,msg", [
+    ({"backend": "cuda"}, "backend"),
+    ({"colour": "red"}, "unknown key"),
+    ({"base": None}, "base"),
+    ({"overrides": {"model/descriptor/precision": "float128"}}, "not one of"),
+])
+def test_bad_manifests_name_the_problem(patches, body, msg):
+    _manifest(patches, "bad", **body)
+    with pytest.raises(UserError, match=msg):
+        variants.load_variant("bad", patches)
+
+
+def test_base_cycle_is_detected(patches):
+    _manifest(patches, "a", base="b")
+    _manifest(patches, "b", base="a")
+    with pytest.raises(UserError, match="cycle"):
+        variants.chain("a", patches)
+
+
+# ---------------------------------------------------------------- diffs
+
+DIFF = """--- a/pkg/mod.py
++++ b/pkg/mod.py
+@@ -1,3 +1,3 @@
+ def f():
+-    return 1
++    return 2
+ # end
+"""
+
+
+def test_diff_applies_exactly(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text("def f():\n    return 1\n# end\n")
+    d = tmp_path / "0001.diff"
+    d.write_text(DIFF)
+    log: list[str] = []
+    diffs.apply(d, tmp_path, log)
+    assert (tmp_path / "pkg" / "mod.py").read_text() == "def f():\n    return 2\n# end\n"
+    assert "0001.diff" in log[0]
+
+
+def test_diff_conflict_names_file_and_hunk_and_changes_nothing(tmp_path):
+    (tmp_path / "pkg").mkdir()
+    original = "def f():\n    return 42\n# end\n"
+    (tmp_path / "pkg" / "mod.py").write_text(original)
+    d = tmp_path / "0001.diff"
+    d.write_text(DIFF)
+    with pytest.raises(UserError, match=r"0001\.diff: hunk #1 .* does not apply to pkg/mod\.py"):
+        diffs.apply(d, tmp_path, [])
+    assert (tmp_path / "pkg" / "mod.py").read_text() == original
+
+
+# ---------------------------------------------------------------- builds
+
+def test_build_is_cached_and_fixups_are_logged(tmp_path, patches):
+    first = build.build_variant("baseline", build_dir=tmp_path / "b", patches_dir=patches)
+    again = build.build_variant("baseline", build_dir=tmp_path / "b", patches_dir=patches)
+    assert not first.cached and again.cached and first.tree == again.tree and first.hash == again.hash
+    log = "\n".join(first.log)
+    assert "CIBUILDWHEEL = 1 -> 0" in log and "libdeepmd_op_pt.so" in log and "sha256" in log
+    assert "CIBUILDWHEEL = 0" in (first.tree / "deepmd/lib/run_config.ini").read_text()
+
+
+def test_patch_conflict_fails_the_build_and_leaves_no_tree(tmp_path, patches):
+    d = _manifest(patches, "conflict", diffs=["0001-bad.diff"])
+    (d / "0001-bad.diff").write_text(
+        "--- a/deepmd/pt/train/training.py\n+++ b/deepmd/pt/train/training.py\n"
+        "@@ -1,2 +1,2 @@\n-this line is not in upstream\n+neither is this\n context that does not exist\n")
+    with pytest.raises(UserError, match=r"0001-bad\.diff: hunk #1 .*deepmd/pt/train/training\.py"):
+        build.build_variant("conflict", build_dir=tmp_path / "b", patches_dir=patches)
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(("conflict", ".tmp"))]
+
+
+def test_a_diff_changes_the_tree_key_a_manifest_only_change_does_not(tmp_path, patches):
+    from harness import upstream
+
+    pin = upstream.default_pin()
+    base = variants.chain("baseline", patches)
+    _manifest(patches, "onlymanifest", overrides={"model/descriptor/type_one_side": True})
+    d = _manifest(patches, "withdiff", diffs=["x.diff"])
+    (d / "x.diff").write_text(DIFF)
+    assert build.tree_hash(pin, variants.chain("onlymanifest", patches)) == build.tree_hash(pin, base)
+    assert build.tree_hash(pin, variants.chain("withdiff", patches)) != build.tree_hash(pin, base)
+    assert build.content_hash(pin, variants.chain("onlymanifest", patches)) != build.content_hash(pin, base)
+
+
+def _build_in_child(args):
+    bdir, pdir = args
+    b = build.build_variant("baseline", build_dir=Path(bdir), patches_dir=Path(pdir))
+    return str(b.tree)
+
+
+def test_concurrent_builds_of_one_variant_give_one_valid_tree(tmp_path, patches):
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        trees = pool.map(_build_in_child, [(str(tmp_path / "b"), str(patches))] * 2)
+    assert trees[0] == trees[1]
+    assert (Path(trees[0]) / "deepmd" / "main.py").is_file()
+    assert not list((tmp_path / "b").glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------- inputs, timing, records
+
+def test_run_input_changes_only_allowed_settings_and_benchmark_knobs(tiny_system):
+    from harness import systems
+
+    s = systems.load_system(str(tiny_system))
+    over = {"model/descriptor/precision": "float32", "model/descriptor/type_one_side": True}
+    inp = train.make_input(s, over, steps=7, seed=3)
+    assert inp["model"]["descriptor"]["precision"] == "float32"
+    assert inp["model"]["descriptor"]["type_one_side"] is True
+    assert inp["training"]["numb_steps"] == 7 and inp["training"]["seed"] == 3
+    ref = train.make_input(s, {}, steps=7, seed=3)
+    ref["model"]["descriptor"].update(precision="float32", type_one_side=True)
+    assert ref == inp  # nothing else differs
+    with pytest.raises(UserError):
+        train.make_input(s, {"loss/start_pref_f": 1}, steps=7)
+
+
+def test_steady_state_drops_warmup_and_the_last_interval():
+    steps = [5.0] * 5 + [1.0, 1.0, 2.0, 3.0, 1.0] * 4 + [99.0]
+    t = timing.steady_state(steps, "host", 1.0, 10.0)
+    assert t.warmup_steps == 5 and t.steps_measured == 20
+    assert t.step_s_median == 1.0 and t.step_s_q75 == 2.0 and t.step_s_iqr == 1.0
+
+
+def test_result_file_is_never_half_written(tmp_path, monkeypatch):
+    target = tmp_path / "r.json"
+
+    def explode(obj, f, **kw):
+        f.write('{"schema": "dpharness.run/1", "trunc')
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(results.json, "dump", explode)
+    with pytest.raises(OSError):
+        results.atomic_write_json(target, {"a": 1})
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- CLI: bad input and a real run
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--system", "nosuch"], "unknown system"),
+    (["--variant", "nosuch"], "unknown variant"),
+    (["--device", "tpu"], "--device"),
+    (["--steps", "1"], "--steps"),
+])
+def test_bad_bench_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, needle):
+    r = _cli("bench", "--results-dir", str(tmp_path / "res"), *args)
+    assert r.returncode == 2, r.stderr
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("dpharness: error:") and needle in err[0]
+    assert not (tmp_path / "res").exists()
+
+
+def test_device_cuda_without_gpu_is_rejected(tmp_path):
+    from harness import environment
+
+    if environment.cuda_available():
+        pytest.skip("this machine has a GPU")
+    r = _cli("bench", "--device", "cuda", "--results-dir", str(tmp_path / "res"))
+    assert r.returncode == 2 and "no CUDA GPU" in r.stderr
+    assert not (tmp_path / "res").exists()
+
+
+@pytest.mark.slow
+def test_short_real_training_through_the_cli_writes_complete_records(tiny_system, tmp_path, capsys):
+    rc = cli.main(["bench", "--system", str(tiny_system), "--variant", "fp32", "--steps", "8", "--device", "cpu",
+                   "--no-accuracy", "--results-dir", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "baseline" in out and "fp32" in out and "1.00x" in out
+    recs = [json.loads(p.read_text()) for p in sorted((tmp_path / "runs").glob("*.json"))]
+    assert [r["variant"] for r in sorted(recs, key=lambda r: r["variant"])] == ["baseline", "fp32"]
+    assert len({r["sweep_id"] for r in recs}) == 1
+    for r in recs:
+        assert r["schema"] == "dpharness.run/1" and r["status"] == "ok" and r["error"] is None
+        assert r["steps"] == 8 and r["device"]["kind"] == "cpu" and r["backend"] == "pt"
+        assert r["timing"]["step_s_median"] > 0 and r["timing"]["steps_measured"] >= 1
+        assert r["timing"]["wall_s"] > r["timing"]["step_s_median"]
+        assert r["lcurve"] and "rmse_trn" in r["lcurve"]
+        ckpt = tmp_path.parent / r["artifacts"]["checkpoint"] if not Path(r["artifacts"]["checkpoint"]).is_absolute() \
+            else Path(r["artifacts"]["checkpoint"])
+        assert ckpt.exists()
+        assert "variant_hash" in r and "memory" in r and "gpu_peak_bytes" in r["memory"]
+    fp32 = next(r for r in recs if r["variant"] == "fp32")
+    inp = json.loads(Path(fp32["artifacts"]["input"]).read_text())
+    assert inp["model"]["descriptor"]["precision"] == "float32"
