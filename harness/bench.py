@@ -143,7 +143,7 @@ def _end_progress() -> None:
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """s/step per run and the ratio to the sweep's first variant (same sweep, same card)."""
-    head = f"{'system':8} {'variant':12} {'status':8} {'ms/step':>9} {'IQR ms':>8} {'speedup':>8} {'peak MiB':>9} {'accuracy':>8}"
+    head = f"{'system':8} {'variant':12} {'status':11} {'ms/step':>9} {'IQR ms':>8} {'speedup':>8} {'peak MiB':>9} {'accuracy':>8}"
     lines = [head, "-" * len(head)]
     base = next((r["timing"]["step_s_median"] for r in rows if r["status"] == "ok"
                  and r["timing"]["step_s_median"]), None) if rows and rows[0]["status"] == "ok" else None
@@ -156,5 +156,5 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         mem = r["memory"].get("gpu_peak_bytes")
         mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9}"
         verdict = (r.get("accuracy") or {}).get("verdict") or "-"
-        lines.append(f"{r['system']:8} {r['variant']:12} {r['status']:8} {ms} {iqr} {sp} {mem_s} {verdict.upper():>8}")
+        lines.append(f"{r['system']:8} {r['variant']:12} {r['status']:11} {ms} {iqr} {sp} {mem_s} {verdict.upper():>8}")
     return "\n".join(lines)

@@ -34,7 +34,7 @@ def _bench(a: argparse.Namespace) -> int:
     print(bench.format_table(rows))
     for r in rows:
         print(f"wrote {r['_path']}", file=sys.stderr)
-    if any(r["status"] != "ok" for r in rows):
+    if any(r["status"] not in ("ok", "unavailable") for r in rows):
         return 3
     if a.strict and any((r.get("accuracy") or {}).get("verdict") == "fail" for r in rows):
         return 4

@@ -30,6 +30,18 @@ def _install_upstream_hooks(clock) -> None:
             return orig(self, *a, **k)
 
         pt_training.Trainer._next_training_batch = _next_training_batch
+    try:
+        from deepmd.jax.train import trainer as jax_trainer
+    except Exception:  # JAX absent: the JAX backend cannot run anyway
+        jax_trainer = None
+    if jax_trainer is not None:
+        orig_step = jax_trainer.DPTrainer.train_step
+
+        def train_step(self, *a, **k):
+            clock.tick("upstream")
+            return orig_step(self, *a, **k)
+
+        jax_trainer.DPTrainer.train_step = train_step
 
 
 def _progress_writer(clock, path: Path) -> None:

@@ -76,6 +76,19 @@ def subprocess_env(device: str, extra: dict[str, str], work_dir: Path) -> dict[s
     return env
 
 
+BACKEND_MODULE = {"pt": "torch", "jax": "jax", "tf": "tensorflow"}
+
+
+def backend_missing(backend: str) -> str | None:
+    """Why the backend cannot run here (None if it can): checked in a child, as training would be."""
+    mod = BACKEND_MODULE[backend]
+    r = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
+    if r.returncode == 0:
+        return None
+    hint = {"tensorflow": "pip install tensorflow-cpu==2.21.*", "jax": "pip install jax"}.get(mod, f"install {mod}")
+    return f"backend {backend} unavailable: {mod} is not installed on this machine ({hint})"
+
+
 def run_training(spec: RunSpec, progress=None) -> TrainResult:
     """Train; never raises for a failed run (status says it), only for bad input."""
     wd = spec.work_dir
@@ -84,6 +97,12 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     input_path = wd / "input.json"
     input_path.write_text(json.dumps(inp, indent=2))
     log_path = wd / "train.log"
+    missing = backend_missing(spec.variant.backend)
+    if missing:
+        log_path.write_text(missing + "\n")
+        return TrainResult(status="unavailable", error=missing, step_s=[], clock="host", startup_s=None,
+                           wall_s=0.0, gpu_peak_bytes=None, work_dir=wd, checkpoint=None, lcurve=None,
+                           input_path=input_path, log_path=log_path)
     # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
     dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
     cmd = launch_command(spec.variant.tree, spec.variant.modules, dp_args)
