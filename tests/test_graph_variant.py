@@ -293,7 +293,7 @@ def test_one_step_parity(case, data, tmp_path):
     rt, jac, jidx, diff, labels = eng.gather(G, idx)
     pred = eng.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
     loss_g, more_g = eng.loss_and_more(G, pred, labels, lr)
-    assert abs(float(loss_g) - float(loss_u)) <= RTOL * abs(float(loss_u))
+    assert abs(float(loss_g.detach()) - float(loss_u.detach())) <= RTOL * abs(float(loss_u))
     for k in more_u:
         if "l2_" not in k and torch.is_tensor(more_u[k]):
             assert abs(float(more_g[k]) - float(more_u[k])) <= 1e-9 * abs(float(more_u[k])), k
@@ -308,6 +308,9 @@ def test_one_step_parity(case, data, tmp_path):
         assert e <= RTOL, f"{case}: gradient relative error {e:.3e} for a {tuple(p.shape)} parameter"
         n_checked += 1
     assert n_checked > 4
+    gall = torch.cat([p.grad.reshape(-1) for p, gu in zip(params, grads_u) if gu is not None and gu.numel()])
+    uall = torch.cat([gu.reshape(-1) for gu in grads_u if gu is not None and gu.numel()])
+    assert rel(gall, uall) <= RTOL, f"{case}: gradient relative error {rel(gall, uall):.3e} (all parameters)"
     eng.opt.step()
     du = torch.cat([(a - b).reshape(-1) for a, b in zip(p1_u, p0)])
     dg = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])

@@ -35,6 +35,38 @@ import graph_geometry as geo  # noqa: E402
 log = logging.getLogger("deepmd.graph")
 
 
+class F32Flag:
+    """A label-availability flag (find_*) that behaves like upstream's np.float32 one.
+
+    Upstream's batches carry ``find_energy`` etc. as ``np.float32``; the loss computes
+    ``pref = pref * find`` so its prefactors end up rounded to float32. With the
+    learning rate as a device tensor the same product would stay float64, so this
+    flag rounds through float32 explicitly (a device op, capturable) to give the
+    very same prefactor values as upstream. ``bool(flag)`` works like upstream's.
+    """
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def __rmul__(self, other):
+        if torch.is_tensor(other):
+            return (other * self.value).to(torch.float32).to(other.dtype)
+        return other * np.float32(self.value)
+
+    __mul__ = __rmul__
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __eq__(self, other) -> bool:
+        return float(self) == float(other)
+
+    __hash__ = None
+
+
 class Unsupported(RuntimeError):
     pass
 
@@ -377,6 +409,7 @@ class GraphEngine:
             G["bias"] = self.out_bias_per_type().detach().to(dev)
             # the loss only reads atype >= 0 (real-atom mask): all atoms are real
             G["atype_dummy"] = torch.zeros((bsz, nloc), dtype=torch.int64, device=dev)
+            G["mask"] = torch.ones((bsz, nloc), dtype=torch.int32, device=dev)
             nbytes = sum(
                 t.numel() * t.element_size()
                 for t in [G["rt"], G["jac"], G["jidx"]] + ([G["diff"]] if G["diff"] is not None else []) + list(G["labels"].values())
@@ -424,12 +457,15 @@ class GraphEngine:
     def loss_and_more(self, G: dict, pred: dict, labels: dict, lr: Any):
         label = dict(labels)
         for k, v in G["finds"].items():
-            label[f"find_{k}"] = v
+            label[f"find_{k}"] = F32Flag(v)
         nloc = G["nloc"]
         atype_dummy = G["atype_dummy"]
+        # upstream's model returns the per-atom mask as int32, which makes the loss's
+        # 1/natoms a float32 value; pass the same so the normalisations are identical
+        pred = dict(pred, mask=G["mask"])
         _, loss, more = self.loss(
             {"atype": atype_dummy},
-            lambda **kw: dict(pred),
+            lambda **kw: pred,
             label,
             natoms=nloc,
             learning_rate=lr,
@@ -509,7 +545,8 @@ class GraphEngine:
         torch.cuda.synchronize()
 
     def _graph_body(self, G: dict):
-        lr = self.lr_table.index_select(0, self.step_ctr).reshape(())
+        idx = torch.clamp(self.step_ctr, max=self.lr_table.shape[0] - 1)  # warm-up may run past the end
+        lr = self.lr_table.index_select(0, idx).reshape(())
         self.lr_t.copy_(lr)
         loss, more = self.train_step(G, self.lr_t)
         self.step_ctr.add_(1)
