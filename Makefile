@@ -8,7 +8,7 @@ STEPS   ?= auto
 DEVICE  ?= auto
 ARGS    ?=
 
-.PHONY: help venv bench test systems variants wheelhouse report profile clean
+.PHONY: help venv bench test systems variants wheelhouse report profile regress calibrate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -46,3 +46,9 @@ clean:  ## remove builds and run work dirs (keeps results/runs)
 	rm -rf build results/work
 
 comma := ,
+
+regress: venv  ## CI regression job: short CPU sweep vs results/reference/cpu-regression.json
+	$(PY) -m harness regress $(ARGS)
+
+calibrate: venv  ## seed-spread calibration of the accuracy gate: SYSTEM= STEPS= DEVICE=
+	$(PY) -m harness calibrate --system $(SYSTEM) --steps $(STEPS) --device $(DEVICE) $(ARGS)

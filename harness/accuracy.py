@@ -611,7 +611,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 def _cmd_parity(a: argparse.Namespace) -> int:
     out = parity_check(a.system, a.variant, Path(a.checkpoint) if a.checkpoint else None, a.device)
     print(json.dumps(out, indent=1))
-    return 0 if out.get("verdict") == "pass" else 4
+    return 4 if out.get("verdict") == "fail" else 0
 
 
 def register_cli(subparsers) -> None:

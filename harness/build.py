@@ -83,7 +83,7 @@ def _atomic_dir(final: Path, fill) -> bool:
 
 
 def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path = BUILD,
-                  patches_dir: Path = variants.PATCHES) -> BuiltVariant:
+                  patches_dir: Path | None = None) -> BuiltVariant:
     """Build (or reuse) the tree and the frozen patch folders for `name`."""
     pin = pin or upstream.default_pin()
     chain = variants.chain(name, patches_dir)

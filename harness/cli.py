@@ -147,6 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wheelhouse", help="download the offline wheels a GPU node needs")
     w.add_argument("--dest", default=str(Path(__file__).resolve().parent.parent / "wheelhouse"))
     w.set_defaults(func=_wheelhouse)
+
+    # later stages register their own sub-commands
+    from . import accuracy, profile, regression, report, store
+
+    for stage in (accuracy, profile, store, regression, report):
+        if hasattr(stage, "register_cli"):
+            stage.register_cli(sub)
     return p
 
 

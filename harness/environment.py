@@ -1,6 +1,7 @@
 """The environment a run happened in: card, driver, library versions, harness git sha."""
 from __future__ import annotations
 
+import os
 import platform
 import shutil
 import subprocess
@@ -12,8 +13,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _git_sha() -> str | None:
-    if not shutil.which("git"):
-        return None
+    # a copy without .git (e.g. shipped to a GPU node) can be told its commit by the sender
+    if not shutil.which("git") or not (ROOT / ".git").exists():
+        return os.environ.get("DPH_GIT_SHA")
     r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if r.returncode != 0:
         return None
