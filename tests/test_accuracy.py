@@ -127,7 +127,7 @@ def sweep(tiny_system: Path, tmp_path_factory):
     (rows, records) -- records as the stage saw them, for follow-up runs."""
     tmp = tmp_path_factory.mktemp("acc")
     seen: list[RunRecord] = []
-    gate = accuracy.stage(strict=True)
+    gate = accuracy.stage(strict=True, calibration_dir=tmp / "nocal")  # isolated from results/calibration
 
     def capture(rec, previous):
         res = gate(rec, previous)
@@ -194,7 +194,7 @@ def test_gate_passes_baseline_run_as_a_variant(sweep) -> None:
     assert tr.status == "ok", tr.error
     rec = RunRecord(run=spec, train=tr, timing=timing_mod.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s),
                     environment={})
-    acc = accuracy.stage(strict=True)(rec, seen)
+    acc = accuracy.stage(strict=True, calibration_dir=tmp / "nocal")(rec, seen)
     assert acc.verdict == "pass", acc.detail
     par = acc.parity
     # same build, same weights: bit-identical on CPU
@@ -220,8 +220,8 @@ def test_gate_crash_is_a_fail_not_an_exception(sweep) -> None:
 
 @pytest.mark.slow
 def test_without_a_sweep_baseline_the_variant_is_not_judged(sweep) -> None:
-    _, seen, _ = sweep
+    _, seen, tmp = sweep
     rec = seen[1]  # fp32, judged against no baseline
-    lenient = accuracy.stage(strict=False)(rec, [])
+    lenient = accuracy.stage(strict=False, calibration_dir=tmp / "nocal")(rec, [])
     assert lenient.verdict is None and lenient.detail.startswith("not judged: no baseline run")
     assert lenient.dp_test and not math.isnan(lenient.dp_test["rmse_f"])
