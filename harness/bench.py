@@ -3,11 +3,11 @@ one sweep. It only composes stages through their records."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import build, environment, results, systems, timing, train, upstream
+from . import build, distributed, environment, results, systems, timing, train, upstream
 from .errors import UserError
 from .records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
 
@@ -26,6 +26,7 @@ class BenchRequest:
     upstream_source: Path | None = None
     runs_dir: Path = results.RUNS
     work_root: Path = results.WORK
+    gpus: list[int] = field(default_factory=lambda: [1])  # GPU counts to measure, each a run per variant
 
 
 def resolve_device(device: str) -> str:
@@ -64,6 +65,8 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     """Everything that can reject the request, before anything is written under results/."""
     device = resolve_device(req.device)
     req.steps = resolve_steps(req.steps, device)
+    req.gpus = distributed.parse_gpus(req.gpus)
+    distributed.check_gpus(req.gpus, device)  # more GPUs than visible -> UserError, nothing written
     if not req.variants:
         raise UserError("no variant given")
     from . import variants as vmod
@@ -92,11 +95,13 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
     env = environment.capture()
     out: list[dict[str, Any]] = []
     records: list[RunRecord] = []
-    for b in prep.built:
-        rid = results.run_id(sweep, prep.system.name, b.name)
+    for b, ngpu in [(b, n) for b in prep.built for n in req.gpus]:
+        rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
-                       device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile)
-        log(f"[{b.name}] training {req.steps} steps on {prep.device} ({prep.system.name})")
+                       device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile,
+                       gpus=ngpu)
+        log(f"[{b.name}] training {req.steps} steps on {prep.device}"
+            f"{f' x{ngpu}' if ngpu > 1 else ''} ({prep.system.name})")
         tr = train.run_training(spec, progress=_progress_bar(b.name))
         _end_progress()
         tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s)
@@ -142,19 +147,36 @@ def _end_progress() -> None:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """s/step per run and the ratio to the sweep's first variant (same sweep, same card)."""
-    head = f"{'system':8} {'variant':12} {'status':11} {'ms/step':>9} {'IQR ms':>8} {'speedup':>8} {'peak MiB':>9} {'accuracy':>8}"
+    """s/step per run, the ratio to the sweep's first variant at the same GPU count (same sweep,
+    same card), and scaling efficiency: samples/s at N / (N x samples/s at 1), same variant."""
+    head = (f"{'system':8} {'variant':12} {'gpus':>4} {'status':11} {'ms/step':>9} {'IQR ms':>8} {'speedup':>8} "
+            f"{'samples/s':>9} {'scaling':>7} {'peak MiB':>9} {'accuracy':>8}")
     lines = [head, "-" * len(head)]
-    base = next((r["timing"]["step_s_median"] for r in rows if r["status"] == "ok"
-                 and r["timing"]["step_s_median"]), None) if rows and rows[0]["status"] == "ok" else None
+
+    def ok_med(r: dict[str, Any]) -> float | None:
+        return r["timing"].get("step_s_median") if r["status"] == "ok" else None
+
+    def sps(r: dict[str, Any]) -> float | None:
+        return (r.get("throughput") or {}).get("samples_per_s") if r["status"] == "ok" else None
+
+    first_variant = rows[0]["variant"] if rows else None
+    base = {r.get("world_size", 1): ok_med(r) for r in rows if r["variant"] == first_variant}
+    one = {(r["system"], r["variant"]): sps(r) for r in rows if r.get("world_size", 1) == 1}
     for r in rows:
         t = r["timing"]
+        n = r.get("world_size", 1)
         med = t.get("step_s_median")
+        b = base.get(n)
         ms = f"{med * 1e3:9.2f}" if med else f"{'-':>9}"
         iqr = f"{t['step_s_iqr'] * 1e3:8.2f}" if t.get("step_s_iqr") is not None else f"{'-':>8}"
-        sp = f"{base / med:7.2f}x" if base and med else f"{'-':>8}"
+        sp = f"{b / med:7.2f}x" if b and med else f"{'-':>8}"
+        s = sps(r)
+        s_s = f"{s:9.2f}" if s else f"{'-':>9}"
+        eff = distributed.scaling_efficiency(s, n, one.get((r["system"], r["variant"])))
+        eff_s = f"{eff * 100:6.0f}%" if eff else f"{'-':>7}"
         mem = r["memory"].get("gpu_peak_bytes")
         mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9}"
         verdict = (r.get("accuracy") or {}).get("verdict") or "-"
-        lines.append(f"{r['system']:8} {r['variant']:12} {r['status']:11} {ms} {iqr} {sp} {mem_s} {verdict.upper():>8}")
+        lines.append(f"{r['system']:8} {r['variant']:12} {n:>4} {r['status']:11} {ms} {iqr} {sp} {s_s} {eff_s} "
+                     f"{mem_s} {verdict.upper():>8}")
     return "\n".join(lines)

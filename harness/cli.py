@@ -11,7 +11,7 @@ from .errors import HarnessError, UserError
 
 
 def _bench(a: argparse.Namespace) -> int:
-    from . import bench
+    from . import bench, distributed
 
     accuracy_stage = None
     if not a.no_accuracy:
@@ -29,6 +29,7 @@ def _bench(a: argparse.Namespace) -> int:
         seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
         upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
         runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
+        gpus=distributed.parse_gpus(a.gpus),
     )
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
     print(bench.format_table(rows))
@@ -124,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--results-dir", default=str(Path(__file__).resolve().parent.parent / "results"),
                    help="where runs/ (JSON records) and work/ (logs, checkpoints) go")
     b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
+    b.add_argument("--gpus", default="1", help="GPU counts to measure, comma list (e.g. 1,2,4): torchrun DDP "
+                   "for N>1, one run per variant and count; see docs/distributed.md")
     b.set_defaults(func=_bench)
 
     s = sub.add_parser("systems", help="list systems with data status and neighbour statistics")
@@ -154,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     for stage in (accuracy, profile, store, regression, report):
         if hasattr(stage, "register_cli"):
             stage.register_cli(sub)
+    from . import sweep; sweep.register_cli(sub)  # noqa: E702  (dpharness sweep)
     return p
 
 

@@ -3,7 +3,7 @@
 Puts the variant's built upstream tree first on sys.path, sets up the step clock
 (harness.runtime), imports the variant's patch modules in order, then runs upstream's own
 `dp` entry point. Step times and peak memory are dumped to $DPH_RUN_DIR/steps.json at exit,
-also when training fails or is interrupted."""
+also when training fails or is interrupted; under torchrun/mpirun by rank 0 only."""
 from __future__ import annotations
 
 import argparse
@@ -88,14 +88,20 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir = Path(os.environ.get("DPH_RUN_DIR", "."))
     clock = runtime.clock
-    _progress_writer(clock, run_dir / "progress")
+    # under torchrun/mpirun every rank runs this; only rank 0 owns the run's files
+    from harness.distributed import is_rank0
+
+    rank0 = is_rank0()
+    if rank0:
+        _progress_writer(clock, run_dir / "progress")
 
     def _dump() -> None:
-        extra = {"gpu_peak_bytes": _peak_gpu_bytes()}
+        extra = {"gpu_peak_bytes": _peak_gpu_bytes(), "world_size": int(os.environ.get("WORLD_SIZE") or 1)}
         clock.dump(str(run_dir / "steps.json"), extra)
 
-    atexit.register(_dump)
-    if os.environ.get("DPH_PROFILE"):
+    if rank0:
+        atexit.register(_dump)
+    if os.environ.get("DPH_PROFILE") and rank0:
         from harness import profile
 
         profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"])

@@ -88,6 +88,7 @@ class RunSpec:
     seed: int
     work_dir: Path
     profile: bool = False
+    gpus: int = 1  # processes/GPUs of one node (torchrun for PT; see harness/distributed.py)
 
 
 @dataclass

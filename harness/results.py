@@ -47,6 +47,8 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "device": {"kind": run.device, "name": rec.environment.get("gpu_name") if run.device == "cuda" else "cpu",
                    "count": rec.environment.get("gpu_count", 0) if run.device == "cuda" else 0},
         "timing": {k: v for k, v in to_jsonable(timing).items()},
+        "world_size": run.gpus,
+        "throughput": _throughput(rec),
         "memory": {"gpu_peak_bytes": train.gpu_peak_bytes},
         "accuracy": to_jsonable(rec.accuracy),
         "profile": rec.profile,
@@ -61,6 +63,22 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "environment": rec.environment,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _throughput(rec: RunRecord) -> dict[str, Any]:
+    """Global frames/s = world_size x per-rank batch (the run's input.json) / median step
+    (docs/distributed.md)."""
+    from . import distributed
+
+    bs = None
+    try:
+        inp = json.loads(Path(rec.train.input_path).read_text())
+        bs = inp["training"]["training_data"].get("batch_size", "auto")
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    frames = distributed.frames_per_step(bs, rec.run.system.atoms_per_frame)
+    return {"batch_size_per_rank": frames, "global_batch": frames * rec.run.gpus if frames else None,
+            "samples_per_s": distributed.samples_per_s(rec.run.gpus, frames, rec.timing.step_s_median)}
 
 
 def _rel(p: Path | None) -> str | None:

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .errors import UserError
 from .records import ALLOWED_OVERRIDES, RunSpec, System, TrainResult
 
@@ -98,15 +99,18 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     input_path.write_text(json.dumps(inp, indent=2))
     log_path = wd / "train.log"
     missing = backend_missing(spec.variant.backend)
+    # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
+    dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
+    cmd, why = distributed.training_command(spec.variant.backend, spec.gpus,
+                                            launch_command(spec.variant.tree, spec.variant.modules, dp_args))
+    missing = missing or why
     if missing:
         log_path.write_text(missing + "\n")
         return TrainResult(status="unavailable", error=missing, step_s=[], clock="host", startup_s=None,
                            wall_s=0.0, gpu_peak_bytes=None, work_dir=wd, checkpoint=None, lcurve=None,
                            input_path=input_path, log_path=log_path)
-    # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
-    dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
-    cmd = launch_command(spec.variant.tree, spec.variant.modules, dp_args)
-    env = subprocess_env(spec.device, {**spec.variant.env, "DPH_VARIANT": spec.variant.name}, wd)
+    env = subprocess_env(spec.device, {**distributed.distributed_env(spec.gpus),
+                                       **spec.variant.env, "DPH_VARIANT": spec.variant.name}, wd)
     if spec.profile:
         env["DPH_PROFILE"] = "steady"
     t0 = time.perf_counter()
