@@ -486,9 +486,10 @@ def _sweep_cmd(a: argparse.Namespace) -> int:
     rows = sorted(out["rows"], key=lambda r: order.get((r["system"], r["variant"], r.get("world_size", 1)), 0))
     for system in dict.fromkeys(r["system"] for r in rows):
         print(bench.format_table([r for r in rows if r["system"] == system]))
-    bad = {k: s for k, s in out["statuses"].items() if s not in ("ok", "unavailable")}
+    bad = {k: s for k, s in out["statuses"].items() if s in ("failed", "interrupted")}
+    left = [k for k, s in out["statuses"].items() if s in (None, "pending")]
     print(f"sweep {out['name']} ({out['sweep_id']}): {len(out['ran'])} ran, {len(out['skipped'])} already done, "
-          f"{len(bad)} not ok; state {out['state']}", file=sys.stderr)
+          f"{len(bad)} failed/interrupted, {len(left)} left for a later run; state {out['state']}", file=sys.stderr)
     return 3 if bad else 0
 
 
