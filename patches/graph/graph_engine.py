@@ -185,7 +185,10 @@ class GraphEngine:
         self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
         self.loss = trainer.loss
         self.params = list(trainer.wrapper.parameters())
-        self._fused_ok = True
+        # fused Adam wants a float32 LR tensor (seen on torch 2.11: "expected scalar type
+        # Float but found Double"); a float32 LR would round upstream's double LR, so the
+        # captured step uses the foreach capturable implementation with a float64 LR.
+        self._fused_ok = False
         self._upstream_opt = trainer.optimizer
         self._build_lr_table()
 
