@@ -27,8 +27,12 @@ WATER = REPO / "systems" / "water" / "data"
 
 
 def upstream_tree() -> Path:
-    """Where the built upstream tree lives (swap for a harness fixture later)."""
-    return Path(os.environ.get("DPH_UPSTREAM_TREE", "/tmp/site"))
+    """The harness's own (cached) baseline build, or DPH_UPSTREAM_TREE when set."""
+    if os.environ.get("DPH_UPSTREAM_TREE"):
+        return Path(os.environ["DPH_UPSTREAM_TREE"])
+    from harness import build
+
+    return build.build_variant("baseline").tree
 
 
 TREE = upstream_tree()

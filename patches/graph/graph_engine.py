@@ -162,9 +162,29 @@ class GraphEngine:
 
         check_supported(trainer)
         self.tr = trainer
+        self._init_model(trainer.model, device)
+        self.loss = trainer.loss
+        self.params = list(trainer.wrapper.parameters())
+        # fused Adam wants a float32 LR tensor (seen on torch 2.11: "expected scalar type
+        # Float but found Double"); a float32 LR would round upstream's double LR, so the
+        # captured step uses the foreach capturable implementation with a float64 LR.
+        self._fused_ok = False
+        self._upstream_opt = trainer.optimizer
+        self._build_lr_table()
+
+    @classmethod
+    def for_model(cls, model: Any, device: torch.device | None = None) -> "GraphEngine":
+        """An engine that can only predict (no trainer): used by the accuracy gate's
+        same-weights parity, so the gate evaluates this variant's own forward/force code."""
+        eng = cls.__new__(cls)
+        eng._init_model(model, device)
+        return eng
+
+    def _init_model(self, model: Any, device: torch.device | None) -> None:
+        from deepmd.pt.utils import env
+
         self.device = torch.device(device) if device is not None else env.DEVICE
         self.cuda = self.device.type == "cuda"
-        model = trainer.model
         am = model.atomic_model
         self.am = am
         self.sea = am.descriptor.sea
@@ -183,14 +203,6 @@ class GraphEngine:
         self.dprec = sea.prec
         self.fprec = self.fit.prec
         self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
-        self.loss = trainer.loss
-        self.params = list(trainer.wrapper.parameters())
-        # fused Adam wants a float32 LR tensor (seen on torch 2.11: "expected scalar type
-        # Float but found Double"); a float32 LR would round upstream's double LR, so the
-        # captured step uses the foreach capturable implementation with a float64 LR.
-        self._fused_ok = False
-        self._upstream_opt = trainer.optimizer
-        self._build_lr_table()
 
     # ----------------------------------------------------------------- forward
     def out_bias_per_type(self) -> torch.Tensor:
