@@ -512,7 +512,7 @@ CALIBRATION_VARIANTS = {"float64": "baseline", "float32": "fp32"}
 
 def calibrate(system: str, steps: int | str, device: str, seeds: list[int], classes: list[str],
               frames: int | None = None, out_dir: Path = CALIBRATION, work_root: Path = results.WORK,
-              log: Callable[[str], None] = print) -> Path:
+              log: Callable[[str], None] = print, jobs: int = 1) -> Path:
     """Train each class's reference variant with every seed, dp-test each, write the calibration."""
     from . import bench
 
@@ -523,10 +523,17 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     variants = [CALIBRATION_VARIANTS[c] for c in classes]
     runs: dict[str, list[dict]] = {c: [] for c in classes}
     resolved: dict[str, Any] = {}
-    for seed in seeds:
+    def one_seed(seed: int) -> tuple[int, dict[str, Any], list[dict]]:
         req = bench.BenchRequest(system=system, variants=variants, steps=steps, device=device, seed=seed,
                                  runs_dir=out_dir / "runs", work_root=work_root)
-        rows = bench.run(req, log=log, accuracy_stage=_dp_test_only(frames))
+        return seed, req, bench.run(req, log=log, accuracy_stage=_dp_test_only(frames))
+
+    # seeds are independent and only their accuracy matters (not their speed): run `jobs` at once
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        outcomes = list(pool.map(one_seed, seeds))
+    for seed, req, rows in outcomes:
         resolved = {"steps": req.steps, "device": rows[0]["device"]["kind"] if rows else device,
                     "system": rows[0]["system"] if rows else system}
         for cls, r in zip(classes, rows):
@@ -597,7 +604,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
             raise UserError(f"--classes: {c!r} is not one of {', '.join(CALIBRATION_VARIANTS)}")
     path = calibrate(a.system, a.steps, a.device, seeds, classes, frames=a.frames,
-                     log=lambda m: print(m, file=sys.stderr))
+                     log=lambda m: print(m, file=sys.stderr), jobs=a.jobs)
     cal = json.loads(path.read_text())
     for cls, th in cal["thresholds"].items():
         for m, t in th.items():
@@ -621,6 +628,7 @@ def register_cli(subparsers) -> None:
     c.add_argument("--steps", default="auto", help="training steps (use the sweep's; auto: 300 GPU, 20 CPU)")
     c.add_argument("--device", default="auto")
     c.add_argument("--seeds", default="1,2,3", help="comma list, at least 3")
+    c.add_argument("--jobs", type=int, default=1, help="seeds trained at once (a GPU has room for several)")
     c.add_argument("--classes", default="float64,float32", help="accuracy classes to calibrate (float64,float32)")
     c.add_argument("--frames", type=int, default=None, help="dp test frames per validation system (0 = all)")
     c.set_defaults(func=_cmd_calibrate)

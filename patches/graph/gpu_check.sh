@@ -17,9 +17,9 @@ echo "base python with torch: $BASEPY"
 DEPS=/tmp/graph_deps
 if [ ! -f "$DEPS/.done" ]; then
   "$BASEPY" -m pip install -q --no-index --no-deps --target "$DEPS" $(ls wheelhouse/*.whl | grep -v deepmd_kit)
-  if ! "$BASEPY" -c "import e3nn" 2>/dev/null && ls patches/graph/_wheels/*.whl >/dev/null 2>&1; then
+  if ! "$BASEPY" -c "import e3nn" 2>/dev/null && ls wheelhouse/e3nn*.whl wheelhouse/opt_einsum*.whl >/dev/null 2>&1; then
     # upstream deepmd imports e3nn; install it from local wheels when the image lacks it
-    "$BASEPY" -m pip install -q --no-index --no-deps --target "$DEPS" patches/graph/_wheels/*.whl
+    "$BASEPY" -m pip install -q --no-index --no-deps --target "$DEPS" wheelhouse/e3nn*.whl wheelhouse/opt_einsum*.whl
   fi
   touch "$DEPS/.done"
 fi
