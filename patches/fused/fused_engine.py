@@ -1,0 +1,421 @@
+"""Engine of the ``fused`` variant: graph's engine with an analytic force path.
+
+``graph`` gets forces from ``torch.autograd.grad(E, R~, create_graph=True)`` and then
+needs a second-order backward for the training loss. Here the first derivative
+dE/dR~ is written out explicitly with ordinary differentiable tensor ops:
+
+* embedding net G(s) per neighbour evaluated together with its forward-mode
+  derivative dG/ds (input width is 1, so the tangent is one vector per neighbour);
+  the value and tangent share one GEMM per layer (stacked along a leading dim);
+* descriptor xyz = R~^T G / nnei, D = xyz^T xyz[:, :axis];
+* fitting net forward storing tanh outputs, then its hand-written VJP with unit
+  cotangent (idt time-step scaling, identity / concat resnet skips);
+* dE/dR~ = G gxyz^T (+ (gG . dG/ds) on the s column) per type block;
+
+so forces are an explicit first-order function of the parameters and the training
+loss needs ONE ordinary autograd backward. That function (geometry in, energy /
+force / virial out) is also what torch.compile (Inductor) fuses on CUDA.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_GRAPH = os.path.join(os.path.dirname(_HERE), "graph")
+for _p in (_GRAPH, _HERE):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import graph_engine  # noqa: E402
+
+log = logging.getLogger("deepmd.fused")
+
+_ACTS = {"tanh", "none", "linear"}
+
+
+def _layers(net) -> list:
+    out = []
+    for layer in net.layers:
+        if type(layer).__name__ != "MLPLayer":
+            graph_graph_refuse(f"network layer {type(layer).__name__}")
+        act = (layer.activate_name or "none").lower()
+        if act not in _ACTS:
+            graph_graph_refuse(f"activation {act} (fused supports tanh/linear)")
+        out.append(layer)
+    return out
+
+
+def graph_graph_refuse(msg: str) -> None:
+    raise graph_engine.Unsupported(f"fused variant: unsupported input: {msg}")
+
+
+def _is_tanh(layer) -> bool:
+    return (layer.activate_name or "none").lower() == "tanh"
+
+
+def _skip(layer, nin: int, nout: int) -> int:
+    """0: no skip, 1: identity, 2: concat [x, x]."""
+    if not layer.resnet:
+        return 0
+    if nin == nout:
+        return 1
+    if 2 * nin == nout:
+        return 2
+    return 0
+
+
+def mlp_forward_saved(x: torch.Tensor, layers: list) -> tuple[torch.Tensor, list]:
+    """Forward of an upstream MLP; returns output and per-layer tanh outputs (or None)."""
+    saved = []
+    for layer in layers:
+        x = x.to(layer.prec)
+        nin, nout = layer.matrix.shape
+        z = torch.matmul(x, layer.matrix)
+        if layer.bias is not None:
+            z = z + layer.bias
+        a = torch.tanh(z) if _is_tanh(layer) else z
+        saved.append(a if _is_tanh(layer) else None)
+        y = a * layer.idt if layer.idt is not None else a
+        sk = _skip(layer, nin, nout)
+        if sk == 1:
+            y = y + x
+        elif sk == 2:
+            y = y + torch.cat([x, x], dim=-1)
+        x = y
+    return x, saved
+
+
+def mlp_vjp(gy: torch.Tensor, layers: list, saved: list) -> torch.Tensor:
+    """d(sum gy . MLP(x))/dx by hand (reverse over layers), differentiable."""
+    for layer, a in zip(reversed(layers), reversed(saved)):
+        nin, nout = layer.matrix.shape
+        gz = gy * layer.idt if layer.idt is not None else gy
+        if a is not None:
+            gz = gz * (1.0 - a * a)
+        gx = torch.matmul(gz, layer.matrix.t())
+        sk = _skip(layer, nin, nout)
+        if sk == 1:
+            gx = gx + gy
+        elif sk == 2:
+            gx = gx + gy[..., :nin] + gy[..., nin:]
+        gy = gx
+    return gy
+
+
+def embed_with_tangent(s: torch.Tensor, layers: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """G(s) and dG/ds for s (..., 1): forward-mode through the embedding MLP."""
+    x = s.to(layers[0].prec)
+    t = None  # tangent dx/ds; None == ones (..., 1)
+    for layer in layers:
+        nin, nout = layer.matrix.shape
+        W = layer.matrix
+        if t is None and nin == 1:
+            z = x * W[0]
+            tz = W[0].expand_as(z)
+        else:
+            if t is None:
+                t = torch.ones_like(x)
+            zz = torch.matmul(torch.stack([x, t]), W)
+            z, tz = zz[0], zz[1]
+        if layer.bias is not None:
+            z = z + layer.bias
+        if _is_tanh(layer):
+            a = torch.tanh(z)
+            ty = tz * (1.0 - a * a)
+        else:
+            a, ty = z, tz
+        if layer.idt is not None:
+            a = a * layer.idt
+            ty = ty * layer.idt
+        sk = _skip(layer, nin, nout)
+        tt = torch.ones_like(x) if t is None else t
+        if sk == 1:
+            a = a + x
+            ty = ty + tt
+        elif sk == 2:
+            a = a + torch.cat([x, x], dim=-1)
+            ty = ty + torch.cat([tt, tt], dim=-1)
+        x, t = a, ty
+    return x, t
+
+
+class FusedEngine(graph_engine.GraphEngine):
+    """GraphEngine with analytic first derivatives (one backward per training step)."""
+
+    def __init__(self, trainer, device=None) -> None:
+        super().__init__(trainer, device)
+        self._init_fused()
+
+    # ---- used by the parity hooks too (no trainer)
+    @classmethod
+    def from_model(cls, model, device=None) -> "FusedEngine":
+        from deepmd.pt.utils import env
+
+        self = cls.__new__(cls)
+        am = model.atomic_model
+        self.am = am
+        self.sea = am.descriptor.sea
+        self.fit = am.fitting_net
+        sea = self.sea
+        self.device = torch.device(device) if device is not None else env.DEVICE
+        self.cuda = self.device.type == "cuda"
+        self.ntypes = sea.ntypes
+        self.sel = list(sea.sel)
+        self.sec = list(sea.sec)
+        self.nnei = sea.nnei
+        self.rcut = float(sea.rcut)
+        self.rcut_smth = float(sea.rcut_smth)
+        self.protection = float(getattr(sea, "env_protection", 0.0) or 0.0)
+        self.axis = sea.axis_neuron
+        self.ng = sea.filter_neuron[-1]
+        self.tos = sea.type_one_side
+        self.dprec = sea.prec
+        self.fprec = self.fit.prec
+        self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
+        self._init_fused()
+        return self
+
+    def _init_fused(self) -> None:
+        nets = self.sea.filter_layers.networks
+        self.emb_layers = [_layers(n) for n in nets]
+        self.fit_layers = [_layers(n) for n in self.fit.filter_layers.networks]
+        for ls in self.fit_layers:
+            if ls[-1].matrix.shape[1] != 1:
+                graph_graph_refuse("fitting net output width != 1")
+        self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
+        self._compiled = None
+
+    # ------------------------------------------------------------ analytic path
+    def _blocks(self, tcount):
+        """(atom start, natoms, type i, type j, net index) for every descriptor block."""
+        out = []
+        if self.tos:
+            for tj in range(self.ntypes):
+                out.append((0, None, None, tj, tj))
+            return out
+        a0 = 0
+        for ti in range(self.ntypes):
+            na = tcount[ti]
+            if na == 0:
+                continue
+            for tj in range(self.ntypes):
+                out.append((a0, na, ti, tj, tj * self.ntypes + ti))
+            a0 += na
+        return out
+
+    def energy_and_grad(self, rt: torch.Tensor, tcount: list, bias: torch.Tensor):
+        """Atomic energies (B x nloc, gprec) and dE/dR~ (B x nloc x nnei x 4, dprec)."""
+        B, nloc = rt.shape[:2]
+        nnei = self.nnei
+        sec = self.sec
+        blocks = self._blocks(tcount)
+        # ---- embedding (value + tangent) and contraction per block
+        cache = []
+        if self.tos:
+            xyz = None
+            for (_, _, _, tj, k) in blocks:
+                rr = rt[:, :, sec[tj] : sec[tj + 1], :]
+                G, dG = embed_with_tangent(rr[..., :1], self.emb_layers[k])
+                gr = torch.matmul(rr.transpose(-1, -2), G)
+                xyz = gr if xyz is None else xyz + gr
+                cache.append((rr, G, dG))
+        else:
+            parts = []
+            acc = None
+            cur = None
+            for (a0, na, ti, tj, k) in blocks:
+                rr = rt[:, a0 : a0 + na, sec[tj] : sec[tj + 1], :]
+                G, dG = embed_with_tangent(rr[..., :1], self.emb_layers[k])
+                gr = torch.matmul(rr.transpose(-1, -2), G)
+                if cur != ti:
+                    if acc is not None:
+                        parts.append(acc)
+                    acc, cur = gr, ti
+                else:
+                    acc = acc + gr
+                cache.append((rr, G, dG))
+            parts.append(acc)
+            xyz = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        xyz = xyz / nnei  # B x nloc x 4 x ng
+        x1 = xyz.transpose(-1, -2)
+        x2 = xyz[..., : self.axis]
+        d = torch.matmul(x1, x2)  # B x nloc x ng x axis
+        desc = d.reshape(B, nloc, -1).to(self.gprec).to(self.fprec)
+        # ---- fitting forward + VJP (unit cotangent: E = sum of atomic energies)
+        bae = self.fit.bias_atom_e
+        if self.fit.mixed_types:
+            types = torch.repeat_interleave(torch.arange(self.ntypes, device=rt.device), torch.tensor(tcount, device=rt.device))
+            y, saved = mlp_forward_saved(desc, self.fit_layers[0])
+            ae = (y + bae[types].to(self.fprec))[..., 0] + bias.to(self.fprec)[types]
+            gdesc = mlp_vjp(torch.ones_like(y), self.fit_layers[0], saved)
+        else:
+            aes, gds = [], []
+            a0 = 0
+            for ti in range(self.ntypes):
+                na = tcount[ti]
+                if na == 0:
+                    continue
+                xx = desc[:, a0 : a0 + na]
+                y, saved = mlp_forward_saved(xx, self.fit_layers[ti])
+                e = y + bae[ti].to(self.fprec)
+                aes.append(e[..., 0] + bias[ti].to(e.dtype))
+                gds.append(mlp_vjp(torch.ones_like(y), self.fit_layers[ti], saved))
+                a0 += na
+            ae = aes[0] if len(aes) == 1 else torch.cat(aes, dim=1)
+            gdesc = gds[0] if len(gds) == 1 else torch.cat(gds, dim=1)
+        # ---- descriptor VJP
+        gd = gdesc.to(self.dprec).reshape(B, nloc, self.ng, self.axis)
+        gx1 = torch.matmul(gd, x2.transpose(-1, -2))  # B nloc ng 4
+        gx2 = torch.matmul(x1.transpose(-1, -2), gd)  # B nloc 4 axis
+        gxyz = gx1.transpose(-1, -2)
+        gxyz = torch.cat([gxyz[..., : self.axis] + gx2, gxyz[..., self.axis :]], dim=-1) / nnei
+        gxyz_t = gxyz.transpose(-1, -2)  # B nloc ng 4
+        # ---- per block: dE/dR~ = G gxyz^T, plus the s column via dG/ds
+        if self.tos:
+            cols = []
+            for (rr, G, dG) in cache:
+                gR = torch.matmul(G, gxyz_t)  # B nloc nb 4
+                gG = torch.matmul(rr, gxyz)  # B nloc nb ng
+                gs = (gG * dG).sum(-1, keepdim=True)
+                cols.append(torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1))
+            g = torch.cat(cols, dim=2)
+        else:
+            rows = []
+            ci = 0
+            for ti in range(self.ntypes):
+                na = tcount[ti]
+                if na == 0:
+                    continue
+                a0 = blocks[ci][0]
+                gx_t = gxyz_t[:, a0 : a0 + na]
+                gx = gxyz[:, a0 : a0 + na]
+                cols = []
+                for _tj in range(self.ntypes):
+                    rr, G, dG = cache[ci]
+                    gR = torch.matmul(G, gx_t)
+                    gG = torch.matmul(rr, gx)
+                    gs = (gG * dG).sum(-1, keepdim=True)
+                    cols.append(torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1))
+                    ci += 1
+                rows.append(torch.cat(cols, dim=2))
+            g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        return ae, g
+
+    def _predict_core(self, rt, jac, jidx, diff, tcount, bias):
+        B, nloc = rt.shape[:2]
+        ae, g = self.energy_and_grad(rt, tcount, bias)
+        energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
+        gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2).to(self.gprec)
+        fi = gd.sum(dim=2).reshape(B * nloc, 3)
+        fj = torch.zeros_like(fi).index_add(0, jidx.reshape(-1), gd.reshape(-1, 3))
+        force = (fi - fj).reshape(B, nloc, 3)
+        out = {"energy": energy, "force": force}
+        if diff is not None:
+            vir = -torch.einsum("bnka,bnkc->bac", diff.to(self.gprec), gd)
+            out["virial"] = vir.reshape(B, 9)
+        return out
+
+    def predict(self, rt, jac, jidx, diff, tcount, bias, create_graph):
+        if self.autograd_forces:
+            return super().predict(rt, jac, jidx, diff, tcount, bias, create_graph)
+        if self._compiled is not None:
+            return self._compiled(rt, jac, jidx, diff, tuple(tcount), bias)
+        return self._predict_core(rt, jac, jidx, diff, tcount, bias)
+
+    def enable_compile(self) -> None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        mode = os.environ.get("DPH_FUSED_COMPILE_MODE", "default")
+        if mode == "default":
+            mode = None
+        self._compiled = torch.compile(self._predict_core, dynamic=False, mode=mode, fullgraph=False)
+        log.info("fused: torch.compile enabled (mode=%s)", mode or "default")
+
+    # --------------------------------------------------------------- capture
+    def capture(self) -> None:
+        want = self.cuda and os.environ.get("DPH_FUSED_COMPILE", "1") == "1" and not self.autograd_forces
+        if want:
+            try:
+                self.enable_compile()
+                return super().capture()
+            except Exception as e:  # noqa: BLE001
+                log.warning("fused: compiled capture failed (%s: %s); falling back to eager analytic path", type(e).__name__, str(e)[:500])
+                torch.cuda.synchronize()
+                self._compiled = None
+                self.opt.zero_grad(set_to_none=True)
+        return super().capture()
+
+
+# ------------------------------------------------------------------ parity hooks
+def _sorted(atype: torch.Tensor):
+    at0 = atype.reshape(atype.shape[0], -1)[0]
+    perm = torch.argsort(at0, stable=True)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return perm, inv
+
+
+def parity_forward(model, coord, atype, box):
+    with torch.enable_grad():
+        return _parity_forward(model, coord, atype, box)
+
+
+def _parity_forward(model, coord, atype, box):
+    eng = FusedEngine.from_model(model, device=coord.device)
+    nf = coord.shape[0]
+    coord = coord.reshape(nf, -1, 3)
+    out = {"energy": [], "force": [], "virial": []}
+    for f in range(nf):  # frames may differ in atom order
+        perm, inv = _sorted(atype[f : f + 1])
+        r = eng.predict_frames(coord[f : f + 1, perm], atype[f : f + 1, perm], None if box is None else box[f : f + 1])
+        out["energy"].append(r["energy"].detach().reshape(1))
+        out["force"].append(r["force"].detach()[:, inv])
+        out["virial"].append(r["virial"].detach().reshape(1, 9))
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def _graph_flag(v):
+    return graph_engine.F32Flag(float(v))
+
+
+def train_loss(eng: "FusedEngine", loss_fn, inp: dict, label: dict, lr):
+    """Upstream's loss on the fused predictions for one batch (all frames one composition)."""
+    coord = inp["coord"]
+    nf = coord.shape[0]
+    coord = coord.reshape(nf, -1, 3)
+    atype = inp["atype"].reshape(nf, -1)
+    perm, inv = _sorted(atype)
+    at = atype[0, perm]
+    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
+    box = inp.get("box")
+    need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
+    geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.reshape(nf, 9).detach())
+    nloc = at.numel()
+    jidx = geom["jidx"].long() + (torch.arange(nf, device=coord.device) * nloc)[:, None, None]
+    pred = eng.predict(geom["rt"], geom["jac"], jidx, geom["diff"] if need_virial else None,
+                       tcount, eng.out_bias_per_type().to(coord.device), create_graph=True)
+    pred = dict(pred)
+    pred["force"] = pred["force"][:, inv]
+    pred["mask"] = torch.ones((nf, nloc), dtype=torch.int32, device=coord.device)
+    _, loss, more = loss_fn({"atype": atype}, lambda **kw: pred, label, natoms=nloc, learning_rate=lr)
+    return loss, more
+
+
+def parity_train_step(model, loss_fn, batch, lr) -> None:
+    eng = FusedEngine.from_model(model)
+    opt_cfg = batch["optim"]
+    if opt_cfg.get("gradient_max_norm", 0.0):
+        raise RuntimeError("fused variant: gradient_max_norm unsupported")
+    cls = torch.optim.Adam if opt_cfg["type"] == "Adam" else torch.optim.AdamW
+    params = [p for p in model.parameters()]
+    opt = cls(params, lr=lr, betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"])
+    opt.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        loss, _ = train_loss(eng, loss_fn, batch["input"], batch["label"], lr)
+        loss.backward()
+    opt.step()
