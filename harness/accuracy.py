@@ -36,6 +36,7 @@ import numpy as np
 
 from . import build, results, train
 from .records import AccuracyResult, RunRecord
+from .errors import RunFailed
 
 ROOT = Path(__file__).resolve().parent.parent
 CALIBRATION = ROOT / "results" / "calibration"
@@ -539,7 +540,7 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
         for cls, r in zip(classes, rows):
             acc = r.get("accuracy") or {}
             if r["status"] != "ok" or not acc.get("dp_test"):
-                raise RuntimeError(f"calibration run {r['run_id']} failed: {r.get('error') or acc.get('detail')}")
+                raise RunFailed(f"calibration run {r['run_id']} failed: {r.get('error') or acc.get('detail')}")
             runs[cls].append({"seed": seed, "variant": r["variant"], "run_id": r["run_id"],
                               "dp_test": acc["dp_test"]})
             log(f"seed {seed} {r['variant']}: {_fmt(acc['dp_test'])}")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import threading
 import shutil
 import subprocess
 import sys
@@ -62,7 +64,8 @@ def _atomic_dir(final: Path, fill) -> bool:
     Concurrent builders of the same key: the first rename wins, the others discard their copy."""
     if (final / "DONE").is_file():
         return False
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    # unique per process AND thread: calibration builds from several threads of one process
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -114,7 +114,7 @@ def _read_lcurve(path: Path | None) -> dict[str, list] | None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     try:
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, sort_keys=False)

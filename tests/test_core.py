@@ -246,3 +246,16 @@ def test_short_real_training_through_the_cli_writes_complete_records(tiny_system
     fp32 = next(r for r in recs if r["variant"] == "fp32")
     inp = json.loads(Path(fp32["artifacts"]["input"]).read_text())
     assert inp["model"]["descriptor"]["precision"] == "float32"
+
+
+def test_concurrent_builds_from_threads_of_one_process_give_one_valid_tree(tmp_path, patches):
+    """calibrate --jobs builds from several threads: temp dirs must not collide."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        built = list(pool.map(lambda _: build.build_variant("baseline", build_dir=tmp_path / "b",
+                                                            patches_dir=patches), range(3)))
+    assert len({b.tree for b in built}) == 1
+    assert (built[0].tree / "deepmd" / "main.py").is_file()
+    assert (built[0].tree / "deepmd" / "pt" / "train" / "training.py").is_file()
+    assert not list((tmp_path / "b").glob(".tmp-*"))
