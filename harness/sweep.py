@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -335,6 +335,8 @@ def plan(req: SweepRequest, log: Callable[[str], None] = print) -> tuple[str, Pa
         system = systems.load_system(s)
         systems.ensure_data(system, log)
         systems.validate_system(system)
+        if any(system.name == other.name for _, other, _ in loaded):
+            raise UserError(f"--systems: two systems are named {system.name!r} (run ids would collide)")
         loaded.append((s, system, system_content_hash(system.directory, [*system.train, *system.validation])))
     built = {}
     for v in names:
@@ -360,12 +362,17 @@ def plan(req: SweepRequest, log: Callable[[str], None] = print) -> tuple[str, Pa
 def run_sweep(req: SweepRequest, log: Callable[[str], None] = print) -> dict[str, Any]:
     name, spath, cells = plan(req, log)
     runs_dir = Path(req.results_dir) / "runs"
+    folder = Path(req.results_dir) / "sweeps" / f"{name}.jobs"
+    ex = _executor(req.executor, folder)  # no submitit / no Slurm here -> UserError before the state is written
     todo: list[Cell] = []
     skipped: list[Cell] = []
 
     def register(st: dict[str, Any] | None) -> dict[str, Any]:
         st = st or {"schema": STATE_SCHEMA, "name": name, "sweep_id": cells[0].sweep_id, "created": _now(),
                     "cells": {}}
+        sid = st["sweep_id"]  # a sweep of the same name that started meanwhile fixed it first
+        cells[:] = [c if c.sweep_id == sid else replace(c, sweep_id=sid, run_id=sid + c.run_id[len(c.sweep_id):])
+                    for c in cells]
         st["grid"] = {"systems": req.systems, "variants": sorted({c.variant for c in cells}),
                       "gpus": req.gpus, "steps": cells[0].steps, "seed": req.seed, "device": cells[0].device,
                       "executor": req.executor}
@@ -384,10 +391,8 @@ def run_sweep(req: SweepRequest, log: Callable[[str], None] = print) -> dict[str
     st = update_state(spath, register)
     log(f"sweep {name} ({st['sweep_id']}): {len(cells)} cells, {len(skipped)} done, {len(todo)} to run "
         f"[{req.executor}]; state {spath}")
-    folder = Path(req.results_dir) / "sweeps" / f"{name}.jobs"
     outcomes: dict[str, dict[str, Any]] = {}
     if todo:
-        ex = _executor(req.executor, folder)
         args = (str(spath), str(req.results_dir))
         try:
             if req.executor == "slurm":
