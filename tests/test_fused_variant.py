@@ -399,6 +399,7 @@ def test_gate_hooks(data, tmp_path):
 
 
 # ------------------------------------------------------------------ 4. torch.compile
+@pytest.mark.slow  # Inductor's CPU compile of the whole energy+force graph: ~3 min on 2 cores
 def test_compiled_step_parity(data, tmp_path):
     import shutil
 
