@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import build, distributed, environment, results, systems, timing, train, upstream
+from . import build, distributed, environment, input_check, results, systems, timing, train, upstream
 from .errors import UserError
 from .records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
 
@@ -85,6 +85,10 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
         b = build.build_variant(v, pin)
         log(f"variant {v}: {'cached build' if b.cached else 'built'} {b.tree.parent.name}")
         built.append(b)
+    # upstream's own schema judges the input each variant will train with (cheap, before any run)
+    for b in built:
+        inp = train.make_input(system, b.overrides, req.steps, req.seed)
+        input_check.check_input(inp, built[0].tree, f"{system.directory / 'input.json'} (variant {b.name})")
     return Prepared(system, built, device, pin)
 
 

@@ -134,6 +134,10 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     wall = time.perf_counter() - t0
     if status == "ok" and proc.returncode != 0:
         status, error = "failed", _diagnose(log_path, proc.returncode)
+        if error.startswith("GPU out of memory"):  # say what was too big, so the user can shrink it
+            bs = inp["training"]["training_data"].get("batch_size")
+            error = (f"GPU out of memory training {spec.system.name} ({spec.system.atoms_per_frame} atoms/frame, "
+                     f"batch_size {bs}, variant {spec.variant.name}): " + error[len("GPU out of memory: "):])
     steps_file = wd / "steps.json"
     steps = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
     step_s = steps.get("step_s") or []
