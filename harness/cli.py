@@ -42,6 +42,34 @@ def _bench(a: argparse.Namespace) -> int:
     return 0
 
 
+LEGAL_SETTINGS = ["baseline", "fp32", "tos", "fp32-tos"]  # every combination the ASC22 rule allows
+
+
+def _tune(a: argparse.Namespace) -> int:
+    """Best legal configuration: the fastest allowed precision x type_one_side setting that the
+    accuracy gate passes (baseline passes by definition), all in one sweep."""
+    from . import accuracy, bench
+
+    req = bench.BenchRequest(system=a.system, variants=LEGAL_SETTINGS, steps=a.steps, device=a.device,
+                             runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work")
+    rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy.stage())
+    print(bench.format_table(rows))
+    ok = [r for r in rows if r["status"] == "ok" and r["timing"]["step_s_median"]
+          and (r.get("accuracy") or {}).get("verdict") in ("baseline", "pass")]
+    if not ok:
+        print("no legal setting ran and passed the gate", file=sys.stderr)
+        return 3
+    best = min(ok, key=lambda r: r["timing"]["step_s_median"])
+    fastest = min((r for r in rows if r["status"] == "ok" and r["timing"]["step_s_median"]),
+                  key=lambda r: r["timing"]["step_s_median"])
+    print(f"best legal configuration for {best['system']}: {best['variant']} "
+          f"({best['timing']['step_s_median'] * 1e3:.2f} ms/step, overrides {best['overrides'] or 'none'})")
+    if fastest is not best:
+        print(f"  (fastest overall was {fastest['variant']}, but the accuracy gate said "
+              f"{(fastest.get('accuracy') or {}).get('verdict')}: {(fastest.get('accuracy') or {}).get('detail')})")
+    return 0
+
+
 def _systems(a: argparse.Namespace) -> int:
     from . import systems
 
@@ -128,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gpus", default="1", help="GPU counts to measure, comma list (e.g. 1,2,4): torchrun DDP "
                    "for N>1, one run per variant and count; see docs/distributed.md")
     b.set_defaults(func=_bench)
+
+    t = sub.add_parser("tune", help="find the fastest legal precision/type_one_side setting that passes the gate")
+    t.add_argument("--system", default="water")
+    t.add_argument("--steps", default="auto")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--results-dir", default=str(Path(__file__).resolve().parent.parent / "results"))
+    t.set_defaults(func=_tune)
 
     s = sub.add_parser("systems", help="list systems with data status and neighbour statistics")
     s.add_argument("name", nargs="*")
