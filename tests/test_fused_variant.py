@@ -245,6 +245,13 @@ def test_analytic_forces_match_autograd(case, data, tmp_path):
     auto = graph_engine.GraphEngine.predict(eng, geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias, create_graph=False)
     # the fused path must not touch autograd w.r.t. R~ (no grad graph on the geometry)
     assert not geom["rt"].requires_grad
+    assert eng.batched  # default: all embedding nets in one padded batched GEMM per layer
+    eng.batched = False  # per-block loop (the reference formulation of the same derivative)
+    loop = eng._predict_core(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias)
+    eng.batched = True
+    for k in ("energy", "force", "virial"):
+        e = rel(fused[k], loop[k])
+        assert e <= FTOL, f"{case}: {k} batched vs per-block relative error {e:.3e}"
     for k in ("energy", "force", "virial"):
         e = rel(fused[k], auto[k])
         assert e <= FTOL, f"{case}: {k} analytic vs autograd relative error {e:.3e}"
@@ -273,6 +280,7 @@ def test_analytic_forces_detect_a_wrong_derivative(data, tmp_path, monkeypatch):
         return G, 0.0 * dG
 
     monkeypatch.setattr(fused_engine, "embed_with_tangent", no_tangent)
+    eng.batched = False
     fused = eng._predict_core(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias)
     auto = graph_engine.GraphEngine.predict(eng, geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias, create_graph=False)
     assert rel(fused["force"], auto["force"]) > 1e-3

@@ -188,6 +188,7 @@ class FusedEngine(graph_engine.GraphEngine):
                 graph_graph_refuse("fitting net output width != 1")
         self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
         self._compiled = None
+        self.batched = os.environ.get("DPH_FUSED_BATCHED", "1") == "1"
 
     # ------------------------------------------------------------ analytic path
     def _blocks(self, tcount):
@@ -305,9 +306,175 @@ class FusedEngine(graph_engine.GraphEngine):
             g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         return ae, g
 
+    # ------------------------------------------------ batched (padded) analytic path
+    def _batch_plan(self, tcount, device):
+        """Index tables that pack every descriptor block (one embedding net each) into one
+        padded [nblocks, NA, S] layout, and every fitting type into [ntypes, NA]."""
+        key = (tuple(tcount), str(device))
+        plans = self.__dict__.setdefault("_plans", {})
+        if key in plans:
+            return plans[key]
+        nloc = sum(tcount)
+        nnei = self.nnei
+        blocks = self._blocks(tcount)
+        if self.tos:
+            blocks = [(0, nloc, None, tj, k) for (_, _, _, tj, k) in blocks]
+        NA = max(na for (_, na, _, _, _) in blocks)
+        S = max(self.sel)
+        K = len(blocks)
+        dummy_row = nloc * nnei  # index of an appended zero row of R~
+        fwd = torch.full((K, NA, S), dummy_row, dtype=torch.long)
+        inv = torch.full((nloc * nnei,), -1, dtype=torch.long)
+        atom = torch.full((K, NA), nloc, dtype=torch.long)  # nloc: dropped row
+        for b, (a0, na, _, tj, _) in enumerate(blocks):
+            sj = self.sel[tj]
+            a = torch.arange(na)[:, None]
+            j = torch.arange(sj)[None, :]
+            rows = (a0 + a) * nnei + self.sec[tj] + j
+            fwd[b, :na, :sj] = rows
+            inv[rows.reshape(-1)] = (b * NA * S + a * S + j).reshape(-1)
+            atom[b, :na] = a0 + torch.arange(na)
+        assert bool((inv >= 0).all())
+        types = [t for t in range(self.ntypes) if tcount[t] > 0]
+        FA = max(tcount[t] for t in types)
+        fatom = torch.full((len(types), FA), nloc, dtype=torch.long)
+        finv = torch.empty((nloc,), dtype=torch.long)
+        a0 = 0
+        for i, t in enumerate(types):
+            na = tcount[t]
+            fatom[i, :na] = a0 + torch.arange(na)
+            finv[a0 : a0 + na] = i * FA + torch.arange(na)
+            a0 += na
+        plan = {
+            "K": K, "NA": NA, "S": S, "nets": [k for (*_, k) in blocks],
+            "fwd": fwd.reshape(-1).to(device), "inv": inv.to(device), "atom": atom.reshape(-1).to(device),
+            "types": types, "FA": FA, "fatom": fatom.reshape(-1).to(device), "finv": finv.to(device),
+        }
+        plans[key] = plan
+        return plan
+
+    @staticmethod
+    def _stacked(layer_lists):
+        """Per layer: (W [K,in,out], b [K,1,out] | None, idt [K,1,out] | None, layer0)."""
+        out = []
+        for li in range(len(layer_lists[0])):
+            ls = [layers[li] for layers in layer_lists]
+            W = torch.stack([l.matrix for l in ls])
+            b = torch.stack([l.bias for l in ls]).unsqueeze(1) if ls[0].bias is not None else None
+            idt = torch.stack([l.idt for l in ls]).unsqueeze(1) if ls[0].idt is not None else None
+            out.append((W, b, idt, ls[0]))
+        return out
+
+    def energy_and_grad_batched(self, rt: torch.Tensor, tcount: list, bias: torch.Tensor):
+        B, nloc, nnei = rt.shape[:3]
+        P = self._batch_plan(tcount, rt.device)
+        K, NA, S = P["K"], P["NA"], P["S"]
+        rflat = torch.cat([rt.reshape(B, nloc * nnei, 4), rt.new_zeros(B, 1, 4)], dim=1)
+        rr = rflat.index_select(1, P["fwd"]).reshape(B, K, NA * S, 4)
+        # ---- all embedding nets at once: value + tangent, weights stacked [K, in, out]
+        x = rr[..., :1].to(self.emb_layers[0][0].prec)
+        t = None
+        for (W, b, idt, l0) in self._stacked([self.emb_layers[k] for k in P["nets"]]):
+            nin, nout = l0.matrix.shape
+            if t is None and nin == 1:
+                z = x * W[:, :1, :]  # B K R out
+                tz = W[:, :1, :].expand_as(z)
+            else:
+                if t is None:
+                    t = torch.ones_like(x)
+                zz = torch.matmul(torch.stack([x, t]), W)
+                z, tz = zz[0], zz[1]
+            if b is not None:
+                z = z + b
+            if _is_tanh(l0):
+                a = torch.tanh(z)
+                ty = tz * (1.0 - a * a)
+            else:
+                a, ty = z, tz
+            if idt is not None:
+                a = a * idt
+                ty = ty * idt
+            sk = _skip(l0, nin, nout)
+            tt = torch.ones_like(x) if t is None else t
+            if sk == 1:
+                a = a + x
+                ty = ty + tt
+            elif sk == 2:
+                a = a + torch.cat([x, x], dim=-1)
+                ty = ty + torch.cat([tt, tt], dim=-1)
+            x, t = a, ty
+        G, dG = x, t  # B K R ng
+        ng = G.shape[-1]
+        rr5 = rr.reshape(B, K, NA, S, 4)
+        G5 = G.reshape(B, K, NA, S, ng)
+        gr = torch.matmul(rr5.transpose(-1, -2), G5)  # B K NA 4 ng
+        xyz = rt.new_zeros(B, nloc + 1, 4, ng).index_add(1, P["atom"], gr.reshape(B, K * NA, 4, ng))[:, :nloc]
+        xyz = xyz / nnei
+        x1 = xyz.transpose(-1, -2)
+        x2 = xyz[..., : self.axis]
+        d = torch.matmul(x1, x2)
+        desc = d.reshape(B, nloc, -1).to(self.gprec).to(self.fprec)
+        # ---- fitting nets of all types at once (padded [T, FA] rows)
+        bae = self.fit.bias_atom_e
+        if self.fit.mixed_types:
+            types = torch.repeat_interleave(torch.arange(self.ntypes, device=rt.device), torch.tensor(tcount, device=rt.device))
+            y, saved = mlp_forward_saved(desc, self.fit_layers[0])
+            ae = (y + bae[types].to(self.fprec))[..., 0] + bias.to(self.fprec)[types]
+            gdesc = mlp_vjp(torch.ones_like(y), self.fit_layers[0], saved)
+        else:
+            T, FA = len(P["types"]), P["FA"]
+            dpad = torch.cat([desc, desc.new_zeros(B, 1, desc.shape[-1])], dim=1).index_select(1, P["fatom"]).reshape(B, T, FA, -1)
+            h = dpad
+            saved = []
+            stk = self._stacked([self.fit_layers[t_] for t_ in P["types"]])
+            for (W, b, idt, l0) in stk:
+                nin, nout = l0.matrix.shape
+                z = torch.matmul(h, W)
+                if b is not None:
+                    z = z + b
+                a = torch.tanh(z) if _is_tanh(l0) else z
+                saved.append(a if _is_tanh(l0) else None)
+                yv = a * idt if idt is not None else a
+                sk = _skip(l0, nin, nout)
+                if sk == 1:
+                    yv = yv + h
+                elif sk == 2:
+                    yv = yv + torch.cat([h, h], dim=-1)
+                h = yv
+            tix = torch.tensor(P["types"], device=rt.device)
+            e = h[..., 0] + bae.index_select(0, tix).to(self.fprec)[:, :1].reshape(1, T, 1) + bias.index_select(0, tix).to(self.fprec).reshape(1, T, 1)
+            ae = e.reshape(B, T * FA).index_select(1, P["finv"])
+            gy = torch.ones_like(h)
+            for (W, b, idt, l0), a in zip(reversed(stk), reversed(saved)):
+                nin, nout = l0.matrix.shape
+                gz = gy * idt if idt is not None else gy
+                if a is not None:
+                    gz = gz * (1.0 - a * a)
+                gx = torch.matmul(gz, W.transpose(-1, -2))
+                sk = _skip(l0, nin, nout)
+                if sk == 1:
+                    gx = gx + gy
+                elif sk == 2:
+                    gx = gx + gy[..., :nin] + gy[..., nin:]
+                gy = gx
+            gdesc = gy.reshape(B, T * FA, -1).index_select(1, P["finv"])
+        # ---- descriptor VJP
+        gd = gdesc.to(self.dprec).reshape(B, nloc, self.ng, self.axis)
+        gx1 = torch.matmul(gd, x2.transpose(-1, -2))
+        gx2 = torch.matmul(x1.transpose(-1, -2), gd)
+        gxyz = gx1.transpose(-1, -2)
+        gxyz = torch.cat([gxyz[..., : self.axis] + gx2, gxyz[..., self.axis :]], dim=-1) / nnei
+        gpad = torch.cat([gxyz, gxyz.new_zeros(B, 1, 4, ng)], dim=1).index_select(1, P["atom"]).reshape(B, K, NA, 4, ng)
+        gR = torch.matmul(G5, gpad.transpose(-1, -2))  # B K NA S 4
+        gG = torch.matmul(rr5, gpad)  # B K NA S ng
+        gs = (gG * dG.reshape(B, K, NA, S, ng)).sum(-1, keepdim=True)
+        gpad_r = torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1).reshape(B, K * NA * S, 4)
+        g = gpad_r.index_select(1, P["inv"]).reshape(B, nloc, nnei, 4)
+        return ae, g
+
     def _predict_core(self, rt, jac, jidx, diff, tcount, bias):
         B, nloc = rt.shape[:2]
-        ae, g = self.energy_and_grad(rt, tcount, bias)
+        ae, g = (self.energy_and_grad_batched if self.batched else self.energy_and_grad)(rt, tcount, bias)
         energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
         gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2).to(self.gprec)
         fi = gd.sum(dim=2).reshape(B * nloc, 3)
