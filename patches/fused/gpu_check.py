@@ -5,7 +5,8 @@ the same call on the same card, timed with harness.runtime's CUDA events.
 
 Usage: python patches/fused/gpu_check.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
-fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces).
+fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-loop
+(per-block embedding nets instead of the padded batched GEMMs).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ VARIANTS = {
     "baseline": ([], {}, None),
     "graph": ([GRAPH / "graph_trainer.py"], {}, None),
     "fused": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, None),
+    "fused-loop": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "0"}, None),
     "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
     "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
     "fused-fp32": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, "float32"),
@@ -107,22 +109,32 @@ def run(self):
     atype = torch.tensor(np.stack([f["atype"] for f in frs]), device=dev).long()
     box = torch.tensor(np.stack([np.asarray(f["box"]) for f in frs]), device=dev)
     ref = self.model(coord.reshape(2, -1), atype, box=box.reshape(2, 9))
-    r = {"card": torch.cuda.get_device_name()}
+    r = {"card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     out = eng.predict_frames(coord, atype, box)
     for k in ["energy", "force", "virial"]:
         r["eager_vs_upstream_" + k] = rel(out[k], ref[k])
     eng.autograd_forces = True
     outg = eng.predict_frames(coord, atype, box)
     eng.autograd_forces = False
+    eng.batched = False
+    outl = eng.predict_frames(coord, atype, box)
+    eng.batched = True
+    r["batched_vs_loop_force"] = rel(out["force"], outl["force"])
+    eng.autograd_forces = False
     for k in ["force", "virial"]:
         r["eager_vs_graph_autograd_" + k] = rel(out[k], outg[k])
     # gradients of a force loss: analytic (eager, compiled) vs graph's double backward
     params = [p for p in self.wrapper.parameters()]
+    at = atype[0]
+    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
+    geom = eng.frames_geometry(coord, at, box)
+    jidx = geom["jidx"].long() + (torch.arange(2, device=dev) * at.numel())[:, None, None]
     def grads(mode):
         eng.autograd_forces = mode == "autograd"
+        eng.batched = mode != "loop"
         if mode == "compiled":
             eng.enable_compile()
-        o = eng.predict_frames(coord, atype, box)
+        o = eng.predict(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, eng.out_bias_per_type(), create_graph=True)
         l = (o["force"] ** 2).sum() + o["energy"].sum() ** 2
         gs = torch.autograd.grad(l, params, allow_unused=True)
         eng.autograd_forces = False
@@ -130,6 +142,9 @@ def run(self):
     _, ga = grads("autograd")
     _, ge = grads("eager")
     r["grad_eager_vs_autograd"] = rel(ge, ga)
+    _, gl = grads("loop")
+    r["grad_loop_vs_autograd"] = rel(gl, ga)
+    eng.batched = True
     try:
         if os.environ.get("DPH_PARITY_COMPILED", "0") != "1":
             raise RuntimeError("compiled parity not requested (DPH_PARITY_COMPILED=1)")
