@@ -188,7 +188,7 @@ class FusedEngine(graph_engine.GraphEngine):
                 graph_graph_refuse("fitting net output width != 1")
         self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
         self._compiled = None
-        self.batched = os.environ.get("DPH_FUSED_BATCHED", "1") == "1"
+        self.batched = os.environ.get("DPH_FUSED_BATCHED", "0") == "1"  # measured slower on water (padding)
 
     # ------------------------------------------------------------ analytic path
     def _blocks(self, tcount):
