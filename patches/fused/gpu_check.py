@@ -5,8 +5,8 @@ the same call on the same card, timed with harness.runtime's CUDA events.
 
 Usage: python patches/fused/gpu_check.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
-fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-loop
-(per-block embedding nets instead of the padded batched GEMMs).
+fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-batched
+(padded stacked-weight GEMMs for all nets instead of per-block nets).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ VARIANTS = {
     "baseline": ([], {}, None),
     "graph": ([GRAPH / "graph_trainer.py"], {}, None),
     "fused": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, None),
-    "fused-loop": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "0"}, None),
+    "fused-batched": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "1"}, None),
     "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
     "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
     "fused-fp32": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, "float32"),

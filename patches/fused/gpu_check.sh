@@ -4,6 +4,7 @@
 #   bash patches/fused/gpu_check.sh [plan]   plan: system:variant:steps,... (variants: see gpu_check.py)
 # Writes $OUT/gpu_check.log and $OUT/gpu_check.json (or ./gpu_check_out without $OUT).
 set -euo pipefail
+# DPH_GPU_BUDGET_S (default 270): the plan stops when this many seconds have passed
 OUT=${OUT:-$PWD/gpu_check_out}
 TREE=${DPH_UPSTREAM_TREE:-/tmp/site}
 echo "python3: $(command -v python3) $(python3 -c 'import sys,torch;print(sys.version.split()[0], torch.__version__)' 2>&1 | tail -1)"
@@ -34,5 +35,5 @@ PY=$BASEPY
 export PYTHONPATH="$TREE:$PWD:$DEPS"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 "$PY" -c "import torch, dargs, e3nn; from deepmd.pt.entrypoints.main import main; print('deepmd import ok, torch', torch.__version__)" 2>&1 | tail -2
-"$PY" patches/fused/gpu_check.py "$TREE" "$OUT" "${1:-water:baseline:200,water:graph:1000,water:fused:1000,water:fused-eager:1000,water:fused-fp32:1000,water:fused-mixed:1000}"
+"$PY" patches/fused/gpu_check.py "$TREE" "$OUT" "${1:-water:baseline:150,water:graph:600,water:fused:1000,water:fused-fp32:1000,water:fused-mixed:1000,copper:baseline:100,copper:graph:500,copper:fused:1000,alcumg:baseline:100,alcumg:graph:500,alcumg:fused:1000}"
 grep -E "card|parity|TIMING" "$OUT/gpu_check.log" || true
