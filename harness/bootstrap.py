@@ -11,7 +11,6 @@ Stdlib only: it runs before any dependency exists. Rules:
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 import sys
 import sysconfig

@@ -7,7 +7,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from .errors import HarnessError, UserError
+from .errors import HarnessError
 
 
 def _bench(a: argparse.Namespace) -> int:

@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(a, meta: dict, arrays: dict) -> None:
-    import numpy as np
     import torch
     from deepmd.pt.train import training
     from deepmd.pt.train.wrapper import ModelWrapper

@@ -668,7 +668,7 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
 
 
 def _profile_cmd(a) -> int:
-    from . import bench, results, train
+    from . import bench, train
     from .errors import UserError
 
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import sqlite3
-import sys
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Iterable

@@ -1,0 +1,200 @@
+"""Shared by the fast-path variant tests (graph, fused): the upstream tree on sys.path, small
+systems (a triclinic 3-type fcc box with rcut beyond the box, a water subset), upstream inputs
+for them, upstream Trainers built from those inputs, and upstream-format batches.
+
+Importing this module skips the importing test module when no upstream tree can be built."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+WATER = REPO / "systems" / "water" / "data"
+
+
+def upstream_tree() -> Path:
+    """The harness's own (cached) baseline build, or DPH_UPSTREAM_TREE when set."""
+    if os.environ.get("DPH_UPSTREAM_TREE"):
+        return Path(os.environ["DPH_UPSTREAM_TREE"])
+    from harness import build
+
+    return build.build_variant("baseline").tree
+
+
+TREE = upstream_tree()
+if not (TREE / "deepmd").is_dir():
+    pytest.skip(f"no upstream tree at {TREE} (set DPH_UPSTREAM_TREE)", allow_module_level=True)
+torch = pytest.importorskip("torch")
+np = pytest.importorskip("numpy")
+if str(TREE) not in sys.path:
+    sys.path.insert(0, str(TREE))
+
+
+def write_system(path: Path, coords, boxes, types, type_map, energy, force, virial=None) -> Path:
+    (path / "set.000").mkdir(parents=True, exist_ok=True)
+    np.savetxt(path / "type.raw", np.asarray(types, dtype=int), fmt="%d")
+    (path / "type_map.raw").write_text("\n".join(type_map) + "\n")
+    nf = coords.shape[0]
+    np.save(path / "set.000" / "coord.npy", coords.reshape(nf, -1))
+    np.save(path / "set.000" / "box.npy", boxes.reshape(nf, 9))
+    np.save(path / "set.000" / "energy.npy", energy.reshape(nf))
+    np.save(path / "set.000" / "force.npy", force.reshape(nf, -1))
+    if virial is not None:
+        np.save(path / "set.000" / "virial.npy", virial.reshape(nf, 9))
+    return path
+
+
+def fcc_system(path: Path, nframes: int, seed: int) -> Path:
+    """32-atom triclinic fcc cell (~6.4 A) with 3 types, random displacements and labels."""
+    rng = np.random.default_rng(seed)
+    a = 3.2
+    basis = np.array([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]])
+    cells = np.array([[i, j, k] for i in range(2) for j in range(2) for k in range(2)])
+    frac = ((cells[:, None, :] + basis[None]) / 2.0).reshape(-1, 3)
+    box = np.array([[2 * a, 0, 0], [0.6, 2 * a, 0], [0.3, 0.4, 2 * a]])
+    types = np.array([0] * 16 + [1] * 10 + [2] * 6)
+    order = rng.permutation(32)
+    coords, boxes = [], []
+    for _ in range(nframes):
+        bx = box * (1 + 0.02 * rng.standard_normal())
+        c = frac[order] @ bx + 0.12 * rng.standard_normal((32, 3))
+        coords.append(c)
+        boxes.append(bx)
+    coords, boxes = np.array(coords), np.array(boxes)
+    energy = -3.5 * 32 + rng.standard_normal(nframes)
+    force = rng.standard_normal((nframes, 32, 3))
+    virial = rng.standard_normal((nframes, 9))
+    return write_system(path, coords, boxes, types, ["A", "B", "C"], energy, force, virial)
+
+
+def water_subset(path: Path, src: Path, nframes: int) -> Path:
+    s = src / "set.000"
+    coords = np.load(s / "coord.npy")[:nframes]
+    return write_system(
+        path,
+        coords,
+        np.load(s / "box.npy")[:nframes],
+        np.loadtxt(src / "type.raw", dtype=int),
+        (src / "type_map.raw").read_text().split(),
+        np.load(s / "energy.npy")[:nframes],
+        np.load(s / "force.npy")[:nframes],
+    )
+
+
+def fcc_config(train, valid, tos: bool, steps: int = 20, sel=(60, 40, 30), prec="float64") -> dict:
+    return {
+        "model": {
+            "type_map": ["A", "B", "C"],
+            "descriptor": {
+                "type": "se_e2_a", "sel": list(sel), "rcut_smth": 1.0, "rcut": 7.0,
+                "neuron": [8, 16], "resnet_dt": False, "axis_neuron": 4,
+                "type_one_side": tos, "precision": prec, "seed": 1,
+            },
+            "fitting_net": {"neuron": [16, 16], "resnet_dt": True, "precision": prec, "seed": 1},
+        },
+        "learning_rate": {"type": "exp", "decay_steps": 5, "start_lr": 0.001, "stop_lr": 3.51e-8},
+        "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
+                 "limit_pref_f": 1, "start_pref_v": 0.5, "limit_pref_v": 1},
+        "training": {
+            "training_data": {"systems": [str(p) for p in train], "batch_size": 1},
+            "validation_data": {"systems": [str(p) for p in valid], "batch_size": 1, "numb_btch": 1},
+            "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 10, "save_freq": 10,
+        },
+    }
+
+
+def water_config(train, valid, tos: bool, steps: int = 20) -> dict:
+    return {
+        "model": {
+            "type_map": ["O", "H"],
+            "descriptor": {"type": "se_e2_a", "sel": [46, 92], "rcut_smth": 0.5, "rcut": 6.0,
+                           "neuron": [25, 50, 100], "resnet_dt": False, "axis_neuron": 16,
+                           "type_one_side": tos, "precision": "float64", "seed": 1},
+            "fitting_net": {"neuron": [240, 240, 240], "resnet_dt": True, "precision": "float64", "seed": 1},
+        },
+        "learning_rate": {"type": "exp", "decay_steps": 5000, "start_lr": 0.001, "stop_lr": 3.51e-8},
+        "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
+                 "limit_pref_f": 1, "start_pref_v": 0, "limit_pref_v": 0},
+        "training": {
+            "training_data": {"systems": [str(p) for p in train], "batch_size": 1},
+            "validation_data": {"systems": [str(p) for p in valid], "batch_size": 1, "numb_btch": 1},
+            "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 10, "save_freq": 10,
+        },
+    }
+
+
+def build_trainer(cfg: dict, workdir: Path):
+    """Let upstream's own `dp --pt train` build the Trainer, and stop before training."""
+    from deepmd.main import main
+    from deepmd.pt.train import training
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "input.json").write_text(json.dumps(cfg))
+    box = {}
+    orig = training.Trainer.run
+
+    def grab(self):
+        box["trainer"] = self
+
+    old = os.getcwd()
+    training.Trainer.run = grab
+    try:
+        os.chdir(workdir)
+        main(["--pt", "train", "input.json"])
+    finally:
+        training.Trainer.run = orig
+        os.chdir(old)
+    return box["trainer"]
+
+
+def rel(a, b) -> float:
+    a = a.detach().reshape(-1)
+    b = b.detach().reshape(-1).to(a.dtype)
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("variantdata")
+    out = {
+        "fcc_train": [fcc_system(d / "fcc0", 4, 0), fcc_system(d / "fcc1", 3, 1)],
+        "fcc_valid": [fcc_system(d / "fccv", 2, 2)],
+    }
+    if (WATER / "data_0" / "set.000").is_dir():
+        out["water_train"] = [water_subset(d / "w0", WATER / "data_0", 3)]
+        out["water_valid"] = [water_subset(d / "w3", WATER / "data_3", 2)]
+    return out
+
+
+def frames_of(trainer, sid: int = 0, n: int = 3):
+    s = trainer.training_dataloader.dataset.systems[sid]
+    frs = [s[i] for i in range(min(n, len(s)))]
+    coord = torch.tensor(np.stack([f["coord"] for f in frs]))
+    atype = torch.tensor(np.stack([f["atype"] for f in frs])).long()
+    box = torch.tensor(np.stack([np.asarray(f["box"]) for f in frs]))
+    return frs, coord, atype, box
+
+
+
+def _upstream_batch(trainer, frame: dict, need_virial: bool):
+    inp = {
+        "coord": torch.tensor(np.asarray(frame["coord"]))[None],
+        "atype": torch.tensor(np.asarray(frame["atype"])).long()[None],
+        "box": torch.tensor(np.asarray(frame["box"]))[None],
+    }
+    label = {
+        "energy": torch.tensor(np.asarray(frame["energy"]))[None],
+        "force": torch.tensor(np.asarray(frame["force"]))[None],
+        "find_energy": frame["find_energy"],
+        "find_force": frame["find_force"],
+    }
+    if need_virial:
+        label["virial"] = torch.tensor(np.asarray(frame["virial"]))[None]
+        label["find_virial"] = frame["find_virial"]
+    return inp, label
+
+
