@@ -153,29 +153,8 @@ class FusedEngine(graph_engine.GraphEngine):
     # ---- used by the parity hooks too (no trainer)
     @classmethod
     def from_model(cls, model, device=None) -> "FusedEngine":
-        from deepmd.pt.utils import env
-
-        self = cls.__new__(cls)
-        am = model.atomic_model
-        self.am = am
-        self.sea = am.descriptor.sea
-        self.fit = am.fitting_net
-        sea = self.sea
-        self.device = torch.device(device) if device is not None else env.DEVICE
-        self.cuda = self.device.type == "cuda"
-        self.ntypes = sea.ntypes
-        self.sel = list(sea.sel)
-        self.sec = list(sea.sec)
-        self.nnei = sea.nnei
-        self.rcut = float(sea.rcut)
-        self.rcut_smth = float(sea.rcut_smth)
-        self.protection = float(getattr(sea, "env_protection", 0.0) or 0.0)
-        self.axis = sea.axis_neuron
-        self.ng = sea.filter_neuron[-1]
-        self.tos = sea.type_one_side
-        self.dprec = sea.prec
-        self.fprec = self.fit.prec
-        self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
+        """Predict-only engine (no trainer), via graph's own model set-up."""
+        self = cls.for_model(model, device)
         self._init_fused()
         return self
 
