@@ -295,6 +295,12 @@ def _fmt(x: Any, scale: float = 1.0, nd: int = 2) -> str:
     return f"{x * scale:.{nd}f}" if isinstance(x, (int, float)) else "-"
 
 
+def _acc_cell(col: str, x: Any) -> str:
+    if col == "numb_test":  # frames per validation system; 0 is dp test's "all of them"
+        return "all" if x == 0 else str(x)
+    return _fmt(x, 1, 5)
+
+
 def _verdict(v: Any) -> tuple[str, str]:
     s = str(v or "-")
     return {"pass": ("PASS", "pass"), "fail": ("FAIL", "fail"), "baseline": ("reference", "")}.get(s, (s, ""))
@@ -327,7 +333,7 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
             if a.get("dp_test") or a.get("verdict"):
                 verdict, vclass = _verdict(a.get("verdict"))
                 dt = a.get("dp_test") or {}
-                acc.append({"variant": r["variant"], "vals": [_fmt(dt.get(c), 1, 5) for c in acc_cols],
+                acc.append({"variant": r["variant"], "vals": [_acc_cell(c, dt.get(c)) for c in acc_cols],
                             "verdict": verdict, "vclass": vclass, "detail": a.get("detail") or ""})
         profiles = []
         for r in rs:
