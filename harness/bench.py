@@ -169,7 +169,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         t = r["timing"]
         n = r.get("world_size", 1)
-        med = t.get("step_s_median")
+        med = t.get("step_s_median") if r["status"] == "ok" else None  # a failed run has no speed
         b = base.get(n)
         ms = f"{med * 1e3:9.2f}" if med else f"{'-':>9}"
         iqr = f"{t['step_s_iqr'] * 1e3:8.2f}" if t.get("step_s_iqr") is not None else f"{'-':>8}"
