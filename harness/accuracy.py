@@ -110,15 +110,28 @@ def _tail(path: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-300:]
 
 
+def _tf_frozen_model(checkpoint: Path, out_dir: Path, env: dict[str, str], tree: Path) -> Path:
+    """A TensorFlow checkpoint is tested as a frozen graph: `dp --tf freeze` with the baseline build."""
+    frozen = out_dir / "frozen_model.pb"
+    cmd = train.launch_command(tree, (), ["--tf", "freeze", "-c", str(Path(checkpoint).parent), "-o", str(frozen)])
+    with open(out_dir / "dp_freeze.log", "w") as f:
+        r = subprocess.run(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=DP_TEST_TIMEOUT_S)
+    if r.returncode != 0 or not frozen.is_file():
+        raise RuntimeError(f"dp --tf freeze exit {r.returncode}: {_tail(out_dir / 'dp_freeze.log')}")
+    return frozen
+
+
 def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
-                  frames: int, tree: Path) -> tuple[subprocess.Popen, Path]:
+                  frames: int, tree: Path, backend: str = "pt") -> tuple[subprocess.Popen, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = out_dir / "dp_test_systems.txt"
     listing.write_text("".join(f"{Path(p).resolve()}\n" for p in validation))
     log = out_dir / "dp_test.log"
-    cmd = train.launch_command(tree, (), ["--pt", "test", "-m", str(Path(checkpoint).resolve()),
-                                          "-f", str(listing), "-n", str(int(frames))])
     env = train.subprocess_env(device, {"DPH_VARIANT": "baseline"}, out_dir)
+    model = _tf_frozen_model(checkpoint, out_dir, env, tree) if backend == "tf" else Path(checkpoint).resolve()
+    # the judge is always the unpatched baseline build, in the backend that wrote the model
+    cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "test", "-m", str(model),
+                                          "-f", str(listing), "-n", str(int(frames))])
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -412,7 +425,8 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     acc_dir = Path(rec.train.work_dir) / "accuracy"
     if rec.train.checkpoint is None:
         raise RuntimeError("training left no checkpoint")
-    dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree)
+    dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree,
+                            rec.run.variant.backend)
     if rec.run.variant.name == "baseline":
         # the reference of every variant's same-weights parity, computed once per sweep baseline
         ref_proc, ref_log, ref_out = start_reference(rec, tree)
@@ -433,17 +447,26 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     v = rec.run.variant
     s = rec.run.system
     out = acc_dir / "parity_variant.npz"
-    var_proc = start_parity_eval(v.tree, v.modules, v.env, v.name, rec.train.input_path, base.train.checkpoint,
-                                 s.validation[0], s.train[0], out, device)
-    ref_meta, ref = load_reference(base, baseline_tree([base]))
-    dp = finish_dp_test(*dp_proc, nframes)
-    var_meta, var = finish_parity_eval(*var_proc, out)
     reasons: list[str] = []
     notes: list[str] = []
     parity: dict[str, Any] | None = None
+    if v.backend != "pt":
+        # parity loads the baseline's PyTorch weights into the variant's model: for another backend
+        # that would only re-test PyTorch code, so the judge there is dp test against the seed spread
+        dp = finish_dp_test(*dp_proc, nframes)
+        var_meta = {"load": f"not applicable to the {v.backend} backend"}
+        ref_meta = {"load": "ok"}
+    else:
+        var_proc = start_parity_eval(v.tree, v.modules, v.env, v.name, rec.train.input_path,
+                                     base.train.checkpoint, s.validation[0], s.train[0], out, device)
+        ref_meta, ref = load_reference(base, baseline_tree([base]))
+        dp = finish_dp_test(*dp_proc, nframes)
+        var_meta, var = finish_parity_eval(*var_proc, out)
     if ref_meta.get("load") != "ok":
         raise RuntimeError(f"baseline parity reference: {ref_meta.get('load')}")
-    if var_meta.get("load") != "ok":
+    if v.backend != "pt":
+        notes.append(f"same-weights parity {var_meta['load']}")
+    elif var_meta.get("load") != "ok":
         notes.append("same-weights parity not applicable (the variant's parameters differ in shape: "
                      f"{str(var_meta.get('load'))[:120]})")
     else:

@@ -16,32 +16,44 @@ import time
 from pathlib import Path
 
 
-def _install_upstream_hooks(clock) -> None:
-    """Tick at every training step of upstream's loops, whichever backend `dp` picks."""
+# (module, class, method, which calls count as a training step) of each backend's loop
+STEP_HOOKS = {
+    "pt": ("deepmd.pt.train.training", "Trainer", "_next_training_batch", None),
+    "jax": ("deepmd.jax.train.trainer", "DPTrainer", "train_step", None),
+    # the TF loop builds a training feed dict once per step (validation passes is_training=False)
+    "tf": ("deepmd.tf.train.trainer", "DPTrainer", "get_feed_dict",
+           lambda a, k: k.get("is_training", a[1] if len(a) > 1 else False)),
+}
+
+
+def _install_upstream_hooks(clock, backend: str) -> None:
+    """Tick at every training step of the backend's upstream loop. Only that backend is imported:
+    importing the others would cost start-up time (and JAX/TF may grab GPU memory)."""
+    import importlib
+
+    if backend not in STEP_HOOKS:
+        return
+    mod_name, cls_name, meth, counts = STEP_HOOKS[backend]
     try:
-        from deepmd.pt.train import training as pt_training
-    except Exception:  # PT backend unavailable in this tree: no hook needed
-        pt_training = None
-    if pt_training is not None:
-        orig = pt_training.Trainer._next_training_batch
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except Exception:  # backend missing in this tree/environment: dp itself will say so
+        return
+    orig = getattr(cls, meth)
 
-        def _next_training_batch(self, *a, **k):
+    def hooked(self, *a, **k):
+        if counts is None or counts((self, *a), k):
             clock.tick("upstream")
-            return orig(self, *a, **k)
+        return orig(self, *a, **k)
 
-        pt_training.Trainer._next_training_batch = _next_training_batch
-    try:
-        from deepmd.jax.train import trainer as jax_trainer
-    except Exception:  # JAX absent: the JAX backend cannot run anyway
-        jax_trainer = None
-    if jax_trainer is not None:
-        orig_step = jax_trainer.DPTrainer.train_step
+    setattr(cls, meth, hooked)
 
-        def train_step(self, *a, **k):
-            clock.tick("upstream")
-            return orig_step(self, *a, **k)
 
-        jax_trainer.DPTrainer.train_step = train_step
+def _backend_of(dp_args: list[str]) -> str:
+    for flag, name in (("--pt", "pt"), ("--jax", "jax"), ("--tf", "tf"), ("--pytorch", "pt"),
+                       ("--tensorflow", "tf")):
+        if flag in dp_args:
+            return name
+    return "tf"  # dp's own default backend
 
 
 def _progress_writer(clock, path: Path) -> None:
@@ -105,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness import profile
 
         profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"])
-    _install_upstream_hooks(clock)
+    _install_upstream_hooks(clock, _backend_of(dp_args))
     for i, m in enumerate(args.module):
         spec = importlib.util.spec_from_file_location(f"dph_patch_{i}_{Path(m).stem}", m)
         assert spec and spec.loader
