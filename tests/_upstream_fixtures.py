@@ -198,3 +198,26 @@ def _upstream_batch(trainer, frame: dict, need_virial: bool):
     return inp, label
 
 
+def upstream_reference_step(tr, lr):
+    """One upstream Adam step (the body of Trainer._run's step) on training frame 1 at `lr`, then
+    the weights are put back. Returns params, their start values p0, upstream's loss and metrics,
+    gradients and updated values, so a variant's step can be compared from the same state."""
+    from types import SimpleNamespace
+
+    params = list(tr.wrapper.parameters())
+    p0 = [p.detach().clone() for p in params]
+    frame = tr.training_dataloader.dataset.systems[0][1]
+    inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
+    tr.optimizer.zero_grad(set_to_none=True)
+    for g in tr.optimizer.param_groups:
+        g["lr"] = lr
+    _, loss_u, more_u = tr.wrapper(**inp, cur_lr=lr, label=label)
+    loss_u.backward()
+    grads_u = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    tr.optimizer.step()
+    p1_u = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, v in zip(params, p0):
+            p.copy_(v)
+    return SimpleNamespace(params=params, p0=p0, frame=frame, loss_u=loss_u, more_u=more_u,
+                           grads_u=grads_u, p1_u=p1_u)

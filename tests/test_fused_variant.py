@@ -27,7 +27,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, torch,
+    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, torch,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -117,23 +117,10 @@ def _step_parity(case, data, tmp_path, compiled=False, batched=False):
     import fused_engine
 
     tr = build_trainer(_cfg(case, data), tmp_path)
-    params = list(tr.wrapper.parameters())
-    p0 = [p.detach().clone() for p in params]
     lr = tr.lr_schedule.value(3)
-    frame = tr.training_dataloader.dataset.systems[0][1]
-    inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
-    tr.optimizer.zero_grad(set_to_none=True)
-    for g in tr.optimizer.param_groups:
-        g["lr"] = lr
-    _, loss_u, more_u = tr.wrapper(**inp, cur_lr=lr, label=label)
-    loss_u.backward()
-    grads_u = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    tr.optimizer.step()
-    p1_u = [p.detach().clone() for p in params]
-
-    with torch.no_grad():
-        for p, v in zip(params, p0):
-            p.copy_(v)
+    ref = upstream_reference_step(tr, lr)  # upstream Adam step; weights restored after it
+    params, p0, grads_u, p1_u = ref.params, ref.p0, ref.grads_u, ref.p1_u
+    loss_u, more_u = ref.loss_u, ref.more_u
     eng = fused_engine.FusedEngine(tr)
     eng.batched = batched
     if compiled:

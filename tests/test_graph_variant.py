@@ -27,7 +27,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, TREE, torch, np,
+    fcc_config, water_config, build_trainer, rel, data, frames_of, upstream_reference_step, TREE, torch, np,
 )
 if str(VARIANT_DIR) not in sys.path:
     sys.path.insert(0, str(VARIANT_DIR))
@@ -90,26 +90,11 @@ def test_one_step_parity(case, data, tmp_path):
     else:
         cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=case.endswith("true"))
     tr = build_trainer(cfg, tmp_path)
-    params = list(tr.wrapper.parameters())
-    p0 = [p.detach().clone() for p in params]
     lr = tr.lr_schedule.value(3)  # a step where the loss prefactors are mid-schedule
-    frame = tr.training_dataloader.dataset.systems[0][1]
-
-    # upstream: the body of Trainer._run's step for Adam
-    inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
-    tr.optimizer.zero_grad(set_to_none=True)
-    for g in tr.optimizer.param_groups:
-        g["lr"] = lr
-    _, loss_u, more_u = tr.wrapper(**inp, cur_lr=lr, label=label)
-    loss_u.backward()
-    grads_u = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    tr.optimizer.step()
-    p1_u = [p.detach().clone() for p in params]
-
+    ref = upstream_reference_step(tr, lr)  # upstream Adam step; weights restored after it
+    params, p0, grads_u, p1_u = ref.params, ref.p0, ref.grads_u, ref.p1_u
+    loss_u, more_u = ref.loss_u, ref.more_u
     # graph engine (eager on CPU): same weights, same frame, same lr
-    with torch.no_grad():
-        for p, v in zip(params, p0):
-            p.copy_(v)
     eng = graph_engine.GraphEngine(tr)
     eng.build_data()
     eng.make_optimizer()
