@@ -452,18 +452,9 @@ class FusedEngine(graph_engine.GraphEngine):
         return ae, g
 
     def _predict_core(self, rt, jac, jidx, diff, tcount, bias):
-        B, nloc = rt.shape[:2]
         ae, g = (self.energy_and_grad_batched if self.batched else self.energy_and_grad)(rt, tcount, bias)
         energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
-        gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2).to(self.gprec)
-        fi = gd.sum(dim=2).reshape(B * nloc, 3)
-        fj = torch.zeros_like(fi).index_add(0, jidx.reshape(-1), gd.reshape(-1, 3))
-        force = (fi - fj).reshape(B, nloc, 3)
-        out = {"energy": energy, "force": force}
-        if diff is not None:
-            vir = -torch.einsum("bnka,bnkc->bac", diff.to(self.gprec), gd)
-            out["virial"] = vir.reshape(B, 9)
-        return out
+        return self.forces_from_grad(energy, g, jac, jidx, diff)
 
     def predict(self, rt, jac, jidx, diff, tcount, bias, create_graph):
         if self.autograd_forces:

@@ -20,7 +20,6 @@ replaces only the training loop:
 from __future__ import annotations
 
 import logging
-import math
 import os
 import sys
 import time
@@ -158,8 +157,6 @@ class Group:
 
 class GraphEngine:
     def __init__(self, trainer: Any, device: torch.device | None = None) -> None:
-        from deepmd.pt.utils import env
-
         check_supported(trainer)
         self.tr = trainer
         self._init_model(trainer.model, device)
@@ -280,13 +277,18 @@ class GraphEngine:
 
         jidx: B x nloc*nnei, neighbour index flattened over the batch (b*nloc + j).
         """
-        B, nloc, nnei = rt.shape[:3]
         if not rt.requires_grad:
             rt = rt.detach().requires_grad_(True)
         desc = self.descriptor(rt, tcount)
         ae = self.atomic_energy(desc, tcount, bias)  # B x nloc
         energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
         (g,) = torch.autograd.grad(energy.sum(), rt, create_graph=create_graph)
+        return self.forces_from_grad(energy, g, jac, jidx, diff)
+
+    def forces_from_grad(self, energy, g, jac, jidx, diff) -> dict[str, torch.Tensor]:
+        """Energy, forces and virial from g = dE/dR~ (B x nloc x nnei x 4), however g was obtained:
+        F_i = -dE/dr_i through the precomputed Jacobian, scattered to both atoms of each pair."""
+        B, nloc = g.shape[:2]
         # dE/d(r_j - r_i) for every pair: B x nloc x nnei x 3
         gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2).to(self.gprec)
         fi = gd.sum(dim=2).reshape(B * nloc, 3)
