@@ -106,40 +106,46 @@ def mlp_vjp(gy: torch.Tensor, layers: list, saved: list) -> torch.Tensor:
     return gy
 
 
+def layer_with_tangent(x, t, W, first_row, nin: int, bias, idt, tanh: bool, skip: int):
+    """One upstream MLPLayer forward (matmul, bias, tanh, idt, identity/concat skip) together with
+    its forward-mode tangent t = dx/ds. t None means ones: a width-1 first layer is then an
+    elementwise product with `first_row` (W's single input row, shaped to broadcast like W)."""
+    if t is None and nin == 1:
+        z = x * first_row
+        tz = first_row.expand_as(z)
+    else:
+        if t is None:
+            t = torch.ones_like(x)
+        zz = torch.matmul(torch.stack([x, t]), W)  # value and tangent share one GEMM
+        z, tz = zz[0], zz[1]
+    if bias is not None:
+        z = z + bias
+    if tanh:
+        a = torch.tanh(z)
+        ty = tz * (1.0 - a * a)
+    else:
+        a, ty = z, tz
+    if idt is not None:
+        a = a * idt
+        ty = ty * idt
+    tt = torch.ones_like(x) if t is None else t
+    if skip == 1:
+        a = a + x
+        ty = ty + tt
+    elif skip == 2:
+        a = a + torch.cat([x, x], dim=-1)
+        ty = ty + torch.cat([tt, tt], dim=-1)
+    return a, ty
+
+
 def embed_with_tangent(s: torch.Tensor, layers: list) -> tuple[torch.Tensor, torch.Tensor]:
     """G(s) and dG/ds for s (..., 1): forward-mode through the embedding MLP."""
     x = s.to(layers[0].prec)
     t = None  # tangent dx/ds; None == ones (..., 1)
     for layer in layers:
         nin, nout = layer.matrix.shape
-        W = layer.matrix
-        if t is None and nin == 1:
-            z = x * W[0]
-            tz = W[0].expand_as(z)
-        else:
-            if t is None:
-                t = torch.ones_like(x)
-            zz = torch.matmul(torch.stack([x, t]), W)
-            z, tz = zz[0], zz[1]
-        if layer.bias is not None:
-            z = z + layer.bias
-        if _is_tanh(layer):
-            a = torch.tanh(z)
-            ty = tz * (1.0 - a * a)
-        else:
-            a, ty = z, tz
-        if layer.idt is not None:
-            a = a * layer.idt
-            ty = ty * layer.idt
-        sk = _skip(layer, nin, nout)
-        tt = torch.ones_like(x) if t is None else t
-        if sk == 1:
-            a = a + x
-            ty = ty + tt
-        elif sk == 2:
-            a = a + torch.cat([x, x], dim=-1)
-            ty = ty + torch.cat([tt, tt], dim=-1)
-        x, t = a, ty
+        x, t = layer_with_tangent(x, t, layer.matrix, layer.matrix[0], nin, layer.bias, layer.idt,
+                                  _is_tanh(layer), _skip(layer, nin, nout))
     return x, t
 
 
@@ -355,33 +361,7 @@ class FusedEngine(graph_engine.GraphEngine):
         t = None
         for (W, b, idt, l0) in self._stacked([self.emb_layers[k] for k in P["nets"]]):
             nin, nout = l0.matrix.shape
-            if t is None and nin == 1:
-                z = x * W[:, :1, :]  # B K R out
-                tz = W[:, :1, :].expand_as(z)
-            else:
-                if t is None:
-                    t = torch.ones_like(x)
-                zz = torch.matmul(torch.stack([x, t]), W)
-                z, tz = zz[0], zz[1]
-            if b is not None:
-                z = z + b
-            if _is_tanh(l0):
-                a = torch.tanh(z)
-                ty = tz * (1.0 - a * a)
-            else:
-                a, ty = z, tz
-            if idt is not None:
-                a = a * idt
-                ty = ty * idt
-            sk = _skip(l0, nin, nout)
-            tt = torch.ones_like(x) if t is None else t
-            if sk == 1:
-                a = a + x
-                ty = ty + tt
-            elif sk == 2:
-                a = a + torch.cat([x, x], dim=-1)
-                ty = ty + torch.cat([tt, tt], dim=-1)
-            x, t = a, ty
+            x, t = layer_with_tangent(x, t, W, W[:, :1, :], nin, b, idt, _is_tanh(l0), _skip(l0, nin, nout))
         G, dG = x, t  # B K R ng
         ng = G.shape[-1]
         rr5 = rr.reshape(B, K, NA, S, 4)
