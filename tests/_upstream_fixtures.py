@@ -221,3 +221,44 @@ def upstream_reference_step(tr, lr):
             p.copy_(v)
     return SimpleNamespace(params=params, p0=p0, frame=frame, loss_u=loss_u, more_u=more_u,
                            grads_u=grads_u, p1_u=p1_u)
+
+
+def assert_engine_step_matches(eng, ref, lr, label: str, rtol: float) -> None:
+    """A graph-style engine's eager training step on training frame 1 (built data, fresh optimizer)
+    against `ref` = upstream_reference_step: loss, metrics, every gradient, the Adam update."""
+    eng.build_data()
+    eng.make_optimizer()
+    G = eng.groups[0]
+    idx = torch.tensor([1], device=eng.device)
+    eng.opt.zero_grad(set_to_none=True)
+    for g in eng.opt.param_groups:
+        g["lr"] = lr
+    # train_step split open, to look at the gradients before the update
+    rt, jac, jidx, diff, labels = eng.gather(G, idx)
+    pred = eng.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
+    loss_g, more_g = eng.loss_and_more(G, pred, labels, lr)
+    loss_u, more_u = ref.loss_u, ref.more_u
+    assert abs(float(loss_g.detach()) - float(loss_u.detach())) <= rtol * abs(float(loss_u))
+    for k in more_u:
+        if "l2_" not in k and torch.is_tensor(more_u[k]):
+            assert abs(float(more_g[k]) - float(more_u[k])) <= 1e-9 * abs(float(more_u[k])), k
+    loss_g.backward()
+    params, grads_u = ref.params, ref.grads_u
+    n_checked = 0
+    for p, gu in zip(params, grads_u):
+        if gu is None or gu.numel() == 0:
+            assert p.grad is None or p.grad.abs().max() == 0
+            continue
+        assert p.grad is not None
+        e = rel(p.grad, gu)
+        assert e <= rtol, f"{label}: gradient relative error {e:.3e} for a {tuple(p.shape)} parameter"
+        n_checked += 1
+    assert n_checked > 4
+    gall = torch.cat([p.grad.reshape(-1) for p, gu in zip(params, grads_u) if gu is not None and gu.numel()])
+    uall = torch.cat([gu.reshape(-1) for gu in grads_u if gu is not None and gu.numel()])
+    assert rel(gall, uall) <= rtol, f"{label}: gradient relative error {rel(gall, uall):.3e} (all parameters)"
+    eng.opt.step()
+    du = torch.cat([(a - b).reshape(-1) for a, b in zip(ref.p1_u, ref.p0)])
+    dg = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, ref.p0)])
+    assert float(du.norm()) > 0
+    assert rel(dg, du) <= rtol, f"{label}: parameter update relative error {rel(dg, du):.3e}"

@@ -27,7 +27,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, torch,
+    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, assert_engine_step_matches, torch,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -119,41 +119,11 @@ def _step_parity(case, data, tmp_path, compiled=False, batched=False):
     tr = build_trainer(_cfg(case, data), tmp_path)
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)  # upstream Adam step; weights restored after it
-    params, p0, grads_u, p1_u = ref.params, ref.p0, ref.grads_u, ref.p1_u
-    loss_u, more_u = ref.loss_u, ref.more_u
     eng = fused_engine.FusedEngine(tr)
     eng.batched = batched
     if compiled:
         eng.enable_compile()
-    eng.build_data()
-    eng.make_optimizer()
-    G = eng.groups[0]
-    idx = torch.tensor([1])
-    eng.opt.zero_grad(set_to_none=True)
-    for g in eng.opt.param_groups:
-        g["lr"] = lr
-    rt, jac, jidx, diff, labels = eng.gather(G, idx)
-    pred = eng.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
-    loss_g, more_g = eng.loss_and_more(G, pred, labels, lr)
-    assert abs(float(loss_g.detach()) - float(loss_u.detach())) <= RTOL * abs(float(loss_u))
-    for k in more_u:
-        if "l2_" not in k and torch.is_tensor(more_u[k]):
-            assert abs(float(more_g[k]) - float(more_u[k])) <= 1e-9 * abs(float(more_u[k])), k
-    loss_g.backward()
-    n_checked = 0
-    for p, gu in zip(params, grads_u):
-        if gu is None or gu.numel() == 0:
-            continue
-        assert p.grad is not None
-        e = rel(p.grad, gu)
-        assert e <= RTOL, f"{case}: gradient relative error {e:.3e} for a {tuple(p.shape)} parameter"
-        n_checked += 1
-    assert n_checked > 4
-    eng.opt.step()
-    du = torch.cat([(a - b).reshape(-1) for a, b in zip(p1_u, p0)])
-    dg = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
-    assert float(du.norm()) > 0
-    assert rel(dg, du) <= RTOL, f"parameter update relative error {rel(dg, du):.3e}"
+    assert_engine_step_matches(eng, ref, lr, case, RTOL)
 
 
 @pytest.mark.parametrize("case", ["fcc-tos-false", "fcc-tos-true", "water-tos-false", "fcc-tos-false-batched", "fcc-tos-true-batched"])

@@ -27,7 +27,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    fcc_config, water_config, build_trainer, rel, data, frames_of, upstream_reference_step, TREE, torch, np,
+    fcc_config, water_config, build_trainer, rel, data, frames_of, upstream_reference_step, assert_engine_step_matches, TREE, torch, np,
 )
 if str(VARIANT_DIR) not in sys.path:
     sys.path.insert(0, str(VARIANT_DIR))
@@ -92,44 +92,9 @@ def test_one_step_parity(case, data, tmp_path):
     tr = build_trainer(cfg, tmp_path)
     lr = tr.lr_schedule.value(3)  # a step where the loss prefactors are mid-schedule
     ref = upstream_reference_step(tr, lr)  # upstream Adam step; weights restored after it
-    params, p0, grads_u, p1_u = ref.params, ref.p0, ref.grads_u, ref.p1_u
-    loss_u, more_u = ref.loss_u, ref.more_u
     # graph engine (eager on CPU): same weights, same frame, same lr
     eng = graph_engine.GraphEngine(tr)
-    eng.build_data()
-    eng.make_optimizer()
-    G = eng.groups[0]
-    idx = torch.tensor([1], device=eng.device)
-    eng.opt.zero_grad(set_to_none=True)
-    for g in eng.opt.param_groups:
-        g["lr"] = lr
-    # split train_step to look at the gradients before the update
-    rt, jac, jidx, diff, labels = eng.gather(G, idx)
-    pred = eng.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
-    loss_g, more_g = eng.loss_and_more(G, pred, labels, lr)
-    assert abs(float(loss_g.detach()) - float(loss_u.detach())) <= RTOL * abs(float(loss_u))
-    for k in more_u:
-        if "l2_" not in k and torch.is_tensor(more_u[k]):
-            assert abs(float(more_g[k]) - float(more_u[k])) <= 1e-9 * abs(float(more_u[k])), k
-    loss_g.backward()
-    n_checked = 0
-    for p, gu in zip(params, grads_u):
-        if gu is None or gu.numel() == 0:
-            assert p.grad is None or p.grad.abs().max() == 0
-            continue
-        assert p.grad is not None
-        e = rel(p.grad, gu)
-        assert e <= RTOL, f"{case}: gradient relative error {e:.3e} for a {tuple(p.shape)} parameter"
-        n_checked += 1
-    assert n_checked > 4
-    gall = torch.cat([p.grad.reshape(-1) for p, gu in zip(params, grads_u) if gu is not None and gu.numel()])
-    uall = torch.cat([gu.reshape(-1) for gu in grads_u if gu is not None and gu.numel()])
-    assert rel(gall, uall) <= RTOL, f"{case}: gradient relative error {rel(gall, uall):.3e} (all parameters)"
-    eng.opt.step()
-    du = torch.cat([(a - b).reshape(-1) for a, b in zip(p1_u, p0)])
-    dg = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
-    assert float(du.norm()) > 0
-    assert rel(dg, du) <= RTOL, f"parameter update relative error {rel(dg, du):.3e}"
+    assert_engine_step_matches(eng, ref, lr, case, RTOL)
 
 
 def test_refuses_unsupported(data, tmp_path):
