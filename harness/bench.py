@@ -27,6 +27,9 @@ class BenchRequest:
     runs_dir: Path = results.RUNS
     work_root: Path = results.WORK
     gpus: list[int] = field(default_factory=lambda: [1])  # GPU counts to measure, each a run per variant
+    # >1: time every variant first, then run the accuracy gates (baseline's first) this many at a
+    # time. Gates never overlap a timed run, and the sweep's wall time drops by about half.
+    gate_jobs: int = 1
 
 
 def resolve_device(device: str) -> str:
@@ -94,11 +97,20 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
 
 def run(req: BenchRequest, log: Callable[[str], None] = print,
         accuracy_stage: Callable[..., AccuracyResult] | None = None) -> list[dict[str, Any]]:
+    if req.gate_jobs < 1:
+        raise UserError(f"--gate-jobs must be at least 1, not {req.gate_jobs}")
     prep = prepare(req, log)
     sweep = req.sweep_id or results.new_sweep_id()
     env = environment.capture()
-    out: list[dict[str, Any]] = []
-    records: list[RunRecord] = []
+    deferred = req.gate_jobs > 1 and accuracy_stage is not None and req.accuracy
+    records: list[RunRecord] = []  # gated (or final) records, in the order they were written
+    trained: list[RunRecord] = []  # every run, in training order (the table's order)
+    paths: dict[str, Path] = {}
+
+    def finish(rec: RunRecord) -> None:
+        paths[rec.run.run_id] = results.write_run(rec, req.runs_dir)
+        records.append(rec)
+
     for b, ngpu in [(b, n) for b in prep.built for n in req.gpus]:
         rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
@@ -110,22 +122,61 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
         _end_progress()
         tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s)
         rec = RunRecord(run=spec, train=tr, timing=tm, environment=env)
-        if tr.status == "ok" and accuracy_stage is not None and req.accuracy:
-            rec.accuracy = accuracy_stage(rec, records)
         if req.profile and tr.status == "ok":
             from . import profile
 
             rec.profile = profile.summarise(tr.work_dir)
-        path = results.write_run(rec, req.runs_dir)
-        records.append(rec)
-        d = results.to_dict(rec)
-        d["_path"] = str(path)
-        out.append(d)
+        trained.append(rec)
         if tr.status != "ok":
             log(f"[{b.name}] {tr.status.upper()}: {tr.error}")
+        if tr.status == "ok" and accuracy_stage is not None and req.accuracy and not deferred:
+            rec.accuracy = accuracy_stage(rec, records)
+        if not deferred or tr.status != "ok":
+            finish(rec)
         if tr.status == "interrupted":
             break
+    if deferred:
+        _deferred_gates(trained, records, finish, accuracy_stage, req.gate_jobs,
+                        interrupted=any(r.train.status == "interrupted" for r in trained), log=log)
+    out: list[dict[str, Any]] = []
+    for rec in trained:
+        d = results.to_dict(rec)
+        d["_path"] = str(paths[rec.run.run_id])
+        out.append(d)
     return out
+
+
+def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: Callable[[RunRecord], None],
+                    accuracy_stage: Callable[..., AccuracyResult], jobs: int, *, interrupted: bool,
+                    log: Callable[[str], None]) -> None:
+    """The accuracy gates of a sweep whose runs are all timed: baselines first (every variant's
+    parity reference and dp-test comparison comes from them), then the rest `jobs` at a time.
+    Each record is written as soon as its gate has judged it."""
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    todo = [r for r in trained if r.train.status == "ok"]
+    if interrupted:  # a stopped sweep keeps what it trained, said to be unjudged
+        for rec in todo:
+            rec.accuracy = AccuracyResult(detail="not judged: the sweep was interrupted before its gates ran")
+            finish(rec)
+        return
+    bases = [r for r in todo if r.run.variant.name == "baseline"]
+    rest = [r for r in todo if r.run.variant.name != "baseline"]
+    for rec in bases:
+        log(f"[{rec.run.variant.name}] accuracy gate")
+        rec.accuracy = accuracy_stage(rec, list(records))
+        finish(rec)
+    if not rest:
+        return
+    log(f"accuracy gates of {len(rest)} runs, {jobs} at a time")
+    judged_against = list(records)
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futs = {pool.submit(accuracy_stage, rec, judged_against): rec for rec in rest}
+        for f in as_completed(futs):
+            rec = futs[f]
+            rec.accuracy = f.result()  # accuracy_stage never raises: a crash is a fail verdict
+            log(f"[{rec.run.variant.name}] gate: {(rec.accuracy.verdict or 'not judged').upper()}")
+            finish(rec)
 
 
 def _progress_bar(name: str):

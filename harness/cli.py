@@ -29,7 +29,7 @@ def _bench(a: argparse.Namespace) -> int:
         seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
         upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
         runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
-        gpus=distributed.parse_gpus(a.gpus),
+        gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs,
     )
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
     print(bench.format_table(rows))
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
     b.add_argument("--gpus", default="1", help="GPU counts to measure, comma list (e.g. 1,2,4): torchrun DDP "
                    "for N>1, one run per variant and count; see docs/distributed.md")
+    b.add_argument("--gate-jobs", type=int, default=1, metavar="N",
+                   help="N>1: time all variants first, then run N accuracy gates at a time (baseline's "
+                        "first); gates never overlap a timed run")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("tune", help="find the fastest legal precision/type_one_side setting that passes the gate")

@@ -135,9 +135,12 @@ def sweep(tiny_system: Path, tmp_path_factory):
         return res
 
     req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "broken-force"],
-                             steps=STEPS, device="cpu", seed=7, runs_dir=tmp / "runs", work_root=tmp / "work")
+                             steps=STEPS, device="cpu", seed=7, runs_dir=tmp / "runs", work_root=tmp / "work",
+                             gate_jobs=2)  # the deferred, concurrent gates (what GPU sweeps use)
     rows = bench.run(req, log=lambda m: None, accuracy_stage=capture)
     assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("error") for r in rows]
+    order = [r["run_id"] for r in rows]
+    seen.sort(key=lambda rec: order.index(rec.run.run_id))  # the gates ran concurrently
     return rows, seen, tmp
 
 

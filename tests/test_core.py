@@ -259,3 +259,69 @@ def test_concurrent_builds_from_threads_of_one_process_give_one_valid_tree(tmp_p
     assert (built[0].tree / "deepmd" / "main.py").is_file()
     assert (built[0].tree / "deepmd" / "pt" / "train" / "training.py").is_file()
     assert not list((tmp_path / "b").glob(".tmp-*"))
+
+
+# ---------------------------------------------------------------- deferred accuracy gates
+
+def _fake_training(events: list[str]):
+    """train.run_training stand-in: records the order of events, writes nothing heavy."""
+    from harness.records import TrainResult
+
+    def run_training(spec, progress=None):
+        events.append(f"train {spec.variant.name}")
+        wd = Path(spec.work_dir)
+        wd.mkdir(parents=True, exist_ok=True)
+        return TrainResult(status="ok", error=None, step_s=[0.01] * 20, clock="host", startup_s=1.0, wall_s=1.2,
+                           gpu_peak_bytes=None, work_dir=wd, checkpoint=wd / "model.pt", lcurve=None,
+                           input_path=wd / "input.json", log_path=wd / "train.log")
+
+    return run_training
+
+
+def test_gate_jobs_times_every_variant_before_any_variant_gate(tiny_system, tmp_path, monkeypatch):
+    import threading
+    import time as _time
+
+    from harness import bench, train
+    from harness.records import AccuracyResult
+
+    events: list[str] = []
+    monkeypatch.setattr(train, "run_training", _fake_training(events))
+    running, peak, lock = [0], [0], threading.Lock()
+
+    def gate(rec, previous):
+        name = rec.run.variant.name
+        events.append(f"gate {name}")
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        _time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+        if name == "baseline":
+            return AccuracyResult(verdict="baseline", detail="reference")
+        assert any(p.run.variant.name == "baseline" and p.accuracy for p in previous)  # judged against it
+        return AccuracyResult(verdict="pass", detail="ok")
+
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos", "fp32-tos"], steps=20,
+                             device="cpu", runs_dir=tmp_path / "runs", work_root=tmp_path / "work", gate_jobs=3)
+    rows = bench.run(req, log=lambda m: None, accuracy_stage=gate)
+    trains = [i for i, e in enumerate(events) if e.startswith("train")]
+    gates = [i for i, e in enumerate(events) if e.startswith("gate")]
+    assert max(trains) < min(gates), events  # no gate overlaps a timed run
+    assert events[min(gates)] == "gate baseline"
+    assert peak[0] >= 2  # the variants' gates ran concurrently
+    assert [r["variant"] for r in rows] == ["baseline", "fp32", "tos", "fp32-tos"]  # table keeps sweep order
+    assert [r["accuracy"]["verdict"] for r in rows] == ["baseline", "pass", "pass", "pass"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(Path(r["_path"]).name for r in rows)
+
+
+def test_gate_jobs_below_one_is_bad_input(tiny_system, tmp_path):
+    from harness import bench
+    from harness.errors import UserError
+
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline"], device="cpu",
+                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", gate_jobs=0)
+    with pytest.raises(UserError, match="gate-jobs"):
+        bench.run(req, log=lambda m: None, accuracy_stage=lambda r, p: None)
+    assert not (tmp_path / "runs").exists()
