@@ -7,8 +7,9 @@
 #   LANE0="bench water baseline,tos,graph,fused" \
 #   LANE1="bench copper baseline,tos,graph; profile water baseline,graph" \
 #   STEPS=200 GATE_JOBS=3 LANE_BUDGET_S=540 bash .ci/gpu-lanes.sh
-# A lane is a ';'-separated list of "bench SYSTEM V1,V2,..." or "profile SYSTEM V1,V2,..." run in
-# order; a lane that outlives LANE_BUDGET_S is cut (records written so far stay).
+# A lane is a ';'-separated list of "bench SYSTEM V1,V2,..." or "profile SYSTEM V1,V2,... [K]" run
+# in order (K: Nsight Compute metrics for the top K kernels of each profiled variant); a lane that
+# outlives LANE_BUDGET_S is cut (records written so far stay).
 set -u
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -27,7 +28,7 @@ if ! make venv > "$OUT/venv.log" 2>&1; then
 fi
 py=$PWD/.venv/bin/python
 # build every variant once, before the lanes start (the lanes would otherwise race to build)
-all=$(for i in 0 1 2 3 4 5 6 7; do v="LANE$i"; echo "${!v:-}"; done | tr ';' '\n' | awk 'NF==3{print $3}' | tr ',' '\n' | sort -u)
+all=$(for i in 0 1 2 3 4 5 6 7; do v="LANE$i"; echo "${!v:-}"; done | tr ';' '\n' | awk 'NF>=3{print $3}' | tr ',' '\n' | sort -u)
 $py -m harness build $all > "$OUT/build.log" 2>&1 || { tail -5 "$OUT/build.log"; exit 2; }
 cores=$(nproc)
 lanes=0; for i in 0 1 2 3 4 5 6 7; do v="LANE$i"; [ -n "${!v:-}" ] && lanes=$((i + 1)); done
@@ -39,7 +40,7 @@ run_lane() {  # $1 = lane index, $2 = lane spec
   local i=$1 spec=$2 first=$(($1 * per)) last=$(($1 * per + per - 1))
   IFS=';' read -ra cmds <<< "$spec"
   for c in "${cmds[@]}"; do
-    read -r what sys vs <<< "$c"
+    read -r what sys vs k <<< "$c"
     [ -n "${what:-}" ] || continue
     local args=""; for v in ${vs//,/ }; do args="$args --variant $v"; done
     echo "== lane $i (GPU $i, cores $first-$last): $what $sys $vs"
@@ -48,7 +49,7 @@ run_lane() {  # $1 = lane index, $2 = lane spec
         $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS"
     elif [ "$what" = profile ]; then
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per taskset -c "$first-$last" \
-        $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE"
+        $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE" ${k:+--ncu $k}
     else
       echo "gpu-lanes: unknown lane command '$what' (bench|profile)"
     fi
