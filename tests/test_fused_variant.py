@@ -8,7 +8,11 @@
 3. the accuracy-gate hooks (parity_forward / parity_train_step) registered by the patch module;
 4. torch.compile (Inductor, CPU C++ backend) of the analytic energy+force function: same
    forces and gradients (skipped only if Inductor cannot compile here);
-5. the precision-flavour manifests resolve (fused-fp32, fused-mixed) and float32 forces.
+5. the precision-flavour manifests resolve (fused-fp32, fused-mixed) and float32 forces;
+6. on-the-fly geometry (fused's default): R~ and its closed-form Jacobian from the stored
+   displacements vs the precomputed (autograd) ones, incl. padding, pairs at rcut_smth and
+   rcut, a small periodic cell whose images matter, protection > 0, float32; and the engine's
+   predictions in both modes.
 
 Upstream tree: env var DPH_UPSTREAM_TREE, else the harness's own cached baseline build.
 """
@@ -40,10 +44,11 @@ FTOL = 1e-12
 
 # ----------------------------------------------------------------------------- data
 def _geometry(eng, coord, atype, box):
+    """Precomputed geometry (rt, jac, jidx, diff) whatever the engine's mode."""
     nf, nloc = coord.shape[0], coord.reshape(coord.shape[0], -1, 3).shape[1]
     at = atype.reshape(nf, -1)[0]
     tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
-    geom = eng.frames_geometry(coord, at, box)
+    geom = eng.frames_geometry(coord, at, box, env=True)
     jidx = geom["jidx"].long() + (torch.arange(nf) * nloc)[:, None, None]
     return geom, jidx, tcount
 
@@ -81,6 +86,12 @@ def test_analytic_forces_match_autograd(case, data, tmp_path):
     for k in ("energy", "force", "virial"):
         e = rel(fused[k], auto[k])
         assert e <= FTOL, f"{case}: {k} analytic vs autograd relative error {e:.3e}"
+    # on-the-fly geometry (the default): R~ and its Jacobian formed from diff in the core
+    assert eng.geom_mode == "onthefly"
+    otf = eng._predict_core(None, None, jidx, geom["diff"], tcount, bias)
+    for k in ("energy", "force", "virial"):
+        e = rel(otf[k], fused[k])
+        assert e <= FTOL, f"{case}: {k} on-the-fly vs precomputed geometry relative error {e:.3e}"
     nf = coord.shape[0]
     ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
     out = eng.predict_frames(coord, atype, box)
@@ -233,3 +244,130 @@ def test_forces_float32(data, tmp_path):
     assert rel(out["energy"], ref["energy"]) < 1e-6
     assert rel(out["force"], ref["force"]) < 1e-4
     assert rel(out["virial"], ref["virial"]) < 1e-4
+
+
+# ------------------------------------------------------- 6. on-the-fly geometry
+def _cell(seed, a=3.61, ncell=2, jitter=0.1):
+    """fcc cell (copper-like, 2 types), triclinic, ncell^3 conventional cells."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.tensor([[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]], dtype=torch.float64)
+    cells = torch.tensor([[i, j, k] for i in range(ncell) for j in range(ncell) for k in range(ncell)], dtype=torch.float64)
+    frac = ((cells[:, None] + basis[None]) / ncell).reshape(-1, 3)
+    box = torch.tensor([[ncell * a, 0, 0], [0.3, ncell * a, 0], [0.2, -0.25, ncell * a]], dtype=torch.float64)
+    nat = frac.shape[0]
+    coord = frac @ box + jitter * torch.randn(nat, 3, dtype=torch.float64, generator=g)
+    atype = torch.tensor([0] * (nat - nat // 3) + [1] * (nat // 3))
+    return coord[None], atype, box.reshape(1, 9)
+
+
+def _env_cases():
+    """(coord, atype, box, rcut, rcut_smth, sel, protection): images beyond the nearest one
+    (rcut > cell), padding (sel > neighbours), truncation, and pairs put at rcut_smth / rcut."""
+    import graph_geometry as geo
+
+    coord, atype, box = _cell(0)
+    cases = [(coord, atype, box, 8.0, 2.0, [180, 120], 0.0),  # 5x5x5 images, padding
+             (coord, atype, box, 8.0, 2.0, [100, 30], 0.3),  # truncated, protection
+             (coord, atype, None, 5.0, 0.5, [20, 12], 0.0)]  # no periodicity
+    # rcut_smth / rcut placed 1e-7 around actual pair distances (both sides of each)
+    _, diff, mask = geo.batch_neighbors(coord, atype, box, 6.0, [300, 200])
+    r = torch.unique(diff.norm(dim=-1)[mask])
+    d_s, d_c = float(r[len(r) // 8]), float(r[(7 * len(r)) // 8])
+    cases.append((coord, atype, box, d_c + 1e-7, d_s - 1e-7, [300, 200], 0.0))
+    cases.append((coord, atype, box, d_c - 1e-7, d_s + 1e-7, [300, 200], 0.0))
+    return cases
+
+
+def test_onthefly_env_matches_precomputed():
+    """Closed-form R~ / dR~/dd / g.dR~/dd vs the precomputed (autograd) ones, float64.
+
+    Near rcut the reference autograd derivative of the switch polynomial (expanded form) loses
+    relative precision by cancellation (e.g. 2e-11 relative at 1e-3 A below rcut, checked with
+    mpmath) while the closed form uses -30 u^2 (u-1)^2; so entries are compared on the scale of
+    the whole tensor (max abs error / max abs value) as well as in norm, both <= 1e-14."""
+    import graph_geometry as geo
+
+    g = torch.Generator().manual_seed(1)
+    near = {"smth": 0, "rcut": 0, "pad": 0}
+    for coord, atype, box, rcut, rs, sel, prot in _env_cases():
+        jloc, diff, mask = geo.batch_neighbors(coord, atype, box, rcut, sel)
+        nnei = sum(sel)
+        davg = 0.1 * torch.randn(2, nnei, 4, dtype=torch.float64, generator=g)
+        dstd = 0.5 + torch.rand(2, nnei, 4, dtype=torch.float64, generator=g)
+        ct = atype[None]
+        rt0, jac0 = geo.env_and_jacobian(diff, mask, ct, davg, dstd, rcut, rs, prot)
+        rt1, fac = geo.env_closed_form(diff, davg[ct], dstd[ct], rcut, rs, prot)
+        jac1 = geo.jacobian_dense(diff, fac)
+        gr = torch.randn(rt0.shape, dtype=torch.float64, generator=g)
+        v0 = torch.matmul(gr.unsqueeze(-2), jac0).squeeze(-2)
+        v1 = geo.jacobian_vjp(gr, diff, fac)
+        for name, x, y in (("rt", rt1, rt0), ("jac", jac1, jac0), ("vjp", v1, v0)):
+            assert rel(x, y) <= 1e-14, f"{name} rcut={rcut} rs={rs}: norm relative {rel(x, y):.2e}"
+            e = float((x - y).abs().max() / y.abs().max())
+            assert e <= 1e-14, f"{name} rcut={rcut} rs={rs}: max abs error / max {e:.2e}"
+        # padding entries: exactly -davg/dstd and a zero Jacobian
+        pad = ~mask
+        near["pad"] += int(pad.sum())
+        assert torch.equal(rt1[pad], (-davg[ct] / dstd[ct])[pad])
+        assert torch.equal(jac1[pad], torch.zeros_like(jac1[pad]))
+        rr = diff.norm(dim=-1)[mask]
+        near["smth"] += int(((rr - rs).abs() < 1e-6).sum())
+        near["rcut"] += int(((rr - rcut).abs() < 1e-6).sum())
+    assert near["smth"] >= 2 and near["rcut"] >= 1 and near["pad"] > 0, near  # edge cases exercised
+
+
+def test_onthefly_env_float32():
+    import graph_geometry as geo
+
+    coord, atype, box, rcut, rs, sel, prot = _env_cases()[0]
+    jloc, diff, mask = geo.batch_neighbors(coord, atype, box, rcut, sel)
+    nnei = sum(sel)
+    davg = torch.zeros(2, nnei, 4, dtype=torch.float64)
+    dstd = torch.ones(2, nnei, 4, dtype=torch.float64)
+    ct = atype[None]
+    rt0, jac0 = geo.env_and_jacobian(diff, mask, ct, davg, dstd, rcut, rs, prot)
+    d32 = diff.to(torch.float32)
+    rt1, fac = geo.env_closed_form(d32, davg[ct].float(), dstd[ct].float(), rcut, rs, prot)
+    jac1 = geo.jacobian_dense(d32, fac)
+    assert rt1.dtype == torch.float32 and jac1.dtype == torch.float32
+    assert rel(rt1, rt0) < 1e-6 and rel(jac1, jac0) < 1e-6
+
+
+def test_onthefly_engine_storage(data, tmp_path):
+    """fused keeps only jidx + diff per frame (no R~ / Jacobian); its step gathers no rt/jac;
+    graph stays precomputed; DPH_GEOM switches either engine."""
+    import fused_engine
+
+    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    eng = fused_engine.FusedEngine(tr)
+    eng.build_data()
+    G = eng.groups[0]
+    assert G["rt"] is None and G["jac"] is None and G["diff"] is not None
+    nloc, nnei = G["nloc"], eng.nnei
+    nfr = G["jidx"].shape[0]
+    per_pair = 4 + 8 * 3  # int32 index + float64 displacement
+    labels = sum(v.numel() * v.element_size() for v in G["labels"].values())
+    assert G["nbytes"] == nfr * nloc * nnei * per_pair + labels
+    rt, jac, jidx, diff, _ = eng.gather(G, torch.tensor([0]))
+    assert rt is None and jac is None and diff.shape == (1, nloc, nnei, 3)
+    GraphEngine = fused_engine.FusedEngine.__bases__[0]  # graph_engine.GraphEngine may be patched (gate hooks)
+    geng = GraphEngine(tr)
+    assert geng.geom_mode == "precomputed"
+    old = os.environ.get("DPH_GEOM")
+    try:
+        os.environ["DPH_GEOM"] = "precomputed"
+        assert fused_engine.FusedEngine(tr).geom_mode == "precomputed"
+        os.environ["DPH_GEOM"] = "onthefly"
+        geng2 = GraphEngine(tr)
+        assert geng2.geom_mode == "onthefly"
+        # graph's autograd path in on-the-fly mode agrees with its precomputed path
+        _, coord, atype, box = frames_of(tr)
+        a = geng.predict_frames(coord, atype, box)
+        b = geng2.predict_frames(coord, atype, box)
+        for k in ("energy", "force", "virial"):
+            assert rel(b[k], a[k]) <= FTOL, k
+    finally:
+        if old is None:
+            os.environ.pop("DPH_GEOM", None)
+        else:
+            os.environ["DPH_GEOM"] = old

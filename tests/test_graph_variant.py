@@ -136,16 +136,24 @@ def _clean_pythonpath() -> str:
     return os.pathsep.join([str(TREE), *keep])
 
 
-def test_end_to_end_train_then_upstream_test(data, tmp_path):
+@pytest.mark.parametrize("variant", ["graph", "fused"])
+def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
+    """graph (precomputed geometry) and fused (its patch module on top of graph's; on-the-fly
+    geometry, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, steps=20)
     (tmp_path / "input.json").write_text(json.dumps(cfg))
+    chain = [VARIANT_DIR / "graph_trainer.py"] + ([REPO / "patches" / "fused" / "fused_trainer.py"] if variant == "fused" else [])
+    load = "".join(
+        f"spec = importlib.util.spec_from_file_location('{m.stem}', {str(m)!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        for m in chain
+    )
     driver = (
         "import sys, importlib.util\n"
         f"sys.path.insert(0, {str(TREE)!r}); sys.path.insert(1, {str(REPO)!r})\n"
         "from harness import runtime\n"
-        f"spec = importlib.util.spec_from_file_location('graph_trainer', {str(VARIANT_DIR / 'graph_trainer.py')!r})\n"
-        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "from deepmd.main import main\n"
+        + load
+        + "from deepmd.main import main\n"
         "main(['--pt', 'train', 'input.json'])\n"
         "assert runtime.clock.owner == 'graph', runtime.clock.owner\n"
         "print('TICKS', len(runtime.clock._host))\n"
@@ -155,6 +163,8 @@ def test_end_to_end_train_then_upstream_test(data, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "TICKS 20" in p.stdout
     assert "graph: group" in p.stderr + p.stdout and "bytes" in p.stderr + p.stdout
+    mode = {"graph": "precomputed", "fused": "onthefly"}[variant]
+    assert f"({mode} mode;" in p.stderr + p.stdout
     lines = (tmp_path / "lcurve.out").read_text().splitlines()
     assert lines[0].split()[:2] == ["#", "step"]
     assert "rmse_e_val" in lines[0] and "rmse_f_trn" in lines[0] and "rmse_v_trn" in lines[0]

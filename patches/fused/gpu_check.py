@@ -134,7 +134,7 @@ def run(self):
         eng.batched = mode != "loop"
         if mode == "compiled":
             eng.enable_compile()
-        o = eng.predict(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, eng.out_bias_per_type(), create_graph=True)
+        o = eng.predict(geom.get("rt"), geom.get("jac"), jidx, geom["diff"], tcount, eng.out_bias_per_type(), create_graph=True)
         l = (o["force"] ** 2).sum() + o["energy"].sum() ** 2
         gs = torch.autograd.grad(l, params, allow_unused=True)
         eng.autograd_forces = False

@@ -156,6 +156,8 @@ class Group:
 
 
 class GraphEngine:
+    geom_default = "precomputed"  # graph's eager step would pay extra kernels for on-the-fly
+
     def __init__(self, trainer: Any, device: torch.device | None = None) -> None:
         check_supported(trainer)
         self.tr = trainer
@@ -200,6 +202,12 @@ class GraphEngine:
         self.dprec = sea.prec
         self.fprec = self.fit.prec
         self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
+        # "precomputed": R~ and dR~/dr of every training frame kept on the device;
+        # "onthefly": only neighbour indices and displacements kept, R~ and its Jacobian
+        # computed in the step (closed form, graph_geometry.env_closed_form)
+        self.geom_mode = os.environ.get("DPH_GEOM", self.geom_default)
+        if self.geom_mode not in ("precomputed", "onthefly"):
+            raise ValueError(f"DPH_GEOM={self.geom_mode!r} (precomputed | onthefly)")
 
     # ----------------------------------------------------------------- forward
     def out_bias_per_type(self) -> torch.Tensor:
@@ -265,32 +273,67 @@ class GraphEngine:
 
     def predict(
         self,
-        rt: torch.Tensor,
-        jac: torch.Tensor,
+        rt: torch.Tensor | None,
+        jac: torch.Tensor | None,
         jidx: torch.Tensor,
         diff: torch.Tensor | None,
         tcount: list[int],
         bias: torch.Tensor,
         create_graph: bool,
+        virial: bool | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Energy (B x 1), force (B x nloc x 3), virial (B x 9) from precomputed geometry.
+        """Energy (B x 1), force (B x nloc x 3), virial (B x 9).
 
+        rt/jac: precomputed R~ and dR~/dr, or None (on-the-fly mode: both from diff).
         jidx: B x nloc*nnei, neighbour index flattened over the batch (b*nloc + j).
+        virial: None = when diff is given and the engine needs it (see want_virial).
         """
+        virial = self.want_virial(diff, virial)
+        factors = None
+        if rt is None:
+            rt, factors = self.env_from_diff(diff, tcount)
         if not rt.requires_grad:
             rt = rt.detach().requires_grad_(True)
         desc = self.descriptor(rt, tcount)
         ae = self.atomic_energy(desc, tcount, bias)  # B x nloc
         energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
         (g,) = torch.autograd.grad(energy.sum(), rt, create_graph=create_graph)
-        return self.forces_from_grad(energy, g, jac, jidx, diff)
+        if factors is not None:
+            return self.forces_from_pair_grad(energy, geo.jacobian_vjp(g, diff, factors), jidx, diff if virial else None)
+        return self.forces_from_grad(energy, g, jac, jidx, diff if virial else None)
+
+    def want_virial(self, diff, virial: bool | None) -> bool:
+        if virial is None:
+            virial = getattr(self, "need_virial", True)
+        return bool(virial) and diff is not None
+
+    def center_stats(self, tcount, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """davg, dstd of every (type-sorted) centre atom: nloc x nnei x 4 (device ops on the
+        constant buffers only: capturable, and constant-folded by Inductor)."""
+        avg, std = [], []
+        for t, na in enumerate(tcount):
+            if na:
+                avg.append(self.sea.mean[t : t + 1].expand(na, -1, -1))
+                std.append(self.sea.stddev[t : t + 1].expand(na, -1, -1))
+        return torch.cat(avg).to(dtype), torch.cat(std).to(dtype)
+
+    def env_from_diff(self, diff: torch.Tensor, tcount):
+        """On-the-fly R~ (B x nloc x nnei x 4) and the factors of its closed-form Jacobian."""
+        avg, std = self.center_stats(tcount, diff.dtype)
+        return geo.env_closed_form(diff, avg, std, self.rcut, self.rcut_smth, self.protection)
 
     def forces_from_grad(self, energy, g, jac, jidx, diff) -> dict[str, torch.Tensor]:
         """Energy, forces and virial from g = dE/dR~ (B x nloc x nnei x 4), however g was obtained:
         F_i = -dE/dr_i through the precomputed Jacobian, scattered to both atoms of each pair."""
-        B, nloc = g.shape[:2]
         # dE/d(r_j - r_i) for every pair: B x nloc x nnei x 3
-        gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2).to(self.gprec)
+        gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2)
+        return self.forces_from_pair_grad(energy, gd, jidx, diff)
+
+    def forces_from_pair_grad(self, energy, gd, jidx, diff) -> dict[str, torch.Tensor]:
+        """gd = dE/d(r_j - r_i) (B x nloc x nnei x 3): forces on both atoms of each pair; the virial
+        when diff is given."""
+        B, nloc = gd.shape[:2]
+        gd = gd.to(self.gprec)
         fi = gd.sum(dim=2).reshape(B * nloc, 3)
         fj = torch.zeros_like(fi).index_add(0, jidx.reshape(-1), gd.reshape(-1, 3))
         force = (fi - fj).reshape(B, nloc, 3)
@@ -302,24 +345,32 @@ class GraphEngine:
         return out
 
     # ------------------------------------------------------------- geometry
-    def frames_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, chunk: int = 64):
-        """Precomputed geometry of F frames of one composition (atype: nloc, sorted)."""
+    def frames_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, chunk: int = 64,
+                        env: bool | None = None):
+        """Geometry of F frames of one composition (atype: nloc, sorted): neighbour index
+        ``jidx`` (int32, padding -> the centre atom itself) and displacements ``diff`` (padding:
+        zero vector), plus ``rt``/``jac`` when env (default: precomputed mode)."""
+        if env is None:
+            env = self.geom_mode == "precomputed"
         dev = self.device
         coord = coord.reshape(coord.shape[0], -1, 3)
         nf, nloc = coord.shape[:2]
         at = atype.reshape(-1).to(dev).long()
-        out = {"rt": [], "jac": [], "jidx": [], "diff": []}
+        out = {"jidx": [], "diff": []}
+        if env:
+            out.update(rt=[], jac=[])
         for f0 in range(0, nf, chunk):
             c = coord[f0 : f0 + chunk].to(dev)
             bx = None if box is None else box.reshape(nf, 9)[f0 : f0 + chunk].to(dev)
             jloc, diff, mask = geo.batch_neighbors(c, at, bx, self.rcut, self.sel)
-            rt, jac = geo.env_and_jacobian(
-                diff, mask, at[None, :].expand(c.shape[0], nloc), self.sea.mean, self.sea.stddev,
-                self.rcut, self.rcut_smth, self.protection,
-            )
+            if env:
+                rt, jac = geo.env_and_jacobian(
+                    diff, mask, at[None, :].expand(c.shape[0], nloc), self.sea.mean, self.sea.stddev,
+                    self.rcut, self.rcut_smth, self.protection,
+                )
+                out["rt"].append(rt.to(self.dprec))
+                out["jac"].append(jac.to(self.dprec))
             self_idx = torch.arange(nloc, device=dev)[None, :, None].expand_as(jloc)
-            out["rt"].append(rt.to(self.dprec))
-            out["jac"].append(jac.to(self.dprec))
             out["jidx"].append(torch.where(mask, jloc, self_idx).to(torch.int32))
             out["diff"].append(diff.to(self.dprec))
         return {k: torch.cat(v) for k, v in out.items()}
@@ -335,8 +386,8 @@ class GraphEngine:
         geom = self.frames_geometry(coord, at, box)
         jidx = geom["jidx"].long() + (torch.arange(nf, device=self.device) * nloc)[:, None, None]
         return self.predict(
-            geom["rt"], geom["jac"], jidx, geom["diff"] if need_virial else None,
-            tcount, self.out_bias_per_type().to(self.device), create_graph=False,
+            geom.get("rt"), geom.get("jac"), jidx, geom["diff"],
+            tcount, self.out_bias_per_type().to(self.device), create_graph=False, virial=need_virial,
         )
 
     # ------------------------------------------------------------------ lr
@@ -379,7 +430,10 @@ class GraphEngine:
         for key, g in groups.items():
             tcount, bsz, finds = key
             nloc = sum(tcount)
-            parts = {"rt": [], "jac": [], "jidx": [], "diff": []}
+            otf = self.geom_mode == "onthefly"
+            # what stays on the device: on-the-fly mode needs diff for R~ itself
+            keep = ["jidx"] + (["diff"] if otf or self.need_virial else []) + ([] if otf else ["rt", "jac"])
+            parts = {k: [] for k in keep}
             labs = {k: [] for k in lab_keys}
             nframes = 0
             for system in g["sys"]:
@@ -389,9 +443,12 @@ class GraphEngine:
                 pbc = getattr(system._data_system, "pbc", True)
                 has_box = pbc and frs[0].get("box") is not None and float(frs[0].get("find_box", 1.0)) != 0.0
                 box = torch.as_tensor(np.stack([np.asarray(fr["box"]) for fr in frs]), dtype=torch.float64) if has_box else None
-                geom = self.frames_geometry(coord, at, box)
+                geom = self.frames_geometry(coord, at, box, env=not otf)
                 for k in parts:
-                    parts[k].append(geom[k])
+                    # staged on the host: the device then holds each array once (no
+                    # per-system pieces next to their concatenation)
+                    parts[k].append(geom[k].cpu())
+                del geom
                 shape = {"energy": (1,), "force": (nloc, 3), "virial": (9,)}
                 for k in lab_keys:
                     if frs[0].get(k) is None:
@@ -406,12 +463,11 @@ class GraphEngine:
                 "finds": dict(zip(lab_keys, finds)),
                 "nloc": nloc,
                 "prob": float(sum(g["prob"])),
-                "rt": torch.cat(parts["rt"]),
-                "jac": torch.cat(parts["jac"]),
-                "jidx": torch.cat(parts["jidx"]),
-                "diff": torch.cat(parts["diff"]) if self.need_virial else None,
+                "geom_mode": self.geom_mode,
                 "labels": {k: torch.cat(v).to(dev) for k, v in labs.items()},
             }
+            for k in ("rt", "jac", "jidx", "diff"):
+                G[k] = torch.cat(parts.pop(k)).to(dev) if k in parts else None
             del parts
             # sampling tables: system CDF within the group, frame offsets
             p = np.asarray(g["prob"], dtype=np.float64)
@@ -427,15 +483,16 @@ class GraphEngine:
             # the loss only reads atype >= 0 (real-atom mask): all atoms are real
             G["atype_dummy"] = torch.zeros((bsz, nloc), dtype=torch.int64, device=dev)
             G["mask"] = torch.ones((bsz, nloc), dtype=torch.int32, device=dev)
-            nbytes = sum(
-                t.numel() * t.element_size()
-                for t in [G["rt"], G["jac"], G["jidx"]] + ([G["diff"]] if G["diff"] is not None else []) + list(G["labels"].values())
-            )
+            stored = {k: G[k] for k in ("rt", "jac", "jidx", "diff") if G[k] is not None}
+            stored.update({f"label_{k}": v for k, v in G["labels"].items()})
+            nbytes = sum(t.numel() * t.element_size() for t in stored.values())
             G["nbytes"] = nbytes
             self.groups.append(G)
             log.info(
-                "graph: group types=%s batch=%d systems=%d frames=%d prob=%.4f: device-resident geometry+labels %d bytes (%d bytes/frame)",
-                list(tcount), bsz, len(g["sids"]), nframes, G["prob"], nbytes, nbytes // max(1, nframes),
+                "graph: group types=%s batch=%d systems=%d frames=%d prob=%.4f: device-resident geometry+labels "
+                "(%s mode; %s) %d bytes (%d bytes/frame)",
+                list(tcount), bsz, len(g["sids"]), nframes, G["prob"], self.geom_mode, "+".join(stored),
+                nbytes, nbytes // max(1, nframes),
             )
         if not self.groups:
             _refuse("no training systems")
@@ -462,11 +519,12 @@ class GraphEngine:
         return off + fi
 
     def gather(self, G: dict, idx: torch.Tensor):
-        rt = G["rt"].index_select(0, idx)
-        jac = G["jac"].index_select(0, idx)
-        B, nloc = rt.shape[0], rt.shape[1]
+        """The batch's geometry: rt/jac are None in on-the-fly mode (predict forms them)."""
+        rt = G["rt"].index_select(0, idx) if G["rt"] is not None else None
+        jac = G["jac"].index_select(0, idx) if G["jac"] is not None else None
         jidx = G["jidx"].index_select(0, idx).long()
-        jidx = jidx + (torch.arange(B, device=rt.device) * nloc)[:, None, None]
+        B, nloc = jidx.shape[0], jidx.shape[1]
+        jidx = jidx + (torch.arange(B, device=jidx.device) * nloc)[:, None, None]
         diff = G["diff"].index_select(0, idx) if G["diff"] is not None else None
         labels = {k: v.index_select(0, idx) for k, v in G["labels"].items()}
         return rt, jac, jidx, diff, labels

@@ -164,3 +164,70 @@ def env_and_jacobian(
     jac = jac / std.unsqueeze(-1)
     jac = jac * m.unsqueeze(-1)
     return rt.detach(), jac.detach()
+
+
+# ------------------------------------------------------------------ on-the-fly (closed form)
+def env_closed_form(
+    diff: torch.Tensor,
+    avg: torch.Tensor,
+    std: torch.Tensor,
+    rcut: float,
+    rcut_smth: float,
+    protection: float = 0.0,
+):
+    """R~ and the factors of its analytic Jacobian, from the displacements alone.
+
+    diff: ... x nnei x 3 (r_j - r_i; the zero vector marks a padding entry: two atoms
+    never coincide); avg, std: broadcastable to ... x nnei x 4 (davg/dstd of the centre
+    type). All in diff's dtype, elementwise (no autograd), so that Inductor fuses it.
+
+    Same formula as ``env_and_jacobian`` (upstream's ``_make_env_mat`` + normalisation):
+    with r = |d| (1 for padding), q = r + protection, w = sw(r) (C2 switch between
+    rcut_smth and rcut, zero for padding), env = w * [1/q, d/q^2]. Its Jacobian
+    d env / d d_a, n = d / r:
+
+        d env_0 / d d_a = (w'/q - w/q^2) n_a                      = A n_a
+        d env_k / d d_a = (w/q^2) delta_ka + (w'/q^2 - 2w/q^3) d_k n_a = c delta_ka + B d_k n_a
+
+    with w' = dw/dr = -30 u^2 (u-1)^2 / (rcut - rcut_smth), u = clamp(r) scaled to [0, 1]
+    (zero outside the switch band, and at its ends). Then each row k is divided by std_k.
+    Returns ``rt`` (... x 4) and the factors ``(n, A, B, c, std)``, consumed by
+    ``jacobian_dense`` (the explicit ... x 4 x 3 Jacobian) or ``jacobian_vjp``
+    (g . dR~/dd without forming the Jacobian).
+    """
+    d2 = (diff * diff).sum(-1, keepdim=True)
+    m = (d2 > 0).to(diff.dtype)
+    length = torch.sqrt(d2) + (1 - m)  # == upstream's  norm + ~mask
+    q = length + protection
+    t0 = 1 / q
+    t1 = diff / q**2
+    h = rcut - rcut_smth
+    uu = (torch.clamp(length, min=rcut_smth, max=rcut) - rcut_smth) / h
+    uu2 = uu * uu
+    w = (uu2 * uu * (-6 * uu2 + 15 * uu - 10) + 1) * m  # == smooth_weight(length) * mask
+    dw = (-30 / h) * uu2 * (uu - 1) ** 2 * m
+    env = torch.cat([t0, t1], dim=-1) * w
+    rt = (env - avg) / std
+    n = diff / length
+    c = w * t0 * t0
+    A = (dw - w * t0) * t0
+    B = (dw - 2 * w * t0) * t0 * t0
+    return rt, (n, A, B, c, std)
+
+
+def jacobian_dense(diff: torch.Tensor, factors) -> torch.Tensor:
+    """dR~/d diff (... x nnei x 4 x 3) from ``env_closed_form``'s factors (padding: zero)."""
+    n, A, B, c, std = factors
+    row0 = (A * n).unsqueeze(-2)  # ... x 1 x 3
+    eye = torch.eye(3, dtype=diff.dtype, device=diff.device)
+    rows = c.unsqueeze(-1) * eye + (B.unsqueeze(-1) * diff.unsqueeze(-1)) * n.unsqueeze(-2)
+    return torch.cat([row0, rows], dim=-2) / std.unsqueeze(-1)
+
+
+def jacobian_vjp(g: torch.Tensor, diff: torch.Tensor, factors) -> torch.Tensor:
+    """sum_k g_k dR~_k/d diff_a (... x nnei x 3) for g = dE/dR~ (... x nnei x 4), without
+    forming the Jacobian: n_a (A g0/s0 + B sum_k (g_k/s_k) d_k) + c g_a/s_a."""
+    n, A, B, c, std = factors
+    gs = g / std
+    radial = A * gs[..., :1] + B * (gs[..., 1:] * diff).sum(-1, keepdim=True)
+    return radial * n + c * gs[..., 1:]
