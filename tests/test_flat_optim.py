@@ -47,8 +47,9 @@ def test_parameters_and_grads_are_views_of_one_buffer():
     for p, b in zip(m.parameters(), before):
         assert p.untyped_storage().data_ptr() == base and torch.equal(p, b)
         assert p.grad is not None and p.grad.untyped_storage().data_ptr() == gbase
+        assert (p.data_ptr() - flat.buckets[0]["flat"].data_ptr()) % flat_optim.ALIGN_BYTES == 0
     opt = flat_optim.FlatAdam(flat, decoupled=False, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    assert len(opt.state) == 1 and opt.state[0]["exp_avg"].numel() == sum(p.numel() for p in m.parameters())
+    assert len(opt.state) == 1 and opt.state[0]["exp_avg"].shape == flat.buckets[0]["flat"].shape
     # a mixed model: one bucket per dtype, nothing cast
     mm = _model(mixed=True)
     f2 = flat_optim.FlatParams(mm.parameters())
@@ -87,6 +88,13 @@ def test_flat_adam_equals_torch(kind, wd, lr_tensor, mixed):
             tol = 1e-6 if mixed else 1e-12  # mixed: float32 layers feed the float64 ones
             assert _rel(p, q) <= tol
     assert float(fopt.step_t) == 6
+    for b, st in zip(flat.buckets, fopt.state):  # the alignment gaps stay zero
+        used = torch.zeros(b["flat"].numel(), dtype=torch.bool)
+        for o, k, _ in b["slices"]:
+            used[o : o + k] = True
+        for t in (b["flat"], b["grad"], st["exp_avg"], st["exp_avg_sq"]):
+            assert float(t.detach()[~used].abs().sum()) == 0
+        assert int((~used).sum()) > 0  # (the test models do have gaps)
     d = torch.cat([(p.detach().double() - q.detach().double()).reshape(-1) for p, q in zip(mine.parameters(), ref.parameters())])
     assert float(d.abs().max()) <= (1e-6 if mixed else 1e-13)
 

@@ -34,6 +34,11 @@ import torch
 
 log = logging.getLogger("deepmd.graph")
 
+# every parameter starts on a 256-byte boundary of its buffer (as a caching-allocator block would):
+# Inductor copies misaligned inputs (extra kernels) and GEMMs prefer aligned operands. The gaps
+# are zeros in parameters, gradients and moments alike, and Adam keeps zeros zero.
+ALIGN_BYTES = 256
+
 
 def trainable(params) -> list[torch.Tensor]:
     return [p for p in params if p.requires_grad and p.numel() > 0]
@@ -56,21 +61,28 @@ class FlatParams:
         with torch.no_grad():
             for (dev, dt), idx in keys.items():
                 ps = [self.params[i] for i in idx]
-                n = sum(p.numel() for p in ps)
-                flat = torch.empty(n, dtype=dt, device=dev)
-                grad = torch.zeros(n, dtype=dt, device=dev)
-                views, gviews, off = [], [], 0
+                unit = max(1, ALIGN_BYTES // ps[0].element_size())
+                views, pieces, off = [], [], 0
                 for p in ps:
-                    k = p.numel()
-                    flat[off : off + k].copy_(p.detach().reshape(-1))
-                    views.append((off, k, tuple(p.shape)))
-                    off += k
+                    start = -(-off // unit) * unit
+                    if start > off:
+                        pieces.append(start - off)  # a gap of zeros in the gradient cat
+                    views.append((start, p.numel(), tuple(p.shape)))
+                    pieces.append(None)
+                    off = start + p.numel()
+                flat = torch.zeros(off, dtype=dt, device=dev)
+                grad = torch.zeros(off, dtype=dt, device=dev)
+                for p, (o, k, _) in zip(ps, views):
+                    flat[o : o + k].copy_(p.detach().reshape(-1))
+                gviews = []
                 for p, (o, k, shp) in zip(ps, views):
                     p.data = flat[o : o + k].view(shp)
                     gv = grad[o : o + k].view(shp)
                     p.grad = gv
                     gviews.append(gv)
-                self.buckets.append({"params": ps, "flat": flat, "grad": grad, "slices": views, "grad_views": gviews})
+                gaps = {j: torch.zeros(n, dtype=dt, device=dev) for j, n in enumerate(pieces) if n is not None}
+                self.buckets.append({"params": ps, "flat": flat, "grad": grad, "slices": views, "grad_views": gviews,
+                                     "pieces": pieces, "gaps": gaps})
 
     # ------------------------------------------------------------------ grads
     def zero_grad(self) -> None:
@@ -89,7 +101,10 @@ class FlatParams:
         gs = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
         pos = {id(p): i for i, p in enumerate(self.params)}
         for b in self.buckets:
-            torch.cat([gs[pos[id(p)]].reshape(-1) for p in b["params"]], out=b["grad"])
+            it = iter(b["params"])
+            parts = [b["gaps"][j] if n is not None else gs[pos[id(next(it))]].reshape(-1)
+                     for j, n in enumerate(b["pieces"])]
+            torch.cat(parts, out=b["grad"])
 
     def all_reduce_grads(self, group=None) -> None:
         """SUM of the flat gradients over the ranks (one collective per bucket); the caller
