@@ -483,12 +483,7 @@ class FusedEngine(graph_engine.GraphEngine):
 
 
 # ------------------------------------------------------------------ parity hooks
-def _sorted(atype: torch.Tensor):
-    at0 = atype.reshape(atype.shape[0], -1)[0]
-    perm = torch.argsort(at0, stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return perm, inv
+_sorted = graph_engine.sorted_perm
 
 
 def parity_forward(model, coord, atype, box):
@@ -510,43 +505,10 @@ def _parity_forward(model, coord, atype, box):
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def _graph_flag(v):
-    return graph_engine.F32Flag(float(v))
-
-
-def train_loss(eng: "FusedEngine", loss_fn, inp: dict, label: dict, lr):
-    """Upstream's loss on the fused predictions for one batch (all frames one composition)."""
-    coord = inp["coord"]
-    nf = coord.shape[0]
-    coord = coord.reshape(nf, -1, 3)
-    atype = inp["atype"].reshape(nf, -1)
-    perm, inv = _sorted(atype)
-    at = atype[0, perm]
-    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
-    box = inp.get("box")
-    need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
-    geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.reshape(nf, 9).detach())
-    nloc = at.numel()
-    jidx = geom["jidx"].long() + (torch.arange(nf, device=coord.device) * nloc)[:, None, None]
-    pred = eng.predict(geom.get("rt"), geom.get("jac"), jidx, geom["diff"],
-                       tcount, eng.out_bias_per_type().to(coord.device), create_graph=True, virial=need_virial)
-    pred = dict(pred)
-    pred["force"] = pred["force"][:, inv]
-    pred["mask"] = torch.ones((nf, nloc), dtype=torch.int32, device=coord.device)
-    _, loss, more = loss_fn({"atype": atype}, lambda **kw: pred, label, natoms=nloc, learning_rate=lr)
-    return loss, more
+train_loss = graph_engine.train_loss
 
 
 def parity_train_step(model, loss_fn, batch, lr) -> None:
-    eng = FusedEngine.from_model(model)
-    opt_cfg = batch["optim"]
-    if opt_cfg.get("gradient_max_norm", 0.0):
-        raise RuntimeError("fused variant: gradient_max_norm unsupported")
-    cls = torch.optim.Adam if opt_cfg["type"] == "Adam" else torch.optim.AdamW
-    params = [p for p in model.parameters()]
-    opt = cls(params, lr=lr, betas=tuple(opt_cfg["betas"]), weight_decay=opt_cfg["weight_decay"])
-    opt.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        loss, _ = train_loss(eng, loss_fn, batch["input"], batch["label"], lr)
-        loss.backward()
-    opt.step()
+    """Accuracy-gate hook: one step of this variant's own code (analytic forces, upstream's loss,
+    gradients into the flat buffer, the flat Adam/AdamW of flat_optim.py)."""
+    graph_engine.parity_train_step(model, loss_fn, batch, lr, engine=FusedEngine.from_model(model))

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import graph_geometry as geo  # noqa: E402
+import flat_optim  # noqa: E402
 
 log = logging.getLogger("deepmd.graph")
 
@@ -81,8 +82,8 @@ def check_supported(tr: Any) -> None:
 
     if tr.multi_task:
         _refuse("multi-task training")
-    if tr.is_distributed or tr.world_size > 1:
-        _refuse("distributed training")
+    if tr.world_size > 1 and not tr.is_distributed:
+        _refuse("world_size > 1 without torch.distributed")
     if tr.opt_type not in ("Adam", "AdamW"):
         _refuse(f"optimizer {tr.opt_type} (only Adam/AdamW)")
     if tr.enable_ema:
@@ -164,11 +165,13 @@ class GraphEngine:
         self._init_model(trainer.model, device)
         self.loss = trainer.loss
         self.params = list(trainer.wrapper.parameters())
-        # fused Adam wants a float32 LR tensor (seen on torch 2.11: "expected scalar type
-        # Float but found Double"); a float32 LR would round upstream's double LR, so the
-        # captured step uses the foreach capturable implementation with a float64 LR.
-        self._fused_ok = False
         self._upstream_opt = trainer.optimizer
+        # data parallel: torch.distributed was initialised by upstream's `dp --pt train` (torchrun
+        # sets LOCAL_RANK), which also wrapped the model in DDP; the engine never calls DDP's
+        # forward (its reducer hooks stay idle) and averages the flat gradient itself.
+        self.rank = int(getattr(trainer, "rank", 0) or 0)
+        self.world_size = int(getattr(trainer, "world_size", 1) or 1)
+        self.distributed = bool(getattr(trainer, "is_distributed", False)) and self.world_size > 1
         self._build_lr_table()
 
     @classmethod
@@ -547,109 +550,139 @@ class GraphEngine:
         )
         return loss, more
 
-    def train_step(self, G: dict, lr: Any, idx: torch.Tensor | None = None):
+    def forward_backward(self, G: dict, lr: Any, idx: torch.Tensor | None = None):
+        """Sample, gather, predict, upstream's loss, gradients into the flat gradient buffer."""
         if idx is None:
             idx = self.sample(G)
         rt, jac, jidx, diff, labels = self.gather(G, idx)
         pred = self.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
         loss, more = self.loss_and_more(G, pred, labels, lr)
-        loss.backward()
+        self.flat.grads_from_loss(loss)
+        return loss, more
+
+    def all_reduce_grads(self) -> None:
+        """Data parallel: SUM of the flat gradient over the ranks (eager; outside any CUDA graph)."""
+        if self.distributed:
+            self.flat.all_reduce_grads()
+
+    def update(self) -> None:
+        """Average (data parallel) and the flat Adam/AdamW step."""
+        if self.distributed:
+            self.flat.divide_grads(self.world_size)
         self.opt.step()
+
+    def train_step(self, G: dict, lr: Any, idx: torch.Tensor | None = None):
+        loss, more = self.forward_backward(G, lr, idx)
+        self.all_reduce_grads()
+        self.update()
         return loss, more
 
     # ------------------------------------------------------------ optimizer
     def make_optimizer(self) -> None:
+        """Flat parameter/gradient/moment buffers and the flat Adam/AdamW (flat_optim.py).
+        Upstream's optimizer stays ``tr.optimizer``; its state is pointed at the flat buffers
+        before every save (``sync_optimizer_state``), so upstream's checkpoints are unchanged."""
         tr = self.tr
-        cls = torch.optim.Adam if tr.opt_type == "Adam" else torch.optim.AdamW
+        up = self._upstream_opt
+        d = dict(getattr(up, "defaults", {}) or {})
+        if d.get("amsgrad") or d.get("maximize"):
+            _refuse("Adam amsgrad/maximize")
         betas = (float(tr.opt_param["adam_beta1"]), float(tr.opt_param["adam_beta2"]))
         wd = float(tr.opt_param["weight_decay"])
+        eps = float(d.get("eps", 1e-8))
         start = tr.start_step
+        lr0 = self.lr_values[start] if start < len(self.lr_values) else 0.0
+        self.flat = flat_optim.FlatParams(self.params)
         if self.cuda:
             self.lr_table = torch.tensor(self.lr_values + [self.lr_values[-1] if self.lr_values else 0.0], dtype=torch.float64, device=self.device)
             self.step_ctr = torch.full((1,), start, dtype=torch.int64, device=self.device)
-            self.lr_t = torch.tensor(self.lr_values[start] if start < len(self.lr_values) else 0.0, dtype=torch.float32 if False else torch.float64, device=self.device)
-            impl = {"fused": True} if self._fused_ok else {"foreach": True}
-            opt = cls(self.params, lr=self.lr_t, betas=betas, weight_decay=wd, capturable=True, **impl)
+            self.lr_t = torch.tensor(lr0, dtype=torch.float64, device=self.device)
+            lr = self.lr_t
         else:
-            opt = cls(self.params, lr=self.lr_values[start] if start < len(self.lr_values) else 0.0, betas=betas, weight_decay=wd)
+            lr = lr0
+        self.opt = flat_optim.FlatAdam(self.flat, decoupled=tr.opt_type == "AdamW", lr=lr, betas=betas, eps=eps,
+                                       weight_decay=wd, step_device=self.device)
         # restart: carry upstream's loaded optimizer state over
-        old = self._upstream_opt
-        if old is not None and len(old.state) > 0:
-            sd = old.state_dict()
-            for grp in sd["param_groups"]:
-                grp.pop("lr", None)
-                grp.pop("capturable", None)
-                grp.pop("fused", None)
-                grp.pop("foreach", None)
-            opt.load_state_dict(sd)
-            if self.cuda:
-                for grp in opt.param_groups:
-                    grp["lr"] = self.lr_t
-        self.opt = opt
-        tr.optimizer = opt  # upstream's save_model writes this optimizer's state
+        if up is not None and len(up.state) > 0:
+            self.opt.load_from_torch(up)
+        nparam = sum(b["flat"].numel() for b in self.flat.buckets)
+        log.info("graph: flat %s over %d parameter tensors (%d values, %d bucket(s)%s)", tr.opt_type,
+                 len(self.flat.params), nparam, len(self.flat.buckets),
+                 f"; data parallel over {self.world_size} ranks" if self.distributed else "")
+
+    def sync_optimizer_state(self, lr: float) -> None:
+        """Upstream's optimizer (tr.optimizer, what Trainer.save_model writes) <- the flat state."""
+        if self._upstream_opt is not None:
+            self.opt.sync_to_torch(self._upstream_opt, lr)
+            self.tr.optimizer = self._upstream_opt
 
     # ------------------------------------------------------------- capture
     def _snapshot(self):
-        ps = [p.detach().clone() for p in self.params]
-        st = {id(p): {k: (v.detach().clone() if torch.is_tensor(v) else v) for k, v in s.items()} for p, s in self.opt.state.items()}
-        return ps, st
+        return self.opt.snapshot()
 
     def _restore(self, snap) -> None:
-        ps, st = snap
-        with torch.no_grad():
-            for p, v in zip(self.params, ps):
-                p.copy_(v)
-            for p, s in self.opt.state.items():
-                old = st.get(id(p))
-                for k, v in s.items():
-                    if not torch.is_tensor(v):
-                        continue
-                    if old is not None and k in old:
-                        v.copy_(old[k])
-                    else:
-                        v.zero_()
-            self.step_ctr.fill_(self.tr.start_step)
+        self.opt.restore(snap)
+        self.step_ctr.fill_(self.tr.start_step)
+
+    def _body_a(self, G: dict):
+        """Graph A: LR of this step, sample .. backward into the flat gradient."""
+        idx = torch.clamp(self.step_ctr, max=self.lr_table.shape[0] - 1)  # warm-up may run past the end
+        lr = self.lr_table.index_select(0, idx).reshape(())
+        self.lr_t.copy_(lr)
+        return self.forward_backward(G, self.lr_t)
+
+    def _body_b(self) -> None:
+        """Graph B: (average) + optimizer step + LR-step counter."""
+        self.update()
+        self.step_ctr.add_(1)
+
+    def _replay(self, G: dict) -> None:
+        if self.distributed:
+            # NCCL stays outside the graphs: graph A, an eager all_reduce of the flat gradient on
+            # the current stream, graph B; queued back to back, no host sync.
+            G["graph_a"].replay()
+            self.all_reduce_grads()
+            G["graph_b"].replay()
+        else:
+            G["graph"].replay()
 
     def _warmup(self, s) -> None:
         with torch.cuda.stream(s):
             for _ in range(3):
                 for G in self.groups:
-                    self.opt.zero_grad(set_to_none=True)
-                    self._graph_body(G)
+                    self._body_a(G)
+                    self.all_reduce_grads()
+                    self._body_b()
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
 
-    def _graph_body(self, G: dict):
-        idx = torch.clamp(self.step_ctr, max=self.lr_table.shape[0] - 1)  # warm-up may run past the end
-        lr = self.lr_table.index_select(0, idx).reshape(())
-        self.lr_t.copy_(lr)
-        loss, more = self.train_step(G, self.lr_t)
-        self.step_ctr.add_(1)
-        return loss, more
-
     def capture(self) -> None:
+        """One CUDA graph per group (single process) or two (data parallel: capturing NCCL inside
+        one graph is possible, but it needs NCCL graph support we cannot test here; the split
+        around an eager all_reduce is the robust choice)."""
         snap = self._snapshot()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
-        try:
-            self._warmup(s)
-        except Exception as e:  # noqa: BLE001
-            if not self._fused_ok:
-                raise
-            log.warning("graph: fused capturable Adam failed (%s); using foreach capturable Adam", e)
+        self._warmup(s)
+        if self.distributed:
+            torch.distributed.barrier()
             torch.cuda.synchronize()
-            self._fused_ok = False
-            self.opt.zero_grad(set_to_none=True)
-            self._restore(snap)
-            self.make_optimizer()
-            snap = self._snapshot()
-            self._warmup(s)
         for G in self.groups:
-            self.opt.zero_grad(set_to_none=True)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                loss, more = self._graph_body(G)
-            G["graph"] = g
+            if self.distributed:
+                # thread_local: NCCL's watchdog thread keeps querying its events during capture
+                ga = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(ga, capture_error_mode="thread_local"):
+                    loss, more = self._body_a(G)
+                gb = torch.cuda.CUDAGraph()  # B shares A's pool (always replayed right after A)
+                with torch.cuda.graph(gb, pool=ga.pool(), capture_error_mode="thread_local"):
+                    self._body_b()
+                G["graph_a"], G["graph_b"] = ga, gb
+            else:
+                g = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(g):
+                    loss, more = self._body_a(G)
+                    self._body_b()
+                G["graph"] = g
             G["out_loss"] = loss
             G["out_more"] = more
         torch.cuda.synchronize()
@@ -667,20 +700,26 @@ class GraphEngine:
             runtime = None
         tr = self.tr
         t_setup = time.time()
+        host_seed = self._seed_ranks()
         self.build_data()
         self.make_optimizer()
         if self.cuda:
             self.capture()
         if self.cuda:
             mem = torch.cuda.memory_allocated(self.device)
-            log.info("graph: CUDA graphs captured (%d), device memory allocated %d bytes", len(self.groups), mem)
+            log.info("graph: CUDA graphs captured (%d%s), device memory allocated %d bytes", len(self.groups),
+                     ", two per group around the gradient all_reduce" if self.distributed else "", mem)
         log.info("graph: setup %.1f s; %s", time.time() - t_setup, "CUDA-graph replay" if self.cuda else "eager (no CUDA)")
 
-        fout = open(tr.disp_file, mode="w" if not tr.restart_training else "a", buffering=1)
+        chief = self.rank == 0  # as upstream: rank 0 alone writes lcurve, logs metrics, saves
+        fout = open(tr.disp_file, mode="w" if not tr.restart_training else "a", buffering=1) if chief else None
         log.info("Start to train %d steps.", tr.num_steps)
+        if self.distributed:
+            log.info("Rank: %d/%d", self.rank, self.world_size)
         tr.wrapper.train()
         tr.step_timer = TrainingTimer(start_step=tr.start_step, num_steps=tr.num_steps, disp_freq=tr.disp_freq)
-        rng = np.random.default_rng(tr.rank + (int(torch.initial_seed()) % (2**31)))
+        # the group sequence: one host RNG seed shared by all ranks, so their graphs line up
+        rng = np.random.default_rng(host_seed)
         ngroups = len(self.groups)
         if runtime is not None:
             runtime.clock.claim("graph")
@@ -692,14 +731,13 @@ class GraphEngine:
             gi = 0 if ngroups == 1 else int(rng.choice(ngroups, p=self.group_prob))
             G = self.groups[gi]
             if self.cuda:
-                G["graph"].replay()
+                self._replay(G)
                 more = G["out_more"]
             else:
-                self.opt.zero_grad(set_to_none=True)
                 for grp in self.opt.param_groups:
                     grp["lr"] = cur_lr
                 _, more = self.train_step(G, cur_lr)
-            if tr.display_in_training and (display_step_id % tr.disp_freq == 0 or display_step_id == 1):
+            if chief and tr.display_in_training and (display_step_id % tr.disp_freq == 0 or display_step_id == 1):
                 train_results = {}
                 for k in sorted(more):
                     if "l2_" in k:
@@ -720,24 +758,48 @@ class GraphEngine:
             should_save = display_step_id == tr.num_steps or (
                 tr.save_freq > 0 and display_step_id % tr.save_freq == 0 and step_id != tr.start_step
             )
-            if should_save:
+            if should_save and chief:
+                self.sync_optimizer_state(cur_lr)
                 tr.latest_model = tr.ckpt_store.path_for(display_step_id)
                 tr.save_model(tr.latest_model, lr=cur_lr, step=step_id)
                 log.info(f"Saved model to {tr.latest_model}")
                 tr.ckpt_store.publish(tr.latest_model)
         if self.cuda:
             torch.cuda.synchronize()
-        if tr.timing_in_training:
+        if self.distributed:
+            log.info("graph: rank %d/%d final parameter checksum %s", self.rank, self.world_size, self.flat.checksum())
+        if chief and tr.timing_in_training:
             msg = tr.step_timer.format_average()
             if msg is not None:
                 log.info(msg)
-        log.info(f"Trained model has been saved to: {tr.save_ckpt}")
-        fout.close()
+        if chief:
+            log.info(f"Trained model has been saved to: {tr.save_ckpt}")
+            fout.close()
+
+    def _seed_ranks(self) -> int:
+        """The host seed of the group sequence, and (data parallel) a rank-specific device RNG.
+
+        Single process: unchanged (upstream seeded torch with mix_entropy([0, training.seed])).
+        Data parallel: s0 = rank 0's torch.initial_seed(), broadcast; every rank seeds torch (its
+        device generator, which draws the batches) with mix_entropy([rank, s0]), so ranks draw
+        different batches even without training.seed, and the host RNG that picks the shape
+        group gets s0 % 2**31 on every rank (same group sequence, so the graphs line up)."""
+        s0 = int(torch.initial_seed())
+        if not self.distributed:
+            return self.rank + s0 % (2**31)
+        from deepmd.pt.utils.utils import mix_entropy
+
+        s0 = int(self.tr._broadcast_value_from_rank0(s0))
+        torch.manual_seed(mix_entropy([self.rank, s0]))
+        return s0 % (2**31)
 
     def _validate(self, cur_lr: float) -> dict:
         tr = self.tr
         if tr.validation_data is None:
             return {}
+        # data parallel: upstream's DDP-wrapped wrapper would broadcast buffers and arm its
+        # reducer on forward; validate with the plain module (only rank 0 validates)
+        wrapper = tr._get_inner_module() if self.distributed and hasattr(tr, "_get_inner_module") else tr.wrapper
         tr.wrapper.eval()
         single, sum_natoms = {}, 0
         try:
@@ -745,7 +807,7 @@ class GraphEngine:
                 input_dict, label_dict, _ = tr.get_data(is_train=False)
                 if input_dict == {}:
                     return {}
-                _, loss, more_loss = tr.wrapper(**input_dict, cur_lr=cur_lr, label=label_dict)
+                _, loss, more_loss = wrapper(**input_dict, cur_lr=cur_lr, label=label_dict)
                 natoms = int((input_dict["atype"] >= 0).sum())
                 sum_natoms += natoms
                 for k, v in more_loss.items():
@@ -756,3 +818,54 @@ class GraphEngine:
             # .grad buffers (they are overwritten by each replay anyway).
             tr.wrapper.train()
         return {k: v / sum_natoms for k, v in single.items()}
+
+
+# ------------------------------------------------------------------ accuracy-gate hooks
+def sorted_perm(atype: torch.Tensor):
+    """Permutation sorting a frame's atoms by type (stable), and its inverse."""
+    at0 = atype.reshape(atype.shape[0], -1)[0]
+    perm = torch.argsort(at0, stable=True)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return perm, inv
+
+
+def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
+    """Upstream's loss on an engine's predictions for one batch (all frames one composition)."""
+    coord = inp["coord"]
+    nf = coord.shape[0]
+    coord = coord.reshape(nf, -1, 3)
+    atype = inp["atype"].reshape(nf, -1)
+    perm, inv = sorted_perm(atype)
+    at = atype[0, perm]
+    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
+    box = inp.get("box")
+    need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
+    geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.reshape(nf, 9).detach())
+    nloc = at.numel()
+    jidx = geom["jidx"].long() + (torch.arange(nf, device=coord.device) * nloc)[:, None, None]
+    pred = eng.predict(geom.get("rt"), geom.get("jac"), jidx, geom["diff"],
+                       tcount, eng.out_bias_per_type().to(coord.device), create_graph=True, virial=need_virial)
+    pred = dict(pred)
+    pred["force"] = pred["force"][:, inv]
+    pred["mask"] = torch.ones((nf, nloc), dtype=torch.int32, device=coord.device)
+    _, loss, more = loss_fn({"atype": atype}, lambda **kw: pred, label, natoms=nloc, learning_rate=lr)
+    return loss, more
+
+
+def parity_train_step(model, loss_fn, batch, lr, engine: "GraphEngine | None" = None) -> None:
+    """Accuracy-gate hook: one training step of the variant's own code on the gate's batch:
+    its forward/forces, upstream's loss, gradients into the flat buffer (left in ``p.grad``, views
+    of it) and the flat Adam/AdamW (flat_optim.FlatAdam, what the training loop runs)."""
+    eng = engine if engine is not None else GraphEngine.for_model(model)
+    opt_cfg = batch["optim"]
+    if opt_cfg.get("gradient_max_norm", 0.0):
+        raise RuntimeError("graph variant: gradient_max_norm unsupported")
+    flat = flat_optim.FlatParams(model.parameters())
+    opt = flat_optim.FlatAdam(flat, decoupled=opt_cfg["type"] == "AdamW", lr=float(lr),
+                              betas=tuple(opt_cfg["betas"]), eps=1e-8, weight_decay=opt_cfg["weight_decay"],
+                              step_device=flat.buckets[0]["flat"].device)
+    with torch.enable_grad():
+        loss, _ = train_loss(eng, loss_fn, batch["input"], batch["label"], lr)
+        flat.grads_from_loss(loss)
+    opt.step()
