@@ -398,13 +398,16 @@ def dp_test_verdict(var: dict, base: dict, cal: dict, cls: str) -> tuple[list[st
 # ---------------------------------------------------------------- the stage
 
 def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | None:
-    for r in reversed(previous):
-        if (r.run.variant.name == "baseline" and r.run.system.name == rec.run.system.name
-                and r.run.seed == rec.run.seed and r.run.steps == rec.run.steps
-                and r.run.sweep_id == rec.run.sweep_id and r.train.status == "ok"
-                and r.train.checkpoint is not None):
-            return r
-    return None
+    """The sweep's baseline run of the same system, seed and steps; of those, the one with the
+    same GPU count (an N-GPU run trains on N times the frames, so it is judged against the N-GPU
+    baseline when the sweep has one)."""
+    cands = [r for r in previous
+             if r.run.variant.name == "baseline" and r.run.system.name == rec.run.system.name
+             and r.run.seed == rec.run.seed and r.run.steps == rec.run.steps
+             and r.run.sweep_id == rec.run.sweep_id and r.train.status == "ok"
+             and r.train.checkpoint is not None]
+    same = [r for r in cands if r.run.gpus == rec.run.gpus]
+    return (same or cands or [None])[-1]
 
 
 def _fmt(d: dict | None) -> str:

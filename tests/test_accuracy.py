@@ -228,3 +228,17 @@ def test_without_a_sweep_baseline_the_variant_is_not_judged(sweep) -> None:
     lenient = accuracy.stage(strict=False, calibration_dir=tmp / "nocal")(rec, [])
     assert lenient.verdict is None and lenient.detail.startswith("not judged: no baseline run")
     assert lenient.dp_test and not math.isnan(lenient.dp_test["rmse_f"])
+
+
+def test_multi_gpu_runs_are_judged_against_the_baseline_with_the_same_gpu_count() -> None:
+    from types import SimpleNamespace as NS
+
+    def rec(variant, gpus, status="ok"):
+        run = NS(variant=NS(name=variant), system=NS(name="water"), seed=1, steps=200, sweep_id="s", gpus=gpus)
+        return NS(run=run, train=NS(status=status, checkpoint=Path("x.pt")))
+
+    b1, b2 = rec("baseline", 1), rec("baseline", 2)
+    assert accuracy._find_baseline(rec("fused", 1), [b1, b2]) is b1
+    assert accuracy._find_baseline(rec("fused", 2), [b1, b2]) is b2
+    assert accuracy._find_baseline(rec("fused", 4), [b1, b2]) is b2  # none with 4: the latest
+    assert accuracy._find_baseline(rec("fused", 1), [rec("baseline", 1, "failed")]) is None

@@ -667,11 +667,16 @@ class GraphEngine:
         if self.distributed:
             torch.distributed.barrier()
             torch.cuda.synchronize()
+        # One memory pool for all groups' graphs: each replay writes every intermediate it reads,
+        # graphs never run concurrently (one stream), and each group's outputs stay referenced
+        # (G["out_*"]), so reuse across groups is safe in any replay order; separate pools cost
+        # one step's workspace per group (Al-Cu-Mg has three groups).
+        pool = torch.cuda.graph_pool_handle() if len(self.groups) > 1 else None
         for G in self.groups:
             if self.distributed:
                 # thread_local: NCCL's watchdog thread keeps querying its events during capture
                 ga = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(ga, capture_error_mode="thread_local"):
+                with torch.cuda.graph(ga, pool=pool, capture_error_mode="thread_local"):
                     loss, more = self._body_a(G)
                 gb = torch.cuda.CUDAGraph()  # B shares A's pool (always replayed right after A)
                 with torch.cuda.graph(gb, pool=ga.pool(), capture_error_mode="thread_local"):
@@ -679,7 +684,7 @@ class GraphEngine:
                 G["graph_a"], G["graph_b"] = ga, gb
             else:
                 g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
+                with torch.cuda.graph(g, pool=pool):
                     loss, more = self._body_a(G)
                     self._body_b()
                 G["graph"] = g
