@@ -97,9 +97,16 @@ class FlatParams:
                     p.grad = gv
 
     def grads_from_loss(self, loss: torch.Tensor) -> None:
-        """d loss / d params into the flat gradient: one autograd call, one cat per bucket."""
+        """d loss / d params into the flat gradient: one autograd call, one multi-tensor copy (or
+        one cat) per bucket."""
         gs = torch.autograd.grad(loss, self.params, allow_unused=True, materialize_grads=True)
         pos = {id(p): i for i, p in enumerate(self.params)}
+        if hasattr(torch, "_foreach_copy_"):
+            # one multi-tensor copy into the gradient views (the alignment gaps stay zero): on H200
+            # the equivalent torch.cat of ~90 pieces (gaps included) took 74 us per step
+            for b in self.buckets:
+                torch._foreach_copy_(b["grad_views"], [gs[pos[id(p)]] for p in b["params"]])
+            return
         for b in self.buckets:
             it = iter(b["params"])
             parts = [b["gaps"][j] if n is not None else gs[pos[id(next(it))]].reshape(-1)
