@@ -475,6 +475,10 @@ class FusedEngine(graph_engine.GraphEngine):
                 self.enable_compile()
                 return super().capture()
             except Exception as e:  # noqa: BLE001
+                if getattr(self, "_capture_started", False):
+                    # the compiled code ran (warm-up passed): a failed capture is not Inductor's,
+                    # and a second capture after an invalidated one cannot work (RNG offsets)
+                    raise
                 log.warning("fused: compiled capture failed (%s: %s); falling back to eager analytic path", type(e).__name__, str(e)[:500])
                 torch.cuda.synchronize()
                 self._compiled = None

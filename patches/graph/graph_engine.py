@@ -156,12 +156,40 @@ class Group:
         self.nframes_sys: list[int] = []
 
 
+class _DDPRemoved(torch.nn.Module):
+    """Stands where upstream's DDP wrapper stood, so `trainer._get_inner_module()` (save_model,
+    validation) still finds the model at `.module`."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+
+def _drop_ddp(trainer: Any) -> None:
+    """Data parallel: the engine averages the flat gradient itself and never calls DDP's forward,
+    but DDP's reducer keeps every parameter's AccumulateGrad node alive, created on the default
+    stream when upstream built DDP. Autograd then syncs the capture stream with the default
+    stream and invalidates the CUDA-graph capture (seen on H200: cudaErrorStreamCaptureInvalidated
+    after "The AccumulateGrad node's stream does not match ..."). So DDP goes, its model stays."""
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    w = getattr(trainer, "wrapper", None)
+    if isinstance(w, DistributedDataParallel):
+        trainer.wrapper = _DDPRemoved(w.module)
+        del w
+        gc.collect()
+        log.info("graph: upstream's DDP wrapper dropped (the engine all-reduces the flat gradient itself)")
+
+
 class GraphEngine:
     geom_default = "precomputed"  # graph's eager step would pay extra kernels for on-the-fly
 
     def __init__(self, trainer: Any, device: torch.device | None = None) -> None:
         check_supported(trainer)
         self.tr = trainer
+        _drop_ddp(trainer)
         self._init_model(trainer.model, device)
         self.loss = trainer.loss
         self.params = list(trainer.wrapper.parameters())
@@ -664,6 +692,7 @@ class GraphEngine:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         self._warmup(s)
+        self._capture_started = True  # from here a failure is not a compile problem (see fused)
         if self.distributed:
             torch.distributed.barrier()
             torch.cuda.synchronize()
