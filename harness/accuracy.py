@@ -430,7 +430,12 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
         raise RuntimeError("training left no checkpoint")
     dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree,
                             rec.run.variant.backend)
-    if rec.run.variant.name == "baseline":
+    # A baseline on N > 1 GPUs trains on N times the frames: with a 1-GPU baseline in the sweep it
+    # is judged like a variant (same code, so parity is exact; dp test against the seed spread)
+    # rather than taken as a reference.
+    multi_gpu_baseline = (rec.run.variant.name == "baseline" and rec.run.gpus > 1
+                          and _find_baseline(rec, previous) is not None)
+    if rec.run.variant.name == "baseline" and not multi_gpu_baseline:
         # the reference of every variant's same-weights parity, computed once per sweep baseline
         ref_proc, ref_log, ref_out = start_reference(rec, tree)
         dp = finish_dp_test(*dp_proc, nframes)
@@ -511,7 +516,12 @@ def stage(strict: bool = False, frames: int | None = None,
 
     def accuracy_stage(rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
         try:
-            return evaluate(rec, previous, strict=strict, frames=frames, calibration_dir=calibration_dir)
+            res = evaluate(rec, previous, strict=strict, frames=frames, calibration_dir=calibration_dir)
+            if rec.run.variant.name == "baseline" and res.verdict != "baseline":
+                # a judged N-GPU baseline is still the parity reference of the sweep's N-GPU
+                # variants: cache it now, before their gates may run concurrently
+                load_reference(rec, baseline_tree(previous + [rec]))
+            return res
         except Exception as e:  # the gate must never crash the bench: a crash is a fail
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             return AccuracyResult(verdict="fail", detail=f"accuracy gate error: {msg}")

@@ -13,9 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _git_sha() -> str | None:
-    # a copy without .git (e.g. shipped to a GPU node) can be told its commit by the sender
+    # A copy shipped to a GPU node is told its commit by the sender: DPH_GIT_SHA wins over the
+    # copy's own .git, which can be stale (seen on the lent machines: their .git named the
+    # session's first commit, "-dirty", while the tree was several commits newer).
+    if os.environ.get("DPH_GIT_SHA"):
+        return os.environ["DPH_GIT_SHA"]
     if not shutil.which("git") or not (ROOT / ".git").exists():
-        return os.environ.get("DPH_GIT_SHA")
+        return None
     r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
     if r.returncode != 0:
         return None

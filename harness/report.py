@@ -312,7 +312,8 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
         sp = speedups(rs)
         rows = []
         for r in rs:
-            t = r.get("timing") or {}
+            # a failed run's few observed steps are no speed: only ok runs show ms/step
+            t = (r.get("timing") or {}) if r.get("status") == "ok" else {}
             verdict, vclass = _verdict((r.get("accuracy") or {}).get("verdict"))
             mem = (r.get("memory") or {}).get("gpu_peak_bytes")
             rows.append({"variant": r["variant"] + (f" ×{world_size(r)}" if world_size(r) > 1 else ""),

@@ -242,3 +242,38 @@ def test_multi_gpu_runs_are_judged_against_the_baseline_with_the_same_gpu_count(
     assert accuracy._find_baseline(rec("fused", 2), [b1, b2]) is b2
     assert accuracy._find_baseline(rec("fused", 4), [b1, b2]) is b2  # none with 4: the latest
     assert accuracy._find_baseline(rec("fused", 1), [rec("baseline", 1, "failed")]) is None
+
+
+def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch, tmp_path) -> None:
+    """bench --gpus 1,2: baseline-g1 is the reference; baseline-g2 (N times the frames) gets a
+    verdict like a variant, and its parity reference is cached for the sweep's 2-GPU variants."""
+    from types import SimpleNamespace as NS
+
+    dp = {"rmse_e_per_atom": 0.1, "rmse_f": 0.5, "rmse_v": None}
+    arrays = {"energy": np.ones(2), "force": np.ones((2, 3, 3)), "virial": np.ones((2, 9))}
+    monkeypatch.setattr(accuracy, "baseline_tree", lambda prev=None: tmp_path)
+    monkeypatch.setattr(accuracy, "start_dp_test", lambda *a, **k: (None, None))
+    monkeypatch.setattr(accuracy, "finish_dp_test", lambda *a, **k: dict(dp))
+    monkeypatch.setattr(accuracy, "start_parity_eval", lambda *a, **k: (None, None))
+    monkeypatch.setattr(accuracy, "finish_parity_eval", lambda *a, **k: ({"load": "ok", "eval": True}, arrays))
+    monkeypatch.setattr(accuracy, "start_reference", lambda base, tree: (None, None, None))
+    cached: list[int] = []
+    monkeypatch.setattr(accuracy, "load_reference",
+                        lambda base, tree: (cached.append(base.run.gpus), ({"load": "ok"}, arrays))[1])
+    monkeypatch.setattr(accuracy, "compare_step", lambda ref, var: {})
+
+    def rec(gpus):
+        v = NS(name="baseline", backend="pt", accuracy_class="float64", tree=tmp_path, modules=(), env={})
+        run = NS(variant=v, system=NS(name="w", validation=(tmp_path,), train=(tmp_path,)), seed=1, steps=20,
+                 sweep_id="s", gpus=gpus, device="cpu")
+        tr = NS(status="ok", checkpoint=tmp_path / f"g{gpus}.pt", work_dir=tmp_path / f"g{gpus}",
+                input_path=tmp_path / "input.json")
+        return NS(run=run, train=tr, accuracy=None)
+
+    gate = accuracy.stage(calibration_dir=tmp_path / "nocal")
+    g1, g2 = rec(1), rec(2)
+    g1.accuracy = gate(g1, [])
+    assert g1.accuracy.verdict == "baseline" and cached == []
+    g2.accuracy = gate(g2, [g1])
+    assert g2.accuracy.verdict == "pass", g2.accuracy.detail
+    assert cached[-1] == 2  # the 2-GPU reference is cached for the 2-GPU variants

@@ -325,3 +325,12 @@ def test_gate_jobs_below_one_is_bad_input(tiny_system, tmp_path):
     with pytest.raises(UserError, match="gate-jobs"):
         bench.run(req, log=lambda m: None, accuracy_stage=lambda r, p: None)
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_sender_named_commit_wins_over_a_stale_git(monkeypatch):
+    from harness import environment
+
+    monkeypatch.setenv("DPH_GIT_SHA", "abc1234")
+    assert environment._git_sha() == "abc1234"
+    monkeypatch.delenv("DPH_GIT_SHA")
+    assert environment._git_sha() != "abc1234"
