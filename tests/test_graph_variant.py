@@ -187,6 +187,12 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     assert "Energy RMSE" in q.stdout + q.stderr
     assert (tmp_path / "dptest.e.out").exists()
+    # and freezes it (TorchScript of upstream's model with the engine-trained weights)
+    fz = subprocess.run([sys.executable, "-c", "from deepmd.main import main; "
+                         "main(['--pt', 'freeze', '-c', 'model.ckpt.pt', '-o', 'frozen.pth'])"],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert fz.returncode == 0, fz.stdout[-3000:] + fz.stderr[-3000:]
+    assert (tmp_path / "frozen.pth").stat().st_size > 0
 
 
 def test_restart_carries_flat_optimizer_state(data, tmp_path):
