@@ -128,13 +128,13 @@ def run(self):
     at = atype[0]
     tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
     geom = eng.frames_geometry(coord, at, box)
-    jidx = geom["jidx"].long() + (torch.arange(2, device=dev) * at.numel())[:, None, None]
+    g_rt, g_jac, jidx, g_diff = eng.step_geometry(geom)
     def grads(mode):
         eng.autograd_forces = mode == "autograd"
         eng.batched = mode != "loop"
         if mode == "compiled":
             eng.enable_compile()
-        o = eng.predict(geom.get("rt"), geom.get("jac"), jidx, geom["diff"], tcount, eng.out_bias_per_type(), create_graph=True)
+        o = eng.predict(g_rt, g_jac, jidx, g_diff, tcount, eng.out_bias_per_type(), create_graph=True)
         l = (o["force"] ** 2).sum() + o["energy"].sum() ** 2
         gs = torch.autograd.grad(l, params, allow_unused=True)
         eng.autograd_forces = False
