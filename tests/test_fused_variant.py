@@ -203,8 +203,11 @@ def test_gate_hooks(data, tmp_path):
 
 # ------------------------------------------------------------------ 4. torch.compile
 @pytest.mark.slow  # Inductor's CPU compile of the whole energy+force graph: ~3 min on 2 cores
-def test_compiled_step_parity(data, tmp_path):
+@pytest.mark.parametrize("geom", ["onthefly", "compact"])
+def test_compiled_step_parity(geom, data, tmp_path, monkeypatch):
     import shutil
+
+    monkeypatch.setenv("DPH_GEOM", geom)
 
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler for Inductor's CPU backend")

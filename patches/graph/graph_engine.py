@@ -415,12 +415,14 @@ class GraphEngine:
 
     # ------------------------------------------------------------- geometry
     def frames_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, chunk: int = 64,
-                        env: bool | None = None, compact: bool | None = None):
+                        env: bool | None = None, compact: bool | None = None, only=None):
         """Geometry of F frames of one composition (atype: nloc, sorted): neighbour index
         ``jidx`` (int32, padding -> the centre atom itself) and displacements ``diff`` (padding:
         zero vector), plus ``rt``/``jac`` when env (default: precomputed mode), plus when compact
         (default: compact mode) ``pidx`` (int32 s*nloc + j, padding -> the centre atom with the
-        zero shift), ``coord`` (wrapped, float64) and ``shifts`` (float64 image shift vectors)."""
+        zero shift), ``coord`` (wrapped, float64) and ``shifts`` (float64 image shift vectors).
+        only: keep just these keys (build_data: compact mode then never holds a system's
+        displacements on the device)."""
         if env is None:
             env = self.geom_mode == "precomputed"
         if compact is None:
@@ -446,8 +448,10 @@ class GraphEngine:
                 out["rt"].append(rt.to(self.dprec))
                 out["jac"].append(jac.to(self.dprec))
             self_idx = torch.arange(nloc, device=dev)[None, :, None].expand_as(jloc)
-            out["jidx"].append(torch.where(mask, jloc, self_idx).to(torch.int32))
-            out["diff"].append(diff.to(self.dprec))
+            for k, v in (("jidx", lambda: torch.where(mask, jloc, self_idx).to(torch.int32)),
+                         ("diff", lambda: diff.to(self.dprec))):
+                if only is None or k in only:
+                    out[k].append(v())
             if compact:
                 im = img[0]
                 nsh = im["shifts"].shape[1]
@@ -456,7 +460,7 @@ class GraphEngine:
                 out["pidx"].append(torch.where(mask, im["pidx"], self_idx).to(torch.int32))
                 out["coord"].append(im["coord"])  # float64 whatever the model precision
                 out["shifts"].append(im["shifts"])
-        return {k: _cat_frames(v) for k, v in out.items()}
+        return {k: _cat_frames(v) for k, v in out.items() if only is None or k in only}
 
     def predict_frames(self, coord, atype, box, need_virial=True):
         """Test helper: predictions for frames of one composition (coord nf x nloc x 3)."""
@@ -532,7 +536,8 @@ class GraphEngine:
                 pbc = getattr(system._data_system, "pbc", True)
                 has_box = pbc and frs[0].get("box") is not None and float(frs[0].get("find_box", 1.0)) != 0.0
                 box = torch.as_tensor(np.stack([np.asarray(fr["box"]) for fr in frs]), dtype=torch.float64) if has_box else None
-                geom = self.frames_geometry(coord, at, box, env=mode == "precomputed", compact=mode == "compact")
+                geom = self.frames_geometry(coord, at, box, env=mode == "precomputed", compact=mode == "compact",
+                                            only=keep)
                 for k in parts:
                     # staged on the host: the device then holds each array once (no
                     # per-system pieces next to their concatenation)
