@@ -203,8 +203,11 @@ def test_gate_hooks(data, tmp_path):
 
 # ------------------------------------------------------------------ 4. torch.compile
 @pytest.mark.slow  # Inductor's CPU compile of the whole energy+force graph: ~3 min on 2 cores
-def test_compiled_step_parity(data, tmp_path):
+@pytest.mark.parametrize("geom", ["onthefly", "compact"])
+def test_compiled_step_parity(geom, data, tmp_path, monkeypatch):
     import shutil
+
+    monkeypatch.setenv("DPH_GEOM", geom)
 
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler for Inductor's CPU backend")
@@ -371,3 +374,119 @@ def test_onthefly_engine_storage(data, tmp_path):
             os.environ.pop("DPH_GEOM", None)
         else:
             os.environ["DPH_GEOM"] = old
+
+
+# ------------------------------------------------------- 7. compact geometry (DPH_GEOM=compact)
+def test_compact_diff_bitwise():
+    """diff re-formed from wrapped coordinates + per-frame shift vectors + one int32 s*nloc + j
+    equals batch_neighbors' diff bit for bit (5x5x5 images of a ~7.2 A triclinic cell at rcut 8,
+    truncation, padding, no periodicity, rcut/rcut_smth edges), so R~ does too; and several
+    frames with different cells (each frame its own shift table)."""
+    import graph_geometry as geo
+
+    for coord, atype, box, rcut, rs, sel, prot in _env_cases():
+        jloc, diff, mask, im = geo.batch_neighbors(coord, atype, box, rcut, sel, images=True)
+        nloc = coord.shape[1]
+        self_idx = torch.arange(nloc)[None, :, None].expand_as(jloc)
+        pidx = torch.where(mask, im["pidx"], self_idx).to(torch.int32)
+        if box is not None and rcut >= 8.0:
+            assert im["shifts"].shape[1] == 125  # 5x5x5 images
+            used = im["shifts"][0][pidx.long() // nloc].norm(dim=-1)
+            assert float(used.max()) > 1.5 * 7.2  # second-nearest images (|n_k| = 2) really used
+        jf, d = geo.compact_diff(pidx, im["coord"], im["shifts"])
+        assert d.dtype == torch.float64
+        assert torch.equal(d, diff), f"rcut={rcut}: max |diff| error {float((d - diff).abs().max()):.3e}"
+        assert torch.equal(jf, torch.where(mask, jloc, self_idx))
+        assert torch.equal(d.float(), diff.float())  # float32 models round the same float64 value
+        nnei = sum(sel)
+        avg = torch.zeros(1, nloc, nnei, 4, dtype=torch.float64)
+        std = torch.ones(1, nloc, nnei, 4, dtype=torch.float64)
+        assert torch.equal(geo.env_closed_form(d, avg, std, rcut, rs, prot)[0],
+                           geo.env_closed_form(diff, avg, std, rcut, rs, prot)[0])
+    # three frames, different cell sizes (one call: one integer image set, per-frame vectors)
+    c0, atype, b0 = _cell(3)
+    scale = torch.tensor([1.0, 1.3, 0.9], dtype=torch.float64)
+    coord = c0 * scale[:, None, None]
+    box = b0 * scale[:, None]
+    jloc, diff, mask, im = geo.batch_neighbors(coord, atype, box, 8.0, [180, 120], images=True)
+    self_idx = torch.arange(coord.shape[1])[None, :, None].expand_as(jloc)
+    jf, d = geo.compact_diff(torch.where(mask, im["pidx"], self_idx), im["coord"], im["shifts"])
+    assert torch.equal(d, diff)
+
+
+def _with_geom(monkeypatch, mode):
+    monkeypatch.setenv("DPH_GEOM", mode)
+
+
+@pytest.mark.parametrize("case", ["fcc-tos-false", "water-tos-false"])
+def test_compact_engine_matches_onthefly(case, data, tmp_path, monkeypatch):
+    """Compact storage (int32 s*nloc + j per pair; float64 coordinates and image shift vectors per
+    frame): stored bytes as logged, the step's diff bitwise equal to the on-the-fly one, and
+    energy/force/virial bitwise equal (fused analytic and graph's autograd path); vs upstream
+    <= 1e-10. fcc: 3 types, ~6.4 A triclinic cell at rcut 7 (5x5x5 images); water: 2 types."""
+    import fused_engine
+
+    tr = build_trainer(_cfg(case, data), tmp_path)
+    _with_geom(monkeypatch, "onthefly")
+    otf = fused_engine.FusedEngine(tr)
+    otf.build_data()
+    _with_geom(monkeypatch, "compact")
+    eng = fused_engine.FusedEngine(tr)
+    assert eng.geom_mode == "compact"
+    eng.build_data()
+    for G0, G in zip(otf.groups, eng.groups):
+        assert G["rt"] is None and G["jac"] is None and G["diff"] is None and G["jidx"] is None
+        assert G["pidx"].dtype == torch.int32 and G["coord"].dtype == torch.float64
+        nfr, nloc, nnei = G["pidx"].shape
+        nsh = G["shifts"].shape[1]
+        if case.startswith("fcc"):
+            assert nsh == 125
+        labels = sum(v.numel() * v.element_size() for v in G["labels"].values())
+        assert G["nbytes"] == nfr * (nloc * nnei * 4 + nloc * 3 * 8 + nsh * 3 * 8) + labels
+        assert G["nbytes"] < G0["nbytes"] / 4
+        idx = torch.arange(nfr)
+        rt, jac, pidx, geom = eng.gather(G, idx)[:4]
+        assert rt is None and jac is None and isinstance(geom, tuple)
+        jf, d = eng.expand_geom(pidx, geom)
+        _, _, jidx0, diff0, _ = otf.gather(G0, idx)
+        assert torch.equal(d, diff0) and torch.equal(jf, jidx0)
+        bias = eng.out_bias_per_type()
+        a = otf._predict_core(None, None, jidx0, diff0, G0["tcount"], bias)
+        b = eng._predict_core(None, None, pidx, geom, G["tcount"], bias)
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{case}: {k} compact vs on-the-fly {rel(b[k], a[k]):.3e}"
+        ga = fused_engine.graph_engine.GraphEngine.predict(otf, None, None, jidx0, diff0, G0["tcount"], bias, create_graph=False)
+        gb = fused_engine.graph_engine.GraphEngine.predict(eng, None, None, pidx, geom, G["tcount"], bias, create_graph=False)
+        for k in ga:
+            assert torch.equal(ga[k], gb[k]), f"{case}: graph autograd {k} compact vs on-the-fly"
+    _, coord, atype, box = frames_of(tr)
+    nf = coord.shape[0]
+    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
+    out = eng.predict_frames(coord, atype, box)
+    for k in ("energy", "force", "virial"):
+        assert rel(out[k], ref[k]) <= RTOL, k
+
+
+@pytest.mark.parametrize("case", ["fcc-tos-false", "water-tos-false"])
+def test_compact_one_step_parity(case, data, tmp_path, monkeypatch):
+    _with_geom(monkeypatch, "compact")
+    _step_parity(case, data, tmp_path)
+
+
+def test_compact_traces_without_graph_break(data, tmp_path, monkeypatch):
+    """The compact gather + diff is traced into the one graph Inductor compiles with the env
+    math and the force scatter (dynamo explain on CPU: one graph, no break)."""
+    import torch._dynamo
+    import fused_engine
+
+    _with_geom(monkeypatch, "compact")
+    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    eng = fused_engine.FusedEngine(tr)
+    eng.build_data()
+    G = eng.groups[0]
+    rt, jac, pidx, geom, _ = eng.gather(G, torch.tensor([0]))
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(eng._predict_core)(rt, jac, pidx, geom, tuple(G["tcount"]), G["bias"], True)
+    assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
+    ops = {str(n.target) for gm in ex.graphs for n in gm.graph.nodes if n.op == "call_function"}
+    assert any("floordiv" in o or "div" in o for o in ops)

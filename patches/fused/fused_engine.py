@@ -439,6 +439,7 @@ class FusedEngine(graph_engine.GraphEngine):
         """Energy, forces, virial (if virial and diff given). rt None (on-the-fly mode): R~ and
         the factors of its closed-form Jacobian are computed here from diff, so that Inductor
         fuses them with the embedding input and the force contraction (no Jacobian tensor)."""
+        jidx, diff = self.expand_geom(jidx, diff)  # compact mode: diff formed here (fused gathers)
         factors = None
         if rt is None:
             rt, factors = self.env_from_diff(diff, tcount)

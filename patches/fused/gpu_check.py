@@ -6,7 +6,8 @@ the same call on the same card, timed with harness.runtime's CUDA events.
 Usage: python patches/fused/gpu_check.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
 fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-batched
-(padded stacked-weight GEMMs for all nets instead of per-block nets).
+(padded stacked-weight GEMMs for all nets instead of per-block nets), fused-compact
+(DPH_GEOM=compact geometry, as patches/fused-compact).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ VARIANTS = {
     "baseline": ([], {}, None),
     "graph": ([GRAPH / "graph_trainer.py"], {}, None),
     "fused": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, None),
+    "fused-compact": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_GEOM": "compact"}, None),
     "fused-batched": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "1"}, None),
     "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
     "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
@@ -85,7 +87,7 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log, 
                    mean_ms=1e3 * statistics.fmean(ss) if ss else None,
                    startup_s=d.get("startup_s"), gpu_peak_bytes=d.get("gpu_peak_bytes"))
     for line in text.splitlines():
-        if "fused:" in line or "graph: CUDA graphs" in line or "graph: setup" in line:
+        if "fused:" in line or "graph: CUDA graphs" in line or "graph: setup" in line or "graph: group" in line:
             res.setdefault("log", []).append(line.split("INFO")[-1].strip()[:300])
     if (wd / "lcurve.out").exists():
         res["lcurve_tail"] = (wd / "lcurve.out").read_text().splitlines()[-1]
@@ -128,13 +130,13 @@ def run(self):
     at = atype[0]
     tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
     geom = eng.frames_geometry(coord, at, box)
-    jidx = geom["jidx"].long() + (torch.arange(2, device=dev) * at.numel())[:, None, None]
+    g_rt, g_jac, jidx, g_diff = eng.step_geometry(geom)
     def grads(mode):
         eng.autograd_forces = mode == "autograd"
         eng.batched = mode != "loop"
         if mode == "compiled":
             eng.enable_compile()
-        o = eng.predict(geom.get("rt"), geom.get("jac"), jidx, geom["diff"], tcount, eng.out_bias_per_type(), create_graph=True)
+        o = eng.predict(g_rt, g_jac, jidx, g_diff, tcount, eng.out_bias_per_type(), create_graph=True)
         l = (o["force"] ** 2).sum() + o["energy"].sum() ** 2
         gs = torch.autograd.grad(l, params, allow_unused=True)
         eng.autograd_forces = False

@@ -183,6 +183,20 @@ def _drop_ddp(trainer: Any) -> None:
         log.info("graph: upstream's DDP wrapper dropped (the engine all-reduces the flat gradient itself)")
 
 
+GEOM_MODES = ("precomputed", "onthefly", "compact")
+# per-frame device arrays of the geometry modes (build_data keeps the mode's subset)
+GEOM_KEYS = ("rt", "jac", "jidx", "diff", "pidx", "coord", "shifts")
+
+
+def _cat_frames(parts: list) -> torch.Tensor:
+    """torch.cat over frames; per-frame shift tables may differ in length (the image range
+    depends on the cell): zero rows pad them to the longest (never indexed)."""
+    if parts[0].dim() == 3 and len({p.shape[1] for p in parts}) > 1:
+        n = max(p.shape[1] for p in parts)
+        parts = [torch.nn.functional.pad(p, (0, 0, 0, n - p.shape[1])) for p in parts]
+    return torch.cat(parts)
+
+
 class GraphEngine:
     geom_default = "precomputed"  # graph's eager step would pay extra kernels for on-the-fly
 
@@ -235,10 +249,13 @@ class GraphEngine:
         self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
         # "precomputed": R~ and dR~/dr of every training frame kept on the device;
         # "onthefly": only neighbour indices and displacements kept, R~ and its Jacobian
-        # computed in the step (closed form, graph_geometry.env_closed_form)
+        # computed in the step (closed form, graph_geometry.env_closed_form);
+        # "compact": per frame the wrapped coordinates and image shift vectors (float64) and per
+        # pair one int32 s*nloc + j; the step re-forms the displacements bitwise
+        # (graph_geometry.compact_diff) and continues as on-the-fly
         self.geom_mode = os.environ.get("DPH_GEOM", self.geom_default)
-        if self.geom_mode not in ("precomputed", "onthefly"):
-            raise ValueError(f"DPH_GEOM={self.geom_mode!r} (precomputed | onthefly)")
+        if self.geom_mode not in GEOM_MODES:
+            raise ValueError(f"DPH_GEOM={self.geom_mode!r} ({' | '.join(GEOM_MODES)})")
 
     # ----------------------------------------------------------------- forward
     def out_bias_per_type(self) -> torch.Tensor:
@@ -320,6 +337,7 @@ class GraphEngine:
         virial: None = when diff is given and the engine needs it (see want_virial).
         """
         virial = self.want_virial(diff, virial)
+        jidx, diff = self.expand_geom(jidx, diff)
         factors = None
         if rt is None:
             rt, factors = self.env_from_diff(diff, tcount)
@@ -332,6 +350,26 @@ class GraphEngine:
         if factors is not None:
             return self.forces_from_pair_grad(energy, geo.jacobian_vjp(g, diff, factors), jidx, diff if virial else None)
         return self.forces_from_grad(energy, g, jac, jidx, diff if virial else None)
+
+    def expand_geom(self, jidx, diff):
+        """Compact mode: (packed index, (coord, shifts)) -> (flat neighbour index, diff in the
+        model precision), formed in float64 exactly as the stored on-the-fly diff (then rounded
+        like it). Other modes: unchanged."""
+        if isinstance(diff, tuple):
+            jf, d = geo.compact_diff(jidx, diff[0], diff[1])
+            return jf, d.to(self.dprec)
+        return jidx, diff
+
+    def step_geometry(self, geom: dict):
+        """(rt, jac, jidx, diff) as predict takes them, from per-frame geometry arrays of the batch
+        (gather's index_select of the stored ones, or frames_geometry's): jidx gets the batch
+        offsets b*nloc; compact mode passes the packed index and (coord, shifts) instead."""
+        if self.geom_mode == "compact":
+            return None, None, geom["pidx"], (geom["coord"], geom["shifts"])
+        jidx = geom["jidx"].long()
+        B, nloc = jidx.shape[0], jidx.shape[1]
+        jidx = jidx + (torch.arange(B, device=jidx.device) * nloc)[:, None, None]
+        return geom.get("rt"), geom.get("jac"), jidx, geom.get("diff")
 
     def want_virial(self, diff, virial: bool | None) -> bool:
         if virial is None:
@@ -377,12 +415,18 @@ class GraphEngine:
 
     # ------------------------------------------------------------- geometry
     def frames_geometry(self, coord: torch.Tensor, atype: torch.Tensor, box: torch.Tensor | None, chunk: int = 64,
-                        env: bool | None = None):
+                        env: bool | None = None, compact: bool | None = None, only=None):
         """Geometry of F frames of one composition (atype: nloc, sorted): neighbour index
         ``jidx`` (int32, padding -> the centre atom itself) and displacements ``diff`` (padding:
-        zero vector), plus ``rt``/``jac`` when env (default: precomputed mode)."""
+        zero vector), plus ``rt``/``jac`` when env (default: precomputed mode), plus when compact
+        (default: compact mode) ``pidx`` (int32 s*nloc + j, padding -> the centre atom with the
+        zero shift), ``coord`` (wrapped, float64) and ``shifts`` (float64 image shift vectors).
+        only: keep just these keys (build_data: compact mode then never holds a system's
+        displacements on the device)."""
         if env is None:
             env = self.geom_mode == "precomputed"
+        if compact is None:
+            compact = self.geom_mode == "compact"
         dev = self.device
         coord = coord.reshape(coord.shape[0], -1, 3)
         nf, nloc = coord.shape[:2]
@@ -390,10 +434,12 @@ class GraphEngine:
         out = {"jidx": [], "diff": []}
         if env:
             out.update(rt=[], jac=[])
+        if compact:
+            out.update(pidx=[], coord=[], shifts=[])
         for f0 in range(0, nf, chunk):
             c = coord[f0 : f0 + chunk].to(dev)
             bx = None if box is None else box.reshape(nf, 9)[f0 : f0 + chunk].to(dev)
-            jloc, diff, mask = geo.batch_neighbors(c, at, bx, self.rcut, self.sel)
+            jloc, diff, mask, *img = geo.batch_neighbors(c, at, bx, self.rcut, self.sel, images=compact)
             if env:
                 rt, jac = geo.env_and_jacobian(
                     diff, mask, at[None, :].expand(c.shape[0], nloc), self.sea.mean, self.sea.stddev,
@@ -402,9 +448,19 @@ class GraphEngine:
                 out["rt"].append(rt.to(self.dprec))
                 out["jac"].append(jac.to(self.dprec))
             self_idx = torch.arange(nloc, device=dev)[None, :, None].expand_as(jloc)
-            out["jidx"].append(torch.where(mask, jloc, self_idx).to(torch.int32))
-            out["diff"].append(diff.to(self.dprec))
-        return {k: torch.cat(v) for k, v in out.items()}
+            for k, v in (("jidx", lambda: torch.where(mask, jloc, self_idx).to(torch.int32)),
+                         ("diff", lambda: diff.to(self.dprec))):
+                if only is None or k in only:
+                    out[k].append(v())
+            if compact:
+                im = img[0]
+                nsh = im["shifts"].shape[1]
+                if nsh * nloc >= 2**31:
+                    _refuse(f"compact geometry: {nsh} image shifts x {nloc} atoms overflow int32")
+                out["pidx"].append(torch.where(mask, im["pidx"], self_idx).to(torch.int32))
+                out["coord"].append(im["coord"])  # float64 whatever the model precision
+                out["shifts"].append(im["shifts"])
+        return {k: _cat_frames(v) for k, v in out.items() if only is None or k in only}
 
     def predict_frames(self, coord, atype, box, need_virial=True):
         """Test helper: predictions for frames of one composition (coord nf x nloc x 3)."""
@@ -415,9 +471,9 @@ class GraphEngine:
             raise ValueError("atoms must be sorted by type")
         tcount = [int((at == t).sum()) for t in range(self.ntypes)]
         geom = self.frames_geometry(coord, at, box)
-        jidx = geom["jidx"].long() + (torch.arange(nf, device=self.device) * nloc)[:, None, None]
+        rt, jac, jidx, diff = self.step_geometry(geom)
         return self.predict(
-            geom.get("rt"), geom.get("jac"), jidx, geom["diff"],
+            rt, jac, jidx, diff,
             tcount, self.out_bias_per_type().to(self.device), create_graph=False, virial=need_virial,
         )
 
@@ -461,9 +517,15 @@ class GraphEngine:
         for key, g in groups.items():
             tcount, bsz, finds = key
             nloc = sum(tcount)
-            otf = self.geom_mode == "onthefly"
-            # what stays on the device: on-the-fly mode needs diff for R~ itself
-            keep = ["jidx"] + (["diff"] if otf or self.need_virial else []) + ([] if otf else ["rt", "jac"])
+            mode = self.geom_mode
+            # what stays on the device: on-the-fly mode needs diff for R~ itself; compact mode
+            # re-forms diff (R~ and the virial) from coordinates, shift vectors and one int32
+            if mode == "compact":
+                keep = ["pidx", "coord", "shifts"]
+            elif mode == "onthefly":
+                keep = ["jidx", "diff"]
+            else:
+                keep = ["jidx"] + (["diff"] if self.need_virial else []) + ["rt", "jac"]
             parts = {k: [] for k in keep}
             labs = {k: [] for k in lab_keys}
             nframes = 0
@@ -474,7 +536,8 @@ class GraphEngine:
                 pbc = getattr(system._data_system, "pbc", True)
                 has_box = pbc and frs[0].get("box") is not None and float(frs[0].get("find_box", 1.0)) != 0.0
                 box = torch.as_tensor(np.stack([np.asarray(fr["box"]) for fr in frs]), dtype=torch.float64) if has_box else None
-                geom = self.frames_geometry(coord, at, box, env=not otf)
+                geom = self.frames_geometry(coord, at, box, env=mode == "precomputed", compact=mode == "compact",
+                                            only=keep)
                 for k in parts:
                     # staged on the host: the device then holds each array once (no
                     # per-system pieces next to their concatenation)
@@ -497,8 +560,8 @@ class GraphEngine:
                 "geom_mode": self.geom_mode,
                 "labels": {k: torch.cat(v).to(dev) for k, v in labs.items()},
             }
-            for k in ("rt", "jac", "jidx", "diff"):
-                G[k] = torch.cat(parts.pop(k)).to(dev) if k in parts else None
+            for k in GEOM_KEYS:
+                G[k] = _cat_frames(parts.pop(k)).to(dev) if k in parts else None
             del parts
             # sampling tables: system CDF within the group, frame offsets
             p = np.asarray(g["prob"], dtype=np.float64)
@@ -514,7 +577,7 @@ class GraphEngine:
             # the loss only reads atype >= 0 (real-atom mask): all atoms are real
             G["atype_dummy"] = torch.zeros((bsz, nloc), dtype=torch.int64, device=dev)
             G["mask"] = torch.ones((bsz, nloc), dtype=torch.int32, device=dev)
-            stored = {k: G[k] for k in ("rt", "jac", "jidx", "diff") if G[k] is not None}
+            stored = {k: G[k] for k in GEOM_KEYS if G[k] is not None}
             stored.update({f"label_{k}": v for k, v in G["labels"].items()})
             nbytes = sum(t.numel() * t.element_size() for t in stored.values())
             G["nbytes"] = nbytes
@@ -550,13 +613,11 @@ class GraphEngine:
         return off + fi
 
     def gather(self, G: dict, idx: torch.Tensor):
-        """The batch's geometry: rt/jac are None in on-the-fly mode (predict forms them)."""
-        rt = G["rt"].index_select(0, idx) if G["rt"] is not None else None
-        jac = G["jac"].index_select(0, idx) if G["jac"] is not None else None
-        jidx = G["jidx"].index_select(0, idx).long()
-        B, nloc = jidx.shape[0], jidx.shape[1]
-        jidx = jidx + (torch.arange(B, device=jidx.device) * nloc)[:, None, None]
-        diff = G["diff"].index_select(0, idx) if G["diff"] is not None else None
+        """The batch's geometry: rt/jac are None in on-the-fly and compact mode (predict forms
+        them); compact mode gathers the frames' packed indices, coordinates and shift tables
+        (predict forms diff from them: inside the compiled function in fused)."""
+        sel = {k: G[k].index_select(0, idx) for k in GEOM_KEYS if G.get(k) is not None}
+        rt, jac, jidx, diff = self.step_geometry(sel)
         labels = {k: v.index_select(0, idx) for k, v in G["labels"].items()}
         return rt, jac, jidx, diff, labels
 
@@ -877,8 +938,8 @@ def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
     need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
     geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.reshape(nf, 9).detach())
     nloc = at.numel()
-    jidx = geom["jidx"].long() + (torch.arange(nf, device=coord.device) * nloc)[:, None, None]
-    pred = eng.predict(geom.get("rt"), geom.get("jac"), jidx, geom["diff"],
+    rt, jac, jidx, diff = eng.step_geometry(geom)
+    pred = eng.predict(rt, jac, jidx, diff,
                        tcount, eng.out_bias_per_type().to(coord.device), create_graph=True, virial=need_virial)
     pred = dict(pred)
     pred["force"] = pred["force"][:, inv]

@@ -57,12 +57,18 @@ def batch_neighbors(
     box: torch.Tensor | None,
     rcut: float,
     sel: list[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images: bool = False,
+):
     """Neighbour lists of F frames of one composition, all periodic images considered.
 
     coord: F x nloc x 3, atype: nloc, box: F x 9 (or None: no periodicity).
     Returns ``jloc`` (F x nloc x nnei, local index of the neighbour, -1 = none),
     ``diff`` (F x nloc x nnei x 3, r_j - r_i; zero for none) and ``mask`` (bool).
+    images=True adds a dict: ``pidx`` (F x nloc x nnei, image-extended index s*nloc + j of
+    every neighbour, -1 = none), ``coord`` (F x nloc x 3, the wrapped float64 coordinates used
+    here) and ``shifts`` (F x nshift x 3, the float64 image shift vectors used here, the zero
+    shift first), from which ``diff == (shifts[s] + coord[j]) - coord[i]`` bit for bit (the
+    very operations below; see ``compact_diff``).
     """
     dev = coord.device
     coord = coord.reshape(coord.shape[0], -1, 3).to(torch.float64)
@@ -90,7 +96,7 @@ def batch_neighbors(
     ext_j = torch.arange(nloc, device=dev).repeat(nshift)
     ext_t = atype.to(dev).long().reshape(-1).repeat(nshift)
     nsel = sum(sel)
-    jl, df = [], []
+    jl, df, pl = [], [], []
     fchunk = max(1, 3_000_000 // (nloc * next_))
     for f0 in range(0, nf, fchunk):
         d = ext[f0 : f0 + fchunk, None, :, :] - coord[f0 : f0 + fchunk, :, None, :]  # c x nloc x next x 3
@@ -110,6 +116,7 @@ def batch_neighbors(
         typ = torch.where(valid, ext_t[idx], -1)
         out_j = torch.full((c * nloc, nsel), -1, dtype=torch.long, device=dev)
         out_d = torch.zeros((c * nloc, nsel, 3), dtype=torch.float64, device=dev)
+        out_p = torch.full((c * nloc, nsel), -1, dtype=torch.long, device=dev) if images else None
         off = 0
         for t, st in enumerate(sel):
             is_t = typ == t
@@ -121,11 +128,40 @@ def batch_neighbors(
             src = idx[r_i, c_i]
             out_j[r_i, dst] = ext_j[src]
             out_d[r_i, dst] = d[r_i, src]
+            if images:
+                out_p[r_i, dst] = src  # == s * nloc + j (ext's layout)
             off += st
         jl.append(out_j.reshape(c, nloc, nsel))
         df.append(out_d.reshape(c, nloc, nsel, 3))
+        if images:
+            pl.append(out_p.reshape(c, nloc, nsel))
     jloc = torch.cat(jl)
+    if images:
+        return jloc, torch.cat(df), jloc >= 0, {"pidx": torch.cat(pl), "coord": coord, "shifts": shifts}
     return jloc, torch.cat(df), jloc >= 0
+
+
+def compact_diff(pidx: torch.Tensor, coord: torch.Tensor, shifts: torch.Tensor):
+    """Displacements from the compact geometry (``batch_neighbors(images=True)``), bitwise.
+
+    pidx: B x nloc x nnei (any int dtype; s*nloc + j, padding = the centre atom itself with the
+    zero shift, s = 0, j = i, whose displacement is then exactly +0), coord: B x nloc x 3,
+    shifts: B x nshift x 3 (float64; the zero shift first). Returns the flat neighbour index
+    ``jf`` (B x nloc x nnei, int64, b*nloc + j) and ``diff = (shift_s + r_j) - r_i`` in float64:
+    the same two IEEE additions, in the same order, as batch_neighbors (``ext = shifts + coord``,
+    ``d = ext - coord_i``), so the result equals the stored on-the-fly diff bit for bit. Pure
+    gathers + elementwise ops (coordinates are data: no gradient), for Inductor to fuse.
+    """
+    B, nloc = coord.shape[0], coord.shape[1]
+    nsh = shifts.shape[1]
+    p = pidx.long()
+    s = torch.div(p, nloc, rounding_mode="floor")
+    j = p - s * nloc
+    b = torch.arange(B, device=p.device).view(B, 1, 1)
+    jf = j + b * nloc
+    rj = coord.reshape(B * nloc, 3)[jf]
+    sh = shifts.reshape(B * nsh, 3)[s + b * nsh]
+    return jf, (sh + rj) - coord[:, :, None, :]
 
 
 def env_and_jacobian(
