@@ -217,16 +217,21 @@ def test_training_killed_mid_run_is_recorded_failed_with_reason(tiny_system, tmp
 
 @pytest.mark.slow
 def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path):
-    p = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--system", str(tiny_system), "--steps", "400",
+    # far more steps than the test waits for: the run can only end by the signal (a 400-step run
+    # once finished on a fast CI machine before the progress poll saw it stepping)
+    p = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--system", str(tiny_system), "--steps", "20000",
                           "--device", "cpu", "--no-accuracy", "--results-dir", str(tmp_path / "res")],
                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     work = tmp_path / "res" / "work"
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait until training is really stepping
+    seen = ""
+    while time.time() < deadline and p.poll() is None:  # wait until training is really stepping
         prog = list(work.glob("*/progress")) if work.exists() else []
-        if prog and prog[0].read_text().strip() not in ("", "0", "1"):
+        seen = prog[0].read_text().strip() if prog else ""
+        if seen not in ("", "0", "1"):
             break
         time.sleep(0.5)
+    assert p.poll() is None, f"the run ended before it was interrupted (last progress {seen!r})"
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 3, err
