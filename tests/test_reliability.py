@@ -221,7 +221,10 @@ def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path)
     # once finished on a fast CI machine before the progress poll saw it stepping)
     p = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--system", str(tiny_system), "--steps", "20000",
                           "--device", "cpu", "--no-accuracy", "--results-dir", str(tmp_path / "res")],
-                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         # as from a terminal: a test suite started as a background job inherits
+                         # SIGINT ignored (POSIX shells do that to `cmd &`), and so would the harness
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     work = tmp_path / "res" / "work"
     deadline = time.time() + 240
     seen = ""
