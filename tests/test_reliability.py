@@ -215,6 +215,21 @@ def test_training_killed_mid_run_is_recorded_failed_with_reason(tiny_system, tmp
     assert rec["timing"]["step_s_median"] is None or rec["timing"]["steps_measured"] < 6
 
 
+def _kill_processes_under(root: Path) -> None:
+    """SIGKILL every process whose working directory is below `root` (Linux /proc)."""
+    root = root.resolve()
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cwd = (d / "cwd").resolve()
+        except OSError:
+            continue
+        if cwd == root or root in cwd.parents:
+            try:
+                os.kill(int(d.name), signal.SIGKILL)
+            except OSError:
+                pass
+
+
 @pytest.mark.slow
 def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path):
     # far more steps than the test waits for: the run can only end by the signal (a 400-step run
@@ -226,17 +241,23 @@ def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path)
                          # SIGINT ignored (POSIX shells do that to `cmd &`), and so would the harness
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     work = tmp_path / "res" / "work"
-    deadline = time.time() + 240
-    seen = ""
-    while time.time() < deadline and p.poll() is None:  # wait until training is really stepping
-        prog = list(work.glob("*/progress")) if work.exists() else []
-        seen = prog[0].read_text().strip() if prog else ""
-        if seen not in ("", "0", "1"):
-            break
-        time.sleep(0.5)
-    assert p.poll() is None, f"the run ended before it was interrupted (last progress {seen!r})"
-    p.send_signal(signal.SIGINT)
-    out, err = p.communicate(timeout=120)
+    try:
+        deadline = time.time() + 240
+        seen = ""
+        while time.time() < deadline and p.poll() is None:  # wait until training is really stepping
+            prog = list(work.glob("*/progress")) if work.exists() else []
+            seen = prog[0].read_text().strip() if prog else ""
+            if seen not in ("", "0", "1"):
+                break
+            time.sleep(0.5)
+        assert p.poll() is None, f"the run ended before it was interrupted (last progress {seen!r})"
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=120)
+    finally:  # a failed test must not leave a 20000-step training behind (it runs in its own session)
+        _kill_processes_under(tmp_path)
+        if p.poll() is None:
+            p.kill()
+            p.wait()
     assert p.returncode == 3, err
     recs = results.load_runs(tmp_path / "res" / "runs")
     assert len(recs) == 1 and recs[0]["status"] == "interrupted" and "SIGINT" in recs[0]["error"]
