@@ -85,6 +85,15 @@ def water_subset(path: Path, src: Path, nframes: int) -> Path:
     )
 
 
+def _training_section(train, valid, steps: int) -> dict:
+    """The `training` input of both test systems: batch 1, one validation batch, lcurve every 10."""
+    return {
+        "training_data": {"systems": [str(p) for p in train], "batch_size": 1},
+        "validation_data": {"systems": [str(p) for p in valid], "batch_size": 1, "numb_btch": 1},
+        "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 10, "save_freq": 10,
+    }
+
+
 def fcc_config(train, valid, tos: bool, steps: int = 20, sel=(60, 40, 30), prec="float64") -> dict:
     return {
         "model": {
@@ -99,11 +108,7 @@ def fcc_config(train, valid, tos: bool, steps: int = 20, sel=(60, 40, 30), prec=
         "learning_rate": {"type": "exp", "decay_steps": 5, "start_lr": 0.001, "stop_lr": 3.51e-8},
         "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
                  "limit_pref_f": 1, "start_pref_v": 0.5, "limit_pref_v": 1},
-        "training": {
-            "training_data": {"systems": [str(p) for p in train], "batch_size": 1},
-            "validation_data": {"systems": [str(p) for p in valid], "batch_size": 1, "numb_btch": 1},
-            "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 10, "save_freq": 10,
-        },
+        "training": _training_section(train, valid, steps),
     }
 
 
@@ -119,11 +124,7 @@ def water_config(train, valid, tos: bool, steps: int = 20) -> dict:
         "learning_rate": {"type": "exp", "decay_steps": 5000, "start_lr": 0.001, "stop_lr": 3.51e-8},
         "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000,
                  "limit_pref_f": 1, "start_pref_v": 0, "limit_pref_v": 0},
-        "training": {
-            "training_data": {"systems": [str(p) for p in train], "batch_size": 1},
-            "validation_data": {"systems": [str(p) for p in valid], "batch_size": 1, "numb_btch": 1},
-            "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 10, "save_freq": 10,
-        },
+        "training": _training_section(train, valid, steps),
     }
 
 

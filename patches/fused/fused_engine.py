@@ -439,16 +439,11 @@ class FusedEngine(graph_engine.GraphEngine):
         """Energy, forces, virial (if virial and diff given). rt None (on-the-fly mode): R~ and
         the factors of its closed-form Jacobian are computed here from diff, so that Inductor
         fuses them with the embedding input and the force contraction (no Jacobian tensor)."""
-        jidx, diff = self.expand_geom(jidx, diff)  # compact mode: diff formed here (fused gathers)
-        factors = None
-        if rt is None:
-            rt, factors = self.env_from_diff(diff, tcount)
+        # compact mode: diff formed here (fused with its gathers); on the fly: R~ too
+        rt, factors, jidx, diff = self.env_for_step(rt, jidx, diff, tcount)
         ae, g = (self.energy_and_grad_batched if self.batched else self.energy_and_grad)(rt, tcount, bias)
         energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
-        vd = diff if virial else None
-        if factors is not None:
-            return self.forces_from_pair_grad(energy, graph_engine.geo.jacobian_vjp(g, diff, factors), jidx, vd)
-        return self.forces_from_grad(energy, g, jac, jidx, vd)
+        return self.forces_from_env_grad(energy, g, jac, factors, jidx, diff, virial)
 
     def predict(self, rt, jac, jidx, diff, tcount, bias, create_graph, virial=None):
         if self.autograd_forces:
@@ -488,9 +483,6 @@ class FusedEngine(graph_engine.GraphEngine):
 
 
 # ------------------------------------------------------------------ parity hooks
-_sorted = graph_engine.sorted_perm
-
-
 def parity_forward(model, coord, atype, box):
     with torch.enable_grad():
         return _parity_forward(model, coord, atype, box)
@@ -502,15 +494,12 @@ def _parity_forward(model, coord, atype, box):
     coord = coord.reshape(nf, -1, 3)
     out = {"energy": [], "force": [], "virial": []}
     for f in range(nf):  # frames may differ in atom order
-        perm, inv = _sorted(atype[f : f + 1])
+        perm, inv = graph_engine.sorted_perm(atype[f : f + 1])
         r = eng.predict_frames(coord[f : f + 1, perm], atype[f : f + 1, perm], None if box is None else box[f : f + 1])
         out["energy"].append(r["energy"].detach().reshape(1))
         out["force"].append(r["force"].detach()[:, inv])
         out["virial"].append(r["virial"].detach().reshape(1, 9))
     return {k: torch.cat(v) for k, v in out.items()}
-
-
-train_loss = graph_engine.train_loss
 
 
 def parity_train_step(model, loss_fn, batch, lr) -> None:

@@ -209,8 +209,8 @@ class GraphEngine:
         self.params = list(trainer.wrapper.parameters())
         self._upstream_opt = trainer.optimizer
         # data parallel: torch.distributed was initialised by upstream's `dp --pt train` (torchrun
-        # sets LOCAL_RANK), which also wrapped the model in DDP; the engine never calls DDP's
-        # forward (its reducer hooks stay idle) and averages the flat gradient itself.
+        # sets LOCAL_RANK); its DDP wrapper is gone (_drop_ddp) and the engine averages the flat
+        # gradient itself.
         self.rank = int(getattr(trainer, "rank", 0) or 0)
         self.world_size = int(getattr(trainer, "world_size", 1) or 1)
         self.distributed = bool(getattr(trainer, "is_distributed", False)) and self.world_size > 1
@@ -337,19 +337,31 @@ class GraphEngine:
         virial: None = when diff is given and the engine needs it (see want_virial).
         """
         virial = self.want_virial(diff, virial)
-        jidx, diff = self.expand_geom(jidx, diff)
-        factors = None
-        if rt is None:
-            rt, factors = self.env_from_diff(diff, tcount)
+        rt, factors, jidx, diff = self.env_for_step(rt, jidx, diff, tcount)
         if not rt.requires_grad:
             rt = rt.detach().requires_grad_(True)
         desc = self.descriptor(rt, tcount)
         ae = self.atomic_energy(desc, tcount, bias)  # B x nloc
         energy = ae.to(self.gprec).sum(dim=1, keepdim=True)
         (g,) = torch.autograd.grad(energy.sum(), rt, create_graph=create_graph)
+        return self.forces_from_env_grad(energy, g, jac, factors, jidx, diff, virial)
+
+    def env_for_step(self, rt, jidx, diff, tcount):
+        """(rt, factors, jidx, diff) for a step: compact mode's diff formed from its packed index;
+        without a precomputed rt, R~ and the factors of its closed-form Jacobian from diff."""
+        jidx, diff = self.expand_geom(jidx, diff)
+        factors = None
+        if rt is None:
+            rt, factors = self.env_from_diff(diff, tcount)
+        return rt, factors, jidx, diff
+
+    def forces_from_env_grad(self, energy, g, jac, factors, jidx, diff, virial: bool):
+        """Forces (and the virial when asked) from g = dE/dR~, through the precomputed Jacobian
+        or, on the fly, through the closed-form Jacobian's VJP."""
+        vd = diff if virial else None
         if factors is not None:
-            return self.forces_from_pair_grad(energy, geo.jacobian_vjp(g, diff, factors), jidx, diff if virial else None)
-        return self.forces_from_grad(energy, g, jac, jidx, diff if virial else None)
+            return self.forces_from_pair_grad(energy, geo.jacobian_vjp(g, diff, factors), jidx, vd)
+        return self.forces_from_grad(energy, g, jac, jidx, vd)
 
     def expand_geom(self, jidx, diff):
         """Compact mode: (packed index, (coord, shifts)) -> (flat neighbour index, diff in the
@@ -557,7 +569,6 @@ class GraphEngine:
                 "finds": dict(zip(lab_keys, finds)),
                 "nloc": nloc,
                 "prob": float(sum(g["prob"])),
-                "geom_mode": self.geom_mode,
                 "labels": {k: torch.cat(v).to(dev) for k, v in labs.items()},
             }
             for k in GEOM_KEYS:
@@ -892,8 +903,8 @@ class GraphEngine:
         tr = self.tr
         if tr.validation_data is None:
             return {}
-        # data parallel: upstream's DDP-wrapped wrapper would broadcast buffers and arm its
-        # reducer on forward; validate with the plain module (only rank 0 validates)
+        # data parallel: tr.wrapper is _drop_ddp's shell (no forward); validate with the model
+        # behind it (only rank 0 validates)
         wrapper = tr._get_inner_module() if self.distributed and hasattr(tr, "_get_inner_module") else tr.wrapper
         tr.wrapper.eval()
         single, sum_natoms = {}, 0
