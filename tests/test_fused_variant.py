@@ -63,8 +63,10 @@ def _cfg(case, data):
 
 # ------------------------------------------------------- 1. analytic vs autograd forces
 @pytest.mark.parametrize("case", ["fcc-tos-false", "fcc-tos-true", "water-tos-false", "water-tos-true"])
-def test_analytic_forces_match_autograd(case, data, tmp_path):
+def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
     import fused_engine
+
+    monkeypatch.setenv("DPH_GEOM", "onthefly")
     import graph_engine
 
     tr = build_trainer(_cfg(case, data), tmp_path)
@@ -86,7 +88,7 @@ def test_analytic_forces_match_autograd(case, data, tmp_path):
     for k in ("energy", "force", "virial"):
         e = rel(fused[k], auto[k])
         assert e <= FTOL, f"{case}: {k} analytic vs autograd relative error {e:.3e}"
-    # on-the-fly geometry (the default): R~ and its Jacobian formed from diff in the core
+    # on-the-fly geometry: R~ and its Jacobian formed from diff in the core
     assert eng.geom_mode == "onthefly"
     otf = eng._predict_core(None, None, jidx, geom["diff"], tcount, bias)
     for k in ("energy", "force", "virial"):
@@ -337,12 +339,22 @@ def test_onthefly_env_float32():
 
 
 def test_onthefly_engine_storage(data, tmp_path):
-    """fused keeps only jidx + diff per frame (no R~ / Jacobian); its step gathers no rt/jac;
-    graph stays precomputed; DPH_GEOM switches either engine."""
+    """fused defaults to compact storage; with DPH_GEOM=onthefly it keeps only jidx + diff per
+    frame (no R~ / Jacobian) and its step gathers no rt/jac; graph stays precomputed; DPH_GEOM
+    switches either engine."""
     import fused_engine
 
     tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
-    eng = fused_engine.FusedEngine(tr)
+    old = os.environ.pop("DPH_GEOM", None)
+    try:
+        assert fused_engine.FusedEngine(tr).geom_mode == "compact"
+        os.environ["DPH_GEOM"] = "onthefly"
+        eng = fused_engine.FusedEngine(tr)
+    finally:
+        if old is None:
+            os.environ.pop("DPH_GEOM", None)
+        else:
+            os.environ["DPH_GEOM"] = old
     eng.build_data()
     G = eng.groups[0]
     assert G["rt"] is None and G["jac"] is None and G["diff"] is not None

@@ -136,11 +136,11 @@ def _clean_pythonpath() -> str:
     return os.pathsep.join([str(TREE), *keep])
 
 
-@pytest.mark.parametrize("variant", ["graph", "fused", "fused-compact"])
+@pytest.mark.parametrize("variant", ["graph", "fused", "fused-onthefly"])
 def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     """graph (precomputed geometry) and fused (its patch module on top of graph's; on-the-fly
-    geometry, eager on CPU; fused-compact: DPH_GEOM=compact, as patches/fused-compact's env sets
-    it) train through the patched `dp --pt train`; upstream tests the result."""
+    geometry, eager on CPU: compact by default; fused-onthefly: DPH_GEOM=onthefly, as
+    patches/fused-onthefly's env sets it) train through the patched `dp --pt train`; upstream tests the result."""
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, steps=20)
     (tmp_path / "input.json").write_text(json.dumps(cfg))
     chain = [VARIANT_DIR / "graph_trainer.py"] + ([REPO / "patches" / "fused" / "fused_trainer.py"] if variant.startswith("fused") else [])
@@ -161,15 +161,15 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     )
     env = dict(os.environ, PYTHONPATH=_clean_pythonpath())
     env.pop("DPH_GEOM", None)
-    if variant == "fused-compact":
+    if variant == "fused-onthefly":
         from harness import variants
 
-        env.update(variants.load_variant("fused-compact").env)
+        env.update(variants.load_variant("fused-onthefly").env)
     p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "TICKS 20" in p.stdout
     assert "graph: group" in p.stderr + p.stdout and "bytes" in p.stderr + p.stdout
-    mode = {"graph": "precomputed", "fused": "onthefly", "fused-compact": "compact"}[variant]
+    mode = {"graph": "precomputed", "fused": "compact", "fused-onthefly": "onthefly"}[variant]
     assert f"({mode} mode;" in p.stderr + p.stdout
     lines = (tmp_path / "lcurve.out").read_text().splitlines()
     assert lines[0].split()[:2] == ["#", "step"]

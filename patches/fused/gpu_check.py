@@ -6,8 +6,8 @@ the same call on the same card, timed with harness.runtime's CUDA events.
 Usage: python patches/fused/gpu_check.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
 fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-batched
-(padded stacked-weight GEMMs for all nets instead of per-block nets), fused-compact
-(DPH_GEOM=compact geometry, as patches/fused-compact).
+(padded stacked-weight GEMMs for all nets instead of per-block nets), fused-onthefly
+(DPH_GEOM=onthefly geometry, as patches/fused-onthefly; fused itself stores compact geometry).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ VARIANTS = {
     "baseline": ([], {}, None),
     "graph": ([GRAPH / "graph_trainer.py"], {}, None),
     "fused": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, None),
-    "fused-compact": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_GEOM": "compact"}, None),
+    "fused-onthefly": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_GEOM": "onthefly"}, None),
     "fused-batched": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "1"}, None),
     "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
     "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
