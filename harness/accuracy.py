@@ -695,6 +695,33 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
             "verdict": "fail" if bad else "pass", "detail": "; ".join(bad) or "within tolerance"}
 
 
+def calibration_from_runs(system: str, device: str, steps: int, directory: Path = CALIBRATION) -> Path:
+    """Rebuild (system, device, steps)'s calibration from the run records under directory/runs
+    (a calibration call cut short by its time limit keeps every seed it finished): each class's
+    reference variant, ok and dp-tested, one record per seed (the newest)."""
+    by_variant = {v: c for c, v in CALIBRATION_VARIANTS.items()}
+    runs: dict[str, dict[int, dict]] = {c: {} for c in CALIBRATION_VARIANTS}
+    frames = set()
+    for r in sorted(results.load_runs(directory / "runs"), key=lambda r: r.get("created", "")):
+        dev = (r.get("device") or {}).get("kind") if isinstance(r.get("device"), dict) else r.get("device")
+        dp = (r.get("accuracy") or {}).get("dp_test")
+        if (r.get("system") != system or dev != device or int(r.get("steps") or -1) != int(steps)
+                or r.get("variant") not in by_variant or r.get("status") != "ok" or not dp):
+            continue
+        frames.add(int(dp.get("numb_test", 0)))
+        runs[by_variant[r["variant"]]][int(r["seed"])] = {
+            "seed": int(r["seed"]), "variant": r["variant"], "run_id": r["run_id"], "dp_test": dp}
+    if len(frames) > 1:
+        raise RunFailed(f"{system}: calibration runs used different dp-test frame counts {sorted(frames)}")
+    runs_l = {c: [rs[k] for k in sorted(rs)] for c, rs in runs.items() if len(rs) >= 3}
+    if "float64" not in runs_l:
+        raise RunFailed(f"{system}-{device}-{steps}: fewer than 3 finished baseline seeds under {directory / 'runs'}")
+    cal = build_calibration(system, device, int(steps), runs_l, frames.pop() if frames else 0)
+    path = calibration_path(system, device, steps, directory)
+    results.atomic_write_json(path, cal)
+    return path
+
+
 def _print_calibration(cal: dict[str, Any]) -> None:
     for cls, th in cal["thresholds"].items():
         for m, t in th.items():
@@ -704,6 +731,16 @@ def _print_calibration(cal: dict[str, Any]) -> None:
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:
+    if a.from_runs:
+        steps = int(a.steps) if str(a.steps).isdigit() else None
+        if steps is None or a.device not in ("cpu", "cuda"):
+            from .errors import UserError
+
+            raise UserError("--from-runs needs --steps N and --device cpu|cuda (the calibration to rebuild)")
+        path = calibration_from_runs(a.system, a.device, steps)
+        _print_calibration(json.loads(path.read_text()))
+        print(f"wrote {path}", file=sys.stderr)
+        return 0
     if a.rederive:
         files = sorted(CALIBRATION.glob("*.json"))
         for f in files:
@@ -744,6 +781,8 @@ def register_cli(subparsers) -> None:
     c.add_argument("--frames", type=int, default=None, help="dp test frames per validation system (0 = all)")
     c.add_argument("--extend", action="store_true",
                    help="add these seeds to the existing calibration of (system, device, steps)")
+    c.add_argument("--from-runs", action="store_true",
+                   help="rebuild the calibration from its run records under results/calibration/runs (no training)")
     c.add_argument("--rederive", action="store_true",
                    help="recompute every committed calibration's thresholds from its recorded runs (no training)")
     c.set_defaults(func=_cmd_calibrate)
