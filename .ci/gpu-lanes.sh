@@ -9,7 +9,8 @@
 #   STEPS=200 GATE_JOBS=3 LANE_BUDGET_S=540 bash .ci/gpu-lanes.sh
 # A lane is a ';'-separated list of "bench SYSTEM V1,V2,..." or "profile SYSTEM V1,V2,... [K]" run
 # in order (K: Nsight Compute metrics for the top K kernels of each profiled variant); a lane that
-# outlives LANE_BUDGET_S is cut (records written so far stay).
+# outlives LANE_BUDGET_S is stopped by SIGTERM: the harness writes every run it timed (those
+# whose gate was cut say "not judged"), and later commands of the lane are skipped.
 set -u
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -44,11 +45,15 @@ run_lane() {  # $1 = lane index, $2 = lane spec
     [ -n "${what:-}" ] || continue
     local args=""; for v in ${vs//,/ }; do args="$args --variant $v"; done
     echo "== lane $i (GPU $i, cores $first-$last): $what $sys $vs"
+    # each command gets what is left of the lane's budget as its own time limit: the harness
+    # takes the SIGTERM, writes every run it timed (unjudged if its gate was cut) and exits
+    local left=$(( DEADLINE - $(date +%s) ))
+    if [ "$left" -le 5 ]; then echo "== lane $i: budget spent, skipping: $what $sys $vs"; continue; fi
     if [ "$what" = bench ]; then
-      CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per taskset -c "$first-$last" \
+      CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
         $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS"
     elif [ "$what" = profile ]; then
-      CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per taskset -c "$first-$last" \
+      CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
         $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE" ${k:+--ncu $k}
     else
       echo "gpu-lanes: unknown lane command '$what' (bench|profile)"
@@ -56,12 +61,14 @@ run_lane() {  # $1 = lane index, $2 = lane spec
   done
 }
 
+DEADLINE=$(( $(date +%s) + LANE_BUDGET_S ))
 pids=()
 for i in $(seq 0 $((lanes - 1))); do
   v="LANE$i"
   [ -n "${!v:-}" ] || continue
-  ( timeout "$LANE_BUDGET_S" bash -c "$(declare -f run_lane); per=$per; py=$py; STEPS=$STEPS; \
-      GATE_JOBS=$GATE_JOBS; DEVICE=$DEVICE; PROFILE_STEPS=$PROFILE_STEPS; run_lane $i \"${!v}\"" \
+  # the outer timeout is only a safety net: the commands inside stop themselves at DEADLINE
+  ( timeout -k 10 $((LANE_BUDGET_S + 60)) bash -c "$(declare -f run_lane); per=$per; py=$py; STEPS=$STEPS; \
+      GATE_JOBS=$GATE_JOBS; DEVICE=$DEVICE; PROFILE_STEPS=$PROFILE_STEPS; DEADLINE=$DEADLINE; run_lane $i \"${!v}\"" \
       > "$OUT/lane$i.log" 2>&1; echo "lane $i exit $?" >> "$OUT/lane$i.log" ) &
   pids+=($!)
 done

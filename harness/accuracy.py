@@ -26,8 +26,11 @@ import argparse
 import json
 import math
 import re
+import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -121,6 +124,44 @@ def _tf_frozen_model(checkpoint: Path, out_dir: Path, env: dict[str, str], tree:
     return frozen
 
 
+# Gate subprocesses run in their own sessions (a terminal's Ctrl-C must not kill a judge half-way);
+# a stopped sweep kills them through this registry instead (stop_gates).
+_LIVE: set[subprocess.Popen] = set()
+_LIVE_LOCK = threading.Lock()
+_STOPPED = threading.Event()
+
+
+def _track(proc: subprocess.Popen) -> subprocess.Popen:
+    with _LIVE_LOCK:
+        _LIVE.add(proc)
+    if _STOPPED.is_set():  # started after stop_gates ran: stop it too
+        _kill(proc)
+    return proc
+
+
+def _untrack(proc: subprocess.Popen) -> None:
+    with _LIVE_LOCK:
+        _LIVE.discard(proc)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_gates() -> int:
+    """Kill every running gate subprocess (dp test, parity evaluation) and refuse new ones for
+    the rest of this process: the sweep was stopped. Returns how many were killed."""
+    _STOPPED.set()
+    with _LIVE_LOCK:
+        live = list(_LIVE)
+    for p in live:
+        _kill(p)
+    return len(live)
+
+
 def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
                   frames: int, tree: Path, backend: str = "pt") -> tuple[subprocess.Popen, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,8 +174,8 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "test", "-m", str(model),
                                           "-f", str(listing), "-n", str(int(frames))])
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = _track(subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
     return proc, log
 
 
@@ -145,6 +186,8 @@ def finish_dp_test(proc: subprocess.Popen, log: Path, frames: int) -> dict[str, 
         proc.kill()
         proc.wait()
         raise RuntimeError(f"dp test timed out after {DP_TEST_TIMEOUT_S} s") from None
+    finally:
+        _untrack(proc)
     if rc != 0:
         raise RuntimeError(f"dp test exit {rc}: {_tail(log)}")
     res: dict[str, Any] = dict(parse_dp_test(log.read_text(errors="replace")))
@@ -178,8 +221,8 @@ def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str
     for p in (out, out.with_suffix(".json")):
         p.unlink(missing_ok=True)
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = _track(subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                       start_new_session=True))
     return proc, log
 
 
@@ -190,6 +233,8 @@ def finish_parity_eval(proc: subprocess.Popen, log: Path, out: Path) -> tuple[di
         proc.kill()
         proc.wait()
         raise RuntimeError(f"parity evaluation timed out after {PARITY_TIMEOUT_S} s") from None
+    finally:
+        _untrack(proc)
     meta_p = out.with_suffix(".json")
     meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
     if rc != 0:
@@ -578,6 +623,7 @@ def stage(strict: bool = False, frames: int | None = None,
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             return AccuracyResult(verdict="fail", detail=f"accuracy gate error: {msg}")
 
+    accuracy_stage.stop = stop_gates  # bench calls it when the sweep is stopped mid-gate
     return accuracy_stage
 
 
@@ -593,6 +639,7 @@ def _dp_test_only(frames: int | None) -> Callable[[RunRecord, list[RunRecord]], 
             return AccuracyResult(verdict="fail", detail=f"accuracy gate error: {e}"[:400])
         return AccuracyResult(dp_test=dp, detail="calibration run")
 
+    st.stop = stop_gates
     return st
 
 

@@ -111,6 +111,36 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
         paths[rec.run.run_id] = results.write_run(rec, req.runs_dir)
         records.append(rec)
 
+    try:
+        _train_and_judge(req, prep, sweep, env, deferred, records, trained, finish, accuracy_stage, log)
+    except KeyboardInterrupt:
+        # SIGINT, or SIGTERM from a time limit (cli turns it into this): what was timed is kept,
+        # said to be unjudged; a gate's result that arrives now would be a killed judge's "fail"
+        stop = getattr(accuracy_stage, "stop", None)
+        if stop is not None:
+            stop()
+        for rec in trained:
+            if rec.run.run_id not in paths:
+                if rec.train.status == "ok":
+                    rec.accuracy = AccuracyResult(detail=STOPPED_DETAIL)
+                finish(rec)
+        log(f"stopped: {len(trained)} run(s) kept in {req.runs_dir}, "
+            f"{sum(1 for r in trained if r.accuracy is not None and r.accuracy.detail == STOPPED_DETAIL)} unjudged")
+        raise
+    out: list[dict[str, Any]] = []
+    for rec in trained:
+        d = results.to_dict(rec)
+        d["_path"] = str(paths[rec.run.run_id])
+        out.append(d)
+    return out
+
+
+STOPPED_DETAIL = "not judged: the sweep was stopped (SIGINT/SIGTERM) before this run's gate finished"
+
+
+def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferred: bool,
+                     records: list[RunRecord], trained: list[RunRecord], finish: Callable[[RunRecord], None],
+                     accuracy_stage: Callable[..., AccuracyResult] | None, log: Callable[[str], None]) -> None:
     for b, ngpu in [(b, n) for b in prep.built for n in req.gpus]:
         rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
@@ -138,12 +168,6 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
     if deferred:
         _deferred_gates(trained, records, finish, accuracy_stage, req.gate_jobs,
                         interrupted=any(r.train.status == "interrupted" for r in trained), log=log)
-    out: list[dict[str, Any]] = []
-    for rec in trained:
-        d = results.to_dict(rec)
-        d["_path"] = str(paths[rec.run.run_id])
-        out.append(d)
-    return out
 
 
 def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: Callable[[RunRecord], None],
@@ -170,13 +194,17 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
         return
     log(f"accuracy gates of {len(rest)} runs, {jobs} at a time")
     judged_against = list(records)
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=jobs)
+    try:
         futs = {pool.submit(accuracy_stage, rec, judged_against): rec for rec in rest}
         for f in as_completed(futs):
             rec = futs[f]
             rec.accuracy = f.result()  # accuracy_stage never raises: a crash is a fail verdict
             log(f"[{rec.run.variant.name}] gate: {(rec.accuracy.verdict or 'not judged').upper()}")
             finish(rec)
+    finally:
+        # on a stop, don't wait for gates in flight (bench.run kills their subprocesses)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _progress_bar(name: str):

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -202,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
+    # a time limit (timeout, Slurm, the lanes' budget) sends SIGTERM: stop as on Ctrl-C, so a
+    # sweep keeps what it has timed instead of dying between records
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _sigterm)
     try:
         return a.func(a)
     except HarnessError as e:
@@ -212,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dpharness: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _sigterm(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

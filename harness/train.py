@@ -130,7 +130,7 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            status, error = "interrupted", "interrupted by SIGINT"
+            status, error = "interrupted", "interrupted (SIGINT/SIGTERM)"
     wall = time.perf_counter() - t0
     if status == "ok" and proc.returncode != 0:
         status, error = "failed", _diagnose(log_path, proc.returncode)

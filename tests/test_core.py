@@ -316,6 +316,49 @@ def test_gate_jobs_times_every_variant_before_any_variant_gate(tiny_system, tmp_
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(Path(r["_path"]).name for r in rows)
 
 
+@pytest.mark.parametrize("gate_jobs", [1, 3])
+def test_a_sweep_stopped_during_its_gates_keeps_every_timed_run(tiny_system, tmp_path, monkeypatch, gate_jobs):
+    """A time limit's SIGTERM (cli turns it into KeyboardInterrupt) or Ctrl-C while gates run:
+    every timed run is still written, the judged ones with their verdict, the rest said to be
+    unjudged (never the "fail" a killed judge would return), and the judges are stopped."""
+    import threading
+
+    from harness import bench, train
+    from harness.records import AccuracyResult
+
+    events: list[str] = []
+    monkeypatch.setattr(train, "run_training", _fake_training(events))
+    release = threading.Event()
+    stopped = []
+
+    def gate(rec, previous):
+        if rec.run.variant.name == "baseline":
+            return AccuracyResult(verdict="baseline", detail="reference")
+        if rec.run.variant.name == "fp32":
+            raise KeyboardInterrupt  # the signal lands while this gate runs
+        release.wait(5)  # a judge still running when the stop comes
+        return AccuracyResult(verdict="fail", detail="killed judge")
+
+    def stop():
+        stopped.append(1)
+        release.set()
+
+    gate.stop = stop
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos"], steps=20, device="cpu",
+                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", gate_jobs=gate_jobs)
+    with pytest.raises(KeyboardInterrupt):
+        bench.run(req, log=lambda m: None, accuracy_stage=gate)
+    assert stopped == [1]
+    recs = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in (tmp_path / "runs").iterdir()}
+    # one gate at a time judges each run right after it: the stop at fp32's gate comes before tos trained
+    timed = ["fp32"] if gate_jobs == 1 else ["fp32", "tos"]
+    assert set(recs) == {"baseline", *timed}
+    assert recs["baseline"]["accuracy"]["verdict"] == "baseline"
+    for v in timed:
+        assert recs[v]["status"] == "ok" and recs[v]["timing"]["step_s_median"]
+        assert recs[v]["accuracy"]["verdict"] is None and "stopped" in recs[v]["accuracy"]["detail"], recs[v]["accuracy"]
+
+
 def test_gate_jobs_below_one_is_bad_input(tiny_system, tmp_path):
     from harness import bench
     from harness.errors import UserError

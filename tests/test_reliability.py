@@ -231,7 +231,10 @@ def _kill_processes_under(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path, sig):
+    """Ctrl-C, or a time limit's SIGTERM (timeout, Slurm, the GPU lanes' budget): the run that was
+    training is written as interrupted, not lost."""
     # far more steps than the test waits for: the run can only end by the signal (a 400-step run
     # once finished on a fast CI machine before the progress poll saw it stepping)
     p = subprocess.Popen([sys.executable, "-m", "harness", "bench", "--system", str(tiny_system), "--steps", "20000",
@@ -251,7 +254,7 @@ def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path)
                 break
             time.sleep(0.5)
         assert p.poll() is None, f"the run ended before it was interrupted (last progress {seen!r})"
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         out, err = p.communicate(timeout=120)
     finally:  # a failed test must not leave a 20000-step training behind (it runs in its own session)
         _kill_processes_under(tmp_path)
@@ -260,7 +263,7 @@ def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path)
             p.wait()
     assert p.returncode == 3, err
     recs = results.load_runs(tmp_path / "res" / "runs")
-    assert len(recs) == 1 and recs[0]["status"] == "interrupted" and "SIGINT" in recs[0]["error"]
+    assert len(recs) == 1 and recs[0]["status"] == "interrupted" and signal.Signals(sig).name in recs[0]["error"]
 
 
 @pytest.mark.slow
