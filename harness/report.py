@@ -205,17 +205,28 @@ def plot_scaling(rs: list[dict]) -> str | None:
     if not any(world_size(r) > 1 for r in multi):
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     by_v: dict[str, dict[int, float]] = {}
     for r in multi:  # latest per (variant, world size): absolute throughput, no cross-run ratio
         by_v.setdefault(r["variant"], {})[world_size(r)] = world_size(r) / r["timing"]["step_s_median"]
     for v, pts in by_v.items():
         ws = sorted(pts)
-        ax.plot(ws, [pts[w] for w in ws], marker="o", label=v)
+        line, = ax.plot(ws, [pts[w] for w in ws], marker="o", label=v)
+        if 1 in pts:  # ideal: N x the same sweep's 1-GPU throughput; efficiency = measured / ideal
+            ax.plot(ws, [pts[1] * w for w in ws], ls="--", lw=0.8, color=line.get_color())
+            ax2.plot(ws, [100 * pts[w] / (pts[1] * w) for w in ws], marker="o", color=line.get_color(), label=v)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({w for pts in by_v.values() for w in pts}))
     ax.set_xlabel("GPUs (world_size)")
-    ax.set_ylabel("batches / s (all ranks)")
-    ax.set_title("multi-GPU scaling", fontsize=9)
+    ax.set_ylabel("batches / s, all ranks (log)")
+    ax.set_title("throughput; dashed: ideal (N x 1 GPU)", fontsize=9)
     ax.legend(fontsize=7)
+    ax2.axhline(100, color="k", lw=0.6, ls=":")
+    ax2.set_xticks(ax.get_xticks())
+    ax2.set_xlabel("GPUs (world_size)")
+    ax2.set_ylabel("scaling efficiency, %")
+    ax2.set_title("efficiency vs the same sweep's 1-GPU run", fontsize=9)
+    fig.tight_layout()
     return _png(fig)
 
 
