@@ -327,3 +327,33 @@ def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch
     g2.accuracy = gate(g2, [g1])
     assert g2.accuracy.verdict == "pass", g2.accuracy.detail
     assert cached[-1] == 2  # the 2-GPU reference is cached for the 2-GPU variants
+
+
+def test_calibration_from_runs_keeps_every_finished_seed(tmp_path: Path) -> None:
+    """A calibration call cut by its time limit: the finished seeds' run records rebuild the file
+    (newest record per seed; other systems, devices, step counts, failed runs ignored)."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+
+    def rec(i, variant, seed, f, status="ok", system="tiny", kind="cuda", steps=200, created="2026-11-27T20:00:00Z"):
+        d = {"schema": "dpharness.run/1", "run_id": f"r{i}", "system": system, "variant": variant, "seed": seed,
+             "status": status, "steps": steps, "device": {"kind": kind}, "created": created,
+             "accuracy": {"dp_test": {"rmse_e_per_atom": 0.1, "rmse_f": f, "rmse_v": None, "numb_test": 0}}}
+        (runs / f"r{i}.json").write_text(json.dumps(d))
+
+    for s, f in zip(range(1, 6), [1.0, 1.01, 0.99, 1.02, 0.98]):
+        rec(s, "baseline", s, f)
+    rec(10, "baseline", 1, 5.0, created="2026-11-27T19:00:00Z")  # an older record of seed 1: superseded
+    rec(11, "baseline", 6, 9.0, status="failed")
+    rec(12, "baseline", 7, 9.0, kind="cpu")
+    rec(13, "baseline", 8, 9.0, steps=20)
+    rec(14, "fp32", 1, 1.1)
+    rec(15, "fp32", 2, 1.1)  # only 2 float32 seeds: that class is left out
+    path = accuracy.calibration_from_runs("tiny", "cuda", 200, tmp_path)
+    cal = json.loads(path.read_text())
+    assert path.name == "tiny-cuda-200.json"
+    assert [r["seed"] for r in cal["runs"]["float64"]] == [1, 2, 3, 4, 5]
+    assert cal["stats"]["float64"]["rmse_f"]["max"] == pytest.approx(1.02)
+    assert "float32" not in cal["runs"]
+    with pytest.raises(accuracy.RunFailed, match="fewer than 3"):
+        accuracy.calibration_from_runs("other", "cuda", 200, tmp_path)
