@@ -3,6 +3,7 @@ one sweep. It only composes stages through their records."""
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -157,6 +158,8 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
 
             rec.profile = profile.summarise(tr.work_dir)
         trained.append(rec)
+        # wall time per phase: what a budgeted GPU call has to plan with (start-up incl. compile)
+        log(f"[{b.name}] {tr.status} in {tr.wall_s:.0f} s (start-up {tr.startup_s or 0:.0f} s)")
         if tr.status != "ok":
             log(f"[{b.name}] {tr.status.upper()}: {tr.error}")
         if tr.status == "ok" and accuracy_stage is not None and req.accuracy and not deferred:
@@ -188,19 +191,23 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
     rest = [r for r in todo if r.run.variant.name != "baseline"]
     for rec in bases:
         log(f"[{rec.run.variant.name}] accuracy gate")
+        t0 = time.perf_counter()
         rec.accuracy = accuracy_stage(rec, list(records))
+        log(f"[{rec.run.variant.name}] gate done in {time.perf_counter() - t0:.0f} s")
         finish(rec)
     if not rest:
         return
     log(f"accuracy gates of {len(rest)} runs, {jobs} at a time")
     judged_against = list(records)
     pool = ThreadPoolExecutor(max_workers=jobs)
+    t0 = time.perf_counter()
     try:
         futs = {pool.submit(accuracy_stage, rec, judged_against): rec for rec in rest}
         for f in as_completed(futs):
             rec = futs[f]
             rec.accuracy = f.result()  # accuracy_stage never raises: a crash is a fail verdict
-            log(f"[{rec.run.variant.name}] gate: {(rec.accuracy.verdict or 'not judged').upper()}")
+            log(f"[{rec.run.variant.name}] gate: {(rec.accuracy.verdict or 'not judged').upper()} "
+                f"(+{time.perf_counter() - t0:.0f} s)")
             finish(rec)
     finally:
         # on a stop, don't wait for gates in flight (bench.run kills their subprocesses)
