@@ -31,6 +31,7 @@ for _p in (_GRAPH, _HERE):
         sys.path.insert(0, _p)
 
 import graph_engine  # noqa: E402
+import flat_optim  # noqa: E402
 
 log = logging.getLogger("deepmd.fused")
 
@@ -178,6 +179,10 @@ class FusedEngine(graph_engine.GraphEngine):
                 graph_graph_refuse("fitting net output width != 1")
         self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
         self._compiled = None
+        # opt-in compiled whole step (variant fused-step): gather + energy/forces + upstream's loss
+        # in ONE torch.compile'd function (see compiled_step_wanted / _step_core)
+        self.compile_step = os.environ.get("DPH_FUSED_COMPILE_STEP") == "1"
+        self._step_compiled = None
         self.batched = os.environ.get("DPH_FUSED_BATCHED", "0") == "1"  # measured slower on water (padding)
 
     # ------------------------------------------------------------ analytic path
@@ -454,6 +459,69 @@ class FusedEngine(graph_engine.GraphEngine):
             return self._compiled(rt, jac, jidx, diff, tuple(tcount), bias, virial)
         return self._predict_core(rt, jac, jidx, diff, tcount, bias, virial)
 
+    # ------------------------------------------------------- compiled whole step
+    def compiled_step_wanted(self) -> bool:
+        """DPH_FUSED_COMPILE_STEP=1 on CUDA; on CPU only with DPH_COMPILE_CPU=1 as well (tests and
+        CPU checks: Inductor's C++ compile of the whole step takes minutes on 2 cores)."""
+        return (self.compile_step and not self.autograd_forces
+                and (self.cuda or flat_optim.compile_on_cpu()))
+
+    def _step_core(self, S: dict, idx: torch.Tensor, lr: torch.Tensor):
+        """gather -> energy/forces/virial (_predict_core) -> upstream's loss (loss_and_more, same
+        arguments as the eager step), for the frames idx of the step view S (_step_view). Compiled
+        as one function by enable_step_compile, so Inductor fuses the index_selects into their
+        consumers and the loss's forward and (AOTAutograd) backward into the energy/force kernels."""
+        rt, jac, jidx, diff, labels = self.gather(S, idx)
+        virial = self.want_virial(diff, None)
+        pred = self._predict_core(rt, jac, jidx, diff, S["tcount"], S["bias"], virial)
+        return self.loss_and_more(S, pred, labels, lr)
+
+    @staticmethod
+    def _step_view(G: dict) -> dict:
+        """What _step_core reads of a group: the stored geometry/labels, the loss's static inputs.
+        A small dict of its own (cached in G), so dynamo's guards do not see the CUDA graphs and
+        outputs that capture later stores in G."""
+        S = G.get("_step_view")
+        if S is None:
+            S = {k: G.get(k) for k in graph_engine.GEOM_KEYS}
+            S.update(labels=G["labels"], finds=dict(G["finds"]), nloc=G["nloc"], tcount=tuple(G["tcount"]),
+                     bias=G["bias"], atype_dummy=G["atype_dummy"], mask=G["mask"])
+            G["_step_view"] = S
+        return S
+
+    def enable_step_compile(self) -> None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+        backend = flat_optim.compile_backend()
+        mode = os.environ.get("DPH_FUSED_COMPILE_MODE", "default")
+        kw = {} if mode == "default" or backend != "inductor" else {"mode": mode}
+        self._step_compiled = torch.compile(self._step_core, dynamic=False, fullgraph=False, backend=backend, **kw)
+        log.info("fused: compiled whole step enabled (gather + energy/forces + loss in one torch.compile, "
+                 "backend=%s, device %s)", backend, self.device.type)
+
+    def _lr_tensor(self, lr) -> torch.Tensor:
+        """The step's learning rate as a float64 device tensor (the CUDA loop's lr_t already is one;
+        a float would make dynamo specialise on its value: one recompile per step)."""
+        if torch.is_tensor(lr):
+            return lr
+        t = self.__dict__.get("_lr_host")
+        if t is None or t.device != self.device:
+            t = self._lr_host = torch.zeros((), dtype=torch.float64, device=self.device)
+        t.fill_(float(lr))
+        return t
+
+    def forward_backward(self, G: dict, lr, idx: torch.Tensor | None = None):
+        if not self.compiled_step_wanted():
+            return super().forward_backward(G, lr, idx)
+        if self._step_compiled is None:
+            self.enable_step_compile()
+        if idx is None:
+            idx = self.sample(G)  # device RNG stays eager (Philox offsets under capture)
+        loss, more = self._step_compiled(self._step_view(G), idx, self._lr_tensor(lr))
+        self.flat.grads_from_loss(loss)
+        return loss, more
+
     def enable_compile(self) -> None:
         import torch._dynamo
 
@@ -469,7 +537,10 @@ class FusedEngine(graph_engine.GraphEngine):
         want = self.cuda and os.environ.get("DPH_FUSED_COMPILE", "1") == "1" and not self.autograd_forces
         if want:
             try:
-                self.enable_compile()
+                if self.compiled_step_wanted():
+                    self.enable_step_compile()  # the whole step; predict is traced inside it
+                else:
+                    self.enable_compile()
                 return super().capture()
             except Exception as e:  # noqa: BLE001
                 if getattr(self, "_capture_started", False):
@@ -479,6 +550,11 @@ class FusedEngine(graph_engine.GraphEngine):
                 log.warning("fused: compiled capture failed (%s: %s); falling back to eager analytic path", type(e).__name__, str(e)[:500])
                 torch.cuda.synchronize()
                 self._compiled = None
+                self._step_compiled = None
+                self.compile_step = False
+                if getattr(self.opt, "compiled", None) is not None:
+                    log.warning("fused: compiled flat Adam off as well (eager FlatAdam)")
+                    self.opt.compiled = None
                 self.opt.zero_grad(set_to_none=True)
         return super().capture()
 
@@ -505,5 +581,64 @@ def _parity_forward(model, coord, atype, box):
 
 def parity_train_step(model, loss_fn, batch, lr) -> None:
     """Accuracy-gate hook: one step of this variant's own code (analytic forces, upstream's loss,
-    gradients into the flat buffer, the flat Adam/AdamW of flat_optim.py)."""
-    graph_engine.parity_train_step(model, loss_fn, batch, lr, engine=FusedEngine.from_model(model))
+    gradients into the flat buffer, the flat Adam/AdamW of flat_optim.py). With the compiled-step
+    knobs (variant fused-step) the gate's batch goes through the very compiled function the
+    training loop runs (gather + forces + loss), and FlatAdam compiles its update likewise."""
+    eng = FusedEngine.from_model(model)
+    if not eng.compiled_step_wanted():
+        graph_engine.parity_train_step(model, loss_fn, batch, lr, engine=eng)
+        return
+    opt_cfg = batch["optim"]
+    if opt_cfg.get("gradient_max_norm", 0.0):
+        raise RuntimeError("fused variant: gradient_max_norm unsupported")
+    flat = flat_optim.FlatParams(model.parameters())
+    opt = flat_optim.FlatAdam(flat, decoupled=opt_cfg["type"] == "AdamW", lr=float(lr),
+                              betas=tuple(opt_cfg["betas"]), eps=1e-8, weight_decay=opt_cfg["weight_decay"],
+                              step_device=flat.buckets[0]["flat"].device)
+    eng.device = flat.buckets[0]["flat"].device
+    eng.cuda = eng.device.type == "cuda"
+    G = _parity_group(eng, loss_fn, batch["input"], batch["label"])
+    eng.flat = flat
+    with torch.enable_grad():
+        eng.forward_backward(G, lr, torch.arange(G["bsz"], device=eng.device))
+    opt.step()
+
+
+def _parity_group(eng: FusedEngine, loss_fn, inp: dict, label: dict) -> dict:
+    """The gate's batch as a one-group training set (what build_data makes of training frames):
+    atoms sorted by type, the engine's geometry mode, labels in sorted order, upstream's find_*."""
+    dev = eng.device
+    coord = inp["coord"]
+    nf = coord.shape[0]
+    coord = coord.reshape(nf, -1, 3)
+    atype = inp["atype"].reshape(nf, -1)
+    perm, _ = graph_engine.sorted_perm(atype)
+    at = atype[0, perm]
+    if not bool((atype[:, perm] == at).all()):
+        raise RuntimeError("fused variant: gate batch frames differ in composition")
+    nloc = at.numel()
+    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
+    box = inp.get("box")
+    eng.loss = loss_fn
+    eng.need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
+    mode = eng.geom_mode
+    keep = {"compact": ["pidx", "coord", "shifts"], "onthefly": ["jidx", "diff"]}.get(
+        mode, ["jidx"] + (["diff"] if eng.need_virial else []) + ["rt", "jac"])
+    geom = eng.frames_geometry(coord[:, perm].detach().to(dev), at.to(dev),
+                               None if box is None else box.reshape(nf, 9).detach().to(dev),
+                               env=mode == "precomputed", compact=mode == "compact", only=keep)
+    gp = eng.gprec
+    lab_keys = ["energy", "force"] + (["virial"] if eng.need_virial else [])
+    shape = {"energy": (1,), "force": (nloc, 3), "virial": (9,)}
+    labels, finds = {}, {}
+    for k in lab_keys:
+        v = label.get(k)
+        v = torch.zeros((nf,) + shape[k], dtype=gp, device=dev) if v is None else v.detach().to(dev, gp).reshape((nf,) + shape[k])
+        labels[k] = v[:, perm] if k == "force" else v
+        finds[k] = float(label.get(f"find_{k}", 0.0))
+    G = {k: geom.get(k) for k in graph_engine.GEOM_KEYS}
+    G.update(tcount=tcount, bsz=nf, nloc=nloc, finds=finds, labels=labels,
+             bias=eng.out_bias_per_type().detach().to(dev),
+             atype_dummy=torch.zeros((nf, nloc), dtype=torch.int64, device=dev),
+             mask=torch.ones((nf, nloc), dtype=torch.int32, device=dev))
+    return G

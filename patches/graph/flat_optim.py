@@ -29,6 +29,7 @@ and frozen ones are left out, as torch's optimizer leaves them out.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -38,6 +39,41 @@ log = logging.getLogger("deepmd.graph")
 # Inductor copies misaligned inputs (extra kernels) and GEMMs prefer aligned operands. The gaps
 # are zeros in parameters, gradients and moments alike, and Adam keeps zeros zero.
 ALIGN_BYTES = 256
+
+
+def compile_on_cpu() -> bool:
+    """DPH_COMPILE_CPU=1: the opt-in torch.compile knobs (DPH_FLAT_ADAM_COMPILE, fused's
+    DPH_FUSED_COMPILE_STEP) apply on CPU too (tests, CPU checks); otherwise they are CUDA-only."""
+    return os.environ.get("DPH_COMPILE_CPU") == "1"
+
+
+def compile_backend() -> str:
+    """torch.compile backend of those knobs: inductor, or (tests only) DPH_COMPILE_BACKEND=aot_eager
+    / eager, which trace the same graph without Inductor's minutes-long CPU compile."""
+    return os.environ.get("DPH_COMPILE_BACKEND", "inductor")
+
+
+def adam_bucket_update(p, g, m, v, lr, step, *, b1: float, b2: float, eps: float, wd: float,
+                       decoupled: bool) -> None:
+    """One bucket's Adam/AdamW update, in place, in torch's capturable single-tensor op order
+    (`step` already incremented). The body FlatAdam.step runs per bucket, eager or compiled (then
+    Inductor fuses it into one elementwise kernel over the bucket; the scalar bias corrections
+    are recomputed in it or in a tiny kernel of their own)."""
+    bias_correction1 = 1 - b1**step
+    bias_correction2 = 1 - b2**step
+    step_size_neg = (lr / bias_correction1).neg()
+    bias_correction2_sqrt = bias_correction2.sqrt()
+    dscale = bias_correction2_sqrt * step_size_neg
+    deps = eps / step_size_neg
+    if wd != 0:
+        if decoupled:
+            p.mul_(1 - lr * wd)
+        else:
+            g = g.add(p, alpha=wd)
+    m.lerp_(g, 1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    denom = (v.sqrt() / dscale).add_(deps)
+    p.addcdiv_(m, denom)
 
 
 def trainable(params) -> list[torch.Tensor]:
@@ -129,7 +165,7 @@ class FlatAdam:
     (float or float64 device tensor), ``zero_grad``, ``step``."""
 
     def __init__(self, flat: FlatParams, *, decoupled: bool, lr, betas, eps: float, weight_decay: float,
-                 step_device: torch.device | None = None) -> None:
+                 step_device: torch.device | None = None, compile: bool | None = None) -> None:
         self.flat = flat
         self.decoupled = bool(decoupled)
         self.betas = (float(betas[0]), float(betas[1]))
@@ -144,6 +180,18 @@ class FlatAdam:
             {"exp_avg": torch.zeros_like(b["flat"]), "exp_avg_sq": torch.zeros_like(b["flat"])}
             for b in flat.buckets
         ]
+        # DPH_FLAT_ADAM_COMPILE=1 (CUDA; CPU with DPH_COMPILE_CPU=1): the per-bucket update
+        # compiled into one elementwise kernel per bucket (compile=True/False overrides the env)
+        if compile is None:
+            compile = os.environ.get("DPH_FLAT_ADAM_COMPILE") == "1" and (dev.type == "cuda" or compile_on_cpu())
+        self.compiled = None
+        if compile:
+            import functools
+
+            fn = functools.partial(adam_bucket_update, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
+                                   wd=self.weight_decay, decoupled=self.decoupled)
+            self.compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=compile_backend())
+            log.info("graph: flat %s step compiled (backend %s)", "AdamW" if decoupled else "Adam", compile_backend())
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 (the flat grad stays)
         self.flat.zero_grad()
@@ -154,27 +202,14 @@ class FlatAdam:
         lr = self.param_groups[0]["lr"]
         if not torch.is_tensor(lr):
             lr = torch.tensor(float(lr), dtype=torch.float64, device=self.step_t.device)
-        b1, b2 = self.betas
-        wd = self.weight_decay
         self.step_t.add_(1)
-        step = self.step_t
-        bias_correction1 = 1 - b1**step
-        bias_correction2 = 1 - b2**step
-        step_size_neg = (lr / bias_correction1).neg()
-        bias_correction2_sqrt = bias_correction2.sqrt()
-        dscale = bias_correction2_sqrt * step_size_neg
-        deps = self.eps / step_size_neg
         for b, st in zip(self.flat.buckets, self.state):
-            p, g, m, v = b["flat"], b["grad"], st["exp_avg"], st["exp_avg_sq"]
-            if wd != 0:
-                if self.decoupled:
-                    p.mul_(1 - lr * wd)
-                else:
-                    g = g.add(p, alpha=wd)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / dscale).add_(deps)
-            p.addcdiv_(m, denom)
+            args = (b["flat"], b["grad"], st["exp_avg"], st["exp_avg_sq"], lr, self.step_t)
+            if self.compiled is not None:
+                self.compiled(*args)
+            else:
+                adam_bucket_update(*args, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
+                                   wd=self.weight_decay, decoupled=self.decoupled)
 
     # -------------------------------------------------------------- snapshots
     def snapshot(self):

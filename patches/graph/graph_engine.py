@@ -35,6 +35,9 @@ import flat_optim  # noqa: E402
 log = logging.getLogger("deepmd.graph")
 
 
+_MUL_FUNCS = (torch.Tensor.__mul__, torch.Tensor.__rmul__, torch.Tensor.mul, torch._C.TensorBase.mul, torch.mul)
+
+
 class F32Flag:
     """A label-availability flag (find_*) that behaves like upstream's np.float32 one.
 
@@ -54,6 +57,20 @@ class F32Flag:
         return other * np.float32(self.value)
 
     __mul__ = __rmul__
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``tensor * flag`` reaches the flag through torch's __torch_function__ protocol (the
+        same product as __rmul__). Eager results are unchanged; it lets dynamo trace upstream's
+        ``pref_e * find_energy`` instead of breaking the graph there ("Failed to convert
+        args/kwargs to proxy": dynamo does not model Tensor.__mul__ -> NotImplemented -> __rmul__),
+        so fused's compiled whole step (DPH_FUSED_COMPILE_STEP) keeps the loss in one graph."""
+        if func in _MUL_FUNCS and not kwargs and len(args) == 2:
+            a, b = args
+            flag, other = (b, a) if isinstance(b, F32Flag) else (a, b)
+            if isinstance(flag, F32Flag) and torch.is_tensor(other):
+                return flag.__rmul__(other)
+        return NotImplemented
 
     def __bool__(self) -> bool:
         return bool(self.value)
