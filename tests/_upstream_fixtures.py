@@ -263,3 +263,25 @@ def assert_engine_step_matches(eng, ref, lr, label: str, rtol: float) -> None:
     dg = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, ref.p0)])
     assert float(du.norm()) > 0
     assert rel(dg, du) <= rtol, f"{label}: parameter update relative error {rel(dg, du):.3e}"
+
+
+def upstream_adam_step(tr, inp: dict, label: dict, lr: float, params=None):
+    """One step of upstream's own training on a given batch (tr.wrapper with its EnergyStdLoss,
+    then a *fresh* torch Adam, as the gate's parity step does; upstream_reference_step uses the
+    trainer's own optimizer on training frame 1) from the current weights, which are put back
+    afterwards. Returns (params, weights before, loss, gradients [None where
+    a parameter got none], updates), per parameter."""
+    params = list(tr.wrapper.parameters()) if params is None else params
+    p0 = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    opt.zero_grad(set_to_none=True)
+    _, loss, _ = tr.wrapper(**inp, cur_lr=lr, label=label)
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    opt.step()
+    upd = [p.detach() - a for p, a in zip(params, p0)]
+    with torch.no_grad():
+        for p, a in zip(params, p0):
+            p.copy_(a)
+            p.grad = None
+    return params, p0, float(loss.detach()), grads, upd

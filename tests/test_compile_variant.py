@@ -30,7 +30,7 @@ import pytest
 from harness import cli
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    _upstream_batch, build_trainer, data, fcc_config, frames_of, rel, torch, water_config,
+    _upstream_batch, build_trainer, data, fcc_config, frames_of, rel, torch, upstream_adam_step, water_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,21 +147,10 @@ def test_atom_types_are_part_of_the_key_and_frames_of_one_shape_share_a_graph(cm
 
 def _one_step(tr, frame, lr):
     """One upstream Adam step (fresh optimizer) through tr.wrapper; weights put back after."""
-    params = [p for p in tr.wrapper.parameters() if p.requires_grad]
-    p0 = [p.detach().clone() for p in params]
-    opt = torch.optim.Adam(params, lr=lr)
-    opt.zero_grad(set_to_none=True)
     inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
-    _, loss, more = tr.wrapper(**inp, cur_lr=lr, label=label)
-    loss.backward()
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
-    opt.step()
-    upd = [p.detach() - a for p, a in zip(params, p0)]
-    with torch.no_grad():
-        for p, a in zip(params, p0):
-            p.copy_(a)
-            p.grad = None
-    return float(loss.detach()), grads, upd
+    params = [p for p in tr.wrapper.parameters() if p.requires_grad]
+    _, _, loss, grads, upd = upstream_adam_step(tr, inp, label, lr, params)
+    return loss, grads, upd
 
 
 @pytest.mark.parametrize("case", ["fcc-tos-false", "water-tos-false"])

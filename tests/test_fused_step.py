@@ -31,6 +31,7 @@ VARIANT_DIR = REPO / "patches" / "fused"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, torch,
+    upstream_adam_step,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -306,17 +307,9 @@ def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
         perm = torch.randperm(nat, generator=torch.Generator().manual_seed(0))
         inp = dict(inp, coord=inp["coord"].reshape(1, -1, 3)[:, perm].reshape(inp["coord"].shape), atype=inp["atype"][:, perm])
         label = dict(label, force=label["force"].reshape(1, -1, 3)[:, perm].reshape(label["force"].shape))
-        opt = torch.optim.Adam(params, lr=lr)
-        opt.zero_grad(set_to_none=True)
-        _, lu, _ = tr.wrapper(**inp, cur_lr=lr, label=label)
-        lu.backward()
-        gu = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-        opt.step()
-        du = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
-        with torch.no_grad():
-            for p, v in zip(params, p0):
-                p.copy_(v)
-                p.grad = None
+        _, _, _, gu, upd = upstream_adam_step(tr, inp, label, lr, params)
+        gu = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gu)]
+        du = torch.cat([u.reshape(-1) for u in upd])
         calls = []
         orig = fused_engine.FusedEngine.enable_step_compile
         knobs.setattr(fused_engine.FusedEngine, "enable_step_compile", lambda self: (calls.append(1), orig(self))[1])

@@ -32,6 +32,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, assert_engine_step_matches, torch,
+    upstream_adam_step,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -182,17 +183,9 @@ def test_gate_hooks(data, tmp_path):
         lr = tr.lr_schedule.value(0)
         frame = tr.training_dataloader.dataset.systems[0][0]
         inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
-        opt = torch.optim.Adam(params, lr=lr)
-        opt.zero_grad(set_to_none=True)
-        _, lu, _ = tr.wrapper(**inp, cur_lr=lr, label=label)
-        lu.backward()
-        gu = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
-        opt.step()
-        du = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
-        with torch.no_grad():
-            for p, v in zip(params, p0):
-                p.copy_(v)
-                p.grad = None
+        _, _, _, gu, upd = upstream_adam_step(tr, inp, label, lr, params)
+        gu = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gu)]
+        du = torch.cat([u.reshape(-1) for u in upd])
         optim = {"type": "Adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "gradient_max_norm": 0.0}
         runtime.parity_train_step(tr.model, tr.loss, {"input": inp, "label": label, "optim": optim}, lr)
         gf = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])

@@ -588,13 +588,7 @@ def parity_train_step(model, loss_fn, batch, lr) -> None:
     if not eng.compiled_step_wanted():
         graph_engine.parity_train_step(model, loss_fn, batch, lr, engine=eng)
         return
-    opt_cfg = batch["optim"]
-    if opt_cfg.get("gradient_max_norm", 0.0):
-        raise RuntimeError("fused variant: gradient_max_norm unsupported")
-    flat = flat_optim.FlatParams(model.parameters())
-    opt = flat_optim.FlatAdam(flat, decoupled=opt_cfg["type"] == "AdamW", lr=float(lr),
-                              betas=tuple(opt_cfg["betas"]), eps=1e-8, weight_decay=opt_cfg["weight_decay"],
-                              step_device=flat.buckets[0]["flat"].device)
+    flat, opt = graph_engine.parity_optimizer(model, batch["optim"], lr)
     eng.device = flat.buckets[0]["flat"].device
     eng.cuda = eng.device.type == "cuda"
     G = _parity_group(eng, loss_fn, batch["input"], batch["label"])

@@ -976,18 +976,24 @@ def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
     return loss, more
 
 
+def parity_optimizer(model, opt_cfg: dict, lr):
+    """Flat buffers over the model's parameters and a fresh flat Adam/AdamW with the gate's
+    optimizer settings (what the training loop builds in make_optimizer)."""
+    if opt_cfg.get("gradient_max_norm", 0.0):
+        raise RuntimeError("graph/fused variants: gradient_max_norm unsupported")
+    flat = flat_optim.FlatParams(model.parameters())
+    opt = flat_optim.FlatAdam(flat, decoupled=opt_cfg["type"] == "AdamW", lr=float(lr),
+                              betas=tuple(opt_cfg["betas"]), eps=1e-8, weight_decay=opt_cfg["weight_decay"],
+                              step_device=flat.buckets[0]["flat"].device)
+    return flat, opt
+
+
 def parity_train_step(model, loss_fn, batch, lr, engine: "GraphEngine | None" = None) -> None:
     """Accuracy-gate hook: one training step of the variant's own code on the gate's batch:
     its forward/forces, upstream's loss, gradients into the flat buffer (left in ``p.grad``, views
     of it) and the flat Adam/AdamW (flat_optim.FlatAdam, what the training loop runs)."""
     eng = engine if engine is not None else GraphEngine.for_model(model)
-    opt_cfg = batch["optim"]
-    if opt_cfg.get("gradient_max_norm", 0.0):
-        raise RuntimeError("graph variant: gradient_max_norm unsupported")
-    flat = flat_optim.FlatParams(model.parameters())
-    opt = flat_optim.FlatAdam(flat, decoupled=opt_cfg["type"] == "AdamW", lr=float(lr),
-                              betas=tuple(opt_cfg["betas"]), eps=1e-8, weight_decay=opt_cfg["weight_decay"],
-                              step_device=flat.buckets[0]["flat"].device)
+    flat, opt = parity_optimizer(model, batch["optim"], lr)
     with torch.enable_grad():
         loss, _ = train_loss(eng, loss_fn, batch["input"], batch["label"], lr)
         flat.grads_from_loss(loss)
