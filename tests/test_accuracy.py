@@ -310,7 +310,7 @@ def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch
     cached: list[int] = []
     monkeypatch.setattr(accuracy, "load_reference",
                         lambda base, tree: (cached.append(base.run.gpus), ({"load": "ok"}, arrays))[1])
-    monkeypatch.setattr(accuracy, "compare_step", lambda ref, var: {})
+    monkeypatch.setattr(accuracy, "compare_step", lambda ref, var, tol=0.0: {})
 
     def rec(gpus):
         v = NS(name="baseline", backend="pt", accuracy_class="float64", tree=tmp_path, modules=(), env={})
