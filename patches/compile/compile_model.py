@@ -10,16 +10,19 @@ Per call (training mode, se_e2_a energy model, nothing exotic requested) the swa
 1. runs upstream's ``format_nlist`` / ``_input_type_cast`` eagerly, as upstream does;
 2. pads the extended region to a multiple of ``DPH_COMPILE_BUCKET`` (default 256) atoms with
    far-away dummies that no neighbour-list entry references (their force is exactly zero);
-3. looks up (or builds) a compiled callable for the static shapes, dtype, device and - when the
-   descriptor branches on atom types (type_one_side false) - the local atom types' content;
+3. looks up (or builds) a compiled callable for the static shapes, dtype and device (the atom
+   types are a graph input, so every type layout of those shapes shares one graph);
 4. calls it with upstream's live nn.Parameters/buffers as explicit inputs, strips the padding
    and returns exactly the dict upstream's ``fit_output_to_model_output`` builds.
 
-Building a callable: ``make_fx`` traces a pure function (params, buffers, coord, nlist[, atype])
+Building a callable: ``make_fx`` traces a pure function (params, buffers, coord, nlist, atype)
 -> (atom energy, mask, energy, dE/dr, virial, reduced virial) that calls
 ``torch.autograd.grad(E, coord, create_graph=True)`` inside the trace, so the first derivative is
-ordinary aten ops in the FX graph; the graph is repaired (detach chains stripped, baked boolean
-type masks turned into integer indices, fresh node list) and handed to ``torch.compile``.
+ordinary aten ops in the FX graph. While tracing, se_e2_a's per-centre-type boolean indexing
+(type_one_side false) is replaced by an exactly equivalent multiply with the type mask
+(``_masked_block_forward``), so the graph has static shapes for any type layout. The graph is
+repaired (detach chains stripped, fresh node list), checked for data-dependent ops and handed to
+``torch.compile``.
 The optimizer's backward is then a first-order backward through the compiled graph.
 
 Environment: DPH_COMPILE_BACKEND (default ``inductor``; tests may use ``aot_eager``),
@@ -27,14 +30,16 @@ DPH_COMPILE_BUCKET (default 256), DPH_COMPILE_DISABLE=1 (always upstream's path)
 """
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import logging
 import os
 import time
+import types
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from deepmd.pt.model.descriptor import se_a as _se_a
 from deepmd.pt.model.model import ener_model as _ener_model
 from deepmd.pt.utils import env as _env
 
@@ -48,6 +53,9 @@ def backend() -> str:
 
 
 def bucket() -> int:
+    """Padding multiple of the extended atom count. nall = nloc x (2a+1)(2b+1)(2c+1) (whole
+    periodic images) is constant over all training frames of water (5184), copper and alcumg
+    (2916 each): one graph per system at 256, 512 or 1024 alike, and 256 pads least (README)."""
     return max(1, int(os.environ.get("DPH_COMPILE_BUCKET") or 256))
 
 
@@ -114,6 +122,8 @@ def _model_reason(model) -> str | None:
     d = am.descriptor
     if type(d) is not DescrptSeA:
         return f"descriptor is {type(d).__name__}, not se_e2_a (DescrptSeA)"
+    if type(d.sea) is not _BLOCK:
+        return f"se_e2_a block is {type(d.sea).__name__}, not upstream's DescrptBlockSeA"
     if getattr(d.sea, "compress", False):
         return "se_e2_a is compressed (tabulated custom op)"
     if not d.sea.emask.no_exclusion or am.pair_excl is not None or am.atom_excl is not None:
@@ -165,85 +175,6 @@ def _strip_detach(gm: torch.fx.GraphModule) -> int:
     return n
 
 
-def _mutated(node) -> bool:
-    """Whether some user writes into `node` (in-place op with `node` as a written argument)."""
-    for u in node.users:
-        schema = getattr(u.target, "_schema", None)
-        if schema is None or not schema.is_mutable:
-            continue
-        for i, a in enumerate(schema.arguments):
-            if a.alias_info is not None and a.alias_info.is_write:
-                v = u.args[i] if i < len(u.args) else u.kwargs.get(a.name)
-                if v is node:
-                    return True
-    return False
-
-
-def _fold(gm: torch.fx.GraphModule, node, memo: dict):
-    """The value of `node` if it depends on baked constants only (the atom types), else None."""
-    if not isinstance(node, torch.fx.Node):
-        return None
-    if node in memo:
-        return memo[node]
-    val = None
-    if node.op == "get_attr":
-        obj = gm
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part, None)
-        val = obj if isinstance(obj, torch.Tensor) else None
-    elif node.op == "call_function" and not _mutated(node):
-        schema = getattr(node.target, "_schema", None)
-        seeded = torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ())
-        if schema is not None and not schema.is_mutable and not seeded:
-            ins = {n: _fold(gm, n, memo) for n in node.all_input_nodes}
-            if all(v is not None for v in ins.values()):
-                args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: ins[n])
-                val = node.target(*args, **kwargs)
-                val = val if isinstance(val, torch.Tensor) else None
-    memo[node] = val
-    return val
-
-
-def _bool_indices_to_long(gm: torch.fx.GraphModule) -> int:
-    """x[mask] with a constant boolean mask has a data-dependent shape the compiler cannot take;
-    the mask is a baked constant (the atom types are part of the cache key), so replace it by
-    the equivalent constant integer indices (mask.nonzero()), which make every shape static."""
-    n = 0
-    memo: dict = {}
-    made: dict = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _INDEX_OPS:
-            continue
-        idx = node.args[1]
-        if not isinstance(idx, (list, tuple)):
-            continue
-        new_idx, changed = [], False
-        for ent in idx:
-            t = _fold(gm, ent, memo)
-            if t is not None and t.dtype == torch.bool:
-                if ent not in made:
-                    cols = t.nonzero().unbind(1)
-                    nodes = []
-                    with gm.graph.inserting_before(node):
-                        for c in cols:
-                            name = f"_dph_index_{len(gm._dph_consts)}"
-                            gm._dph_consts.append(name)
-                            gm.register_buffer(name, c.contiguous().clone())
-                            nodes.append(gm.graph.get_attr(name))
-                    made[ent] = nodes
-                new_idx.extend(made[ent])
-                changed = True
-            else:
-                new_idx.append(ent)
-        if changed:
-            args = list(node.args)
-            args[1] = new_idx
-            node.args = tuple(args)
-            n += 1
-    gm.graph.eliminate_dead_code()
-    return n
-
-
 def _check_static(gm: torch.fx.GraphModule) -> None:
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -268,6 +199,103 @@ def _rebuild(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, g)
 
 
+
+# ----------------------------------------------------------------------------- static type masks
+_BLOCK = _se_a.DescrptBlockSeA
+
+
+def _masked_block_forward(self, nlist, extended_coord, extended_atype, extended_atype_embd=None,
+                          mapping=None, type_embedding=None):
+    """Upstream's DescrptBlockSeA.forward (3.2.0, non-compressed, type_one_side false) with the
+    per-centre-type boolean indexing replaced by a multiply with the type mask; used only while
+    make_fx traces (see `_static_type_masks`), never on upstream's eager path.
+
+    Upstream, for each network (centre type ti, neighbour type ii) in `filter_layers.networks`
+    order, evaluates the network on the rows of type ti only (`dmatrix[ti_mask, ...]`) and does
+    `xyz_scatter[ti_mask] += gr`; the shapes of those selections depend on the atom types, which
+    the compiler cannot take in one graph for all type layouts. Here every network runs on all
+    nf*nloc rows and `xyz_scatter += gr * (atype == ti)`. This is exactly upstream's value:
+    * each row's own-type terms are multiplied by 1.0 (exact), the others by 0.0, giving (+/-)0
+      (the terms are finite: a tanh network of the finite, env-protected dmatrix);
+    * x + (+/-)0 == x exactly, so a row only changes at its own type's networks, and those are
+      added in the same network order (ii = 0, 1, ... for its ti) as upstream's `+=` adds them,
+      starting from the same zeros;
+    * rr, ss, gg, gr of a row are computed from that row alone (row-wise network and batched
+      matmul), so its values do not depend on which other rows are in the batch.
+    The derivatives through the mask are zero for the other rows, so they add exact zeros to the
+    coordinate gradient as well. The price: every network sees all centre atoms, i.e. ntypes
+    times upstream's embedding work (upstream runs each centre atom through ntypes networks,
+    this runs it through ntypes**2).
+    Everything else (prod_env_mat, exclusion mask, the scaling and the final contractions) is
+    upstream's code, with upstream's helper calls.
+    """
+    if self.type_one_side or self.compress or type_embedding is not None:
+        return _upstream_block_forward(self, nlist, extended_coord, extended_atype,
+                                       extended_atype_embd, mapping, type_embedding)
+    del extended_atype_embd, mapping
+    nf = nlist.shape[0]
+    nloc = nlist.shape[1]
+    atype = extended_atype[:, :nloc]
+    dmatrix, diff, sw = _se_a.prod_env_mat(
+        extended_coord,
+        nlist,
+        atype,
+        self.mean,
+        self.stddev,
+        self.rcut,
+        self.rcut_smth,
+        protection=self.env_protection,
+    )
+    dmatrix = dmatrix.view(-1, self.nnei, 4)
+    nfnl = dmatrix.shape[0]
+    xyz_scatter = torch.zeros(
+        [nfnl, 4, self.filter_neuron[-1]],
+        dtype=self.prec,
+        device=extended_coord.device,
+    )
+    # nfnl x nnei
+    exclude_mask = self.emask(nlist, extended_atype).view(nfnl, self.nnei)
+    flat_atype = atype.ravel()
+    for embedding_idx, ll in enumerate(self.filter_layers.networks):
+        # ti: center atom type, ii: neighbor type (upstream's numbering)
+        ii = embedding_idx // self.ntypes
+        ti = embedding_idx % self.ntypes
+        # nfnl x nt: all rows (upstream: the rows of type ti)
+        mm = exclude_mask[:, self.sec[ii] : self.sec[ii + 1]]
+        # nfnl x nt x 4
+        rr = dmatrix[:, self.sec[ii] : self.sec[ii + 1], :]
+        rr = rr * mm[:, :, None]
+        ss = rr[:, :, :1]
+        # nfnl x nt x ng
+        gg = ll.forward(ss)
+        # nfnl x 4 x ng
+        gr = torch.matmul(rr.permute(0, 2, 1), gg)
+        # upstream: xyz_scatter[ti_mask] += gr
+        xyz_scatter += gr * flat_atype.eq(ti).to(gr.dtype)[:, None, None]
+
+    xyz_scatter /= self.nnei
+    xyz_scatter_1 = xyz_scatter.permute(0, 2, 1)
+    rot_mat = xyz_scatter_1[:, :, 1:4]
+    xyz_scatter_2 = xyz_scatter[:, :, 0 : self.axis_neuron]
+    result = torch.matmul(xyz_scatter_1, xyz_scatter_2)
+    result = result.view(nf, nloc, self.filter_neuron[-1] * self.axis_neuron)
+    rot_mat = rot_mat.view([nf, nloc] + list(rot_mat.shape[1:]))  # noqa:RUF005
+    return (result, rot_mat, None, None, sw)
+
+
+_upstream_block_forward = _BLOCK.forward
+
+
+@contextlib.contextmanager
+def _static_type_masks(block):
+    """While tracing: this model's se_e2_a block runs `_masked_block_forward` (an instance
+    attribute, so no other model and no eager call is affected); removed afterwards."""
+    block.__dict__["forward"] = types.MethodType(_masked_block_forward, block)
+    try:
+        yield
+    finally:
+        block.__dict__.pop("forward", None)
+
 # ----------------------------------------------------------------------------- build
 def _slots(am) -> list:
     """(module, "_parameters"/"_buffers", name) in named_parameters() then named_buffers() order."""
@@ -279,7 +307,7 @@ def _slots(am) -> list:
     return out
 
 
-def _build(model, nframes: int, nloc: int, nallp: int, atype_const, sample: tuple):
+def _build(model, nframes: int, nloc: int, nallp: int, sample: tuple):
     """Trace the pure energy/force function with make_fx and compile it."""
     am = model.atomic_model
     slots = _slots(am)
@@ -291,8 +319,7 @@ def _build(model, nframes: int, nloc: int, nallp: int, atype_const, sample: tupl
     def energy_and_forces(*args):
         for (mod, kind, attr), t in zip(slots, args[:k]):
             getattr(mod, kind)[attr] = t
-        coord, nlist = args[k], args[k + 1]
-        atype = atype_const if atype_const is not None else args[k + 2]
+        coord, nlist, atype = args[k], args[k + 1], args[k + 2]
         # ghosts: only `type >= 0` is read for them (no exclusions; checked by model_reason),
         # and every real atom type is >= 0 (checked per call), so type 0 stands for all of them
         ext_atype = torch.cat([atype, atype.new_zeros(nframes, nallp - nloc)], dim=1)
@@ -315,25 +342,20 @@ def _build(model, nframes: int, nloc: int, nallp: int, atype_const, sample: tupl
     # tensors on torch 2.13, so the slots are swapped here by hand.)
     saved = [(mod, kind, attr, getattr(mod, kind)[attr]) for mod, kind, attr in slots]
     try:
-        gm = make_fx(energy_and_forces, tracing_mode="real")(*sample)
+        with _static_type_masks(am.descriptor.sea):
+            gm = make_fx(energy_and_forces, tracing_mode="real")(*sample)
     finally:
         for mod, kind, attr, t in saved:
             getattr(mod, kind)[attr] = t
-    gm._dph_consts = []
     n_detach = _strip_detach(gm)
-    n_index = _bool_indices_to_long(gm)
+    gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
-    consts = [(n, getattr(gm, n)) for n in gm._dph_consts]
     gm = _rebuild(gm)
-    for n, t in consts:  # node_copy keeps get_attr targets; GraphModule(gm, g) copies them over
-        if not hasattr(gm, n):
-            gm.register_buffer(n, t)
     _check_static(gm)
     nodes = sum(1 for _ in gm.graph.nodes)
-    log.info("compile: traced %d nodes (stripped %d detach, %d boolean indexings made static) for "
-             "nf=%d nloc=%d nall(padded)=%d; backend %s", nodes, n_detach, n_index, nframes, nloc,
-             nallp, backend())
+    log.info("compile: traced %d nodes (stripped %d detach) for nf=%d nloc=%d nall(padded)=%d; "
+             "backend %s", nodes, n_detach, nframes, nloc, nallp, backend())
     compiled = torch.compile(gm, backend=backend(), dynamic=False, fullgraph=True)
     return compiled, names
 
@@ -367,21 +389,20 @@ def compiled_lower(model, extended_coord, extended_atype, nlist, extra_nlist_sor
     coord = coord.contiguous()
     nlist = nlist.contiguous()
     am = model.atomic_model
-    bake = not am.descriptor.sea.type_one_side  # per-type boolean masks on the centre atoms
-    key = (nframes, nloc, nallp, nsel, coord.dtype, str(coord.device), model.training,
-           hashlib.sha1(atype_host.numpy().tobytes()).hexdigest() if bake else None)
+    # the atom types are a graph input (any type layout of these shapes shares the graph)
+    key = (nframes, nloc, nallp, nsel, coord.dtype, str(coord.device), model.training)
     tensors = [p for _, p in am.named_parameters()] + [b for _, b in am.named_buffers()]
-    extra = [] if bake else [atype.contiguous()]
+    atype = atype.contiguous()
     cache = _cache(model)
     entry = cache.get(key)
     t0 = None
     if entry is None:
         t0 = time.perf_counter()
-        sample = tuple(t.detach() for t in tensors) + (coord, nlist, *extra)
-        entry = _build(model, nframes, nloc, nallp, atype.detach().clone() if bake else None, sample)
+        sample = tuple(t.detach() for t in tensors) + (coord, nlist, atype)
+        entry = _build(model, nframes, nloc, nallp, sample)
         cache[key] = entry
     fn, names = entry
-    out = fn(*tensors, coord, nlist, *extra)
+    out = fn(*tensors, coord, nlist, atype)
     if t0 is not None:
         dt = time.perf_counter() - t0
         STATS["builds"] += 1
