@@ -285,3 +285,14 @@ def upstream_adam_step(tr, inp: dict, label: dict, lr: float, params=None):
             p.copy_(a)
             p.grad = None
     return params, p0, float(loss.detach()), grads, upd
+
+
+def keep_upstream_and_engine_classes(monkeypatch) -> None:
+    """Loading the graph/fused patch modules in-process (gate-hook tests) rebinds
+    graph_engine.GraphEngine (to FusedEngine) and upstream's Trainer.run: put both back after the
+    test, or later tests compare the analytic path with itself."""
+    import graph_engine
+    from deepmd.pt.train import training
+
+    monkeypatch.setattr(graph_engine, "GraphEngine", graph_engine.GraphEngine)
+    monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)

@@ -31,7 +31,7 @@ VARIANT_DIR = REPO / "patches" / "fused"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, torch,
-    upstream_adam_step,
+    upstream_adam_step, keep_upstream_and_engine_classes,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -285,6 +285,7 @@ def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
     import torch._dynamo
 
     from harness import runtime
+    keep_upstream_and_engine_classes(knobs)
 
     old = (runtime.parity_forward, runtime.parity_train_step)
     try:
