@@ -750,7 +750,7 @@ def calibration_from_runs(system: str, device: str, steps: int, directory: Path 
     runs: dict[str, dict[int, dict]] = {c: {} for c in CALIBRATION_VARIANTS}
     frames = set()
     for r in sorted(results.load_runs(directory / "runs"), key=lambda r: r.get("created", "")):
-        dev = (r.get("device") or {}).get("kind") if isinstance(r.get("device"), dict) else r.get("device")
+        dev = (r.get("device") or {}).get("kind")
         dp = (r.get("accuracy") or {}).get("dp_test")
         if (r.get("system") != system or dev != device or int(r.get("steps") or -1) != int(steps)
                 or r.get("variant") not in by_variant or r.get("status") != "ok" or not dp):

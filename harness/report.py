@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .distributed import scaling_efficiency
 from .results import ROOT, RUNS, load_runs
 
 OUT = ROOT / "results" / "report" / "index.html"
@@ -214,7 +215,8 @@ def plot_scaling(rs: list[dict]) -> str | None:
         line, = ax.plot(ws, [pts[w] for w in ws], marker="o", label=v)
         if 1 in pts:  # ideal: N x the same sweep's 1-GPU throughput; efficiency = measured / ideal
             ax.plot(ws, [pts[1] * w for w in ws], ls="--", lw=0.8, color=line.get_color())
-            ax2.plot(ws, [100 * pts[w] / (pts[1] * w) for w in ws], marker="o", color=line.get_color(), label=v)
+            ax2.plot(ws, [100 * scaling_efficiency(pts[w], w, pts[1]) for w in ws], marker="o",
+                     color=line.get_color(), label=v)
     ax.set_yscale("log")
     ax.set_xticks(sorted({w for pts in by_v.values() for w in pts}))
     ax.set_xlabel("GPUs (world_size)")

@@ -128,6 +128,18 @@ def water_config(train, valid, tos: bool, steps: int = 20) -> dict:
     }
 
 
+
+def case_config(case: str, data: dict) -> dict:
+    """The input of a named test case: "water-..." (skipped without the water data) or the 3-type
+    fcc system, with type_one_side true when the name says "tos-true"."""
+    import pytest
+
+    if case.startswith("water"):
+        if "water_train" not in data:
+            pytest.skip("water data not present")
+        return water_config(data["water_train"], data["water_valid"], tos="tos-true" in case)
+    return fcc_config(data["fcc_train"], data["fcc_valid"], tos="tos-true" in case)
+
 def build_trainer(cfg: dict, workdir: Path):
     """Let upstream's own `dp --pt train` build the Trainer, and stop before training."""
     from deepmd.main import main
@@ -287,12 +299,23 @@ def upstream_adam_step(tr, inp: dict, label: dict, lr: float, params=None):
     return params, p0, float(loss.detach()), grads, upd
 
 
-def keep_upstream_and_engine_classes(monkeypatch) -> None:
-    """Loading the graph/fused patch modules in-process (gate-hook tests) rebinds
-    graph_engine.GraphEngine (to FusedEngine) and upstream's Trainer.run: put both back after the
-    test, or later tests compare the analytic path with itself."""
+def load_fused_patches(monkeypatch) -> None:
+    """Load graph's and fused's patch modules in-process, as the training process does: they set
+    the accuracy-gate hooks (harness.runtime), wrap upstream's Trainer.run and rebind
+    graph_engine.GraphEngine to FusedEngine. All of that is put back after the test, or later
+    tests would compare the analytic path with itself."""
+    import importlib.util
+
     import graph_engine
     from deepmd.pt.train import training
 
+    from harness import runtime
+
     monkeypatch.setattr(graph_engine, "GraphEngine", graph_engine.GraphEngine)
     monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)
+    monkeypatch.setattr(runtime, "parity_forward", runtime.parity_forward)
+    monkeypatch.setattr(runtime, "parity_train_step", runtime.parity_train_step)
+    for name, d in (("graph_trainer", "graph"), ("fused_trainer", "fused")):
+        spec = importlib.util.spec_from_file_location(f"t_{name}", REPO / "patches" / d / f"{name}.py")
+        m = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(m)

@@ -31,7 +31,7 @@ import pytest
 from harness import cli
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    _upstream_batch, build_trainer, data, fcc_config, frames_of, rel, torch, upstream_adam_step, water_config,
+    _upstream_batch, build_trainer, case_config, data, fcc_config, frames_of, rel, torch, upstream_adam_step,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,13 +74,7 @@ _TRAINERS: dict = {}
 
 def trainer(case: str, data, tmp_path_factory):
     if case not in _TRAINERS:
-        if case.startswith("water"):
-            if "water_train" not in data:
-                pytest.skip("water data not present")
-            cfg = water_config(data["water_train"], data["water_valid"], tos=False)
-        else:
-            cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=case.endswith("tos-true"))
-        _TRAINERS[case] = build_trainer(cfg, tmp_path_factory.mktemp(case))
+        _TRAINERS[case] = build_trainer(case_config(case, data), tmp_path_factory.mktemp(case))
     return _TRAINERS[case]
 
 

@@ -30,8 +30,8 @@ GRAPH_DIR = REPO / "patches" / "graph"
 VARIANT_DIR = REPO / "patches" / "fused"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, torch,
-    upstream_adam_step, keep_upstream_and_engine_classes,
+    fcc_config, build_trainer, rel, data, _upstream_batch, upstream_reference_step, torch,
+    upstream_adam_step, load_fused_patches, case_config,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -41,12 +41,6 @@ for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
 RTOL = 1e-10
 
 
-def _cfg(case, data):
-    if case.startswith("water"):
-        if "water_train" not in data:
-            pytest.skip("water data not present")
-        return water_config(data["water_train"], data["water_valid"], tos="tos-true" in case)
-    return fcc_config(data["fcc_train"], data["fcc_valid"], tos="tos-true" in case)
 
 
 @pytest.fixture
@@ -71,7 +65,7 @@ def test_step_traces_as_one_graph(case, geom, data, tmp_path, knobs):
     import fused_engine
 
     knobs.setenv("DPH_GEOM", geom)
-    tr = build_trainer(_cfg(case, data), tmp_path)
+    tr = build_trainer(case_config(case, data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
     eng.build_data()
     G = eng.groups[0]
@@ -165,7 +159,7 @@ def test_compiled_step_parity(case, geom, data, tmp_path, knobs):
     import fused_engine
 
     knobs.setenv("DPH_GEOM", geom)
-    tr = build_trainer(_cfg(case, data), tmp_path)
+    tr = build_trainer(case_config(case, data), tmp_path)
     lr = tr.lr_schedule.value(3)  # mid-schedule loss prefactors
     ref = upstream_reference_step(tr, lr)
     eng = fused_engine.FusedEngine(tr)
@@ -177,7 +171,7 @@ def test_compiled_step_detects_a_wrong_derivative(data, tmp_path, knobs):
     above is a real check of the code the compiled step runs)."""
     import fused_engine
 
-    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)
     orig = fused_engine.embed_with_tangent
@@ -194,7 +188,7 @@ def test_knobs_off_on_cpu_without_cpu_knob(data, tmp_path, monkeypatch):
     monkeypatch.setenv("DPH_FUSED_COMPILE_STEP", "1")
     monkeypatch.setenv("DPH_FLAT_ADAM_COMPILE", "1")
     monkeypatch.delenv("DPH_COMPILE_CPU", raising=False)
-    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
     eng.build_data()
     eng.make_optimizer()
@@ -281,51 +275,41 @@ def test_flat_adam_compiled_equals_torch(kind, wd, capturable, monkeypatch):
 
 # ------------------------------------------------------------------ 4. gate hook
 def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
-    import importlib.util
     import torch._dynamo
 
     from harness import runtime
-    keep_upstream_and_engine_classes(knobs)
 
-    old = (runtime.parity_forward, runtime.parity_train_step)
-    try:
-        for name, d in (("graph_trainer", GRAPH_DIR), ("fused_trainer", VARIANT_DIR)):
-            spec = importlib.util.spec_from_file_location(f"t_{name}", d / f"{name}.py")
-            m = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(m)
-        import fused_engine
+    load_fused_patches(knobs)
+    import fused_engine
 
-        assert runtime.parity_train_step is fused_engine.parity_train_step
-        # sel large enough that no neighbour list is truncated: upstream's answer is then
-        # independent of the atom order, and the batch is shuffled (the hook sorts atoms + labels)
-        tr = build_trainer(fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, sel=(100, 70, 50)), tmp_path)
-        params = list(tr.wrapper.parameters())
-        p0 = [p.detach().clone() for p in params]
-        lr = tr.lr_schedule.value(0)
-        frame = tr.training_dataloader.dataset.systems[0][0]
-        inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
-        nat = inp["coord"].shape[1] // 3 if inp["coord"].dim() == 2 else inp["coord"].shape[1]
-        perm = torch.randperm(nat, generator=torch.Generator().manual_seed(0))
-        inp = dict(inp, coord=inp["coord"].reshape(1, -1, 3)[:, perm].reshape(inp["coord"].shape), atype=inp["atype"][:, perm])
-        label = dict(label, force=label["force"].reshape(1, -1, 3)[:, perm].reshape(label["force"].shape))
-        _, _, _, gu, upd = upstream_adam_step(tr, inp, label, lr, params)
-        gu = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gu)]
-        du = torch.cat([u.reshape(-1) for u in upd])
-        calls = []
-        orig = fused_engine.FusedEngine.enable_step_compile
-        knobs.setattr(fused_engine.FusedEngine, "enable_step_compile", lambda self: (calls.append(1), orig(self))[1])
-        torch._dynamo.utils.counters.clear()
-        optim = {"type": "Adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "gradient_max_norm": 0.0}
-        runtime.parity_train_step(tr.model, tr.loss, {"input": inp, "label": label, "optim": optim}, lr)
-        assert calls == [1] and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # step + Adam
-        gf = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
-        eg = rel(gf, torch.cat([g.reshape(-1) for g in gu]))
-        df = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
-        eu = rel(df, du)
-        print(f"gate hook (compiled step): gradient rel {eg:.2e}, update rel {eu:.2e}")
-        assert eg <= RTOL and eu <= RTOL
-    finally:
-        runtime.parity_forward, runtime.parity_train_step = old
+    assert runtime.parity_train_step is fused_engine.parity_train_step
+    # sel large enough that no neighbour list is truncated: upstream's answer is then
+    # independent of the atom order, and the batch is shuffled (the hook sorts atoms + labels)
+    tr = build_trainer(fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, sel=(100, 70, 50)), tmp_path)
+    params = list(tr.wrapper.parameters())
+    lr = tr.lr_schedule.value(0)
+    frame = tr.training_dataloader.dataset.systems[0][0]
+    inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
+    nat = inp["coord"].shape[1] // 3 if inp["coord"].dim() == 2 else inp["coord"].shape[1]
+    perm = torch.randperm(nat, generator=torch.Generator().manual_seed(0))
+    inp = dict(inp, coord=inp["coord"].reshape(1, -1, 3)[:, perm].reshape(inp["coord"].shape), atype=inp["atype"][:, perm])
+    label = dict(label, force=label["force"].reshape(1, -1, 3)[:, perm].reshape(label["force"].shape))
+    _, p0, _, gu, upd = upstream_adam_step(tr, inp, label, lr, params)
+    gu = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gu)]
+    du = torch.cat([u.reshape(-1) for u in upd])
+    calls = []
+    orig = fused_engine.FusedEngine.enable_step_compile
+    knobs.setattr(fused_engine.FusedEngine, "enable_step_compile", lambda self: (calls.append(1), orig(self))[1])
+    torch._dynamo.utils.counters.clear()
+    optim = {"type": "Adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "gradient_max_norm": 0.0}
+    runtime.parity_train_step(tr.model, tr.loss, {"input": inp, "label": label, "optim": optim}, lr)
+    assert calls == [1] and torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 2  # step + Adam
+    gf = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+    eg = rel(gf, torch.cat([g.reshape(-1) for g in gu]))
+    df = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
+    eu = rel(df, du)
+    print(f"gate hook (compiled step): gradient rel {eg:.2e}, update rel {eu:.2e}")
+    assert eg <= RTOL and eu <= RTOL
 
 
 # ------------------------------------------------------------- 5. Inductor (slow)
@@ -339,7 +323,7 @@ def test_compiled_step_parity_inductor(data, tmp_path, knobs):
         pytest.skip("no C compiler for Inductor's CPU backend")
     knobs.delenv("DPH_COMPILE_BACKEND")
     knobs.setenv("DPH_GEOM", "compact")
-    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)
     eng = fused_engine.FusedEngine(tr)

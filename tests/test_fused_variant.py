@@ -31,8 +31,8 @@ WATER = REPO / "systems" / "water" / "data"
 
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
-    fcc_config, water_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, assert_engine_step_matches, torch,
-    upstream_adam_step, keep_upstream_and_engine_classes,
+    fcc_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, assert_engine_step_matches, torch,
+    upstream_adam_step, load_fused_patches, case_config,
 )
 
 for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
@@ -54,12 +54,6 @@ def _geometry(eng, coord, atype, box):
     return geom, jidx, tcount
 
 
-def _cfg(case, data):
-    if case.startswith("water"):
-        if "water_train" not in data:
-            pytest.skip("water data not present")
-        return water_config(data["water_train"], data["water_valid"], tos="tos-true" in case)
-    return fcc_config(data["fcc_train"], data["fcc_valid"], tos="tos-true" in case)
 
 
 
@@ -78,9 +72,7 @@ def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
     import fused_engine
 
     monkeypatch.setenv("DPH_GEOM", "onthefly")
-    import graph_engine
-
-    tr = build_trainer(_cfg(case, data), tmp_path)
+    tr = build_trainer(case_config(case, data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
     _, coord, atype, box = frames_of(tr)
     geom, jidx, tcount = _geometry(eng, coord, atype, box)
@@ -116,9 +108,8 @@ def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
 def test_analytic_forces_detect_a_wrong_derivative(data, tmp_path, monkeypatch):
     """The parity check can fail: drop the dG/ds term and the forces must disagree."""
     import fused_engine
-    import graph_engine
 
-    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
     _, coord, atype, box = frames_of(tr)
     geom, jidx, tcount = _geometry(eng, coord, atype, box)
@@ -140,7 +131,7 @@ def test_analytic_forces_detect_a_wrong_derivative(data, tmp_path, monkeypatch):
 def _step_parity(case, data, tmp_path, compiled=False, batched=False):
     import fused_engine
 
-    tr = build_trainer(_cfg(case, data), tmp_path)
+    tr = build_trainer(case_config(case, data), tmp_path)
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)  # upstream Adam step; weights restored after it
     eng = fused_engine.FusedEngine(tr)
@@ -157,55 +148,43 @@ def test_one_step_parity(case, data, tmp_path):
 
 # ------------------------------------------------------------ 3. accuracy-gate hooks
 def test_gate_hooks(data, tmp_path, monkeypatch):
-    import importlib.util
-
     from harness import runtime
 
-    keep_upstream_and_engine_classes(monkeypatch)
+    load_fused_patches(monkeypatch)
+    import fused_engine
 
-    old = (runtime.parity_forward, runtime.parity_train_step)
-    try:
-        for name, d in (("graph_trainer", GRAPH_DIR), ("fused_trainer", VARIANT_DIR)):
-            spec = importlib.util.spec_from_file_location(f"t_{name}", d / f"{name}.py")
-            m = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(m)
-        import fused_engine
-
-        assert runtime.parity_forward is fused_engine.parity_forward
-        assert runtime.parity_train_step is fused_engine.parity_train_step
-        tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
-        _, coord, atype, box = frames_of(tr)
-        nf = coord.shape[0]
-        # shuffled atom order: the hook sorts and un-sorts
-        perm = torch.randperm(coord.shape[1], generator=torch.Generator().manual_seed(0))
-        c, t = coord.reshape(nf, -1, 3)[:, perm], atype[:, perm]
-        ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
-        with torch.no_grad():
-            out = runtime.parity_forward(tr.model, coord.reshape(nf, -1, 3), atype, box.reshape(nf, 9))
-            outp = runtime.parity_forward(tr.model, c, t, box.reshape(nf, 9))
-        for k in ("energy", "force", "virial"):
-            assert rel(out[k], ref[k]) <= RTOL, k
-        # shuffled atom order: the hook sorts and un-sorts (sel truncation makes upstream's
-        # own answer order-dependent at the 1e-8 level here, so compare with the hook itself)
-        assert rel(outp["force"], out["force"][:, perm]) <= 1e-12
-        assert rel(outp["energy"], out["energy"]) <= 1e-12
-        # train-step hook vs upstream's wrapper + Adam
-        params = list(tr.wrapper.parameters())
-        p0 = [p.detach().clone() for p in params]
-        lr = tr.lr_schedule.value(0)
-        frame = tr.training_dataloader.dataset.systems[0][0]
-        inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
-        _, _, _, gu, upd = upstream_adam_step(tr, inp, label, lr, params)
-        gu = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gu)]
-        du = torch.cat([u.reshape(-1) for u in upd])
-        optim = {"type": "Adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "gradient_max_norm": 0.0}
-        runtime.parity_train_step(tr.model, tr.loss, {"input": inp, "label": label, "optim": optim}, lr)
-        gf = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
-        assert rel(gf, torch.cat([g.reshape(-1) for g in gu])) <= RTOL
-        df = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
-        assert rel(df, du) <= RTOL
-    finally:
-        runtime.parity_forward, runtime.parity_train_step = old
+    assert runtime.parity_forward is fused_engine.parity_forward
+    assert runtime.parity_train_step is fused_engine.parity_train_step
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
+    _, coord, atype, box = frames_of(tr)
+    nf = coord.shape[0]
+    # shuffled atom order: the hook sorts and un-sorts
+    perm = torch.randperm(coord.shape[1], generator=torch.Generator().manual_seed(0))
+    c, t = coord.reshape(nf, -1, 3)[:, perm], atype[:, perm]
+    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
+    with torch.no_grad():
+        out = runtime.parity_forward(tr.model, coord.reshape(nf, -1, 3), atype, box.reshape(nf, 9))
+        outp = runtime.parity_forward(tr.model, c, t, box.reshape(nf, 9))
+    for k in ("energy", "force", "virial"):
+        assert rel(out[k], ref[k]) <= RTOL, k
+    # shuffled atom order: the hook sorts and un-sorts (sel truncation makes upstream's
+    # own answer order-dependent at the 1e-8 level here, so compare with the hook itself)
+    assert rel(outp["force"], out["force"][:, perm]) <= 1e-12
+    assert rel(outp["energy"], out["energy"]) <= 1e-12
+    # train-step hook vs upstream's wrapper + Adam
+    params = list(tr.wrapper.parameters())
+    lr = tr.lr_schedule.value(0)
+    frame = tr.training_dataloader.dataset.systems[0][0]
+    inp, label = _upstream_batch(tr, frame, tr.loss.has_v)
+    _, p0, _, gu, upd = upstream_adam_step(tr, inp, label, lr, params)
+    gu = [torch.zeros_like(p) if g is None else g for p, g in zip(params, gu)]
+    du = torch.cat([u.reshape(-1) for u in upd])
+    optim = {"type": "Adam", "betas": (0.9, 0.999), "weight_decay": 0.0, "gradient_max_norm": 0.0}
+    runtime.parity_train_step(tr.model, tr.loss, {"input": inp, "label": label, "optim": optim}, lr)
+    gf = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
+    assert rel(gf, torch.cat([g.reshape(-1) for g in gu])) <= RTOL
+    df = torch.cat([(p.detach() - b).reshape(-1) for p, b in zip(params, p0)])
+    assert rel(df, du) <= RTOL
 
 
 # ------------------------------------------------------------------ 4. torch.compile
@@ -242,7 +221,6 @@ def test_flavour_manifests():
 
 def test_forces_float32(data, tmp_path):
     import fused_engine
-    import graph_engine
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, prec="float32")
     tr = build_trainer(cfg, tmp_path)
@@ -349,7 +327,7 @@ def test_onthefly_engine_storage(data, tmp_path):
     switches either engine."""
     import fused_engine
 
-    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     old = os.environ.pop("DPH_GEOM", None)
     try:
         assert fused_engine.FusedEngine(tr).geom_mode == "compact"
@@ -443,7 +421,7 @@ def test_compact_engine_matches_onthefly(case, data, tmp_path, monkeypatch):
     <= 1e-10. fcc: 3 types, ~6.4 A triclinic cell at rcut 7 (5x5x5 images); water: 2 types."""
     import fused_engine
 
-    tr = build_trainer(_cfg(case, data), tmp_path)
+    tr = build_trainer(case_config(case, data), tmp_path)
     _with_geom(monkeypatch, "onthefly")
     otf = fused_engine.FusedEngine(tr)
     otf.build_data()
@@ -497,7 +475,7 @@ def test_compact_traces_without_graph_break(data, tmp_path, monkeypatch):
     import fused_engine
 
     _with_geom(monkeypatch, "compact")
-    tr = build_trainer(_cfg("fcc-tos-false", data), tmp_path)
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
     eng.build_data()
     G = eng.groups[0]

@@ -311,9 +311,7 @@ def _build(model, nframes: int, nloc: int, nallp: int, sample: tuple):
     """Trace the pure energy/force function with make_fx and compile it."""
     am = model.atomic_model
     slots = _slots(am)
-    names = [n for n, _ in am.named_parameters()] + [n for n, _ in am.named_buffers()]
-    k = len(names)
-    assert len(slots) == k
+    k = len(slots)
     redu_prec = _env.GLOBAL_PT_ENER_FLOAT_PRECISION
 
     def energy_and_forces(*args):
@@ -357,7 +355,7 @@ def _build(model, nframes: int, nloc: int, nallp: int, sample: tuple):
     log.info("compile: traced %d nodes (stripped %d detach) for nf=%d nloc=%d nall(padded)=%d; "
              "backend %s", nodes, n_detach, nframes, nloc, nallp, backend())
     compiled = torch.compile(gm, backend=backend(), dynamic=False, fullgraph=True)
-    return compiled, names
+    return compiled
 
 
 def _cache(model) -> dict:
@@ -394,15 +392,14 @@ def compiled_lower(model, extended_coord, extended_atype, nlist, extra_nlist_sor
     tensors = [p for _, p in am.named_parameters()] + [b for _, b in am.named_buffers()]
     atype = atype.contiguous()
     cache = _cache(model)
-    entry = cache.get(key)
+    entry = cache.get(key)  # the compiled callable
     t0 = None
     if entry is None:
         t0 = time.perf_counter()
         sample = tuple(t.detach() for t in tensors) + (coord, nlist, atype)
         entry = _build(model, nframes, nloc, nallp, sample)
         cache[key] = entry
-    fn, names = entry
-    out = fn(*tensors, coord, nlist, atype)
+    out = entry(*tensors, coord, nlist, atype)
     if t0 is not None:
         dt = time.perf_counter() - t0
         STATS["builds"] += 1

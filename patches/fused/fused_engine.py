@@ -490,13 +490,8 @@ class FusedEngine(graph_engine.GraphEngine):
         return S
 
     def enable_step_compile(self) -> None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
         backend = flat_optim.compile_backend()
-        mode = os.environ.get("DPH_FUSED_COMPILE_MODE", "default")
-        kw = {} if mode == "default" or backend != "inductor" else {"mode": mode}
-        self._step_compiled = torch.compile(self._step_core, dynamic=False, fullgraph=False, backend=backend, **kw)
+        self._step_compiled = _torch_compile(self._step_core, backend)
         log.info("fused: compiled whole step enabled (gather + energy/forces + loss in one torch.compile, "
                  "backend=%s, device %s)", backend, self.device.type)
 
@@ -523,14 +518,8 @@ class FusedEngine(graph_engine.GraphEngine):
         return loss, more
 
     def enable_compile(self) -> None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-        mode = os.environ.get("DPH_FUSED_COMPILE_MODE", "default")
-        if mode == "default":
-            mode = None
-        self._compiled = torch.compile(self._predict_core, dynamic=False, mode=mode, fullgraph=False)
-        log.info("fused: torch.compile enabled (mode=%s)", mode or "default")
+        self._compiled = _torch_compile(self._predict_core, "inductor")
+        log.info("fused: torch.compile enabled (mode=%s)", os.environ.get("DPH_FUSED_COMPILE_MODE", "default"))
 
     # --------------------------------------------------------------- capture
     def capture(self) -> None:
@@ -557,6 +546,17 @@ class FusedEngine(graph_engine.GraphEngine):
                     self.opt.compiled = None
                 self.opt.zero_grad(set_to_none=True)
         return super().capture()
+
+
+def _torch_compile(fn, backend: str):
+    """torch.compile of one of the engine's step functions: static shapes, graph breaks allowed,
+    Inductor's mode from DPH_FUSED_COMPILE_MODE; room in dynamo's cache for every group's shapes."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
+    mode = os.environ.get("DPH_FUSED_COMPILE_MODE", "default")
+    kw = {"mode": mode} if mode != "default" and backend == "inductor" else {}
+    return torch.compile(fn, dynamic=False, fullgraph=False, backend=backend, **kw)
 
 
 # ------------------------------------------------------------------ parity hooks
@@ -602,24 +602,17 @@ def _parity_group(eng: FusedEngine, loss_fn, inp: dict, label: dict) -> dict:
     """The gate's batch as a one-group training set (what build_data makes of training frames):
     atoms sorted by type, the engine's geometry mode, labels in sorted order, upstream's find_*."""
     dev = eng.device
-    coord = inp["coord"]
-    nf = coord.shape[0]
-    coord = coord.reshape(nf, -1, 3)
-    atype = inp["atype"].reshape(nf, -1)
-    perm, _ = graph_engine.sorted_perm(atype)
-    at = atype[0, perm]
+    coord, atype, perm, _, at, tcount, box = graph_engine.sorted_batch(eng, inp)
     if not bool((atype[:, perm] == at).all()):
         raise RuntimeError("fused variant: gate batch frames differ in composition")
-    nloc = at.numel()
-    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
-    box = inp.get("box")
+    nf, nloc = atype.shape
     eng.loss = loss_fn
     eng.need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
     mode = eng.geom_mode
     keep = {"compact": ["pidx", "coord", "shifts"], "onthefly": ["jidx", "diff"]}.get(
         mode, ["jidx"] + (["diff"] if eng.need_virial else []) + ["rt", "jac"])
     geom = eng.frames_geometry(coord[:, perm].detach().to(dev), at.to(dev),
-                               None if box is None else box.reshape(nf, 9).detach().to(dev),
+                               None if box is None else box.detach().to(dev),
                                env=mode == "precomputed", compact=mode == "compact", only=keep)
     gp = eng.gprec
     lab_keys = ["energy", "force"] + (["virial"] if eng.need_virial else [])

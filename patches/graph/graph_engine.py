@@ -953,8 +953,9 @@ def sorted_perm(atype: torch.Tensor):
     return perm, inv
 
 
-def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
-    """Upstream's loss on an engine's predictions for one batch (all frames one composition)."""
+def sorted_batch(eng: "GraphEngine", inp: dict):
+    """A gate batch (upstream's input dict, all frames one composition) with its atoms sorted by
+    type: (coord nf x nloc x 3, atype nf x nloc, perm, inv, sorted types, tcount, box nf x 9|None)."""
     coord = inp["coord"]
     nf = coord.shape[0]
     coord = coord.reshape(nf, -1, 3)
@@ -963,9 +964,15 @@ def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
     at = atype[0, perm]
     tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
     box = inp.get("box")
+    return coord, atype, perm, inv, at, tcount, None if box is None else box.reshape(nf, 9)
+
+
+def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
+    """Upstream's loss on an engine's predictions for one batch (all frames one composition)."""
+    coord, atype, perm, inv, at, tcount, box = sorted_batch(eng, inp)
     need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
-    geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.reshape(nf, 9).detach())
-    nloc = at.numel()
+    geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.detach())
+    nf, nloc = atype.shape
     rt, jac, jidx, diff = eng.step_geometry(geom)
     pred = eng.predict(rt, jac, jidx, diff,
                        tcount, eng.out_bias_per_type().to(coord.device), create_graph=True, virial=need_virial)
