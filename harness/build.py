@@ -113,10 +113,9 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
             {"variant": name, "hash": digest, "chain": [v.name for v in chain], "tree": tdir.name}))
 
     cached = not _atomic_dir(vdir, fill_variant)
-    env: dict[str, str] = {}
+    env = variants.chain_env(chain)
     overrides: dict = {}
     for v in chain:
-        env.update(v.env)
         overrides.update(v.overrides)
     modules = tuple(vdir / "patches" / v.name / m.relative_to(v.directory) for v in chain for m in v.modules)
     return BuiltVariant(

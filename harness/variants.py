@@ -125,6 +125,14 @@ def chain(name: str, patches_dir: Path | None = None) -> list[Variant]:
     return out[::-1]
 
 
+def chain_env(variants: list[Variant]) -> dict[str, str]:
+    """The process environment a chain sets: each variant's env over its base's."""
+    env: dict[str, str] = {}
+    for v in variants:
+        env.update(v.env)
+    return env
+
+
 def list_variant_names(patches_dir: Path | None = None) -> list[str]:
     patches_dir = patches_dir or PATCHES
     if not patches_dir.is_dir():

@@ -48,6 +48,18 @@ def test_shipped_variants_load_and_only_use_allowed_overrides():
         assert variants.chain(n)[0].name == "baseline"
 
 
+def test_chain_env_lets_a_variant_override_its_base():
+    """fused's manifest turns the compiled whole step on; fused-predict (base fused) turns it off,
+    fused-onthefly keeps it and adds its geometry knob."""
+    fused = variants.chain_env(variants.chain("fused"))
+    assert fused["DPH_FUSED_COMPILE_STEP"] == fused["DPH_FLAT_ADAM_COMPILE"] == "1"
+    pred = variants.chain_env(variants.chain("fused-predict"))
+    assert pred["DPH_FUSED_COMPILE_STEP"] == pred["DPH_FLAT_ADAM_COMPILE"] == "0"
+    otf = variants.chain_env(variants.chain("fused-onthefly"))
+    assert otf["DPH_FUSED_COMPILE_STEP"] == "1" and otf["DPH_GEOM"] == "onthefly"
+    assert "DPH_FUSED_COMPILE_STEP" not in variants.chain_env(variants.chain("graph"))
+
+
 def test_forbidden_override_is_rejected(patches):
     _manifest(patches, "cheat", overrides={"model/descriptor/rcut": 4.0})
     with pytest.raises(UserError, match="not allowed"):

@@ -1,5 +1,5 @@
-"""Tests of the opt-in compiled whole step (variant ``fused-step``: patches/fused knobs
-DPH_FUSED_COMPILE_STEP=1 and DPH_FLAT_ADAM_COMPILE=1).
+"""Tests of fused's compiled whole step (patches/fused's env: DPH_FUSED_COMPILE_STEP=1 and
+DPH_FLAT_ADAM_COMPILE=1, CUDA only unless DPH_COMPILE_CPU=1; variant fused-predict turns both off).
 
 1. the step function (gather -> analytic energy/forces -> upstream's EnergyStdLoss) traces into
    ONE dynamo graph with no break (torch._dynamo.explain, CPU), loss included;
@@ -13,7 +13,7 @@ DPH_FUSED_COMPILE_STEP=1 and DPH_FLAT_ADAM_COMPILE=1).
 4. the accuracy-gate hook parity_train_step runs the compiled step when the knobs are set;
 5. (slow) the whole step with Inductor on CPU (both knobs) vs upstream.
 The end-to-end `dp --pt train` run of the variant is tests/test_graph_variant.py's
-test_end_to_end_train_then_upstream_test[fused-step].
+test_end_to_end_train_then_upstream_test[fused].
 """
 from __future__ import annotations
 

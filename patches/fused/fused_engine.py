@@ -179,7 +179,7 @@ class FusedEngine(graph_engine.GraphEngine):
                 graph_graph_refuse("fitting net output width != 1")
         self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
         self._compiled = None
-        # opt-in compiled whole step (variant fused-step): gather + energy/forces + upstream's loss
+        # compiled whole step (fused's manifest env; off in fused-predict): gather + energy/forces + upstream's loss
         # in ONE torch.compile'd function (see compiled_step_wanted / _step_core)
         self.compile_step = os.environ.get("DPH_FUSED_COMPILE_STEP") == "1"
         self._step_compiled = None
@@ -582,7 +582,7 @@ def _parity_forward(model, coord, atype, box):
 def parity_train_step(model, loss_fn, batch, lr) -> None:
     """Accuracy-gate hook: one step of this variant's own code (analytic forces, upstream's loss,
     gradients into the flat buffer, the flat Adam/AdamW of flat_optim.py). With the compiled-step
-    knobs (variant fused-step) the gate's batch goes through the very compiled function the
+    knobs (fused's default env) the gate's batch goes through the very compiled function the
     training loop runs (gather + forces + loss), and FlatAdam compiles its update likewise."""
     eng = FusedEngine.from_model(model)
     if not eng.compiled_step_wanted():
