@@ -175,7 +175,10 @@ def test_compiled_step_detects_a_wrong_derivative(data, tmp_path, knobs):
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)
     orig = fused_engine.embed_with_tangent
+    orig_g = fused_engine.embed_grouped_with_tangent
     knobs.setattr(fused_engine, "embed_with_tangent", lambda s, layers: (orig(s, layers)[0], 0.0 * orig(s, layers)[1]))
+    knobs.setattr(fused_engine, "embed_grouped_with_tangent",  # the default path (grouped nets)
+                  lambda cols, lls: [(G, 0.0 * dG) for G, dG in orig_g(cols, lls)])
     eng = fused_engine.FusedEngine(tr)
     with pytest.raises(AssertionError, match="relative error|loss"):
         _compiled_step_matches(eng, ref, lr, "broken", RTOL)

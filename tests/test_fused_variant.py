@@ -12,12 +12,18 @@
 6. on-the-fly geometry (fused's default): R~ and its closed-form Jacobian from the stored
    displacements vs the precomputed (autograd) ones, incl. padding, pairs at rcut_smth and
    rcut, a small periodic cell whose images matter, protection > 0, float32; and the engine's
-   predictions in both modes.
+   predictions in both modes;
+7. compact geometry (bitwise the on-the-fly displacements; one dynamo graph, grouped or not);
+8. grouped nets (DPH_FUSED_GROUPED, the default): chunk_plan; all blocks' embedding nets in one
+   batched GEMM per layer and all types' fitting nets likewise, vs the per-block loop
+   (energies, forces, virials, parameter gradients <= 1e-12; padding exercised); GEMM counts of
+   the traced forward and backward graphs.
 
 Upstream tree: env var DPH_UPSTREAM_TREE, else the harness's own cached baseline build.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -105,7 +111,24 @@ def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
         assert e <= RTOL, f"{case}: {k} vs upstream relative error {e:.3e}"
 
 
-def test_analytic_forces_detect_a_wrong_derivative(data, tmp_path, monkeypatch):
+def drop_tangent(monkeypatch, fused_engine) -> None:
+    """Break the analytic derivative: dG/ds := 0 in the per-block and in the grouped embedding."""
+    orig = fused_engine.embed_with_tangent
+    orig_g = fused_engine.embed_grouped_with_tangent
+
+    def no_tangent(s, layers):
+        G, dG = orig(s, layers)
+        return G, 0.0 * dG
+
+    def no_tangent_grouped(cols, layer_lists):
+        return [(G, 0.0 * dG) for G, dG in orig_g(cols, layer_lists)]
+
+    monkeypatch.setattr(fused_engine, "embed_with_tangent", no_tangent)
+    monkeypatch.setattr(fused_engine, "embed_grouped_with_tangent", no_tangent_grouped)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+def test_analytic_forces_detect_a_wrong_derivative(grouped, data, tmp_path, monkeypatch):
     """The parity check can fail: drop the dG/ds term and the forces must disagree."""
     import fused_engine
 
@@ -114,36 +137,36 @@ def test_analytic_forces_detect_a_wrong_derivative(data, tmp_path, monkeypatch):
     _, coord, atype, box = frames_of(tr)
     geom, jidx, tcount = _geometry(eng, coord, atype, box)
     bias = eng.out_bias_per_type()
-    orig = fused_engine.embed_with_tangent
-
-    def no_tangent(s, layers):
-        G, dG = orig(s, layers)
-        return G, 0.0 * dG
-
-    monkeypatch.setattr(fused_engine, "embed_with_tangent", no_tangent)
+    drop_tangent(monkeypatch, fused_engine)
     eng.batched = False
+    eng.grouped = grouped
     fused = eng._predict_core(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias)
     auto = _GRAPH_PREDICT(eng, geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias, create_graph=False)
     assert rel(fused["force"], auto["force"]) > 1e-3
 
 
 # ------------------------------------------------------------- 2. one training step
-def _step_parity(case, data, tmp_path, compiled=False, batched=False):
+def _step_parity(case, data, tmp_path, compiled=False, batched=False, grouped=True):
     import fused_engine
 
     tr = build_trainer(case_config(case, data), tmp_path)
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)  # upstream Adam step; weights restored after it
     eng = fused_engine.FusedEngine(tr)
+    assert eng.grouped  # DPH_FUSED_GROUPED's default
     eng.batched = batched
+    eng.grouped = grouped
     if compiled:
         eng.enable_compile()
     assert_engine_step_matches(eng, ref, lr, case, RTOL)
 
 
-@pytest.mark.parametrize("case", ["fcc-tos-false", "fcc-tos-true", "water-tos-false", "fcc-tos-false-batched", "fcc-tos-true-batched"])
+@pytest.mark.parametrize("case", ["fcc-tos-false", "fcc-tos-true", "water-tos-false", "fcc-tos-false-batched",
+                                  "fcc-tos-true-batched", "fcc-tos-false-blocks"])
 def test_one_step_parity(case, data, tmp_path):
-    _step_parity(case, data, tmp_path, batched=case.endswith("batched"))
+    """Grouped nets (the default), the padded batched path, and the per-block loop ("blocks",
+    DPH_FUSED_GROUPED=0, variant fused-blocks) vs upstream's Trainer step."""
+    _step_parity(case, data, tmp_path, batched=case.endswith("batched"), grouped=not case.endswith("blocks"))
 
 
 # ------------------------------------------------------------ 3. accuracy-gate hooks
@@ -468,20 +491,193 @@ def test_compact_one_step_parity(case, data, tmp_path, monkeypatch):
     _step_parity(case, data, tmp_path)
 
 
-def test_compact_traces_without_graph_break(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("grouped", ["1", "emb", "0"])
+def test_compact_traces_without_graph_break(grouped, data, tmp_path, monkeypatch):
     """The compact gather + diff is traced into the one graph Inductor compiles with the env
-    math and the force scatter (dynamo explain on CPU: one graph, no break)."""
+    math and the force scatter (dynamo explain on CPU: one graph, no break), with the grouped
+    nets (the default: chunk plan, packing and stacked weights are static Python) and without."""
     import torch._dynamo
     import fused_engine
 
     _with_geom(monkeypatch, "compact")
+    monkeypatch.setenv("DPH_FUSED_GROUPED", grouped)
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
     eng.build_data()
     G = eng.groups[0]
     rt, jac, pidx, geom, _ = eng.gather(G, torch.tensor([0]))
     torch._dynamo.reset()
+    assert (eng.grouped, eng.grouped_fit) == (grouped != "0", grouped == "1")
     ex = torch._dynamo.explain(eng._predict_core)(rt, jac, pidx, geom, tuple(G["tcount"]), G["bias"], True)
     assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
+    # 3 types present (9 descriptor blocks, 3 fitting types): grouped nets take one GEMM per
+    # layer for all blocks (types) instead of one per block (type)
+    nmat = sum(1 for gm in ex.graphs for n in gm.graph.nodes
+               if n.op == "call_function" and "matmul" in str(n.target))
+    emb = 1 if grouped != "0" else 9  # neuron [8, 16]: one GEMM layer (8 -> 16)
+    fit = 2 * 3 * (1 if grouped == "1" else 3)  # 3 layers each of forward and VJP
+    assert nmat == emb + fit + 9 * 3 + 3, nmat  # + contractions (3 per block) + descriptor (3)
     ops = {str(n.target) for gm in ex.graphs for n in gm.graph.nodes if n.op == "call_function"}
     assert any("floordiv" in o or "div" in o for o in ops)
+
+
+# ------------------------------------------------ 8. grouped nets (DPH_FUSED_GROUPED, default on)
+def test_chunk_plan():
+    """R = gcd of the blocks' rows when >= 256 (no padding); else the largest chunk size whose
+    padding adds <= 12.5 % rows; else 256. The fitting's sizes go down to 8 rows."""
+    import itertools
+    import random
+
+    import fused_engine as fe
+
+    # water, tos false, one frame: O-O 64x46, O-H 64x92, H-O 128x46, H-H 128x92 rows
+    assert fe.chunk_plan([2944, 5888, 5888, 11776]) == (2944, [2944, 5888, 5888, 11776])
+    assert fe.chunk_plan([3 * 8832, 3 * 17664]) == (3 * 8832, [3 * 8832, 3 * 17664])  # tos true, 3 frames
+    assert fe.chunk_plan([256, 512]) == (256, [256, 512])
+    assert fe.chunk_plan([4000, 8100]) == (4096, [4096, 8192])  # gcd 100; 1.6 % padding
+    assert fe.chunk_plan([1000, 3000, 600]) == (1024, [1024, 3072, 1024])  # 2048: 78 %, 1024: 11.3 %
+    # 3-type fcc, one frame (16/10/6 atoms, sel 60/40/30): gcd 60; 256 pads 23 % -> fallback 256
+    rows = [na * s for na in (16, 10, 6) for s in (60, 40, 30)]
+    assert fe.chunk_plan(rows) == (256, [-(-n // 256) * 256 for n in rows])
+    assert fe.chunk_plan([100]) == (256, [256])
+    # fitting: water's 64 O / 128 H atoms -> chunks of 64 rows; fcc's 16/10/6 -> 8 with padding
+    assert fe.chunk_plan([64, 128], fe.FIT_CHUNKS) == (64, [64, 128])
+    assert fe.chunk_plan([16, 10, 6], fe.FIT_CHUNKS) == (8, [16, 16, 8])
+    rng = random.Random(0)
+    for sizes, n in itertools.product((fe.EMB_CHUNKS, fe.FIT_CHUNKS), range(300)):
+        rows = [rng.randint(1, 20000) for _ in range(rng.randint(1, 9))]
+        R, padded = fe.chunk_plan(rows, sizes)
+        assert all(p >= r and p - r < R and p % R == 0 for p, r in zip(padded, rows))
+        g = math.gcd(*rows)
+        if g >= sizes[-1]:
+            assert (R, padded) == (g, rows)
+        else:
+            ok = [s for s in sizes if sum(-(-r // s) * s for r in rows) - sum(rows) <= 0.125 * sum(rows)]
+            assert R == (ok[0] if ok else sizes[-1])
+
+
+def test_grouped_embedding_is_one_bmm_per_layer(data, tmp_path):
+    """The grouped embedding of several blocks: per GEMM layer ONE aten.bmm of the stacked value
+    and tangent [2*nchunk, R, in] (make_fx trace: no per-block mm), its outputs contiguous row
+    ranges of the [nchunk*R, ng] results, and (G, dG/ds) equal to the per-block evaluation."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    import fused_engine as fe
+
+    cfg = case_config("water-tos-false", data)
+    cfg["model"]["descriptor"]["neuron"] = [8, 16, 32]
+    tr = build_trainer(cfg, tmp_path)
+    eng = fe.FusedEngine(tr)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(2, 5, 46), (2, 5, 92), (2, 7, 46), (2, 7, 92)]  # gcd 92: R=256 with padding
+    cols = [torch.rand(*s, 1, dtype=torch.float64, generator=g) for s in shapes]
+    nets = [eng.emb_layers[k] for k in (0, 2, 1, 3)]
+    R, padded = fe.chunk_plan([math.prod(s) for s in shapes])
+    assert padded != [math.prod(s) for s in shapes]  # padding exercised
+    nchunk = sum(padded) // R
+
+    def f(*cs):
+        out = fe.embed_grouped_with_tangent(list(cs), nets)
+        return [t for pair in out for t in pair]
+
+    gm = make_fx(f)(*cols)
+    mms = [n for n in gm.graph.nodes if n.op == "call_function" and "mm" in str(n.target)]
+    assert [str(n.target) for n in mms] == ["aten.bmm.default"] * 2, [str(n.target) for n in mms]
+    assert [tuple(n.args[0].meta["val"].shape) for n in mms] == [(2 * nchunk, R, 8), (2 * nchunk, R, 16)]
+    outs = f(*cols)
+    for i, (c, layers) in enumerate(zip(cols, nets)):
+        G, dG = outs[2 * i], outs[2 * i + 1]
+        G0, dG0 = fe.embed_with_tangent(c, layers)
+        assert G.shape == dG.shape == c.shape[:-1] + (32,)
+        assert G.is_contiguous() and dG.is_contiguous()
+        assert rel(G, G0) <= 1e-14 and rel(dG, dG0) <= 1e-14
+
+
+def test_grouped_knob(data, tmp_path, monkeypatch):
+    """DPH_FUSED_GROUPED: 1 (default) both nets grouped, emb the embedding only, 0 neither
+    (variant fused-blocks sets it); anything else is refused."""
+    import fused_engine
+    from harness import variants
+
+    assert variants.load_variant("fused-blocks").env == {"DPH_FUSED_GROUPED": "0"}
+    assert variants.load_variant("fused-blocks").base == "fused"
+    tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
+    monkeypatch.delenv("DPH_FUSED_GROUPED", raising=False)
+    e = fused_engine.FusedEngine(tr)
+    assert (e.grouped, e.grouped_fit) == (True, True)
+    for v, want in (("1", (True, True)), ("emb", (True, False)), ("0", (False, False))):
+        monkeypatch.setenv("DPH_FUSED_GROUPED", v)
+        e = fused_engine.FusedEngine(tr)
+        assert (e.grouped, e.grouped_fit) == want
+    monkeypatch.setenv("DPH_FUSED_GROUPED", "yes")
+    with pytest.raises(ValueError, match="DPH_FUSED_GROUPED"):
+        fused_engine.FusedEngine(tr)
+
+
+def _spy(monkeypatch, mod, name, log):
+    orig = getattr(mod, name)
+
+    def wrapped(*a, **k):
+        out = orig(*a, **k)
+        log.append((name, out if name == "chunk_plan" else None))
+        return out
+
+    monkeypatch.setattr(mod, name, wrapped)
+
+
+@pytest.mark.parametrize("case", ["water-tos-false", "water-tos-true", "water-sel47", "fcc-tos-false", "fcc-tos-true"])
+def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
+    """Grouped nets (default) vs the per-block loop (DPH_FUSED_GROUPED=0), float64, 1 and 3 frames:
+    energy, force, virial and every parameter gradient of a loss on them <= 1e-12 relative.
+    Padding rows: fcc (gcd 60 / 180 < 256: R=256, fitting R=8) and water with sel 47/93 (gcd 64 /
+    192: R=2048 / 4096 with 6.7 / 11.7 % padding); none: water (R = gcd), fcc tos true (gcd 320)."""
+    import fused_engine
+
+    monkeypatch.setenv("DPH_GEOM", "onthefly")
+    cfg = case_config(case.replace("sel47", "tos-false"), data)
+    if case == "water-sel47":
+        cfg["model"]["descriptor"]["sel"] = [47, 93]
+    tr = build_trainer(cfg, tmp_path)
+    eng = fused_engine.FusedEngine(tr)
+    assert eng.grouped
+    _, coord, atype, box = frames_of(tr)
+    geom, jidx, tcount = _geometry(eng, coord, atype, box)
+    bias = eng.out_bias_per_type()
+    params = [p for p in tr.wrapper.parameters() if p.requires_grad]
+    log = []
+    for name in ("chunk_plan", "embed_grouped_with_tangent", "fit_grouped"):
+        _spy(monkeypatch, fused_engine, name, log)
+    padded_any = False
+    for nf in (1, 3):
+        sl = (geom["rt"][:nf], geom["jac"][:nf], jidx[:nf], geom["diff"][:nf], tcount, bias)
+        res = {}
+        for grouped in (True, False):
+            eng.grouped = grouped
+            log.clear()
+            out = eng._predict_core(*sl)
+            loss = (out["force"] ** 2).sum() + (out["energy"] ** 2).sum() + (out["virial"] ** 2).sum()
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            res[grouped] = (out, grads, list(log))
+        calls = [n for n, _ in res[True][2]]
+        assert calls.count("embed_grouped_with_tangent") == 1 and calls.count("fit_grouped") == 1, calls
+        assert not any(n != "chunk_plan" for n, _ in res[False][2])
+        (R, pad), (Rf, padf) = [p for n, p in res[True][2] if n == "chunk_plan"]  # embedding, fitting
+        rows = [nf * (na or sum(tcount)) * eng.sel[tj] for (_, na, _, tj, _) in eng._blocks(tcount)]
+        assert (R, pad) == fused_engine.chunk_plan(rows)
+        assert padf == [-(-nf * n // Rf) * Rf for n in tcount if n]
+        padded_any |= pad != rows
+        for k in ("energy", "force", "virial"):
+            e = rel(res[True][0][k], res[False][0][k])
+            assert e <= FTOL, f"{case} nf={nf}: {k} grouped vs per-block {e:.3e}"
+        n_checked = 0
+        for p, a, b in zip(params, res[True][1], res[False][1]):
+            assert (a is None) == (b is None)
+            if b is None or float(b.norm()) == 0:
+                continue
+            e = rel(a, b)
+            assert e <= FTOL, f"{case} nf={nf}: gradient of a {tuple(p.shape)} parameter {e:.3e}"
+            n_checked += 1
+        assert n_checked > 10
+        ga = torch.cat([a.reshape(-1) for a in res[True][1] if a is not None])
+        gb = torch.cat([b.reshape(-1) for b in res[False][1] if b is not None])
+        assert rel(ga, gb) <= FTOL
+    assert padded_any == case.startswith(("fcc-tos-false", "water-sel47")), case

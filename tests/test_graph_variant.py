@@ -136,13 +136,14 @@ def _clean_pythonpath() -> str:
     return os.pathsep.join([str(TREE), *keep])
 
 
-@pytest.mark.parametrize("variant", ["graph", "fused", "fused-onthefly", "fused-predict"])
+@pytest.mark.parametrize("variant", ["graph", "fused", "fused-onthefly", "fused-predict", "fused-blocks"])
 def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     """graph (precomputed geometry) and fused (its patch module on top of graph's; on-the-fly
     geometry, compact by default; every fused flavour with its manifest's env. fused: its
     compiled whole step and compiled Adam, on CPU with DPH_COMPILE_CPU=1 and the aot_eager backend;
     fused-onthefly: DPH_GEOM=onthefly, eager on CPU (no DPH_COMPILE_CPU); fused-predict: the knobs
-    off, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
+    off, eager on CPU; fused-blocks: DPH_FUSED_GROUPED=0, per-block nets instead of fused's
+    grouped ones, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, steps=20)
     (tmp_path / "input.json").write_text(json.dumps(cfg))
     chain = [VARIANT_DIR / "graph_trainer.py"] + ([REPO / "patches" / "fused" / "fused_trainer.py"] if variant.startswith("fused") else [])
@@ -162,7 +163,8 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
         "print('TICKS', len(runtime.clock._host))\n"
     )
     env = dict(os.environ, PYTHONPATH=_clean_pythonpath())
-    for k in ("DPH_GEOM", "DPH_FUSED_COMPILE_STEP", "DPH_FLAT_ADAM_COMPILE", "DPH_COMPILE_CPU", "DPH_COMPILE_BACKEND"):
+    for k in ("DPH_GEOM", "DPH_FUSED_COMPILE_STEP", "DPH_FLAT_ADAM_COMPILE", "DPH_COMPILE_CPU", "DPH_COMPILE_BACKEND",
+              "DPH_FUSED_GROUPED"):
         env.pop(k, None)
     if variant.startswith("fused"):
         from harness import variants
@@ -174,11 +176,15 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "TICKS 20" in p.stdout
     assert "graph: group" in p.stderr + p.stdout and "bytes" in p.stderr + p.stdout
-    mode = {"graph": "precomputed", "fused": "compact", "fused-onthefly": "onthefly", "fused-predict": "compact"}[variant]
+    mode = {"graph": "precomputed", "fused": "compact", "fused-onthefly": "onthefly", "fused-predict": "compact",
+            "fused-blocks": "compact"}[variant]
     assert f"({mode} mode;" in p.stderr + p.stdout
     step_on = "fused: compiled whole step enabled" in p.stderr + p.stdout
     adam_on = "graph: flat Adam step compiled" in p.stderr + p.stdout
     assert step_on == adam_on == (variant == "fused")
+    if variant.startswith("fused"):
+        nets = "per-block embedding nets, per-type" if variant == "fused-blocks" else "grouped embedding nets, grouped"
+        assert f"fused: {nets} fitting nets" in p.stderr + p.stdout
     lines = (tmp_path / "lcurve.out").read_text().splitlines()
     assert lines[0].split()[:2] == ["#", "step"]
     assert "rmse_e_val" in lines[0] and "rmse_f_trn" in lines[0] and "rmse_v_trn" in lines[0]

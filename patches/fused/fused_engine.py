@@ -19,6 +19,7 @@ force / virial out) is also what torch.compile (Inductor) fuses on CUDA.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 
@@ -150,6 +151,152 @@ def embed_with_tangent(s: torch.Tensor, layers: list) -> tuple[torch.Tensor, tor
     return x, t
 
 
+# ------------------------------------------------------------------ grouped (chunked) nets
+# Row counts per chunk tried, largest first, when the rows of the blocks have no large common
+# divisor (embedding: (frame, atom, neighbour) rows of a type block; fitting: atoms of a type).
+EMB_CHUNKS = (4096, 2048, 1024, 512, 256)
+FIT_CHUNKS = (256, 128, 64, 32, 16, 8)
+MAX_PAD = 0.125  # at most this fraction of extra (padding) rows
+
+
+def chunk_plan(rows: list[int], sizes: tuple = EMB_CHUNKS, max_pad: float = MAX_PAD) -> tuple[int, list[int]]:
+    """Chunk size R and every block's row count padded to a multiple of R, so that the blocks,
+    concatenated, are [nchunk, R] with each chunk inside one block (one net). R = the gcd of the
+    row counts when it is >= the smallest size (no padding); else the largest size whose padding
+    adds at most max_pad of the rows; else the smallest size. Pure Python on static shapes."""
+    rows = [int(n) for n in rows]
+    g = 0
+    for n in rows:
+        g = math.gcd(g, n)
+    if g >= sizes[-1]:
+        return g, list(rows)
+    total = sum(rows)
+    for R in sizes:
+        padded = [-(-n // R) * R for n in rows]
+        if sum(padded) - total <= max_pad * total:
+            return R, padded
+    R = sizes[-1]
+    return R, [-(-n // R) * R for n in rows]
+
+
+def stack_layers(layer_lists: list) -> list:
+    """Per layer of equally shaped nets: (W [K,in,out], b [K,1,out] | None, idt [K,1,out] | None,
+    the first net's layer). The entries are upstream's own nn.Parameters (a net may appear several
+    times: autograd sums the stacked gradient back into each parameter)."""
+    out = []
+    for li in range(len(layer_lists[0])):
+        ls = [layers[li] for layers in layer_lists]
+        W = torch.stack([l.matrix for l in ls])
+        b = torch.stack([l.bias for l in ls]).unsqueeze(1) if ls[0].bias is not None else None
+        idt = torch.stack([l.idt for l in ls]).unsqueeze(1) if ls[0].idt is not None else None
+        out.append((W, b, idt, ls[0]))
+    return out
+
+
+def _pack_rows(xs: list, padded: list, R: int) -> torch.Tensor:
+    """Blocks x_b (any leading shape, last dim w) flattened to rows, each zero-padded to padded[b]
+    rows, concatenated and viewed [nchunk, R, w]."""
+    w = xs[0].shape[-1]
+    parts = []
+    for x, p in zip(xs, padded):
+        x = x.reshape(-1, w)
+        parts.append(x)
+        if p > x.shape[0]:
+            parts.append(x.new_zeros(p - x.shape[0], w))
+    return torch.cat(parts).reshape(-1, R, w)
+
+
+def _unpack_rows(y: torch.Tensor, shapes: list, padded: list) -> list:
+    """Inverse of _pack_rows for an output y [nchunk, R, w]: per block a contiguous row range
+    (a view) reshaped to the block's leading shape + (w,); padding rows are dropped. One split
+    (its backward is one cat of the blocks' gradients, zeros for the padding) rather than a slice
+    per block (whose backwards would each scatter into a zero tensor of the full size)."""
+    w = y.shape[-1]
+    sizes, keep = [], []
+    for shp, p in zip(shapes, padded):
+        n = math.prod(shp)
+        keep.append(len(sizes))
+        sizes.append(n)
+        if p > n:
+            sizes.append(p - n)
+    pieces = y.reshape(-1, w).split(sizes)
+    return [pieces[i].reshape(*shp, w) for i, shp in zip(keep, shapes)]
+
+
+def embed_grouped_with_tangent(cols: list, layer_lists: list) -> list:
+    """embed_with_tangent for several blocks at once: block b's s column cols[b] (..., 1) goes
+    through net layer_lists[b]. The rows of all blocks are concatenated (each block padded to a
+    multiple of the chunk size R, chunk_plan) and viewed [nchunk, R, 1]; chunk c lies inside one
+    block, so every layer is ONE batched GEMM of the stacked value and tangent [2, nchunk, R, in]
+    by the per-chunk stacked weights [nchunk, in, out] (the width-1 first layer: elementwise).
+    Returns per block (G, dG/ds), views of the [nchunk*R, ng] outputs shaped (..., ng)."""
+    shapes = [tuple(c.shape[:-1]) for c in cols]
+    R, padded = chunk_plan([math.prod(s) for s in shapes], EMB_CHUNKS)
+    nets = []
+    for ls, p in zip(layer_lists, padded):
+        nets += [ls] * (p // R)
+    x = _pack_rows(cols, padded, R).to(layer_lists[0][0].prec)  # nchunk x R x 1
+    t = None
+    for (W, b, idt, l0) in stack_layers(nets):
+        nin, nout = l0.matrix.shape
+        x, t = layer_with_tangent(x, t, W, W[:, :1, :], nin, b, idt, _is_tanh(l0), _skip(l0, nin, nout))
+    return list(zip(_unpack_rows(x, shapes, padded), _unpack_rows(t, shapes, padded)))
+
+
+def mlp_forward_saved_stacked(x: torch.Tensor, stk: list) -> tuple[torch.Tensor, list]:
+    """mlp_forward_saved with stacked weights (stack_layers): x [K, rows, in] -> [K, rows, out]."""
+    saved = []
+    for (W, b, idt, l0) in stk:
+        x = x.to(l0.prec)
+        nin, nout = l0.matrix.shape
+        z = torch.matmul(x, W)
+        if b is not None:
+            z = z + b
+        a = torch.tanh(z) if _is_tanh(l0) else z
+        saved.append(a if _is_tanh(l0) else None)
+        y = a * idt if idt is not None else a
+        sk = _skip(l0, nin, nout)
+        if sk == 1:
+            y = y + x
+        elif sk == 2:
+            y = y + torch.cat([x, x], dim=-1)
+        x = y
+    return x, saved
+
+
+def mlp_vjp_stacked(gy: torch.Tensor, stk: list, saved: list) -> torch.Tensor:
+    """mlp_vjp with stacked weights (stack_layers)."""
+    for (W, b, idt, l0), a in zip(reversed(stk), reversed(saved)):
+        nin, nout = l0.matrix.shape
+        gz = gy * idt if idt is not None else gy
+        if a is not None:
+            gz = gz * (1.0 - a * a)
+        gx = torch.matmul(gz, W.transpose(-1, -2))
+        sk = _skip(l0, nin, nout)
+        if sk == 1:
+            gx = gx + gy
+        elif sk == 2:
+            gx = gx + gy[..., :nin] + gy[..., nin:]
+        gy = gx
+    return gy
+
+
+def fit_grouped(xs: list, layer_lists: list) -> tuple[list, list]:
+    """Fitting nets of several atom types at once: type block xs[b] (B x na_b x nd) through net
+    layer_lists[b], forward and hand-written VJP (unit cotangent) with stacked per-chunk weights
+    (rows = (type, frame, atom), chunk_plan with FIT_CHUNKS). Returns per block the net output
+    (B x na_b x 1) and d(sum output)/dx (B x na_b x nd)."""
+    shapes = [tuple(x.shape[:-1]) for x in xs]
+    R, padded = chunk_plan([math.prod(s) for s in shapes], FIT_CHUNKS)
+    nets = []
+    for ls, p in zip(layer_lists, padded):
+        nets += [ls] * (p // R)
+    stk = stack_layers(nets)
+    y, saved = mlp_forward_saved_stacked(_pack_rows(xs, padded, R), stk)
+    gx = mlp_vjp_stacked(torch.ones_like(y), stk, saved)
+    return _unpack_rows(y, shapes, padded), _unpack_rows(gx, shapes, padded)
+
+
 class FusedEngine(graph_engine.GraphEngine):
     """GraphEngine with analytic first derivatives (one backward per training step)."""
 
@@ -161,6 +308,9 @@ class FusedEngine(graph_engine.GraphEngine):
     def __init__(self, trainer, device=None) -> None:
         super().__init__(trainer, device)
         self._init_fused()
+        log.info("fused: %s embedding nets, %s fitting nets (DPH_FUSED_GROUPED=%s)",
+                 "grouped" if self.grouped else "per-block", "grouped" if self.grouped and self.grouped_fit
+                 else "per-type", os.environ.get("DPH_FUSED_GROUPED", "1"))
 
     # ---- used by the parity hooks too (no trainer)
     @classmethod
@@ -184,6 +334,15 @@ class FusedEngine(graph_engine.GraphEngine):
         self.compile_step = os.environ.get("DPH_FUSED_COMPILE_STEP") == "1"
         self._step_compiled = None
         self.batched = os.environ.get("DPH_FUSED_BATCHED", "0") == "1"  # measured slower on water (padding)
+        # grouped (default "1"): with several descriptor blocks (fitting types), all their
+        # embedding (fitting) nets in one chain of batched GEMMs over row chunks
+        # (embed_grouped_with_tangent, fit_grouped); "0": one GEMM chain per block (variant
+        # fused-blocks); "emb": embedding nets grouped, fitting nets per type (to measure apart)
+        mode = os.environ.get("DPH_FUSED_GROUPED", "1")
+        if mode not in ("0", "1", "emb"):
+            raise ValueError(f"DPH_FUSED_GROUPED={mode!r} (0 | 1 | emb)")
+        self.grouped = mode != "0"
+        self.grouped_fit = mode == "1"
 
     # ------------------------------------------------------------ analytic path
     def _blocks(self, tcount):
@@ -209,13 +368,15 @@ class FusedEngine(graph_engine.GraphEngine):
         nnei = self.nnei
         sec = self.sec
         blocks = self._blocks(tcount)
-        # ---- embedding (value + tangent) and contraction per block
+        # ---- embedding (value + tangent) per block, all blocks' nets grouped (see _embed_blocks)
+        rrs = [rt[:, :, sec[tj] : sec[tj + 1], :] if self.tos else rt[:, a0 : a0 + na, sec[tj] : sec[tj + 1], :]
+               for (a0, na, _, tj, _) in blocks]
+        embs = self._embed_blocks(rrs, [k for (*_, k) in blocks])
+        # ---- contraction per block
         cache = []
         if self.tos:
             xyz = None
-            for (_, _, _, tj, k) in blocks:
-                rr = rt[:, :, sec[tj] : sec[tj + 1], :]
-                G, dG = embed_with_tangent(rr[..., :1], self.emb_layers[k])
+            for rr, (G, dG) in zip(rrs, embs):
                 gr = torch.matmul(rr.transpose(-1, -2), G)
                 xyz = gr if xyz is None else xyz + gr
                 cache.append((rr, G, dG))
@@ -223,9 +384,7 @@ class FusedEngine(graph_engine.GraphEngine):
             parts = []
             acc = None
             cur = None
-            for (a0, na, ti, tj, k) in blocks:
-                rr = rt[:, a0 : a0 + na, sec[tj] : sec[tj + 1], :]
-                G, dG = embed_with_tangent(rr[..., :1], self.emb_layers[k])
+            for (_, _, ti, _, _), rr, (G, dG) in zip(blocks, rrs, embs):
                 gr = torch.matmul(rr.transpose(-1, -2), G)
                 if cur != ti:
                     if acc is not None:
@@ -250,17 +409,21 @@ class FusedEngine(graph_engine.GraphEngine):
             gdesc = mlp_vjp(torch.ones_like(y), self.fit_layers[0], saved)
         else:
             aes, gds = [], []
-            a0 = 0
-            for ti in range(self.ntypes):
-                na = tcount[ti]
-                if na == 0:
-                    continue
-                xx = desc[:, a0 : a0 + na]
-                y, saved = mlp_forward_saved(xx, self.fit_layers[ti])
+            types = [ti for ti in range(self.ntypes) if tcount[ti] > 0]
+            starts = [sum(tcount[:ti]) for ti in types]
+            xs = [desc[:, a0 : a0 + tcount[ti]] for ti, a0 in zip(types, starts)]
+            if self.grouped and self.grouped_fit and len(types) > 1:
+                ys, gxs = fit_grouped(xs, [self.fit_layers[ti] for ti in types])
+            else:
+                ys, gxs = [], []
+                for ti, xx in zip(types, xs):
+                    y, saved = mlp_forward_saved(xx, self.fit_layers[ti])
+                    ys.append(y)
+                    gxs.append(mlp_vjp(torch.ones_like(y), self.fit_layers[ti], saved))
+            for ti, y, gx in zip(types, ys, gxs):
                 e = y + bae[ti].to(self.fprec)
                 aes.append(e[..., 0] + bias[ti].to(e.dtype))
-                gds.append(mlp_vjp(torch.ones_like(y), self.fit_layers[ti], saved))
-                a0 += na
+                gds.append(gx)
             ae = aes[0] if len(aes) == 1 else torch.cat(aes, dim=1)
             gdesc = gds[0] if len(gds) == 1 else torch.cat(gds, dim=1)
         # ---- descriptor VJP
@@ -300,6 +463,14 @@ class FusedEngine(graph_engine.GraphEngine):
                 rows.append(torch.cat(cols, dim=2))
             g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
         return ae, g
+
+    def _embed_blocks(self, rrs: list, nets: list) -> list:
+        """(G, dG/ds) of every descriptor block rrs[b] (B x na x sel_j x 4) through embedding net
+        nets[b]: with several blocks and grouping on, one chain of batched GEMMs over all of them
+        (embed_grouped_with_tangent); else one GEMM chain per block (embed_with_tangent)."""
+        if self.grouped and len(rrs) > 1:
+            return embed_grouped_with_tangent([rr[..., :1] for rr in rrs], [self.emb_layers[k] for k in nets])
+        return [embed_with_tangent(rr[..., :1], self.emb_layers[k]) for rr, k in zip(rrs, nets)]
 
     # ------------------------------------------------ batched (padded) analytic path
     def _batch_plan(self, tcount, device):
@@ -348,17 +519,7 @@ class FusedEngine(graph_engine.GraphEngine):
         plans[key] = plan
         return plan
 
-    @staticmethod
-    def _stacked(layer_lists):
-        """Per layer: (W [K,in,out], b [K,1,out] | None, idt [K,1,out] | None, layer0)."""
-        out = []
-        for li in range(len(layer_lists[0])):
-            ls = [layers[li] for layers in layer_lists]
-            W = torch.stack([l.matrix for l in ls])
-            b = torch.stack([l.bias for l in ls]).unsqueeze(1) if ls[0].bias is not None else None
-            idt = torch.stack([l.idt for l in ls]).unsqueeze(1) if ls[0].idt is not None else None
-            out.append((W, b, idt, ls[0]))
-        return out
+    _stacked = staticmethod(stack_layers)
 
     def energy_and_grad_batched(self, rt: torch.Tensor, tcount: list, bias: torch.Tensor):
         B, nloc, nnei = rt.shape[:3]
@@ -393,39 +554,12 @@ class FusedEngine(graph_engine.GraphEngine):
         else:
             T, FA = len(P["types"]), P["FA"]
             dpad = torch.cat([desc, desc.new_zeros(B, 1, desc.shape[-1])], dim=1).index_select(1, P["fatom"]).reshape(B, T, FA, -1)
-            h = dpad
-            saved = []
             stk = self._stacked([self.fit_layers[t_] for t_ in P["types"]])
-            for (W, b, idt, l0) in stk:
-                nin, nout = l0.matrix.shape
-                z = torch.matmul(h, W)
-                if b is not None:
-                    z = z + b
-                a = torch.tanh(z) if _is_tanh(l0) else z
-                saved.append(a if _is_tanh(l0) else None)
-                yv = a * idt if idt is not None else a
-                sk = _skip(l0, nin, nout)
-                if sk == 1:
-                    yv = yv + h
-                elif sk == 2:
-                    yv = yv + torch.cat([h, h], dim=-1)
-                h = yv
+            h, saved = mlp_forward_saved_stacked(dpad, stk)
             tix = torch.tensor(P["types"], device=rt.device)
             e = h[..., 0] + bae.index_select(0, tix).to(self.fprec)[:, :1].reshape(1, T, 1) + bias.index_select(0, tix).to(self.fprec).reshape(1, T, 1)
             ae = e.reshape(B, T * FA).index_select(1, P["finv"])
-            gy = torch.ones_like(h)
-            for (W, b, idt, l0), a in zip(reversed(stk), reversed(saved)):
-                nin, nout = l0.matrix.shape
-                gz = gy * idt if idt is not None else gy
-                if a is not None:
-                    gz = gz * (1.0 - a * a)
-                gx = torch.matmul(gz, W.transpose(-1, -2))
-                sk = _skip(l0, nin, nout)
-                if sk == 1:
-                    gx = gx + gy
-                elif sk == 2:
-                    gx = gx + gy[..., :nin] + gy[..., nin:]
-                gy = gx
+            gy = mlp_vjp_stacked(torch.ones_like(h), stk, saved)
             gdesc = gy.reshape(B, T * FA, -1).index_select(1, P["finv"])
         # ---- descriptor VJP
         gd = gdesc.to(self.dprec).reshape(B, nloc, self.ng, self.axis)

@@ -7,7 +7,9 @@ Usage: python patches/fused/gpu_check.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
 fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-batched
 (padded stacked-weight GEMMs for all nets instead of per-block nets), fused-onthefly
-(DPH_GEOM=onthefly geometry, as patches/fused-onthefly; fused itself stores compact geometry).
+(DPH_GEOM=onthefly geometry, as patches/fused-onthefly; fused itself stores compact geometry),
+fused-blocks (DPH_FUSED_GROUPED=0: one net GEMM chain per descriptor block / atom type, as
+patches/fused-blocks; fused groups all blocks' nets into batched GEMMs).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ VARIANTS = {
     "fused": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, None),
     "fused-onthefly": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_GEOM": "onthefly"}, None),
     "fused-batched": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "1"}, None),
+    "fused-blocks": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_GROUPED": "0"}, None),
     "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
     "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
     "fused-fp32": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, "float32"),
