@@ -10,7 +10,9 @@
 # A lane is a ';'-separated list of "bench SYSTEM V1,V2,..." or "profile SYSTEM V1,V2,... [K]" run
 # in order (K: Nsight Compute metrics for the top K kernels of each profiled variant); a lane that
 # outlives LANE_BUDGET_S is stopped by SIGTERM: the harness writes every run it timed (those
-# whose gate was cut say "not judged"), and later commands of the lane are skipped.
+# whose gate was cut say "not judged"), and later commands of the lane are skipped. Before that,
+# bench's --time-budget (what is left of the lane) stops starting runs whose gates would not fit,
+# so a tight lane ends with judged runs, not only timed ones.
 set -u
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -51,7 +53,8 @@ run_lane() {  # $1 = lane index, $2 = lane spec
     if [ "$left" -le 5 ]; then echo "== lane $i: budget spent, skipping: $what $sys $vs"; continue; fi
     if [ "$what" = bench ]; then
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
-        $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS"
+        $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS" \
+        --time-budget $(( left > 20 ? left - 10 : left ))
     elif [ "$what" = profile ]; then
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
         $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE" ${k:+--ncu $k}

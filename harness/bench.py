@@ -31,6 +31,9 @@ class BenchRequest:
     # >1: time every variant first, then run the accuracy gates (baseline's first) this many at a
     # time. Gates never overlap a timed run, and the sweep's wall time drops by about half.
     gate_jobs: int = 1
+    # seconds this sweep may take (a Slurm allocation, a GPU lease): a run is started only if it
+    # and the gates of every timed run still fit (see TimeBudget); None: no limit
+    time_budget_s: float | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -96,10 +99,44 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     return Prepared(system, built, device, pin)
 
 
+# What a run / one accuracy gate is assumed to take before this sweep has timed one (GPU lanes:
+# upstream runs 25-50 s, fused 40-210 s incl. compile; gates 20-60 s, fused's with its compile)
+RUN_GUESS_S = 60.0
+GATE_GUESS_S = 60.0
+
+
+@dataclass
+class TimeBudget:
+    """Plans a sweep into a fixed time: before each run, the run (its guess: the longest run of
+    this sweep, or the variant's longest recent run on this device in the results store) plus the
+    gates still owed (baselines one by one, the rest gate_jobs at a time; or one gate per run when
+    gates follow each run) must fit in what is left. Otherwise the sweep stops starting runs, so
+    a time limit leaves judged runs rather than timed-but-unjudged ones."""
+    end: float  # time.monotonic() deadline
+    gate_jobs: int
+    deferred: bool
+    gate_s: float = GATE_GUESS_S
+
+    def owed_gates_s(self, n_base: int, n_rest: int) -> float:
+        if not self.deferred:
+            return self.gate_s  # the next run's own gate; earlier ones are done
+        return (n_base + -(-n_rest // self.gate_jobs)) * self.gate_s
+
+    def room_for(self, run_guess_s: float, n_base: int, n_rest: int) -> tuple[bool, float, float]:
+        """(fits, seconds needed, seconds left) for one more run, counting the gates owed after it
+        (n_base / n_rest: baseline / other runs to judge, the next one included)."""
+        need = run_guess_s + self.owed_gates_s(n_base, n_rest)
+        left = self.end - time.monotonic()
+        return need <= left, need, left
+
+
 def run(req: BenchRequest, log: Callable[[str], None] = print,
         accuracy_stage: Callable[..., AccuracyResult] | None = None) -> list[dict[str, Any]]:
     if req.gate_jobs < 1:
         raise UserError(f"--gate-jobs must be at least 1, not {req.gate_jobs}")
+    if req.time_budget_s is not None and not req.time_budget_s > 0:
+        raise UserError(f"--time-budget must be a positive number of seconds, not {req.time_budget_s}")
+    t_start = time.monotonic()
     prep = prepare(req, log)
     sweep = req.sweep_id or results.new_sweep_id()
     env = environment.capture()
@@ -112,8 +149,13 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
         paths[rec.run.run_id] = results.write_run(rec, req.runs_dir)
         records.append(rec)
 
+    budget = None
+    if req.time_budget_s is not None:
+        judged = accuracy_stage is not None and req.accuracy
+        budget = TimeBudget(end=t_start + req.time_budget_s, gate_jobs=req.gate_jobs, deferred=deferred,
+                            gate_s=GATE_GUESS_S if judged else 0.0)
     try:
-        _train_and_judge(req, prep, sweep, env, deferred, records, trained, finish, accuracy_stage, log)
+        _train_and_judge(req, prep, sweep, env, deferred, records, trained, finish, accuracy_stage, log, budget)
     except KeyboardInterrupt:
         # SIGINT, or SIGTERM from a time limit (cli turns it into this): what was timed is kept,
         # said to be unjudged; a gate's result that arrives now would be a killed judge's "fail"
@@ -141,8 +183,22 @@ STOPPED_DETAIL = "not judged: the sweep was stopped (SIGINT/SIGTERM) before this
 
 def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferred: bool,
                      records: list[RunRecord], trained: list[RunRecord], finish: Callable[[RunRecord], None],
-                     accuracy_stage: Callable[..., AccuracyResult] | None, log: Callable[[str], None]) -> None:
-    for b, ngpu in [(b, n) for b in prep.built for n in req.gpus]:
+                     accuracy_stage: Callable[..., AccuracyResult] | None, log: Callable[[str], None],
+                     budget: TimeBudget | None = None) -> None:
+    plan = [(b, n) for b in prep.built for n in req.gpus]
+    for i, (b, ngpu) in enumerate(plan):
+        if budget is not None and trained:
+            ok_runs = [r for r in trained if r.train.status == "ok"]
+            n_base = sum(1 for r in ok_runs if r.run.variant.name == "baseline") + (b.name == "baseline")
+            n_rest = len(ok_runs) + 1 - n_base
+            guess = max([r.train.wall_s or 0.0 for r in trained]
+                        + [results.recent_wall_s(req.runs_dir, prep.system.name, b.name, prep.device) or 0.0])
+            fits, need, left = budget.room_for(guess, n_base, n_rest)
+            if not fits:
+                rest = [f"{v.name}{f' x{n}' if n > 1 else ''}" for v, n in plan[i:]]
+                log(f"time budget: not starting {', '.join(rest)} (next run and the gates owed need ~{need:.0f} s, "
+                    f"{max(left, 0):.0f} s left)")
+                break
         rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
                        device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile,

@@ -31,7 +31,7 @@ def _bench(a: argparse.Namespace) -> int:
         seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
         upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
         runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
-        gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs,
+        gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=a.time_budget,
     )
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
     print(bench.format_table(rows))
@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gate-jobs", type=int, default=1, metavar="N",
                    help="N>1: time all variants first, then run N accuracy gates at a time (baseline's "
                         "first); gates never overlap a timed run")
+    b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="the sweep's time limit (Slurm job, GPU lease): start a run only if it and the "
+                        "accuracy gates still owed fit, so a limit leaves judged runs")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("tune", help="find the fastest legal precision/type_one_side setting that passes the gate")

@@ -389,3 +389,80 @@ def test_the_sender_named_commit_wins_over_a_stale_git(monkeypatch):
     assert environment._git_sha() == "abc1234"
     monkeypatch.delenv("DPH_GIT_SHA")
     assert environment._git_sha() != "abc1234"
+
+
+@pytest.mark.parametrize("gate_jobs,budget,expect", [
+    # guesses: each gate 60 s, each run its wall (1.2 s); baseline always starts
+    (3, 200.0, ["baseline", "fp32", "tos", "fp32-tos"]),  # 1 + ceil(3/3) gates = 120 s: all fit
+    (2, 150.0, ["baseline", "fp32", "tos"]),  # fp32-tos would owe 1 + ceil(3/2) = 3 gates = 180 s
+    (3, 100.0, ["baseline"]),  # fp32 would owe 2 gates = 120 s
+    (1, 70.0, ["baseline", "fp32", "tos", "fp32-tos"]),  # gate after each run: one gate owed at a time
+    (1, 50.0, ["baseline"]),
+])
+def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_path, monkeypatch, gate_jobs, budget,
+                                                            expect):
+    """--time-budget: a run starts only if it and the gates still owed fit; the runs that did
+    start are all judged, and the sweep says which runs it did not start."""
+    from harness import bench, train
+    from harness.records import AccuracyResult
+
+    events: list[str] = []
+    monkeypatch.setattr(train, "run_training", _fake_training(events))
+    monkeypatch.setattr(bench, "GATE_GUESS_S", 60.0)
+
+    def gate(rec, previous):
+        v = "baseline" if rec.run.variant.name == "baseline" else "pass"
+        return AccuracyResult(verdict=v, detail="ok")
+
+    logs: list[str] = []
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos", "fp32-tos"], steps=20,
+                             device="cpu", runs_dir=tmp_path / "runs", work_root=tmp_path / "work",
+                             gate_jobs=gate_jobs, time_budget_s=budget)
+    rows = bench.run(req, log=logs.append, accuracy_stage=gate)
+    assert [r["variant"] for r in rows] == expect
+    assert all(r["accuracy"]["verdict"] in ("baseline", "pass") for r in rows)
+    skipped = [v for v in ["baseline", "fp32", "tos", "fp32-tos"] if v not in expect]
+    if skipped:
+        assert any(m.startswith("time budget: not starting " + ", ".join(skipped)) for m in logs), logs
+    else:
+        assert not any(m.startswith("time budget") for m in logs)
+
+
+def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system, tmp_path, monkeypatch):
+    """Before this sweep has timed the variant, its guess is the longest of its recent runs on
+    this system and device kind in the results store (a 200 s compile must not be guessed at 1 s)."""
+    from harness import bench, results, systems, train
+    from harness.records import AccuracyResult
+
+    name = systems.load_system(str(tiny_system)).name
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, (variant, kind, wall) in enumerate([("fp32", "cpu", 500.0), ("fp32", "cuda", 9000.0),
+                                               ("tos", "cpu", 2.0)]):
+        (runs / f"old{i}.json").write_text(json.dumps({
+            "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "system": name, "variant": variant,
+            "device": {"kind": kind}, "timing": {"wall_s": wall}}))
+    assert results.recent_wall_s(runs, name, "fp32", "cpu") == 500.0
+    assert results.recent_wall_s(runs, name, "fp32", "cuda") == 9000.0
+    assert results.recent_wall_s(runs, name, "mixed", "cpu") is None
+    events: list[str] = []
+    monkeypatch.setattr(train, "run_training", _fake_training(events))
+    monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "tos", "fp32"], steps=20, device="cpu",
+                             runs_dir=runs, work_root=tmp_path / "work", gate_jobs=2, time_budget_s=100.0)
+    logs: list[str] = []
+    rows = bench.run(req, log=logs.append,
+                     accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
+    names = {r["variant"] for r in rows}
+    assert names == {"baseline", "tos"}, (names, logs)  # fp32's 500 s (cpu) runs do not fit in 100 s
+
+
+def test_time_budget_must_be_positive(tiny_system, tmp_path):
+    from harness import bench
+    from harness.errors import UserError
+
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline"], device="cpu",
+                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", time_budget_s=0)
+    with pytest.raises(UserError, match="time-budget"):
+        bench.run(req, log=lambda m: None, accuracy_stage=lambda r, p: None)
+    assert not (tmp_path / "runs").exists()

@@ -540,9 +540,17 @@ def test_chunk_plan():
     rows = [na * s for na in (16, 10, 6) for s in (60, 40, 30)]
     assert fe.chunk_plan(rows) == (256, [-(-n // 256) * 256 for n in rows])
     assert fe.chunk_plan([100]) == (256, [256])
-    # fitting: water's 64 O / 128 H atoms -> chunks of 64 rows; fcc's 16/10/6 -> 8 with padding
+    # without weight costs: water's 64 O / 128 H atoms -> chunks of 64 rows; fcc's 16/10/6 -> 8
     assert fe.chunk_plan([64, 128], fe.FIT_CHUNKS) == (64, [64, 128])
     assert fe.chunk_plan([16, 10, 6], fe.FIT_CHUNKS) == (8, [16, 16, 8])
+    # fitting with its weights' cost (1600 -> 240 -> 240 -> 240 -> 1: ~209 rows per stacked copy):
+    # one chunk per type, padded to the most numerous type, unless the gcd is as good
+    wr = 1600 * 240 / (1600 + 240)
+    assert fe.chunk_plan([64, 128], fe.FIT_CHUNKS, weight_rows=wr) == (128, [128, 128])
+    assert fe.chunk_plan([16, 10, 6], fe.FIT_CHUNKS, weight_rows=wr) == (16, [16, 16, 16])
+    assert fe.chunk_plan([64, 22, 22], fe.FIT_CHUNKS, weight_rows=wr) == (64, [64, 64, 64])  # Al-Cu-Mg
+    assert fe.chunk_plan([64, 64], fe.FIT_CHUNKS, weight_rows=wr) == (64, [64, 64])
+    assert fe.chunk_plan([300, 20], fe.FIT_CHUNKS, weight_rows=1.0) == (20, [300, 20])  # cheap weights: gcd
     rng = random.Random(0)
     for sizes, n in itertools.product((fe.EMB_CHUNKS, fe.FIT_CHUNKS), range(300)):
         rows = [rng.randint(1, 20000) for _ in range(rng.randint(1, 9))]
@@ -554,6 +562,12 @@ def test_chunk_plan():
         else:
             ok = [s for s in sizes if sum(-(-r // s) * s for r in rows) - sum(rows) <= 0.125 * sum(rows)]
             assert R == (ok[0] if ok else sizes[-1])
+        # with a weight cost: a valid plan no dearer than any candidate chunk size
+        w = rng.choice([1.0, 50.0, 209.0])
+        R, padded = fe.chunk_plan(rows, sizes, weight_rows=w)
+        assert all(p >= r and p - r < R and p % R == 0 for p, r in zip(padded, rows))
+        cost = lambda c: sum(-(-r // c) * c for r in rows) * (1 + w / c)  # noqa: E731
+        assert all(cost(R) <= cost(c) + 1e-9 for c in (g, max(rows), *sizes))
 
 
 def test_grouped_embedding_is_one_bmm_per_layer(data, tmp_path):
@@ -628,7 +642,7 @@ def _spy(monkeypatch, mod, name, log):
 def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
     """Grouped nets (default) vs the per-block loop (DPH_FUSED_GROUPED=0), float64, 1 and 3 frames:
     energy, force, virial and every parameter gradient of a loss on them <= 1e-12 relative.
-    Padding rows: fcc (gcd 60 / 180 < 256: R=256, fitting R=8) and water with sel 47/93 (gcd 64 /
+    Padding rows: fcc (gcd 60 / 180 < 256: R=256; fitting: one chunk per type, padded) and water with sel 47/93 (gcd 64 /
     192: R=2048 / 4096 with 6.7 / 11.7 % padding); none: water (R = gcd), fcc tos true (gcd 320)."""
     import fused_engine
 
@@ -664,6 +678,8 @@ def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
         rows = [nf * (na or sum(tcount)) * eng.sel[tj] for (_, na, _, tj, _) in eng._blocks(tcount)]
         assert (R, pad) == fused_engine.chunk_plan(rows)
         assert padf == [-(-nf * n // Rf) * Rf for n in tcount if n]
+        assert (Rf, padf) == fused_engine.chunk_plan([nf * n for n in tcount if n], fused_engine.FIT_CHUNKS,
+                                                     weight_rows=fused_engine.weight_rows_of(eng.fit_layers[0]))
         padded_any |= pad != rows
         for k in ("energy", "force", "virial"):
             e = rel(res[True][0][k], res[False][0][k])

@@ -159,24 +159,50 @@ FIT_CHUNKS = (256, 128, 64, 32, 16, 8)
 MAX_PAD = 0.125  # at most this fraction of extra (padding) rows
 
 
-def chunk_plan(rows: list[int], sizes: tuple = EMB_CHUNKS, max_pad: float = MAX_PAD) -> tuple[int, list[int]]:
+def chunk_plan(rows: list[int], sizes: tuple = EMB_CHUNKS, max_pad: float = MAX_PAD,
+               weight_rows: float = 0.0) -> tuple[int, list[int]]:
     """Chunk size R and every block's row count padded to a multiple of R, so that the blocks,
-    concatenated, are [nchunk, R] with each chunk inside one block (one net). R = the gcd of the
-    row counts when it is >= the smallest size (no padding); else the largest size whose padding
-    adds at most max_pad of the rows; else the smallest size. Pure Python on static shapes."""
+    concatenated, are [nchunk, R] with each chunk inside one block (one net). Pure Python on
+    static shapes.
+
+    weight_rows 0 (embedding: rows are (frame, atom, neighbour), tens of thousands; a weight is
+    worth ~30 rows): R = the gcd of the row counts when it is >= the smallest size (no padding);
+    else the largest size whose padding adds at most max_pad of the rows; else the smallest size.
+
+    weight_rows > 0 (fitting: rows are atoms, ~100; a weight [1600, 240] is worth ~200 rows):
+    every chunk carries its own copy of the stacked weights (read by each GEMM, and its gradient
+    written), so R minimises padded rows + nchunk * weight_rows over the gcd, the sizes and the
+    largest block (= pad every type to the most numerous one). Al-Cu-Mg's 64/22/22 atoms: chunks
+    of 8 rows would stack 14 copies of every fitting weight (~46 MB for the first layer); this
+    gives 3 chunks of 64 rows."""
     rows = [int(n) for n in rows]
     g = 0
     for n in rows:
         g = math.gcd(g, n)
+
+    def pad(R: int) -> list[int]:
+        return [-(-n // R) * R for n in rows]
+
+    if weight_rows > 0:
+        cands = sorted({c for c in (g, max(rows), *sizes) if c >= 1}, reverse=True)
+        cost = {R: sum(pad(R)) + sum(pad(R)) // R * weight_rows for R in cands}
+        R = min(cands, key=lambda c: (cost[c], -c))
+        return R, pad(R)
     if g >= sizes[-1]:
         return g, list(rows)
     total = sum(rows)
     for R in sizes:
-        padded = [-(-n // R) * R for n in rows]
+        padded = pad(R)
         if sum(padded) - total <= max_pad * total:
             return R, padded
-    R = sizes[-1]
-    return R, [-(-n // R) * R for n in rows]
+    return sizes[-1], pad(sizes[-1])
+
+
+def weight_rows_of(layers: list) -> float:
+    """What one stacked copy of a net's weights costs in rows of its GEMMs: max over layers of
+    in*out/(in+out) (elements of W over elements of one input row and one output row)."""
+    return max(float(l.matrix.shape[0] * l.matrix.shape[1]) / (l.matrix.shape[0] + l.matrix.shape[1])
+               for l in layers)
 
 
 def stack_layers(layer_lists: list) -> list:
@@ -284,10 +310,11 @@ def mlp_vjp_stacked(gy: torch.Tensor, stk: list, saved: list) -> torch.Tensor:
 def fit_grouped(xs: list, layer_lists: list) -> tuple[list, list]:
     """Fitting nets of several atom types at once: type block xs[b] (B x na_b x nd) through net
     layer_lists[b], forward and hand-written VJP (unit cotangent) with stacked per-chunk weights
-    (rows = (type, frame, atom), chunk_plan with FIT_CHUNKS). Returns per block the net output
+    (rows = (type, frame, atom), chunk_plan with FIT_CHUNKS and the weights' cost: usually one
+    chunk per type, padded to the most numerous type). Returns per block the net output
     (B x na_b x 1) and d(sum output)/dx (B x na_b x nd)."""
     shapes = [tuple(x.shape[:-1]) for x in xs]
-    R, padded = chunk_plan([math.prod(s) for s in shapes], FIT_CHUNKS)
+    R, padded = chunk_plan([math.prod(s) for s in shapes], FIT_CHUNKS, weight_rows=weight_rows_of(layer_lists[0]))
     nets = []
     for ls, p in zip(layer_lists, padded):
         nets += [ls] * (p // R)
