@@ -371,13 +371,15 @@ def test_a_sweep_stopped_during_its_gates_keeps_every_timed_run(tiny_system, tmp
         assert recs[v]["accuracy"]["verdict"] is None and "stopped" in recs[v]["accuracy"]["detail"], recs[v]["accuracy"]
 
 
-def test_gate_jobs_below_one_is_bad_input(tiny_system, tmp_path):
+@pytest.mark.parametrize("kw,msg", [({"gate_jobs": 0}, "gate-jobs"), ({"time_budget_s": 0}, "time-budget"),
+                                    ({"time_budget_s": -5.0}, "time-budget")])
+def test_bad_gate_jobs_or_time_budget_is_bad_input(tiny_system, tmp_path, kw, msg):
     from harness import bench
     from harness.errors import UserError
 
     req = bench.BenchRequest(system=str(tiny_system), variants=["baseline"], device="cpu",
-                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", gate_jobs=0)
-    with pytest.raises(UserError, match="gate-jobs"):
+                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", **kw)
+    with pytest.raises(UserError, match=msg):
         bench.run(req, log=lambda m: None, accuracy_stage=lambda r, p: None)
     assert not (tmp_path / "runs").exists()
 
@@ -455,14 +457,3 @@ def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system,
                      accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
     names = {r["variant"] for r in rows}
     assert names == {"baseline", "tos"}, (names, logs)  # fp32's 500 s (cpu) runs do not fit in 100 s
-
-
-def test_time_budget_must_be_positive(tiny_system, tmp_path):
-    from harness import bench
-    from harness.errors import UserError
-
-    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline"], device="cpu",
-                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", time_budget_s=0)
-    with pytest.raises(UserError, match="time-budget"):
-        bench.run(req, log=lambda m: None, accuracy_stage=lambda r, p: None)
-    assert not (tmp_path / "runs").exists()

@@ -70,42 +70,20 @@ def _skip(layer, nin: int, nout: int) -> int:
     return 0
 
 
+def as_stack(layers: list) -> list:
+    """One net's layers in stack_layers' form ((W, b, idt, layer) per layer), so the stacked
+    forward / VJP below serve a single net too."""
+    return [(l.matrix, l.bias, l.idt, l) for l in layers]
+
+
 def mlp_forward_saved(x: torch.Tensor, layers: list) -> tuple[torch.Tensor, list]:
     """Forward of an upstream MLP; returns output and per-layer tanh outputs (or None)."""
-    saved = []
-    for layer in layers:
-        x = x.to(layer.prec)
-        nin, nout = layer.matrix.shape
-        z = torch.matmul(x, layer.matrix)
-        if layer.bias is not None:
-            z = z + layer.bias
-        a = torch.tanh(z) if _is_tanh(layer) else z
-        saved.append(a if _is_tanh(layer) else None)
-        y = a * layer.idt if layer.idt is not None else a
-        sk = _skip(layer, nin, nout)
-        if sk == 1:
-            y = y + x
-        elif sk == 2:
-            y = y + torch.cat([x, x], dim=-1)
-        x = y
-    return x, saved
+    return mlp_forward_saved_stacked(x, as_stack(layers))
 
 
 def mlp_vjp(gy: torch.Tensor, layers: list, saved: list) -> torch.Tensor:
     """d(sum gy . MLP(x))/dx by hand (reverse over layers), differentiable."""
-    for layer, a in zip(reversed(layers), reversed(saved)):
-        nin, nout = layer.matrix.shape
-        gz = gy * layer.idt if layer.idt is not None else gy
-        if a is not None:
-            gz = gz * (1.0 - a * a)
-        gx = torch.matmul(gz, layer.matrix.t())
-        sk = _skip(layer, nin, nout)
-        if sk == 1:
-            gx = gx + gy
-        elif sk == 2:
-            gx = gx + gy[..., :nin] + gy[..., nin:]
-        gy = gx
-    return gy
+    return mlp_vjp_stacked(gy, as_stack(layers), saved)
 
 
 def layer_with_tangent(x, t, W, first_row, nin: int, bias, idt, tanh: bool, skip: int):
@@ -270,7 +248,10 @@ def embed_grouped_with_tangent(cols: list, layer_lists: list) -> list:
 
 
 def mlp_forward_saved_stacked(x: torch.Tensor, stk: list) -> tuple[torch.Tensor, list]:
-    """mlp_forward_saved with stacked weights (stack_layers): x [K, rows, in] -> [K, rows, out]."""
+    """Forward of upstream MLPs (matmul, bias, tanh, idt time step, identity / concat [x, x]
+    resnet skip, as MLPLayer.forward) with weights in stack_layers' form: x [K, rows, in] ->
+    [K, rows, out] (K nets) or one net's as_stack; returns the output and per-layer tanh outputs
+    (None for linear layers), which mlp_vjp_stacked needs."""
     saved = []
     for (W, b, idt, l0) in stk:
         x = x.to(l0.prec)
@@ -291,7 +272,8 @@ def mlp_forward_saved_stacked(x: torch.Tensor, stk: list) -> tuple[torch.Tensor,
 
 
 def mlp_vjp_stacked(gy: torch.Tensor, stk: list, saved: list) -> torch.Tensor:
-    """mlp_vjp with stacked weights (stack_layers)."""
+    """d(sum gy . MLP(x))/dx by hand (reverse over layers), differentiable; weights as in
+    mlp_forward_saved_stacked."""
     for (W, b, idt, l0), a in zip(reversed(stk), reversed(saved)):
         nin, nout = l0.matrix.shape
         gz = gy * idt if idt is not None else gy
