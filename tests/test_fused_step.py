@@ -176,10 +176,14 @@ def test_compiled_step_detects_a_wrong_derivative(data, tmp_path, knobs):
     ref = upstream_reference_step(tr, lr)
     orig = fused_engine.embed_with_tangent
     orig_g = fused_engine.embed_grouped_with_tangent
+    orig_p = fused_engine.embed_packed_with_tangent
     knobs.setattr(fused_engine, "embed_with_tangent", lambda s, layers: (orig(s, layers)[0], 0.0 * orig(s, layers)[1]))
-    knobs.setattr(fused_engine, "embed_grouped_with_tangent",  # the default path (grouped nets)
+    knobs.setattr(fused_engine, "embed_grouped_with_tangent",  # grouped nets, per-block contractions
                   lambda cols, lls: [(G, 0.0 * dG) for G, dG in orig_g(cols, lls)])
+    knobs.setattr(fused_engine, "embed_packed_with_tangent",  # the default path (nets + contractions grouped)
+                  lambda x, nets: (orig_p(x, nets)[0], 0.0 * orig_p(x, nets)[1]))
     eng = fused_engine.FusedEngine(tr)
+    assert eng.grouped and eng.grouped_contract
     with pytest.raises(AssertionError, match="relative error|loss"):
         _compiled_step_matches(eng, ref, lr, "broken", RTOL)
 

@@ -15,7 +15,8 @@
    predictions in both modes;
 7. compact geometry (bitwise the on-the-fly displacements; one dynamo graph, grouped or not);
 8. grouped nets (DPH_FUSED_GROUPED, the default): chunk_plan; all blocks' embedding nets in one
-   batched GEMM per layer and all types' fitting nets likewise, vs the per-block loop
+   batched GEMM per layer and all types' fitting nets likewise, and all blocks' contractions
+   (R~^T G, G gxyz^T, R~ gxyz) in one bmm each over sub-atoms, vs the per-block loop
    (energies, forces, virials, parameter gradients <= 1e-12; padding exercised); GEMM counts of
    the traced forward and backward graphs.
 
@@ -111,10 +112,26 @@ def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
         assert e <= RTOL, f"{case}: {k} vs upstream relative error {e:.3e}"
 
 
+# DPH_FUSED_GROUPED modes as engine attributes (grouped, grouped_fit, grouped_contract)
+MODES = {"1": (True, True, True), "nets": (True, True, False), "emb": (True, False, False), "0": (False, False, False)}
+
+
+def set_mode(eng, mode: str) -> None:
+    eng.grouped, eng.grouped_fit, eng.grouped_contract = MODES[mode]
+
+
 def drop_tangent(monkeypatch, fused_engine) -> None:
-    """Break the analytic derivative: dG/ds := 0 in the per-block and in the grouped embedding."""
+    """Break the analytic derivative: dG/ds := 0 in the per-block embedding, the grouped one and
+    the packed one (grouped nets + contractions, the default)."""
     orig = fused_engine.embed_with_tangent
     orig_g = fused_engine.embed_grouped_with_tangent
+    orig_p = fused_engine.embed_packed_with_tangent
+
+    def no_tangent_packed(x, nets):
+        G, dG = orig_p(x, nets)
+        return G, 0.0 * dG
+
+    monkeypatch.setattr(fused_engine, "embed_packed_with_tangent", no_tangent_packed)
 
     def no_tangent(s, layers):
         G, dG = orig(s, layers)
@@ -127,19 +144,21 @@ def drop_tangent(monkeypatch, fused_engine) -> None:
     monkeypatch.setattr(fused_engine, "embed_grouped_with_tangent", no_tangent_grouped)
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_analytic_forces_detect_a_wrong_derivative(grouped, data, tmp_path, monkeypatch):
-    """The parity check can fail: drop the dG/ds term and the forces must disagree."""
+@pytest.mark.parametrize("mode", ["1", "nets", "0"])
+def test_analytic_forces_detect_a_wrong_derivative(mode, data, tmp_path, monkeypatch):
+    """The parity check can fail: drop the dG/ds term and the forces must disagree (default
+    grouped nets + contractions, grouped nets only, per-block)."""
     import fused_engine
 
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
+    assert (eng.grouped, eng.grouped_fit, eng.grouped_contract) == MODES["1"]  # the default
     _, coord, atype, box = frames_of(tr)
     geom, jidx, tcount = _geometry(eng, coord, atype, box)
     bias = eng.out_bias_per_type()
     drop_tangent(monkeypatch, fused_engine)
     eng.batched = False
-    eng.grouped = grouped
+    set_mode(eng, mode)
     fused = eng._predict_core(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias)
     auto = _GRAPH_PREDICT(eng, geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias, create_graph=False)
     assert rel(fused["force"], auto["force"]) > 1e-3
@@ -491,7 +510,7 @@ def test_compact_one_step_parity(case, data, tmp_path, monkeypatch):
     _step_parity(case, data, tmp_path)
 
 
-@pytest.mark.parametrize("grouped", ["1", "emb", "0"])
+@pytest.mark.parametrize("grouped", ["1", "nets", "emb", "0"])
 def test_compact_traces_without_graph_break(grouped, data, tmp_path, monkeypatch):
     """The compact gather + diff is traced into the one graph Inductor compiles with the env
     math and the force scatter (dynamo explain on CPU: one graph, no break), with the grouped
@@ -507,16 +526,18 @@ def test_compact_traces_without_graph_break(grouped, data, tmp_path, monkeypatch
     G = eng.groups[0]
     rt, jac, pidx, geom, _ = eng.gather(G, torch.tensor([0]))
     torch._dynamo.reset()
-    assert (eng.grouped, eng.grouped_fit) == (grouped != "0", grouped == "1")
+    assert (eng.grouped, eng.grouped_fit, eng.grouped_contract) == MODES[grouped]
     ex = torch._dynamo.explain(eng._predict_core)(rt, jac, pidx, geom, tuple(G["tcount"]), G["bias"], True)
     assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
     # 3 types present (9 descriptor blocks, 3 fitting types): grouped nets take one GEMM per
-    # layer for all blocks (types) instead of one per block (type)
+    # layer for all blocks (types) instead of one per block (type); grouped contractions one
+    # bmm each for R~^T G, G gxyz^T and R~ gxyz instead of one per block
     nmat = sum(1 for gm in ex.graphs for n in gm.graph.nodes
-               if n.op == "call_function" and "matmul" in str(n.target))
+               if n.op == "call_function" and ("matmul" in str(n.target) or "bmm" in str(n.target)))
     emb = 1 if grouped != "0" else 9  # neuron [8, 16]: one GEMM layer (8 -> 16)
-    fit = 2 * 3 * (1 if grouped == "1" else 3)  # 3 layers each of forward and VJP
-    assert nmat == emb + fit + 9 * 3 + 3, nmat  # + contractions (3 per block) + descriptor (3)
+    fit = 2 * 3 * (1 if grouped in ("1", "nets") else 3)  # 3 layers each of forward and VJP
+    con = 3 if grouped == "1" else 9 * 3  # contractions
+    assert nmat == emb + fit + con + 3, nmat  # + descriptor (3)
     ops = {str(n.target) for gm in ex.graphs for n in gm.graph.nodes if n.op == "call_function"}
     assert any("floordiv" in o or "div" in o for o in ops)
 
@@ -551,7 +572,23 @@ def test_chunk_plan():
     assert fe.chunk_plan([64, 22, 22], fe.FIT_CHUNKS, weight_rows=wr) == (64, [64, 64, 64])  # Al-Cu-Mg
     assert fe.chunk_plan([64, 64], fe.FIT_CHUNKS, weight_rows=wr) == (64, [64, 64])
     assert fe.chunk_plan([300, 20], fe.FIT_CHUNKS, weight_rows=1.0) == (20, [300, 20])  # cheap weights: gcd
+    # align (grouped contractions: sub-atoms of K = gcd(sel) neighbours): sizes rounded up to a
+    # multiple of align; the gcd (water: 2944 = 64 x 46) already is one
+    assert fe.chunk_plan([2944, 5888, 5888, 11776], align=46) == (2944, [2944, 5888, 5888, 11776])
+    assert fe.chunk_plan(rows, align=10) == (260, [-(-n // 260) * 260 for n in rows])  # 3-type fcc
+    assert fe.chunk_plan([4000, 8100], align=50) == (4100, [4100, 8200])
+    assert fe.chunk_plan([4000, 8100], align=1) == fe.chunk_plan([4000, 8100])
+    assert fe.chunk_plan([64, 22, 22], fe.FIT_CHUNKS, weight_rows=wr, align=1) == (64, [64, 64, 64])
+    assert fe.chunk_plan([60, 20, 20], fe.FIT_CHUNKS, weight_rows=wr, align=20) == (60, [60, 60, 60])
     rng = random.Random(0)
+    for n in range(300):  # rows multiples of align: every chunk a whole number of sub-atoms
+        align = rng.randint(2, 150)
+        rows = [align * rng.randint(1, 400) for _ in range(rng.randint(1, 9))]
+        for sizes in (fe.EMB_CHUNKS, fe.FIT_CHUNKS):
+            R, padded = fe.chunk_plan(rows, sizes, align=align)
+            assert R % align == 0 and all(p >= r and p - r < R and p % R == 0 for p, r in zip(padded, rows))
+            R, padded = fe.chunk_plan(rows, sizes, weight_rows=rng.choice([1.0, 209.0]), align=align)
+            assert R % align == 0 and all(p >= r and p - r < R and p % R == 0 for p, r in zip(padded, rows))
     for sizes, n in itertools.product((fe.EMB_CHUNKS, fe.FIT_CHUNKS), range(300)):
         rows = [rng.randint(1, 20000) for _ in range(rng.randint(1, 9))]
         R, padded = fe.chunk_plan(rows, sizes)
@@ -607,8 +644,9 @@ def test_grouped_embedding_is_one_bmm_per_layer(data, tmp_path):
 
 
 def test_grouped_knob(data, tmp_path, monkeypatch):
-    """DPH_FUSED_GROUPED: 1 (default) both nets grouped, emb the embedding only, 0 neither
-    (variant fused-blocks sets it); anything else is refused."""
+    """DPH_FUSED_GROUPED: 1 (default) both nets and the contractions grouped, nets both nets
+    grouped (contractions per block), emb the embedding only, 0 nothing (variant fused-blocks
+    sets it); anything else is refused."""
     import fused_engine
     from harness import variants
 
@@ -617,11 +655,11 @@ def test_grouped_knob(data, tmp_path, monkeypatch):
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     monkeypatch.delenv("DPH_FUSED_GROUPED", raising=False)
     e = fused_engine.FusedEngine(tr)
-    assert (e.grouped, e.grouped_fit) == (True, True)
-    for v, want in (("1", (True, True)), ("emb", (True, False)), ("0", (False, False))):
+    assert (e.grouped, e.grouped_fit, e.grouped_contract) == (True, True, True)
+    for v, want in MODES.items():
         monkeypatch.setenv("DPH_FUSED_GROUPED", v)
         e = fused_engine.FusedEngine(tr)
-        assert (e.grouped, e.grouped_fit) == want
+        assert (e.grouped, e.grouped_fit, e.grouped_contract) == want
     monkeypatch.setenv("DPH_FUSED_GROUPED", "yes")
     with pytest.raises(ValueError, match="DPH_FUSED_GROUPED"):
         fused_engine.FusedEngine(tr)
@@ -640,10 +678,12 @@ def _spy(monkeypatch, mod, name, log):
 
 @pytest.mark.parametrize("case", ["water-tos-false", "water-tos-true", "water-sel47", "fcc-tos-false", "fcc-tos-true"])
 def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
-    """Grouped nets (default) vs the per-block loop (DPH_FUSED_GROUPED=0), float64, 1 and 3 frames:
-    energy, force, virial and every parameter gradient of a loss on them <= 1e-12 relative.
-    Padding rows: fcc (gcd 60 / 180 < 256: R=256; fitting: one chunk per type, padded) and water with sel 47/93 (gcd 64 /
-    192: R=2048 / 4096 with 6.7 / 11.7 % padding); none: water (R = gcd), fcc tos true (gcd 320)."""
+    """Grouped nets + contractions (default "1") vs grouped nets with per-block contractions
+    ("nets") vs the per-block loop ("0"), float64, 1 and 3 frames: energy, force, virial and every
+    parameter gradient of a loss on them <= 1e-12 relative. Padding rows: fcc tos false (gcd 60 /
+    180 < 256: R=256, with sub-atoms of K=10 R=260; fitting: one chunk per type, padded) and water
+    with sel 47/93 (K=1; gcd 64 / 192: R=2048 / 4096 with 6.7 / 11.7 % padding); none: water
+    (R = gcd, K=46), fcc tos true (gcd 320, K=10)."""
     import fused_engine
 
     monkeypatch.setenv("DPH_GEOM", "onthefly")
@@ -652,48 +692,108 @@ def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
         cfg["model"]["descriptor"]["sel"] = [47, 93]
     tr = build_trainer(cfg, tmp_path)
     eng = fused_engine.FusedEngine(tr)
-    assert eng.grouped
+    assert (eng.grouped, eng.grouped_fit, eng.grouped_contract) == MODES["1"]
     _, coord, atype, box = frames_of(tr)
     geom, jidx, tcount = _geometry(eng, coord, atype, box)
     bias = eng.out_bias_per_type()
     params = [p for p in tr.wrapper.parameters() if p.requires_grad]
     log = []
-    for name in ("chunk_plan", "embed_grouped_with_tangent", "fit_grouped"):
+    for name in ("chunk_plan", "embed_grouped_with_tangent", "fit_grouped", "embed_contract_grouped", "env_grad_grouped"):
         _spy(monkeypatch, fused_engine, name, log)
     padded_any = False
+    worst = {}
     for nf in (1, 3):
         sl = (geom["rt"][:nf], geom["jac"][:nf], jidx[:nf], geom["diff"][:nf], tcount, bias)
         res = {}
-        for grouped in (True, False):
-            eng.grouped = grouped
+        for mode in ("1", "nets", "0"):
+            set_mode(eng, mode)
             log.clear()
             out = eng._predict_core(*sl)
             loss = (out["force"] ** 2).sum() + (out["energy"] ** 2).sum() + (out["virial"] ** 2).sum()
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            res[grouped] = (out, grads, list(log))
-        calls = [n for n, _ in res[True][2]]
+            res[mode] = (out, grads, list(log))
+        calls = [n for n, _ in res["1"][2]]
+        assert calls.count("embed_contract_grouped") == 1 and calls.count("env_grad_grouped") == 1, calls
+        assert calls.count("fit_grouped") == 1 and "embed_grouped_with_tangent" not in calls, calls
+        calls = [n for n, _ in res["nets"][2]]
         assert calls.count("embed_grouped_with_tangent") == 1 and calls.count("fit_grouped") == 1, calls
-        assert not any(n != "chunk_plan" for n, _ in res[False][2])
-        (R, pad), (Rf, padf) = [p for n, p in res[True][2] if n == "chunk_plan"]  # embedding, fitting
-        rows = [nf * (na or sum(tcount)) * eng.sel[tj] for (_, na, _, tj, _) in eng._blocks(tcount)]
-        assert (R, pad) == fused_engine.chunk_plan(rows)
-        assert padf == [-(-nf * n // Rf) * Rf for n in tcount if n]
-        assert (Rf, padf) == fused_engine.chunk_plan([nf * n for n in tcount if n], fused_engine.FIT_CHUNKS,
-                                                     weight_rows=fused_engine.weight_rows_of(eng.fit_layers[0]))
-        padded_any |= pad != rows
-        for k in ("energy", "force", "virial"):
-            e = rel(res[True][0][k], res[False][0][k])
-            assert e <= FTOL, f"{case} nf={nf}: {k} grouped vs per-block {e:.3e}"
-        n_checked = 0
-        for p, a, b in zip(params, res[True][1], res[False][1]):
-            assert (a is None) == (b is None)
-            if b is None or float(b.norm()) == 0:
-                continue
-            e = rel(a, b)
-            assert e <= FTOL, f"{case} nf={nf}: gradient of a {tuple(p.shape)} parameter {e:.3e}"
-            n_checked += 1
-        assert n_checked > 10
-        ga = torch.cat([a.reshape(-1) for a in res[True][1] if a is not None])
-        gb = torch.cat([b.reshape(-1) for b in res[False][1] if b is not None])
-        assert rel(ga, gb) <= FTOL
+        assert "embed_contract_grouped" not in calls and "env_grad_grouped" not in calls, calls
+        assert not any(n != "chunk_plan" for n, _ in res["0"][2])
+        blocks = eng._blocks(tcount)
+        rows = [nf * (na or sum(tcount)) * eng.sel[tj] for (_, na, _, tj, _) in blocks]
+        K = math.gcd(*[eng.sel[tj] for (*_, tj, _) in blocks])
+        for mode, align in (("nets", 1), ("1", K)):
+            (R, pad), (Rf, padf) = [p for n, p in res[mode][2] if n == "chunk_plan"]  # embedding, fitting
+            assert (R, pad) == fused_engine.chunk_plan(rows, align=align)
+            assert R % K == 0 or mode == "nets"
+            assert padf == [-(-nf * n // Rf) * Rf for n in tcount if n]
+            assert (Rf, padf) == fused_engine.chunk_plan([nf * n for n in tcount if n], fused_engine.FIT_CHUNKS,
+                                                         weight_rows=fused_engine.weight_rows_of(eng.fit_layers[0]))
+            padded_any |= pad != rows
+        for a, b in (("1", "nets"), ("1", "0"), ("nets", "0")):
+            for k in ("energy", "force", "virial"):
+                e = rel(res[a][0][k], res[b][0][k])
+                worst[(a, b, k)] = max(worst.get((a, b, k), 0.0), e)
+                assert e <= FTOL, f"{case} nf={nf}: {k} {a} vs {b} {e:.3e}"
+            n_checked = 0
+            for p, x, y in zip(params, res[a][1], res[b][1]):
+                assert (x is None) == (y is None)
+                if y is None or float(y.norm()) == 0:
+                    continue
+                e = rel(x, y)
+                worst[(a, b, "grad/param")] = max(worst.get((a, b, "grad/param"), 0.0), e)
+                assert e <= FTOL, f"{case} nf={nf}: {a} vs {b} gradient of a {tuple(p.shape)} parameter {e:.3e}"
+                n_checked += 1
+            assert n_checked > 10
+            ga = torch.cat([x.reshape(-1) for x in res[a][1] if x is not None])
+            gb = torch.cat([y.reshape(-1) for y in res[b][1] if y is not None])
+            e = rel(ga, gb)
+            worst[(a, b, "grad/all")] = max(worst.get((a, b, "grad/all"), 0.0), e)
+            assert e <= FTOL
+    print(f"\n{case} K={K}: " + ", ".join(f"{a} vs {b} {k} {e:.1e}" for (a, b, k), e in worst.items()))
     assert padded_any == case.startswith(("fcc-tos-false", "water-sel47")), case
+
+
+@pytest.mark.parametrize("case", ["water-tos-false", "fcc-tos-false"])
+def test_grouped_contraction_gemm_counts(case, data, tmp_path, monkeypatch):
+    """GEMMs (aten mm/bmm) in the AOTAutograd forward / backward graphs of _predict_core (one
+    frame, compact geometry, aot_eager-style trace on CPU) for DPH_FUSED_GROUPED 0 / nets / 1:
+    grouping the contractions replaces the per-block R~^T G (forward), G gxyz^T and R~ gxyz
+    (forward, and their backward GEMMs) by one bmm each over sub-atoms."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+    import fused_engine
+
+    _with_geom(monkeypatch, "compact")  # fused's default geometry
+    tr = build_trainer(case_config(case, data), tmp_path)
+    eng = fused_engine.FusedEngine(tr)
+    eng.build_data()
+    G = eng.groups[0]
+    rt, jac, pidx, geom, _ = eng.gather(G, torch.tensor([0]))
+    tcount, bias = G["tcount"], G["bias"]
+    params = [p for p in tr.wrapper.parameters() if p.requires_grad]
+    mm = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
+    counts = {}
+    for mode in ("0", "nets", "1"):
+        set_mode(eng, mode)
+        got = {}
+
+        def counter(tag):
+            def comp(gm, example_inputs):
+                got[tag] = sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in mm)
+                return gm.forward
+            return comp
+
+        torch._dynamo.reset()
+        f = torch.compile(eng._predict_core, backend=aot_autograd(fw_compiler=counter("fw"), bw_compiler=counter("bw")),
+                          dynamic=False)
+        out = f(rt, jac, pidx, geom, tuple(tcount), bias, True)
+        loss = (out["force"] ** 2).sum() + (out["energy"] ** 2).sum() + (out["virial"] ** 2).sum()
+        torch.autograd.grad(loss, params, allow_unused=True)
+        counts[mode] = (got["fw"], got["bw"])
+    torch._dynamo.reset()
+    print(f"\n{case} GEMMs forward/backward: " + ", ".join(f"{m} {fw}/{bw}" for m, (fw, bw) in counts.items()))
+    nblk = len(eng._blocks(tcount))
+    # forward: R~^T G, G gxyz^T, R~ gxyz per block -> 3 bmm
+    assert counts["nets"][0] - counts["1"][0] == 3 * nblk - 3, counts
+    assert counts["1"][1] < counts["nets"][1] and counts["nets"][0] < counts["0"][0], counts

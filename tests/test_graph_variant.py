@@ -142,8 +142,8 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     geometry, compact by default; every fused flavour with its manifest's env. fused: its
     compiled whole step and compiled Adam, on CPU with DPH_COMPILE_CPU=1 and the aot_eager backend;
     fused-onthefly: DPH_GEOM=onthefly, eager on CPU (no DPH_COMPILE_CPU); fused-predict: the knobs
-    off, eager on CPU; fused-blocks: DPH_FUSED_GROUPED=0, per-block nets instead of fused's
-    grouped ones, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
+    off, eager on CPU; fused-blocks: DPH_FUSED_GROUPED=0, per-block nets and contractions instead
+    of fused's grouped ones, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, steps=20)
     (tmp_path / "input.json").write_text(json.dumps(cfg))
     chain = [VARIANT_DIR / "graph_trainer.py"] + ([REPO / "patches" / "fused" / "fused_trainer.py"] if variant.startswith("fused") else [])
@@ -183,8 +183,9 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     adam_on = "graph: flat Adam step compiled" in p.stderr + p.stdout
     assert step_on == adam_on == (variant == "fused")
     if variant.startswith("fused"):
-        nets = "per-block embedding nets, per-type" if variant == "fused-blocks" else "grouped embedding nets, grouped"
-        assert f"fused: {nets} fitting nets" in p.stderr + p.stdout
+        nets = ("per-block embedding nets, per-type fitting nets, per-block" if variant == "fused-blocks"
+                else "grouped embedding nets, grouped fitting nets, grouped")
+        assert f"fused: {nets} contractions" in p.stderr + p.stdout
     lines = (tmp_path / "lcurve.out").read_text().splitlines()
     assert lines[0].split()[:2] == ["#", "step"]
     assert "rmse_e_val" in lines[0] and "rmse_f_trn" in lines[0] and "rmse_v_trn" in lines[0]

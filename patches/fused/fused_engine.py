@@ -10,7 +10,8 @@ dE/dR~ is written out explicitly with ordinary differentiable tensor ops:
 * descriptor xyz = R~^T G / nnei, D = xyz^T xyz[:, :axis];
 * fitting net forward storing tanh outputs, then its hand-written VJP with unit
   cotangent (idt time-step scaling, identity / concat resnet skips);
-* dE/dR~ = G gxyz^T (+ (gG . dG/ds) on the s column) per type block;
+* dE/dR~ = G gxyz^T (+ (gG . dG/ds) on the s column) per type block (grouped: all blocks'
+  contractions in one bmm each over sub-atoms of gcd(sel) neighbours, embed_contract_grouped);
 
 so forces are an explicit first-order function of the parameters and the training
 loss needs ONE ordinary autograd backward. That function (geometry in, energy /
@@ -138,7 +139,7 @@ MAX_PAD = 0.125  # at most this fraction of extra (padding) rows
 
 
 def chunk_plan(rows: list[int], sizes: tuple = EMB_CHUNKS, max_pad: float = MAX_PAD,
-               weight_rows: float = 0.0) -> tuple[int, list[int]]:
+               weight_rows: float = 0.0, align: int = 1) -> tuple[int, list[int]]:
     """Chunk size R and every block's row count padded to a multiple of R, so that the blocks,
     concatenated, are [nchunk, R] with each chunk inside one block (one net). Pure Python on
     static shapes.
@@ -152,17 +153,24 @@ def chunk_plan(rows: list[int], sizes: tuple = EMB_CHUNKS, max_pad: float = MAX_
     written), so R minimises padded rows + nchunk * weight_rows over the gcd, the sizes and the
     largest block (= pad every type to the most numerous one). Al-Cu-Mg's 64/22/22 atoms: chunks
     of 8 rows would stack 14 copies of every fitting weight (~46 MB for the first layer); this
-    gives 3 chunks of 64 rows."""
+    gives 3 chunks of 64 rows.
+
+    align > 1 (grouped contractions: rows come in sub-atoms of align consecutive neighbours of
+    one atom, and every row count is a multiple of align): every candidate size is rounded up to
+    a multiple of align (the gcd already is one), so that every chunk, hence every block's padded
+    row count, is a whole number of sub-atoms."""
     rows = [int(n) for n in rows]
+    align = max(1, int(align))
     g = 0
     for n in rows:
         g = math.gcd(g, n)
+    sizes = tuple(dict.fromkeys(-(-int(c) // align) * align for c in sizes))
 
     def pad(R: int) -> list[int]:
         return [-(-n // R) * R for n in rows]
 
     if weight_rows > 0:
-        cands = sorted({c for c in (g, max(rows), *sizes) if c >= 1}, reverse=True)
+        cands = sorted({-(-c // align) * align for c in (g, max(rows), *sizes) if c >= 1}, reverse=True)
         cost = {R: sum(pad(R)) + sum(pad(R)) // R * weight_rows for R in cands}
         R = min(cands, key=lambda c: (cost[c], -c))
         return R, pad(R)
@@ -227,6 +235,26 @@ def _unpack_rows(y: torch.Tensor, shapes: list, padded: list) -> list:
     return [pieces[i].reshape(*shp, w) for i, shp in zip(keep, shapes)]
 
 
+def chunk_nets(layer_lists: list, padded: list, R: int) -> list:
+    """The net of every chunk: block b's net repeated over its padded[b] / R chunks."""
+    nets = []
+    for ls, p in zip(layer_lists, padded):
+        nets += [ls] * (p // R)
+    return nets
+
+
+def embed_packed_with_tangent(x: torch.Tensor, nets: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, dG/ds) [nchunk, R, ng] of packed s columns x [nchunk, R, 1], chunk c through net
+    nets[c]: per GEMM layer ONE batched GEMM of the stacked value and tangent by the per-chunk
+    stacked weights (the width-1 first layer: elementwise)."""
+    x = x.to(nets[0][0].prec)
+    t = None
+    for (W, b, idt, l0) in stack_layers(nets):
+        nin, nout = l0.matrix.shape
+        x, t = layer_with_tangent(x, t, W, W[:, :1, :], nin, b, idt, _is_tanh(l0), _skip(l0, nin, nout))
+    return x, t
+
+
 def embed_grouped_with_tangent(cols: list, layer_lists: list) -> list:
     """embed_with_tangent for several blocks at once: block b's s column cols[b] (..., 1) goes
     through net layer_lists[b]. The rows of all blocks are concatenated (each block padded to a
@@ -236,15 +264,67 @@ def embed_grouped_with_tangent(cols: list, layer_lists: list) -> list:
     Returns per block (G, dG/ds), views of the [nchunk*R, ng] outputs shaped (..., ng)."""
     shapes = [tuple(c.shape[:-1]) for c in cols]
     R, padded = chunk_plan([math.prod(s) for s in shapes], EMB_CHUNKS)
-    nets = []
-    for ls, p in zip(layer_lists, padded):
-        nets += [ls] * (p // R)
-    x = _pack_rows(cols, padded, R).to(layer_lists[0][0].prec)  # nchunk x R x 1
-    t = None
-    for (W, b, idt, l0) in stack_layers(nets):
-        nin, nout = l0.matrix.shape
-        x, t = layer_with_tangent(x, t, W, W[:, :1, :], nin, b, idt, _is_tanh(l0), _skip(l0, nin, nout))
+    x, t = embed_packed_with_tangent(_pack_rows(cols, padded, R), chunk_nets(layer_lists, padded, R))
     return list(zip(_unpack_rows(x, shapes, padded), _unpack_rows(t, shapes, padded)))
+
+
+def embed_contract_grouped(rrs: list, layer_lists: list) -> tuple[list, tuple]:
+    """Embedding nets AND the contraction R~^T G of several descriptor blocks at once.
+
+    Block b: rrs[b] = R~ block [B, na_b, sel_b, 4] through net layer_lists[b]. K = gcd of the
+    sel_b: the rows (frame, atom, neighbour) of every block split into sub-atoms of K
+    consecutive neighbours of one atom. The 4 columns of every block are packed in the chunk
+    layout of embed_grouped_with_tangent (chunk_plan with align=K: every chunk and every block's
+    padded row count a whole number of sub-atoms; padding rows zero), the s column goes through
+    the nets (embed_packed_with_tangent), and the P packed rows are viewed [P/K, K, .]: ONE bmm
+    rr_sub^T G_sub [P/K, 4, ng] gives every sub-atom's partial sum; per block (its sub-atom
+    range, padding split away) the sel_b/K partials of an atom are summed.
+    Returns per block xyz_b = rr_b^T G_b [B, na_b, 4, ng] (not yet / nnei) and the context for
+    env_grad_grouped."""
+    shapes = [tuple(r.shape[:-1]) for r in rrs]  # (B, na, sel)
+    K = 0
+    for shp in shapes:
+        K = math.gcd(K, shp[-1])
+    R, padded = chunk_plan([math.prod(s) for s in shapes], EMB_CHUNKS, align=K)
+    rp = _pack_rows(rrs, padded, R)  # nchunk x R x 4
+    G, dG = embed_packed_with_tangent(rp[..., :1], chunk_nets(layer_lists, padded, R))
+    ng = G.shape[-1]
+    nsub = sum(padded) // K
+    rr_sub = rp.reshape(nsub, K, 4)
+    G_sub = G.reshape(nsub, K, ng)
+    partial = torch.bmm(rr_sub.transpose(1, 2), G_sub)  # nsub x 4 x ng
+    sub_shapes = [(b, na, sel // K) for (b, na, sel) in shapes]
+    parts = _unpack_rows(partial.reshape(nsub, 4 * ng), sub_shapes, [p // K for p in padded])
+    xyzs = [x.reshape(b, na, ns, 4, ng).sum(2) for x, (b, na, ns) in zip(parts, sub_shapes)]
+    return xyzs, (rr_sub, G_sub, dG.reshape(nsub, K, ng), K, shapes, padded)
+
+
+def env_grad_grouped(ctx: tuple, gxyz: torch.Tensor, starts: list) -> list:
+    """dE/dR~ of every block packed by embed_contract_grouped (ctx), from the per-atom
+    gxyz = dE/dxyz [B, nloc, 4, ng]; block b's atoms are starts[b] ... starts[b] + na_b - 1.
+    ONE index_select expands gxyz to the sub-atoms in packed order (sub-atom -> atom index from
+    static shapes via arange/expand in the traced code; padding sub-atoms read atom 0, their
+    rows are dropped), then ONE bmm each: gR = G_sub gx_sub^T [P/K, K, 4], gG = rr_sub gx_sub
+    [P/K, K, ng]; gs = (gG . dG/ds) goes on the s column. Returns per block [B, na_b, sel_b, 4]
+    (views of the packed result; padding rows dropped)."""
+    rr_sub, G_sub, dG_sub, K, shapes, padded = ctx
+    B, nloc, _, ng = gxyz.shape
+    dev = gxyz.device
+    frame0 = (torch.arange(B, device=dev) * nloc)[:, None, None]
+    idx = []
+    for (b, na, sel), a0, p in zip(shapes, starts, padded):
+        atom = frame0 + (a0 + torch.arange(na, device=dev))[None, :, None]
+        idx.append(atom.expand(b, na, sel // K).reshape(-1))
+        n = b * na * sel
+        if p > n:
+            idx.append(torch.zeros(((p - n) // K,), dtype=torch.long, device=dev))
+    idx = idx[0] if len(idx) == 1 else torch.cat(idx)
+    gx_sub = gxyz.reshape(B * nloc, 4, ng).index_select(0, idx)  # nsub x 4 x ng
+    gR = torch.bmm(G_sub, gx_sub.transpose(1, 2))  # nsub x K x 4
+    gG = torch.bmm(rr_sub, gx_sub)  # nsub x K x ng
+    gs = (gG * dG_sub).sum(-1, keepdim=True)
+    gcol = torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1)
+    return _unpack_rows(gcol, shapes, padded)
 
 
 def mlp_forward_saved_stacked(x: torch.Tensor, stk: list) -> tuple[torch.Tensor, list]:
@@ -297,10 +377,7 @@ def fit_grouped(xs: list, layer_lists: list) -> tuple[list, list]:
     (B x na_b x 1) and d(sum output)/dx (B x na_b x nd)."""
     shapes = [tuple(x.shape[:-1]) for x in xs]
     R, padded = chunk_plan([math.prod(s) for s in shapes], FIT_CHUNKS, weight_rows=weight_rows_of(layer_lists[0]))
-    nets = []
-    for ls, p in zip(layer_lists, padded):
-        nets += [ls] * (p // R)
-    stk = stack_layers(nets)
+    stk = stack_layers(chunk_nets(layer_lists, padded, R))
     y, saved = mlp_forward_saved_stacked(_pack_rows(xs, padded, R), stk)
     gx = mlp_vjp_stacked(torch.ones_like(y), stk, saved)
     return _unpack_rows(y, shapes, padded), _unpack_rows(gx, shapes, padded)
@@ -317,9 +394,11 @@ class FusedEngine(graph_engine.GraphEngine):
     def __init__(self, trainer, device=None) -> None:
         super().__init__(trainer, device)
         self._init_fused()
-        log.info("fused: %s embedding nets, %s fitting nets (DPH_FUSED_GROUPED=%s)",
-                 "grouped" if self.grouped else "per-block", "grouped" if self.grouped and self.grouped_fit
-                 else "per-type", os.environ.get("DPH_FUSED_GROUPED", "1"))
+        log.info("fused: %s embedding nets, %s fitting nets, %s contractions (DPH_FUSED_GROUPED=%s)",
+                 "grouped" if self.grouped else "per-block",
+                 "grouped" if self.grouped and self.grouped_fit else "per-type",
+                 "grouped" if self.grouped and self.grouped_contract else "per-block",
+                 os.environ.get("DPH_FUSED_GROUPED", "1"))
 
     # ---- used by the parity hooks too (no trainer)
     @classmethod
@@ -344,14 +423,18 @@ class FusedEngine(graph_engine.GraphEngine):
         self._step_compiled = None
         self.batched = os.environ.get("DPH_FUSED_BATCHED", "0") == "1"  # measured slower on water (padding)
         # grouped (default "1"): with several descriptor blocks (fitting types), all their
-        # embedding (fitting) nets in one chain of batched GEMMs over row chunks
-        # (embed_grouped_with_tangent, fit_grouped); "0": one GEMM chain per block (variant
-        # fused-blocks); "emb": embedding nets grouped, fitting nets per type (to measure apart)
+        # embedding (fitting) nets in one chain of batched GEMMs over row chunks, and the
+        # contractions R~^T G, G gxyz^T, R~ gxyz of all blocks in one bmm each over sub-atoms
+        # (embed_contract_grouped, env_grad_grouped, fit_grouped); "nets": nets grouped,
+        # contractions per block (embed_grouped_with_tangent); "emb": embedding nets grouped,
+        # fitting nets per type, contractions per block; "0": one GEMM chain per block (variant
+        # fused-blocks). The intermediate modes are there to measure each grouping apart.
         mode = os.environ.get("DPH_FUSED_GROUPED", "1")
-        if mode not in ("0", "1", "emb"):
-            raise ValueError(f"DPH_FUSED_GROUPED={mode!r} (0 | 1 | emb)")
+        if mode not in ("0", "1", "nets", "emb"):
+            raise ValueError(f"DPH_FUSED_GROUPED={mode!r} (0 | 1 | nets | emb)")
         self.grouped = mode != "0"
-        self.grouped_fit = mode == "1"
+        self.grouped_fit = mode in ("1", "nets")
+        self.grouped_contract = mode == "1"
 
     # ------------------------------------------------------------ analytic path
     def _blocks(self, tcount):
@@ -377,19 +460,38 @@ class FusedEngine(graph_engine.GraphEngine):
         nnei = self.nnei
         sec = self.sec
         blocks = self._blocks(tcount)
-        # ---- embedding (value + tangent) per block, all blocks' nets grouped (see _embed_blocks)
+        # ---- R~ blocks (type_i, type_j): B x na x sel_j x 4
         rrs = [rt[:, :, sec[tj] : sec[tj + 1], :] if self.tos else rt[:, a0 : a0 + na, sec[tj] : sec[tj + 1], :]
                for (a0, na, _, tj, _) in blocks]
-        embs = self._embed_blocks(rrs, [k for (*_, k) in blocks])
-        # ---- contraction per block
+        nets = [k for (*_, k) in blocks]
+        ctx = None
         cache = []
-        if self.tos:
+        if self.grouped and self.grouped_contract and len(blocks) > 1:
+            # ---- nets and contraction of all blocks at once (one bmm over sub-atoms)
+            grs, ctx = embed_contract_grouped(rrs, [self.emb_layers[k] for k in nets])
+            if self.tos:
+                xyz = grs[0]
+                for gr in grs[1:]:
+                    xyz = xyz + gr
+            else:
+                parts = []
+                for b, ((_, _, ti, _, _), gr) in enumerate(zip(blocks, grs)):
+                    if b == 0 or blocks[b - 1][2] != ti:
+                        parts.append(gr)
+                    else:
+                        parts[-1] = parts[-1] + gr
+                xyz = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        elif self.tos:
+            # ---- embedding (value + tangent) per block, all blocks' nets grouped (see _embed_blocks),
+            # contraction per block
+            embs = self._embed_blocks(rrs, nets)
             xyz = None
             for rr, (G, dG) in zip(rrs, embs):
                 gr = torch.matmul(rr.transpose(-1, -2), G)
                 xyz = gr if xyz is None else xyz + gr
                 cache.append((rr, G, dG))
         else:
+            embs = self._embed_blocks(rrs, nets)
             parts = []
             acc = None
             cur = None
@@ -443,7 +545,20 @@ class FusedEngine(graph_engine.GraphEngine):
         gxyz = torch.cat([gxyz[..., : self.axis] + gx2, gxyz[..., self.axis :]], dim=-1) / nnei
         gxyz_t = gxyz.transpose(-1, -2)  # B nloc ng 4
         # ---- per block: dE/dR~ = G gxyz^T, plus the s column via dG/ds
-        if self.tos:
+        if ctx is not None:
+            gbs = env_grad_grouped(ctx, gxyz, [0 if self.tos else a0 for (a0, *_) in blocks])
+            if self.tos:
+                g = torch.cat(gbs, dim=2)
+            else:
+                rows = []
+                for b, ((_, _, ti, _, _), gb) in enumerate(zip(blocks, gbs)):
+                    if b == 0 or blocks[b - 1][2] != ti:
+                        rows.append([gb])
+                    else:
+                        rows[-1].append(gb)
+                rows = [torch.cat(r, dim=2) for r in rows]
+                g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+        elif self.tos:
             cols = []
             for (rr, G, dG) in cache:
                 gR = torch.matmul(G, gxyz_t)  # B nloc nb 4

@@ -9,7 +9,8 @@ fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-b
 (padded stacked-weight GEMMs for all nets instead of per-block nets), fused-onthefly
 (DPH_GEOM=onthefly geometry, as patches/fused-onthefly; fused itself stores compact geometry),
 fused-blocks (DPH_FUSED_GROUPED=0: one net GEMM chain per descriptor block / atom type, as
-patches/fused-blocks; fused groups all blocks' nets into batched GEMMs).
+patches/fused-blocks; fused groups all blocks' nets into batched GEMMs), fused-nets
+(DPH_FUSED_GROUPED=nets: nets grouped, contractions per block; fused groups those too).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ VARIANTS = {
     "fused-onthefly": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_GEOM": "onthefly"}, None),
     "fused-batched": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "1"}, None),
     "fused-blocks": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_GROUPED": "0"}, None),
+    "fused-nets": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_GROUPED": "nets"}, None),
     "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
     "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
     "fused-fp32": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, "float32"),
