@@ -464,48 +464,16 @@ class FusedEngine(graph_engine.GraphEngine):
         rrs = [rt[:, :, sec[tj] : sec[tj + 1], :] if self.tos else rt[:, a0 : a0 + na, sec[tj] : sec[tj + 1], :]
                for (a0, na, _, tj, _) in blocks]
         nets = [k for (*_, k) in blocks]
-        ctx = None
-        cache = []
+        ctx = embs = None
         if self.grouped and self.grouped_contract and len(blocks) > 1:
             # ---- nets and contraction of all blocks at once (one bmm over sub-atoms)
             grs, ctx = embed_contract_grouped(rrs, [self.emb_layers[k] for k in nets])
-            if self.tos:
-                xyz = grs[0]
-                for gr in grs[1:]:
-                    xyz = xyz + gr
-            else:
-                parts = []
-                for b, ((_, _, ti, _, _), gr) in enumerate(zip(blocks, grs)):
-                    if b == 0 or blocks[b - 1][2] != ti:
-                        parts.append(gr)
-                    else:
-                        parts[-1] = parts[-1] + gr
-                xyz = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-        elif self.tos:
-            # ---- embedding (value + tangent) per block, all blocks' nets grouped (see _embed_blocks),
-            # contraction per block
-            embs = self._embed_blocks(rrs, nets)
-            xyz = None
-            for rr, (G, dG) in zip(rrs, embs):
-                gr = torch.matmul(rr.transpose(-1, -2), G)
-                xyz = gr if xyz is None else xyz + gr
-                cache.append((rr, G, dG))
         else:
+            # ---- embedding (value + tangent) per block, or all blocks' nets grouped (see
+            # _embed_blocks); contraction per block
             embs = self._embed_blocks(rrs, nets)
-            parts = []
-            acc = None
-            cur = None
-            for (_, _, ti, _, _), rr, (G, dG) in zip(blocks, rrs, embs):
-                gr = torch.matmul(rr.transpose(-1, -2), G)
-                if cur != ti:
-                    if acc is not None:
-                        parts.append(acc)
-                    acc, cur = gr, ti
-                else:
-                    acc = acc + gr
-                cache.append((rr, G, dG))
-            parts.append(acc)
-            xyz = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            grs = [torch.matmul(rr.transpose(-1, -2), G) for rr, (G, _) in zip(rrs, embs)]
+        xyz = self._per_atom(blocks, grs)
         xyz = xyz / nnei  # B x nloc x 4 x ng
         x1 = xyz.transpose(-1, -2)
         x2 = xyz[..., : self.axis]
@@ -547,46 +515,47 @@ class FusedEngine(graph_engine.GraphEngine):
         # ---- per block: dE/dR~ = G gxyz^T, plus the s column via dG/ds
         if ctx is not None:
             gbs = env_grad_grouped(ctx, gxyz, [0 if self.tos else a0 for (a0, *_) in blocks])
-            if self.tos:
-                g = torch.cat(gbs, dim=2)
-            else:
-                rows = []
-                for b, ((_, _, ti, _, _), gb) in enumerate(zip(blocks, gbs)):
-                    if b == 0 or blocks[b - 1][2] != ti:
-                        rows.append([gb])
-                    else:
-                        rows[-1].append(gb)
-                rows = [torch.cat(r, dim=2) for r in rows]
-                g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
-        elif self.tos:
-            cols = []
-            for (rr, G, dG) in cache:
-                gR = torch.matmul(G, gxyz_t)  # B nloc nb 4
-                gG = torch.matmul(rr, gxyz)  # B nloc nb ng
-                gs = (gG * dG).sum(-1, keepdim=True)
-                cols.append(torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1))
-            g = torch.cat(cols, dim=2)
         else:
-            rows = []
-            ci = 0
-            for ti in range(self.ntypes):
-                na = tcount[ti]
-                if na == 0:
-                    continue
-                a0 = blocks[ci][0]
-                gx_t = gxyz_t[:, a0 : a0 + na]
-                gx = gxyz[:, a0 : a0 + na]
-                cols = []
-                for _tj in range(self.ntypes):
-                    rr, G, dG = cache[ci]
-                    gR = torch.matmul(G, gx_t)
-                    gG = torch.matmul(rr, gx)
-                    gs = (gG * dG).sum(-1, keepdim=True)
-                    cols.append(torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1))
-                    ci += 1
-                rows.append(torch.cat(cols, dim=2))
-            g = rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
+            gbs = []
+            for (a0, na, *_), rr, (G, dG) in zip(blocks, rrs, embs):
+                at = slice(None) if self.tos else slice(a0, a0 + na)  # the block's centre atoms
+                gR = torch.matmul(G, gxyz_t[:, at])  # B na nb 4
+                gG = torch.matmul(rr, gxyz[:, at])  # B na nb ng
+                gs = (gG * dG).sum(-1, keepdim=True)
+                gbs.append(torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1))
+        g = self._per_pair(blocks, gbs)
         return ae, g
+
+    def _per_atom(self, blocks: list, grs: list) -> torch.Tensor:
+        """Per-atom xyz [B, nloc, 4, ng] from the blocks' contributions grs[b] (B x na x 4 x ng):
+        type_one_side: every block covers all atoms, summed; else the blocks of one type_i
+        (consecutive in _blocks' order) are summed and the types concatenated along the atoms."""
+        if self.tos:
+            xyz = grs[0]
+            for gr in grs[1:]:
+                xyz = xyz + gr
+            return xyz
+        parts = []
+        for b, ((_, _, ti, _, _), gr) in enumerate(zip(blocks, grs)):
+            if b == 0 or blocks[b - 1][2] != ti:
+                parts.append(gr)
+            else:
+                parts[-1] = parts[-1] + gr
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _per_pair(self, blocks: list, gbs: list) -> torch.Tensor:
+        """dE/dR~ [B, nloc, nnei, 4] from the blocks' parts gbs[b] (B x na x sel_j x 4): the
+        neighbour types of one centre type side by side, the centre types along the atoms."""
+        if self.tos:
+            return torch.cat(gbs, dim=2)
+        rows = []
+        for b, ((_, _, ti, _, _), gb) in enumerate(zip(blocks, gbs)):
+            if b == 0 or blocks[b - 1][2] != ti:
+                rows.append([gb])
+            else:
+                rows[-1].append(gb)
+        rows = [torch.cat(r, dim=2) for r in rows]
+        return rows[0] if len(rows) == 1 else torch.cat(rows, dim=1)
 
     def _embed_blocks(self, rrs: list, nets: list) -> list:
         """(G, dG/ds) of every descriptor block rrs[b] (B x na x sel_j x 4) through embedding net

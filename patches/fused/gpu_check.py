@@ -9,8 +9,10 @@ fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-b
 (padded stacked-weight GEMMs for all nets instead of per-block nets), fused-onthefly
 (DPH_GEOM=onthefly geometry, as patches/fused-onthefly; fused itself stores compact geometry),
 fused-blocks (DPH_FUSED_GROUPED=0: one net GEMM chain per descriptor block / atom type, as
-patches/fused-blocks; fused groups all blocks' nets into batched GEMMs), fused-nets
-(DPH_FUSED_GROUPED=nets: nets grouped, contractions per block; fused groups those too).
+patches/fused-blocks), fused-nets (DPH_FUSED_GROUPED=nets: nets grouped, contractions per
+block). These are engine knobs over the engine's defaults, not the variants' manifests: here
+`fused` groups the contractions too (patches/fused-contract) and compiles only predict (as
+patches/fused-predict); bench's `fused` is fused-nets with the compiled whole step.
 """
 from __future__ import annotations
 
