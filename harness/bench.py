@@ -99,9 +99,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     return Prepared(system, built, device, pin)
 
 
-# What a run / one accuracy gate is assumed to take before this sweep has timed one (GPU lanes:
-# upstream runs 25-50 s, fused 40-210 s incl. compile; gates 20-60 s, fused's with its compile)
-RUN_GUESS_S = 60.0
+# What one accuracy gate is assumed to take (GPU lanes: 20-60 s, fused's with its compile)
 GATE_GUESS_S = 60.0
 
 
@@ -186,13 +184,17 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                      accuracy_stage: Callable[..., AccuracyResult] | None, log: Callable[[str], None],
                      budget: TimeBudget | None = None) -> None:
     plan = [(b, n) for b in prep.built for n in req.gpus]
+    past: dict[str, float] = {}  # each variant's longest recent run here (the store is read once)
+    if budget is not None:
+        history = results.load_runs(req.runs_dir)
+        past = {b.name: results.recent_wall_s(history, prep.system.name, b.name, prep.device) or 0.0
+                for b in prep.built}
     for i, (b, ngpu) in enumerate(plan):
         if budget is not None and trained:
             ok_runs = [r for r in trained if r.train.status == "ok"]
             n_base = sum(1 for r in ok_runs if r.run.variant.name == "baseline") + (b.name == "baseline")
             n_rest = len(ok_runs) + 1 - n_base
-            guess = max([r.train.wall_s or 0.0 for r in trained]
-                        + [results.recent_wall_s(req.runs_dir, prep.system.name, b.name, prep.device) or 0.0])
+            guess = max([r.train.wall_s or 0.0 for r in trained] + [past[b.name]])
             fits, need, left = budget.room_for(guess, n_base, n_rest)
             if not fits:
                 rest = [f"{v.name}{f' x{n}' if n > 1 else ''}" for v, n in plan[i:]]

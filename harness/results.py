@@ -145,12 +145,13 @@ def load_runs(runs_dir: Path = RUNS) -> list[dict[str, Any]]:
     return out
 
 
-def recent_wall_s(runs_dir: Path, system: str, variant: str, device_kind: str, last: int = 5) -> float | None:
+def recent_wall_s(runs: list[dict[str, Any]], system: str, variant: str, device_kind: str,
+                  last: int = 5) -> float | None:
     """The longest wall time (start-up and compile included) of the variant's `last` most recent
-    runs on this system and device kind ("cuda" / "cpu") in the results store, or None. What a
-    time-budgeted sweep expects a run to take before it has timed one."""
+    runs on this system and device kind ("cuda" / "cpu") among run records (load_runs), or None.
+    What a time-budgeted sweep expects a run to take before it has timed one."""
     walls = []
-    for r in sorted(load_runs(runs_dir), key=lambda r: r.get("run_id", ""), reverse=True):
+    for r in sorted(runs, key=lambda r: r.get("run_id", ""), reverse=True):
         if (r.get("system") == system and r.get("variant") == variant
                 and (r.get("device") or {}).get("kind") == device_kind and r.get("world_size", 1) == 1):
             w = (r.get("timing") or {}).get("wall_s")

@@ -444,9 +444,10 @@ def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system,
         (runs / f"old{i}.json").write_text(json.dumps({
             "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "system": name, "variant": variant,
             "device": {"kind": kind}, "timing": {"wall_s": wall}}))
-    assert results.recent_wall_s(runs, name, "fp32", "cpu") == 500.0
-    assert results.recent_wall_s(runs, name, "fp32", "cuda") == 9000.0
-    assert results.recent_wall_s(runs, name, "mixed", "cpu") is None
+    stored = results.load_runs(runs)
+    assert results.recent_wall_s(stored, name, "fp32", "cpu") == 500.0
+    assert results.recent_wall_s(stored, name, "fp32", "cuda") == 9000.0
+    assert results.recent_wall_s(stored, name, "mixed", "cpu") is None
     events: list[str] = []
     monkeypatch.setattr(train, "run_training", _fake_training(events))
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
