@@ -105,8 +105,9 @@ GATE_GUESS_S = 60.0
 
 @dataclass
 class TimeBudget:
-    """Plans a sweep into a fixed time: before each run, the run (its guess: the longest run of
-    this sweep, or the variant's longest recent run on this device in the results store) plus the
+    """Plans a sweep into a fixed time: before each run, the run (its guess: the variant's longest
+    recent run on this device in the results store, or, for a variant never run there, the longest
+    run of this sweep) plus the
     gates still owed (baselines one by one, the rest gate_jobs at a time; or one gate per run when
     gates follow each run) must fit in what is left. Otherwise the sweep stops starting runs, so
     a time limit leaves judged runs rather than timed-but-unjudged ones."""
@@ -194,7 +195,9 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
             ok_runs = [r for r in trained if r.train.status == "ok"]
             n_base = sum(1 for r in ok_runs if r.run.variant.name == "baseline") + (b.name == "baseline")
             n_rest = len(ok_runs) + 1 - n_base
-            guess = max([r.train.wall_s or 0.0 for r in trained] + [past[b.name]])
+            # the variant's own recent runs know best (a 200 s fused compile says nothing about
+            # tos); a variant never run here is guessed as this sweep's longest run
+            guess = past[b.name] or max(r.train.wall_s or 0.0 for r in trained)
             fits, need, left = budget.room_for(guess, n_base, n_rest)
             if not fits:
                 rest = [f"{v.name}{f' x{n}' if n > 1 else ''}" for v, n in plan[i:]]

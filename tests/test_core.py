@@ -458,3 +458,37 @@ def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system,
                      accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
     names = {r["variant"] for r in rows}
     assert names == {"baseline", "tos"}, (names, logs)  # fp32's 500 s (cpu) runs do not fit in 100 s
+
+
+def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_system, tmp_path, monkeypatch):
+    """A variant's own recent runs decide its guess, not the longest run of this sweep: after a
+    60 s compile-heavy run, a variant whose runs take 2 s still starts; one never run here is
+    guessed at this sweep's longest run and does not."""
+    from harness import bench, systems, train
+    from harness.records import AccuracyResult
+
+    name = systems.load_system(str(tiny_system)).name
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "old.json").write_text(json.dumps({
+        "schema": "dpharness.run/1", "run_id": "2020-old", "system": name, "variant": "tos",
+        "device": {"kind": "cpu"}, "timing": {"wall_s": 2.0}}))
+    events: list[str] = []
+    fake = _fake_training(events)
+
+    def run_training(spec, progress=None):
+        tr = fake(spec, progress)
+        if spec.variant.name == "fp32":
+            tr.wall_s = 60.0  # as if it compiled for a minute
+        return tr
+
+    monkeypatch.setattr(train, "run_training", run_training)
+    monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos", "fp32-tos"], steps=20,
+                             device="cpu", runs_dir=runs, work_root=tmp_path / "work", gate_jobs=2,
+                             time_budget_s=40.0)
+    logs: list[str] = []
+    rows = bench.run(req, log=logs.append,
+                     accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
+    assert [r["variant"] for r in rows] == ["baseline", "fp32", "tos"], logs
+    assert any(m.startswith("time budget: not starting fp32-tos") for m in logs), logs

@@ -644,17 +644,17 @@ def test_grouped_embedding_is_one_bmm_per_layer(data, tmp_path):
 
 
 def test_grouped_knob(data, tmp_path, monkeypatch):
-    """DPH_FUSED_GROUPED: 1 (the engine's default; variant fused-contract) both nets and the
-    contractions grouped, nets both nets grouped and contractions per block (variant fused's
-    manifest: the measured configuration), emb the embedding only, 0 nothing (variant
+    """DPH_FUSED_GROUPED: 1 (the engine's default and fused's manifest) both nets and the
+    contractions grouped, nets both nets grouped and contractions per block (variant
+    fused-nets), emb the embedding only, 0 nothing (variant
     fused-blocks); anything else is refused."""
     import fused_engine
     from harness import variants
 
-    want_env = {"fused": "nets", "fused-contract": "1", "fused-blocks": "0", "fused-onthefly": "nets"}
+    want_env = {"fused": "1", "fused-nets": "nets", "fused-blocks": "0", "fused-onthefly": "1"}
     for name, mode in want_env.items():
         assert variants.chain_env(variants.chain(name))["DPH_FUSED_GROUPED"] == mode, name
-    assert variants.load_variant("fused-blocks").base == variants.load_variant("fused-contract").base == "fused"
+    assert variants.load_variant("fused-blocks").base == variants.load_variant("fused-nets").base == "fused"
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     monkeypatch.delenv("DPH_FUSED_GROUPED", raising=False)
     e = fused_engine.FusedEngine(tr)

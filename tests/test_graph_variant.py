@@ -137,13 +137,13 @@ def _clean_pythonpath() -> str:
 
 
 @pytest.mark.parametrize("variant", ["graph", "fused", "fused-onthefly", "fused-predict", "fused-blocks",
-                                     "fused-contract"])
+                                     "fused-nets"])
 def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     """graph (precomputed geometry) and fused (its patch module on top of graph's; on-the-fly
     geometry, compact by default; every fused flavour with its manifest's env. fused: its
     compiled whole step and compiled Adam, on CPU with DPH_COMPILE_CPU=1 and the aot_eager backend;
     fused-onthefly: DPH_GEOM=onthefly, eager on CPU (no DPH_COMPILE_CPU); fused-predict: the knobs
-    off, eager on CPU; fused-contract: DPH_FUSED_GROUPED=1, contractions grouped too, eager on CPU;
+    off, eager on CPU; fused-nets: DPH_FUSED_GROUPED=nets, contractions per block, eager on CPU;
     fused-blocks: DPH_FUSED_GROUPED=0, per-block nets and contractions instead
     of fused's grouped ones, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, steps=20)
@@ -179,15 +179,15 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     assert "TICKS 20" in p.stdout
     assert "graph: group" in p.stderr + p.stdout and "bytes" in p.stderr + p.stdout
     mode = {"graph": "precomputed", "fused": "compact", "fused-onthefly": "onthefly", "fused-predict": "compact",
-            "fused-blocks": "compact", "fused-contract": "compact"}[variant]
+            "fused-blocks": "compact", "fused-nets": "compact"}[variant]
     assert f"({mode} mode;" in p.stderr + p.stdout
     step_on = "fused: compiled whole step enabled" in p.stderr + p.stdout
     adam_on = "graph: flat Adam step compiled" in p.stderr + p.stdout
     assert step_on == adam_on == (variant == "fused")
     if variant.startswith("fused"):
         nets = {"fused-blocks": "per-block embedding nets, per-type fitting nets, per-block",
-                "fused-contract": "grouped embedding nets, grouped fitting nets, grouped"}.get(
-            variant, "grouped embedding nets, grouped fitting nets, per-block")  # fused: DPH_FUSED_GROUPED=nets
+                "fused-nets": "grouped embedding nets, grouped fitting nets, per-block"}.get(
+            variant, "grouped embedding nets, grouped fitting nets, grouped")  # fused: DPH_FUSED_GROUPED=1
         assert f"fused: {nets} contractions" in p.stderr + p.stdout
     lines = (tmp_path / "lcurve.out").read_text().splitlines()
     assert lines[0].split()[:2] == ["#", "step"]
