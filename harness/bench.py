@@ -99,34 +99,43 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     return Prepared(system, built, device, pin)
 
 
-# What one accuracy gate is assumed to take (GPU lanes: 20-60 s, fused's with its compile)
+# What one accuracy gate is assumed to take when no record of this variant says (GPU lanes:
+# 20-70 s, fused's with its compile)
 GATE_GUESS_S = 60.0
 
 
 @dataclass
 class TimeBudget:
-    """Plans a sweep into a fixed time: before each run, the run (its guess: the variant's longest
-    recent run on this device in the results store, or, for a variant never run there, the longest
-    run of this sweep) plus the
-    gates still owed (baselines one by one, the rest gate_jobs at a time; or one gate per run when
-    gates follow each run) must fit in what is left. Otherwise the sweep stops starting runs, so
-    a time limit leaves judged runs rather than timed-but-unjudged ones."""
+    """Plans a sweep into a fixed time: before each run, the run plus the gates still owed must
+    fit in what is left; a run that does not fit is not started (a later, shorter one may be), so
+    a time limit leaves judged runs rather than timed-but-unjudged ones. Guesses come from the
+    variant's recent records on this device (its longest run, its longest gate); a variant never
+    run there is guessed as this sweep's longest run and GATE_GUESS_S per gate. Gates owed:
+    baselines one by one, the rest gate_jobs at a time (longest first, each wave as long as its
+    longest gate), or only the next run's own gate when gates follow each run."""
     end: float  # time.monotonic() deadline
     gate_jobs: int
-    deferred: bool
-    gate_s: float = GATE_GUESS_S
 
-    def owed_gates_s(self, n_base: int, n_rest: int) -> float:
-        if not self.deferred:
-            return self.gate_s  # the next run's own gate; earlier ones are done
-        return (n_base + -(-n_rest // self.gate_jobs)) * self.gate_s
+    def owed_gates_s(self, base_gates: list[float], rest_gates: list[float]) -> float:
+        waves = sorted(rest_gates, reverse=True)[::self.gate_jobs]  # each wave's longest gate
+        return sum(base_gates) + sum(waves)
 
-    def room_for(self, run_guess_s: float, n_base: int, n_rest: int) -> tuple[bool, float, float]:
+    def room_for(self, run_guess_s: float, base_gates: list[float], rest_gates: list[float],
+                 ) -> tuple[bool, float, float]:
         """(fits, seconds needed, seconds left) for one more run, counting the gates owed after it
-        (n_base / n_rest: baseline / other runs to judge, the next one included)."""
-        need = run_guess_s + self.owed_gates_s(n_base, n_rest)
+        (base_gates / rest_gates: guesses for the gates of baselines / other runs still to
+        judge, the next run's included)."""
+        need = run_guess_s + self.owed_gates_s(base_gates, rest_gates)
         left = self.end - time.monotonic()
         return need <= left, need, left
+
+
+def _judge(stage: Callable[..., AccuracyResult], rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
+    """One accuracy gate, timed: its wall time goes into the record for later sweeps' budgets."""
+    t0 = time.perf_counter()
+    res = stage(rec, previous)
+    res.wall_s = round(time.perf_counter() - t0, 1)
+    return res
 
 
 def run(req: BenchRequest, log: Callable[[str], None] = print,
@@ -150,9 +159,7 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
 
     budget = None
     if req.time_budget_s is not None:
-        judged = accuracy_stage is not None and req.accuracy
-        budget = TimeBudget(end=t_start + req.time_budget_s, gate_jobs=req.gate_jobs, deferred=deferred,
-                            gate_s=GATE_GUESS_S if judged else 0.0)
+        budget = TimeBudget(end=t_start + req.time_budget_s, gate_jobs=req.gate_jobs)
     try:
         _train_and_judge(req, prep, sweep, env, deferred, records, trained, finish, accuracy_stage, log, budget)
     except KeyboardInterrupt:
@@ -185,25 +192,33 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                      accuracy_stage: Callable[..., AccuracyResult] | None, log: Callable[[str], None],
                      budget: TimeBudget | None = None) -> None:
     plan = [(b, n) for b in prep.built for n in req.gpus]
-    past: dict[str, float] = {}  # each variant's longest recent run here (the store is read once)
+    judged = accuracy_stage is not None and req.accuracy
+    # each variant's longest recent run and gate here (the store is read once); 0: no record
+    past: dict[str, float] = {}
+    past_gate: dict[str, float] = {}
     if budget is not None:
         history = results.load_runs(req.runs_dir)
-        past = {b.name: results.recent_wall_s(history, prep.system.name, b.name, prep.device) or 0.0
-                for b in prep.built}
-    for i, (b, ngpu) in enumerate(plan):
+        for b in prep.built:
+            past[b.name] = results.recent_wall_s(history, prep.system.name, b.name, prep.device) or 0.0
+            past_gate[b.name] = (results.recent_wall_s(history, prep.system.name, b.name, prep.device,
+                                                       of="accuracy") or GATE_GUESS_S) if judged else 0.0
+    not_started: list[str] = []
+    for b, ngpu in plan:
         if budget is not None and trained:
-            ok_runs = [r for r in trained if r.train.status == "ok"]
-            n_base = sum(1 for r in ok_runs if r.run.variant.name == "baseline") + (b.name == "baseline")
-            n_rest = len(ok_runs) + 1 - n_base
+            # gates still owed once this run is timed: deferred, every timed run's; else its own
+            owed = [r.run.variant.name for r in trained if r.train.status == "ok"] if deferred else []
+            owed.append(b.name)
+            base_gates = [past_gate[n] for n in owed if n == "baseline"]
+            rest_gates = [past_gate[n] for n in owed if n != "baseline"]
             # the variant's own recent runs know best (a 200 s fused compile says nothing about
             # tos); a variant never run here is guessed as this sweep's longest run
             guess = past[b.name] or max(r.train.wall_s or 0.0 for r in trained)
-            fits, need, left = budget.room_for(guess, n_base, n_rest)
+            fits, need, left = budget.room_for(guess, base_gates, rest_gates)
             if not fits:
-                rest = [f"{v.name}{f' x{n}' if n > 1 else ''}" for v, n in plan[i:]]
-                log(f"time budget: not starting {', '.join(rest)} (next run and the gates owed need ~{need:.0f} s, "
+                not_started.append(f"{b.name}{f' x{ngpu}' if ngpu > 1 else ''}")
+                log(f"time budget: not starting {not_started[-1]} (it and the gates owed need ~{need:.0f} s, "
                     f"{max(left, 0):.0f} s left)")
-                break
+                continue
         rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
                        device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile,
@@ -224,11 +239,13 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
         if tr.status != "ok":
             log(f"[{b.name}] {tr.status.upper()}: {tr.error}")
         if tr.status == "ok" and accuracy_stage is not None and req.accuracy and not deferred:
-            rec.accuracy = accuracy_stage(rec, records)
+            rec.accuracy = _judge(accuracy_stage, rec, records)
         if not deferred or tr.status != "ok":
             finish(rec)
         if tr.status == "interrupted":
             break
+    if not_started:
+        log(f"time budget: not started: {', '.join(not_started)}")
     if deferred:
         _deferred_gates(trained, records, finish, accuracy_stage, req.gate_jobs,
                         interrupted=any(r.train.status == "interrupted" for r in trained), log=log)
@@ -253,7 +270,7 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
     for rec in bases:
         log(f"[{rec.run.variant.name}] accuracy gate")
         t0 = time.perf_counter()
-        rec.accuracy = accuracy_stage(rec, list(records))
+        rec.accuracy = _judge(accuracy_stage, rec, list(records))
         log(f"[{rec.run.variant.name}] gate done in {time.perf_counter() - t0:.0f} s")
         finish(rec)
     if not rest:
@@ -263,7 +280,7 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
     pool = ThreadPoolExecutor(max_workers=jobs)
     t0 = time.perf_counter()
     try:
-        futs = {pool.submit(accuracy_stage, rec, judged_against): rec for rec in rest}
+        futs = {pool.submit(_judge, accuracy_stage, rec, judged_against): rec for rec in rest}
         for f in as_completed(futs):
             rec = futs[f]
             rec.accuracy = f.result()  # accuracy_stage never raises: a crash is a fail verdict

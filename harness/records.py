@@ -131,6 +131,7 @@ class AccuracyResult:
     parity: dict[str, Any] | None = None
     verdict: str | None = None  # baseline | pass | fail | None (not checked)
     detail: str | None = None
+    wall_s: float | None = None  # what the gate took (a time-budgeted sweep plans with it)
 
 
 @dataclass

@@ -146,15 +146,16 @@ def load_runs(runs_dir: Path = RUNS) -> list[dict[str, Any]]:
 
 
 def recent_wall_s(runs: list[dict[str, Any]], system: str, variant: str, device_kind: str,
-                  last: int = 5) -> float | None:
-    """The longest wall time (start-up and compile included) of the variant's `last` most recent
-    runs on this system and device kind ("cuda" / "cpu") among run records (load_runs), or None.
-    What a time-budgeted sweep expects a run to take before it has timed one."""
+                  last: int = 5, of: str = "timing") -> float | None:
+    """The longest wall time of the variant's `last` most recent runs on this system and device
+    kind ("cuda" / "cpu") among run records (load_runs), or None. of="timing": the run (start-up
+    and compile included); of="accuracy": its accuracy gate. What a time-budgeted sweep expects
+    a run or a gate to take before it has seen one."""
     walls = []
     for r in sorted(runs, key=lambda r: r.get("run_id", ""), reverse=True):
         if (r.get("system") == system and r.get("variant") == variant
                 and (r.get("device") or {}).get("kind") == device_kind and r.get("world_size", 1) == 1):
-            w = (r.get("timing") or {}).get("wall_s")
+            w = (r.get(of) or {}).get("wall_s")
             if w:
                 walls.append(float(w))
                 if len(walls) == last:

@@ -424,10 +424,13 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
     assert [r["variant"] for r in rows] == expect
     assert all(r["accuracy"]["verdict"] in ("baseline", "pass") for r in rows)
     skipped = [v for v in ["baseline", "fp32", "tos", "fp32-tos"] if v not in expect]
+    for v in skipped:
+        assert any(m.startswith(f"time budget: not starting {v} ") for m in logs), logs
     if skipped:
-        assert any(m.startswith("time budget: not starting " + ", ".join(skipped)) for m in logs), logs
+        assert f"time budget: not started: {', '.join(skipped)}" in logs, logs
     else:
         assert not any(m.startswith("time budget") for m in logs)
+    assert all(r["accuracy"]["wall_s"] is not None and r["accuracy"]["wall_s"] >= 0 for r in rows)
 
 
 def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system, tmp_path, monkeypatch):
@@ -492,3 +495,41 @@ def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_
                      accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
     assert [r["variant"] for r in rows] == ["baseline", "fp32", "tos"], logs
     assert any(m.startswith("time budget: not starting fp32-tos") for m in logs), logs
+
+
+def test_time_budget_skips_a_run_that_does_not_fit_and_starts_a_shorter_one_after_it(tiny_system, tmp_path,
+                                                                                      monkeypatch):
+    """A run that does not fit is passed over, not the end of the sweep: a later variant whose
+    records say it is short still starts. Gates are guessed from the variant's recorded gate times
+    (accuracy.wall_s), GATE_GUESS_S only without a record."""
+    from harness import bench, systems, train
+    from harness.records import AccuracyResult
+
+    name = systems.load_system(str(tiny_system)).name
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, (variant, wall, gate_s) in enumerate([("baseline", 1.0, 2.0), ("fp32", 100.0, 2.0), ("tos", 1.0, 2.0),
+                                                 ("fp32-tos", 1.0, 50.0)]):
+        (runs / f"old{i}.json").write_text(json.dumps({
+            "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "system": name, "variant": variant,
+            "device": {"kind": "cpu"}, "timing": {"wall_s": wall}, "accuracy": {"wall_s": gate_s}}))
+    monkeypatch.setattr(train, "run_training", _fake_training([]))
+    monkeypatch.setattr(bench, "GATE_GUESS_S", 1000.0)  # any variant without a gate record would not fit
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos", "fp32-tos"], steps=20,
+                             device="cpu", runs_dir=runs, work_root=tmp_path / "work", gate_jobs=2,
+                             time_budget_s=30.0)
+    logs: list[str] = []
+    rows = bench.run(req, log=logs.append,
+                     accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
+    # fp32: its 100 s run does not fit; tos (1 s + 2 s gates) does; fp32-tos's 50 s gate does not
+    assert [r["variant"] for r in rows] == ["baseline", "tos"], logs
+    assert "time budget: not started: fp32, fp32-tos" in logs, logs
+
+
+def test_time_budget_owes_gates_in_waves_longest_first():
+    from harness import bench
+
+    b = bench.TimeBudget(end=0.0, gate_jobs=2)
+    assert b.owed_gates_s([10.0], [5.0, 40.0, 7.0]) == 10.0 + 40.0 + 5.0  # waves {40, 7}, {5}
+    assert b.owed_gates_s([], [3.0]) == 3.0
+    assert bench.TimeBudget(end=0.0, gate_jobs=1).owed_gates_s([1.0, 2.0], [3.0, 4.0]) == 10.0
