@@ -56,8 +56,12 @@ run_lane() {  # $1 = lane index, $2 = lane spec
         $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS" \
         --time-budget $(( left > 20 ? left - 10 : left ))
     elif [ "$what" = profile ]; then
+      # ncu gets what the profiled runs (~40 s each) leave of the lane, shared by the variants
+      local nv; nv=$(echo "$vs" | tr ',' '\n' | grep -c .)
+      local nt=$(( (left - 45 * nv - 15) / nv )); [ "$nt" -ge 30 ] || nt=30
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
-        $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE" ${k:+--ncu $k}
+        $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE" \
+        ${k:+--ncu $k --ncu-timeout $nt}
     else
       echo "gpu-lanes: unknown lane command '$what' (bench|profile)"
     fi
@@ -77,7 +81,7 @@ for i in $(seq 0 $((lanes - 1))); do
 done
 wait "${pids[@]}"
 for i in $(seq 0 $((lanes - 1))); do
-  echo "---- lane $i"; grep -vE "^\s*\[.*\] \[|^  \[" "$OUT/lane$i.log" | grep -E "^(system|variant|water|copper|alcumg|==|lane|wrote|-|\S+ +\S+ +[0-9]+ )" | tail -30
+  echo "---- lane $i"; grep -vE "^\s*\[.*\] \[|^  \[" "$OUT/lane$i.log" | grep -E "^(system|variant|water|copper|alcumg|==|lane|wrote|-|\S+ +\S+ +[0-9]+ |\S+ +[0-9.]+ +[0-9.]+ |\[\S+\] (ncu|Nsight)|  +[0-9.-]+ +[0-9.-]+ )" | tail -40
 done
 tar czf "$OUT/results.tgz" results/runs results/calibration $(ls -d results/work/*/train.log results/work/*/lcurve.out \
   results/work/*/profile.json results/work/*/steps.json results/work/*/ncu.json 2>/dev/null) 2>/dev/null

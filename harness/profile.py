@@ -549,9 +549,45 @@ NCU_METRICS = (
     "gpu__time_duration.sum",
     "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+    "dram__bytes.sum.per_second",
     "sm__warps_active.avg.pct_of_peak_sustained_active",
     "launch__registers_per_thread",
+    # FP64 FLOPs on the CUDA cores (ncu's roofline counters); DMMA tensor-core GEMMs are not in
+    # these, their share of the card shows in sm__throughput
+    "sm__sass_thread_inst_executed_op_dadd_pred_on.sum",
+    "sm__sass_thread_inst_executed_op_dmul_pred_on.sum",
+    "sm__sass_thread_inst_executed_op_dfma_pred_on.sum",
 )
+_UNIT_SCALE = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+
+
+def _in_base_units(value: float, unit: str | None) -> float:
+    """ncu's auto-scaled units to base ones: 'nsecond' -> s, 'Gbyte/second' -> byte/s."""
+    u = (unit or "").strip()
+    if len(u) > 1 and u[0] in _UNIT_SCALE and (u[1:].startswith("second") or u[1:].startswith("byte")):
+        return value * _UNIT_SCALE[u[0]]
+    return value
+
+
+def ncu_figures(kernel: dict[str, Any]) -> dict[str, float | None]:
+    """How far one kernel is from the card: its time, SM and DRAM throughput as % of peak,
+    achieved DRAM bandwidth and CUDA-core FP64 FLOP rate (from parse_ncu_csv's entry)."""
+    m, units = kernel.get("metrics") or {}, kernel.get("units") or {}
+
+    def get(name: str) -> float | None:
+        return _in_base_units(m[name], units.get(name)) if name in m else None
+
+    t = get("gpu__time_duration.sum")
+    if t is not None and not (units.get("gpu__time_duration.sum") or "").strip():
+        t *= 1e-9  # ncu's time counters are in ns when no unit is given
+    ops = [get(f"sm__sass_thread_inst_executed_op_{o}_pred_on.sum") for o in ("dadd", "dmul", "dfma")]
+    flops = None if None in ops or not t else (ops[0] + ops[1] + 2 * ops[2]) / t
+    bw = get("dram__bytes.sum.per_second")
+    return {"time_us": None if t is None else t * 1e6,
+            "sm_pct": m.get("sm__throughput.avg.pct_of_peak_sustained_elapsed"),
+            "dram_pct": m.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
+            "dram_gb_s": None if bw is None else bw / 1e9,
+            "fp64_gflop_s": None if flops is None else flops / 1e9}
 
 
 def kernel_base_name(name: str) -> str:
@@ -570,7 +606,9 @@ def ncu_command(kernels: list[str], out_csv_ignored: Path | None, cmd: list[str]
                 launch_count: int = 1, metrics: tuple[str, ...] = NCU_METRICS) -> list[str]:
     """`ncu --csv` over the given kernels (torch.profiler names) after `launch_skip` launches of each."""
     bases = sorted({re.escape(kernel_base_name(k)) for k in kernels})
-    c = ["ncu", "--csv", "--page", "raw", "--metrics", ",".join(metrics), "--kernel-name-base", "function",
+    # application-only: Inductor's compile workers are not CUDA work worth instrumenting
+    c = ["ncu", "--csv", "--page", "raw", "--print-units", "base", "--target-processes", "application-only",
+         "--metrics", ",".join(metrics), "--kernel-name-base", "function",
          "--launch-skip", str(launch_skip), "--launch-count", str(launch_count * max(1, len(bases)))]
     if bases:
         c += ["--kernel-name", "regex:^(" + "|".join(bases) + ")$"]
@@ -598,8 +636,10 @@ def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
     body = rows[1:]
     acc: dict[str, dict[str, list[float]]] = {}
     order: list[str] = []
+    units: dict[str, str] = {}
     if "Metric Name" in head and "Metric Value" in head:
         ki, mi, vi = head.index("Kernel Name"), head.index("Metric Name"), head.index("Metric Value")
+        ui = head.index("Metric Unit") if "Metric Unit" in head else None
         for r in body:
             if len(r) <= max(ki, mi, vi):
                 continue
@@ -609,9 +649,12 @@ def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
             if r[ki] not in acc:
                 order.append(r[ki])
             acc.setdefault(r[ki], {}).setdefault(r[mi], []).append(v)
+            if ui is not None and len(r) > ui and r[ui]:
+                units[r[mi]] = r[ui]
     else:
         ki = head.index("Kernel Name")
         if body and (not body[0][0].strip() or not body[0][0].strip().isdigit()):
+            units = {h: u for h, u in zip(head, body[0]) if "__" in h and u}
             body = body[1:]  # units row
         for r in body:
             if len(r) != len(head):
@@ -624,7 +667,8 @@ def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
                     if v is not None:
                         acc.setdefault(r[ki], {}).setdefault(h, []).append(v)
     return [{"name": k, "launches": max((len(v) for v in acc[k].values()), default=0),
-             "metrics": {m: sum(v) / len(v) for m, v in acc[k].items()}} for k in order]
+             "metrics": {m: sum(v) / len(v) for m, v in acc[k].items()},
+             "units": {m: units[m] for m in acc[k] if m in units}} for k in order]
 
 
 # ------------------------------------------------------------------ CLI
@@ -695,8 +739,10 @@ def _profile_cmd(a) -> int:
             print("dpharness profile: ncu is not on PATH; skipping Nsight Compute metrics", file=sys.stderr)
         else:
             for r in rows:
-                _run_ncu(r, a.ncu, log)
+                _run_ncu(r, a.ncu, log, a.ncu_timeout)
     print(format_breakdown(rows))
+    if a.ncu and any((r.get("profile") or {}).get("ncu") for r in rows):
+        print(format_ncu(rows))
     for r in rows:
         print(f"wrote {r['_path']} (trace: {r['artifacts']['work_dir']}/{TRACE})", file=sys.stderr)
     if any(r["status"] != "ok" for r in rows):
@@ -705,9 +751,10 @@ def _profile_cmd(a) -> int:
     return 0
 
 
-def _run_ncu(row: dict, k: int, log) -> None:
+def _run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
     """A separate short run under ncu for the top-k kernels of a profiled run; results go into
-    <work_dir>/ncu.json and the run's results JSON."""
+    <work_dir>/ncu.json and the run's results JSON, a run that timed out or failed included (with
+    its reason), so a lane limit never leaves a half-written or silently missing figure."""
     from . import build, results, train, upstream
 
     p = row.get("profile") or {}
@@ -727,18 +774,50 @@ def _run_ncu(row: dict, k: int, log) -> None:
                                                    "--skip-neighbor-stat"])
     per_step = max(1.0, max(x["count"] for x in p["top_kernels"][:k]) / max(1, p.get("steps", 1)))
     full = ncu_command(kernels, None, cmd, launch_skip=int(skip_steps * per_step))
-    env = train.subprocess_env("cuda", {**b.env, "DPH_VARIANT": b.name}, nd)
-    log(f"[{row['variant']}] ncu over {len(kernels)} kernels: {' '.join(full[:12])} ...")
-    r = subprocess.run(full, cwd=nd, env=env, capture_output=True, text=True, timeout=3600)
-    (nd / "ncu.csv").write_text(r.stdout)
-    parsed = parse_ncu_csv(r.stdout)
-    data = {"command": full, "returncode": r.returncode, "kernels": parsed}
-    (wd / "ncu.json").write_text(json.dumps(data, indent=1))
+    # one compile thread: Inductor's worker pool would start CUDA contexts ncu has to attach to
+    env = train.subprocess_env("cuda", {**b.env, "DPH_VARIANT": b.name, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, nd)
+    log(f"[{row['variant']}] ncu over {len(kernels)} kernels (limit {timeout_s:.0f} s): {' '.join(full[:14])} ...")
+    t0 = time.perf_counter()
+    try:
+        r = subprocess.run(full, cwd=nd, env=env, capture_output=True, text=True, timeout=timeout_s)
+        out, rc, error = r.stdout, r.returncode, None if r.returncode == 0 else f"ncu exit {r.returncode}"
+        if rc:
+            (nd / "ncu.stderr").write_text(r.stderr)
+    except subprocess.TimeoutExpired as e:
+        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        rc, error = None, f"ncu timed out after {timeout_s:.0f} s"
+    (nd / "ncu.csv").write_text(out)
+    parsed = parse_ncu_csv(out)
+    for kern in parsed:
+        kern["figures"] = ncu_figures(kern)
+    data = {"command": full, "returncode": rc, "error": error, "wall_s": round(time.perf_counter() - t0, 1),
+            "kernels": parsed}
+    log(f"[{row['variant']}] ncu: {len(parsed)} kernels measured in {data['wall_s']:.0f} s"
+        + (f" ({error})" if error else ""))
+    results.atomic_write_json(wd / "ncu.json", data)
     row["profile"] = {**p, "ncu": data}
     path = Path(row["_path"])
     d = json.loads(path.read_text())
     d["profile"] = row["profile"]
     results.atomic_write_json(path, d)
+
+
+def format_ncu(rows: list[dict[str, Any]]) -> str:
+    """The Nsight Compute figures of profiled runs: each measured kernel against the card's peak."""
+    out = []
+    for r in rows:
+        n = ((r.get("profile") or {}).get("ncu")) or {}
+        if not n:
+            continue
+        why = f" ({n['error']})" if n.get("error") else ""
+        out.append(f"[{r['variant']}] Nsight Compute{why}")
+        out.append(f"  {'us':>8} {'SM %pk':>7} {'DRAM %pk':>8} {'DRAM GB/s':>9} {'FP64 GF/s':>9}  kernel")
+        for kern in n.get("kernels") or []:
+            f = kern.get("figures") or ncu_figures(kern)
+            cell = lambda x, w, d=1: f"{x:{w}.{d}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+            out.append(f"  {cell(f['time_us'], 8)} {cell(f['sm_pct'], 7)} {cell(f['dram_pct'], 8)} "
+                       f"{cell(f['dram_gb_s'], 9)} {cell(f['fp64_gflop_s'], 9)}  {kern['name'][:70]}")
+    return "\n".join(out)
 
 
 def register_cli(subparsers) -> None:
@@ -749,4 +828,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--nsys", action="store_true", help="also run under Nsight Systems when it is usable")
     p.add_argument("--ncu", type=int, default=0, metavar="K", help="Nsight Compute metrics for the top K kernels")
+    p.add_argument("--ncu-timeout", type=float, default=420.0, metavar="S",
+                   help="limit of each variant's ncu run (its record then says it timed out)")
     p.set_defaults(func=_profile_cmd)

@@ -178,6 +178,17 @@ def plot_lcurves(rs: list[dict]) -> str | None:
     return _png(fig)
 
 
+def _ncu_rows(ncu: dict | None) -> list[dict]:
+    """Nsight Compute figures of a profiled run (profile stage's per-kernel "figures"), one row each."""
+    rows = []
+    for k in (ncu or {}).get("kernels") or []:
+        f = k.get("figures") or {}
+        rows.append({"t": _fmt(f.get("time_us"), 1, 1), "sm": _fmt(f.get("sm_pct"), 1, 1),
+                     "dram": _fmt(f.get("dram_pct"), 1, 1), "bw": _fmt(f.get("dram_gb_s"), 1, 0),
+                     "fl": _fmt(f.get("fp64_gflop_s"), 1, 0), "name": k.get("name", "")[:120]})
+    return rows
+
+
 def plot_profile(rs: list[dict]) -> str | None:
     prof = [(r["variant"], r["profile"]) for r in rs
             if isinstance(r.get("profile"), dict) and (r["profile"].get("categories") or {}).get("by_range")]
@@ -292,6 +303,9 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for p in s.profiles %}<tr><td class="l">{{ p.variant }}</td><td>{{ p.wall }}</td><td>{{ p.busy }}</td><td>{{ p.gap }}</td><td>{{ p.kernels }}</td><td>{{ p.launches }}</td><td>{{ p.memcpy }}</td></tr>{% endfor %}</table>
 {% for p in s.profiles %}{% if p.top %}<details><summary>top kernels / ops: {{ p.variant }}</summary><table><tr><th>ms/step</th><th>count</th><th class="l">name</th></tr>
 {% for k in p.top %}<tr><td>{{ k.ms }}</td><td>{{ k.count }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table></details>{% endif %}{% endfor %}
+{% for p in s.profiles %}{% if p.ncu or p.ncu_error %}<h4>Nsight Compute: {{ p.variant }}{% if p.ncu_error %} ({{ p.ncu_error }}){% endif %}</h4>
+<table><tr><th>time us</th><th>SM % of peak</th><th>DRAM % of peak</th><th>DRAM GB/s</th><th>FP64 GFLOP/s (CUDA cores)</th><th class="l">kernel</th></tr>
+{% for k in p.ncu %}<tr><td>{{ k.t }}</td><td>{{ k.sm }}</td><td>{{ k.dram }}</td><td>{{ k.bw }}</td><td>{{ k.fl }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table>{% endif %}{% endfor %}
 {% endif %}
 {% if s.img_scaling %}<h3>Multi-GPU scaling</h3><img alt="scaling" src="{{ s.img_scaling }}">{% endif %}
 {% if s.img_history %}<h3>History</h3><img alt="history" src="{{ s.img_history }}">{% endif %}
@@ -364,7 +378,8 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
                              "launches": _fmt(p.get("launches_per_step"), 1, 1),
                              "memcpy": _fmt((p.get("memcpy") or {}).get("per_step"), 1, 1),
                              "top": [{"ms": _fmt(k.get("total_s", 0) / n, 1e3, 3), "count": k.get("count"),
-                                      "name": k.get("name", "")[:160]} for k in top[:15]]})
+                                      "name": k.get("name", "")[:160]} for k in top[:15]],
+                             "ncu": _ncu_rows(p.get("ncu")), "ncu_error": (p.get("ncu") or {}).get("error")})
         env = (rs[0].get("environment") or {}) if rs else {}
         env_rows = [("card", card), ("driver", env.get("driver")), ("CUDA", env.get("cuda")),
                     ("torch", env.get("torch")), ("python", env.get("python")),

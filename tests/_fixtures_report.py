@@ -48,7 +48,11 @@ def gpu_profile() -> dict[str, Any]:
             "categories": {"basis": "gpu_kernel_time", "by_name": cats, "by_range": cats},
             "top_kernels": [{"name": "void gemm_kernel<float>(float*)", "total_s": 0.05, "count": 400,
                              "per_step_s": 0.0025, "pct": 20.0}],
-            "top_ops": [], "window": {"start_step": 90, "steps": 20, "numb_steps": 300}}
+            "top_ops": [], "window": {"start_step": 90, "steps": 20, "numb_steps": 300},
+            "ncu": {"returncode": 0, "error": None, "wall_s": 80.0, "kernels": [
+                {"name": "gemm_kernel", "launches": 1, "metrics": {}, "units": {},
+                 "figures": {"time_us": 12.5, "sm_pct": 41.0, "dram_pct": 7.5, "dram_gb_s": 251.0,
+                             "fp64_gflop_s": 3.0}}]}}
 
 
 def write_runs(dest: Path, records: list[dict[str, Any]]) -> list[Path]:

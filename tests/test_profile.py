@@ -132,6 +132,7 @@ def test_nsight_commands_and_nsys_parser(tmp_path):
     assert c[0] == "ncu" and "--csv" in c and c[-len(cmd):] == cmd
     assert c[c.index("--kernel-name") + 1] == "regex:^(bar_kernel|foo)$"
     assert c[c.index("--launch-skip") + 1] == "50" and c[c.index("--launch-count") + 1] == "2"
+    assert c[c.index("--target-processes") + 1] == "application-only" and c[c.index("--print-units") + 1] == "base"
     text = ("Processing [x.sqlite] with [cuda_gpu_kern_sum.py]...\n"
             "Time (%),Total Time (ns),Instances,Avg (ns),Med (ns),Min (ns),Max (ns),StdDev (ns),Name\n"
             "60.0,6000,3,2000.0,2000.0,1900,2100,100.0,gemm_kernel\n"
@@ -192,3 +193,62 @@ def test_real_profiled_cpu_run(profiled_run):
     assert profile.summarise(wd) == p
     # monkeypatches are gone after the window: the results record has the same profile as the file
     assert json.loads(open(row["_path"]).read())["profile"] == p
+
+
+NCU_UNITS = '''"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes.sum.per_second","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum","sm__sass_thread_inst_executed_op_dadd_pred_on.sum","sm__sass_thread_inst_executed_op_dfma_pred_on.sum","sm__sass_thread_inst_executed_op_dmul_pred_on.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed"
+"","","","","","","","","","","","Gbyte/second","%","usecond","inst","inst","inst","%"
+"0","1","python","h","triton_poi_fused_0","1","7","(128, 1, 1)","(8, 1, 1)","0","9.0","1,200","36","2","1000","2000","500","12.5"
+'''
+
+
+def test_ncu_figures_convert_units_and_count_fp64_flops():
+    """ncu's scaled units are brought to base ones: 1200 GB/s, 2 us; FP64 FLOPs = dadd + dmul +
+    2 dfma = 5500 in 2 us = 2.75 GFLOP/s."""
+    (k,) = profile.parse_ncu_csv(NCU_UNITS)
+    assert k["units"]["dram__bytes.sum.per_second"] == "Gbyte/second"
+    f = profile.ncu_figures(k)
+    assert f["time_us"] == pytest.approx(2.0) and f["dram_gb_s"] == pytest.approx(1200.0)
+    assert f["fp64_gflop_s"] == pytest.approx(5500 / 2e-6 / 1e9)
+    assert f["sm_pct"] == pytest.approx(12.5) and f["dram_pct"] == pytest.approx(36.0)
+    # without a units row, time counters are nanoseconds and other figures absent
+    (r,) = [x for x in profile.parse_ncu_csv(NCU_RAW) if x["name"] == "k2"]
+    g = profile.ncu_figures(r)
+    assert g["time_us"] == pytest.approx(0.1) and g["fp64_gflop_s"] is None and g["dram_gb_s"] is None
+    table = profile.format_ncu([{"variant": "fused", "profile": {"ncu": {"kernels": [k], "error": None}}}])
+    assert "triton_poi_fused_0" in table and "1200.0" in table
+
+
+def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    """A lane limit must not leave a silently missing figure: an ncu run past its limit writes
+    ncu.json and the run record with error 'ncu timed out', whatever it measured before."""
+    import subprocess
+    import types
+
+    from harness import build, results
+
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    wd = tmp_path / "work" / "r1"
+    wd.mkdir(parents=True)
+    (wd / "input.json").write_text(json.dumps({"training": {"numb_steps": 100}}))
+    rec_path = tmp_path / "r1.json"
+    rec_path.write_text(json.dumps({"run_id": "r1", "profile": {}}))
+    monkeypatch.setattr(build, "build_variant", lambda name, pin: types.SimpleNamespace(
+        tree=tmp_path, modules=(), backend="pt", env={}, name=name))
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        seen.update(cmd=cmd, env=kw["env"], timeout=kw["timeout"])
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=NCU_UNITS)
+
+    monkeypatch.setattr(profile.subprocess, "run", fake_run)
+    row = {"variant": "fused", "status": "ok", "_path": str(rec_path), "artifacts": {"work_dir": "work/r1"},
+           "profile": {"steps": 10, "window": {"start_step": 5},
+                       "top_kernels": [{"name": "triton_poi_fused_0", "count": 20}]}}
+    logs = []
+    profile._run_ncu(row, 1, logs.append, timeout_s=7)
+    assert seen["timeout"] == 7 and seen["env"]["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    d = json.loads((wd / "ncu.json").read_text())
+    assert d["error"] == "ncu timed out after 7 s" and d["returncode"] is None
+    assert d["kernels"][0]["figures"]["dram_gb_s"] == pytest.approx(1200.0)
+    assert json.loads(rec_path.read_text())["profile"]["ncu"]["error"] == "ncu timed out after 7 s"
+    assert any("timed out" in m for m in logs)
