@@ -10,9 +10,9 @@ fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-b
 (DPH_GEOM=onthefly geometry, as patches/fused-onthefly; fused itself stores compact geometry),
 fused-blocks (DPH_FUSED_GROUPED=0: one net GEMM chain per descriptor block / atom type, as
 patches/fused-blocks), fused-nets (DPH_FUSED_GROUPED=nets: nets grouped, contractions per
-block). These are engine knobs over the engine's defaults, not the variants' manifests: here
-`fused` groups the contractions too (patches/fused-contract) and compiles only predict (as
-patches/fused-predict); bench's `fused` is fused-nets with the compiled whole step.
+block, as patches/fused-nets). These are engine knobs over the engine's defaults, not the
+variants' manifests: here `fused` groups nets and contractions (as bench's fused) but compiles
+only predict (as patches/fused-predict); bench's `fused` also compiles the whole step.
 """
 from __future__ import annotations
 
