@@ -433,32 +433,49 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
     assert all(r["accuracy"]["wall_s"] is not None and r["accuracy"]["wall_s"] >= 0 for r in rows)
 
 
-def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system, tmp_path, monkeypatch):
-    """Before this sweep has timed the variant, its guess is the longest of its recent runs on
-    this system and device kind in the results store (a 200 s compile must not be guessed at 1 s)."""
-    from harness import bench, results, systems, train
-    from harness.records import AccuracyResult
+def _stored_runs(tiny_system, runs: Path, rows: list[tuple]) -> str:
+    """Earlier run records of the tiny system: (variant, device kind, run wall s, gate wall s or None)."""
+    from harness import systems
 
     name = systems.load_system(str(tiny_system)).name
-    runs = tmp_path / "runs"
     runs.mkdir()
-    for i, (variant, kind, wall) in enumerate([("fp32", "cpu", 500.0), ("fp32", "cuda", 9000.0),
-                                               ("tos", "cpu", 2.0)]):
+    for i, (variant, kind, wall, gate_s) in enumerate(rows):
         (runs / f"old{i}.json").write_text(json.dumps({
             "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "system": name, "variant": variant,
-            "device": {"kind": kind}, "timing": {"wall_s": wall}}))
-    stored = results.load_runs(runs)
-    assert results.recent_wall_s(stored, name, "fp32", "cpu") == 500.0
-    assert results.recent_wall_s(stored, name, "fp32", "cuda") == 9000.0
-    assert results.recent_wall_s(stored, name, "mixed", "cpu") is None
-    events: list[str] = []
-    monkeypatch.setattr(train, "run_training", _fake_training(events))
-    monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
-    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "tos", "fp32"], steps=20, device="cpu",
-                             runs_dir=runs, work_root=tmp_path / "work", gate_jobs=2, time_budget_s=100.0)
+            "device": {"kind": kind}, "timing": {"wall_s": wall}, "accuracy": {"wall_s": gate_s}}))
+    return name
+
+
+def _budgeted_sweep(tiny_system, tmp_path, variants: list[str], budget_s: float) -> tuple[list[dict], list[str]]:
+    """A CPU sweep of passing gates (gate_jobs 2) under --time-budget; (rows, log lines)."""
+    from harness import bench
+    from harness.records import AccuracyResult
+
+    req = bench.BenchRequest(system=str(tiny_system), variants=variants, steps=20, device="cpu",
+                             runs_dir=tmp_path / "runs", work_root=tmp_path / "work", gate_jobs=2,
+                             time_budget_s=budget_s)
     logs: list[str] = []
     rows = bench.run(req, log=logs.append,
                      accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
+    return rows, logs
+
+
+def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system, tmp_path, monkeypatch):
+    """Before this sweep has timed the variant, its guess is the longest of its recent runs on
+    this system and device kind in the results store (a 200 s compile must not be guessed at 1 s)."""
+    from harness import bench, results, train
+
+    name = _stored_runs(tiny_system, tmp_path / "runs", [("fp32", "cpu", 500.0, None), ("fp32", "cuda", 9000.0, None),
+                                                         ("tos", "cpu", 2.0, 3.0)])
+    stored = results.load_runs(tmp_path / "runs")
+    assert results.recent_wall_s(stored, name, "fp32", "cpu") == 500.0
+    assert results.recent_wall_s(stored, name, "fp32", "cuda") == 9000.0
+    assert results.recent_wall_s(stored, name, "mixed", "cpu") is None
+    assert results.recent_wall_s(stored, name, "tos", "cpu", of="accuracy") == 3.0
+    assert results.recent_wall_s(stored, name, "fp32", "cpu", of="accuracy") is None
+    monkeypatch.setattr(train, "run_training", _fake_training([]))
+    monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
+    rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "tos", "fp32"], 100.0)
     names = {r["variant"] for r in rows}
     assert names == {"baseline", "tos"}, (names, logs)  # fp32's 500 s (cpu) runs do not fit in 100 s
 
@@ -467,17 +484,10 @@ def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_
     """A variant's own recent runs decide its guess, not the longest run of this sweep: after a
     60 s compile-heavy run, a variant whose runs take 2 s still starts; one never run here is
     guessed at this sweep's longest run and does not."""
-    from harness import bench, systems, train
-    from harness.records import AccuracyResult
+    from harness import bench, train
 
-    name = systems.load_system(str(tiny_system)).name
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    (runs / "old.json").write_text(json.dumps({
-        "schema": "dpharness.run/1", "run_id": "2020-old", "system": name, "variant": "tos",
-        "device": {"kind": "cpu"}, "timing": {"wall_s": 2.0}}))
-    events: list[str] = []
-    fake = _fake_training(events)
+    _stored_runs(tiny_system, tmp_path / "runs", [("tos", "cpu", 2.0, None)])
+    fake = _fake_training([])
 
     def run_training(spec, progress=None):
         tr = fake(spec, progress)
@@ -487,12 +497,7 @@ def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_
 
     monkeypatch.setattr(train, "run_training", run_training)
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
-    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos", "fp32-tos"], steps=20,
-                             device="cpu", runs_dir=runs, work_root=tmp_path / "work", gate_jobs=2,
-                             time_budget_s=40.0)
-    logs: list[str] = []
-    rows = bench.run(req, log=logs.append,
-                     accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
+    rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "fp32", "tos", "fp32-tos"], 40.0)
     assert [r["variant"] for r in rows] == ["baseline", "fp32", "tos"], logs
     assert any(m.startswith("time budget: not starting fp32-tos") for m in logs), logs
 
@@ -502,25 +507,13 @@ def test_time_budget_skips_a_run_that_does_not_fit_and_starts_a_shorter_one_afte
     """A run that does not fit is passed over, not the end of the sweep: a later variant whose
     records say it is short still starts. Gates are guessed from the variant's recorded gate times
     (accuracy.wall_s), GATE_GUESS_S only without a record."""
-    from harness import bench, systems, train
-    from harness.records import AccuracyResult
+    from harness import bench, train
 
-    name = systems.load_system(str(tiny_system)).name
-    runs = tmp_path / "runs"
-    runs.mkdir()
-    for i, (variant, wall, gate_s) in enumerate([("baseline", 1.0, 2.0), ("fp32", 100.0, 2.0), ("tos", 1.0, 2.0),
-                                                 ("fp32-tos", 1.0, 50.0)]):
-        (runs / f"old{i}.json").write_text(json.dumps({
-            "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "system": name, "variant": variant,
-            "device": {"kind": "cpu"}, "timing": {"wall_s": wall}, "accuracy": {"wall_s": gate_s}}))
+    _stored_runs(tiny_system, tmp_path / "runs", [("baseline", "cpu", 1.0, 2.0), ("fp32", "cpu", 100.0, 2.0),
+                                                  ("tos", "cpu", 1.0, 2.0), ("fp32-tos", "cpu", 1.0, 50.0)])
     monkeypatch.setattr(train, "run_training", _fake_training([]))
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1000.0)  # any variant without a gate record would not fit
-    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "tos", "fp32-tos"], steps=20,
-                             device="cpu", runs_dir=runs, work_root=tmp_path / "work", gate_jobs=2,
-                             time_budget_s=30.0)
-    logs: list[str] = []
-    rows = bench.run(req, log=logs.append,
-                     accuracy_stage=lambda rec, prev: AccuracyResult(verdict="pass", detail="ok"))
+    rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "fp32", "tos", "fp32-tos"], 30.0)
     # fp32: its 100 s run does not fit; tos (1 s + 2 s gates) does; fp32-tos's 50 s gate does not
     assert [r["variant"] for r in rows] == ["baseline", "tos"], logs
     assert "time budget: not started: fp32, fp32-tos" in logs, logs
