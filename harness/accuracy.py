@@ -3,9 +3,10 @@ reference). See docs/accuracy.md.
 
 For every successful training run of a sweep, ``stage()`` returns a callable that
 
-1. runs upstream's ``dp --pt test`` on the run's checkpoint and the system's validation data,
-   always with the *unpatched baseline* build (the judge is never patched by the variant), and
-   parses energy RMSE/atom, force RMSE and virial RMSE/atom;
+1. runs upstream's ``dp test`` in the run's backend (TF and JAX checkpoints are frozen first) on
+   the run's checkpoint and the system's validation data, always with the *unpatched baseline*
+   build (the judge is never patched by the variant), and parses energy RMSE/atom, force RMSE and
+   virial RMSE/atom;
 2. for a variant, compares those with the sweep's baseline run (same system, seed, steps) within
    a relative tolerance derived from a seed-spread calibration file
    (results/calibration/<system>-<device>-<steps>.json, written by ``dpharness calibrate``);
@@ -113,14 +114,23 @@ def _tail(path: Path, n: int = 3) -> str:
     return " | ".join(lines[-n:])[-300:]
 
 
-def _tf_frozen_model(checkpoint: Path, out_dir: Path, env: dict[str, str], tree: Path) -> Path:
-    """A TensorFlow checkpoint is tested as a frozen graph: `dp --tf freeze` with the baseline build."""
-    frozen = out_dir / "frozen_model.pb"
-    cmd = train.launch_command(tree, (), ["--tf", "freeze", "-c", str(Path(checkpoint).parent), "-o", str(frozen)])
+# dp test reads neither backend's training checkpoint: TF's is frozen to a graph, JAX's (an orbax
+# directory) to StableHLO, the format upstream's JAX DeepEval loads.
+FROZEN_NAME = {"tf": "frozen_model.pb", "jax": "frozen_model.hlo"}
+
+
+def _frozen_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[str, str], tree: Path) -> Path:
+    """`dp --<backend> freeze` of the checkpoint with the baseline build. -c is the checkpoint
+    itself when it is a directory (JAX), else its folder (TF: model.ckpt.index's prefix)."""
+    ckpt = Path(checkpoint)
+    frozen = out_dir / FROZEN_NAME[backend]
+    cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "freeze", "-c",
+                                          str(ckpt if ckpt.is_dir() else ckpt.parent), "-o", str(frozen)])
     with open(out_dir / "dp_freeze.log", "w") as f:
         r = subprocess.run(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=DP_TEST_TIMEOUT_S)
     if r.returncode != 0 or not frozen.is_file():
-        raise RuntimeError(f"dp --tf freeze exit {r.returncode}: {_tail(out_dir / 'dp_freeze.log')}")
+        raise RuntimeError(f"dp {train.BACKEND_FLAG[backend]} freeze exit {r.returncode}: "
+                           f"{_tail(out_dir / 'dp_freeze.log')}")
     return frozen
 
 
@@ -168,8 +178,11 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     listing = out_dir / "dp_test_systems.txt"
     listing.write_text("".join(f"{Path(p).resolve()}\n" for p in validation))
     log = out_dir / "dp_test.log"
-    env = train.subprocess_env(device, {"DPH_VARIANT": "baseline"}, out_dir)
-    model = _tf_frozen_model(checkpoint, out_dir, env, tree) if backend == "tf" else Path(checkpoint).resolve()
+    # JAX would otherwise take 75 % of the GPU, beside gates running concurrently
+    jax_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if backend == "jax" else {}
+    env = train.subprocess_env(device, {"DPH_VARIANT": "baseline", **jax_env}, out_dir)
+    model = (_frozen_model(checkpoint, backend, out_dir, env, tree) if backend in FROZEN_NAME
+             else Path(checkpoint).resolve())
     # the judge is always the unpatched baseline build, in the backend that wrote the model
     cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "test", "-m", str(model),
                                           "-f", str(listing), "-n", str(int(frames))])
@@ -701,9 +714,13 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
                  steps: int = 20, runs_dir: Path = results.RUNS, work_dir: Path | None = None) -> dict[str, Any]:
     """Same-weights parity of `variant` against baseline on a baseline checkpoint, without training.
     The checkpoint defaults to the newest successful baseline run of `system` in runs_dir."""
-    from . import bench, systems
+    from . import bench, systems, variants
     from .errors import UserError
 
+    backend = variants.load_variant(variant).backend
+    if backend != "pt":  # parity runs PyTorch code: for another backend it would judge the wrong model
+        return {"variant": variant, "verdict": "not applicable",
+                "detail": f"same-weights parity not applicable to the {backend} backend"}
     dev = bench.resolve_device(device)
     sysobj = systems.load_system(system)
     if checkpoint is None:

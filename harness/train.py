@@ -86,7 +86,8 @@ def backend_missing(backend: str) -> str | None:
     r = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
     if r.returncode == 0:
         return None
-    hint = {"tensorflow": "pip install tensorflow-cpu==2.21.*", "jax": "pip install jax"}.get(mod, f"install {mod}")
+    hint = {"tensorflow": "pip install tensorflow-cpu==2.21.*",
+            "jax": "pip install -r harness/pins/jax.txt"}.get(mod, f"install {mod}")
     return f"backend {backend} unavailable: {mod} is not installed on this machine ({hint})"
 
 
