@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("DPH_PROFILE") and rank0:
         from harness import profile
 
-        profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"])
+        profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"], _backend_of(dp_args))
     _install_upstream_hooks(clock, _backend_of(dp_args))
     for i, m in enumerate(args.module):
         spec = importlib.util.spec_from_file_location(f"dph_patch_{i}_{Path(m).stem}", m)

@@ -9,6 +9,10 @@ Two halves:
   pushed around data / forward / descriptor / embedding / fitting / force / loss-backward /
   optimizer by monkeypatching, and after a short window everything is restored, the Chrome trace
   is written to ``<run_dir>/trace.json.gz`` and the breakdown to ``<run_dir>/profile.json``.
+  A JAX run is traced by ``jax.profiler`` instead (XLA's own host and device lines, no named
+  ranges: upstream's JAX step is one jitted function), its trace brought to the same event
+  categories (``jax_trace_events``) and broken down the same way. The TensorFlow backend is not
+  profiled (its profile says so).
 * In the harness (``summarise``, ``breakdown_from_trace``, the ``profile`` CLI command, and the
   Nsight helpers ``nsys_*`` / ``ncu_*`` whose command building and parsing need no tools).
 
@@ -45,7 +49,7 @@ RANGE_CATEGORY = {
     "force": "force/backward", "backward": "force/backward", "optimizer": "optimizer", "forward": "other",
 }
 LAUNCH_NAMES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
-                "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "hipLaunchKernel")
+                "cudaLaunchCooperativeKernel", "cudaGraphLaunch", "cuGraphLaunch", "hipLaunchKernel")
 GPU_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
@@ -183,8 +187,8 @@ def _wrap_modules(root: Any, ranges: _Ranges, patches: _Patches) -> list[str]:
 
 
 class _Session:
-    def __init__(self, clock: Any, run_dir: Path, spec: str) -> None:
-        self.clock, self.run_dir = clock, Path(run_dir)
+    def __init__(self, clock: Any, run_dir: Path, spec: str, backend: str = "pt") -> None:
+        self.clock, self.run_dir, self.backend = clock, Path(run_dir), backend
         opts = parse_spec(spec)
         try:
             n = int(json.loads((self.run_dir / "input.json").read_text())["training"]["numb_steps"])
@@ -206,10 +210,16 @@ class _Session:
             self._write({"status": "skipped", "reason": f"run of {self.numb_steps} steps is too short to profile",
                          "numb_steps": self.numb_steps})
             return
-        try:
-            from deepmd.pt.train import training as pt_training
-        except Exception:
-            pt_training = None
+        if self.backend not in ("pt", "jax"):
+            self._write({"status": "unsupported", "reason": f"the {self.backend} backend is not profiled by dpharness "
+                         "(torch.profiler sees none of its work; its own profiler is not wired in)"})
+            return
+        pt_training = None
+        if self.backend == "pt":
+            try:
+                from deepmd.pt.train import training as pt_training
+            except Exception:
+                pt_training = None
         if pt_training is not None:
             orig = pt_training.Trainer._next_training_batch
             sess = self
@@ -238,6 +248,8 @@ class _Session:
             self.patches.restore()
 
     def start(self) -> None:
+        if self.backend == "jax":
+            return self._start_jax()
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -270,6 +282,8 @@ class _Session:
             return
         self.done = True
         self.active = False
+        if self.backend == "jax":
+            return self._finish_jax(reason)
         import torch
 
         if self.cuda:
@@ -277,8 +291,8 @@ class _Session:
         self.t1 = time.perf_counter()
         self.prof.stop()
         self.patches.restore()
-        s, w = self.window
-        steps = w if reason is None else max(1, len(getattr(self.clock, "_host", [])) - s)
+        s = self.window[0]
+        steps = self._steps(reason)
         raw = self.run_dir / "trace.json"
         self.prof.export_chrome_trace(str(raw))
         trace = json.loads(raw.read_text())
@@ -297,6 +311,65 @@ class _Session:
         })
         self._write(out)
 
+    def _steps(self, reason: str | None) -> int:
+        s, w = self.window
+        return w if reason is None else max(1, len(getattr(self.clock, "_host", [])) - s)
+
+    # -- JAX: jax.profiler over the same window (XLA's CUPTI tracer on a GPU)
+    def _start_jax(self) -> None:
+        import jax
+
+        self.cuda = any(d.platform == "gpu" for d in jax.local_devices())
+        opts = None
+        if hasattr(jax.profiler, "ProfileOptions"):
+            opts = jax.profiler.ProfileOptions()
+            opts.python_tracer_level = 0  # Python frames would swamp the trace (thousands per step)
+        _jax_sync()
+        try:
+            jax.profiler.start_trace(str(self.run_dir / JAX_TRACE_DIR), profiler_options=opts)
+        except TypeError:  # older jax: no profiler_options
+            jax.profiler.start_trace(str(self.run_dir / JAX_TRACE_DIR))
+        self.t0 = time.perf_counter()
+        self.active = True
+
+    def _finish_jax(self, reason: str | None) -> None:
+        import jax
+
+        _jax_sync()
+        self.t1 = time.perf_counter()
+        jax.profiler.stop_trace()
+        found = sorted((self.run_dir / JAX_TRACE_DIR).glob("plugins/profile/*/*.trace.json.gz"),
+                       key=lambda p: p.stat().st_mtime)
+        if not found:
+            self._write({"status": "failed", "reason": f"jax.profiler wrote no *.trace.json.gz under {JAX_TRACE_DIR}/"})
+            return
+        trace = json.loads(gzip.open(found[-1]).read())
+        events = jax_trace_events(trace)
+        meta = [e for e in trace.get("traceEvents", []) if e.get("ph") == "M"]
+        with gzip.open(self.run_dir / TRACE, "wt", compresslevel=5) as g:
+            json.dump({"traceEvents": meta + events}, g)
+        shutil.rmtree(self.run_dir / JAX_TRACE_DIR, ignore_errors=True)  # the xplane.pb is large
+        steps = self._steps(reason)
+        out = breakdown_from_trace({"traceEvents": events}, steps=steps, wall_s=self.t1 - self.t0)
+        if out.get("kernels_per_step") is not None and not any(e.get("cat") == "cuda_driver" for e in events):
+            out["launches_per_step"] = None  # this XLA build recorded no launch API calls: unknown, not zero
+        # each call of a compiled XLA executable (a jitted function, or one eager jnp op) is one
+        # PjRt execution: how many the host dispatches per step is what makes a JAX step host-bound
+        ex = sum(1 for e in events if "ExecuteHelper" in str(e.get("name", "")))
+        out["xla_executions_per_step"] = ex / steps if ex else None
+        out.update({
+            "status": "ok" if reason is None else "partial",
+            "reason": reason,
+            "window": {"start_step": self.window[0], "steps": steps, "numb_steps": self.numb_steps},
+            "device": "cuda" if self.cuda else "cpu",
+            "trace": TRACE,
+            "profiler": "jax.profiler",
+            "device_lines": sorted({e["_line"] for e in events if e.get("_line")}),
+            "wrapped_modules": [],
+            "jax": jax.__version__,
+        })
+        self._write(out)
+
     def _write(self, d: dict) -> None:
         p = self.run_dir / PROFILE_JSON
         tmp = p.with_name(p.name + f".tmp{os.getpid()}")
@@ -304,9 +377,64 @@ class _Session:
         os.replace(tmp, p)
 
 
-def install_in_process(clock: Any, run_dir: Path, spec: str) -> None:
+def install_in_process(clock: Any, run_dir: Path, spec: str, backend: str = "pt") -> None:
     """Called by harness.launch inside the training subprocess before upstream code runs."""
-    _Session(clock, Path(run_dir), spec).install()
+    _Session(clock, Path(run_dir), spec, backend).install()
+
+
+def _jax_sync() -> None:
+    """Wait for every step dispatched so far: XLA runs a device's computations in order, so a
+    tiny one queued now finishes after them (JAX has no device-wide synchronize)."""
+    import jax
+
+    for d in jax.local_devices():
+        jax.block_until_ready(jax.device_put(0.0, d) + 1.0)
+
+
+# ------------------------------------------------------------------ JAX traces to the same categories
+
+JAX_TRACE_DIR = "jax-trace"
+# lines of an XLA device that redraw the stream's work by HLO op, module or step: not extra kernels
+XLA_DERIVED_LINES = ("XLA Modules", "XLA Ops", "XLA TraceMe", "Async XLA Ops", "TensorFlow Ops",
+                     "TensorFlow Name Scope", "Framework Ops", "Framework Name Scope", "Steps", "Source code",
+                     "Launch Stats")
+
+
+def jax_trace_events(trace: dict | list) -> list[dict]:
+    """The X events of a jax.profiler Chrome trace (``*.trace.json.gz``) with torch.profiler's
+    categories, so ``breakdown_from_trace`` reads both: on ``/device:GPU:N`` processes the CUDA
+    stream lines ("Stream #..."; other lines if a device has none, minus the derived per-op lines)
+    give ``kernel`` / ``gpu_memcpy`` / ``gpu_memset``; on ``/host:...`` processes launch API calls
+    give ``cuda_driver``, other XLA/PjRt events ``cpu_op``; Python-tracer frames ("$file:line f")
+    are dropped. Each device event carries ``_line`` (the line it was counted from)."""
+    events = trace.get("traceEvents", []) if isinstance(trace, dict) else list(trace)
+    proc = {e.get("pid"): str((e.get("args") or {}).get("name", "")) for e in events
+            if e.get("ph") == "M" and e.get("name") == "process_name"}
+    line = {(e.get("pid"), e.get("tid")): str((e.get("args") or {}).get("name", "")) for e in events
+            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    device_pids = {pid for pid, n in proc.items() if n.startswith("/device:")}
+    streams = {pid: {k for k, n in line.items() if k[0] == pid and n.startswith("Stream")} for pid in device_pids}
+    out: list[dict] = []
+    for e in events:
+        if e.get("ph") != "X" or "ts" not in e or "dur" not in e:
+            continue
+        pid, name = e.get("pid"), str(e.get("name", ""))
+        key = (pid, e.get("tid"))
+        if pid in device_pids:
+            ln = line.get(key, "")
+            if (key not in streams[pid]) if streams[pid] else ln in XLA_DERIVED_LINES:
+                continue
+            low = name.lower()
+            cat = "gpu_memcpy" if "memcpy" in low else "gpu_memset" if "memset" in low else "kernel"
+            args = dict(e.get("args") or {})
+            if args.get("correlation_id") is not None:
+                args["correlation"] = args["correlation_id"]
+            out.append({**e, "cat": cat, "args": args, "_line": ln})
+        elif proc.get(pid, "").startswith("/host:"):
+            if name.startswith("$"):
+                continue
+            out.append({**e, "cat": "cuda_driver" if name in LAUNCH_NAMES else "cpu_op"})
+    return out
 
 
 # ------------------------------------------------------------------ breakdown from a Chrome trace
@@ -699,7 +827,9 @@ def format_breakdown(rows: list[dict[str, Any]]) -> str:
             continue
         out.append("")
         out.append(f"[{r['variant']}] ms/step by category ({cats.get('basis')}); window "
-                   f"{(p.get('window') or {}).get('steps')} steps from step {(p.get('window') or {}).get('start_step')}")
+                   f"{(p.get('window') or {}).get('steps')} steps from step {(p.get('window') or {}).get('start_step')}"
+                   + (f"; {p['xla_executions_per_step']:.0f} XLA executions/step"
+                      if p.get("xla_executions_per_step") else ""))
         out.append(f"  {'category':20} {'by range':>9} {'by name':>9}")
         for c in CATEGORIES:
             out.append(f"  {c:20} {ms(cats['by_range'].get(c))} {ms(cats['by_name'].get(c))}")

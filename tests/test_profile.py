@@ -252,3 +252,74 @@ def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatc
     assert d["kernels"][0]["figures"]["dram_gb_s"] == pytest.approx(1200.0)
     assert json.loads(rec_path.read_text())["profile"]["ncu"]["error"] == "ncu timed out after 7 s"
     assert any("timed out" in m for m in logs)
+
+
+def _jax_gpu_trace() -> dict:
+    """A jax.profiler trace of 2 steps shaped as XLA writes it on a GPU: a host process (Python
+    tracer frames, PjRt dispatch, one launch API call) and a device process whose stream line
+    holds the kernels and copies, redrawn per HLO op on the derived 'XLA Ops' line."""
+    m = lambda pid, name, tid=None, what="thread_name": {  # noqa: E731
+        "ph": "M", "pid": pid, "name": what, "args": {"name": name}, **({"tid": tid} if tid else {})}
+    x = lambda pid, tid, name, ts, dur, **args: {  # noqa: E731
+        "ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur, **({"args": args} if args else {})}
+    return {"traceEvents": [
+        m(1, "/host:CPU", what="process_name"), m(1, "python", 10),
+        m(2, "/device:GPU:0 (NVIDIA H200)", what="process_name"), m(2, "Stream #13(Compute)", 20),
+        m(2, "XLA Ops", 21),
+        x(1, 10, "$trainer.py:80 train_step", 0, 1000), x(1, 10, "PjitFunction(train_step)", 5, 900),
+        x(1, 10, "cuLaunchKernel", 10, 5, correlation_id=7),
+        x(2, 20, "loop_fusion", 100, 40, correlation_id=7), x(2, 20, "gemm_fusion", 150, 60),
+        x(2, 20, "MemcpyH2D", 300, 10), x(2, 20, "loop_fusion", 1100, 40),
+        x(2, 21, "fusion.3 = f64[...] fusion(...)", 100, 200),
+    ]}
+
+
+def test_jax_trace_is_read_with_torch_categories():
+    """Kernels are counted once, from the stream line (the XLA Ops line redraws them), Python
+    frames are dropped, the launch API call is a launch, PjRt dispatch a host op."""
+    ev = profile.jax_trace_events(_jax_gpu_trace())
+    cats = sorted((e["cat"], e["name"]) for e in ev)
+    assert cats == [("cpu_op", "PjitFunction(train_step)"), ("cuda_driver", "cuLaunchKernel"),
+                    ("gpu_memcpy", "MemcpyH2D"), ("kernel", "gemm_fusion"), ("kernel", "loop_fusion"),
+                    ("kernel", "loop_fusion")]
+    b = breakdown_from_trace({"traceEvents": ev}, steps=2, wall_s=4e-3)
+    assert b["kernels_per_step"] == 1.5 and b["launches_per_step"] == 0.5
+    assert b["gpu_busy_s_per_step"] == pytest.approx((40 + 60 + 10 + 40) * 1e-6 / 2)
+    assert b["top_kernels"][0]["name"] == "loop_fusion" and b["top_kernels"][0]["count"] == 2
+    assert [o["name"] for o in b["top_ops"]] == ["PjitFunction(train_step)"]
+    # a device with no "Stream" line: every line but the derived per-op ones
+    t = _jax_gpu_trace()
+    t["traceEvents"][3]["args"]["name"] = "Compute"
+    assert sum(e["cat"] == "kernel" for e in profile.jax_trace_events(t)) == 3
+
+
+def test_tf_backend_profile_says_it_is_not_profiled(tmp_path):
+    (tmp_path / "input.json").write_text(json.dumps({"training": {"numb_steps": 40}}))
+    clock = type("Clock", (), {"on_tick": []})()
+    profile.install_in_process(clock, tmp_path, "steady", backend="tf")
+    d = json.loads((tmp_path / profile.PROFILE_JSON).read_text())
+    assert d["status"] == "unsupported" and "tf backend" in d["reason"] and clock.on_tick == []
+
+
+@pytest.mark.slow
+def test_real_profiled_jax_cpu_run(tiny_system, tmp_path):
+    """jax-tos under `profile`: jax.profiler traces the steady window; on a CPU, XLA's host work
+    (dispatch, CPU fusions) is the breakdown, and no GPU field is invented."""
+    from harness import bench, train
+
+    if train.backend_missing("jax"):
+        pytest.skip("JAX is not installed (pip install -r harness/pins/jax.txt)")
+    req = bench.BenchRequest(system=str(tiny_system), variants=["jax-tos"], steps=14, device="cpu",
+                             accuracy=False, profile=True, runs_dir=tmp_path / "runs",
+                             work_root=tmp_path / "work")
+    (row,) = bench.run(req, log=lambda m: None)
+    assert row["status"] == "ok", row["error"]
+    p = row["profile"]
+    assert p["status"] == "ok" and p["profiler"] == "jax.profiler" and p["device"] == "cpu", p
+    assert p["window"]["steps"] == 3 and p["gpu_busy_s_per_step"] is None and p["top_kernels"] == []
+    assert p["top_ops"] and p["cpu_ops_per_step"] > 0 and p["xla_executions_per_step"] >= 1
+    assert not any(o["name"].startswith("$") for o in p["top_ops"])
+    wd = row["artifacts"]["work_dir"]
+    trace = json.loads(gzip.open(f"{wd}/{profile.TRACE}").read())
+    assert {e.get("cat") for e in trace["traceEvents"] if e.get("ph") == "X"} == {"cpu_op"}
+    assert not (tmp_path / "work" / profile.JAX_TRACE_DIR).exists()
