@@ -42,7 +42,9 @@ echo "gpu-lanes: $lanes lanes on $NGPU GPUs, $per cores each, steps $STEPS, gate
 run_lane() {  # $1 = lane index, $2 = lane spec
   local i=$1 spec=$2 first=$(($1 * per)) last=$(($1 * per + per - 1))
   IFS=';' read -ra cmds <<< "$spec"
+  local todo=${#cmds[@]}
   for c in "${cmds[@]}"; do
+    todo=$((todo - 1))   # commands of this lane still to come after this one
     read -r what sys vs k <<< "$c"
     [ -n "${what:-}" ] || continue
     local args=""; for v in ${vs//,/ }; do args="$args --variant $v"; done
@@ -56,9 +58,11 @@ run_lane() {  # $1 = lane index, $2 = lane spec
         $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS" \
         --time-budget $(( left > 20 ? left - 10 : left ))
     elif [ "$what" = profile ]; then
-      # ncu gets what the profiled runs (~40 s each) leave of the lane, shared by the variants
+      # ncu gets what the profiled runs (~45 s each) leave of this command's fair share of the
+      # lane (the lane's later commands keep theirs), shared by the variants
       local nv; nv=$(echo "$vs" | tr ',' '\n' | grep -c .)
-      local nt=$(( (left - 45 * nv - 15) / nv )); [ "$nt" -ge 30 ] || nt=30
+      local share=$(( left / (todo + 1) ))
+      local nt=$(( (share - 45 * nv - 15) / nv )); [ "$nt" -ge 30 ] || nt=30
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
         $py -m harness profile --system "$sys" $args --steps "$PROFILE_STEPS" --device "$DEVICE" \
         ${k:+--ncu $k --ncu-timeout $nt}
