@@ -697,9 +697,30 @@ def _in_base_units(value: float, unit: str | None) -> float:
     return value
 
 
-def ncu_figures(kernel: dict[str, Any]) -> dict[str, float | None]:
+# Datasheet peaks (boost clock) of the cards we run on: FP64 on the CUDA cores (not the DMMA
+# tensor cores) in TFLOP/s, and HBM bandwidth in TB/s. ncu's own "% of peak" counters are used
+# where it has them (SM, DRAM); these give the FP64 rate's share, which ncu has no counter for.
+CARD_PEAKS = (  # (substring of the CUDA device name, fp64 TFLOP/s, DRAM TB/s), first match wins
+    ("H100 PCIe", 25.6, 2.0),
+    ("H100 NVL", 30.0, 3.9),
+    ("H100", 33.5, 3.35),  # SXM5 80GB HBM3
+    ("H200", 33.5, 4.8),
+    ("A100", 9.7, 2.0),
+)
+
+
+def card_peaks(gpu_name: str | None) -> tuple[float, float] | None:
+    """(fp64 FLOP/s, DRAM byte/s) datasheet peaks of a card named like torch's device name."""
+    for key, fp64, dram in CARD_PEAKS:
+        if gpu_name and key in gpu_name:
+            return fp64 * 1e12, dram * 1e12
+    return None
+
+
+def ncu_figures(kernel: dict[str, Any], gpu_name: str | None = None) -> dict[str, float | None]:
     """How far one kernel is from the card: its time, SM and DRAM throughput as % of peak,
-    achieved DRAM bandwidth and CUDA-core FP64 FLOP rate (from parse_ncu_csv's entry)."""
+    achieved DRAM bandwidth and CUDA-core FP64 FLOP rate (from parse_ncu_csv's entry), and that
+    rate as % of the card's datasheet FP64 peak when the card is known (CARD_PEAKS)."""
     m, units = kernel.get("metrics") or {}, kernel.get("units") or {}
 
     def get(name: str) -> float | None:
@@ -711,11 +732,13 @@ def ncu_figures(kernel: dict[str, Any]) -> dict[str, float | None]:
     ops = [get(f"sm__sass_thread_inst_executed_op_{o}_pred_on.sum") for o in ("dadd", "dmul", "dfma")]
     flops = None if None in ops or not t else (ops[0] + ops[1] + 2 * ops[2]) / t
     bw = get("dram__bytes.sum.per_second")
+    peaks = card_peaks(gpu_name)
     return {"time_us": None if t is None else t * 1e6,
             "sm_pct": m.get("sm__throughput.avg.pct_of_peak_sustained_elapsed"),
             "dram_pct": m.get("dram__throughput.avg.pct_of_peak_sustained_elapsed"),
             "dram_gb_s": None if bw is None else bw / 1e9,
-            "fp64_gflop_s": None if flops is None else flops / 1e9}
+            "fp64_gflop_s": None if flops is None else flops / 1e9,
+            "fp64_pct": None if flops is None or not peaks else 100 * flops / peaks[0]}
 
 
 def kernel_base_name(name: str) -> str:
@@ -918,8 +941,9 @@ def _run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
         rc, error = None, f"ncu timed out after {timeout_s:.0f} s"
     (nd / "ncu.csv").write_text(out)
     parsed = parse_ncu_csv(out)
+    gpu_name = (row.get("environment") or {}).get("gpu_name")
     for kern in parsed:
-        kern["figures"] = ncu_figures(kern)
+        kern["figures"] = ncu_figures(kern, gpu_name)
     data = {"command": full, "returncode": rc, "error": error, "wall_s": round(time.perf_counter() - t0, 1),
             "kernels": parsed}
     log(f"[{row['variant']}] ncu: {len(parsed)} kernels measured in {data['wall_s']:.0f} s"
@@ -941,12 +965,14 @@ def format_ncu(rows: list[dict[str, Any]]) -> str:
             continue
         why = f" ({n['error']})" if n.get("error") else ""
         out.append(f"[{r['variant']}] Nsight Compute{why}")
-        out.append(f"  {'us':>8} {'SM %pk':>7} {'DRAM %pk':>8} {'DRAM GB/s':>9} {'FP64 GF/s':>9}  kernel")
+        out.append(f"  {'us':>8} {'SM %pk':>7} {'DRAM %pk':>8} {'DRAM GB/s':>9} {'FP64 GF/s':>9} {'FP64 %pk':>8}"
+                   "  kernel")
         for kern in n.get("kernels") or []:
-            f = kern.get("figures") or ncu_figures(kern)
+            f = kern.get("figures") or ncu_figures(kern, (r.get("environment") or {}).get("gpu_name"))
             cell = lambda x, w, d=1: f"{x:{w}.{d}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
             out.append(f"  {cell(f['time_us'], 8)} {cell(f['sm_pct'], 7)} {cell(f['dram_pct'], 8)} "
-                       f"{cell(f['dram_gb_s'], 9)} {cell(f['fp64_gflop_s'], 9)}  {kern['name'][:70]}")
+                       f"{cell(f['dram_gb_s'], 9)} {cell(f['fp64_gflop_s'], 9)} {cell(f.get('fp64_pct'), 8)}"
+                       f"  {kern['name'][:70]}")
     return "\n".join(out)
 
 

@@ -185,7 +185,8 @@ def _ncu_rows(ncu: dict | None) -> list[dict]:
         f = k.get("figures") or {}
         rows.append({"t": _fmt(f.get("time_us"), 1, 1), "sm": _fmt(f.get("sm_pct"), 1, 1),
                      "dram": _fmt(f.get("dram_pct"), 1, 1), "bw": _fmt(f.get("dram_gb_s"), 1, 0),
-                     "fl": _fmt(f.get("fp64_gflop_s"), 1, 0), "name": k.get("name", "")[:120]})
+                     "fl": _fmt(f.get("fp64_gflop_s"), 1, 0), "flp": _fmt(f.get("fp64_pct"), 1, 1),
+                     "name": k.get("name", "")[:120]})
     return rows
 
 
@@ -304,8 +305,8 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for p in s.profiles %}{% if p.top %}<details><summary>top kernels / ops: {{ p.variant }}</summary><table><tr><th>ms/step</th><th>count</th><th class="l">name</th></tr>
 {% for k in p.top %}<tr><td>{{ k.ms }}</td><td>{{ k.count }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table></details>{% endif %}{% endfor %}
 {% for p in s.profiles %}{% if p.ncu or p.ncu_error %}<h4>Nsight Compute: {{ p.variant }}{% if p.ncu_error %} ({{ p.ncu_error }}){% endif %}</h4>
-<table><tr><th>time us</th><th>SM % of peak</th><th>DRAM % of peak</th><th>DRAM GB/s</th><th>FP64 GFLOP/s (CUDA cores)</th><th class="l">kernel</th></tr>
-{% for k in p.ncu %}<tr><td>{{ k.t }}</td><td>{{ k.sm }}</td><td>{{ k.dram }}</td><td>{{ k.bw }}</td><td>{{ k.fl }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table>{% endif %}{% endfor %}
+<table><tr><th>time us</th><th>SM % of peak</th><th>DRAM % of peak</th><th>DRAM GB/s</th><th>FP64 GFLOP/s (CUDA cores)</th><th>FP64 % of datasheet peak</th><th class="l">kernel</th></tr>
+{% for k in p.ncu %}<tr><td>{{ k.t }}</td><td>{{ k.sm }}</td><td>{{ k.dram }}</td><td>{{ k.bw }}</td><td>{{ k.fl }}</td><td>{{ k.flp }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table>{% endif %}{% endfor %}
 {% endif %}
 {% if s.img_scaling %}<h3>Multi-GPU scaling</h3><img alt="scaling" src="{{ s.img_scaling }}">{% endif %}
 {% if s.img_history %}<h3>History</h3><img alt="history" src="{{ s.img_history }}">{% endif %}

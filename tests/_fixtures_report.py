@@ -52,7 +52,7 @@ def gpu_profile() -> dict[str, Any]:
             "ncu": {"returncode": 0, "error": None, "wall_s": 80.0, "kernels": [
                 {"name": "gemm_kernel", "launches": 1, "metrics": {}, "units": {},
                  "figures": {"time_us": 12.5, "sm_pct": 41.0, "dram_pct": 7.5, "dram_gb_s": 251.0,
-                             "fp64_gflop_s": 3.0}}]}}
+                             "fp64_gflop_s": 3.0, "fp64_pct": 0.0089}}]}}
 
 
 def write_runs(dest: Path, records: list[dict[str, Any]]) -> list[Path]:

@@ -214,8 +214,14 @@ def test_ncu_figures_convert_units_and_count_fp64_flops():
     (r,) = [x for x in profile.parse_ncu_csv(NCU_RAW) if x["name"] == "k2"]
     g = profile.ncu_figures(r)
     assert g["time_us"] == pytest.approx(0.1) and g["fp64_gflop_s"] is None and g["dram_gb_s"] is None
-    table = profile.format_ncu([{"variant": "fused", "profile": {"ncu": {"kernels": [k], "error": None}}}])
-    assert "triton_poi_fused_0" in table and "1200.0" in table
+    assert f["fp64_pct"] is None  # no card named: no datasheet peak
+    # on an H200 (33.5 TFLOP/s FP64 on the CUDA cores) 2.75 GFLOP/s is 0.0082 % of peak
+    assert profile.ncu_figures(k, "NVIDIA H200")["fp64_pct"] == pytest.approx(100 * 2.75e9 / 33.5e12)
+    assert profile.card_peaks("NVIDIA H100 PCIe")[0] == 25.6e12 and profile.card_peaks("NVIDIA H100 80GB HBM3")[1] == 3.35e12
+    assert profile.card_peaks("Tesla T4") is None
+    table = profile.format_ncu([{"variant": "fused", "environment": {"gpu_name": "NVIDIA H200"},
+                                 "profile": {"ncu": {"kernels": [k], "error": None}}}])
+    assert "triton_poi_fused_0" in table and "1200.0" in table and "FP64 %pk" in table and "0.0" in table
 
 
 def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatch):

@@ -59,7 +59,7 @@ def test_contents(html_path):
     text = html_path.read_text()
     assert 'class="pass">PASS' in text and 'class="fail">FAIL' in text
     assert "Profile breakdown" in text and "gemm_kernel" in text
-    assert "Nsight Compute: fp32" in text and "<td>41.0</td><td>7.5</td><td>251</td>" in text
+    assert "Nsight Compute: fp32" in text and "<td>41.0</td><td>7.5</td><td>251</td><td>3</td><td>0.0</td>" in text
     assert "Multi-GPU scaling" in text and "Learning curves" in text
     assert "description of fp32" in text and "560.35" in text and "abc1234" in text
     assert "boom" in text  # the failed run's error is shown
