@@ -242,10 +242,12 @@ class _Session:
                 self.start()
             elif i == s + w and self.active:
                 self.finish(None)
-        except Exception as e:  # never break training for a profile
+        except Exception as e:  # never break training for a profile; say why there is none
             print(f"dpharness profile: {type(e).__name__}: {e}", file=sys.stderr)
             self.active = False
+            self.done = True
             self.patches.restore()
+            self._write({"status": "failed", "reason": f"profiler: {type(e).__name__}: {e}"})
 
     def start(self) -> None:
         if self.backend == "jax":

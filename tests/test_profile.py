@@ -329,3 +329,20 @@ def test_real_profiled_jax_cpu_run(tiny_system, tmp_path):
     trace = json.loads(gzip.open(f"{wd}/{profile.TRACE}").read())
     assert {e.get("cat") for e in trace["traceEvents"] if e.get("ph") == "X"} == {"cpu_op"}
     assert not (tmp_path / "work" / profile.JAX_TRACE_DIR).exists()
+
+
+def test_a_profiler_that_fails_to_start_is_recorded_not_silent(tmp_path, monkeypatch):
+    """Training goes on, and profile.json says why there is no profile (e.g. no CUPTI for XLA)."""
+    (tmp_path / "input.json").write_text(json.dumps({"training": {"numb_steps": 40}}))
+    clock = type("Clock", (), {"on_tick": []})()
+    profile.install_in_process(clock, tmp_path, "steady", backend="jax")
+
+    def no_profiler(self):
+        raise RuntimeError("CUPTI not found")
+
+    monkeypatch.setattr(profile._Session, "_start_jax", no_profiler)
+    (tick,) = clock.on_tick
+    for i in range(40):
+        tick(i)
+    d = json.loads((tmp_path / profile.PROFILE_JSON).read_text())
+    assert d == {"status": "failed", "reason": "profiler: RuntimeError: CUPTI not found"}
