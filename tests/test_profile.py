@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness import profile
+from harness import nsight, profile
 from harness.profile import breakdown_from_trace, choose_window
 
 
@@ -107,28 +107,28 @@ NCU_RAW = '''==PROF== Disconnected from process 1
 
 
 def test_parse_ncu_csv_long_and_raw():
-    k = profile.parse_ncu_csv(NCU_LONG)
+    k = nsight.parse_ncu_csv(NCU_LONG)
     assert len(k) == 2
     assert k[0]["name"].startswith("void at::native::vectorized_elementwise_kernel<4,")
     assert k[1]["name"] == "sm90_xmma_gemm_f32f32_tf32f32_f32_nn_n_tilesize128x128x32"
     assert k[0]["metrics"]["dram__throughput.avg.pct_of_peak_sustained_elapsed"] == pytest.approx(60.23)
     assert k[0]["metrics"]["gpu__time_duration.sum"] == 12288
     assert k[0]["launches"] == 2
-    r = profile.parse_ncu_csv(NCU_RAW)
+    r = nsight.parse_ncu_csv(NCU_RAW)
     assert [x["name"] for x in r] == ["k1", "k2"]
     assert r[0]["metrics"]["gpu__time_duration.sum"] == pytest.approx(1536) and r[0]["launches"] == 2
-    assert profile.parse_ncu_csv("==PROF== nothing profiled\n") == []
+    assert nsight.parse_ncu_csv("==PROF== nothing profiled\n") == []
 
 
 def test_nsight_commands_and_nsys_parser(tmp_path):
     cmd = ["python", "-m", "harness.launch", "--tree", "T", "--", "--pt", "train", "input.json"]
-    n = profile.nsys_command(tmp_path / "nsys", cmd)
+    n = nsight.nsys_command(tmp_path / "nsys", cmd)
     assert n[:2] == ["nsys", "profile"] and n[-len(cmd):] == cmd and "--trace=cuda,nvtx,osrt" in n
-    assert profile.nsys_stats_command(tmp_path / "x.nsys-rep")[:2] == ["nsys", "stats"]
-    assert profile.kernel_base_name("void at::native::vectorized_elementwise_kernel<4, X>(int, T2)") == \
+    assert nsight.nsys_stats_command(tmp_path / "x.nsys-rep")[:2] == ["nsys", "stats"]
+    assert nsight.kernel_base_name("void at::native::vectorized_elementwise_kernel<4, X>(int, T2)") == \
         "vectorized_elementwise_kernel"
-    assert profile.kernel_base_name("sm90_xmma_gemm_nn") == "sm90_xmma_gemm_nn"
-    c = profile.ncu_command(["void at::native::foo<1>(int)", "bar_kernel"], None, cmd, launch_skip=50)
+    assert nsight.kernel_base_name("sm90_xmma_gemm_nn") == "sm90_xmma_gemm_nn"
+    c = nsight.ncu_command(["void at::native::foo<1>(int)", "bar_kernel"], None, cmd, launch_skip=50)
     assert c[0] == "ncu" and "--csv" in c and c[-len(cmd):] == cmd
     assert c[c.index("--kernel-name") + 1] == "regex:^(bar_kernel|foo)$"
     assert c[c.index("--launch-skip") + 1] == "50" and c[c.index("--launch-count") + 1] == "2"
@@ -137,7 +137,7 @@ def test_nsight_commands_and_nsys_parser(tmp_path):
             "Time (%),Total Time (ns),Instances,Avg (ns),Med (ns),Min (ns),Max (ns),StdDev (ns),Name\n"
             "60.0,6000,3,2000.0,2000.0,1900,2100,100.0,gemm_kernel\n"
             "40.0,4000,8,500.0,500.0,400,600,50.0,\"void at::native::foo<int, 2>(int)\"\n")
-    rows = profile.parse_nsys_kern_sum(text)
+    rows = nsight.parse_nsys_kern_sum(text)
     assert rows[0] == {"name": "gemm_kernel", "pct": 60.0, "total_s": pytest.approx(6e-6), "count": 3}
     assert rows[1]["name"] == "void at::native::foo<int, 2>(int)"
 
@@ -204,22 +204,22 @@ NCU_UNITS = '''"ID","Process ID","Process Name","Host Name","Kernel Name","Conte
 def test_ncu_figures_convert_units_and_count_fp64_flops():
     """ncu's scaled units are brought to base ones: 1200 GB/s, 2 us; FP64 FLOPs = dadd + dmul +
     2 dfma = 5500 in 2 us = 2.75 GFLOP/s."""
-    (k,) = profile.parse_ncu_csv(NCU_UNITS)
+    (k,) = nsight.parse_ncu_csv(NCU_UNITS)
     assert k["units"]["dram__bytes.sum.per_second"] == "Gbyte/second"
-    f = profile.ncu_figures(k)
+    f = nsight.ncu_figures(k)
     assert f["time_us"] == pytest.approx(2.0) and f["dram_gb_s"] == pytest.approx(1200.0)
     assert f["fp64_gflop_s"] == pytest.approx(5500 / 2e-6 / 1e9)
     assert f["sm_pct"] == pytest.approx(12.5) and f["dram_pct"] == pytest.approx(36.0)
     # without a units row, time counters are nanoseconds and other figures absent
-    (r,) = [x for x in profile.parse_ncu_csv(NCU_RAW) if x["name"] == "k2"]
-    g = profile.ncu_figures(r)
+    (r,) = [x for x in nsight.parse_ncu_csv(NCU_RAW) if x["name"] == "k2"]
+    g = nsight.ncu_figures(r)
     assert g["time_us"] == pytest.approx(0.1) and g["fp64_gflop_s"] is None and g["dram_gb_s"] is None
     assert f["fp64_pct"] is None  # no card named: no datasheet peak
     # on an H200 (33.5 TFLOP/s FP64 on the CUDA cores) 2.75 GFLOP/s is 0.0082 % of peak
-    assert profile.ncu_figures(k, "NVIDIA H200")["fp64_pct"] == pytest.approx(100 * 2.75e9 / 33.5e12)
-    assert profile.card_peaks("NVIDIA H100 PCIe")[0] == 25.6e12 and profile.card_peaks("NVIDIA H100 80GB HBM3")[1] == 3.35e12
-    assert profile.card_peaks("Tesla T4") is None
-    table = profile.format_ncu([{"variant": "fused", "environment": {"gpu_name": "NVIDIA H200"},
+    assert nsight.ncu_figures(k, "NVIDIA H200")["fp64_pct"] == pytest.approx(100 * 2.75e9 / 33.5e12)
+    assert nsight.card_peaks("NVIDIA H100 PCIe")[0] == 25.6e12 and nsight.card_peaks("NVIDIA H100 80GB HBM3")[1] == 3.35e12
+    assert nsight.card_peaks("Tesla T4") is None
+    table = nsight.format_ncu([{"variant": "fused", "environment": {"gpu_name": "NVIDIA H200"},
                                  "profile": {"ncu": {"kernels": [k], "error": None}}}])
     assert "triton_poi_fused_0" in table and "1200.0" in table and "FP64 %pk" in table and "0.0" in table
 
@@ -246,12 +246,12 @@ def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatc
         seen.update(cmd=cmd, env=kw["env"], timeout=kw["timeout"])
         raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=NCU_UNITS)
 
-    monkeypatch.setattr(profile.subprocess, "run", fake_run)
+    monkeypatch.setattr(nsight.subprocess, "run", fake_run)
     row = {"variant": "fused", "status": "ok", "_path": str(rec_path), "artifacts": {"work_dir": "work/r1"},
            "profile": {"steps": 10, "window": {"start_step": 5},
                        "top_kernels": [{"name": "triton_poi_fused_0", "count": 20}]}}
     logs = []
-    profile._run_ncu(row, 1, logs.append, timeout_s=7)
+    nsight.run_ncu(row, 1, logs.append, timeout_s=7)
     assert seen["timeout"] == 7 and seen["env"]["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
     d = json.loads((wd / "ncu.json").read_text())
     assert d["error"] == "ncu timed out after 7 s" and d["returncode"] is None
