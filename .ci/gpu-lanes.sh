@@ -24,8 +24,9 @@ PROFILE_STEPS=${PROFILE_STEPS:-100}
 OUT=${OUT:-/tmp/dph-out}
 mkdir -p "$OUT"
 t0=$(date +%s)
-nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$OUT/card.txt"
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
+[ "$DEVICE" = cpu ] && NGPU=8   # the dry run: lanes share the CPU (CUDA_VISIBLE_DEVICES is moot)
 if ! make venv > "$OUT/venv.log" 2>&1; then
   tail -20 "$OUT/venv.log"; echo "gpu-lanes: make venv failed (is wheelhouse/ carried?)" >&2; exit 2
 fi
