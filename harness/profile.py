@@ -216,7 +216,7 @@ class _Session:
             try:
                 from deepmd.pt.train import training as pt_training
             except Exception:
-                pt_training = None
+                pass
         if pt_training is not None:
             orig = pt_training.Trainer._next_training_batch
             sess = self
@@ -290,7 +290,6 @@ class _Session:
         self.t1 = time.perf_counter()
         self.prof.stop()
         self.patches.restore()
-        s = self.window[0]
         steps = self._steps(reason)
         raw = self.run_dir / "trace.json"
         self.prof.export_chrome_trace(str(raw))
@@ -299,14 +298,17 @@ class _Session:
             shutil.copyfileobj(f, g)
         raw.unlink()
         out = breakdown_from_trace(trace, steps=steps, wall_s=self.t1 - self.t0)
+        self._write_breakdown(out, reason, steps, wrapped_modules=self.wrapped, torch=torch.__version__)
+
+    def _write_breakdown(self, out: dict, reason: str | None, steps: int, **extra: Any) -> None:
+        """profile.json: the breakdown plus the fields every backend's profile carries."""
         out.update({
             "status": "ok" if reason is None else "partial",
             "reason": reason,
-            "window": {"start_step": s, "steps": steps, "numb_steps": self.numb_steps},
+            "window": {"start_step": self.window[0], "steps": steps, "numb_steps": self.numb_steps},
             "device": "cuda" if self.cuda else "cpu",
             "trace": TRACE,
-            "wrapped_modules": self.wrapped,
-            "torch": torch.__version__,
+            **extra,
         })
         self._write(out)
 
@@ -342,7 +344,8 @@ class _Session:
         if not found:
             self._write({"status": "failed", "reason": f"jax.profiler wrote no *.trace.json.gz under {JAX_TRACE_DIR}/"})
             return
-        trace = json.loads(gzip.open(found[-1]).read())
+        with gzip.open(found[-1], "rt") as f:
+            trace = json.load(f)
         events = jax_trace_events(trace)
         meta = [e for e in trace.get("traceEvents", []) if e.get("ph") == "M"]
         with gzip.open(self.run_dir / TRACE, "wt", compresslevel=5) as g:
@@ -356,18 +359,9 @@ class _Session:
         # PjRt execution: how many the host dispatches per step is what makes a JAX step host-bound
         ex = sum(1 for e in events if "ExecuteHelper" in str(e.get("name", "")))
         out["xla_executions_per_step"] = ex / steps if ex else None
-        out.update({
-            "status": "ok" if reason is None else "partial",
-            "reason": reason,
-            "window": {"start_step": self.window[0], "steps": steps, "numb_steps": self.numb_steps},
-            "device": "cuda" if self.cuda else "cpu",
-            "trace": TRACE,
-            "profiler": "jax.profiler",
-            "device_lines": sorted({e["_line"] for e in events if e.get("_line")}),
-            "wrapped_modules": [],
-            "jax": jax.__version__,
-        })
-        self._write(out)
+        self._write_breakdown(out, reason, steps, profiler="jax.profiler",
+                              device_lines=sorted({e["_line"] for e in events if e.get("_line")}),
+                              wrapped_modules=[], jax=jax.__version__)
 
     def _write(self, d: dict) -> None:
         p = self.run_dir / PROFILE_JSON
@@ -421,7 +415,9 @@ def jax_trace_events(trace: dict | list) -> list[dict]:
         key = (pid, e.get("tid"))
         if pid in device_pids:
             ln = line.get(key, "")
-            if (key not in streams[pid]) if streams[pid] else ln in XLA_DERIVED_LINES:
+            # the stream lines when the device has them, else every line that is not derived
+            counted = key in streams[pid] if streams[pid] else ln not in XLA_DERIVED_LINES
+            if not counted:
                 continue
             low = name.lower()
             cat = "gpu_memcpy" if "memcpy" in low else "gpu_memset" if "memset" in low else "kernel"
