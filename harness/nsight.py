@@ -270,7 +270,7 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
             "kernels": parsed}
     log(f"[{row['variant']}] ncu: {len(parsed)} kernels measured in {data['wall_s']:.0f} s"
         + (f" ({error})" if error else ""))
-    results.atomic_write_json(wd / "ncu.json", data)
+    results.atomic_write_json(wd / NCU_JSON, data)
     row["profile"] = {**p, "ncu": data}
     path = Path(row["_path"])
     d = json.loads(path.read_text())
