@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 NSYS_BASE = "nsys"  # <work_dir>/nsys.nsys-rep
 NCU_JSON = "ncu.json"
@@ -89,14 +89,24 @@ NCU_METRICS = (
     "sm__sass_thread_inst_executed_op_dmul_pred_on.sum",
     "sm__sass_thread_inst_executed_op_dfma_pred_on.sum",
 )
-_UNIT_SCALE = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+NCU_SKIP_PER_CONFIG = 2   # launches of each kernel configuration not measured (first calls)
+NCU_MAX_LAUNCHES = 40     # an old ncu's launch budget: each measured launch replays ~10 passes
+_UNIT_SCALE = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "K": 1e3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}
+# the base units ncu prints, spelled out or short ('--print-units base' on ncu 2025 says 'ns')
+_BASE_UNITS = ("byte/second", "byte/s", "B/s", "second", "byte", "B", "s")
 
 
 def _in_base_units(value: float, unit: str | None) -> float:
-    """ncu's auto-scaled units to base ones: 'nsecond' -> s, 'Gbyte/second' -> byte/s."""
+    """ncu's units to base ones: 'nsecond' / 'ns' -> s, 'Gbyte/second' / 'GB/s' -> byte/s;
+    a unit that is not a (scaled) time or byte count ('%', 'inst', 'pass') is left as it is."""
     u = (unit or "").strip()
-    if len(u) > 1 and u[0] in _UNIT_SCALE and (u[1:].startswith("second") or u[1:].startswith("byte")):
-        return value * _UNIT_SCALE[u[0]]
+    for base in _BASE_UNITS:
+        if u.endswith(base):
+            prefix = u[:-len(base)]
+            if prefix == "":
+                return value
+            if prefix in _UNIT_SCALE:
+                return value * _UNIT_SCALE[prefix]
     return value
 
 
@@ -157,16 +167,33 @@ def kernel_base_name(name: str) -> str:
 
 
 def ncu_command(kernels: list[str], out_csv_ignored: Path | None, cmd: list[str], launch_skip: int = 200,
-                launch_count: int = 1, metrics: tuple[str, ...] = NCU_METRICS) -> list[str]:
-    """`ncu --csv` over the given kernels (torch.profiler names) after `launch_skip` launches of each."""
+                launch_count: int = 1, metrics: tuple[str, ...] = NCU_METRICS,
+                per_launch_config: bool = False) -> list[str]:
+    """`ncu --csv` over the given kernels (torch.profiler names). per_launch_config: ncu applies
+    launch_skip / launch_count to each launch configuration (kernel, grid, block, shared memory)
+    on its own, so every kernel gets its launch whatever its rate; otherwise they count all
+    matching launches together (launch_count then covers every kernel: launch_count x kernels)."""
     bases = sorted({re.escape(kernel_base_name(k)) for k in kernels})
     # application-only: Inductor's compile workers are not CUDA work worth instrumenting
     c = ["ncu", "--csv", "--page", "raw", "--print-units", "base", "--target-processes", "application-only",
-         "--metrics", ",".join(metrics), "--kernel-name-base", "function",
-         "--launch-skip", str(launch_skip), "--launch-count", str(launch_count * max(1, len(bases)))]
+         "--metrics", ",".join(metrics), "--kernel-name-base", "function"]
+    if per_launch_config:
+        c += ["--filter-mode", "per-launch-config", "--launch-skip", str(launch_skip),
+              "--launch-count", str(launch_count)]
+    else:
+        c += ["--launch-skip", str(launch_skip), "--launch-count", str(launch_count * max(1, len(bases)))]
     if bases:
         c += ["--kernel-name", "regex:^(" + "|".join(bases) + ")$"]
     return c + list(cmd)
+
+
+def ncu_has_per_launch_config(ncu: str = "ncu") -> bool:
+    """Whether this ncu has `--filter-mode per-launch-config` (2022.2 and later)."""
+    try:
+        r = subprocess.run([ncu, "--help"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "per-launch-config" in (r.stdout + r.stderr)
 
 
 def _num(s: Any) -> float | None:
@@ -178,10 +205,12 @@ def _num(s: Any) -> float | None:
         return None
 
 
-def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
+def parse_ncu_csv(text: str, keep: Iterable[str] | None = None) -> list[dict[str, Any]]:
     """Parse `ncu --csv` output. Handles the long format (one row per metric: 'Metric Name',
     'Metric Value') and `--page raw` (one row per launch, one column per metric, a units row
-    after the header). Returns one entry per kernel name with metrics averaged over launches."""
+    after the header). Returns one entry per kernel name with metrics averaged over launches.
+    keep: only these metrics (`--page raw` also lists ~200 device attributes and launch facts)."""
+    wanted = None if keep is None else set(keep)
     lines = [ln for ln in text.splitlines() if ln.startswith('"')]
     if not lines:
         return []
@@ -198,7 +227,7 @@ def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
             if len(r) <= max(ki, mi, vi):
                 continue
             v = _num(r[vi])
-            if v is None:
+            if v is None or (wanted is not None and r[mi] not in wanted):
                 continue
             if r[ki] not in acc:
                 order.append(r[ki])
@@ -216,7 +245,7 @@ def parse_ncu_csv(text: str) -> list[dict[str, Any]]:
             if r[ki] not in acc:
                 order.append(r[ki])
             for h, cell in zip(head, r):
-                if "__" in h:  # metric columns look like unit__counter.rollup
+                if "__" in h and (wanted is None or h in wanted):  # metric columns: unit__counter.rollup
                     v = _num(cell)
                     if v is not None:
                         acc.setdefault(r[ki], {}).setdefault(h, []).append(v)
@@ -247,8 +276,18 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
     b = build.build_variant(row["variant"], upstream.default_pin())
     cmd = train.launch_command(b.tree, b.modules, [train.BACKEND_FLAG[b.backend], "train", "input.json",
                                                    "--skip-neighbor-stat"])
-    per_step = max(1.0, max(x["count"] for x in p["top_kernels"][:k]) / max(1, p.get("steps", 1)))
-    full = ncu_command(kernels, None, cmd, launch_skip=int(skip_steps * per_step))
+    # Skipping by a count of launches must not overshoot: warm-up, capture (kernels captured into
+    # a CUDA graph are not launched) and compile steps launch fewer kernels than the profiled
+    # window's steps, and a skip past the run's last launch measures nothing (it did, for fused).
+    # ncu flushes the caches before each measured launch anyway, so an early launch is as good
+    # as a late one; skipped: the first launches (lazy module loading, autotuning).
+    if ncu_has_per_launch_config():
+        full = ncu_command(kernels, None, cmd, launch_skip=NCU_SKIP_PER_CONFIG, launch_count=1,
+                           per_launch_config=True)
+    else:  # an old ncu counts matches together: skip ~2 steps' worth, measure ~1 step's worth
+        per_step = sum(x["count"] for x in p["top_kernels"][:k]) / max(1, p.get("steps", 1))
+        full = ncu_command(kernels, None, cmd, launch_skip=int(2 * per_step),
+                           launch_count=max(1, min(NCU_MAX_LAUNCHES, round(per_step)) // max(1, len(kernels))))
     # one compile thread: Inductor's worker pool would start CUDA contexts ncu has to attach to
     env = train.subprocess_env("cuda", {**b.env, "DPH_VARIANT": b.name, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, nd)
     log(f"[{row['variant']}] ncu over {len(kernels)} kernels (limit {timeout_s:.0f} s): {' '.join(full[:14])} ...")
@@ -262,7 +301,7 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
         out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
         rc, error = None, f"ncu timed out after {timeout_s:.0f} s"
     (nd / "ncu.csv").write_text(out)
-    parsed = parse_ncu_csv(out)
+    parsed = parse_ncu_csv(out, keep=NCU_METRICS)
     gpu_name = (row.get("environment") or {}).get("gpu_name")
     for kern in parsed:
         kern["figures"] = ncu_figures(kern, gpu_name)

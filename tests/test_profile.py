@@ -224,6 +224,68 @@ def test_ncu_figures_convert_units_and_count_fp64_flops():
     assert "triton_poi_fused_0" in table and "1200.0" in table and "FP64 %pk" in table and "0.0" in table
 
 
+# what ncu 2025 on an H200 printed with --page raw --print-units base (shortened): short unit
+# names ('ns', 'byte/s') and, besides the metrics asked for, the device's attributes
+NCU_RAW_SHORT_UNITS = '''"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","device__attribute_warp_size","dram__bytes.sum.per_second","gpu__time_duration.sum","gpu__time_duration.avg","sm__throughput.avg.pct_of_peak_sustained_elapsed"
+"","","","","","","","","","","","","byte/s","ns","ns","%"
+"0","1","python","h","sort_8_1","1","14","(260, 1, 1)","(288, 1, 1)","0","9.0","32","22250136697.95","108784","108784","13.8"
+'''
+
+
+def test_ncu_short_base_units_and_only_the_asked_metrics():
+    """'ns' is nanoseconds, not seconds (read as seconds, a 109 us sort came out as 1.1e11 us),
+    and a record keeps the metrics asked for, not ncu's ~200 device attributes."""
+    (k,) = nsight.parse_ncu_csv(NCU_RAW_SHORT_UNITS, keep=nsight.NCU_METRICS)
+    assert set(k["metrics"]) == {"dram__bytes.sum.per_second", "gpu__time_duration.sum",
+                                 "sm__throughput.avg.pct_of_peak_sustained_elapsed"}
+    f = nsight.ncu_figures(k, "NVIDIA H200")
+    assert f["time_us"] == pytest.approx(108.784) and f["dram_gb_s"] == pytest.approx(22.25, rel=1e-3)
+    assert "device__attribute_warp_size" in nsight.parse_ncu_csv(NCU_RAW_SHORT_UNITS)[0]["metrics"]
+    for unit, v in [("ns", 1e-9), ("us", 1e-6), ("msecond", 1e-3), ("s", 1.0), ("GB/s", 1e9),
+                    ("Kbyte", 1e3), ("%", 1.0), ("pass", 1.0), ("inst", 1.0), ("cycle/nsecond", 1.0)]:
+        assert nsight._in_base_units(1.0, unit) == pytest.approx(v), unit
+
+
+def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tmp_path, monkeypatch):
+    """An old ncu counts launches of all matched kernels together: the skip is two steps' worth
+    of all of them (not the window's start: graph capture and compile steps launch fewer, and a
+    skip past the last launch measured nothing), the count about one step's worth; the run
+    under ncu trains to just past the profiled window's start."""
+    import types
+
+    from harness import build, results
+
+    monkeypatch.setattr(results, "ROOT", tmp_path)
+    wd = tmp_path / "work" / "r1"
+    wd.mkdir(parents=True)
+    (wd / "input.json").write_text(json.dumps({"training": {"numb_steps": 100}}))
+    rec_path = tmp_path / "r1.json"
+    rec_path.write_text(json.dumps({"run_id": "r1", "profile": {}}))
+    monkeypatch.setattr(build, "build_variant", lambda name, pin: types.SimpleNamespace(
+        tree=tmp_path, modules=(), backend="pt", env={}, name=name))
+    seen = {}
+
+    def fake_run(cmd, **kw):
+        if cmd == ["ncu", "--help"]:
+            return types.SimpleNamespace(stdout="--launch-skip --launch-count", stderr="")
+        seen["cmd"] = cmd
+        return types.SimpleNamespace(stdout=NCU_RAW_SHORT_UNITS, stderr="", returncode=0)
+
+    monkeypatch.setattr(nsight.subprocess, "run", fake_run)
+    row = {"variant": "fused", "status": "ok", "_path": str(rec_path), "artifacts": {"work_dir": "work/r1"},
+           "profile": {"steps": 20, "window": {"start_step": 30},
+                       "top_kernels": [{"name": "memcpy32_post", "count": 900}, {"name": "sort_8_1", "count": 20}]}}
+    nsight.run_ncu(row, 2, lambda m: None)
+    c = seen["cmd"]
+    assert "--filter-mode" not in c
+    assert c[c.index("--launch-skip") + 1] == "92"   # 2 steps x (45 + 1) launches
+    # one step's worth (46) capped at NCU_MAX_LAUNCHES: 20 for each of the 2 kernels
+    assert c[c.index("--launch-count") + 1] == "40"
+    assert json.loads((wd / "ncu" / "input.json").read_text())["training"]["numb_steps"] == 32
+    d = json.loads((wd / "ncu.json").read_text())
+    assert d["error"] is None and d["kernels"][0]["figures"]["time_us"] == pytest.approx(108.784)
+
+
 def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatch):
     """A lane limit must not leave a silently missing figure: an ncu run past its limit writes
     ncu.json and the run record with error 'ncu timed out', whatever it measured before."""
@@ -243,6 +305,8 @@ def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatc
     seen = {}
 
     def fake_run(cmd, **kw):
+        if cmd == ["ncu", "--help"]:
+            return types.SimpleNamespace(stdout="--filter-mode  global, per-gpu, per-launch-config", stderr="")
         seen.update(cmd=cmd, env=kw["env"], timeout=kw["timeout"])
         raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=NCU_UNITS)
 
@@ -253,6 +317,9 @@ def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatc
     logs = []
     nsight.run_ncu(row, 1, logs.append, timeout_s=7)
     assert seen["timeout"] == 7 and seen["env"]["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    c = seen["cmd"]  # each kernel configuration measured once, after its first two launches
+    assert c[c.index("--filter-mode") + 1] == "per-launch-config"
+    assert c[c.index("--launch-skip") + 1] == "2" and c[c.index("--launch-count") + 1] == "1"
     d = json.loads((wd / "ncu.json").read_text())
     assert d["error"] == "ncu timed out after 7 s" and d["returncode"] is None
     assert d["kernels"][0]["figures"]["dram_gb_s"] == pytest.approx(1200.0)
