@@ -64,21 +64,33 @@ def lcurve_of(r: dict[str, Any]) -> dict[str, list] | None:
     return None
 
 
+def _is_profile_sweep(rs: list[dict]) -> bool:
+    """A `dpharness profile` sweep: every run profiled, none judged (bench runs are judged)."""
+    return all(isinstance(r.get("profile"), dict) and not (r.get("accuracy") or {}).get("verdict") for r in rs)
+
+
 def select(runs: list[dict[str, Any]], all_sweeps: bool = False) -> list[tuple[str, str, str, list[dict]]]:
-    """[(system, card, sweep_id, runs)], latest sweep per (system, card) unless all_sweeps."""
+    """[(system, card, sweep_id, runs)]: unless all_sweeps, the latest bench sweep per (system,
+    card), and each profile sweep that holds the newest profile of some (system, card, variant):
+    a later `dpharness profile` must not hide the last bench table, nor the last profile of
+    another variant."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r.get("system", "?"), card_of(r), r.get("sweep_id", "?")), []).append(r)
-    latest: dict[tuple[str, str], str] = {}
-    for (s, c, sw), rs in groups.items():
-        stamp = max(x.get("created") or "" for x in rs) + sw
-        if (s, c) not in latest or stamp > latest[(s, c)][0]:
-            latest[(s, c)] = (stamp, sw)  # type: ignore[assignment]
+    stamp = {k: max(x.get("created") or "" for x in rs) + k[2] for k, rs in groups.items()}
+    newest: dict[tuple, tuple[str, tuple]] = {}  # (system, card[, variant]) -> (stamp, group key)
+    for k, rs in groups.items():
+        s, c, _ = k
+        keys = [(s, c, "profile", r["variant"]) for r in rs] if _is_profile_sweep(rs) else [(s, c, "bench")]
+        for key in keys:
+            if key not in newest or stamp[k] > newest[key][0]:
+                newest[key] = (stamp[k], k)
+    shown = {k for _, k in newest.values()}
     out = []
-    for (s, c, sw), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                   max(x.get("created") or "" for x in kv[1]))):
-        if all_sweeps or latest[(s, c)][1] == sw:  # type: ignore[index]
-            out.append((s, c, sw, _order(rs)))
+    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                         max(x.get("created") or "" for x in kv[1]))):
+        if all_sweeps or k in shown:
+            out.append((k[0], k[1], k[2], _order(rs)))
     return out
 
 

@@ -55,6 +55,23 @@ def test_latest_sweep_only_and_same_sweep_speedups(html_path):
     assert "water — NVIDIA H100" in text and "copper — NVIDIA H200" in text
 
 
+def test_later_profiles_do_not_hide_the_last_bench_sweep(tmp_path):
+    """`dpharness profile` after `make bench` adds a profile sweep; the bench table stays, and
+    each variant's newest profile is shown (an older profile of the same variant is not)."""
+    recs = _records() + [
+        run_record("20260205T000000Z-p1", "water", "jax-tos", 0.07, profile=gpu_profile(), created="2026-02-05T00:00:00Z"),
+        run_record("20260206T000000Z-p2", "water", "fused", 0.002, profile=gpu_profile(), created="2026-02-06T00:00:00Z"),
+        run_record("20260207T000000Z-p3", "water", "fused", 0.002, profile=gpu_profile(), created="2026-02-07T00:00:00Z"),
+    ]
+    write_runs(tmp_path / "runs", recs)
+    keys = [(s, sw) for s, _, sw, _ in report.select(recs)]
+    assert ("water", NEW) in keys and ("water", "20260205T000000Z-p1") in keys
+    assert ("water", "20260207T000000Z-p3") in keys and ("water", "20260206T000000Z-p2") not in keys
+    assert ("water", OLD) not in keys
+    text = report.write_report(tmp_path / "runs", tmp_path / "i.html").read_text()
+    assert NEW in text and "20260205T000000Z-p1" in text and "20260206T000000Z-p2" not in text
+
+
 def test_contents(html_path):
     text = html_path.read_text()
     assert 'class="pass">PASS' in text and 'class="fail">FAIL' in text
