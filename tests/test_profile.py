@@ -246,11 +246,9 @@ def test_ncu_short_base_units_and_only_the_asked_metrics():
         assert nsight._in_base_units(1.0, unit) == pytest.approx(v), unit
 
 
-def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tmp_path, monkeypatch):
-    """An old ncu counts launches of all matched kernels together: the skip is two steps' worth
-    of all of them (not the window's start: graph capture and compile steps launch fewer, and a
-    skip past the last launch measured nothing), the count about one step's worth; the run
-    under ncu trains to just past the profiled window's start."""
+def _profiled_run_dir(tmp_path, monkeypatch):
+    """A profiled run's work dir and results record under a temporary results root, with a
+    variant build that needs no upstream: what run_ncu reads and writes."""
     import types
 
     from harness import build, results
@@ -263,6 +261,17 @@ def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tm
     rec_path.write_text(json.dumps({"run_id": "r1", "profile": {}}))
     monkeypatch.setattr(build, "build_variant", lambda name, pin: types.SimpleNamespace(
         tree=tmp_path, modules=(), backend="pt", env={}, name=name))
+    return wd, rec_path
+
+
+def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tmp_path, monkeypatch):
+    """An old ncu counts launches of all matched kernels together: the skip is two steps' worth
+    of all of them (not the window's start: graph capture and compile steps launch fewer, and a
+    skip past the last launch measured nothing), the count about one step's worth; the run
+    under ncu trains to just past the profiled window's start."""
+    import types
+
+    wd, rec_path = _profiled_run_dir(tmp_path, monkeypatch)
     seen = {}
 
     def fake_run(cmd, **kw):
@@ -292,16 +301,7 @@ def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatc
     import subprocess
     import types
 
-    from harness import build, results
-
-    monkeypatch.setattr(results, "ROOT", tmp_path)
-    wd = tmp_path / "work" / "r1"
-    wd.mkdir(parents=True)
-    (wd / "input.json").write_text(json.dumps({"training": {"numb_steps": 100}}))
-    rec_path = tmp_path / "r1.json"
-    rec_path.write_text(json.dumps({"run_id": "r1", "profile": {}}))
-    monkeypatch.setattr(build, "build_variant", lambda name, pin: types.SimpleNamespace(
-        tree=tmp_path, modules=(), backend="pt", env={}, name=name))
+    wd, rec_path = _profiled_run_dir(tmp_path, monkeypatch)
     seen = {}
 
     def fake_run(cmd, **kw):
