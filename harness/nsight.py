@@ -157,16 +157,11 @@ def ncu_figures(kernel: dict[str, Any], gpu_name: str | None = None) -> dict[str
 def kernel_base_name(name: str) -> str:
     """'void at::native::foo<4, bar>(int, float)' -> 'foo' (what `--kernel-name-base function` matches)."""
     n = re.sub(r"^void\s+", "", name.strip())
-    depth, cut = 0, len(n)
-    for i, ch in enumerate(n):  # drop template args and parameters
-        if ch in "<(" and depth == 0:
-            cut = i
-            break
-    n = n[:cut]
+    n = re.split(r"[<(]", n, maxsplit=1)[0]  # drop template args and parameters
     return n.split("::")[-1].strip() or name
 
 
-def ncu_command(kernels: list[str], out_csv_ignored: Path | None, cmd: list[str], launch_skip: int = 200,
+def ncu_command(kernels: list[str], cmd: list[str], launch_skip: int = 200,
                 launch_count: int = 1, metrics: tuple[str, ...] = NCU_METRICS,
                 per_launch_config: bool = False) -> list[str]:
     """`ncu --csv` over the given kernels (torch.profiler names). per_launch_config: ncu applies
@@ -254,7 +249,6 @@ def parse_ncu_csv(text: str, keep: Iterable[str] | None = None) -> list[dict[str
              "units": {m: units[m] for m in acc[k] if m in units}} for k in order]
 
 
-
 def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
     """A separate short run under ncu for the top-k kernels of a profiled run; results go into
     <work_dir>/ncu.json and the run's results JSON, a run that timed out or failed included (with
@@ -262,7 +256,8 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
     from . import build, results, train, upstream
 
     p = row.get("profile") or {}
-    kernels = [x["name"] for x in (p.get("top_kernels") or [])[:k]]
+    top = (p.get("top_kernels") or [])[:k]
+    kernels = [x["name"] for x in top]
     if row["status"] != "ok" or not kernels:
         log(f"[{row['variant']}] no GPU kernels to measure with ncu")
         return
@@ -282,11 +277,11 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
     # ncu flushes the caches before each measured launch anyway, so an early launch is as good
     # as a late one; skipped: the first launches (lazy module loading, autotuning).
     if ncu_has_per_launch_config():
-        full = ncu_command(kernels, None, cmd, launch_skip=NCU_SKIP_PER_CONFIG, launch_count=1,
+        full = ncu_command(kernels, cmd, launch_skip=NCU_SKIP_PER_CONFIG, launch_count=1,
                            per_launch_config=True)
     else:  # an old ncu counts matches together: skip ~2 steps' worth, measure ~1 step's worth
-        per_step = sum(x["count"] for x in p["top_kernels"][:k]) / max(1, p.get("steps", 1))
-        full = ncu_command(kernels, None, cmd, launch_skip=int(2 * per_step),
+        per_step = sum(x["count"] for x in top) / max(1, p.get("steps", 1))
+        full = ncu_command(kernels, cmd, launch_skip=int(2 * per_step),
                            launch_count=max(1, min(NCU_MAX_LAUNCHES, round(per_step)) // max(1, len(kernels))))
     # one compile thread: Inductor's worker pool would start CUDA contexts ncu has to attach to
     env = train.subprocess_env("cuda", {**b.env, "DPH_VARIANT": b.name, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, nd)
@@ -315,7 +310,6 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
     d = json.loads(path.read_text())
     d["profile"] = row["profile"]
     results.atomic_write_json(path, d)
-
 
 
 def format_ncu(rows: list[dict[str, Any]]) -> str:

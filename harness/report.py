@@ -87,8 +87,7 @@ def select(runs: list[dict[str, Any]], all_sweeps: bool = False) -> list[tuple[s
                 newest[key] = (stamp[k], k)
     shown = {k for _, k in newest.values()}
     out = []
-    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                         max(x.get("created") or "" for x in kv[1]))):
+    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], stamp[kv[0]])):
         if all_sweeps or k in shown:
             out.append((k[0], k[1], k[2], _order(rs)))
     return out

@@ -128,7 +128,7 @@ def test_nsight_commands_and_nsys_parser(tmp_path):
     assert nsight.kernel_base_name("void at::native::vectorized_elementwise_kernel<4, X>(int, T2)") == \
         "vectorized_elementwise_kernel"
     assert nsight.kernel_base_name("sm90_xmma_gemm_nn") == "sm90_xmma_gemm_nn"
-    c = nsight.ncu_command(["void at::native::foo<1>(int)", "bar_kernel"], None, cmd, launch_skip=50)
+    c = nsight.ncu_command(["void at::native::foo<1>(int)", "bar_kernel"], cmd, launch_skip=50)
     assert c[0] == "ncu" and "--csv" in c and c[-len(cmd):] == cmd
     assert c[c.index("--kernel-name") + 1] == "regex:^(bar_kernel|foo)$"
     assert c[c.index("--launch-skip") + 1] == "50" and c[c.index("--launch-count") + 1] == "2"
