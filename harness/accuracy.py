@@ -674,10 +674,18 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     variants = [CALIBRATION_VARIANTS[c] for c in classes]
     runs: dict[str, list[dict]] = {c: [] for c in classes}
     resolved: dict[str, Any] = {}
+    from .progress import Progress
+
+    seeds_done = Progress(len(seeds), f"calibrate {system}", unit="seeds", stream=sys.stdout, tty=False, every=1e-9)
+    lock = threading.Lock()
+
     def one_seed(seed: int) -> tuple[int, dict[str, Any], list[dict]]:
         req = bench.BenchRequest(system=system, variants=variants, steps=steps, device=device, seed=seed,
                                  runs_dir=out_dir / "runs", work_root=work_root)
-        return seed, req, bench.run(req, log=log, accuracy_stage=_dp_test_only(frames))
+        rows = bench.run(req, log=log, accuracy_stage=_dp_test_only(frames))
+        with lock:
+            seeds_done.update_to(seeds_done.n + 1)
+        return seed, req, rows
 
     # seeds are independent and only their accuracy matters (not their speed): run `jobs` at once
     from concurrent.futures import ThreadPoolExecutor

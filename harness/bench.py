@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import build, distributed, environment, input_check, results, systems, timing, train, upstream
+from .progress import Progress
 from .errors import UserError
 from .records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
 
@@ -203,6 +204,8 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
             past_gate[b.name] = (results.recent_wall_s(history, prep.system.name, b.name, prep.device,
                                                        of="accuracy") or GATE_GUESS_S) if judged else 0.0
     not_started: list[str] = []
+    # one plain line per finished run, with the sweep's ETA (also in logs: tty=False)
+    sweep_progress = Progress(len(plan), f"sweep {sweep}", unit="runs", stream=sys.stdout, tty=False, every=1e-9)
     for b, ngpu in plan:
         if budget is not None and trained:
             # gates still owed once this run is timed: deferred, every timed run's; else its own
@@ -218,6 +221,7 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                 not_started.append(f"{b.name}{f' x{ngpu}' if ngpu > 1 else ''}")
                 log(f"time budget: not starting {not_started[-1]} (it and the gates owed need ~{need:.0f} s, "
                     f"{max(left, 0):.0f} s left)")
+                sweep_progress.total -= 1
                 continue
         rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
@@ -225,8 +229,8 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                        gpus=ngpu)
         log(f"[{b.name}] training {req.steps} steps on {prep.device}"
             f"{f' x{ngpu}' if ngpu > 1 else ''} ({prep.system.name})")
-        tr = train.run_training(spec, progress=_progress_bar(b.name))
-        _end_progress()
+        with Progress(req.steps, b.name) as bar:
+            tr = train.run_training(spec, progress=lambda done, total: bar.update_to(done))
         tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s)
         rec = RunRecord(run=spec, train=tr, timing=tm, environment=env)
         if req.profile and tr.status == "ok":
@@ -242,6 +246,7 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
             rec.accuracy = _judge(accuracy_stage, rec, records)
         if not deferred or tr.status != "ok":
             finish(rec)
+        sweep_progress.update_to(sweep_progress.n + 1)
         if tr.status == "interrupted":
             break
     if not_started:
@@ -279,6 +284,7 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
     judged_against = list(records)
     pool = ThreadPoolExecutor(max_workers=jobs)
     t0 = time.perf_counter()
+    progress = Progress(len(rest), "gates", unit="gates", stream=sys.stdout, tty=False, every=1e-9)
     try:
         futs = {pool.submit(_judge, accuracy_stage, rec, judged_against): rec for rec in rest}
         for f in as_completed(futs):
@@ -287,31 +293,10 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
             log(f"[{rec.run.variant.name}] gate: {(rec.accuracy.verdict or 'not judged').upper()} "
                 f"(+{time.perf_counter() - t0:.0f} s)")
             finish(rec)
+            progress.update_to(progress.n + 1)
     finally:
         # on a stop, don't wait for gates in flight (bench.run kills their subprocesses)
         pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _progress_bar(name: str):
-    tty = sys.stderr.isatty()
-    last = [-1]
-
-    def show(done: int, total: int) -> None:
-        if done == last[0]:
-            return
-        last[0] = done
-        if tty:
-            width = 30
-            fill = int(width * min(done, total) / max(total, 1))
-            sys.stderr.write(f"\r  [{name}] [{'#' * fill}{'.' * (width - fill)}] {done}/{total} steps")
-            sys.stderr.flush()
-
-    return show
-
-
-def _end_progress() -> None:
-    if sys.stderr.isatty():
-        sys.stderr.write("\n")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

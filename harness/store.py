@@ -53,12 +53,52 @@ COLUMNS = ("run_id", "sweep_id", "system", "variant", "variant_hash", "status", 
            "wall_s", "gpu_peak_bytes", "verdict", "harness_git", "torch", "created", "source", "json")
 
 
-def connect(db: Path = DB) -> sqlite3.Connection:
+# SQLite's WAL needs shared memory between processes, which network file systems do not give
+# (sqlite.org/wal.html): there the rollback journal is the safe mode.
+NETWORK_FS = frozenset({"nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph",
+                        "cephfs", "glusterfs", "fuse.glusterfs", "fuse.sshfs", "fuse.cephfs", "9p",
+                        "afs", "panfs", "wekafs", "fuse.juicefs", "orangefs", "pvfs2"})
+JOURNALS = ("auto", "wal", "delete")
+
+
+def fs_type(path: Path, mounts: str | None = None) -> str | None:
+    """The file system type of the mount holding `path` (longest mount-point prefix in
+    /proc/mounts), or None where that cannot be read."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    p = str(Path(path).resolve())
+    best, kind = "", None
+    for line in mounts.splitlines():
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        mnt = parts[1].replace("\\040", " ")
+        if (p == mnt or p.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+            best, kind = mnt, parts[2]
+    return kind
+
+
+def journal_mode(db: Path, journal: str = "auto", mounts: str | None = None) -> str:
+    """WAL on local disks; the rollback journal (DELETE) on a network file system or on request."""
+    if journal not in JOURNALS:
+        from .errors import UserError
+
+        raise UserError(f"--journal must be one of {', '.join(JOURNALS)}, not {journal!r}")
+    if journal != "auto":
+        return journal.upper()
+    return "DELETE" if fs_type(Path(db).parent, mounts) in NETWORK_FS else "WAL"
+
+
+def connect(db: Path = DB, journal: str = "auto") -> sqlite3.Connection:
     db = Path(db)
     db.parent.mkdir(parents=True, exist_ok=True)
+    mode = journal_mode(db, journal)
     con = sqlite3.connect(str(db), isolation_level=None)  # explicit BEGIN/COMMIT below
     con.row_factory = sqlite3.Row
-    con.execute("PRAGMA journal_mode=WAL")
+    con.execute(f"PRAGMA journal_mode={mode}")
     con.execute("PRAGMA synchronous=FULL")
     con.executescript(SCHEMA_SQL)
     return con
@@ -79,12 +119,12 @@ def row_of(d: dict[str, Any], source: str | None = None) -> tuple:
 
 
 def ingest(paths: Iterable[Path] | None = None, db: Path = DB, runs_dir: Path = RUNS,
-           rebuild: bool = False, _fail_after: int | None = None) -> dict[str, int]:
+           rebuild: bool = False, _fail_after: int | None = None, journal: str = "auto") -> dict[str, int]:
     """Ingest results JSONs (default: every runs_dir/*.json) in ONE transaction. Returns counts.
     `_fail_after` (tests only) raises after that many rows, to prove the rollback."""
     files = sorted(Path(p) for p in paths) if paths is not None else sorted(Path(runs_dir).glob("*.json"))
     counts = {"files": len(files), "inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0}
-    with closing(connect(db)) as con:
+    with closing(connect(db, journal)) as con:
         con.execute("BEGIN IMMEDIATE")
         try:
             if rebuild:
@@ -122,8 +162,8 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def load(db: Path = DB) -> list[dict[str, Any]]:
-    with closing(connect(db)) as con:
+def load(db: Path = DB, journal: str = "auto") -> list[dict[str, Any]]:
+    with closing(connect(db, journal)) as con:
         return [json.loads(r["json"]) for r in con.execute("SELECT json FROM runs ORDER BY created, run_id")]
 
 
@@ -223,7 +263,7 @@ def format_compare(res: dict[str, Any]) -> str:
 
 def _ingest_cmd(a) -> int:
     paths = [Path(p) for p in a.paths] if a.paths else None
-    c = ingest(paths, db=Path(a.db), rebuild=a.rebuild)
+    c = ingest(paths, db=Path(a.db), rebuild=a.rebuild, journal=a.journal)
     print(f"{a.db}: {c['inserted']} inserted, {c['updated']} updated, {c['unchanged']} unchanged, "
           f"{c['skipped']} skipped of {c['files']} files")
     return 0
@@ -231,8 +271,8 @@ def _ingest_cmd(a) -> int:
 
 def _compare_cmd(a) -> int:
     if not a.no_ingest:
-        ingest(db=Path(a.db))
-    res = compare(load(Path(a.db)), a.a, a.b, threshold=a.threshold)
+        ingest(db=Path(a.db), journal=a.journal)
+    res = compare(load(Path(a.db), a.journal), a.a, a.b, threshold=a.threshold)
     if a.json:
         print(json.dumps(res, indent=1))
     else:
@@ -247,6 +287,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("paths", nargs="*", help="results JSONs (default: all of results/runs)")
     p.add_argument("--db", default=str(DB))
     p.add_argument("--rebuild", action="store_true", help="empty the database first (same transaction)")
+    p.add_argument("--journal", choices=JOURNALS, default="auto", help="SQLite journal: auto (WAL, or the rollback journal on NFS/Lustre/GPFS/...), wal, delete")
     p.set_defaults(func=_ingest_cmd)
     c = subparsers.add_parser("compare", help="step-time ratios B/A between sweeps, git commits or variants")
     c.add_argument("a", help="sweep_id prefix | harness git sha prefix | variant")
@@ -255,5 +296,6 @@ def register_cli(subparsers) -> None:
     c.add_argument("--threshold", type=float, default=THRESHOLD, help="regression threshold (default 0.10)")
     c.add_argument("--no-ingest", action="store_true", help="do not ingest results/runs first")
     c.add_argument("--json", action="store_true")
+    c.add_argument("--journal", choices=JOURNALS, default="auto", help="SQLite journal: auto (WAL, or the rollback journal on NFS/Lustre/GPFS/...), wal, delete")
     c.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a regression is flagged")
     c.set_defaults(func=_compare_cmd)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import sqlite3
+from contextlib import closing
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +102,39 @@ def test_cli_ingest_and_compare(tmp_path, capsys):
                       "--fail-on-regression"])
     assert a.func(a) == 1
     assert "REGRESSION" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ journal mode on cluster file systems
+
+MOUNTS = """\
+/dev/sda1 / ext4 rw,relatime 0 0
+fs1:/export/home /home nfs4 rw,relatime 0 0
+10.0.0.1@o2ib:/scratch /lus/scratch lustre rw 0 0
+tmpfs /tmp tmpfs rw 0 0
+"""
+
+
+@pytest.mark.parametrize("path,mode", [("/home/team/dpharness/results/results.sqlite", "DELETE"),
+                                       ("/lus/scratch/u/results.sqlite", "DELETE"),
+                                       ("/tmp/x/results.sqlite", "WAL"),
+                                       ("/opt/dph/results.sqlite", "WAL")])
+def test_journal_mode_follows_the_file_system(path, mode):
+    from harness import store
+
+    assert store.journal_mode(Path(path), "auto", mounts=MOUNTS) == mode
+    assert store.journal_mode(Path(path), "wal", mounts=MOUNTS) == "WAL"
+    assert store.journal_mode(Path(path), "delete", mounts=MOUNTS) == "DELETE"
+
+
+def test_journal_flag_reaches_sqlite(tmp_path, capsys):
+    from harness import cli, store
+
+    db = tmp_path / "r.sqlite"
+    assert cli.main(["ingest", "--db", str(db), "--journal", "delete", str(tmp_path / "none.json")]) == 0
+    with closing(store.connect(db, "delete")) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    with closing(store.connect(db)) as con:  # this test's tmp dir is local: auto is WAL
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["ingest", "--db", str(db), "--journal", "memory"])
+    assert e.value.code == 2

@@ -40,3 +40,31 @@ def test_systems_lists_all_three_with_neighbour_stats():
         nb = rows[name]["neighbours"]
         assert nb["sel_covers"] is True and len(nb["max_neighbours"]) == len(rows[name]["types"])
     assert rows["alcumg"]["types"] == ["Al", "Cu", "Mg"]
+
+
+def test_water_ships_verified_and_shared_is_never_needed(tmp_path, monkeypatch):
+    """Water's data is committed and checksummed; with ../shared hidden (CI's DPH_IGNORE_SHARED),
+    a damaged copy is refused naming the sources instead of being repaired from ../shared."""
+    import shutil
+
+    from harness import systems
+    from harness.errors import UserError
+
+    water = systems.load_system("water")
+    assert systems.checksum_problems(water) == [] and len(water.spec["files"]) == 28
+    d = tmp_path / "water"
+    shutil.copytree(water.directory, d)
+    (d / "data" / "data_3" / "set.000" / "force.npy").unlink()
+    shared = tmp_path / "shared-water"
+    shutil.copytree(water.directory / "data", shared)  # a good copy where ../shared would be
+    monkeypatch.setattr(systems, "SHARED_WATER", shared)
+    monkeypatch.delenv("DEEPMD_SOURCE_DIR", raising=False)
+    monkeypatch.setattr(systems.shutil, "which", lambda name: None)  # no git clone either
+    monkeypatch.setenv("DPH_IGNORE_SHARED", "1")
+    damaged = systems.load_system(str(d))
+    assert systems.checksum_problems(damaged) == ["data/data_3/set.000/force.npy: missing"]
+    with pytest.raises(UserError, match="upstream data not found"):
+        systems.ensure_data(damaged, log=lambda m: None)
+    monkeypatch.delenv("DPH_IGNORE_SHARED")
+    systems.ensure_data(damaged, log=lambda m: None)  # outside CI ../shared still repairs it
+    assert systems.checksum_problems(systems.load_system(str(d))) == []
