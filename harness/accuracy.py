@@ -676,7 +676,8 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     resolved: dict[str, Any] = {}
     from .progress import Progress
 
-    seeds_done = Progress(len(seeds), f"calibrate {system}", unit="seeds", stream=sys.stdout, tty=False, every=1e-9)
+    seeds_done = Progress(len(seeds), f"calibrate {system}", unit="seeds", stream=sys.stdout, tty=False,
+                          every=1e-9, rate_from_start=True)
     lock = threading.Lock()
 
     def one_seed(seed: int) -> tuple[int, dict[str, Any], list[dict]]:

@@ -205,7 +205,8 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                                                        of="accuracy") or GATE_GUESS_S) if judged else 0.0
     not_started: list[str] = []
     # one plain line per finished run, with the sweep's ETA (also in logs: tty=False)
-    sweep_progress = Progress(len(plan), f"sweep {sweep}", unit="runs", stream=sys.stdout, tty=False, every=1e-9)
+    sweep_progress = Progress(len(plan), f"sweep {sweep}", unit="runs", stream=sys.stdout, tty=False, every=1e-9,
+                              rate_from_start=True)
     for b, ngpu in plan:
         if budget is not None and trained:
             # gates still owed once this run is timed: deferred, every timed run's; else its own
@@ -284,7 +285,8 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
     judged_against = list(records)
     pool = ThreadPoolExecutor(max_workers=jobs)
     t0 = time.perf_counter()
-    progress = Progress(len(rest), "gates", unit="gates", stream=sys.stdout, tty=False, every=1e-9)
+    progress = Progress(len(rest), "gates", unit="gates", stream=sys.stdout, tty=False, every=1e-9,
+                        rate_from_start=True)
     try:
         futs = {pool.submit(_judge, accuracy_stage, rec, judged_against): rec for rec in rest}
         for f in as_completed(futs):

@@ -18,14 +18,16 @@ class Progress:
     """`update_to(n)` as work advances; `close()` (or a with-block) at the end."""
 
     def __init__(self, total: int, desc: str, unit: str = "steps", stream: TextIO | None = None,
-                 tty: bool | None = None, every: float = 0.1) -> None:
+                 tty: bool | None = None, every: float = 0.1, rate_from_start: bool = False) -> None:
         self.total, self.desc, self.unit = max(0, int(total)), desc, unit
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty() if tty is None else tty
         self.every = every
         self.n = 0
         self._t0 = time.monotonic()
-        self._first: tuple[float, int] | None = None  # rate from the first update on: start-up is no step
+        # a training's rate counts from its first step (start-up is no step); a sweep's runs or a
+        # calibration's seeds count from the start
+        self._first: tuple[float, int] | None = (self._t0, 0) if rate_from_start else None
         self._next_frac = every
         self._bar = None
         if self.tty and self.total:

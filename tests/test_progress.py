@@ -34,3 +34,10 @@ def test_terminal_bar_writes_no_plain_lines():
         p.update_to(50)
     text = out.getvalue()
     assert "baseline:" in text and "/50 [" in text and "(100 %)" not in text  # tqdm's own format
+
+
+def test_runs_of_a_sweep_have_an_eta_after_the_first():
+    out = io.StringIO()
+    p = Progress(3, "sweep x", unit="runs", stream=out, tty=False, every=1e-9, rate_from_start=True)
+    p.update_to(1)
+    assert "ETA" in out.getvalue().splitlines()[0]
