@@ -6,7 +6,8 @@ Stdlib only: it runs before any dependency exists. Rules:
   Otherwise CPU torch (harness/pins/dev.txt) is installed.
 * Upstream's runtime requirements come from wheelhouse/ with --no-index when that folder exists
   (offline GPU nodes), else from the package index.
-* The repo root goes on the venv's path through a .pth file (no build backend needed offline).
+* The repo root and engines/ go on the venv's path through a .pth file (no build backend needed
+  offline).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PINS = ROOT / "harness" / "pins"
+RECIPE = 2  # bump when what main() writes into the venv changes (not only the pins)
 
 
 def _pip(py: Path, *args: str) -> None:
@@ -46,7 +48,7 @@ def main() -> int:
     key = hashlib.sha256()
     for f in sorted(PINS.glob("*.txt")):
         key.update(f.read_bytes())
-    key.update(f"{sys.executable} dev={dev} wh={wheelhouse.is_dir()}".encode())
+    key.update(f"{sys.executable} dev={dev} wh={wheelhouse.is_dir()} recipe={RECIPE}".encode())
     stamp = target / ".dph-ready"
     if stamp.is_file() and stamp.read_text() == key.hexdigest():
         return 0
@@ -58,7 +60,9 @@ def main() -> int:
     py = target / "bin" / "python"
     site = Path(subprocess.check_output([str(py), "-c", "import sysconfig;print(sysconfig.get_paths()['purelib'])"],
                                         text=True).strip())
-    (site / "dpharness_repo.pth").write_text(str(ROOT) + "\n")
+    # the harness and the engines (engines/dpfast) importable in the venv; a training child puts
+    # its build's frozen engine copy before these (harness/patch_loader.py)
+    (site / "dpharness_repo.pth").write_text(f"{ROOT}\n{ROOT / 'engines'}\n")
     image = _has_torch()
     if image:
         paths = {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}

@@ -19,7 +19,9 @@ from .errors import UserError
 from .records import BuiltVariant, UpstreamPin, Variant
 
 BUILD = Path(__file__).resolve().parent.parent / "build"
-RECIPE = 2  # bump when the build steps below change what a tree contains
+RECIPE = 3  # bump when the build steps below change what a tree contains
+# what of a variant's folder is code: a README or a notes file changes no build
+CODE_SUFFIXES = (".py", ".yaml", ".yml", ".diff", ".patch", ".json", ".so")
 OP_PT = "deepmd/lib/libdeepmd_op_pt.so"
 RUN_CONFIG = "deepmd/lib/run_config.ini"
 
@@ -33,9 +35,11 @@ def _torch_version() -> str:
         return "none"
 
 
-def _variant_files(v: Variant) -> list[Path]:
-    """Every file of a variant's folder: patch modules may import siblings, so all of it counts."""
-    return sorted(p for p in v.directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+def _code_files(directory: Path) -> list[Path]:
+    """The code of a variant folder or an engine package: patch modules may import siblings, so
+    every code file counts; prose (README, notes) does not."""
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and "__pycache__" not in p.parts and p.suffix in CODE_SUFFIXES)
 
 
 def tree_hash(pin: UpstreamPin, chain: list[Variant]) -> str:
@@ -54,8 +58,13 @@ def content_hash(pin: UpstreamPin, chain: list[Variant]) -> str:
     h = hashlib.sha256(tree_hash(pin, chain).encode())
     for v in chain:
         h.update(f"variant={v.name}\n".encode())
-        for p in _variant_files(v):
+        for p in _code_files(v.directory):
             h.update(str(p.relative_to(v.directory)).encode() + b"\0" + p.read_bytes())
+    engine = variants.chain_engine(chain)
+    if engine:
+        h.update(f"engine={engine}\n".encode())
+        for p in _code_files(variants.ENGINES / engine):
+            h.update(str(p.relative_to(variants.ENGINES)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
 
@@ -105,9 +114,14 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
     digest = content_hash(pin, chain)
     vdir = build_dir / f"{name}-{digest[:16]}"
 
+    engine = variants.chain_engine(chain)
+
     def fill_variant(tmp: Path) -> None:
         for v in chain:
             shutil.copytree(v.directory, tmp / "patches" / v.name,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if engine:  # the run imports this frozen copy, the one the hash covers
+            shutil.copytree(variants.ENGINES / engine, tmp / "engines" / engine,
                             ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         (tmp / "build.json").write_text(json.dumps(
             {"variant": name, "hash": digest, "chain": [v.name for v in chain], "tree": tdir.name}))
@@ -122,7 +136,7 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
         name=name, chain=tuple(v.name for v in chain), hash=digest, tree=tdir / "site",
         backend=leaf.backend, env=env, overrides=overrides, modules=modules,
         accuracy_class=leaf.accuracy_class, description=leaf.description, cached=cached,
-        log=tuple((tdir / "build.log").read_text().splitlines()),
+        log=tuple((tdir / "build.log").read_text().splitlines()), engine=engine,
     )
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import importlib.util
 import os
 import sys
 import threading
@@ -94,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--module", action="append", default=[])
     args = p.parse_args(argv[:cut])
     dp_args = argv[cut + 1:]
-    sys.path.insert(0, str(Path(args.tree).resolve()))
+    from harness import patch_loader, runtime
 
-    from harness import runtime
+    patch_loader.put_on_path(args.tree, args.module)
 
     run_dir = Path(os.environ.get("DPH_RUN_DIR", "."))
     clock = runtime.clock
@@ -118,12 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"], _backend_of(dp_args))
     _install_upstream_hooks(clock, _backend_of(dp_args))
-    for i, m in enumerate(args.module):
-        spec = importlib.util.spec_from_file_location(f"dph_patch_{i}_{Path(m).stem}", m)
-        assert spec and spec.loader
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
+    patch_loader.import_modules(args.module)
 
     from deepmd.main import main as dp_main
 

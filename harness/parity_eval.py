@@ -22,7 +22,7 @@ here: the parent compares the variant's file with the baseline's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+
 import json
 import os
 import sys
@@ -31,15 +31,10 @@ from pathlib import Path
 
 
 def _load_modules(tree: str, modules: list[str]) -> None:
-    sys.path.insert(0, str(Path(tree).resolve()))
-    from harness import runtime  # noqa: F401  (the hooks live there; patch modules set them)
+    from harness import patch_loader, runtime  # noqa: F401  (the hooks live in runtime; patch modules set them)
 
-    for i, m in enumerate(modules):
-        spec = importlib.util.spec_from_file_location(f"dph_patch_{i}_{Path(m).stem}", m)
-        assert spec and spec.loader
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = mod
-        spec.loader.exec_module(mod)
+    patch_loader.put_on_path(tree, modules)
+    patch_loader.import_modules(modules)
 
 
 def _config(input_path: Path) -> dict:

@@ -41,6 +41,7 @@ class Variant:
     modules: tuple[Path, ...]
     directory: Path
     accuracy_class: str = "float64"  # float64 | float32 | mixed: which parity threshold applies
+    engine: str | None = None  # a package under engines/ that the patch modules import (e.g. dpfast)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class BuiltVariant:
     description: str
     cached: bool
     log: tuple[str, ...]
+    engine: str | None = None  # frozen under <build>/engines/<engine>, first on the child's path
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from .records import ALLOWED_OVERRIDES, Variant
 
 # DPH_PATCHES adds nothing but a different folder: a team can keep its own variants outside the repo.
 PATCHES = Path(os.environ.get("DPH_PATCHES") or Path(__file__).resolve().parent.parent / "patches")
+ENGINES = Path(__file__).resolve().parent.parent / "engines"
 BACKENDS = ("pt", "jax", "tf")
 ACCURACY_CLASSES = ("float64", "float32", "mixed")
 _KEYS = {  # key: (type, required)
@@ -28,6 +29,7 @@ _KEYS = {  # key: (type, required)
     "diffs": (list, False),
     "modules": (list, False),
     "accuracy_class": (str, False),
+    "engine": (str, False),
 }
 _OVERRIDE_VALUES = {
     "model/descriptor/precision": ("float64", "float32", "float16", "bfloat16", "default"),
@@ -79,6 +81,10 @@ def load_variant(name: str, patches_dir: Path | None = None) -> Variant:
     acc = raw.get("accuracy_class", "float64")
     if acc not in ACCURACY_CLASSES:
         raise UserError(f"{where}: accuracy_class {acc!r} is not one of {ACCURACY_CLASSES}")
+    engine = raw.get("engine")
+    if engine is not None and not (ENGINES / engine / "__init__.py").is_file():
+        known = ", ".join(sorted(p.parent.name for p in ENGINES.glob("*/__init__.py"))) or "none"
+        raise UserError(f"{where}: engine {engine!r} is not a package under {ENGINES} (known: {known})")
     base = raw.get("base")
     if name == "baseline":
         if base is not None:
@@ -107,6 +113,7 @@ def load_variant(name: str, patches_dir: Path | None = None) -> Variant:
         modules=files("modules"),
         directory=directory,
         accuracy_class=acc,
+        engine=engine,
     )
 
 
@@ -131,6 +138,14 @@ def chain_env(variants: list[Variant]) -> dict[str, str]:
     for v in variants:
         env.update(v.env)
     return env
+
+
+def chain_engine(variants: list[Variant]) -> str | None:
+    """The engine a chain's patch modules import: the nearest one named, leaf first."""
+    for v in reversed(variants):
+        if v.engine:
+            return v.engine
+    return None
 
 
 def list_variant_names(patches_dir: Path | None = None) -> list[str]:

@@ -301,21 +301,18 @@ def upstream_adam_step(tr, inp: dict, label: dict, lr: float, params=None):
 
 def load_fused_patches(monkeypatch) -> None:
     """Load graph's and fused's patch modules in-process, as the training process does: they set
-    the accuracy-gate hooks (harness.runtime), wrap upstream's Trainer.run and rebind
-    graph_engine.GraphEngine to FusedEngine. All of that is put back after the test, or later
-    tests would compare the analytic path with itself."""
+    the accuracy-gate hooks (harness.runtime) and make upstream's Trainer.run train with the
+    fused engine. All of that is put back after the test."""
     import importlib.util
 
-    import graph_engine
     from deepmd.pt.train import training
 
     from harness import runtime
 
-    monkeypatch.setattr(graph_engine, "GraphEngine", graph_engine.GraphEngine)
     monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)
     monkeypatch.setattr(runtime, "parity_forward", runtime.parity_forward)
     monkeypatch.setattr(runtime, "parity_train_step", runtime.parity_train_step)
-    for name, d in (("graph_trainer", "graph"), ("fused_trainer", "fused")):
+    for name, d in (("select_engine", "graph"), ("select_engine", "fused")):
         spec = importlib.util.spec_from_file_location(f"t_{name}", REPO / "patches" / d / f"{name}.py")
         m = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(m)

@@ -35,7 +35,7 @@ from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MODULE = REPO / "patches" / "compile" / "compile_model.py"
+MODULE = REPO / "engines" / "dpfast" / "upstream_compile.py"
 FTOL = 1e-10
 UTOL = 1e-8
 PTOL = 1e-12  # forward energy/force/virial vs upstream eager
@@ -49,7 +49,8 @@ def cm():
     spec = importlib.util.spec_from_file_location("dph_test_compile_model", MODULE)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)  # installs
+    spec.loader.exec_module(mod)
+    mod.install()
     try:
         yield mod
     finally:

@@ -526,3 +526,38 @@ def test_time_budget_owes_gates_in_waves_longest_first():
     assert b.owed_gates_s([10.0], [5.0, 40.0, 7.0]) == 10.0 + 40.0 + 5.0  # waves {40, 7}, {5}
     assert b.owed_gates_s([], [3.0]) == 3.0
     assert bench.TimeBudget(end=0.0, gate_jobs=1).owed_gates_s([1.0, 2.0], [3.0, 4.0]) == 10.0
+
+
+# ---------------------------------------------------------------- engines
+
+def test_the_build_hashes_code_not_prose_and_freezes_the_engine(tmp_path, patches, monkeypatch):
+    """A README edit changes no build; an engine edit changes every variant that names the engine;
+    the build freezes the engine beside the patch modules, where the child's loader finds it."""
+    from harness import patch_loader, upstream
+
+    for v in ("graph", "fused"):
+        shutil.copytree(REPO / "patches" / v, patches / v)
+    engines = tmp_path / "engines"
+    shutil.copytree(REPO / "engines", engines, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(variants, "ENGINES", engines)
+    pin = upstream.default_pin()
+    h0 = build.content_hash(pin, variants.chain("fused", patches))
+    (patches / "graph" / "README.md").write_text("rewritten prose\n")
+    assert build.content_hash(pin, variants.chain("fused", patches)) == h0
+    with open(engines / "dpfast" / "geometry.py", "a") as f:
+        f.write("# a change of engine code\n")
+    assert build.content_hash(pin, variants.chain("fused", patches)) != h0
+    assert variants.chain_engine(variants.chain("fused", patches)) == "dpfast"
+    b = build.build_variant("fused", build_dir=tmp_path / "b", patches_dir=patches)
+    vdir = b.modules[0].parents[2]
+    assert b.engine == "dpfast" and (vdir / "engines" / "dpfast" / "geometry.py").read_text().endswith(
+        "# a change of engine code\n")
+    assert [m.name for m in b.modules] == ["select_engine.py", "select_engine.py"]
+    assert patch_loader.engines_dir(b.modules[1]) == vdir / "engines"
+    assert patch_loader.engines_dir(REPO / "harness" / "cli.py") is None
+
+
+def test_a_manifest_naming_a_missing_engine_is_refused(patches):
+    _manifest(patches, "noengine", engine="nope")
+    with pytest.raises(UserError, match="engine 'nope' is not a package"):
+        variants.load_variant("noengine", patches)

@@ -1,4 +1,4 @@
-"""Flat parameter / gradient / Adam buffers of the graph and fused engines (patches/graph/flat_optim.py).
+"""Flat parameter / gradient / Adam buffers of the graph and fused engines (engines/dpfast/flat_optim.py).
 
 * parameters (and their .grad) become views of one buffer per dtype; values are kept;
 * FlatAdam equals torch.optim.Adam and AdamW (with weight decay) over several steps, float lr and
@@ -19,8 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "patches" / "graph"))
-import flat_optim  # noqa: E402
+from dpfast import flat_optim  # noqa: E402
 
 
 def _model(dtype=torch.float64, mixed=False, seed=0):

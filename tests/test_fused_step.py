@@ -26,17 +26,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GRAPH_DIR = REPO / "patches" / "graph"
-VARIANT_DIR = REPO / "patches" / "fused"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, build_trainer, rel, data, _upstream_batch, upstream_reference_step, torch,
     upstream_adam_step, load_fused_patches, case_config,
 )
 
-for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 RTOL = 1e-10
 
@@ -62,7 +57,7 @@ def knobs(monkeypatch):
                                        ("fcc-tos-true", "onthefly"), ("fcc-tos-false", "precomputed")])
 def test_step_traces_as_one_graph(case, geom, data, tmp_path, knobs):
     import torch._dynamo
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     knobs.setenv("DPH_GEOM", geom)
     tr = build_trainer(case_config(case, data), tmp_path)
@@ -84,7 +79,7 @@ def test_f32flag_product_traces_and_rounds_like_upstream():
     np.float32 flag rounds, eager and compiled alike, and traced without a graph break."""
     import numpy as np
     import torch._dynamo
-    import graph_engine
+    from dpfast import graph as graph_engine
 
     lr = torch.tensor(3.3e-4, dtype=torch.float64)
 
@@ -156,7 +151,7 @@ def _compiled_step_matches(eng, ref, lr, label, rtol, expect_compiled_adam=True)
                                        ("water-tos-false", "compact"), ("fcc-tos-false", "onthefly"),
                                        ("fcc-tos-false", "precomputed")])
 def test_compiled_step_parity(case, geom, data, tmp_path, knobs):
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     knobs.setenv("DPH_GEOM", geom)
     tr = build_trainer(case_config(case, data), tmp_path)
@@ -169,7 +164,7 @@ def test_compiled_step_parity(case, geom, data, tmp_path, knobs):
 def test_compiled_step_detects_a_wrong_derivative(data, tmp_path, knobs):
     """Drop the dG/ds term: the compiled step must then disagree with upstream (so the parity
     above is a real check of the code the compiled step runs)."""
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     lr = tr.lr_schedule.value(3)
@@ -190,7 +185,7 @@ def test_compiled_step_detects_a_wrong_derivative(data, tmp_path, knobs):
 
 def test_knobs_off_on_cpu_without_cpu_knob(data, tmp_path, monkeypatch):
     """CUDA-only by default: on CPU the knobs alone change nothing (eager step, eager Adam)."""
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     monkeypatch.setenv("DPH_FUSED_COMPILE_STEP", "1")
     monkeypatch.setenv("DPH_FLAT_ADAM_COMPILE", "1")
@@ -226,7 +221,7 @@ def _torch_step(opt, capturable):
 @pytest.mark.parametrize("kind,wd", [("Adam", 0.0), ("Adam", 0.05), ("AdamW", 0.05)])
 @pytest.mark.parametrize("capturable", [False, True])
 def test_flat_adam_compiled_equals_torch(kind, wd, capturable, monkeypatch):
-    import flat_optim
+    from dpfast import flat_optim
 
     monkeypatch.delenv("DPH_COMPILE_BACKEND", raising=False)  # Inductor (C++ on CPU)
     old = torch.get_default_dtype()
@@ -287,7 +282,7 @@ def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
     from harness import runtime
 
     load_fused_patches(knobs)
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     assert runtime.parity_train_step is fused_engine.parity_train_step
     # sel large enough that no neighbour list is truncated: upstream's answer is then
@@ -324,7 +319,7 @@ def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
 def test_compiled_step_parity_inductor(data, tmp_path, knobs):
     import shutil
 
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler for Inductor's CPU backend")

@@ -32,8 +32,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-GRAPH_DIR = REPO / "patches" / "graph"
-VARIANT_DIR = REPO / "patches" / "fused"
 WATER = REPO / "systems" / "water" / "data"
 
 
@@ -42,9 +40,6 @@ from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     upstream_adam_step, load_fused_patches, case_config,
 )
 
-for _p in (str(GRAPH_DIR), str(VARIANT_DIR)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
 
 RTOL = 1e-10
 FTOL = 1e-12
@@ -65,10 +60,9 @@ def _geometry(eng, coord, atype, box):
 
 
 def _GRAPH_PREDICT(eng, *args, **kwargs):
-    """graph's autograd prediction, the reference of the analytic path. Taken from FusedEngine's
-    base class: loading fused_trainer.py (the gate-hook tests) rebinds graph_engine.GraphEngine
-    to FusedEngine, and a reference looked up there would compare the analytic path with itself."""
-    import fused_engine
+    """graph's autograd prediction, the reference of the analytic path: FusedEngine's base class's
+    predict (FusedEngine overrides it with the analytic path)."""
+    from dpfast import fused as fused_engine
 
     return fused_engine.FusedEngine.__bases__[0].predict(eng, *args, **kwargs)
 
@@ -76,7 +70,7 @@ def _GRAPH_PREDICT(eng, *args, **kwargs):
 # ------------------------------------------------------- 1. analytic vs autograd forces
 @pytest.mark.parametrize("case", ["fcc-tos-false", "fcc-tos-true", "water-tos-false", "water-tos-true"])
 def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     monkeypatch.setenv("DPH_GEOM", "onthefly")
     tr = build_trainer(case_config(case, data), tmp_path)
@@ -148,7 +142,7 @@ def drop_tangent(monkeypatch, fused_engine) -> None:
 def test_analytic_forces_detect_a_wrong_derivative(mode, data, tmp_path, monkeypatch):
     """The parity check can fail: drop the dG/ds term and the forces must disagree (default
     grouped nets + contractions, grouped nets only, per-block)."""
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
@@ -166,7 +160,7 @@ def test_analytic_forces_detect_a_wrong_derivative(mode, data, tmp_path, monkeyp
 
 # ------------------------------------------------------------- 2. one training step
 def _step_parity(case, data, tmp_path, compiled=False, batched=False, grouped=True):
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     tr = build_trainer(case_config(case, data), tmp_path)
     lr = tr.lr_schedule.value(3)
@@ -193,7 +187,7 @@ def test_gate_hooks(data, tmp_path, monkeypatch):
     from harness import runtime
 
     load_fused_patches(monkeypatch)
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     assert runtime.parity_forward is fused_engine.parity_forward
     assert runtime.parity_train_step is fused_engine.parity_train_step
@@ -262,7 +256,7 @@ def test_flavour_manifests():
 
 
 def test_forces_float32(data, tmp_path):
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, prec="float32")
     tr = build_trainer(cfg, tmp_path)
@@ -293,7 +287,7 @@ def _cell(seed, a=3.61, ncell=2, jitter=0.1):
 def _env_cases():
     """(coord, atype, box, rcut, rcut_smth, sel, protection): images beyond the nearest one
     (rcut > cell), padding (sel > neighbours), truncation, and pairs put at rcut_smth / rcut."""
-    import graph_geometry as geo
+    from dpfast import geometry as geo
 
     coord, atype, box = _cell(0)
     cases = [(coord, atype, box, 8.0, 2.0, [180, 120], 0.0),  # 5x5x5 images, padding
@@ -315,7 +309,7 @@ def test_onthefly_env_matches_precomputed():
     relative precision by cancellation (e.g. 2e-11 relative at 1e-3 A below rcut, checked with
     mpmath) while the closed form uses -30 u^2 (u-1)^2; so entries are compared on the scale of
     the whole tensor (max abs error / max abs value) as well as in norm, both <= 1e-14."""
-    import graph_geometry as geo
+    from dpfast import geometry as geo
 
     g = torch.Generator().manual_seed(1)
     near = {"smth": 0, "rcut": 0, "pad": 0}
@@ -347,7 +341,7 @@ def test_onthefly_env_matches_precomputed():
 
 
 def test_onthefly_env_float32():
-    import graph_geometry as geo
+    from dpfast import geometry as geo
 
     coord, atype, box, rcut, rs, sel, prot = _env_cases()[0]
     jloc, diff, mask = geo.batch_neighbors(coord, atype, box, rcut, sel)
@@ -367,7 +361,7 @@ def test_onthefly_engine_storage(data, tmp_path):
     """fused defaults to compact storage; with DPH_GEOM=onthefly it keeps only jidx + diff per
     frame (no R~ / Jacobian) and its step gathers no rt/jac; graph stays precomputed; DPH_GEOM
     switches either engine."""
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     old = os.environ.pop("DPH_GEOM", None)
@@ -419,7 +413,7 @@ def test_compact_diff_bitwise():
     equals batch_neighbors' diff bit for bit (5x5x5 images of a ~7.2 A triclinic cell at rcut 8,
     truncation, padding, no periodicity, rcut/rcut_smth edges), so R~ does too; and several
     frames with different cells (each frame its own shift table)."""
-    import graph_geometry as geo
+    from dpfast import geometry as geo
 
     for coord, atype, box, rcut, rs, sel, prot in _env_cases():
         jloc, diff, mask, im = geo.batch_neighbors(coord, atype, box, rcut, sel, images=True)
@@ -461,7 +455,7 @@ def test_compact_engine_matches_onthefly(case, data, tmp_path, monkeypatch):
     frame): stored bytes as logged, the step's diff bitwise equal to the on-the-fly one, and
     energy/force/virial bitwise equal (fused analytic and graph's autograd path); vs upstream
     <= 1e-10. fcc: 3 types, ~6.4 A triclinic cell at rcut 7 (5x5x5 images); water: 2 types."""
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     tr = build_trainer(case_config(case, data), tmp_path)
     _with_geom(monkeypatch, "onthefly")
@@ -516,7 +510,7 @@ def test_compact_traces_without_graph_break(grouped, data, tmp_path, monkeypatch
     math and the force scatter (dynamo explain on CPU: one graph, no break), with the grouped
     nets (the default: chunk plan, packing and stacked weights are static Python) and without."""
     import torch._dynamo
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     _with_geom(monkeypatch, "compact")
     monkeypatch.setenv("DPH_FUSED_GROUPED", grouped)
@@ -549,7 +543,7 @@ def test_chunk_plan():
     import itertools
     import random
 
-    import fused_engine as fe
+    from dpfast import fused as fe
 
     # water, tos false, one frame: O-O 64x46, O-H 64x92, H-O 128x46, H-H 128x92 rows
     assert fe.chunk_plan([2944, 5888, 5888, 11776]) == (2944, [2944, 5888, 5888, 11776])
@@ -612,7 +606,7 @@ def test_grouped_embedding_is_one_bmm_per_layer(data, tmp_path):
     and tangent [2*nchunk, R, in] (make_fx trace: no per-block mm), its outputs contiguous row
     ranges of the [nchunk*R, ng] results, and (G, dG/ds) equal to the per-block evaluation."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    import fused_engine as fe
+    from dpfast import fused as fe
 
     cfg = case_config("water-tos-false", data)
     cfg["model"]["descriptor"]["neuron"] = [8, 16, 32]
@@ -648,7 +642,7 @@ def test_grouped_knob(data, tmp_path, monkeypatch):
     contractions grouped, nets both nets grouped and contractions per block (variant
     fused-nets), emb the embedding only, 0 nothing (variant
     fused-blocks); anything else is refused."""
-    import fused_engine
+    from dpfast import fused as fused_engine
     from harness import variants
 
     want_env = {"fused": "1", "fused-nets": "nets", "fused-blocks": "0", "fused-onthefly": "1"}
@@ -687,7 +681,7 @@ def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
     180 < 256: R=256, with sub-atoms of K=10 R=260; fitting: one chunk per type, padded) and water
     with sel 47/93 (K=1; gcd 64 / 192: R=2048 / 4096 with 6.7 / 11.7 % padding); none: water
     (R = gcd, K=46), fcc tos true (gcd 320, K=10)."""
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     monkeypatch.setenv("DPH_GEOM", "onthefly")
     cfg = case_config(case.replace("sel47", "tos-false"), data)
@@ -765,7 +759,7 @@ def test_grouped_contraction_gemm_counts(case, data, tmp_path, monkeypatch):
     (forward, and their backward GEMMs) by one bmm each over sub-atoms."""
     import torch._dynamo
     from torch._dynamo.backends.common import aot_autograd
-    import fused_engine
+    from dpfast import fused as fused_engine
 
     _with_geom(monkeypatch, "compact")  # fused's default geometry
     tr = build_trainer(case_config(case, data), tmp_path)

@@ -23,14 +23,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANT_DIR = REPO / "patches" / "graph"
+ENGINES = REPO / "engines"
 WATER = REPO / "systems" / "water" / "data"
 
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, water_config, build_trainer, rel, data, frames_of, upstream_reference_step, assert_engine_step_matches, TREE, torch, np,
 )
-if str(VARIANT_DIR) not in sys.path:
-    sys.path.insert(0, str(VARIANT_DIR))
 
 RTOL = 1e-10
 
@@ -43,7 +42,7 @@ RTOL = 1e-10
     ["fcc-tos-false", "fcc-tos-true", "fcc-tos-false-fullsel", "water-tos-false", "water-tos-true"],
 )
 def test_forward_parity(case, data, tmp_path):
-    import graph_engine
+    from dpfast import graph as graph_engine
 
     if case.startswith("water"):
         if "water_train" not in data:
@@ -64,7 +63,7 @@ def test_forward_parity(case, data, tmp_path):
 
 
 def test_forward_parity_float32(data, tmp_path):
-    import graph_engine
+    from dpfast import graph as graph_engine
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, prec="float32")
     tr = build_trainer(cfg, tmp_path)
@@ -81,7 +80,7 @@ def test_forward_parity_float32(data, tmp_path):
 # -------------------------------------------------------------- 2. one training step
 @pytest.mark.parametrize("case", ["fcc-tos-false", "fcc-tos-true", "water-tos-false"])
 def test_one_step_parity(case, data, tmp_path):
-    import graph_engine
+    from dpfast import graph as graph_engine
 
     if case.startswith("water"):
         if "water_train" not in data:
@@ -98,7 +97,7 @@ def test_one_step_parity(case, data, tmp_path):
 
 
 def test_refuses_unsupported(data, tmp_path):
-    import graph_engine
+    from dpfast import graph as graph_engine
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False)
     cfg["model"]["descriptor"] = {"type": "se_e2_r", "sel": [60, 40, 30], "rcut_smth": 1.0, "rcut": 7.0,
@@ -110,7 +109,7 @@ def test_refuses_unsupported(data, tmp_path):
 
 def test_sampling_distribution(data, tmp_path):
     """Systems drawn with upstream's sampler weights, frames uniform within a system."""
-    import graph_engine
+    from dpfast import graph as graph_engine
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False)
     tr = build_trainer(cfg, tmp_path)
@@ -132,7 +131,7 @@ def test_sampling_distribution(data, tmp_path):
 # ------------------------------------------------------------------- 3. end to end
 def _clean_pythonpath() -> str:
     keep = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    keep = [p for p in keep if Path(p).resolve() not in (REPO, VARIANT_DIR)]
+    keep = [p for p in keep if Path(p).resolve() not in (REPO, VARIANT_DIR, ENGINES)]
     return os.pathsep.join([str(TREE), *keep])
 
 
@@ -148,7 +147,7 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     of fused's grouped ones, eager on CPU) train through the patched `dp --pt train`; upstream tests the result."""
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, steps=20)
     (tmp_path / "input.json").write_text(json.dumps(cfg))
-    chain = [VARIANT_DIR / "graph_trainer.py"] + ([REPO / "patches" / "fused" / "fused_trainer.py"] if variant.startswith("fused") else [])
+    chain = [VARIANT_DIR / "select_engine.py"] + ([REPO / "patches" / "fused" / "select_engine.py"] if variant.startswith("fused") else [])
     load = "".join(
         f"spec = importlib.util.spec_from_file_location('{m.stem}', {str(m)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
@@ -156,7 +155,7 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     )
     driver = (
         "import sys, importlib.util\n"
-        f"sys.path.insert(0, {str(TREE)!r}); sys.path.insert(1, {str(REPO)!r})\n"
+        f"sys.path.insert(0, {str(TREE)!r}); sys.path.insert(1, {str(REPO)!r}); sys.path.insert(2, {str(ENGINES)!r})\n"
         "from harness import runtime\n"
         + load
         + "from deepmd.main import main\n"
@@ -227,8 +226,8 @@ def test_restart_carries_flat_optimizer_state(data, tmp_path):
     (tmp_path / "input.json").write_text(json.dumps(cfg))
     driver = (
         "import sys, importlib.util\n"
-        f"sys.path.insert(0, {str(TREE)!r}); sys.path.insert(1, {str(REPO)!r})\n"
-        f"spec = importlib.util.spec_from_file_location('graph_trainer', {str(VARIANT_DIR / 'graph_trainer.py')!r})\n"
+        f"sys.path.insert(0, {str(TREE)!r}); sys.path.insert(1, {str(REPO)!r}); sys.path.insert(2, {str(ENGINES)!r})\n"
+        f"spec = importlib.util.spec_from_file_location('select_engine', {str(VARIANT_DIR / 'select_engine.py')!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
         "from deepmd.main import main\n"
         "main(['--pt', 'train', 'input.json'] + sys.argv[1:])\n"

@@ -3,7 +3,7 @@ fused eager, fused compiled, graph autograd, upstream), then ms/step of upstream
 graph, fused (eager analytic and Inductor-compiled) and the precision flavours, all in
 the same call on the same card, timed with harness.runtime's CUDA events.
 
-Usage: python patches/fused/gpu_check.py TREE OUTDIR PLAN
+Usage: python tools/gpu_check_fused.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
 fused-fp32, fused-mixed, fused-autograd (fused engine, autograd forces), fused-batched
 (padded stacked-weight GEMMs for all nets instead of per-block nets), fused-onthefly
@@ -24,22 +24,23 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
-GRAPH = ROOT / "patches" / "graph"
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ROOT / "engines"
+GRAPH_SEL = ROOT / "patches" / "graph" / "select_engine.py"
+FUSED_SEL = ROOT / "patches" / "fused" / "select_engine.py"
 
 VARIANTS = {
     "baseline": ([], {}, None),
-    "graph": ([GRAPH / "graph_trainer.py"], {}, None),
-    "fused": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, None),
-    "fused-onthefly": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_GEOM": "onthefly"}, None),
-    "fused-batched": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_BATCHED": "1"}, None),
-    "fused-blocks": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_GROUPED": "0"}, None),
-    "fused-nets": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_GROUPED": "nets"}, None),
-    "fused-eager": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_COMPILE": "0"}, None),
-    "fused-autograd": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {"DPH_FUSED_AUTOGRAD": "1"}, None),
-    "fused-fp32": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py"], {}, "float32"),
-    "fused-mixed": ([GRAPH / "graph_trainer.py", HERE / "fused_trainer.py", ROOT / "patches" / "fused-mixed" / "enable_tf32.py"], {}, "float32"),
+    "graph": ([GRAPH_SEL], {}, None),
+    "fused": ([GRAPH_SEL, FUSED_SEL], {}, None),
+    "fused-onthefly": ([GRAPH_SEL, FUSED_SEL], {"DPH_GEOM": "onthefly"}, None),
+    "fused-batched": ([GRAPH_SEL, FUSED_SEL], {"DPH_FUSED_BATCHED": "1"}, None),
+    "fused-blocks": ([GRAPH_SEL, FUSED_SEL], {"DPH_FUSED_GROUPED": "0"}, None),
+    "fused-nets": ([GRAPH_SEL, FUSED_SEL], {"DPH_FUSED_GROUPED": "nets"}, None),
+    "fused-eager": ([GRAPH_SEL, FUSED_SEL], {"DPH_FUSED_COMPILE": "0"}, None),
+    "fused-autograd": ([GRAPH_SEL, FUSED_SEL], {"DPH_FUSED_AUTOGRAD": "1"}, None),
+    "fused-fp32": ([GRAPH_SEL, FUSED_SEL], {}, "float32"),
+    "fused-mixed": ([GRAPH_SEL, FUSED_SEL, ROOT / "patches" / "fused-mixed" / "enable_tf32.py"], {}, "float32"),
     "fp32": ([], {}, "float32"),
 }
 
@@ -71,7 +72,7 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log, 
     for m in mods:
         cmd += ["--module", str(m)]
     cmd += ["--", "--pt", "train", "input.json"]
-    env = dict(os.environ, DPH_RUN_DIR=str(wd), PYTHONPATH=f"{tree}:{ROOT}:" + os.environ.get("PYTHONPATH", ""), **extra_env)
+    env = dict(os.environ, DPH_RUN_DIR=str(wd), PYTHONPATH=f"{tree}:{ROOT}:{ENGINES}:" + os.environ.get("PYTHONPATH", ""), **extra_env)
     t0 = time.time()
     try:
         p = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -103,9 +104,9 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log, 
 
 PARITY = r"""
 import os, sys, json, torch, numpy as np
-sys.path.insert(0, %(graph)r); sys.path.insert(0, %(here)r)
+sys.path.insert(0, %(engines)r)
 import deepmd.pt.train.training as T
-import graph_engine, fused_engine
+from dpfast import graph as graph_engine, fused as fused_engine
 def rel(a, b):
     a = a.detach().reshape(-1).double(); b = b.detach().reshape(-1).double()
     return float((a - b).norm() / b.norm())
@@ -181,11 +182,11 @@ main(["--pt", "train", "input.json"])
 
 
 def parity(tree: str, out: Path, log, systems) -> None:
-    code = PARITY % {"graph": str(GRAPH), "here": str(HERE)}
+    code = PARITY % {"engines": str(ENGINES)}
     for system in systems:
         wd = out / f"parity_{system}"
         make_input(system, wd, 10, 10, None)
-        env = dict(os.environ, PYTHONPATH=f"{tree}:{ROOT}:" + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=f"{tree}:{ROOT}:{ENGINES}:" + os.environ.get("PYTHONPATH", ""))
         try:
             p = subprocess.run([sys.executable, "-c", code], cwd=wd, env=env, capture_output=True, text=True, timeout=150)
             text = p.stdout + p.stderr

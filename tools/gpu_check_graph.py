@@ -1,7 +1,7 @@
 """GPU check of the ``graph`` variant: forward parity on CUDA, then upstream vs graph
 ms/step on water / copper / Al-Cu-Mg (float64), timed with harness.runtime's CUDA events.
 
-Usage (repo root, upstream tree importable):  python patches/graph/gpu_check.py TREE OUTDIR [steps...]
+Usage (repo root, upstream tree importable):  python tools/gpu_check_graph.py TREE OUTDIR [steps...]
 Normally run through gpu_check.sh, which prepares the environment first.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parents[1]
+ENGINES = ROOT / "engines"
 
 
 def make_input(system: str, workdir: Path, steps: int, disp: int) -> Path:
@@ -39,9 +39,9 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log) 
     make_input(system, wd, steps, disp=100)
     cmd = [sys.executable, "-m", "harness.launch", "--tree", tree]
     if variant == "graph":
-        cmd += ["--module", str(HERE / "graph_trainer.py")]
+        cmd += ["--module", str(ROOT / "patches" / "graph" / "select_engine.py")]
     cmd += ["--", "--pt", "train", "input.json"]
-    env = dict(os.environ, DPH_RUN_DIR=str(wd), PYTHONPATH=f"{tree}:{ROOT}:" + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, DPH_RUN_DIR=str(wd), PYTHONPATH=f"{tree}:{ROOT}:{ENGINES}:" + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
     p = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True)
     wall = time.time() - t0
@@ -76,7 +76,7 @@ def parity(tree: str, out: Path, log) -> None:
 import sys, json, torch, numpy as np
 sys.path.insert(0, %r)
 import deepmd.pt.train.training as T
-import graph_engine
+from dpfast import graph as graph_engine
 def run(self):
     eng = graph_engine.GraphEngine(self)
     s = self.training_dataloader.dataset.systems[0]
@@ -95,11 +95,11 @@ def run(self):
 T.Trainer.run = run
 from deepmd.main import main
 main(["--pt", "train", "input.json"])
-""" % str(HERE)
+""" % str(ENGINES)
     for system in ("water", "copper"):
         wd = out / f"parity_{system}"
         make_input(system, wd, 10, 10)
-        env = dict(os.environ, PYTHONPATH=f"{tree}:{ROOT}:" + os.environ.get("PYTHONPATH", ""))
+        env = dict(os.environ, PYTHONPATH=f"{tree}:{ROOT}:{ENGINES}:" + os.environ.get("PYTHONPATH", ""))
         p = subprocess.run([sys.executable, "-c", code], cwd=wd, env=env, capture_output=True, text=True)
         lines = [l for l in (p.stdout + p.stderr).splitlines() if "PARITY" in l]
         log.write(f"parity {system}: rc={p.returncode} {lines[-1] if lines else (p.stdout + p.stderr)[-3000:]}\n")

@@ -1,9 +1,10 @@
-"""Patch module of the ``compile`` variant: torch.compile (Inductor) of upstream's energy/force
-path, made to work through the force loss's double backward.
+"""The ``compile`` engine: torch.compile (Inductor) of upstream's energy/force path, made to work
+through the force loss's double backward. ``install()`` (called by patches/compile/select_engine.py)
+puts it in place; ``uninstall()`` takes it out.
 
 Only the training model's ``forward_common_lower`` (of the class ``make_model`` builds for
 upstream's EnergyModel) is swapped; upstream's Trainer, data loader, EnergyStdLoss, Adam and
-checkpoints run unchanged. See README.md next to this file for the design and its limits.
+checkpoints run unchanged. See patches/compile/README.md for the design and its limits.
 
 Per call (training mode, se_e2_a energy model, nothing exotic requested) the swapped method:
 
@@ -476,6 +477,3 @@ def parity_forward(model, coord, atype, box):
     if model_reason(model) is None and model.training and STATS["compiled_calls"] == before:
         raise RuntimeError("compile: the gate's forward did not run the compiled path")
     return out
-
-
-install()

@@ -26,14 +26,8 @@ import sys
 
 import torch
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-_GRAPH = os.path.join(os.path.dirname(_HERE), "graph")
-for _p in (_GRAPH, _HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
-import graph_engine  # noqa: E402
-import flat_optim  # noqa: E402
+from . import flat_optim
+from . import graph as graph_engine
 
 log = logging.getLogger("deepmd.fused")
 
@@ -808,7 +802,7 @@ def _parity_forward(model, coord, atype, box):
 
 def parity_train_step(model, loss_fn, batch, lr) -> None:
     """Accuracy-gate hook: one step of this variant's own code (analytic forces, upstream's loss,
-    gradients into the flat buffer, the flat Adam/AdamW of flat_optim.py). With the compiled-step
+    gradients into the flat buffer, the flat Adam/AdamW of flat_optim). With the compiled-step
     knobs (fused's default env) the gate's batch goes through the very compiled function the
     training loop runs (gather + forces + loss), and FlatAdam compiles its update likewise."""
     eng = FusedEngine.from_model(model)

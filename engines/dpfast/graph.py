@@ -28,9 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import graph_geometry as geo  # noqa: E402
-import flat_optim  # noqa: E402
+from . import flat_optim
+from . import geometry as geo
 
 log = logging.getLogger("deepmd.graph")
 
@@ -266,10 +265,10 @@ class GraphEngine:
         self.gprec = env.GLOBAL_PT_FLOAT_PRECISION
         # "precomputed": R~ and dR~/dr of every training frame kept on the device;
         # "onthefly": only neighbour indices and displacements kept, R~ and its Jacobian
-        # computed in the step (closed form, graph_geometry.env_closed_form);
+        # computed in the step (closed form, geometry.env_closed_form);
         # "compact": per frame the wrapped coordinates and image shift vectors (float64) and per
         # pair one int32 s*nloc + j; the step re-forms the displacements bitwise
-        # (graph_geometry.compact_diff) and continues as on-the-fly
+        # (geometry.compact_diff) and continues as on-the-fly
         self.geom_mode = os.environ.get("DPH_GEOM", self.geom_default)
         if self.geom_mode not in GEOM_MODES:
             raise ValueError(f"DPH_GEOM={self.geom_mode!r} ({' | '.join(GEOM_MODES)})")
