@@ -11,8 +11,9 @@ import math
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from . import results
 from .results import ROOT, RUNS
 
 DB = ROOT / "results" / "results.sqlite"
@@ -79,28 +80,26 @@ def row_of(d: dict[str, Any], source: str | None = None) -> tuple:
 
 
 def ingest(paths: Iterable[Path] | None = None, db: Path = DB, runs_dir: Path = RUNS,
-           rebuild: bool = False, _fail_after: int | None = None) -> dict[str, int]:
+           rebuild: bool = False, _fail_after: int | None = None,
+           warn: Callable[[str], None] = results.warn_stderr) -> dict[str, int]:
     """Ingest results JSONs (default: every runs_dir/*.json) in ONE transaction. Returns counts.
+    A file that is no readable run record is skipped with one warn() line (results.iter_runs).
     `_fail_after` (tests only) raises after that many rows, to prove the rollback."""
-    files = sorted(Path(p) for p in paths) if paths is not None else sorted(Path(runs_dir).glob("*.json"))
+    files = sorted(Path(p) for p in paths) if paths is not None else results.run_files(runs_dir)
     counts = {"files": len(files), "inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0}
+
+    def skip(msg: str) -> None:
+        counts["skipped"] += 1
+        warn(msg)
+
     with closing(connect(db)) as con:
         con.execute("BEGIN IMMEDIATE")
         try:
             if rebuild:
                 con.execute("DELETE FROM runs")
-            for i, f in enumerate(files):
+            for i, (f, d) in enumerate(results.iter_runs(files, skip)):
                 if _fail_after is not None and i >= _fail_after:
                     raise RuntimeError("simulated crash during ingest")
-                try:
-                    d = json.loads(f.read_text())
-                except (OSError, json.JSONDecodeError):
-                    counts["skipped"] += 1
-                    continue
-                if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("dpharness.run/") \
-                        or "run_id" not in d:
-                    counts["skipped"] += 1
-                    continue
                 row = row_of(d, _rel(f))
                 old = con.execute("SELECT json FROM runs WHERE run_id = ?", (d["run_id"],)).fetchone()
                 if old is not None and old["json"] == row[-1]:
