@@ -222,7 +222,7 @@ def format_compare(res: dict[str, Any]) -> str:
 
 def _ingest_cmd(a) -> int:
     paths = [Path(p) for p in a.paths] if a.paths else None
-    c = ingest(paths, db=Path(a.db), rebuild=a.rebuild)
+    c = ingest(paths, db=Path(a.db), runs_dir=Path(a.runs), rebuild=a.rebuild)
     print(f"{a.db}: {c['inserted']} inserted, {c['updated']} updated, {c['unchanged']} unchanged, "
           f"{c['skipped']} skipped of {c['files']} files")
     return 0
@@ -230,7 +230,7 @@ def _ingest_cmd(a) -> int:
 
 def _compare_cmd(a) -> int:
     if not a.no_ingest:
-        ingest(db=Path(a.db))
+        ingest(db=Path(a.db), runs_dir=Path(a.runs))
     res = compare(load(Path(a.db)), a.a, a.b, threshold=a.threshold)
     if a.json:
         print(json.dumps(res, indent=1))
@@ -245,12 +245,14 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="ingest results/runs/*.json into results/results.sqlite")
     p.add_argument("paths", nargs="*", help="results JSONs (default: all of results/runs)")
     p.add_argument("--db", default=str(DB))
+    p.add_argument("--runs", default=str(RUNS), help="directory of results JSONs (when no FILES are given)")
     p.add_argument("--rebuild", action="store_true", help="empty the database first (same transaction)")
     p.set_defaults(func=_ingest_cmd)
     c = subparsers.add_parser("compare", help="step-time ratios B/A between sweeps, git commits or variants")
     c.add_argument("a", help="sweep_id prefix | harness git sha prefix | variant")
     c.add_argument("b", help="sweep_id prefix | harness git sha prefix | variant")
     c.add_argument("--db", default=str(DB))
+    c.add_argument("--runs", default=str(RUNS), help="directory of results JSONs ingested first")
     c.add_argument("--threshold", type=float, default=THRESHOLD, help="regression threshold (default 0.10)")
     c.add_argument("--no-ingest", action="store_true", help="do not ingest results/runs first")
     c.add_argument("--json", action="store_true")
