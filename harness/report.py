@@ -136,6 +136,16 @@ def _png(fig) -> str:
 UPSTREAM_COLOR, FAST_COLOR = "#4a7ab5", "#d9822b"
 
 
+def _log_ms_axis(ax) -> None:
+    """Log y axis in plain ms numbers (1, 2, 5, 10 ... not 2x10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+
+
 def plot_step_times(rs: list[dict], title: str) -> str | None:
     """ms/step on a log axis (1 ms beside 88 ms stays readable), IQR bars, speed-up vs baseline."""
     ok = [r for r in rs if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median")]
@@ -156,7 +166,7 @@ def plot_step_times(rs: list[dict], title: str) -> str | None:
         if s:
             ax.annotate(f"{s:.2f}×", (b.get_x() + b.get_width() / 2, top), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
-    ax.set_yscale("log")
+    _log_ms_axis(ax)
     ax.set_ylim(min(q25) / 2, max(q75) * 3)
     ax.set_ylabel("ms / step (median, IQR bars; log)")
     ax.set_title(title + "\nabove bars: speed-up vs baseline; orange: beyond upstream's code", fontsize=9)
@@ -270,7 +280,7 @@ def plot_history(runs: list[dict], system: str, card: str) -> str | None:
     styles = ["-o", "-s", "-^", "-D", "-v", "-P", "-X"]
     for j, (v, xy) in enumerate(sorted(pts.items())):
         ax.plot([x for x, _ in xy], [y for _, y in xy], styles[j // 10 % len(styles)], ms=4, label=v)
-    ax.set_yscale("log")
+    _log_ms_axis(ax)
     ax.set_xticks(range(len(order)), [k[2][:15] for k in order], rotation=60, fontsize=6, ha="right")
     ax.set_ylabel("ms / step (median; log)")
     ax.set_title(f"history: {system} on {card}, every bench sweep (absolute ms/step per sweep)", fontsize=9)

@@ -117,22 +117,16 @@ def _fast_records():
     """Two bench sweeps of water on an H100 with fused and upstream anchors, one profile sweep, and
     one bench sweep without a fast variant (older than both)."""
     s1, s2, s0 = "20260301T000000Z-f01", "20260302T000000Z-f02", "20260228T000000Z-f00"
-    recs = [
-        run_record(s0, "water", "baseline", 0.050, verdict="baseline", created="2026-02-28T00:00:00Z"),
-        run_record(s0, "water", "tos", 0.030, verdict="pass", created="2026-02-28T00:00:01Z"),
-        run_record(s1, "water", "baseline", 0.040, verdict="baseline", created="2026-03-01T00:00:00Z"),
-        run_record(s1, "water", "tos", 0.020, verdict="fail", created="2026-03-01T00:00:01Z"),
-        run_record(s1, "water", "fp32", 0.030, verdict="pass", created="2026-03-01T00:00:02Z"),
-        run_record(s1, "water", "fused", 0.002, verdict="pass", created="2026-03-01T00:00:03Z"),
-        run_record(s1, "water", "jax-tos", 0.010, verdict="fail", created="2026-03-01T00:00:04Z"),
-        run_record(s1, "water", "graph", 0.004, verdict="pass", created="2026-03-01T00:00:05Z"),
-        run_record(s2, "water", "baseline", 0.044, verdict="baseline", created="2026-03-02T00:00:00Z"),
-        run_record(s2, "water", "fp32-tos", 0.022, verdict="pass", created="2026-03-02T00:00:01Z"),
-        run_record(s2, "water", "fused", 0.001, verdict="pass", created="2026-03-02T00:00:02Z"),
-        run_record(s2, "water", "fused-mixed", 0.0008, verdict="fail", created="2026-03-02T00:00:03Z"),
-        run_record("20260303T000000Z-p01", "water", "fused", 0.0011, profile=gpu_profile(),
-                   created="2026-03-03T00:00:00Z"),
-    ]
+    table = [(s0, "baseline", 0.050, "baseline"), (s0, "tos", 0.030, "pass"),
+             (s1, "baseline", 0.040, "baseline"), (s1, "tos", 0.020, "fail"), (s1, "fp32", 0.030, "pass"),
+             (s1, "fused", 0.002, "pass"), (s1, "jax-tos", 0.010, "fail"), (s1, "graph", 0.004, "pass"),
+             (s2, "baseline", 0.044, "baseline"), (s2, "fp32-tos", 0.022, "pass"), (s2, "fused", 0.001, "pass"),
+             (s2, "fused-mixed", 0.0008, "fail")]
+    day = lambda sw: f"{sw[:4]}-{sw[4:6]}-{sw[6:8]}"  # noqa: E731
+    recs = [run_record(sw, "water", v, med, verdict=vd, created=f"{day(sw)}T00:00:{i:02d}Z")
+            for i, (sw, v, med, vd) in enumerate(table)]
+    recs.append(run_record("20260303T000000Z-p01", "water", "fused", 0.0011, profile=gpu_profile(),
+                           created="2026-03-03T00:00:00Z"))
     for r in recs:
         if r["variant"] == "fused":
             r["memory"]["gpu_peak_bytes"] = 2**29  # half the baseline's 2**30
