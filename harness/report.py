@@ -326,7 +326,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% else %}
 <nav><h2 id="contents">Contents</h2><ul>
 {% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
-{% for s in g.open %}<a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
+{% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
 {% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
 {% endfor %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
@@ -334,8 +334,9 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 <h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
 {% if g.img_history %}<h3>History</h3><img alt="history of ms/step per variant" src="{{ g.img_history }}">{% endif %}
 {% for s in g.open %}<h3 id="{{ s.anchor }}">{{ s.title }}</h3>{% include "section" %}{% endfor %}
+{# the ids sit inside the <details>: following a link to one opens every <details> around it #}
 {% if g.older %}<details><summary>{{ g.older|length }} older sweep(s) of {{ g.system }} on {{ g.card }}</summary>
-{% for s in g.older %}<details id="{{ s.anchor }}"><summary>{{ s.title }}</summary>{% include "section" %}</details>{% endfor %}
+{% for s in g.older %}<details><summary>{{ s.title }}</summary><div id="{{ s.anchor }}">{% include "section" %}</div></details>{% endfor %}
 </details>{% endif %}
 {% endfor %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>
@@ -351,7 +352,7 @@ HEAD = """<tr><th class="l">system</th><th class="l">card</th><th class="l">vari
 ROW = """<tr><td class="l">{{ r.system }}</td><td class="l nw">{{ r.card }}</td><td class="l big"><a href="#{{ r.anchor }}">{{ r.variant }}</a></td>
 <td>{% if r.href %}<a href="{{ r.href }}">{{ r.ms }}</a>{% else %}{{ r.ms }}{% endif %}</td><td class="big nw">{{ r.legal }}</td>
 <td class="nw">{{ r.legal_gated }}</td><td class="nw">{{ r.native }}</td><td class="nw">{{ r.range }}</td><td>{{ r.n }}</td>
-<td class="{{ r.vclass }}">{{ r.verdict }}</td><td>{{ r.mem }}</td></tr>
+<td class="{{ r.vclass }} nw">{{ r.verdict }}</td><td>{{ r.mem }}</td></tr>
 """
 
 SECTION = """<p class="muted">{{ s.runs|length }} run(s), {{ s.steps }} steps per run; variant names link to the run records</p>
@@ -400,12 +401,15 @@ def _anchor(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
+def _kind(rs: list[dict]) -> str:
+    return "profile" if is_profile_sweep(rs) else "bench"
+
+
 def _title(system: str, card: str, sweep: str, rs: list[dict]) -> str:
     """Unique per section: system, card, sweep id, date and the harness commit(s) of the sweep."""
     date = max(r.get("created") or "" for r in rs)[:16].replace("T", " ")
     shas = sorted({str((r.get("environment") or {}).get("harness_git") or "?")[:7] for r in rs})
-    kind = "profile" if is_profile_sweep(rs) else "bench"
-    return f"{system} — {card} — {kind} sweep {sweep} — {date or '?'} — git {', '.join(shas)}"
+    return f"{system} — {card} — {_kind(rs)} sweep {sweep} — {date or '?'} — git {', '.join(shas)}"
 
 
 def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: None) -> list[dict]:
@@ -468,6 +472,7 @@ def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: No
         sections.append({
             "system": system, "card": card, "sweep": sweep, "runs": rs, "rows": rows,
             "anchor": _anchor(system, card, sweep), "title": _title(system, card, sweep, rs),
+            "kind": _kind(rs),
             "open": (system, card, sweep) in opened,
             "steps": ", ".join(str(s) for s in steps) or "?",
             "accuracy": acc, "acc_cols": acc_cols, "profiles": profiles,

@@ -174,7 +174,8 @@ def test_default_selection_every_fast_sweep_newest_first_older_collapsed(tmp_pat
     text = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html").read_text()
     assert text.index(f"sweep {s2}") < text.index(f"sweep {s1}") and s0 not in text
     older = text[text.index("older sweep(s) of water"):]
-    assert f'<details id="water-NVIDIA_H100-{s1}"><summary>water — NVIDIA H100 — bench sweep {s1}' in older
+    assert f'<details><summary>water — NVIDIA H100 — bench sweep {s1}' in older
+    assert f'<div id="water-NVIDIA_H100-{s1}">' in older
     assert f'<h3 id="water-NVIDIA_H100-{s2}">' in text  # the newest bench sweep is open
 
 
@@ -260,6 +261,10 @@ def test_renders_in_headless_chromium(tmp_path):
     assert got["errors"] == [] and got["console"] == [], got
     assert got["after_header"] == "summary" and got["summary_tag"] == "TABLE"
     assert 0 <= got["summary_top"] < got["summary_bottom"] <= got["inner_height"], got  # on the first screen
+    # a summary row links to its sweep; an older one is collapsed, and following the link opens it
+    _, s1, _, _ = _fast_records()
+    assert probe(html_path, f"water-NVIDIA_H100-{s1}")["target_revealed"]
+    assert not probe(html_path, "no-such-section")["target_revealed"]
     shot = tmp_path / "shot.png"
     r = screenshot(html_path, shot)
     assert not console_lines(r.stderr)
