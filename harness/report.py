@@ -1,11 +1,14 @@
 """`dpharness report`: results/report/index.html, ONE self-contained file (plots embedded as base64
-PNG) from the results JSONs under results/runs.
+PNG) from the results JSONs under results/runs, and runs.csv (the export table) next to it.
 
-Per system and card: s/step per variant with IQR error bars, speedup vs the baseline of the SAME sweep
-(never a ratio across sweeps or cards), learning curves overlaid per variant, the accuracy table,
-the profile breakdown as stacked bars, multi-GPU scaling when runs carry world_size > 1, and the
-environment; then a description of every variant from its manifest, so the report doubles as a
-write-up. Default selection: the latest sweep per (system, card); --all shows every sweep."""
+It leads with the answer (harness.summary): per (system, card), each fast variant's speed-up over
+the upstream anchors of its own sweep. Then per system and card a history plot and the sweeps,
+newest first: ms/step per variant (log axis) with IQR error bars, speedup vs the baseline of the
+SAME sweep (never a ratio across sweeps or cards), learning curves, the accuracy table, the profile
+breakdown, multi-GPU scaling when runs carry world_size > 1, and the environment; then a description
+of every variant from its manifest, so the report doubles as a write-up. Default selection (select):
+the latest bench sweep, every bench sweep with a fast variant and each variant's newest profile per
+(system, card), older ones collapsed; --all shows every sweep."""
 from __future__ import annotations
 
 import base64
@@ -127,10 +130,17 @@ def _plt():
 
 
 def _png(fig) -> str:
+    """The figure as a data URI; a 128-colour palette keeps the page (a hundred plots) a quarter
+    of its RGB size with the plot colours intact."""
+    from PIL import Image  # matplotlib's own dependency
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     _plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    buf.seek(0)
+    out = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
 UPSTREAM_COLOR, FAST_COLOR = "#4a7ab5", "#d9822b"
@@ -301,7 +311,7 @@ table{border-collapse:collapse;margin:8px 0 16px;font-size:13px} th,td{border:1p
 th{background:#eef3fa} td.l,th.l{text-align:left} .pass{color:#0a7a2a;font-weight:bold} .fail{color:#b00020;font-weight:bold}
 .muted{color:#777;font-size:12px} img{max-width:100%;display:block;margin:6px 0} .warn{color:#b06000}
 dl dt{font-weight:bold;margin-top:8px} code{background:#f4f4f4;padding:0 3px}
-#summary{font-size:13.5px} #summary caption{text-align:left;font-weight:bold;font-size:15px;padding-bottom:4px}
+#summary{font-size:13.5px} #summary th,#summary td{padding:3px 6px} #summary caption{text-align:left;font-weight:bold;font-size:15px;padding-bottom:4px}
 #summary td.big{font-weight:bold} td.nw{white-space:nowrap}
 details{margin:6px 0} details>summary{cursor:pointer;color:#2a5a95} nav li{margin:2px 0} nav a{margin-right:6px}
 </style></head><body>
@@ -352,7 +362,7 @@ HEAD = """<tr><th class="l">system</th><th class="l">card</th><th class="l">vari
 ROW = """<tr><td class="l">{{ r.system }}</td><td class="l nw">{{ r.card }}</td><td class="l big"><a href="#{{ r.anchor }}">{{ r.variant }}</a></td>
 <td>{% if r.href %}<a href="{{ r.href }}">{{ r.ms }}</a>{% else %}{{ r.ms }}{% endif %}</td><td class="big nw">{{ r.legal }}</td>
 <td class="nw">{{ r.legal_gated }}</td><td class="nw">{{ r.native }}</td><td class="nw">{{ r.range }}</td><td>{{ r.n }}</td>
-<td class="{{ r.vclass }} nw">{{ r.verdict }}</td><td>{{ r.mem }}</td></tr>
+<td class="{{ r.vclass }}">{{ r.verdict }}</td><td>{{ r.mem }}</td></tr>
 """
 
 SECTION = """<p class="muted">{{ s.runs|length }} run(s), {{ s.steps }} steps per run; variant names link to the run records</p>

@@ -166,7 +166,7 @@ def read_run(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise BadRecord("not text (binary file)") from None
     except json.JSONDecodeError as e:
-        raise BadRecord(f"not valid JSON, truncated? ({e.msg} at line {e.lineno} column {e.colno})") from None
+        raise BadRecord(f"not valid JSON, truncated? ({e})") from None
     problem = record_problem(d)
     if problem:
         raise BadRecord(problem)
