@@ -9,7 +9,7 @@ from typing import Any
 
 from . import anchors
 
-GateRank = {"baseline": 2, "pass": 2, None: 1}  # judged good > not judged > failed
+GATE_RANK = {"baseline": 2, "pass": 2, None: 1}  # judged good > not judged > failed
 
 
 def card_of(r: dict[str, Any]) -> str:
@@ -82,7 +82,7 @@ def variant_row(system: str, card: str, variant: str, sweeps: list[tuple[str, li
             "legal_gated": _named(run, anchors.best(rs, "legal", gated=True)),
             "native": _named(run, anchors.best(rs, "native")),
             "min": min(ratios), "median": statistics.median(ratios), "max": max(ratios), "n": len(ratios),
-            "verdict": verdict, "gate_rank": GateRank.get(verdict, 0), "mem_ratio": _mem_ratio(run, rs)}
+            "verdict": verdict, "gate_rank": GATE_RANK.get(verdict, 0), "mem_ratio": _mem_ratio(run, rs)}
 
 
 def rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -220,6 +220,13 @@ def test_step_time_and_history_plots_are_log_scale(monkeypatch):
     assert _yscales(monkeypatch, report.plot_history, recs, "water", "NVIDIA H100") == ["log"]
 
 
+def test_no_fast_variant_says_so_where_the_summary_goes(html_path):
+    """_records(): graph failed and nothing else goes beyond upstream: no ratio to lead with."""
+    text = html_path.read_text()
+    after_header = text[text.index("</header>") + len("</header>"):].lstrip()
+    assert after_header.startswith('<p id="summary">No fast variant measured beside upstream anchors yet')
+
+
 def test_history_in_the_default_selection(tmp_path):
     _, _, _, recs = _fast_records()
     write_runs(tmp_path / "runs", recs)
