@@ -8,7 +8,7 @@ STEPS   ?= auto
 DEVICE  ?= auto
 ARGS    ?=
 
-.PHONY: help venv bench test systems variants wheelhouse report profile regress calibrate clean
+.PHONY: help venv bench test systems variants wheelhouse report export profile regress calibrate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -38,6 +38,9 @@ wheelhouse:  ## download the offline wheels for a Python 3.12 GPU node into whee
 
 report: venv  ## write results/report/index.html from results/runs
 	$(PY) -m harness report $(ARGS)
+
+export: venv  ## every run record as one flat table: results/export/runs.csv (ARGS="--format parquet")
+	$(PY) -m harness export $(ARGS)
 
 profile: venv  ## profile SYSTEM/VARIANT with torch.profiler
 	$(PY) -m harness profile --system $(SYSTEM) --variant $(VARIANT) $(ARGS)

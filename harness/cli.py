@@ -195,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_wheelhouse)
 
     # later stages register their own sub-commands
-    from . import accuracy, profile, regression, report, store
+    from . import accuracy, export, profile, regression, report, store
 
-    for stage in (accuracy, profile, store, regression, report):
+    for stage in (accuracy, profile, store, regression, report, export):
         if hasattr(stage, "register_cli"):
             stage.register_cli(sub)
     from . import sweep; sweep.register_cli(sub)  # noqa: E702  (dpharness sweep)

@@ -108,6 +108,19 @@ def compare(cur: dict[str, Any], ref: dict[str, Any], ratio_factor: float = RATI
     return problems
 
 
+def read_reference(path: Path) -> dict[str, Any]:
+    """The committed reference; a truncated or foreign file is bad input (exit 2), not a traceback."""
+    from .errors import UserError
+
+    try:
+        ref = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: unreadable regression reference ({e}); re-record it with --write-reference") from None
+    if not isinstance(ref, dict) or not isinstance(ref.get("ratios"), dict):
+        raise UserError(f"{path}: not a regression reference (no ratios); re-record it with --write-reference")
+    return ref
+
+
 def run_sweep(work: Path, steps: int = STEPS, log=print) -> list[dict[str, Any]]:
     from . import bench
 
@@ -120,7 +133,7 @@ def run_sweep(work: Path, steps: int = STEPS, log=print) -> list[dict[str, Any]]
 def _regress(a) -> int:
     log = lambda m: print(m, file=sys.stderr)  # noqa: E731
     ref_path = Path(a.reference)
-    ref = json.loads(ref_path.read_text()) if ref_path.is_file() and not a.write_reference else None
+    ref = read_reference(ref_path) if ref_path.is_file() and not a.write_reference else None
     for attempt in range(1 + max(0, a.retries)):
         with tempfile.TemporaryDirectory(prefix="dph-regress-") as tmp:
             t0 = time.perf_counter()

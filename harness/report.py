@@ -1,22 +1,29 @@
 """`dpharness report`: results/report/index.html, ONE self-contained file (plots embedded as base64
-PNG) from the results JSONs under results/runs.
+PNG) from the results JSONs under results/runs, and runs.csv (the export table) next to it.
 
-Per system and card: s/step per variant with IQR error bars, speedup vs the baseline of the SAME sweep
-(never a ratio across sweeps or cards), learning curves overlaid per variant, the accuracy table,
-the profile breakdown as stacked bars, multi-GPU scaling when runs carry world_size > 1, and the
-environment; then a description of every variant from its manifest, so the report doubles as a
-write-up. Default selection: the latest sweep per (system, card); --all shows every sweep."""
+It leads with the answer (harness.summary): per (system, card), each fast variant's speed-up over
+the upstream anchors of its own sweep. Then per system and card a history plot and the sweeps,
+newest first: ms/step per variant (log axis) with IQR error bars, speedup vs the baseline of the
+SAME sweep (never a ratio across sweeps or cards), learning curves, the accuracy table, the profile
+breakdown, multi-GPU scaling when runs carry world_size > 1, and the environment; then a description
+of every variant from its manifest, so the report doubles as a write-up. Default selection (select):
+the latest bench sweep, every bench sweep with a fast variant and each variant's newest profile per
+(system, card), older ones collapsed; --all shows every sweep."""
 from __future__ import annotations
 
 import base64
 import io
+import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from . import export, results, summary
 from .distributed import scaling_efficiency
-from .results import ROOT, RUNS, load_runs
+from .results import ROOT, RUNS
+from .summary import card_of, is_fast, is_profile_sweep, stamp, sweep_groups, world_size
 
 OUT = ROOT / "results" / "report" / "index.html"
 PATCHES = ROOT / "patches"
@@ -24,18 +31,6 @@ PATCHES = ROOT / "patches"
 # header mis-read (the second '#' line of lcurve.out taken as the header)
 LCURVE_ENER = ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "rmse_f_val", "rmse_f_trn", "lr"]
 PROFILE_CATEGORIES = ("env-mat/descriptor", "embedding", "fitting", "force/backward", "optimizer", "data", "other")
-
-
-def card_of(r: dict[str, Any]) -> str:
-    dev = r.get("device") or {}
-    return str(dev.get("name") or dev.get("kind") or "unknown")
-
-
-def world_size(r: dict[str, Any]) -> int:
-    try:
-        return int(r.get("world_size") or 1)
-    except (TypeError, ValueError):
-        return 1
 
 
 def lcurve_of(r: dict[str, Any]) -> dict[str, list] | None:
@@ -64,33 +59,31 @@ def lcurve_of(r: dict[str, Any]) -> dict[str, list] | None:
     return None
 
 
-def _is_profile_sweep(rs: list[dict]) -> bool:
-    """A `dpharness profile` sweep: every run profiled, none judged (bench runs are judged)."""
-    return all(isinstance(r.get("profile"), dict) and not (r.get("accuracy") or {}).get("verdict") for r in rs)
-
-
 def select(runs: list[dict[str, Any]], all_sweeps: bool = False) -> list[tuple[str, str, str, list[dict]]]:
-    """[(system, card, sweep_id, runs)]: unless all_sweeps, the latest bench sweep per (system,
-    card), and each profile sweep that holds the newest profile of some (system, card, variant):
-    a later `dpharness profile` must not hide the last bench table, nor the last profile of
-    another variant."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r.get("system", "?"), card_of(r), r.get("sweep_id", "?")), []).append(r)
-    stamp = {k: max(x.get("created") or "" for x in rs) + k[2] for k, rs in groups.items()}
+    """[(system, card, sweep_id, runs)], per (system, card) newest first. Unless all_sweeps: the
+    latest bench sweep, every bench sweep holding a fast variant (the history of the answer), and
+    each profile sweep that holds the newest profile of some (system, card, variant): a later
+    `dpharness profile` must not hide the last bench table, nor the last profile of another variant."""
+    groups = sweep_groups(runs)
+    stamps = {k: stamp(k, rs) for k, rs in groups.items()}
+    shown = set(_open_keys(groups, stamps))
+    shown |= {k for k, rs in groups.items() if not is_profile_sweep(rs) and any(is_fast(r) for r in rs)}
+    keys = sorted((k for k in groups if all_sweeps or k in shown), key=stamps.get, reverse=True)
+    keys.sort(key=lambda k: k[:2])  # stable: (system, card) ascending, newest sweep first in each
+    return [(k[0], k[1], k[2], _order(groups[k])) for k in keys]
+
+
+def _open_keys(groups: dict[tuple, list[dict]], stamps: dict[tuple, str]) -> list[tuple]:
+    """The sweeps shown open: per (system, card) the newest bench sweep, and the sweep of each
+    variant's newest profile; older sweeps are collapsed."""
     newest: dict[tuple, tuple[str, tuple]] = {}  # (system, card[, variant]) -> (stamp, group key)
     for k, rs in groups.items():
         s, c, _ = k
-        keys = [(s, c, "profile", r["variant"]) for r in rs] if _is_profile_sweep(rs) else [(s, c, "bench")]
+        keys = [(s, c, "profile", r["variant"]) for r in rs] if is_profile_sweep(rs) else [(s, c, "bench")]
         for key in keys:
-            if key not in newest or stamp[k] > newest[key][0]:
-                newest[key] = (stamp[k], k)
-    shown = {k for _, k in newest.values()}
-    out = []
-    for k, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], stamp[kv[0]])):
-        if all_sweeps or k in shown:
-            out.append((k[0], k[1], k[2], _order(rs)))
-    return out
+            if key not in newest or stamps[k] > newest[key][0]:
+                newest[key] = (stamps[k], k)
+    return [k for _, k in newest.values()]
 
 
 def _order(rs: list[dict]) -> list[dict]:
@@ -137,33 +130,57 @@ def _plt():
 
 
 def _png(fig) -> str:
+    """The figure as a data URI; a 128-colour palette keeps the page (a hundred plots) a quarter
+    of its RGB size with the plot colours intact."""
+    from PIL import Image  # matplotlib's own dependency
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     _plt().close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    buf.seek(0)
+    out = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+UPSTREAM_COLOR, FAST_COLOR = "#4a7ab5", "#d9822b"
+
+
+def _log_ms_axis(ax) -> None:
+    """Log y axis in plain ms numbers (1, 2, 5, 10 ... not 2x10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
 
 
 def plot_step_times(rs: list[dict], title: str) -> str | None:
+    """ms/step on a log axis (1 ms beside 88 ms stays readable), IQR bars, speed-up vs baseline."""
     ok = [r for r in rs if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median")]
     if not ok:
         return None
     plt = _plt()
     sp = speedups(rs)
     labels = [r["variant"] + (f" ×{world_size(r)}" if world_size(r) > 1 else "") for r in ok]
-    med = [r["timing"]["step_s_median"] for r in ok]
-    lo = [max(0.0, m - (r["timing"].get("step_s_q25") or m)) for m, r in zip(med, ok)]
-    hi = [max(0.0, (r["timing"].get("step_s_q75") or m) - m) for m, r in zip(med, ok)]
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(ok) + 2), 3.4))
-    bars = ax.bar(labels, med, yerr=[lo, hi], capsize=4, color="#4a7ab5")
-    for b, r in zip(bars, ok):
+    med = [r["timing"]["step_s_median"] * 1e3 for r in ok]
+    q25 = [min(m, (r["timing"].get("step_s_q25") or 0) * 1e3 or m) for m, r in zip(med, ok)]
+    q75 = [max(m, (r["timing"].get("step_s_q75") or 0) * 1e3) for m, r in zip(med, ok)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(ok) + 2), 3.4))
+    colors = [FAST_COLOR if is_fast(r) else UPSTREAM_COLOR for r in ok]
+    bars = ax.bar(labels, med, yerr=[[m - q for m, q in zip(med, q25)], [q - m for m, q in zip(med, q75)]],
+                  capsize=4, color=colors)
+    for b, r, top in zip(bars, ok, q75):
         s = sp.get(r["run_id"])
         if s:
-            ax.annotate(f"{s:.2f}×", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center",
-                        va="bottom", fontsize=8, xytext=(0, 6), textcoords="offset points")
-    ax.set_ylabel("s / step (median, IQR bars)")
-    ax.set_title(title, fontsize=9)
-    ax.tick_params(axis="x", labelrotation=20, labelsize=8)
-    ax.set_ylim(0, max(m + h for m, h in zip(med, hi)) * 1.2)
+            ax.annotate(f"{s:.2f}×", (b.get_x() + b.get_width() / 2, top), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+    _log_ms_axis(ax)
+    ax.set_ylim(min(q25) / 2, max(q75) * 3)
+    ax.set_ylabel("ms / step (median, IQR bars; log)")
+    ax.set_title(title + "\nabove bars: speed-up vs baseline; orange: beyond upstream's code", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     return _png(fig)
 
 
@@ -256,22 +273,28 @@ def plot_scaling(rs: list[dict]) -> str | None:
 
 
 def plot_history(runs: list[dict], system: str, card: str) -> str | None:
-    rs = [r for r in runs if r.get("system") == system and card_of(r) == card and r.get("status") == "ok"
-          and (r.get("timing") or {}).get("step_s_median") and world_size(r) == 1]
-    if len({r["sweep_id"] for r in rs}) < 2:
+    """ms/step per variant across the bench sweeps of (system, card), oldest left, log axis.
+    Profile sweeps are left out: their step times carry the profiler."""
+    groups = {k: rs for k, rs in sweep_groups(runs).items() if k[:2] == (system, card) and not is_profile_sweep(rs)}
+    order = sorted(groups, key=lambda k: stamp(k, groups[k]))
+    pts: dict[str, list[tuple[int, float]]] = {}
+    for i, k in enumerate(order):
+        for v in sorted({r["variant"] for r in groups[k]}):
+            run = summary.timed_run(groups[k], v)
+            if run:
+                pts.setdefault(v, []).append((i, run["timing"]["step_s_median"] * 1e3))
+    if len(order) < 2 or not pts:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3))
-    sweeps = sorted({r["sweep_id"] for r in rs}, key=lambda s: min(x.get("created") or "" for x in rs
-                                                                    if x["sweep_id"] == s))
-    for v in sorted({r["variant"] for r in rs}):
-        pts = [(sweeps.index(r["sweep_id"]), r["timing"]["step_s_median"]) for r in rs if r["variant"] == v]
-        pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=v)
-    ax.set_xticks(range(len(sweeps)), [s[:15] for s in sweeps], rotation=30, fontsize=7)
-    ax.set_ylabel("s / step")
-    ax.set_title("history (absolute s/step per sweep)", fontsize=9)
-    ax.legend(fontsize=7)
+    fig, ax = plt.subplots(figsize=(min(11.0, 4.0 + 0.25 * len(order)), 3.6))
+    styles = ["-o", "-s", "-^", "-D", "-v", "-P", "-X"]
+    for j, (v, xy) in enumerate(sorted(pts.items())):
+        ax.plot([x for x, _ in xy], [y for _, y in xy], styles[j // 10 % len(styles)], ms=4, label=v)
+    _log_ms_axis(ax)
+    ax.set_xticks(range(len(order)), [k[2][:15] for k in order], rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("ms / step (median; log)")
+    ax.set_title(f"history: {system} on {card}, every bench sweep (absolute ms/step per sweep)", fontsize=9)
+    ax.legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc="upper left", ncol=1 + len(pts) // 16)
     return _png(fig)
 
 
@@ -281,36 +304,81 @@ TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <title>dpharness report</title>
 <style>
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px auto;max-width:1150px;color:#222;padding:0 16px}
-h1{margin-bottom:4px} h2{border-bottom:2px solid #4a7ab5;padding-bottom:4px;margin-top:36px}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:16px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{margin:0 0 2px} h2{border-bottom:2px solid #4a7ab5;padding-bottom:4px;margin-top:36px} h3{margin-top:28px}
+header p{margin:2px 0 8px}
 table{border-collapse:collapse;margin:8px 0 16px;font-size:13px} th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
 th{background:#eef3fa} td.l,th.l{text-align:left} .pass{color:#0a7a2a;font-weight:bold} .fail{color:#b00020;font-weight:bold}
 .muted{color:#777;font-size:12px} img{max-width:100%;display:block;margin:6px 0} .warn{color:#b06000}
 dl dt{font-weight:bold;margin-top:8px} code{background:#f4f4f4;padding:0 3px}
+#summary{font-size:13.5px} #summary th,#summary td{padding:3px 6px} #summary caption{text-align:left;font-weight:bold;font-size:15px;padding-bottom:4px}
+#summary td.big{font-weight:bold} td.nw{white-space:nowrap}
+details{margin:6px 0} details>summary{cursor:pointer;color:#2a5a95} nav li{margin:2px 0} nav a{margin-right:6px}
 </style></head><body>
-<h1>dpharness report</h1>
+<header><h1>dpharness report</h1>
 <p class="muted">generated {{ generated }} from {{ n_runs }} run record(s) in <code>results/runs</code>;
-{{ 'all sweeps' if all_sweeps else 'latest sweep per (system, card)' }}. Speedups are ratios within one sweep on one card only.</p>
-{% if not sections %}
+{{ 'all sweeps' if all_sweeps else 'per (system, card): the latest bench sweep, every bench sweep with a fast variant, the newest profile of each variant' }}.
+Speed-ups are ratios within one sweep on one card only.{% if csv %} All records as one table: <a href="{{ csv }}">{{ csv }}</a>.{% endif %}</p></header>
+{% if summary %}<table id="summary"><caption>The answer: the headline fast variant per system and card, against the fastest upstream run of its own sweep</caption>
+{% include "head" %}
+{% for r in summary if r.headline %}{% include "row" %}{% endfor %}</table>
+<p class="muted">Newest bench sweep holding the variant and an upstream anchor. <em>legal</em>: upstream's code with one of
+the four ASC22-legal settings (baseline, fp32, tos, fp32-tos); <em>upstream-native</em>: upstream's code alone, any of its
+own options (compile/tf32 flags, JAX/TF backends); each named after the run it divides. min / median / max: the legal
+speed-up over every bench sweep that holds both (sweeps). Gate: the variant's accuracy verdict in that sweep.</p>
+<details><summary>every fast variant ({{ summary|length }} rows)</summary><table>
+{% include "head" %}
+{% for r in summary %}{% include "row" %}{% endfor %}</table></details>
+{% elif groups %}<p id="summary">No fast variant measured beside upstream anchors yet: run <code>dpharness bench --variant fused</code>.</p>{% endif %}
+{% if not groups %}
 <p id="empty"><strong>No results yet.</strong> Run <code>make bench</code> (or <code>dpharness bench</code>) to produce
 results JSONs under <code>results/runs/</code>, then <code>make report</code>.</p>
+{% else %}
+<nav><h2 id="contents">Contents</h2><ul>
+{% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
+{% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
+{% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
+{% endfor %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
-{% for s in sections %}
-<h2 id="{{ s.anchor }}">{{ s.system }} — {{ s.card }}</h2>
-<p class="muted">sweep <code>{{ s.sweep }}</code>, {{ s.runs|length }} run(s), {{ s.steps }} steps per run</p>
+{% for g in groups %}
+<h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
+{% if g.img_history %}<h3>History</h3><img alt="history of ms/step per variant" src="{{ g.img_history }}">{% endif %}
+{% for s in g.open %}<h3 id="{{ s.anchor }}">{{ s.title }}</h3>{% include "section" %}{% endfor %}
+{# the ids sit inside the <details>: following a link to one opens every <details> around it #}
+{% if g.older %}<details><summary>{{ g.older|length }} older sweep(s) of {{ g.system }} on {{ g.card }}</summary>
+{% for s in g.older %}<details><summary>{{ s.title }}</summary><div id="{{ s.anchor }}">{% include "section" %}</div></details>{% endfor %}
+</details>{% endif %}
+{% endfor %}
+{% if variants %}<h2 id="variants">Variants</h2><dl>
+{% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}</dd>{% endfor %}
+</dl>{% endif %}
+</body></html>
+"""
+
+HEAD = """<tr><th class="l">system</th><th class="l">card</th><th class="l">variant</th><th>ms/step</th><th>vs best legal</th>
+<th>vs best legal passing gate</th><th>vs best native</th><th>vs best legal: min / med / max</th><th>sweeps</th><th>gate</th><th>peak mem / baseline</th></tr>
+"""
+
+ROW = """<tr><td class="l">{{ r.system }}</td><td class="l nw">{{ r.card }}</td><td class="l big"><a href="#{{ r.anchor }}">{{ r.variant }}</a></td>
+<td>{% if r.href %}<a href="{{ r.href }}">{{ r.ms }}</a>{% else %}{{ r.ms }}{% endif %}</td><td class="big nw">{{ r.legal }}</td>
+<td class="nw">{{ r.legal_gated }}</td><td class="nw">{{ r.native }}</td><td class="nw">{{ r.range }}</td><td>{{ r.n }}</td>
+<td class="{{ r.vclass }}">{{ r.verdict }}</td><td>{{ r.mem }}</td></tr>
+"""
+
+SECTION = """<p class="muted">{{ s.runs|length }} run(s), {{ s.steps }} steps per run; variant names link to the run records</p>
 <table><tr><th class="l">variant</th><th>status</th><th>ms/step</th><th>IQR ms</th><th>speedup vs baseline</th>
 <th>peak GPU MiB</th><th>startup s</th><th>accuracy</th></tr>
-{% for r in s.rows %}<tr><td class="l">{{ r.variant }}</td><td>{{ r.status }}</td><td>{{ r.ms }}</td><td>{{ r.iqr }}</td>
+{% for r in s.rows %}<tr><td class="l">{% if r.href %}<a href="{{ r.href }}">{{ r.variant }}</a>{% else %}{{ r.variant }}{% endif %}</td><td>{{ r.status }}</td><td>{{ r.ms }}</td><td>{{ r.iqr }}</td>
 <td>{{ r.speedup }}</td><td>{{ r.mem }}</td><td>{{ r.startup }}</td><td class="{{ r.vclass }}">{{ r.verdict }}</td></tr>
 {% if r.error %}<tr><td class="l warn" colspan="8">{{ r.error }}</td></tr>{% endif %}{% endfor %}
 </table>
-{% if s.img_steps %}<img alt="s/step per variant" src="{{ s.img_steps }}">{% endif %}
-{% if s.accuracy %}<h3>Accuracy</h3>
+{% if s.img_steps %}<img alt="ms/step per variant" src="{{ s.img_steps }}">{% endif %}
+{% if s.accuracy %}<h4>Accuracy</h4>
 <table><tr><th class="l">variant</th>{% for c in s.acc_cols %}<th>{{ c }}</th>{% endfor %}<th>verdict</th><th class="l">detail</th></tr>
 {% for a in s.accuracy %}<tr><td class="l">{{ a.variant }}</td>{% for v in a.vals %}<td>{{ v }}</td>{% endfor %}
 <td class="{{ a.vclass }}">{{ a.verdict }}</td><td class="l">{{ a.detail }}</td></tr>{% endfor %}</table>{% endif %}
-{% if s.img_lcurve %}<h3>Learning curves</h3><img alt="learning curves" src="{{ s.img_lcurve }}">{% endif %}
-{% if s.img_profile %}<h3>Profile breakdown</h3><img alt="profile breakdown" src="{{ s.img_profile }}">
+{% if s.img_lcurve %}<h4>Learning curves</h4><img alt="learning curves" src="{{ s.img_lcurve }}">{% endif %}
+{% if s.img_profile %}<h4>Profile breakdown</h4><img alt="profile breakdown" src="{{ s.img_profile }}">
 <table><tr><th class="l">variant</th><th>wall ms/step</th><th>GPU busy ms</th><th>host gap ms</th><th>kernels/step</th><th>launches/step</th><th>memcpy/step</th></tr>
 {% for p in s.profiles %}<tr><td class="l">{{ p.variant }}</td><td>{{ p.wall }}</td><td>{{ p.busy }}</td><td>{{ p.gap }}</td><td>{{ p.kernels }}</td><td>{{ p.launches }}</td><td>{{ p.memcpy }}</td></tr>{% endfor %}</table>
 {% for p in s.profiles %}{% if p.top %}<details><summary>top kernels / ops: {{ p.variant }}</summary><table><tr><th>ms/step</th><th>count</th><th class="l">name</th></tr>
@@ -319,14 +387,8 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 <table><tr><th>time us</th><th>SM % of peak</th><th>DRAM % of peak</th><th>DRAM GB/s</th><th>FP64 GFLOP/s (CUDA cores)</th><th>FP64 % of datasheet peak</th><th class="l">kernel</th></tr>
 {% for k in p.ncu %}<tr><td>{{ k.t }}</td><td>{{ k.sm }}</td><td>{{ k.dram }}</td><td>{{ k.bw }}</td><td>{{ k.fl }}</td><td>{{ k.flp }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table>{% endif %}{% endfor %}
 {% endif %}
-{% if s.img_scaling %}<h3>Multi-GPU scaling</h3><img alt="scaling" src="{{ s.img_scaling }}">{% endif %}
-{% if s.img_history %}<h3>History</h3><img alt="history" src="{{ s.img_history }}">{% endif %}
-<h3>Environment</h3><table>{% for k, v in s.env %}<tr><td class="l">{{ k }}</td><td class="l">{{ v }}</td></tr>{% endfor %}</table>
-{% endfor %}
-{% if variants %}<h2 id="variants">Variants</h2><dl>
-{% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}</dd>{% endfor %}
-</dl>{% endif %}
-</body></html>
+{% if s.img_scaling %}<h4>Multi-GPU scaling</h4><img alt="scaling" src="{{ s.img_scaling }}">{% endif %}
+<h4>Environment</h4><table>{% for k, v in s.env %}<tr><td class="l">{{ k }}</td><td class="l">{{ v }}</td></tr>{% endfor %}</table>
 """
 
 
@@ -345,7 +407,25 @@ def _verdict(v: Any) -> tuple[str, str]:
     return {"pass": ("PASS", "pass"), "fail": ("FAIL", "fail"), "baseline": ("reference", "")}.get(s, (s, ""))
 
 
-def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
+def _anchor(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def _kind(rs: list[dict]) -> str:
+    return "profile" if is_profile_sweep(rs) else "bench"
+
+
+def _title(system: str, card: str, sweep: str, rs: list[dict]) -> str:
+    """Unique per section: system, card, sweep id, date and the harness commit(s) of the sweep."""
+    date = max(r.get("created") or "" for r in rs)[:16].replace("T", " ")
+    shas = sorted({str((r.get("environment") or {}).get("harness_git") or "?")[:7] for r in rs})
+    return f"{system} — {card} — {_kind(rs)} sweep {sweep} — {date or '?'} — git {', '.join(shas)}"
+
+
+def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: None) -> list[dict]:
+    """One dict per selected sweep (select's order); href(record) -> link to its JSON, or None."""
+    groups = sweep_groups(runs)
+    opened = set(_open_keys(groups, {k: stamp(k, rs) for k, rs in groups.items()}))
     sections = []
     for system, card, sweep, rs in select(runs, all_sweeps):
         sp = speedups(rs)
@@ -360,7 +440,7 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
                          "iqr": _fmt(t.get("step_s_iqr"), 1e3), "startup": _fmt(t.get("startup_s"), 1, 1),
                          "speedup": f"{sp[r['run_id']]:.2f}×" if sp.get(r["run_id"]) else "-",
                          "mem": _fmt(mem, 1 / 2**20, 0) if mem else "-", "verdict": verdict, "vclass": vclass,
-                         "error": r.get("error")})
+                         "error": r.get("error"), "href": href(r)})
         acc, acc_cols = [], []
         for r in rs:
             a = r.get("accuracy") or {}
@@ -401,7 +481,9 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
         steps = sorted({r.get("steps") for r in rs if r.get("steps") is not None})
         sections.append({
             "system": system, "card": card, "sweep": sweep, "runs": rs, "rows": rows,
-            "anchor": f"{system}-{card}-{sweep}".replace(" ", "_"),
+            "anchor": _anchor(system, card, sweep), "title": _title(system, card, sweep, rs),
+            "kind": _kind(rs),
+            "open": (system, card, sweep) in opened,
             "steps": ", ".join(str(s) for s in steps) or "?",
             "accuracy": acc, "acc_cols": acc_cols, "profiles": profiles,
             "env": [(k, "-" if v is None else v) for k, v in env_rows],
@@ -409,9 +491,42 @@ def build_sections(runs: list[dict], all_sweeps: bool = False) -> list[dict]:
             "img_lcurve": plot_lcurves(rs),
             "img_profile": plot_profile(rs),
             "img_scaling": plot_scaling(rs),
-            "img_history": plot_history(runs, system, card) if all_sweeps else None,
         })
     return sections
+
+
+def by_card(runs: list[dict], sections: list[dict]) -> list[dict]:
+    """The sections grouped per (system, card): open ones (newest bench, newest profiles) first,
+    older ones collapsed; one history plot per group."""
+    out: dict[tuple[str, str], dict] = {}
+    for s in sections:
+        g = out.get((s["system"], s["card"]))
+        if g is None:
+            g = out[(s["system"], s["card"])] = {
+                "system": s["system"], "card": s["card"], "anchor": _anchor(s["system"], s["card"]),
+                "img_history": plot_history(runs, s["system"], s["card"]), "open": [], "older": []}
+        g["open" if s["open"] else "older"].append(s)
+    return list(out.values())
+
+
+def _ratio_text(row: dict, key: str) -> str:
+    return row[key]["text"] if row[key]["x"] else ("no judged anchor" if key.endswith("gated") else "-")
+
+
+def summary_rows(runs: list[dict], href=lambda r: None) -> list[dict]:
+    """summary.rows formatted for the page; `anchor` links each row to its sweep's section."""
+    out = []
+    for r in summary.rows(runs):
+        verdict, vclass = _verdict(r["verdict"] or "not judged")
+        out.append({"headline": r["headline"], "system": r["system"], "card": r["card"], "variant": r["variant"],
+                    "ms": f"{r['ms']:.2f}", "href": href(r["run"]), "sweep": r["sweep"],
+                    "anchor": _anchor(r["system"], r["card"], r["sweep"]),
+                    "legal": _ratio_text(r, "legal"), "legal_gated": _ratio_text(r, "legal_gated"),
+                    "native": _ratio_text(r, "native"),
+                    "range": f"{r['min']:.1f} / {r['median']:.1f} / {r['max']:.1f}×", "n": r["n"],
+                    "verdict": verdict, "vclass": vclass,
+                    "mem": f"{r['mem_ratio']:.2f}×" if r["mem_ratio"] else "-"})
+    return out
 
 
 def variant_list(runs: list[dict]) -> list[dict]:
@@ -424,24 +539,38 @@ def variant_list(runs: list[dict]) -> list[dict]:
     return sorted(seen.values(), key=lambda v: (v["name"] != "baseline", v["name"]))
 
 
-def render(runs: list[dict], all_sweeps: bool = False) -> str:
+def render(runs: list[dict], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None) -> str:
+    """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table."""
     import jinja2
 
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
+    env = jinja2.Environment(loader=jinja2.DictLoader({"head": HEAD, "row": ROW, "section": SECTION}), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    sections = build_sections(runs, all_sweeps, href)
     return env.from_string(TEMPLATE).render(
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), n_runs=len(runs), all_sweeps=all_sweeps,
-        sections=build_sections(runs, all_sweeps), variants=variant_list(runs))
+        summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv)
 
 
-import os
+CSV_NAME = "runs.csv"
 
 
 def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False) -> Path:
+    """index.html and, next to it, runs.csv (the export table); bad record files are skipped
+    with a warning (results.iter_runs)."""
+    out, runs_dir = Path(out), Path(runs_dir)
+    pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
+    files = {d["run_id"]: p for p, d in pairs}
+    runs = [d for _, d in pairs]
 
+    def href(r: dict) -> str | None:  # relative, so the page works wherever the checkout is
+        p = files.get(r["run_id"])
+        return Path(os.path.relpath(p.resolve(), out.parent.resolve())).as_posix() if p else None
 
-    runs = load_runs(Path(runs_dir)) if Path(runs_dir).is_dir() else []
-    text = render(runs, all_sweeps)
-    out = Path(out)
+    csv = None
+    if runs:
+        export.write_table(export.flatten(runs), out.parent / CSV_NAME, "csv")
+        csv = CSV_NAME
+    text = render(runs, all_sweeps, href, csv)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     tmp.write_text(text)
@@ -451,13 +580,13 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
 
 def _report_cmd(a) -> int:
     out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all)
-    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB)", file=sys.stderr)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.parent / CSV_NAME}", file=sys.stderr)
     return 0
 
 
 def register_cli(subparsers) -> None:
     p = subparsers.add_parser("report", help="write results/report/index.html (one self-contained file)")
-    p.add_argument("--all", action="store_true", help="every sweep (history), not only the latest per system/card")
+    p.add_argument("--all", action="store_true", help="every sweep, not only the latest bench, fast-variant and profile sweeps")
     p.add_argument("--runs", default=str(RUNS), help="directory of results JSONs")
     p.add_argument("--out", default=str(OUT))
     p.set_defaults(func=_report_cmd)

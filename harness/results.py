@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 from .records import RunRecord, to_jsonable
 
@@ -133,16 +134,68 @@ def write_run(rec: RunRecord, runs_dir: Path = RUNS) -> Path:
     return path
 
 
-def load_runs(runs_dir: Path = RUNS) -> list[dict[str, Any]]:
-    out = []
-    for p in sorted(runs_dir.glob("*.json")):
+# what every reader indexes a record by; a record without them is older than run_id-keyed records
+REQUIRED = ("run_id", "sweep_id", "system", "variant")
+# the sub-objects readers call .get on: null is fine, anything but an object is not
+OBJECTS = ("timing", "accuracy", "memory", "device", "environment", "artifacts", "throughput")
+
+
+class BadRecord(ValueError):
+    """A file under results/runs that is no readable run record; the message says why."""
+
+
+def record_problem(d: Any) -> str | None:
+    """Why `d` is no usable run record (None: it is one)."""
+    if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("dpharness.run/"):
+        return 'not a dpharness run record (no "schema": "dpharness.run/...")'
+    missing = [k for k in REQUIRED if not isinstance(d.get(k), str) or not d[k]]
+    if missing:
+        return f"older or incomplete record schema (no {', '.join(missing)})"
+    bad = [k for k in OBJECTS if d.get(k) is not None and not isinstance(d[k], dict)]
+    if bad:
+        return f"malformed record ({', '.join(bad)} not an object)"
+    return None
+
+
+def read_run(path: Path) -> dict[str, Any]:
+    """One run record; BadRecord when the file is unreadable, truncated, foreign or of an older schema."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise BadRecord(f"unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BadRecord("not text (binary file)") from None
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"not valid JSON, truncated? ({e})") from None
+    problem = record_problem(d)
+    if problem:
+        raise BadRecord(problem)
+    return d
+
+
+def warn_stderr(msg: str) -> None:
+    print(f"dpharness: warning: {msg}", file=sys.stderr)
+
+
+def run_files(runs_dir: Path = RUNS) -> list[Path]:
+    return sorted(Path(runs_dir).glob("*.json"))
+
+
+def iter_runs(paths: Iterable[Path], warn: Callable[[str], None] = warn_stderr) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """(path, record) for each readable run record; each other file is skipped with ONE warn() line
+    naming it and why, so one bad file never stops a reader."""
+    for p in paths:
         try:
-            d = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+            d = read_run(p)
+        except BadRecord as e:
+            warn(f"skipped {p}: {e}")
             continue
-        if isinstance(d, dict) and str(d.get("schema", "")).startswith("dpharness.run/"):
-            out.append(d)
-    return out
+        yield Path(p), d
+
+
+def load_runs(runs_dir: Path = RUNS, warn: Callable[[str], None] = warn_stderr) -> list[dict[str, Any]]:
+    """Every run record under runs_dir (sorted by file name); bad files are skipped with a warning."""
+    return [d for _, d in iter_runs(run_files(runs_dir), warn)]
 
 
 def recent_wall_s(runs: list[dict[str, Any]], system: str, variant: str, device_kind: str,

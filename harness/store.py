@@ -11,8 +11,9 @@ import math
 import sqlite3
 from contextlib import closing
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+from . import results
 from .results import ROOT, RUNS
 
 DB = ROOT / "results" / "results.sqlite"
@@ -119,28 +120,26 @@ def row_of(d: dict[str, Any], source: str | None = None) -> tuple:
 
 
 def ingest(paths: Iterable[Path] | None = None, db: Path = DB, runs_dir: Path = RUNS,
-           rebuild: bool = False, _fail_after: int | None = None, journal: str = "auto") -> dict[str, int]:
+           rebuild: bool = False, _fail_after: int | None = None,
+           warn: Callable[[str], None] = results.warn_stderr, journal: str = "auto") -> dict[str, int]:
     """Ingest results JSONs (default: every runs_dir/*.json) in ONE transaction. Returns counts.
+    A file that is no readable run record is skipped with one warn() line (results.iter_runs).
     `_fail_after` (tests only) raises after that many rows, to prove the rollback."""
-    files = sorted(Path(p) for p in paths) if paths is not None else sorted(Path(runs_dir).glob("*.json"))
+    files = sorted(Path(p) for p in paths) if paths is not None else results.run_files(runs_dir)
     counts = {"files": len(files), "inserted": 0, "updated": 0, "unchanged": 0, "skipped": 0}
+
+    def skip(msg: str) -> None:
+        counts["skipped"] += 1
+        warn(msg)
+
     with closing(connect(db, journal)) as con:
         con.execute("BEGIN IMMEDIATE")
         try:
             if rebuild:
                 con.execute("DELETE FROM runs")
-            for i, f in enumerate(files):
+            for i, (f, d) in enumerate(results.iter_runs(files, skip)):
                 if _fail_after is not None and i >= _fail_after:
                     raise RuntimeError("simulated crash during ingest")
-                try:
-                    d = json.loads(f.read_text())
-                except (OSError, json.JSONDecodeError):
-                    counts["skipped"] += 1
-                    continue
-                if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("dpharness.run/") \
-                        or "run_id" not in d:
-                    counts["skipped"] += 1
-                    continue
                 row = row_of(d, _rel(f))
                 old = con.execute("SELECT json FROM runs WHERE run_id = ?", (d["run_id"],)).fetchone()
                 if old is not None and old["json"] == row[-1]:
@@ -263,7 +262,7 @@ def format_compare(res: dict[str, Any]) -> str:
 
 def _ingest_cmd(a) -> int:
     paths = [Path(p) for p in a.paths] if a.paths else None
-    c = ingest(paths, db=Path(a.db), rebuild=a.rebuild, journal=a.journal)
+    c = ingest(paths, db=Path(a.db), runs_dir=Path(a.runs), rebuild=a.rebuild, journal=a.journal)
     print(f"{a.db}: {c['inserted']} inserted, {c['updated']} updated, {c['unchanged']} unchanged, "
           f"{c['skipped']} skipped of {c['files']} files")
     return 0
@@ -271,7 +270,7 @@ def _ingest_cmd(a) -> int:
 
 def _compare_cmd(a) -> int:
     if not a.no_ingest:
-        ingest(db=Path(a.db), journal=a.journal)
+        ingest(db=Path(a.db), runs_dir=Path(a.runs), journal=a.journal)
     res = compare(load(Path(a.db), a.journal), a.a, a.b, threshold=a.threshold)
     if a.json:
         print(json.dumps(res, indent=1))
@@ -286,6 +285,7 @@ def register_cli(subparsers) -> None:
     p = subparsers.add_parser("ingest", help="ingest results/runs/*.json into results/results.sqlite")
     p.add_argument("paths", nargs="*", help="results JSONs (default: all of results/runs)")
     p.add_argument("--db", default=str(DB))
+    p.add_argument("--runs", default=str(RUNS), help="directory of results JSONs (when no FILES are given)")
     p.add_argument("--rebuild", action="store_true", help="empty the database first (same transaction)")
     p.add_argument("--journal", choices=JOURNALS, default="auto", help="SQLite journal: auto (WAL, or the rollback journal on NFS/Lustre/GPFS/...), wal, delete")
     p.set_defaults(func=_ingest_cmd)
@@ -293,6 +293,7 @@ def register_cli(subparsers) -> None:
     c.add_argument("a", help="sweep_id prefix | harness git sha prefix | variant")
     c.add_argument("b", help="sweep_id prefix | harness git sha prefix | variant")
     c.add_argument("--db", default=str(DB))
+    c.add_argument("--runs", default=str(RUNS), help="directory of results JSONs ingested first")
     c.add_argument("--threshold", type=float, default=THRESHOLD, help="regression threshold (default 0.10)")
     c.add_argument("--no-ingest", action="store_true", help="do not ingest results/runs first")
     c.add_argument("--json", action="store_true")

@@ -336,7 +336,7 @@ def test_calibration_from_runs_keeps_every_finished_seed(tmp_path: Path) -> None
     runs.mkdir()
 
     def rec(i, variant, seed, f, status="ok", system="tiny", kind="cuda", steps=200, created="2026-11-27T20:00:00Z"):
-        d = {"schema": "dpharness.run/1", "run_id": f"r{i}", "system": system, "variant": variant, "seed": seed,
+        d = {"schema": "dpharness.run/1", "run_id": f"r{i}", "sweep_id": "s", "system": system, "variant": variant, "seed": seed,
              "status": status, "steps": steps, "device": {"kind": kind}, "created": created,
              "accuracy": {"dp_test": {"rmse_e_per_atom": 0.1, "rmse_f": f, "rmse_v": None, "numb_test": 0}}}
         (runs / f"r{i}.json").write_text(json.dumps(d))

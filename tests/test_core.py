@@ -441,7 +441,7 @@ def _stored_runs(tiny_system, runs: Path, rows: list[tuple]) -> str:
     runs.mkdir()
     for i, (variant, kind, wall, gate_s) in enumerate(rows):
         (runs / f"old{i}.json").write_text(json.dumps({
-            "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "system": name, "variant": variant,
+            "schema": "dpharness.run/1", "run_id": f"2020-old{i}", "sweep_id": "2020-old", "system": name, "variant": variant,
             "device": {"kind": kind}, "timing": {"wall_s": wall}, "accuracy": {"wall_s": gate_s}}))
     return name
 

@@ -147,7 +147,8 @@ WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from harness import results
-    payload = {"schema": "dpharness.run/1", "blob": ["x" * 1000] * 4000}
+    payload = {"schema": "dpharness.run/1", "run_id": "r", "sweep_id": "s", "system": "water", "variant": "baseline",
+               "blob": ["x" * 1000] * 4000}
     i = 0
     while True:
         results.atomic_write_json(Path(sys.argv[1]) / f"r{i % 3}.json", {**payload, "i": i})

@@ -1,16 +1,14 @@
-"""harness.report: the self-contained HTML from synthetic results, and a real headless-Chromium render.
-CI needs: apt-get install -y chromium (the render test skips with a reason when it is absent)."""
+"""harness.report: the self-contained HTML from synthetic results (the summary it leads with, the
+selection, links, plots), the committed records' headline, and a real headless-Chromium render.
+CI needs: apt-get install -y chromium (the render tests skip with a reason when it is absent)."""
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
-import tempfile
-
 
 import pytest
 
-from harness import report
+from harness import report, summary
+from tests._chromium import CHROMIUM, console_lines, probe, screenshot
 from tests._fixtures_report import gpu_profile, run_record, write_runs
 
 OLD, NEW = "20260101T000000Z-aaa", "20260202T000000Z-bbb"
@@ -113,23 +111,170 @@ def test_lcurve_repair_of_misread_header():
     assert lc is not None and lc["step"] == [1.0, 2.0] and "rmse_f_trn" in lc
 
 
-CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+# ------------------------------------------------------------------ the summary the page leads with
+
+def _fast_records():
+    """Two bench sweeps of water on an H100 with fused and upstream anchors, one profile sweep, and
+    one bench sweep without a fast variant (older than both)."""
+    s1, s2, s0 = "20260301T000000Z-f01", "20260302T000000Z-f02", "20260228T000000Z-f00"
+    table = [(s0, "baseline", 0.050, "baseline"), (s0, "tos", 0.030, "pass"),
+             (s1, "baseline", 0.040, "baseline"), (s1, "tos", 0.020, "fail"), (s1, "fp32", 0.030, "pass"),
+             (s1, "fused", 0.002, "pass"), (s1, "jax-tos", 0.010, "fail"), (s1, "graph", 0.004, "pass"),
+             (s2, "baseline", 0.044, "baseline"), (s2, "fp32-tos", 0.022, "pass"), (s2, "fused", 0.001, "pass"),
+             (s2, "fused-mixed", 0.0008, "fail")]
+    day = lambda sw: f"{sw[:4]}-{sw[4:6]}-{sw[6:8]}"  # noqa: E731
+    recs = [run_record(sw, "water", v, med, verdict=vd, created=f"{day(sw)}T00:00:{i:02d}Z")
+            for i, (sw, v, med, vd) in enumerate(table)]
+    recs.append(run_record("20260303T000000Z-p01", "water", "fused", 0.0011, profile=gpu_profile(),
+                           created="2026-03-03T00:00:00Z"))
+    for r in recs:
+        if r["variant"] == "fused":
+            r["memory"]["gpu_peak_bytes"] = 2**29  # half the baseline's 2**30
+    return s0, s1, s2, recs
+
+
+def test_summary_speedups_against_the_anchors_of_the_same_sweep():
+    _, s1, s2, recs = _fast_records()
+    rows = {r["variant"]: r for r in summary.rows(recs)}
+    assert set(rows) == {"fused", "graph", "fused-mixed"}  # jax-tos is upstream's code: an anchor
+    f = rows["fused"]
+    assert f["headline"] and not rows["graph"]["headline"] and not rows["fused-mixed"]["headline"]
+    assert f["sweep"] == s2 and f["ms"] == pytest.approx(1.0)
+    assert (f["legal"]["vs"], f["legal"]["x"]) == ("fp32-tos", pytest.approx(22.0))
+    assert (f["legal_gated"]["vs"], f["legal_gated"]["x"]) == ("fp32-tos", pytest.approx(22.0))
+    # over both sweeps: s1's best legal is tos (20 ms, failed its gate) -> 10x; s2 -> 22x
+    assert (f["min"], f["max"], f["n"]) == (pytest.approx(10.0), pytest.approx(22.0), 2)
+    assert f["median"] == pytest.approx(16.0) and f["mem_ratio"] == pytest.approx(0.5)
+    g = rows["graph"]  # s1 only: legal tos 20 ms raw, fp32 30 ms passing the gate, jax-tos 10 ms native
+    assert (g["legal"]["x"], g["legal_gated"]["vs"], g["legal_gated"]["x"]) == (5.0, "fp32", pytest.approx(7.5))
+    assert (g["native"]["vs"], g["native"]["x"]) == ("jax-tos", pytest.approx(2.5))
+    # fused-mixed is faster but fails the gate: it never heads the table
+    assert rows["fused-mixed"]["verdict"] == "fail"
+
+
+def test_page_leads_with_the_summary_table(tmp_path):
+    _, _, s2, recs = _fast_records()
+    write_runs(tmp_path / "runs", recs)
+    text = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html").read_text()
+    body = text[text.index("<body>"):]
+    after_header = body[body.index("</header>") + len("</header>"):].lstrip()
+    assert after_header.startswith('<table id="summary">')
+    head = after_header[:after_header.index("</table>")]
+    assert "22.0× vs fp32-tos" in head and "10.0 / 16.0 / 22.0×" in head and "0.50×" in head
+    assert ">fused</a>" in head and "fused-mixed" not in head  # headline only; the rest below
+    assert "2.5× vs jax-tos" in text and "fused-mixed" in text
+
+
+def test_default_selection_every_fast_sweep_newest_first_older_collapsed(tmp_path):
+    s0, s1, s2, recs = _fast_records()
+    keys = [sw for _, _, sw, _ in report.select(recs)]
+    assert keys == ["20260303T000000Z-p01", s2, s1]  # s0 has no fast variant and is not the latest
+    assert [sw for _, _, sw, _ in report.select(recs, all_sweeps=True)] == ["20260303T000000Z-p01", s2, s1, s0]
+    write_runs(tmp_path / "runs", recs)
+    text = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html").read_text()
+    assert text.index(f"sweep {s2}") < text.index(f"sweep {s1}") and s0 not in text
+    older = text[text.index("older sweep(s) of water"):]
+    assert f'<details><summary>water — NVIDIA H100 — bench sweep {s1}' in older
+    assert f'<div id="water-NVIDIA_H100-{s1}">' in older
+    assert f'<h3 id="water-NVIDIA_H100-{s2}">' in text  # the newest bench sweep is open
+
+
+def test_titles_unique_contents_links_and_run_json_links(tmp_path):
+    _, _, _, recs = _fast_records()
+    write_runs(tmp_path / "results" / "runs", recs)
+    out = report.write_report(tmp_path / "results" / "runs", tmp_path / "results" / "report" / "index.html",
+                              all_sweeps=True)
+    text = out.read_text()
+    titles = re.findall(r"water — NVIDIA H100 — (?:bench|profile) sweep [^<]+", text)
+    titles = [t for t in titles if " — git " in t]
+    assert len(titles) == 4 and len(set(titles)) == 4 and "2026-03-02 00:00 — git abc1234" in " ".join(titles)
+    ids = set(re.findall(r'id="([^"]+)"', text))
+    nav = text[text.index("<nav>"):text.index("</nav>")]
+    targets = re.findall(r'href="#([^"]+)"', nav)
+    assert len(targets) >= 5 and set(targets) <= ids
+    links = set(re.findall(r'href="(\.\./runs/[^"]+\.json)"', text))
+    assert len(links) == len(recs) and all((out.parent / h).is_file() for h in links)
+
+
+def test_csv_next_to_the_page_and_linked(tmp_path):
+    _, _, _, recs = _fast_records()
+    write_runs(tmp_path / "runs", recs)
+    out = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html")
+    assert 'href="runs.csv"' in out.read_text()
+    import pandas as pd
+
+    df = pd.read_csv(out.parent / "runs.csv")
+    assert len(df) == len(recs) and "timing.step_s_median" in df.columns
+
+
+def _yscales(monkeypatch, plot, *args):
+    seen = []
+    monkeypatch.setattr(report, "_png", lambda fig: seen.append([ax.get_yscale() for ax in fig.axes]) or "x")
+    assert plot(*args) == "x"
+    return seen[0]
+
+
+def test_step_time_and_history_plots_are_log_scale(monkeypatch):
+    _, _, s2, recs = _fast_records()
+    assert _yscales(monkeypatch, report.plot_step_times, [r for r in recs if r["sweep_id"] == s2], "t") == ["log"]
+    assert _yscales(monkeypatch, report.plot_history, recs, "water", "NVIDIA H100") == ["log"]
+
+
+def test_no_fast_variant_says_so_where_the_summary_goes(html_path):
+    """_records(): graph failed and nothing else goes beyond upstream: no ratio to lead with."""
+    text = html_path.read_text()
+    after_header = text[text.index("</header>") + len("</header>"):].lstrip()
+    assert after_header.startswith('<p id="summary">No fast variant measured beside upstream anchors yet')
+
+
+def test_history_in_the_default_selection(tmp_path):
+    _, _, _, recs = _fast_records()
+    write_runs(tmp_path / "runs", recs)
+    text = report.write_report(tmp_path / "runs", tmp_path / "i.html").read_text()
+    assert text.count("<h3>History</h3>") == 1  # once per (system, card), not per section
+
+
+def test_committed_records_headline_fused_on_every_system_and_card():
+    """The real answer: fused heads the table for water, copper and alcumg on the H200 and the H100."""
+    from harness import results
+
+    heads = {(r["system"], r["card"].split()[1]): r for r in summary.rows(results.load_runs()) if r["headline"]}
+    want = {(s, c) for s in ("water", "copper", "alcumg") for c in ("H200", "H100")}
+    assert want <= set(heads)
+    for k in want:
+        assert heads[k]["variant"] == "fused", (k, heads[k]["variant"])
+        assert heads[k]["legal"]["x"] > 5 and heads[k]["legal"]["vs"] in ("baseline", "fp32", "tos", "fp32-tos")
+
+
+# ------------------------------------------------------------------ headless Chromium
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI: apt-get install -y chromium)")
+def test_collector_catches_script_errors(tmp_path):
+    """The probe used below can fail: a page that throws and logs an error is caught."""
+    bad = tmp_path / "bad.html"
+    bad.write_text('<!DOCTYPE html><html><head></head><body><header></header><p id="summary">x</p>'
+                   '<script>console.error("logged"); undefined_function();</script></body></html>')
+    got = probe(bad)
+    assert any("undefined_function" in e for e in got["errors"]) and any("logged" in e for e in got["errors"])
+    assert got["summary_tag"] == "P"
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (CI: apt-get install -y chromium)")
-def test_renders_in_headless_chromium(html_path, tmp_path):
+def test_renders_in_headless_chromium(tmp_path):
+    _, _, _, recs = _fast_records()
+    write_runs(tmp_path / "runs", recs + _records())
+    html_path = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html")
+    got = probe(html_path)
+    assert got["errors"] == [] and got["console"] == [], got
+    assert got["after_header"] == "summary" and got["summary_tag"] == "TABLE"
+    assert 0 <= got["summary_top"] < got["summary_bottom"] <= got["inner_height"], got  # on the first screen
+    # a summary row links to its sweep; an older one is collapsed, and following the link opens it
+    _, s1, _, _ = _fast_records()
+    assert probe(html_path, f"water-NVIDIA_H100-{s1}")["target_revealed"]
+    assert not probe(html_path, "no-such-section")["target_revealed"]
     shot = tmp_path / "shot.png"
-    with tempfile.TemporaryDirectory() as profile_dir:
-        r = subprocess.run(
-            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile_dir}", "--enable-logging=stderr", "--v=0", f"--screenshot={shot}",
-             "--window-size=1280,2000", html_path.resolve().as_uri()],
-            capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
-    console = [ln for ln in r.stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
-    assert not console, console
-    assert shot.is_file()
+    r = screenshot(html_path, shot)
+    assert not console_lines(r.stderr)
     from PIL import Image
     import numpy as np
 
