@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check of the fused variant, runnable in one command on the device machine
 # (repo root as cwd; carry wheelhouse and systems/water/data):
-#   bash tools/gpu_check_fused.sh [plan]   plan: system:variant:steps,... (variants: see gpu_check.py)
+#   bash tools/gpu_check_fused.sh [plan]   plan: system:variant:steps,... (variants: see gpu_check_fused.py)
 # Writes $OUT/gpu_check.log and $OUT/gpu_check.json (or ./gpu_check_out without $OUT).
 set -euo pipefail
 # DPH_GPU_BUDGET_S (default 270): the plan stops when this many seconds have passed
