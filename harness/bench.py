@@ -94,7 +94,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
         built.append(b)
     # upstream's own schema judges the input each variant will train with (cheap, before any run)
     for b in built:
-        inp = train.make_input(system, b.overrides, req.steps, req.seed)
+        inp = train.make_input(system, b.overrides, req.steps, req.seed, b.upstream_options)
         input_check.check_input(inp, built[0].tree, f"{system.directory / 'input.json'} (variant {b.name})")
     return Prepared(system, built, device, pin)
 
@@ -227,7 +227,7 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
             f"{f' x{ngpu}' if ngpu > 1 else ''} ({prep.system.name})")
         tr = train.run_training(spec, progress=_progress_bar(b.name))
         _end_progress()
-        tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s)
+        tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s, tr.upstream_avg_step_s)
         rec = RunRecord(run=spec, train=tr, timing=tm, environment=env)
         if req.profile and tr.status == "ok":
             from . import profile

@@ -34,13 +34,15 @@ class Variant:
     description: str
     base: str | None  # None only for `baseline`
     upstream: tuple[str, ...]
-    backend: str  # pt | jax | tf
+    backend: str  # pt | jax | tf | pt-expt | tf2
     env: dict[str, str]
     overrides: dict[str, Any]
     diffs: tuple[Path, ...]
     modules: tuple[Path, ...]
     directory: Path
     accuracy_class: str = "float64"  # float64 | float32 | mixed: which parity threshold applies
+    # upstream-native settings (variants.UPSTREAM_OPTIONS), outside the three-parameter rule
+    upstream_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,8 @@ class BuiltVariant:
     description: str
     cached: bool
     log: tuple[str, ...]
+    upstream_options: dict[str, Any] = field(default_factory=dict)  # the chain's, merged
+    upstream_only: bool = False  # the chain has no diffs and no patch modules (anchors.py reads it)
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,9 @@ class TrainResult:
     lcurve: Path | None
     input_path: Path
     log_path: Path
+    # upstream's own "average training time: X s/batch" log line (its host clock over display
+    # intervals; None when the backend's loop does not print it)
+    upstream_avg_step_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class Timing:
     clock: str
     startup_s: float | None
     wall_s: float
+    upstream_avg_step_s: float | None = None  # upstream's own average (TrainResult), for comparison
 
 
 @dataclass
