@@ -233,11 +233,13 @@ def _last_exception(lines: list[str]) -> str | None:
     for ln in lines[tb + 1:]:
         m = _FRAME.match(ln)
         if m:
-            where = f"{m.group(2)}:{m.group(3)}"
+            if "/_vendors/" not in ln or where is None:  # a vendored array shim is not the cause
+                where = f"{m.group(2)}:{m.group(3)}"
             continue
         if _EXC_LINE.match(ln):
             exc = ln
-            break
+            if not ln.endswith("in user code:"):  # TF's tf.function error: the frames follow
+                break
     if exc is None:
         return None
     return exc[:260] + (f" (at {where})" if where else "")
