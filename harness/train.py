@@ -102,6 +102,37 @@ def backend_missing(backend: str) -> str | None:
     return f"backend {backend} unavailable: {mod} is not installed on this machine ({hint})"
 
 
+COMPILE_COMPAT = "deepmd/pt/utils/compile_compat.py"
+
+
+def upstream_refusal(backend: str, upstream_options: dict[str, Any], tree: Path) -> str | None:
+    """Why upstream itself would refuse this run's settings on this machine (None: it would not):
+    pt_expt's `enable_compile` runs only on the torch releases upstream lists in
+    SUPPORTED_COMPILE_TORCH (check_compile_torch_version; 3.2.0: 2.11-2.13). Read from the tree,
+    compared with the installed torch, without importing either: a run upstream refuses is
+    recorded unavailable with upstream's reason, not trained into a failure."""
+    if backend != "pt-expt" or not upstream_options.get("training/enable_compile"):
+        return None
+    import ast
+    from importlib import metadata
+
+    try:
+        text = (Path(tree) / COMPILE_COMPAT).read_text()
+        m = re.search(r"^SUPPORTED_COMPILE_TORCH\s*=\s*(\(.*?\))\s*$", text, re.M)
+        supported = [tuple(v) for v in ast.literal_eval(m.group(1))] if m else None
+        torch_v = metadata.version("torch")
+    except (OSError, ValueError, SyntaxError, metadata.PackageNotFoundError):
+        return None  # cannot tell: upstream's own check will say at start-up
+    if not supported:
+        return None
+    rel = tuple(int(x) for x in re.findall(r"\d+", torch_v.split("+")[0])[:2])
+    if rel in supported:
+        return None
+    return (f"upstream refuses training.enable_compile on torch {torch_v}: deepmd 3.2.0 supports "
+            f"torch.compile only on torch {', '.join(f'{a}.{b}' for a, b in supported)} "
+            f"({COMPILE_COMPAT} SUPPORTED_COMPILE_TORCH)")
+
+
 def run_training(spec: RunSpec, progress=None) -> TrainResult:
     """Train; never raises for a failed run (status says it), only for bad input."""
     wd = spec.work_dir
@@ -115,7 +146,8 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
     cmd, why = distributed.training_command(spec.variant.backend, spec.gpus,
                                             launch_command(spec.variant.tree, spec.variant.modules, dp_args))
-    missing = missing or why
+    missing = missing or why or upstream_refusal(spec.variant.backend, spec.variant.upstream_options,
+                                                 spec.variant.tree)
     if missing:
         log_path.write_text(missing + "\n")
         return TrainResult(status="unavailable", error=missing, step_s=[], clock="host", startup_s=None,

@@ -206,9 +206,9 @@ def ptx_sweep(tiny_system, tmp_path_factory):
         pytest.skip(why)
     tmp = tmp_path_factory.mktemp("ptx")
     system = _fast_display_system(tiny_system, tmp / "tinyptx")
-    rc = cli.main(["bench", "--system", str(system), "--variant",
-                   "ptx,ptx-compile,ptx-compile-tos,ptx-compile-fix", "--steps", "8", "--device", "cpu",
-                   "--results-dir", str(tmp / "res")])
+    names = ("ptx", "ptx-compile", "ptx-compile-tos", "ptx-compile-fix")
+    rc = cli.main(["bench", "--system", str(system), *[a for n in names for a in ("--variant", n)],
+                   "--steps", "8", "--device", "cpu", "--results-dir", str(tmp / "res")])
     recs = {}
     for p in (tmp / "res" / "runs").glob("*.json"):
         d = json.loads(p.read_text())
@@ -280,7 +280,7 @@ def test_our_fix_compiles_type_one_side_false_and_is_float64_exact(ptx_sweep):
 def test_tf2_without_and_with_xla(tiny_system, tmp_path):
     if train.backend_missing("tf2"):
         pytest.skip("TensorFlow is not installed (pip install -r harness/pins/tf.txt)")
-    rc = cli.main(["bench", "--system", str(tiny_system), "--variant", "tf2,tf2-xla", "--no-baseline",
+    rc = cli.main(["bench", "--system", str(tiny_system), "--variant", "tf2", "--variant", "tf2-xla", "--no-baseline",
                    "--steps", "4", "--device", "cpu", "--results-dir", str(tmp_path)])
     recs = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*")}
     assert rc == 3
@@ -291,3 +291,20 @@ def test_tf2_without_and_with_xla(tiny_system, tmp_path):
     assert x["timing"]["step_s_median"] > 0 and x["timing"]["clock"] == "host"
     dp = x["accuracy"]["dp_test"]
     assert dp and dp["rmse_f"] > 0, x["accuracy"]["detail"]  # dp --tf2 test of the frozen SavedModel
+
+
+def test_a_torch_upstream_refuses_to_compile_on_is_recorded_as_upstreams_refusal(monkeypatch):
+    """Upstream's own version gate (SUPPORTED_COMPILE_TORCH), read from the tree: outside it a
+    compile run is `unavailable` with upstream's reason; eager pt-expt and other backends are not."""
+    from importlib import metadata
+
+    from harness import build
+
+    b = build.build_variant("ptx-compile-tos")
+    monkeypatch.setattr(metadata, "version", lambda name: "2.9.1+cu128")
+    why = train.upstream_refusal(b.backend, b.upstream_options, b.tree)
+    assert why and "torch 2.9.1+cu128" in why and "2.11, 2.12, 2.13" in why
+    assert train.upstream_refusal("pt-expt", {}, b.tree) is None
+    assert train.upstream_refusal("tf2", {"training/enable_compile": True}, b.tree) is None
+    monkeypatch.setattr(metadata, "version", lambda name: "2.13.0+cpu")
+    assert train.upstream_refusal(b.backend, b.upstream_options, b.tree) is None
