@@ -181,27 +181,17 @@ def _run(a, meta: dict, arrays: dict) -> None:
         return _run_pt_expt(a, meta, arrays, config, model, loss, lr, device)
 
     # ---- 3. same-weights evaluation
-    coord, atype, box = _frames(a.eval_system, a.frames, type_map)
-    c = torch.tensor(coord, dtype=torch.float64, device=device)
-    t = torch.tensor(atype, dtype=torch.long, device=device)
-    b = torch.tensor(box, dtype=torch.float64, device=device)
+    c, t, b = _eval_inputs(a, type_map, device)
     fwd = runtime.parity_forward
     if fwd is not None:
         out = fwd(model, c, t, b)
     else:
         out = model(c.reshape(c.shape[0], -1), t, box=b)
-    nf, nat = t.shape
-    arrays["energy"] = out["energy"].detach().to(torch.float64).reshape(nf).cpu().numpy()
-    arrays["force"] = out["force"].detach().to(torch.float64).reshape(nf, nat, 3).cpu().numpy()
-    arrays["virial"] = out["virial"].detach().to(torch.float64).reshape(nf, 9).cpu().numpy()
-    meta["eval"] = {"frames": int(nf), "atoms": int(nat), "hook": fwd is not None}
+    _keep_eval(arrays, meta, out, t.shape, hook=fwd is not None)
 
     # ---- 4. one training step
-    if a.train_system is None:
-        return
-    optim = _step_settings(config)
-    if isinstance(optim, str):
-        meta["step"] = optim
+    optim = _step_settings(a, config, meta)
+    if optim is None:
         return
     opt_type = optim["type"]
     inp, label = _batch(a.train_system, type_map, loss, model, device)
@@ -232,12 +222,35 @@ def _run(a, meta: dict, arrays: dict) -> None:
     meta["step"] = {"hook": hook is not None, "params": len(names), "optimizer": optim}
 
 
-def _step_settings(config: dict) -> dict | str:
-    """Upstream's Adam settings for the replayed step, or why none is replayed."""
+def _eval_inputs(a, type_map: list[str], device):
+    """coord [nf, nat, 3], atype [nf, nat], box [nf, 9] of the evaluated frames, on `device`."""
+    import torch
+
+    coord, atype, box = _frames(a.eval_system, a.frames, type_map)
+    return (torch.tensor(coord, dtype=torch.float64, device=device),
+            torch.tensor(atype, dtype=torch.long, device=device),
+            torch.tensor(box, dtype=torch.float64, device=device))
+
+
+def _keep_eval(arrays: dict, meta: dict, out: dict, shape, **info) -> None:
+    """Energy [nf], force [nf, nat, 3], virial [nf, 9] as float64 numpy, and what was evaluated."""
+    import torch
+
+    nf, nat = shape
+    for key, sh in (("energy", (nf,)), ("force", (nf, nat, 3)), ("virial", (nf, 9))):
+        arrays[key] = out[key].detach().to(torch.float64).reshape(sh).cpu().numpy()
+    meta["eval"] = {"frames": int(nf), "atoms": int(nat), **info}
+
+
+def _step_settings(a, config: dict, meta: dict) -> dict | None:
+    """Upstream's Adam settings for the replayed step; None (meta says why) when none is replayed."""
+    if a.train_system is None:
+        return None
     opt_cfg = dict(config.get("optimizer") or {"type": "Adam"})
     opt_type = opt_cfg.get("type", "Adam")
     if opt_type not in ("Adam", "AdamW"):
-        return f"skipped: optimizer {opt_type} (only Adam/AdamW are replayed)"
+        meta["step"] = f"skipped: optimizer {opt_type} (only Adam/AdamW are replayed)"
+        return None
     return {
         "type": opt_type,
         "betas": (float(opt_cfg.get("adam_beta1", 0.9)), float(opt_cfg.get("adam_beta2", 0.999))),
@@ -259,21 +272,11 @@ def _run_pt_expt(a, meta: dict, arrays: dict, config: dict, pt_model, pt_loss, l
     type_map = list(model_params["type_map"])
     emodel = ExptModel.deserialize(pt_model.serialize()).to(device)
     meta["backend"] = "pt-expt"
-    coord, atype, box = _frames(a.eval_system, a.frames, type_map)
-    c = torch.tensor(coord, dtype=torch.float64, device=device)
-    t = torch.tensor(atype, dtype=torch.long, device=device)
-    b = torch.tensor(box, dtype=torch.float64, device=device)
-    nf, nat = t.shape
-    out = emodel(c.reshape(nf, -1).clone().requires_grad_(True), t, box=b)
-    arrays["energy"] = out["energy"].detach().to(torch.float64).reshape(nf).cpu().numpy()
-    arrays["force"] = out["force"].detach().to(torch.float64).reshape(nf, nat, 3).cpu().numpy()
-    arrays["virial"] = out["virial"].detach().to(torch.float64).reshape(nf, 9).cpu().numpy()
-    meta["eval"] = {"frames": int(nf), "atoms": int(nat), "hook": False, "backend": "pt-expt"}
-    if a.train_system is None:
-        return
-    optim = _step_settings(config)
-    if isinstance(optim, str):
-        meta["step"] = optim
+    c, t, b = _eval_inputs(a, type_map, device)
+    out = emodel(c.reshape(c.shape[0], -1).clone().requires_grad_(True), t, box=b)
+    _keep_eval(arrays, meta, out, t.shape, hook=False, backend="pt-expt")
+    optim = _step_settings(a, config, meta)
+    if optim is None:
         return
     loss = expt_training.get_loss(dict(config["loss"]), float(config["learning_rate"]["start_lr"]),
                                   len(type_map), emodel)
