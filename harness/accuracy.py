@@ -177,8 +177,47 @@ def stop_gates() -> int:
     return len(live)
 
 
+# Freezing traces the model with the judge's code: a patched dpmodel variant's checkpoint (jax-fix,
+# tf2-xla-fix: type_one_side false) cannot be frozen by the unpatched build, whose trace stops at
+# the very line the patch fixes. Those checkpoints go, through upstream's serialisation, into the
+# PyTorch backend's model (its own se_e2_a code, no trace) and are tested by dp --pt test.
+CONVERTED_NAME = "converted_model.pth"
+_TO_PT = r"""
+import importlib, sys
+sys.path.insert(0, sys.argv[1])
+src, dst, backend = sys.argv[2], sys.argv[3], sys.argv[4]
+read = importlib.import_module(f"deepmd.{backend}.utils.serialization").serialize_from_file
+from deepmd.pt.utils.serialization import deserialize_to_file
+
+
+def plain(x):  # TF2's tracked ListWrapper/DictWrapper configs -> list/dict (TorchScript types them)
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [plain(v) for v in x]
+    return x
+
+
+deserialize_to_file(dst, plain(read(src)))
+"""
+
+
+def _converted_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[str, str], tree: Path) -> Path:
+    """The checkpoint of a dpmodel-based backend as a PyTorch .pth, converted by `tree`."""
+    out = out_dir / CONVERTED_NAME
+    with open(out_dir / "dp_convert.log", "w") as f:
+        r = subprocess.run([sys.executable, "-c", _TO_PT, str(tree), str(Path(checkpoint).resolve()), str(out),
+                            backend.replace("-", "_")], cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=DP_TEST_TIMEOUT_S)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"converting the {backend} checkpoint to the PyTorch backend failed "
+                           f"(exit {r.returncode}): {_tail(out_dir / 'dp_convert.log')}")
+    return out
+
+
 def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
-                  frames: int, tree: Path, backend: str = "pt") -> tuple[subprocess.Popen, Path]:
+                  frames: int, tree: Path, backend: str = "pt",
+                  convert_to_pt: bool = False) -> tuple[subprocess.Popen, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = out_dir / "dp_test_systems.txt"
     listing.write_text("".join(f"{Path(p).resolve()}\n" for p in validation))
@@ -186,8 +225,12 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     # JAX would otherwise take 75 % of the GPU, beside gates running concurrently
     jax_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if backend == "jax" else {}
     env = train.subprocess_env(device, {"DPH_VARIANT": "baseline", **jax_env}, out_dir)
-    model = (_frozen_model(checkpoint, backend, out_dir, env, tree) if backend in FROZEN_NAME
-             else Path(checkpoint).resolve())
+    if convert_to_pt:
+        model, backend = _converted_model(checkpoint, backend, out_dir, env, tree), "pt"
+    elif backend in FROZEN_NAME:
+        model = _frozen_model(checkpoint, backend, out_dir, env, tree)
+    else:
+        model = Path(checkpoint).resolve()
     # the judge is always the unpatched baseline build, in the backend that wrote the model
     cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "test", "-m", str(model),
                                           "-f", str(listing), "-n", str(int(frames))])
@@ -571,8 +614,9 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     acc_dir = Path(rec.train.work_dir) / "accuracy"
     if rec.train.checkpoint is None:
         raise RuntimeError("training left no checkpoint")
+    v = rec.run.variant
     dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree,
-                            rec.run.variant.backend)
+                            v.backend, convert_to_pt=v.backend in ("jax", "tf2") and not v.upstream_only)
     # A baseline on N > 1 GPUs trains on N times the frames: with a 1-GPU baseline in the sweep it
     # is judged like a variant (same code, so parity is exact; dp test against the seed spread)
     # rather than taken as a reference.
@@ -595,7 +639,6 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
         return AccuracyResult(dp_test=dp, verdict="fail" if strict else None,
                               detail=f"not judged: {why}; {_fmt(dp)}")
     cls = rec.run.variant.accuracy_class
-    v = rec.run.variant
     s = rec.run.system
     out = acc_dir / "parity_variant.npz"
     reasons: list[str] = []

@@ -309,3 +309,22 @@ def test_a_torch_upstream_refuses_to_compile_on_is_recorded_as_upstreams_refusal
     assert train.upstream_refusal("tf2", {"training/enable_compile": True}, b.tree) is None
     monkeypatch.setattr(metadata, "version", lambda name: "2.13.0+cpu")
     assert train.upstream_refusal(b.backend, b.upstream_options, b.tree) is None
+
+
+@pytest.mark.slow
+def test_the_fix_also_lets_jax_and_tf2_xla_trace_type_one_side_false(tiny_system, tmp_path):
+    """The same diff under upstream's JAX trainer (jit) and TF2 trainer (XLA): both fail at
+    se_e2_a.py:596 unpatched with type_one_side false (jax: ConcretizationTypeError, see jax;
+    tf2: above), both train with it; each gate dp-tests its frozen model."""
+    names = [n for n, b in (("jax-fix", "jax"), ("tf2-xla-fix", "tf2")) if not train.backend_missing(b)]
+    if not names:
+        pytest.skip("neither JAX nor TensorFlow is installed")
+    rc = cli.main(["bench", "--system", str(tiny_system), *[a for n in names for a in ("--variant", n)],
+                   "--no-baseline", "--steps", "4", "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert rc == 0
+    recs = {json.loads(p.read_text())["variant"]: json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*")}
+    for n in names:
+        r = recs[n]
+        assert r["status"] == "ok" and r["upstream_only"] is False and r["timing"]["step_s_median"] > 0
+        assert "type_one_side" not in json.dumps(r["overrides"])
+        assert r["accuracy"]["dp_test"]["rmse_f"] > 0, r["accuracy"]["detail"]
