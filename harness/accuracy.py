@@ -116,7 +116,12 @@ def _tail(path: Path, n: int = 3) -> str:
 
 # dp test reads neither backend's training checkpoint: TF's is frozen to a graph, JAX's (an orbax
 # directory) to StableHLO, the format upstream's JAX DeepEval loads.
-FROZEN_NAME = {"tf": "frozen_model.pb", "jax": "frozen_model.hlo"}
+FROZEN_NAME = {"tf": "frozen_model.pb", "jax": "frozen_model.hlo",
+               # TF2: its checkpoint folder frozen to a SavedModel (a directory), all its DeepEval reads
+               "tf2": "frozen_model.savedmodeltf"}
+# pt-expt's DeepEval reads its own `.pt` training checkpoint (eager), so dp --pt-expt test takes it
+# as it is. (Upstream's convert-backend cannot take that checkpoint to the PyTorch backend: its
+# pt_expt serialize hook reads only exported .pte/.pt2 models, and exporting is a torch.export.)
 
 
 def _frozen_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[str, str], tree: Path) -> Path:
@@ -128,7 +133,7 @@ def _frozen_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[str, 
                                           str(ckpt if ckpt.is_dir() else ckpt.parent), "-o", str(frozen)])
     with open(out_dir / "dp_freeze.log", "w") as f:
         r = subprocess.run(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=DP_TEST_TIMEOUT_S)
-    if r.returncode != 0 or not frozen.is_file():
+    if r.returncode != 0 or not frozen.exists():
         raise RuntimeError(f"dp {train.BACKEND_FLAG[backend]} freeze exit {r.returncode}: "
                            f"{_tail(out_dir / 'dp_freeze.log')}")
     return frozen
@@ -172,8 +177,47 @@ def stop_gates() -> int:
     return len(live)
 
 
+# Freezing traces the model with the judge's code: a patched dpmodel variant's checkpoint (jax-fix,
+# tf2-xla-fix: type_one_side false) cannot be frozen by the unpatched build, whose trace stops at
+# the very line the patch fixes. Those checkpoints go, through upstream's serialisation, into the
+# PyTorch backend's model (its own se_e2_a code, no trace) and are tested by dp --pt test.
+CONVERTED_NAME = "converted_model.pth"
+_TO_PT = r"""
+import importlib, sys
+sys.path.insert(0, sys.argv[1])
+src, dst, backend = sys.argv[2], sys.argv[3], sys.argv[4]
+read = importlib.import_module(f"deepmd.{backend}.utils.serialization").serialize_from_file
+from deepmd.pt.utils.serialization import deserialize_to_file
+
+
+def plain(x):  # TF2's tracked ListWrapper/DictWrapper configs -> list/dict (TorchScript types them)
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [plain(v) for v in x]
+    return x
+
+
+deserialize_to_file(dst, plain(read(src)))
+"""
+
+
+def _converted_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[str, str], tree: Path) -> Path:
+    """The checkpoint of a dpmodel-based backend as a PyTorch .pth, converted by `tree`."""
+    out = out_dir / CONVERTED_NAME
+    with open(out_dir / "dp_convert.log", "w") as f:
+        r = subprocess.run([sys.executable, "-c", _TO_PT, str(tree), str(Path(checkpoint).resolve()), str(out),
+                            backend.replace("-", "_")], cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
+                           timeout=DP_TEST_TIMEOUT_S)
+    if r.returncode != 0 or not out.exists():
+        raise RuntimeError(f"converting the {backend} checkpoint to the PyTorch backend failed "
+                           f"(exit {r.returncode}): {_tail(out_dir / 'dp_convert.log')}")
+    return out
+
+
 def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
-                  frames: int, tree: Path, backend: str = "pt") -> tuple[subprocess.Popen, Path]:
+                  frames: int, tree: Path, backend: str = "pt",
+                  convert_to_pt: bool = False) -> tuple[subprocess.Popen, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     listing = out_dir / "dp_test_systems.txt"
     listing.write_text("".join(f"{Path(p).resolve()}\n" for p in validation))
@@ -181,8 +225,12 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     # JAX would otherwise take 75 % of the GPU, beside gates running concurrently
     jax_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if backend == "jax" else {}
     env = train.subprocess_env(device, {"DPH_VARIANT": "baseline", **jax_env}, out_dir)
-    model = (_frozen_model(checkpoint, backend, out_dir, env, tree) if backend in FROZEN_NAME
-             else Path(checkpoint).resolve())
+    if convert_to_pt:
+        model, backend = _converted_model(checkpoint, backend, out_dir, env, tree), "pt"
+    elif backend in FROZEN_NAME:
+        model = _frozen_model(checkpoint, backend, out_dir, env, tree)
+    else:
+        model = Path(checkpoint).resolve()
     # the judge is always the unpatched baseline build, in the backend that wrote the model
     cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "test", "-m", str(model),
                                           "-f", str(listing), "-n", str(int(frames))])
@@ -219,9 +267,10 @@ def run_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, d
 
 def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str, str], name: str,
                       input_path: Path, checkpoint: Path, eval_system: Path, train_system: Path | None,
-                      out: Path, device: str, frames: int = PARITY_FRAMES) -> tuple[subprocess.Popen, Path]:
+                      out: Path, device: str, frames: int = PARITY_FRAMES,
+                      backend: str = "pt") -> tuple[subprocess.Popen, Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "harness.parity_eval", "--tree", str(tree)]
+    cmd = [sys.executable, "-m", "harness.parity_eval", "--tree", str(tree), "--backend", backend]
     for m in modules:
         cmd += ["--module", str(m)]
     cmd += ["--input", str(Path(input_path).resolve()), "--checkpoint", str(Path(checkpoint).resolve()),
@@ -507,6 +556,33 @@ def dp_test_verdict(var: dict, base: dict, cal: dict, cls: str) -> tuple[list[st
 
 # ---------------------------------------------------------------- the stage
 
+# backends whose model the same-weights parity can load the baseline's weights into: pt directly,
+# pt-expt through upstream's serialisation (parity_eval --backend pt-expt)
+PARITY_BACKENDS = ("pt", "pt-expt")
+
+
+def _pt_expt_parity(rec: RunRecord, base: RunRecord, dp_proc, nframes: int, tree: Path, out: Path):
+    """dp test result and three same-weights evaluations for a pt-expt run: the PyTorch baseline's
+    reference, the variant's (its tree and modules, --backend pt-expt) and upstream's unpatched
+    pt_expt code on the variant's input (skipped, i.e. the variant's own, when the variant is
+    upstream's code alone: same tree, no modules)."""
+    v, s, device = rec.run.variant, rec.run.system, rec.run.device
+    var_proc = start_parity_eval(v.tree, v.modules, v.env, v.name, rec.train.input_path, base.train.checkpoint,
+                                 s.validation[0], s.train[0], out, device, backend="pt-expt")
+    own = Path(v.tree).resolve() == Path(tree).resolve() and not v.modules
+    ref_out = out.with_name("parity_reference_pt_expt.npz")
+    ref_proc = None if own else start_parity_eval(
+        tree, (), {}, "pt-expt-reference", rec.train.input_path, base.train.checkpoint, s.validation[0],
+        s.train[0], ref_out, device, backend="pt-expt")
+    pt_ref = load_reference(base, baseline_tree([base]))
+    dp = finish_dp_test(*dp_proc, nframes)
+    var_res = finish_parity_eval(*var_proc, out)
+    expt_res = var_res if ref_proc is None else finish_parity_eval(*ref_proc, ref_out)
+    if var_res[0].get("load") == "ok" and expt_res[0].get("load") != "ok":
+        raise RuntimeError(f"unpatched pt-expt parity reference: {expt_res[0].get('load')}")
+    return dp, pt_ref, var_res, expt_res
+
+
 def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | None:
     """The sweep's baseline run of the same system, seed and steps; of those, the one with the
     same GPU count (an N-GPU run trains on N times the frames, so it is judged against the N-GPU
@@ -538,8 +614,9 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     acc_dir = Path(rec.train.work_dir) / "accuracy"
     if rec.train.checkpoint is None:
         raise RuntimeError("training left no checkpoint")
+    v = rec.run.variant
     dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree,
-                            rec.run.variant.backend)
+                            v.backend, convert_to_pt=v.backend in ("jax", "tf2") and not v.upstream_only)
     # A baseline on N > 1 GPUs trains on N times the frames: with a 1-GPU baseline in the sweep it
     # is judged like a variant (same code, so parity is exact; dp test against the seed spread)
     # rather than taken as a reference.
@@ -562,18 +639,20 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
         return AccuracyResult(dp_test=dp, verdict="fail" if strict else None,
                               detail=f"not judged: {why}; {_fmt(dp)}")
     cls = rec.run.variant.accuracy_class
-    v = rec.run.variant
     s = rec.run.system
     out = acc_dir / "parity_variant.npz"
     reasons: list[str] = []
     notes: list[str] = []
     parity: dict[str, Any] | None = None
-    if v.backend != "pt":
+    if v.backend not in PARITY_BACKENDS:
         # parity loads the baseline's PyTorch weights into the variant's model: for another backend
         # that would only re-test PyTorch code, so the judge there is dp test against the seed spread
         dp = finish_dp_test(*dp_proc, nframes)
         var_meta = {"load": f"not applicable to the {v.backend} backend"}
         ref_meta = {"load": "ok"}
+    elif v.backend == "pt-expt":
+        dp, (ref_meta, ref), (var_meta, var), (expt_meta, expt_ref) = _pt_expt_parity(
+            rec, base, dp_proc, nframes, tree, out)
     else:
         var_proc = start_parity_eval(v.tree, v.modules, v.env, v.name, rec.train.input_path,
                                      base.train.checkpoint, s.validation[0], s.train[0], out, device)
@@ -582,11 +661,25 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
         var_meta, var = finish_parity_eval(*var_proc, out)
     if ref_meta.get("load") != "ok":
         raise RuntimeError(f"baseline parity reference: {ref_meta.get('load')}")
-    if v.backend != "pt":
+    if v.backend not in PARITY_BACKENDS:
         notes.append(f"same-weights parity {var_meta['load']}")
     elif var_meta.get("load") != "ok":
         notes.append("same-weights parity not applicable (the variant's parameters differ in shape: "
                      f"{str(var_meta.get('load'))[:120]})")
+    elif v.backend == "pt-expt":
+        # the step and the forward against upstream's unpatched pt_expt code (same backend, same
+        # input); the forward also against the PyTorch baseline's (pt_expt's loss differs from
+        # pt's by ~1e-8 relative on the same batch, so pt's step is no reference for it)
+        parity = compare_eval(expt_ref, var, TOLERANCE[cls])
+        parity["class"] = cls
+        parity.update(compare_step(expt_ref, var, TOLERANCE[cls]))
+        parity["reference"] = "unpatched pt-expt" + (" (the variant itself: it is upstream's code)"
+                                                      if expt_meta is var_meta else "")
+        parity["vs_pt"] = compare_eval(ref, var, TOLERANCE[cls])
+        reasons += parity_verdict(parity, cls)
+        reasons += [f"vs the PyTorch baseline: {r}" for r in parity_verdict(parity["vs_pt"], cls)]
+        notes.append(f"pt-expt parity through pt_expt's own model/loss (eager; a compiled graph is judged "
+                     f"by dp test); forward vs the PyTorch baseline F rel {parity['vs_pt']['max_rel_f']:.1e}")
     else:
         parity = compare_eval(ref, var, TOLERANCE[cls])
         parity["class"] = cls
@@ -750,7 +843,8 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
     inputs = {}
     for b in (bb, vb):
         p = wd / f"input-{b.name}.json"
-        p.write_text(json.dumps(train.make_input(sysobj, b.overrides, steps), indent=2))
+        p.write_text(json.dumps(train.make_input(sysobj, b.overrides, steps, upstream_options=b.upstream_options),
+                                indent=2))
         inputs[b.name] = p
     rp = start_parity_eval(bb.tree, (), {}, "baseline", inputs["baseline"], checkpoint, sysobj.validation[0],
                            sysobj.train[0], wd / "parity_baseline.npz", dev)

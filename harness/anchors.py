@@ -63,3 +63,30 @@ def anchors(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
         out[fam] = best(runs, fam)
         out[f"{fam}_gated"] = best(runs, fam, gated=True)
     return out
+
+
+def judged(runs: Iterable[dict[str, Any]]) -> bool:
+    """Whether the sweep's runs went through the accuracy gate at all (bench --no-accuracy: not)."""
+    return any((r.get("accuracy") or {}).get("verdict") for r in runs)
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+    """Per family, the anchor a sweep's speed-ups are quoted against: the gated best when the sweep
+    was judged, else the raw best (said by "gated": False). What bench's table and records show."""
+    runs = list(runs)
+    gated = judged(runs)
+    out: dict[str, dict[str, Any] | None] = {}
+    for fam in FAMILIES:
+        a = best(runs, fam, gated=gated)
+        out[fam] = None if a is None else {"variant": a.get("variant"), "run_id": a.get("run_id"),
+                                           "step_s_median": _median(a), "gated": gated}
+    return out
+
+
+def speedups(run: dict[str, Any], anchor_summary: dict[str, dict[str, Any] | None]) -> dict[str, float | None]:
+    """{family: anchor median / run median} for one run against summary()'s anchors."""
+    out: dict[str, float | None] = {}
+    for fam in FAMILIES:
+        a = anchor_summary.get(fam)
+        out[fam] = speedup(run, {"timing": {"step_s_median": a["step_s_median"]}}) if a else None
+    return out

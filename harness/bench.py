@@ -2,13 +2,14 @@
 one sweep. It only composes stages through their records."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import build, distributed, environment, input_check, results, systems, timing, train, upstream
+from . import anchors, build, distributed, environment, input_check, results, systems, timing, train, upstream
 from .progress import Progress
 from .errors import UserError
 from .records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
@@ -95,7 +96,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
         built.append(b)
     # upstream's own schema judges the input each variant will train with (cheap, before any run)
     for b in built:
-        inp = train.make_input(system, b.overrides, req.steps, req.seed)
+        inp = train.make_input(system, b.overrides, req.steps, req.seed, b.upstream_options)
         input_check.check_input(inp, built[0].tree, f"{system.directory / 'input.json'} (variant {b.name})")
     return Prepared(system, built, device, pin)
 
@@ -182,7 +183,26 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
         d = results.to_dict(rec)
         d["_path"] = str(paths[rec.run.run_id])
         out.append(d)
+    _add_anchors(out)
     return out
+
+
+def _add_anchors(rows: list[dict[str, Any]]) -> None:
+    """Once every run of the sweep is written: the two denominators (anchors.py: fastest legal
+    upstream setting, fastest upstream-code-only run, gated when the sweep was judged) and this
+    run's speed-up over each, added to every record (rewritten atomically) and to `rows`. A sweep
+    stopped early has none in its records; the table and the report compute them from the runs."""
+    summ = anchors.summary(rows)
+    for d in rows:
+        extra = {"anchors": summ, "speedup_vs": anchors.speedups(d, summ)}
+        d.update(extra)
+        path = Path(d["_path"])
+        try:
+            written = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        written.update(extra)
+        results.atomic_write_json(path, written)
 
 
 STOPPED_DETAIL = "not judged: the sweep was stopped (SIGINT/SIGTERM) before this run's gate finished"
@@ -232,7 +252,7 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
             f"{f' x{ngpu}' if ngpu > 1 else ''} ({prep.system.name})")
         with Progress(req.steps, b.name) as bar:
             tr = train.run_training(spec, progress=lambda done, total: bar.update_to(done))
-        tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s)
+        tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s, tr.upstream_avg_step_s)
         rec = RunRecord(run=spec, train=tr, timing=tm, environment=env)
         if req.profile and tr.status == "ok":
             from . import profile
@@ -303,10 +323,14 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     """s/step per run, the ratio to the sweep's first variant at the same GPU count (same sweep,
-    same card), and scaling efficiency: samples/s at N / (N x samples/s at 1), same variant."""
+    same card), the ratios to the two anchors (anchors.py: `vs legal`, the fastest legal upstream
+    setting; `vs native`, the fastest run of upstream's code alone, its own accelerations
+    included; each gated when the sweep was judged, named below the table), and scaling
+    efficiency: samples/s at N / (N x samples/s at 1), same variant."""
     head = (f"{'system':8} {'variant':12} {'gpus':>4} {'status':11} {'ms/step':>9} {'IQR ms':>8} {'speedup':>8} "
-            f"{'samples/s':>9} {'scaling':>7} {'peak MiB':>9} {'accuracy':>8}")
+            f"{'vs legal':>8} {'vs native':>9} {'samples/s':>9} {'scaling':>7} {'peak MiB':>9} {'accuracy':>8}")
     lines = [head, "-" * len(head)]
+    summ = anchors.summary(rows)
 
     def ok_med(r: dict[str, Any]) -> float | None:
         return r["timing"].get("step_s_median") if r["status"] == "ok" else None
@@ -332,6 +356,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         mem = r["memory"].get("gpu_peak_bytes")
         mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9}"
         verdict = (r.get("accuracy") or {}).get("verdict") or "-"
-        lines.append(f"{r['system']:8} {r['variant']:12} {n:>4} {r['status']:11} {ms} {iqr} {sp} {s_s} {eff_s} "
+        vs = anchors.speedups(r, summ) if n == 1 else {}
+        vs_s = " ".join(f"{vs[f]:{w - 1}.2f}x" if vs.get(f) else f"{'-':>{w}}" for f, w in (("legal", 8), ("native", 9)))
+        lines.append(f"{r['system']:8} {r['variant']:12} {n:>4} {r['status']:11} {ms} {iqr} {sp} {vs_s} {s_s} {eff_s} "
                      f"{mem_s} {verdict.upper():>8}")
+    for fam, label in (("legal", "vs legal: fastest legal upstream setting (baseline/fp32/tos/fp32-tos)"),
+                       ("native", "vs native: fastest upstream-code-only run (its own accelerations, "
+                                  "outside the three-parameter rule, included)")):
+        a = summ[fam]
+        lines.append(f"{label}: " + (f"{a['variant']} {a['step_s_median'] * 1e3:.2f} ms"
+                                      + ("" if a["gated"] else " (sweep not gated)") if a else "none in this sweep"))
     return "\n".join(lines)

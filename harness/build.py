@@ -137,6 +137,8 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
         backend=leaf.backend, env=env, overrides=overrides, modules=modules,
         accuracy_class=leaf.accuracy_class, description=leaf.description, cached=cached,
         log=tuple((tdir / "build.log").read_text().splitlines()), engine=engine,
+        upstream_options=variants.chain_upstream_options(chain),
+        upstream_only=variants.upstream_only(chain),
     )
 
 

@@ -112,7 +112,9 @@ def _variants(a: argparse.Namespace) -> int:
     for n in variants.list_variant_names():
         v = variants.load_variant(n)
         ov = ", ".join(f"{k.split('/')[-2]}.{k.split('/')[-1]}={val}" for k, val in v.overrides.items()) or "-"
-        print(f"{n:12} base={v.base or '-':10} backend={v.backend:4} overrides: {ov}")
+        up = ", ".join(f"{k.split('/')[-1]}={val}" for k, val in v.upstream_options.items())
+        print(f"{n:12} base={v.base or '-':10} backend={v.backend:4} overrides: {ov}"
+              + (f"  upstream-native: {up}" if up else ""))
         if a.verbose:
             print(f"    {v.description}")
     return 0

@@ -156,6 +156,8 @@ def training_command(backend: str, gpus: int, launch_cmd: list[str]) -> tuple[li
         return launch_prefix(gpus, launch_cmd[0]) + launch_cmd[1:], None
     if backend == "tf":
         return tf_launch_command(gpus, launch_cmd)
+    if backend in ("pt-expt", "tf2"):  # upstream's trainers have their own DDP/MPI paths, not wired here
+        return None, f"backend {backend} on {gpus} GPUs: the harness launches it on one process only"
     return None, f"backend {backend} on {gpus} GPUs: upstream's {backend.upper()} trainer has no multi-process data parallelism"
 
 

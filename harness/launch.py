@@ -22,7 +22,14 @@ STEP_HOOKS = {
     # the TF loop builds a training feed dict once per step (validation passes is_training=False)
     "tf": ("deepmd.tf.train.trainer", "DPTrainer", "get_feed_dict",
            lambda a, k: k.get("is_training", a[1] if len(a) > 1 else False)),
+    # the PyTorch-Exportable and TF2 trainers run dpmodel's AbstractTrainer loop: one
+    # train_step(task, step) per optimizer step, validation outside it
+    "pt-expt": ("deepmd.pt_expt.train.training", "Trainer", "train_step", None),
+    "tf2": ("deepmd.tf2.train.trainer", "Trainer", "train_step", None),
 }
+# backends whose hook must attach: a clock that silently stopped ticking would read as "0 steps
+# timed" at best; for these the launcher fails at once, naming the hook
+STRICT_HOOKS = frozenset({"pt-expt", "tf2"})
 
 
 def _install_upstream_hooks(clock, backend: str) -> None:
@@ -35,9 +42,12 @@ def _install_upstream_hooks(clock, backend: str) -> None:
     mod_name, cls_name, meth, counts = STEP_HOOKS[backend]
     try:
         cls = getattr(importlib.import_module(mod_name), cls_name)
-    except Exception:  # backend missing in this tree/environment: dp itself will say so
+        orig = getattr(cls, meth)
+    except Exception as e:  # backend missing in this tree/environment: dp itself will say so
+        if backend in STRICT_HOOKS:
+            raise RuntimeError(f"step clock: cannot hook {mod_name}.{cls_name}.{meth} for backend {backend}: "
+                               f"{type(e).__name__}: {e}") from None
         return
-    orig = getattr(cls, meth)
 
     def hooked(self, *a, **k):
         if counts is None or counts((self, *a), k):
@@ -49,7 +59,8 @@ def _install_upstream_hooks(clock, backend: str) -> None:
 
 def _backend_of(dp_args: list[str]) -> str:
     for flag, name in (("--pt", "pt"), ("--jax", "jax"), ("--tf", "tf"), ("--pytorch", "pt"),
-                       ("--tensorflow", "tf")):
+                       ("--tensorflow", "tf"), ("--pt-expt", "pt-expt"), ("--pytorch-exportable", "pt-expt"),
+                       ("--tf2", "tf2"), ("--tensorflow2", "tf2")):
         if flag in dp_args:
             return name
     return "tf"  # dp's own default backend

@@ -18,6 +18,12 @@ variant's patch modules in order, so the variant's diffs and monkeypatches are i
 
 Everything is written as float64 to OUT.npz, plus OUT.json with metadata. Nothing is compared
 here: the parent compares the variant's file with the baseline's.
+
+``--backend pt-expt`` (upstream's PyTorch-Exportable backend): the weights, loaded into the
+PyTorch model as above, are carried into pt_expt's own model through upstream's serialisation
+(pt ``serialize()`` -> pt_expt ``BaseModel.deserialize``), which then evaluates (eager) and
+takes the step with pt_expt's own loss and wrapper; gradients and updates are carried back
+the same way, so they carry the PyTorch parameter names the parent compares by.
 """
 from __future__ import annotations
 
@@ -108,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--frames", type=int, default=2)
     p.add_argument("--train-system", type=Path, default=None)
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--backend", default="pt", choices=("pt", "pt-expt"))
     a = p.parse_args(argv)
     _load_modules(a.tree, a.module)
     meta: dict = {"eval": None, "step": None, "load": None}
@@ -165,36 +172,23 @@ def _run(a, meta: dict, arrays: dict) -> None:
     meta["dtypes"] = sorted({str(t.dtype) for t in wrapper.parameters()})
     meta["lr"] = lr
 
+    if a.backend == "pt-expt":
+        return _run_pt_expt(a, meta, arrays, config, model, loss, lr, device)
+
     # ---- 3. same-weights evaluation
-    coord, atype, box = _frames(a.eval_system, a.frames, type_map)
-    c = torch.tensor(coord, dtype=torch.float64, device=device)
-    t = torch.tensor(atype, dtype=torch.long, device=device)
-    b = torch.tensor(box, dtype=torch.float64, device=device)
+    c, t, b = _eval_inputs(a, type_map, device)
     fwd = runtime.parity_forward
     if fwd is not None:
         out = fwd(model, c, t, b)
     else:
         out = model(c.reshape(c.shape[0], -1), t, box=b)
-    nf, nat = t.shape
-    arrays["energy"] = out["energy"].detach().to(torch.float64).reshape(nf).cpu().numpy()
-    arrays["force"] = out["force"].detach().to(torch.float64).reshape(nf, nat, 3).cpu().numpy()
-    arrays["virial"] = out["virial"].detach().to(torch.float64).reshape(nf, 9).cpu().numpy()
-    meta["eval"] = {"frames": int(nf), "atoms": int(nat), "hook": fwd is not None}
+    _keep_eval(arrays, meta, out, t.shape, hook=fwd is not None)
 
     # ---- 4. one training step
-    if a.train_system is None:
+    optim = _step_settings(a, config, meta)
+    if optim is None:
         return
-    opt_cfg = dict(config.get("optimizer") or {"type": "Adam"})
-    opt_type = opt_cfg.get("type", "Adam")
-    if opt_type not in ("Adam", "AdamW"):
-        meta["step"] = f"skipped: optimizer {opt_type} (only Adam/AdamW are replayed)"
-        return
-    optim = {
-        "type": opt_type,
-        "betas": (float(opt_cfg.get("adam_beta1", 0.9)), float(opt_cfg.get("adam_beta2", 0.999))),
-        "weight_decay": float(opt_cfg.get("weight_decay", 0.0)),
-        "gradient_max_norm": float(config["training"].get("gradient_max_norm", 0.0) or 0.0),
-    }
+    opt_type = optim["type"]
     inp, label = _batch(a.train_system, type_map, loss, model, device)
     names = [n for n, q in wrapper.named_parameters() if q.requires_grad]
     params = dict(wrapper.named_parameters())
@@ -221,6 +215,102 @@ def _run(a, meta: dict, arrays: dict) -> None:
         if q.grad is not None:
             arrays[f"grad/{n}"] = q.grad.detach().to(torch.float64).cpu().numpy()
     meta["step"] = {"hook": hook is not None, "params": len(names), "optimizer": optim}
+
+
+def _eval_inputs(a, type_map: list[str], device):
+    """coord [nf, nat, 3], atype [nf, nat], box [nf, 9] of the evaluated frames, on `device`."""
+    import torch
+
+    coord, atype, box = _frames(a.eval_system, a.frames, type_map)
+    return (torch.tensor(coord, dtype=torch.float64, device=device),
+            torch.tensor(atype, dtype=torch.long, device=device),
+            torch.tensor(box, dtype=torch.float64, device=device))
+
+
+def _keep_eval(arrays: dict, meta: dict, out: dict, shape, **info) -> None:
+    """Energy [nf], force [nf, nat, 3], virial [nf, 9] as float64 numpy, and what was evaluated."""
+    import torch
+
+    nf, nat = shape
+    for key, sh in (("energy", (nf,)), ("force", (nf, nat, 3)), ("virial", (nf, 9))):
+        arrays[key] = out[key].detach().to(torch.float64).reshape(sh).cpu().numpy()
+    meta["eval"] = {"frames": int(nf), "atoms": int(nat), **info}
+
+
+def _step_settings(a, config: dict, meta: dict) -> dict | None:
+    """Upstream's Adam settings for the replayed step; None (meta says why) when none is replayed."""
+    if a.train_system is None:
+        return None
+    opt_cfg = dict(config.get("optimizer") or {"type": "Adam"})
+    opt_type = opt_cfg.get("type", "Adam")
+    if opt_type not in ("Adam", "AdamW"):
+        meta["step"] = f"skipped: optimizer {opt_type} (only Adam/AdamW are replayed)"
+        return None
+    return {
+        "type": opt_type,
+        "betas": (float(opt_cfg.get("adam_beta1", 0.9)), float(opt_cfg.get("adam_beta2", 0.999))),
+        "weight_decay": float(opt_cfg.get("weight_decay", 0.0)),
+        "gradient_max_norm": float(config["training"].get("gradient_max_norm", 0.0) or 0.0),
+    }
+
+
+def _run_pt_expt(a, meta: dict, arrays: dict, config: dict, pt_model, pt_loss, lr: float, device) -> None:
+    """Steps 3 and 4 through upstream's pt_expt model, loss and wrapper (see the module doc)."""
+    import copy
+
+    import torch
+    from deepmd.pt_expt.model import BaseModel as ExptModel
+    from deepmd.pt_expt.train import training as expt_training
+    from deepmd.pt_expt.train.wrapper import ModelWrapper as ExptWrapper
+
+    model_params = config["model"]
+    type_map = list(model_params["type_map"])
+    emodel = ExptModel.deserialize(pt_model.serialize()).to(device)
+    meta["backend"] = "pt-expt"
+    c, t, b = _eval_inputs(a, type_map, device)
+    out = emodel(c.reshape(c.shape[0], -1).clone().requires_grad_(True), t, box=b)
+    _keep_eval(arrays, meta, out, t.shape, hook=False, backend="pt-expt")
+    optim = _step_settings(a, config, meta)
+    if optim is None:
+        return
+    loss = expt_training.get_loss(dict(config["loss"]), float(config["learning_rate"]["start_lr"]),
+                                  len(type_map), emodel)
+    ewrapper = ExptWrapper(emodel, loss, model_params=model_params).to(device)
+    inp, label = _batch(a.train_system, type_map, pt_loss, pt_model, device)
+    inp = {k: v for k, v in inp.items() if v is not None}
+    inp["coord"] = inp["coord"].clone().requires_grad_(True)
+    eparams = dict(emodel.named_parameters())
+    names = [n for n, q in eparams.items() if q.requires_grad]
+
+    def in_pt_names(values: dict) -> dict:
+        """pt_expt parameter values -> {pt wrapper parameter name: value}, through serialisation."""
+        m = copy.deepcopy(emodel)
+        with torch.no_grad():
+            for n, q in m.named_parameters():
+                q.copy_(values[n])
+        back = type(pt_model).deserialize(m.serialize())
+        return {f"model.Default.{n}": q.detach().to(torch.float64) for n, q in back.named_parameters()}
+
+    before = in_pt_names({n: q.detach().clone() for n, q in eparams.items()})
+    ewrapper.train()
+    cls = torch.optim.Adam if optim["type"] == "Adam" else torch.optim.AdamW
+    opt = cls([eparams[n] for n in names], lr=lr, betas=optim["betas"], weight_decay=optim["weight_decay"],
+              fused=device.type != "cpu")
+    opt.zero_grad(set_to_none=True)
+    _, loss_value, _ = ewrapper(**inp, cur_lr=lr, label=label, task_key="Default")
+    loss_value.backward()
+    if optim["gradient_max_norm"] > 0.0:
+        torch.nn.utils.clip_grad_norm_([eparams[n] for n in names], optim["gradient_max_norm"])
+    grads = {n: (q.grad.detach().clone() if q.grad is not None else torch.zeros_like(q)) for n, q in eparams.items()}
+    with torch.device(device):
+        opt.step()
+    meta["loss"] = float(loss_value.detach())
+    after = in_pt_names({n: q.detach().clone() for n, q in eparams.items()})
+    grad_pt = in_pt_names(grads)
+    for n in after:
+        arrays[f"upd/{n}"] = (after[n] - before[n]).cpu().numpy()
+        arrays[f"grad/{n}"] = grad_pt[n].cpu().numpy()
+    meta["step"] = {"hook": False, "params": len(after), "optimizer": optim, "backend": "pt-expt"}
 
 
 if __name__ == "__main__":

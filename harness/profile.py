@@ -207,7 +207,7 @@ class _Session:
             self._write({"status": "skipped", "reason": f"run of {self.numb_steps} steps is too short to profile",
                          "numb_steps": self.numb_steps})
             return
-        if self.backend not in ("pt", "jax"):
+        if self.backend not in ("pt", "jax", "pt-expt"):  # pt-expt: torch.profiler, no trainer ranges
             self._write({"status": "unsupported", "reason": f"the {self.backend} backend is not profiled by dpharness "
                          "(torch.profiler sees none of its work; its own profiler is not wired in)"})
             return

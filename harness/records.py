@@ -34,7 +34,7 @@ class Variant:
     description: str
     base: str | None  # None only for `baseline`
     upstream: tuple[str, ...]
-    backend: str  # pt | jax | tf
+    backend: str  # pt | jax | tf | pt-expt | tf2
     env: dict[str, str]
     overrides: dict[str, Any]
     diffs: tuple[Path, ...]
@@ -42,6 +42,8 @@ class Variant:
     directory: Path
     accuracy_class: str = "float64"  # float64 | float32 | mixed: which parity threshold applies
     engine: str | None = None  # a package under engines/ that the patch modules import (e.g. dpfast)
+    # upstream-native settings (variants.UPSTREAM_OPTIONS), outside the three-parameter rule
+    upstream_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class BuiltVariant:
     cached: bool
     log: tuple[str, ...]
     engine: str | None = None  # frozen under <build>/engines/<engine>, first on the child's path
+    upstream_options: dict[str, Any] = field(default_factory=dict)  # the chain's, merged
+    upstream_only: bool = False  # the chain has no diffs and no patch modules (anchors.py reads it)
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,9 @@ class TrainResult:
     lcurve: Path | None
     input_path: Path
     log_path: Path
+    # upstream's own "average training time: X s/batch" log line (its host clock over display
+    # intervals; None when the backend's loop does not print it)
+    upstream_avg_step_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +132,7 @@ class Timing:
     clock: str
     startup_s: float | None
     wall_s: float
+    upstream_avg_step_s: float | None = None  # upstream's own average (TrainResult), for comparison
 
 
 @dataclass

@@ -40,6 +40,10 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "variant_description": run.variant.description,
         "backend": run.variant.backend,
         "overrides": run.variant.overrides,
+        # upstream-native settings (training.enable_compile / enable_tf32): outside the
+        # three-parameter rule, shown as such; upstream_only: the chain has no diffs, no modules
+        "upstream_options": run.variant.upstream_options,
+        "upstream_only": run.variant.upstream_only,
         "accuracy_class": run.variant.accuracy_class,
         "status": train.status,
         "error": train.error,

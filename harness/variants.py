@@ -1,7 +1,10 @@
 """Variant manifests: patches/<name>/manifest.yaml, validated against a small schema.
 
 A manifest names its base variant; a build applies the whole chain from `baseline` down.
-Input overrides are limited to ALLOWED_OVERRIDES (the competition rule)."""
+Input overrides are limited to ALLOWED_OVERRIDES (the competition rule). Upstream's own
+acceleration switches (UPSTREAM_OPTIONS: `training.enable_compile`, `training.enable_tf32`) are a
+separate field, `upstream_options`: upstream-native settings outside the three-parameter rule,
+recorded as such, never mixed with the legal overrides."""
 from __future__ import annotations
 
 import os
@@ -16,7 +19,16 @@ from .records import ALLOWED_OVERRIDES, Variant
 # DPH_PATCHES adds nothing but a different folder: a team can keep its own variants outside the repo.
 PATCHES = Path(os.environ.get("DPH_PATCHES") or Path(__file__).resolve().parent.parent / "patches")
 ENGINES = Path(__file__).resolve().parent.parent / "engines"
-BACKENDS = ("pt", "jax", "tf")
+BACKENDS = ("pt", "jax", "tf", "pt-expt", "tf2")
+# upstream-native options a manifest may set under `upstream_options`: key -> (type, backends
+# that read it). Upstream's schema accepts them for every backend and the others ignore them
+# silently, so a variant that sets one for a backend that does not read it would measure nothing:
+# refused. (pt_expt also reads `training.compile_options`, but upstream's own strict schema
+# rejects that key, so no run could use it.)
+UPSTREAM_OPTIONS = {
+    "training/enable_compile": (bool, ("pt-expt", "tf2")),
+    "training/enable_tf32": (bool, ("pt-expt",)),
+}
 ACCURACY_CLASSES = ("float64", "float32", "mixed")
 _KEYS = {  # key: (type, required)
     "name": (str, True),
@@ -30,6 +42,7 @@ _KEYS = {  # key: (type, required)
     "modules": (list, False),
     "accuracy_class": (str, False),
     "engine": (str, False),
+    "upstream_options": (dict, False),
 }
 _OVERRIDE_VALUES = {
     "model/descriptor/precision": ("float64", "float32", "float16", "bfloat16", "default"),
@@ -48,6 +61,20 @@ def validate_overrides(overrides: dict[str, Any], where: str) -> dict[str, Any]:
         if value not in _OVERRIDE_VALUES[key]:
             raise UserError(f"{where}: override {key} = {value!r} is not one of {_OVERRIDE_VALUES[key]}")
     return dict(overrides)
+
+
+def validate_upstream_options(options: dict[str, Any], backend: str, where: str) -> dict[str, Any]:
+    for key, value in options.items():
+        if key not in UPSTREAM_OPTIONS:
+            raise UserError(f"{where}: upstream option {key!r} is not allowed; upstream_options may only set "
+                            + ", ".join(UPSTREAM_OPTIONS))
+        typ, backends = UPSTREAM_OPTIONS[key]
+        if type(value) is not typ:
+            raise UserError(f"{where}: upstream option {key} = {value!r} is not a {typ.__name__}")
+        if backend not in backends:
+            raise UserError(f"{where}: upstream option {key} is read only by backend(s) {', '.join(backends)}, "
+                            f"not {backend}")
+    return dict(options)
 
 
 def load_variant(name: str, patches_dir: Path | None = None) -> Variant:
@@ -114,6 +141,7 @@ def load_variant(name: str, patches_dir: Path | None = None) -> Variant:
         directory=directory,
         accuracy_class=acc,
         engine=engine,
+        upstream_options=validate_upstream_options(raw.get("upstream_options") or {}, raw["backend"], where),
     )
 
 
@@ -130,6 +158,21 @@ def chain(name: str, patches_dir: Path | None = None) -> list[Variant]:
         out.append(v)
         cur = v.base
     return out[::-1]
+
+
+def chain_upstream_options(variants: list[Variant]) -> dict[str, Any]:
+    """The upstream-native options a chain sets (each variant's over its base's), for the leaf's
+    backend: a base's option its leaf's backend does not read is refused."""
+    opts: dict[str, Any] = {}
+    for v in variants:
+        opts.update(v.upstream_options)
+    leaf = variants[-1]
+    return validate_upstream_options(opts, leaf.backend, f"variant {leaf.name} (with its bases)")
+
+
+def upstream_only(variants: list[Variant]) -> bool:
+    """True when the chain runs upstream's code alone: no diffs and no patch modules anywhere."""
+    return not any(v.diffs or v.modules for v in variants)
 
 
 def chain_env(variants: list[Variant]) -> dict[str, str]:

@@ -21,7 +21,7 @@ def test_backend_is_read_from_dp_arguments():
 def test_missing_backend_is_a_clear_reason():
     why = train.backend_missing("pt")
     assert why is None  # torch is always there
-    assert set(launch.STEP_HOOKS) == {"pt", "jax", "tf"}
+    assert set(launch.STEP_HOOKS) == {"pt", "jax", "tf", "pt-expt", "tf2"}
 
 
 @pytest.mark.slow
