@@ -350,7 +350,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 </details>{% endif %}
 {% endfor %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>
-{% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}</dd>{% endfor %}
+{% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}{% if v.native %}<br><span class="muted">upstream-native, outside the three-parameter rule: {{ v.native }}</span>{% endif %}</dd>{% endfor %}
 </dl>{% endif %}
 </body></html>
 """
@@ -533,9 +533,11 @@ def variant_list(runs: list[dict]) -> list[dict]:
     seen: dict[str, dict] = {}
     for r in sorted(runs, key=lambda r: r.get("created") or ""):
         ov = r.get("overrides") or {}
+        native = r.get("upstream_options") or {}
         seen[r["variant"]] = {"name": r["variant"], "description": description(r),
                               "chain": " → ".join(r.get("variant_chain") or []),
-                              "overrides": ", ".join(f"{k}={v}" for k, v in ov.items())}
+                              "overrides": ", ".join(f"{k}={v}" for k, v in ov.items()),
+                              "native": ", ".join(f"{k}={v}" for k, v in native.items())}
     return sorted(seen.values(), key=lambda v: (v["name"] != "baseline", v["name"]))
 
 

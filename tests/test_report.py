@@ -282,3 +282,16 @@ def test_renders_in_headless_chromium(tmp_path):
     assert img.shape[1] == 1280
     non_white = (img < 245).any(axis=2).mean()
     assert non_white > 0.01, f"screenshot is blank ({non_white:.4%} non-white pixels)"
+
+
+def test_upstream_native_options_are_labelled_outside_the_rule(tmp_path):
+    """A variant that set upstream-native switches (ptx-compile-tos) is described as outside the
+    three-parameter rule; a legal one (tos) is not."""
+    native = run_record(NEW, "water", "ptx-compile-tos", 0.05, verdict="pass", created="2026-02-02T00:00:05Z")
+    native.update(upstream_options={"training/enable_compile": True}, upstream_only=True)
+    write_runs(tmp_path / "runs", _records() + [native])
+    text = report.write_report(tmp_path / "runs", tmp_path / "r" / "index.html").read_text()
+    label = "upstream-native, outside the three-parameter rule: training/enable_compile=True"
+    assert text.count(label) == 1
+    i = text.index(label)
+    assert text.rfind("<dt>", 0, i) == text.rfind("<dt>ptx-compile-tos", 0, i)
