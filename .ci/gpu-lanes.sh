@@ -7,6 +7,8 @@
 #   LANE0="bench water baseline,tos,graph,fused" \
 #   LANE1="bench copper baseline,tos,graph; profile water baseline,graph" \
 #   STEPS=200 GATE_JOBS=3 LANE_BUDGET_S=540 bash .ci/gpu-lanes.sh
+# FAIR_SHARE=1 splits a lane's budget evenly over its remaining bench commands (several systems
+# in sequence on one GPU).
 # A lane is a ';'-separated list of "bench SYSTEM V1,V2,..." or "profile SYSTEM V1,V2,... [K]" run
 # in order (K: Nsight Compute metrics for the top K kernels of each profiled variant); a lane that
 # outlives LANE_BUDGET_S is stopped by SIGTERM: the harness writes every run it timed (those
@@ -55,6 +57,9 @@ run_lane() {  # $1 = lane index, $2 = lane spec
     local left=$(( DEADLINE - $(date +%s) ))
     if [ "$left" -le 5 ]; then echo "== lane $i: budget spent, skipping: $what $sys $vs"; continue; fi
     if [ "$what" = bench ]; then
+      # FAIR_SHARE=1: this command gets its share of what is left (a lane of several sweeps on one
+      # GPU keeps time for the later systems); otherwise all of it
+      if [ "${FAIR_SHARE:-0}" = 1 ]; then left=$(( left / (todo + 1) )); fi
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
         $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS" \
         --time-budget $(( left > 20 ? left - 10 : left ))
@@ -80,7 +85,7 @@ for i in $(seq 0 $((lanes - 1))); do
   [ -n "${!v:-}" ] || continue
   # the outer timeout is only a safety net: the commands inside stop themselves at DEADLINE
   ( timeout -k 10 $((LANE_BUDGET_S + 60)) bash -c "$(declare -f run_lane); per=$per; py=$py; STEPS=$STEPS; \
-      GATE_JOBS=$GATE_JOBS; DEVICE=$DEVICE; PROFILE_STEPS=$PROFILE_STEPS; DEADLINE=$DEADLINE; run_lane $i \"${!v}\"" \
+      GATE_JOBS=$GATE_JOBS; DEVICE=$DEVICE; PROFILE_STEPS=$PROFILE_STEPS; DEADLINE=$DEADLINE; FAIR_SHARE=${FAIR_SHARE:-0}; run_lane $i \"${!v}\"" \
       > "$OUT/lane$i.log" 2>&1; echo "lane $i exit $?" >> "$OUT/lane$i.log" ) &
   pids+=($!)
 done
