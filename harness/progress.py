@@ -4,6 +4,7 @@ On a terminal: a tqdm bar on stderr. Elsewhere (Slurm logs, CI, a GPU lease's ca
 one plain line each time another ~10 % is done, so a log shows progress without a line per step."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from typing import TextIO
@@ -48,8 +49,9 @@ class Progress:
         if self._bar is None and self.total:
             frac = n / self.total
             if frac + 1e-9 >= self._next_frac:
-                while self._next_frac <= frac + 1e-9:
-                    self._next_frac += self.every
+                # the next multiple of `every` above frac, computed (a loop of every=1e-9 steps
+                # spun for minutes per update)
+                self._next_frac = (math.floor((frac + 1e-9) / self.every) + 1) * self.every
                 self.stream.write(self.line() + "\n")
                 self.stream.flush()
 

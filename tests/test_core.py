@@ -290,6 +290,27 @@ def _fake_training(events: list[str]):
     return run_training
 
 
+def _sweep_clock(monkeypatch) -> None:
+    """The budget tests' sweep clock: time passes only by the (fake) runs' wall_s, so what starts
+    depends on the guesses under test, not on how loaded the test machine is (a slow input check
+    or build on a busy 2-core CI machine ate real seconds of a 70 s budget)."""
+    import time as _time
+    import types
+
+    from harness import bench, train
+
+    now = [1000.0]
+    inner = train.run_training
+
+    def run_training(spec, progress=None):
+        tr = inner(spec, progress)
+        now[0] += tr.wall_s
+        return tr
+
+    monkeypatch.setattr(train, "run_training", run_training)
+    monkeypatch.setattr(bench, "time", types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=_time.perf_counter))
+
+
 def test_gate_jobs_times_every_variant_before_any_variant_gate(tiny_system, tmp_path, monkeypatch):
     import threading
     import time as _time
@@ -410,6 +431,7 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
 
     events: list[str] = []
     monkeypatch.setattr(train, "run_training", _fake_training(events))
+    _sweep_clock(monkeypatch)
     monkeypatch.setattr(bench, "GATE_GUESS_S", 60.0)
 
     def gate(rec, previous):
@@ -474,6 +496,7 @@ def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system,
     assert results.recent_wall_s(stored, name, "tos", "cpu", of="accuracy") == 3.0
     assert results.recent_wall_s(stored, name, "fp32", "cpu", of="accuracy") is None
     monkeypatch.setattr(train, "run_training", _fake_training([]))
+    _sweep_clock(monkeypatch)
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
     rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "tos", "fp32"], 100.0)
     names = {r["variant"] for r in rows}
@@ -487,10 +510,12 @@ def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_
     from harness import bench, train
 
     _stored_runs(tiny_system, tmp_path / "runs", [("tos", "cpu", 2.0, None)])
-    fake = _fake_training([])
+    monkeypatch.setattr(train, "run_training", _fake_training([]))
+    _sweep_clock(monkeypatch)  # the clock advances by the fake's 1.2 s: only the record says 60 s
+    clocked = train.run_training
 
     def run_training(spec, progress=None):
-        tr = fake(spec, progress)
+        tr = clocked(spec, progress)
         if spec.variant.name == "fp32":
             tr.wall_s = 60.0  # as if it compiled for a minute
         return tr
@@ -512,6 +537,7 @@ def test_time_budget_skips_a_run_that_does_not_fit_and_starts_a_shorter_one_afte
     _stored_runs(tiny_system, tmp_path / "runs", [("baseline", "cpu", 1.0, 2.0), ("fp32", "cpu", 100.0, 2.0),
                                                   ("tos", "cpu", 1.0, 2.0), ("fp32-tos", "cpu", 1.0, 50.0)])
     monkeypatch.setattr(train, "run_training", _fake_training([]))
+    _sweep_clock(monkeypatch)
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1000.0)  # any variant without a gate record would not fit
     rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "fp32", "tos", "fp32-tos"], 30.0)
     # fp32: its 100 s run does not fit; tos (1 s + 2 s gates) does; fp32-tos's 50 s gate does not

@@ -41,3 +41,16 @@ def test_runs_of_a_sweep_have_an_eta_after_the_first():
     p = Progress(3, "sweep x", unit="runs", stream=out, tty=False, every=1e-9, rate_from_start=True)
     p.update_to(1)
     assert "ETA" in out.getvalue().splitlines()[0]
+
+
+def test_a_line_per_update_costs_no_time():
+    """every=1e-9 (a line per run or gate) must not step through a billion fractions per update."""
+    import time
+
+    out = io.StringIO()
+    p = Progress(4, "gates", unit="gates", stream=out, tty=False, every=1e-9)
+    t0 = time.perf_counter()
+    for n in range(1, 5):
+        p.update_to(n)
+    assert time.perf_counter() - t0 < 0.5
+    assert len(out.getvalue().splitlines()) == 4
