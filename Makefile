@@ -34,7 +34,7 @@ variants: venv  ## list variants
 	$(PY) -m harness variants -v
 
 wheelhouse:  ## download the offline wheels for a Python 3.12 GPU node into wheelhouse/
-	$(PYTHON) -c "import sys; sys.path.insert(0, '.'); from harness.wheelhouse import download; from pathlib import Path; sys.exit(download(Path('wheelhouse')))"
+	$(PYTHON) -c "import sys; sys.path.insert(0, '.'); from harness.prepare.wheelhouse import download; from pathlib import Path; sys.exit(download(Path('wheelhouse')))"
 
 report: venv  ## write results/report/index.html from results/runs
 	$(PY) -m harness report $(ARGS)

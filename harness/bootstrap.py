@@ -61,7 +61,7 @@ def main() -> int:
     site = Path(subprocess.check_output([str(py), "-c", "import sysconfig;print(sysconfig.get_paths()['purelib'])"],
                                         text=True).strip())
     # the harness and the engines (engines/dpfast) importable in the venv; a training child puts
-    # its build's frozen engine copy before these (harness/patch_loader.py)
+    # its build's frozen engine copy before these (harness/child/patch_loader.py)
     (site / "dpharness_repo.pth").write_text(f"{ROOT}\n{ROOT / 'engines'}\n")
     image = _has_torch()
     if image:
@@ -81,7 +81,7 @@ def main() -> int:
         _pip(py, *[l for l in (PINS / "dev.txt").read_text().splitlines() if l and not l.startswith(("#", "torch"))])
         (target / ".dph-dev").write_text("")
     script = target / "bin" / "dpharness"
-    script.write_text(f"#!{py}\nimport sys\nfrom harness.cli import main\nsys.exit(main())\n")
+    script.write_text(f"#!{py}\nimport sys\nfrom harness.cli.main import main\nsys.exit(main())\n")
     script.chmod(0o755)
     stamp.write_text(key.hexdigest())
     return 0

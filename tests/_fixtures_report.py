@@ -1,11 +1,11 @@
-"""Synthetic results JSONs (the schema of harness.results.to_dict) for store/report/regression tests."""
+"""Synthetic results JSONs (the schema of harness.results.runs.to_dict) for store/report/regression tests."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Any
 
-from harness.results import SCHEMA
+from harness.results.runs import SCHEMA
 
 
 def run_record(sweep: str, system: str, variant: str, median: float, iqr: float = 0.0, *, card: str = "NVIDIA H100",

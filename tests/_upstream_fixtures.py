@@ -20,7 +20,7 @@ def upstream_tree() -> Path:
     """The harness's own (cached) baseline build, or DPH_UPSTREAM_TREE when set."""
     if os.environ.get("DPH_UPSTREAM_TREE"):
         return Path(os.environ["DPH_UPSTREAM_TREE"])
-    from harness import build
+    from harness.prepare import build
 
     return build.build_variant("baseline").tree
 
@@ -301,13 +301,13 @@ def upstream_adam_step(tr, inp: dict, label: dict, lr: float, params=None):
 
 def load_fused_patches(monkeypatch) -> None:
     """Load graph's and fused's patch modules in-process, as the training process does: they set
-    the accuracy-gate hooks (harness.runtime) and make upstream's Trainer.run train with the
+    the accuracy-gate hooks (harness.child.runtime) and make upstream's Trainer.run train with the
     fused engine. All of that is put back after the test."""
     import importlib.util
 
     from deepmd.pt.train import training
 
-    from harness import runtime
+    from harness.child import runtime
 
     monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)
     monkeypatch.setattr(runtime, "parity_forward", runtime.parity_forward)

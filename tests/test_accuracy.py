@@ -1,4 +1,4 @@
-"""The accuracy gate (harness.accuracy): it must FAIL a deliberately broken variant and PASS the
+"""The accuracy gate (harness.judge.accuracy): it must FAIL a deliberately broken variant and PASS the
 baseline run as a variant and upstream's fp32 override under the float32 class.
 
 The slow tests train a tiny water system (tests/conftest.py) for 5 steps on CPU through the real
@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import accuracy, bench, train
-from harness.records import RunRecord, RunSpec
-from harness import timing as timing_mod
+from harness.judge import accuracy
+from harness.run import bench
+from harness.run import train
+from harness.core.records import RunRecord, RunSpec
+from harness.run import timing as timing_mod
 
 STEPS = 5
 
@@ -162,7 +164,7 @@ def test_compare_eval_and_step_relative_errors() -> None:
 
 
 def test_broken_force_manifest_says_test_only() -> None:
-    from harness import variants
+    from harness.prepare import variants
 
     v = variants.load_variant("broken-force")
     assert "TEST-ONLY" in v.description and "NEVER SHIP" in v.description

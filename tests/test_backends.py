@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from harness import accuracy, cli, launch, train
+from harness.judge import accuracy
+from harness.cli import main as cli
+from harness.child import launch
+from harness.run import train
 
 
 def test_backend_is_read_from_dp_arguments():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli
+from harness.cli import main as cli
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     _upstream_batch, build_trainer, case_config, data, fcc_config, frames_of, rel, torch, upstream_adam_step,
@@ -228,7 +228,7 @@ def test_eval_mode_and_other_descriptors_run_upstream(cm, data, tmp_path_factory
         model.train()
 
     from deepmd.pt.train.training import get_model_for_wrapper
-    from harness.parity_eval import _config
+    from harness.child.parity_eval import _config
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False)
     cfg["model"]["descriptor"] = {"type": "se_e2_r", "sel": [60, 40, 30], "rcut_smth": 1.0, "rcut": 7.0,

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from harness import build, cli, diffs, results, timing, train, variants
-from harness.errors import UserError
-from harness.records import ALLOWED_OVERRIDES
+from harness.prepare import build
+from harness.cli import main as cli
+from harness.prepare import diffs
+from harness.results import runs as results
+from harness.run import timing
+from harness.run import train
+from harness.prepare import variants
+from harness.core.errors import UserError
+from harness.core.records import ALLOWED_OVERRIDES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,7 +147,7 @@ def test_patch_conflict_fails_the_build_and_leaves_no_tree(tmp_path, patches):
 
 
 def test_a_diff_changes_the_tree_key_a_manifest_only_change_does_not(tmp_path, patches):
-    from harness import upstream
+    from harness.prepare import upstream
 
     pin = upstream.default_pin()
     base = variants.chain("baseline", patches)
@@ -170,7 +176,7 @@ def test_concurrent_builds_of_one_variant_give_one_valid_tree(tmp_path, patches)
 # ---------------------------------------------------------------- inputs, timing, records
 
 def test_run_input_changes_only_allowed_settings_and_benchmark_knobs(tiny_system):
-    from harness import systems
+    from harness.prepare import systems
 
     s = systems.load_system(str(tiny_system))
     over = {"model/descriptor/precision": "float32", "model/descriptor/type_one_side": True}
@@ -226,7 +232,7 @@ def test_bad_bench_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, n
 
 
 def test_device_cuda_without_gpu_is_rejected(tmp_path):
-    from harness import environment
+    from harness.core import environment
 
     if environment.cuda_available():
         pytest.skip("this machine has a GPU")
@@ -277,7 +283,7 @@ def test_concurrent_builds_from_threads_of_one_process_give_one_valid_tree(tmp_p
 
 def _fake_training(events: list[str]):
     """train.run_training stand-in: records the order of events, writes nothing heavy."""
-    from harness.records import TrainResult
+    from harness.core.records import TrainResult
 
     def run_training(spec, progress=None):
         events.append(f"train {spec.variant.name}")
@@ -297,7 +303,8 @@ def _sweep_clock(monkeypatch) -> None:
     import time as _time
     import types
 
-    from harness import bench, train
+    from harness.run import bench
+    from harness.run import train
 
     now = [1000.0]
     inner = train.run_training
@@ -315,8 +322,9 @@ def test_gate_jobs_times_every_variant_before_any_variant_gate(tiny_system, tmp_
     import threading
     import time as _time
 
-    from harness import bench, train
-    from harness.records import AccuracyResult
+    from harness.run import bench
+    from harness.run import train
+    from harness.core.records import AccuracyResult
 
     events: list[str] = []
     monkeypatch.setattr(train, "run_training", _fake_training(events))
@@ -356,8 +364,9 @@ def test_a_sweep_stopped_during_its_gates_keeps_every_timed_run(tiny_system, tmp
     unjudged (never the "fail" a killed judge would return), and the judges are stopped."""
     import threading
 
-    from harness import bench, train
-    from harness.records import AccuracyResult
+    from harness.run import bench
+    from harness.run import train
+    from harness.core.records import AccuracyResult
 
     events: list[str] = []
     monkeypatch.setattr(train, "run_training", _fake_training(events))
@@ -395,8 +404,8 @@ def test_a_sweep_stopped_during_its_gates_keeps_every_timed_run(tiny_system, tmp
 @pytest.mark.parametrize("kw,msg", [({"gate_jobs": 0}, "gate-jobs"), ({"time_budget_s": 0}, "time-budget"),
                                     ({"time_budget_s": -5.0}, "time-budget")])
 def test_bad_gate_jobs_or_time_budget_is_bad_input(tiny_system, tmp_path, kw, msg):
-    from harness import bench
-    from harness.errors import UserError
+    from harness.run import bench
+    from harness.core.errors import UserError
 
     req = bench.BenchRequest(system=str(tiny_system), variants=["baseline"], device="cpu",
                              runs_dir=tmp_path / "runs", work_root=tmp_path / "work", **kw)
@@ -406,7 +415,7 @@ def test_bad_gate_jobs_or_time_budget_is_bad_input(tiny_system, tmp_path, kw, ms
 
 
 def test_the_sender_named_commit_wins_over_a_stale_git(monkeypatch):
-    from harness import environment
+    from harness.core import environment
 
     monkeypatch.setenv("DPH_GIT_SHA", "abc1234")
     assert environment._git_sha() == "abc1234"
@@ -426,8 +435,9 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
                                                             expect):
     """--time-budget: a run starts only if it and the gates still owed fit; the runs that did
     start are all judged, and the sweep says which runs it did not start."""
-    from harness import bench, train
-    from harness.records import AccuracyResult
+    from harness.run import bench
+    from harness.run import train
+    from harness.core.records import AccuracyResult
 
     events: list[str] = []
     monkeypatch.setattr(train, "run_training", _fake_training(events))
@@ -457,7 +467,7 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
 
 def _stored_runs(tiny_system, runs: Path, rows: list[tuple]) -> str:
     """Earlier run records of the tiny system: (variant, device kind, run wall s, gate wall s or None)."""
-    from harness import systems
+    from harness.prepare import systems
 
     name = systems.load_system(str(tiny_system)).name
     runs.mkdir()
@@ -470,8 +480,8 @@ def _stored_runs(tiny_system, runs: Path, rows: list[tuple]) -> str:
 
 def _budgeted_sweep(tiny_system, tmp_path, variants: list[str], budget_s: float) -> tuple[list[dict], list[str]]:
     """A CPU sweep of passing gates (gate_jobs 2) under --time-budget; (rows, log lines)."""
-    from harness import bench
-    from harness.records import AccuracyResult
+    from harness.run import bench
+    from harness.core.records import AccuracyResult
 
     req = bench.BenchRequest(system=str(tiny_system), variants=variants, steps=20, device="cpu",
                              runs_dir=tmp_path / "runs", work_root=tmp_path / "work", gate_jobs=2,
@@ -485,7 +495,9 @@ def _budgeted_sweep(tiny_system, tmp_path, variants: list[str], budget_s: float)
 def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system, tmp_path, monkeypatch):
     """Before this sweep has timed the variant, its guess is the longest of its recent runs on
     this system and device kind in the results store (a 200 s compile must not be guessed at 1 s)."""
-    from harness import bench, results, train
+    from harness.run import bench
+    from harness.results import runs as results
+    from harness.run import train
 
     name = _stored_runs(tiny_system, tmp_path / "runs", [("fp32", "cpu", 500.0, None), ("fp32", "cuda", 9000.0, None),
                                                          ("tos", "cpu", 2.0, 3.0)])
@@ -507,7 +519,8 @@ def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_
     """A variant's own recent runs decide its guess, not the longest run of this sweep: after a
     60 s compile-heavy run, a variant whose runs take 2 s still starts; one never run here is
     guessed at this sweep's longest run and does not."""
-    from harness import bench, train
+    from harness.run import bench
+    from harness.run import train
 
     _stored_runs(tiny_system, tmp_path / "runs", [("tos", "cpu", 2.0, None)])
     monkeypatch.setattr(train, "run_training", _fake_training([]))
@@ -532,7 +545,8 @@ def test_time_budget_skips_a_run_that_does_not_fit_and_starts_a_shorter_one_afte
     """A run that does not fit is passed over, not the end of the sweep: a later variant whose
     records say it is short still starts. Gates are guessed from the variant's recorded gate times
     (accuracy.wall_s), GATE_GUESS_S only without a record."""
-    from harness import bench, train
+    from harness.run import bench
+    from harness.run import train
 
     _stored_runs(tiny_system, tmp_path / "runs", [("baseline", "cpu", 1.0, 2.0), ("fp32", "cpu", 100.0, 2.0),
                                                   ("tos", "cpu", 1.0, 2.0), ("fp32-tos", "cpu", 1.0, 50.0)])
@@ -546,7 +560,7 @@ def test_time_budget_skips_a_run_that_does_not_fit_and_starts_a_shorter_one_afte
 
 
 def test_time_budget_owes_gates_in_waves_longest_first():
-    from harness import bench
+    from harness.run import bench
 
     b = bench.TimeBudget(end=0.0, gate_jobs=2)
     assert b.owed_gates_s([10.0], [5.0, 40.0, 7.0]) == 10.0 + 40.0 + 5.0  # waves {40, 7}, {5}
@@ -559,7 +573,8 @@ def test_time_budget_owes_gates_in_waves_longest_first():
 def test_the_build_hashes_code_not_prose_and_freezes_the_engine(tmp_path, patches, monkeypatch):
     """A README edit changes no build; an engine edit changes every variant that names the engine;
     the build freezes the engine beside the patch modules, where the child's loader finds it."""
-    from harness import patch_loader, upstream
+    from harness.child import patch_loader
+    from harness.prepare import upstream
 
     for v in ("graph", "fused"):
         shutil.copytree(REPO / "patches" / v, patches / v)

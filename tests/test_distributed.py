@@ -1,4 +1,4 @@
-"""Multi-GPU launch (harness/distributed.py and its hooks in train/launch/results/bench/cli).
+"""Multi-GPU launch (harness/run/distributed.py and its hooks in train/launch/results/bench/cli).
 
 Upstream's PT DDP cannot run on a CPU-only machine as shipped: deepmd 3.2.0's `dp --pt train`
 calls ``init_process_group(backend="cuda:nccl,cpu:gloo")`` (no NCCL in CPU torch),
@@ -18,9 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from harness import bench, cli, distributed, environment, results, systems, timing, train
-from harness.errors import UserError
-from harness.records import RunRecord, RunSpec
+from harness.run import bench
+from harness.cli import main as cli
+from harness.run import distributed
+from harness.core import environment
+from harness.results import runs as results
+from harness.prepare import systems
+from harness.run import timing
+from harness.run import train
+from harness.core.errors import UserError
+from harness.core.records import RunRecord, RunSpec
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,13 +52,13 @@ def test_distributed_env_always_disables_multicast(gpus):
 
 
 def test_training_command_per_backend():
-    launch = [sys.executable, "-m", "harness.launch", "--tree", "T", "--", "--pt", "train", "input.json"]
+    launch = [sys.executable, "-m", "harness.child.launch", "--tree", "T", "--", "--pt", "train", "input.json"]
     assert distributed.training_command("pt", 1, launch) == (launch, None)
     cmd, why = distributed.training_command("pt", 2, launch)
     assert why is None
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert cmd[cmd.index("--nproc_per_node") + 1] == "2"
-    assert cmd[-len(launch) + 1:] == launch[1:]  # `-m harness.launch ...` follows torchrun's options
+    assert cmd[-len(launch) + 1:] == launch[1:]  # `-m harness.child.launch ...` follows torchrun's options
     cmd, why = distributed.training_command("jax", 2, launch)
     assert cmd is None and "no multi-process data parallelism" in why
 
@@ -72,7 +79,7 @@ def test_tf_backend_horovodrun_mpirun_or_one_line_reason():
     assert cmd[:6] == ["horovodrun", "-np", "2", "dp", "--tf", "train"]
     # on this machine (no Horovod) the harness says so in one line
     if not distributed._horovod_tf_importable():
-        cmd, why = distributed.training_command("tf", 2, ["py", "-m", "harness.launch"])
+        cmd, why = distributed.training_command("tf", 2, ["py", "-m", "harness.child.launch"])
         assert cmd is None and why and "\n" not in why
 
 
@@ -140,7 +147,7 @@ def test_table_shows_gpus_scaling_and_same_count_speedup():
 
 def _fake_spec(tiny_system, tmp_path, gpus=2, backend="pt"):
     system = systems.load_system(str(tiny_system))
-    from harness.records import BuiltVariant
+    from harness.core.records import BuiltVariant
 
     v = BuiltVariant(name="baseline", chain=("baseline",), hash="h", tree=tmp_path / "tree", backend=backend,
                      env={}, overrides={}, modules=(), accuracy_class="float64", description="", cached=True, log=())
@@ -164,14 +171,14 @@ def test_run_training_launches_torchrun_with_the_multicast_env(tiny_system, tmp_
     train.run_training(_fake_spec(tiny_system, tmp_path))
     cmd, env = seen["cmd"], seen["env"]
     assert cmd[1:3] == ["-m", "torch.distributed.run"] and cmd[cmd.index("--nproc_per_node") + 1] == "2"
-    assert cmd[cmd.index("harness.launch") - 1] == "-m" and cmd[-4:] == ["--pt", "train", "input.json",
+    assert cmd[cmd.index("harness.child.launch") - 1] == "-m" and cmd[-4:] == ["--pt", "train", "input.json",
                                                                        "--skip-neighbor-stat"]
     assert env["NCCL_NVLS_ENABLE"] == "0" and env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["NVSHMEM_DISABLE_NVLS"] == "1"
     # one GPU: plain python, still no multicast
     seen.clear()
     train.run_training(_fake_spec(tiny_system, tmp_path, gpus=1))
-    assert seen["cmd"][1:3] == ["-m", "harness.launch"] and seen["env"]["NCCL_NVLS_ENABLE"] == "0"
+    assert seen["cmd"][1:3] == ["-m", "harness.child.launch"] and seen["env"]["NCCL_NVLS_ENABLE"] == "0"
 
 
 def test_record_has_world_size_and_samples_per_s(tiny_system, tmp_path):
@@ -217,7 +224,7 @@ def test_cli_rejects_more_gpus_than_visible(tiny_system, tmp_path, monkeypatch, 
 
 FAKE_DP = '''
 def main(args):
-    from harness import runtime
+    from harness.child import runtime
     for _ in range(4):
         runtime.clock.tick("upstream")
 '''
@@ -233,7 +240,7 @@ def test_only_rank0_writes_steps_json(tmp_path, rank):
     run.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "DPH_RUN_DIR": str(run), "RANK": rank, "LOCAL_RANK": rank,
            "WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": ""}
-    r = subprocess.run([sys.executable, "-m", "harness.launch", "--tree", str(tree), "--", "train"], env=env,
+    r = subprocess.run([sys.executable, "-m", "harness.child.launch", "--tree", str(tree), "--", "train"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     if rank == "0":
@@ -273,7 +280,7 @@ _training.DDP = _CpuDDP
 
 @pytest.mark.slow
 def test_two_cpu_ranks_train_through_torchrun(tiny_system, tmp_path):
-    from harness import build
+    from harness.prepare import build
 
     base = build.build_variant("baseline")
     shim = tmp_path / "cpu_ddp_shim.py"
@@ -305,7 +312,7 @@ def test_two_cpu_ranks_graph_variants_data_parallel(tiny_system, tmp_path, varia
     with bit-identical parameters (the engine logs a per-rank parameter checksum at the end)."""
     import re
 
-    from harness import build
+    from harness.prepare import build
 
     base = build.build_variant(variant_name)
     shim = tmp_path / "cpu_ddp_shim.py"

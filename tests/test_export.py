@@ -1,4 +1,4 @@
-"""harness.export: run records as one flat table (CSV / parquet), written atomically; bad input is
+"""harness.results.export: run records as one flat table (CSV / parquet), written atomically; bad input is
 one line on stderr and exit 2 with nothing written."""
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import sys
 import pandas as pd
 import pytest
 
-from harness import cli, export
+from harness.cli import main as cli
+from harness.results import export
 from tests._fixtures_report import gpu_profile, run_record, write_runs
 
 

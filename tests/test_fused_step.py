@@ -279,7 +279,7 @@ def test_flat_adam_compiled_equals_torch(kind, wd, capturable, monkeypatch):
 def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
     import torch._dynamo
 
-    from harness import runtime
+    from harness.child import runtime
 
     load_fused_patches(knobs)
     from dpfast import fused as fused_engine

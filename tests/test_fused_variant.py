@@ -184,7 +184,7 @@ def test_one_step_parity(case, data, tmp_path):
 
 # ------------------------------------------------------------ 3. accuracy-gate hooks
 def test_gate_hooks(data, tmp_path, monkeypatch):
-    from harness import runtime
+    from harness.child import runtime
 
     load_fused_patches(monkeypatch)
     from dpfast import fused as fused_engine
@@ -243,7 +243,7 @@ def test_compiled_step_parity(geom, data, tmp_path, monkeypatch):
 
 # --------------------------------------------------------------- 5. flavours
 def test_flavour_manifests():
-    from harness import variants
+    from harness.prepare import variants
 
     names = {v.name: v for v in variants.discover()} if hasattr(variants, "discover") else None
     for flav, acc in (("fused", "float64"), ("fused-fp32", "float32"), ("fused-mixed", "mixed")):
@@ -643,7 +643,7 @@ def test_grouped_knob(data, tmp_path, monkeypatch):
     fused-nets), emb the embedding only, 0 nothing (variant
     fused-blocks); anything else is refused."""
     from dpfast import fused as fused_engine
-    from harness import variants
+    from harness.prepare import variants
 
     want_env = {"fused": "1", "fused-nets": "nets", "fused-blocks": "0", "fused-onthefly": "1"}
     for name, mode in want_env.items():

@@ -156,7 +156,7 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     driver = (
         "import sys, importlib.util\n"
         f"sys.path.insert(0, {str(TREE)!r}); sys.path.insert(1, {str(REPO)!r}); sys.path.insert(2, {str(ENGINES)!r})\n"
-        "from harness import runtime\n"
+        "from harness.child import runtime\n"
         + load
         + "from deepmd.main import main\n"
         "main(['--pt', 'train', 'input.json'])\n"
@@ -168,7 +168,7 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
               "DPH_FUSED_GROUPED"):
         env.pop(k, None)
     if variant.startswith("fused"):
-        from harness import variants
+        from harness.prepare import variants
 
         env.update(variants.chain_env(variants.chain(variant)))
     if variant == "fused":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli
+from harness.cli import main as cli
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     build_trainer, data, fcc_config, frames_of, rel, torch,

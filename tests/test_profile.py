@@ -1,4 +1,4 @@
-"""harness.profile: window placement, the breakdown of a (synthetic GPU) trace, the Nsight command
+"""harness.analyse.profile: window placement, the breakdown of a (synthetic GPU) trace, the Nsight command
 builders and parsers, and ONE short real profiled CPU training run of a tiny model."""
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import json
 
 import pytest
 
-from harness import nsight, profile
-from harness.profile import breakdown_from_trace, choose_window
+from harness.analyse import nsight
+from harness.analyse import profile
+from harness.analyse.profile import breakdown_from_trace, choose_window
 
 
 def test_window_is_steady_and_ends_before_training_ends():
@@ -121,7 +122,7 @@ def test_parse_ncu_csv_long_and_raw():
 
 
 def test_nsight_commands_and_nsys_parser(tmp_path):
-    cmd = ["python", "-m", "harness.launch", "--tree", "T", "--", "--pt", "train", "input.json"]
+    cmd = ["python", "-m", "harness.child.launch", "--tree", "T", "--", "--pt", "train", "input.json"]
     n = nsight.nsys_command(tmp_path / "nsys", cmd)
     assert n[:2] == ["nsys", "profile"] and n[-len(cmd):] == cmd and "--trace=cuda,nvtx,osrt" in n
     assert nsight.nsys_stats_command(tmp_path / "x.nsys-rep")[:2] == ["nsys", "stats"]
@@ -158,7 +159,9 @@ def test_format_breakdown_handles_missing_profiles():
 
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory):
-    from harness import bench, regression, systems
+    from harness.run import bench
+    from harness.results import regression
+    from harness.prepare import systems
 
     if systems.checksum_problems(systems.load_system("water")):
         pytest.skip("water data absent (make systems): the real profiled run needs a few of its frames")
@@ -251,7 +254,8 @@ def _profiled_run_dir(tmp_path, monkeypatch):
     variant build that needs no upstream: what run_ncu reads and writes."""
     import types
 
-    from harness import build, results
+    from harness.prepare import build
+    from harness.results import runs as results
 
     monkeypatch.setattr(results, "ROOT", tmp_path)
     wd = tmp_path / "work" / "r1"
@@ -378,7 +382,8 @@ def test_tf_backend_profile_says_it_is_not_profiled(tmp_path):
 def test_real_profiled_jax_cpu_run(tiny_system, tmp_path):
     """jax-tos under `profile`: jax.profiler traces the steady window; on a CPU, XLA's host work
     (dispatch, CPU fusions) is the breakdown, and no GPU field is invented."""
-    from harness import bench, train
+    from harness.run import bench
+    from harness.run import train
 
     if train.backend_missing("jax"):
         pytest.skip("JAX is not installed (pip install -r harness/pins/jax.txt)")

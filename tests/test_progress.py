@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from harness.progress import Progress
+from harness.core.progress import Progress
 
 
 def test_plain_lines_every_tenth_with_eta():

@@ -1,13 +1,15 @@
 """A bad file under results/runs (truncated, foreign JSON, an older schema without run_id, a
 malformed sub-object) never stops a reader: report, ingest, compare and export skip it with ONE
-warning line naming the file and why, process the rest and exit 0 (harness.results.iter_runs)."""
+warning line naming the file and why, process the rest and exit 0 (harness.results.runs.iter_runs)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from harness import cli, regression, results
+from harness.cli import main as cli
+from harness.results import regression
+from harness.results import runs as results
 from tests._fixtures_report import run_record, write_runs
 
 BAD = {

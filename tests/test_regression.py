@@ -1,4 +1,4 @@
-"""harness.regression: same-run ratios, overhead, the comparison against the committed reference and
+"""harness.results.regression: same-run ratios, overhead, the comparison against the committed reference and
 the `regress` exit code (the sweep itself is replaced by synthetic results here)."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from harness import regression
+from harness.results import regression
 from tests._fixtures_report import run_record
 
 

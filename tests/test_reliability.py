@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import results, systems
-from harness.errors import UserError
+from harness.results import runs as results
+from harness.prepare import systems
+from harness.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 TYPE_MAP = ("O", "H")
@@ -146,7 +147,7 @@ def test_unknown_upstream_version_is_exit_2(tmp_path):
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from harness import results
+    from harness.results import runs as results
     payload = {"schema": "dpharness.run/1", "run_id": "r", "sweep_id": "s", "system": "water", "variant": "baseline",
                "blob": ["x" * 1000] * 4000}
     i = 0
@@ -178,7 +179,7 @@ def test_killed_writers_never_leave_a_corrupt_record(tmp_path):
 KILLER = """
 import os, signal
 import torch
-from harness import runtime
+from harness.child import runtime
 
 def _die(i):
     if i == int(os.environ.get("DPH_TEST_KILL_AT", "3")):
@@ -281,7 +282,7 @@ def test_out_of_memory_is_reported_as_such_with_what_caused_it(tiny_system, tmp_
 
 def test_missing_wheelhouse_offline_says_what_to_do(tmp_path):
     """An offline node without wheelhouse/: the bootstrap's pip failure names the remedy."""
-    from harness import upstream
+    from harness.prepare import upstream
 
     pin = upstream.default_pin()
     fake = upstream.UpstreamPin(pin.package, pin.version, "deepmd_kit-0.0.0-none.whl", pin.sha256)

@@ -1,4 +1,4 @@
-"""harness.report: the self-contained HTML from synthetic results (the summary it leads with, the
+"""harness.report.render: the self-contained HTML from synthetic results (the summary it leads with, the
 selection, links, plots), the committed records' headline, and a real headless-Chromium render.
 CI needs: apt-get install -y chromium (the render tests skip with a reason when it is absent)."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ import re
 
 import pytest
 
-from harness import report, summary
+from harness.report import render as report
+from harness.report import summary
 from tests._chromium import CHROMIUM, console_lines, probe, screenshot
 from tests._fixtures_report import gpu_profile, run_record, write_runs
 
@@ -236,7 +237,7 @@ def test_history_in_the_default_selection(tmp_path):
 
 def test_committed_records_headline_fused_on_every_system_and_card():
     """The real answer: fused heads the table for water, copper and alcumg on the H200 and the H100."""
-    from harness import results
+    from harness.results import runs as results
 
     heads = {(r["system"], r["card"].split()[1]): r for r in summary.rows(results.load_runs()) if r["headline"]}
     want = {(s, c) for s in ("water", "copper", "alcumg") for c in ("H200", "H100")}

@@ -1,4 +1,4 @@
-"""harness.store: transactional idempotent ingest and compare()."""
+"""harness.results.store: transactional idempotent ingest and compare()."""
 from __future__ import annotations
 
 import sqlite3
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import store
+from harness.results import store
 from tests._fixtures_report import run_record, write_runs
 
 
@@ -119,7 +119,7 @@ tmpfs /tmp tmpfs rw 0 0
                                        ("/tmp/x/results.sqlite", "WAL"),
                                        ("/opt/dph/results.sqlite", "WAL")])
 def test_journal_mode_follows_the_file_system(path, mode):
-    from harness import store
+    from harness.results import store
 
     assert store.journal_mode(Path(path), "auto", mounts=MOUNTS) == mode
     assert store.journal_mode(Path(path), "wal", mounts=MOUNTS) == "WAL"
@@ -127,7 +127,8 @@ def test_journal_mode_follows_the_file_system(path, mode):
 
 
 def test_journal_flag_reaches_sqlite(tmp_path, capsys):
-    from harness import cli, store
+    from harness.cli import main as cli
+    from harness.results import store
 
     db = tmp_path / "r.sqlite"
     assert cli.main(["ingest", "--db", str(db), "--journal", "delete", str(tmp_path / "none.json")]) == 0

@@ -1,4 +1,4 @@
-"""`dpharness sweep` (harness/sweep.py): cell identity, the locked state file, resume, Slurm
+"""`dpharness sweep` (harness/cli/sweep.py): cell identity, the locked state file, resume, Slurm
 submission parameters, and a real two-cell sweep through submitit's LocalExecutor."""
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness import bench, cli, results, sweep
-from harness.errors import UserError
+from harness.run import bench
+from harness.cli import main as cli
+from harness.results import runs as results
+from harness.cli import sweep
+from harness.core.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,7 +49,7 @@ def test_system_content_hash_sees_one_changed_number(tiny_system, tmp_path):
 WRITER = """
 import sys
 from pathlib import Path
-from harness import sweep
+from harness.cli import sweep
 path, who, n = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
 for i in range(n):
     sweep.update_cell(path, f"{who}-{i}", status="ok", n=i)
@@ -203,7 +206,7 @@ def test_local_executor_two_cells_then_resume(tiny_system, tmp_path):
     jobs = list((tmp_path / "sweeps" / "t.jobs").glob("*_result.pkl"))
     assert len(jobs) == 2  # one submitit job per cell, two in total over both runs
     try:
-        from harness import store
+        from harness.results import store
     except ImportError:
         return
     if hasattr(store, "load"):

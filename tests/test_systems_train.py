@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, systems
+from harness.cli import main as cli
+from harness.prepare import systems
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,8 +48,8 @@ def test_water_ships_verified_and_shared_is_never_needed(tmp_path, monkeypatch):
     a damaged copy is refused naming the sources instead of being repaired from ../shared."""
     import shutil
 
-    from harness import systems
-    from harness.errors import UserError
+    from harness.prepare import systems
+    from harness.core.errors import UserError
 
     water = systems.load_system("water")
     assert systems.checksum_problems(water) == [] and len(water.spec["files"]) == 28

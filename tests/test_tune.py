@@ -1,7 +1,8 @@
 """`dpharness tune` picks the fastest legal setting that the accuracy gate passes."""
 from __future__ import annotations
 
-from harness import bench, cli
+from harness.run import bench
+from harness.cli import main as cli
 
 
 def _row(variant, ms, verdict, status="ok"):

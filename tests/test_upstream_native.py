@@ -18,8 +18,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import anchors, bench, cli, launch, systems, train, variants
-from harness.errors import UserError
+from harness.results import anchors
+from harness.run import bench
+from harness.cli import main as cli
+from harness.child import launch
+from harness.prepare import systems
+from harness.run import train
+from harness.prepare import variants
+from harness.core.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD_LOG = """\
@@ -84,7 +90,8 @@ def test_make_input_refuses_an_upstream_option_outside_the_list(tiny_system):
 
 
 def test_ptx_chains_carry_their_options_and_upstream_only(tiny_system):
-    from harness import build, input_check
+    from harness.prepare import build
+    from harness.prepare import input_check
 
     s = systems.load_system(str(tiny_system))
     tf32 = build.build_variant("ptx-tf32")
@@ -107,7 +114,7 @@ def test_ptx_chains_carry_their_options_and_upstream_only(tiny_system):
 
 
 def test_the_fix_is_a_strict_diff_of_upstream_se_e2_a():
-    from harness import build
+    from harness.prepare import build
 
     fix = build.build_variant("ptx-compile-fix")
     src = (fix.tree / "deepmd" / "dpmodel" / "descriptor" / "se_e2_a.py").read_text()
@@ -299,7 +306,7 @@ def test_a_torch_upstream_refuses_to_compile_on_is_recorded_as_upstreams_refusal
     compile run is `unavailable` with upstream's reason; eager pt-expt and other backends are not."""
     from importlib import metadata
 
-    from harness import build
+    from harness.prepare import build
 
     b = build.build_variant("ptx-compile-tos")
     monkeypatch.setattr(metadata, "version", lambda name: "2.9.1+cu128")

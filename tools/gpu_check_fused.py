@@ -1,7 +1,7 @@
 """GPU check of the ``fused`` variant, one call: forward/gradient parity on CUDA (float64:
 fused eager, fused compiled, graph autograd, upstream), then ms/step of upstream baseline,
 graph, fused (eager analytic and Inductor-compiled) and the precision flavours, all in
-the same call on the same card, timed with harness.runtime's CUDA events.
+the same call on the same card, timed with harness.child.runtime's CUDA events.
 
 Usage: python tools/gpu_check_fused.py TREE OUTDIR PLAN
 PLAN: comma list of system:variant:steps, variant in baseline, graph, fused, fused-eager,
@@ -68,7 +68,7 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log, 
     mods, extra_env, prec = VARIANTS[variant]
     wd = out / f"{system}_{variant}"
     make_input(system, wd, steps, disp=max(100, steps // 4), prec=prec)
-    cmd = [sys.executable, "-m", "harness.launch", "--tree", tree]
+    cmd = [sys.executable, "-m", "harness.child.launch", "--tree", tree]
     for m in mods:
         cmd += ["--module", str(m)]
     cmd += ["--", "--pt", "train", "input.json"]

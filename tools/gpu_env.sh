@@ -4,7 +4,7 @@
 # verified by sha256, fix-ups applied), unless DPH_UPSTREAM_TREE names another.
 make venv >&2
 PY=$PWD/.venv/bin/python
-TREE=${DPH_UPSTREAM_TREE:-$("$PY" -c "from harness import build; print(build.build_variant('baseline').tree)")}
+TREE=${DPH_UPSTREAM_TREE:-$("$PY" -c "from harness.prepare import build; print(build.build_variant('baseline').tree)")}
 export PYTHONPATH="$TREE:$PWD"
 echo "python: $("$PY" -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')  tree: $TREE"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
+
 
 import torch
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
+
 import time
 from typing import Any
 
@@ -817,7 +817,7 @@ class GraphEngine:
         from deepmd.loggers.training import format_training_message, format_training_message_per_task
 
         try:
-            from harness import runtime
+            from harness.child import runtime
         except Exception:  # noqa: BLE001
             runtime = None
         tr = self.tr

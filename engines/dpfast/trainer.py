@@ -42,7 +42,7 @@ def _graph_parity_forward(model, coord, atype, box):
             "virial": out["virial"].detach()}
 
 
-# name -> (parity_forward, parity_train_step): what harness.runtime's gate hooks call
+# name -> (parity_forward, parity_train_step): what harness.child.runtime's gate hooks call
 GATE_HOOKS: dict[str, tuple[Callable, Callable]] = {
     "graph": (_graph_parity_forward, graph.parity_train_step),
     "fused": (fused.parity_forward, fused.parity_train_step),
@@ -74,7 +74,7 @@ def install(name: str) -> None:
     training.Trainer.run._dph_engine = cls
     _selected[:] = [name]
     try:
-        from harness import runtime
+        from harness.child import runtime
     except ImportError:  # used outside the harness (tests drive the engine directly)
         return
     runtime.parity_forward, runtime.parity_train_step = GATE_HOOKS[name]

@@ -452,7 +452,7 @@ def install() -> None:
     dynamo_config.optimize_ddp = False
     TARGET.forward_common_lower = forward_common_lower
     try:
-        from harness import runtime as _runtime
+        from harness.child import runtime as _runtime
 
         _saved_hook[:] = [_runtime.parity_forward]
         _runtime.parity_forward = parity_forward
@@ -464,7 +464,7 @@ def uninstall() -> None:
     """Put upstream's method (and the previous gate hook) back; for tests."""
     TARGET.forward_common_lower = _upstream_lower
     if _saved_hook:
-        from harness import runtime as _runtime
+        from harness.child import runtime as _runtime
 
         _runtime.parity_forward = _saved_hook.pop()
 

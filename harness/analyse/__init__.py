@@ -1,0 +1,1 @@
+"""After a run: profiler traces and Nsight Compute."""

@@ -1,0 +1,143 @@
+"""Entry point of a training subprocess: `python -m harness.child.launch --tree T [--module M ...] -- <dp args>`.
+
+Puts the variant's built upstream tree first on sys.path, sets up the step clock
+(harness.child.runtime), imports the variant's patch modules in order, then runs upstream's own
+`dp` entry point. Step times and peak memory are dumped to $DPH_RUN_DIR/steps.json at exit,
+also when training fails or is interrupted; under torchrun/mpirun by rank 0 only."""
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+# (module, class, method, which calls count as a training step) of each backend's loop
+STEP_HOOKS = {
+    "pt": ("deepmd.pt.train.training", "Trainer", "_next_training_batch", None),
+    "jax": ("deepmd.jax.train.trainer", "DPTrainer", "train_step", None),
+    # the TF loop builds a training feed dict once per step (validation passes is_training=False)
+    "tf": ("deepmd.tf.train.trainer", "DPTrainer", "get_feed_dict",
+           lambda a, k: k.get("is_training", a[1] if len(a) > 1 else False)),
+    # the PyTorch-Exportable and TF2 trainers run dpmodel's AbstractTrainer loop: one
+    # train_step(task, step) per optimizer step, validation outside it
+    "pt-expt": ("deepmd.pt_expt.train.training", "Trainer", "train_step", None),
+    "tf2": ("deepmd.tf2.train.trainer", "Trainer", "train_step", None),
+}
+# backends whose hook must attach: a clock that silently stopped ticking would read as "0 steps
+# timed" at best; for these the launcher fails at once, naming the hook
+STRICT_HOOKS = frozenset({"pt-expt", "tf2"})
+
+
+def _install_upstream_hooks(clock, backend: str) -> None:
+    """Tick at every training step of the backend's upstream loop. Only that backend is imported:
+    importing the others would cost start-up time (and JAX/TF may grab GPU memory)."""
+    import importlib
+
+    if backend not in STEP_HOOKS:
+        return
+    mod_name, cls_name, meth, counts = STEP_HOOKS[backend]
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+        orig = getattr(cls, meth)
+    except Exception as e:  # backend missing in this tree/environment: dp itself will say so
+        if backend in STRICT_HOOKS:
+            raise RuntimeError(f"step clock: cannot hook {mod_name}.{cls_name}.{meth} for backend {backend}: "
+                               f"{type(e).__name__}: {e}") from None
+        return
+
+    def hooked(self, *a, **k):
+        if counts is None or counts((self, *a), k):
+            clock.tick("upstream")
+        return orig(self, *a, **k)
+
+    setattr(cls, meth, hooked)
+
+
+def _backend_of(dp_args: list[str]) -> str:
+    for flag, name in (("--pt", "pt"), ("--jax", "jax"), ("--tf", "tf"), ("--pytorch", "pt"),
+                       ("--tensorflow", "tf"), ("--pt-expt", "pt-expt"), ("--pytorch-exportable", "pt-expt"),
+                       ("--tf2", "tf2"), ("--tensorflow2", "tf2")):
+        if flag in dp_args:
+            return name
+    return "tf"  # dp's own default backend
+
+
+def _progress_writer(clock, path: Path) -> None:
+    """Write the step count at most twice a second, for the parent's progress bar."""
+    last = [0.0]
+
+    def cb(i: int) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.5:
+            last[0] = now
+            try:
+                path.write_text(str(i))
+            except OSError:
+                pass
+
+    clock.on_tick.append(cb)
+
+
+def _peak_gpu_bytes() -> int | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return int(torch.cuda.max_memory_allocated())
+    except Exception:
+        pass
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--" not in argv:
+        print("usage: python -m harness.child.launch --tree TREE [--module M ...] -- <dp arguments>", file=sys.stderr)
+        return 2
+    cut = argv.index("--")
+    p = argparse.ArgumentParser(prog="harness.child.launch")
+    p.add_argument("--tree", required=True)
+    p.add_argument("--module", action="append", default=[])
+    args = p.parse_args(argv[:cut])
+    dp_args = argv[cut + 1:]
+    from harness.child import patch_loader
+    from harness.child import runtime
+
+    patch_loader.put_on_path(args.tree, args.module)
+
+    run_dir = Path(os.environ.get("DPH_RUN_DIR", "."))
+    clock = runtime.clock
+    # under torchrun/mpirun every rank runs this; only rank 0 owns the run's files
+    from harness.run.distributed import is_rank0
+
+    rank0 = is_rank0()
+    if rank0:
+        _progress_writer(clock, run_dir / "progress")
+
+    def _dump() -> None:
+        extra = {"gpu_peak_bytes": _peak_gpu_bytes(), "world_size": int(os.environ.get("WORLD_SIZE") or 1)}
+        clock.dump(str(run_dir / "steps.json"), extra)
+
+    if rank0:
+        atexit.register(_dump)
+    if os.environ.get("DPH_PROFILE") and rank0:
+        from harness.analyse import profile
+
+        profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"], _backend_of(dp_args))
+    _install_upstream_hooks(clock, _backend_of(dp_args))
+    patch_loader.import_modules(args.module)
+
+    from deepmd.main import main as dp_main
+
+    sys.argv = ["dp", *dp_args]
+    dp_main(dp_args)
+    return 0
+
+
+if __name__ == "__main__":
+    threading.current_thread().name = "dph-launch"
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""The one command-line interface: `dpharness <command>`; make targets are thin wrappers."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+from harness.core.errors import HarnessError
+from harness.core import paths
+
+
+def _bench(a: argparse.Namespace) -> int:
+    from harness.run import bench
+    from harness.run import distributed
+
+    accuracy_stage = None
+    if not a.no_accuracy:
+        try:
+            from harness.judge import accuracy
+
+            accuracy_stage = accuracy.stage(strict=a.strict)
+        except ImportError:
+            accuracy_stage = None
+    variants = list(dict.fromkeys(a.variant or ["baseline"]))
+    if not a.no_baseline and "baseline" not in variants:
+        variants.insert(0, "baseline")  # speed is a ratio to a baseline of the same sweep
+    req = bench.BenchRequest(
+        system=a.system, variants=variants, steps=a.steps, device=a.device,
+        seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
+        upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
+        runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
+        gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=a.time_budget,
+    )
+    rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
+    print(bench.format_table(rows))
+    for r in rows:
+        print(f"wrote {r['_path']}", file=sys.stderr)
+    if any(r["status"] not in ("ok", "unavailable") for r in rows):
+        return 3
+    if a.strict and any((r.get("accuracy") or {}).get("verdict") == "fail" for r in rows):
+        return 4
+    return 0
+
+
+LEGAL_SETTINGS = ["baseline", "fp32", "tos", "fp32-tos"]  # every combination the ASC22 rule allows
+
+
+def _tune(a: argparse.Namespace) -> int:
+    """Best legal configuration: the fastest allowed precision x type_one_side setting that the
+    accuracy gate passes (baseline passes by definition), all in one sweep."""
+    from harness.judge import accuracy
+    from harness.run import bench
+
+    req = bench.BenchRequest(system=a.system, variants=LEGAL_SETTINGS, steps=a.steps, device=a.device,
+                             runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work")
+    rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy.stage())
+    print(bench.format_table(rows))
+    ok = [r for r in rows if r["status"] == "ok" and r["timing"]["step_s_median"]
+          and (r.get("accuracy") or {}).get("verdict") in ("baseline", "pass")]
+    if not ok:
+        print("no legal setting ran and passed the gate", file=sys.stderr)
+        return 3
+    best = min(ok, key=lambda r: r["timing"]["step_s_median"])
+    fastest = min((r for r in rows if r["status"] == "ok" and r["timing"]["step_s_median"]),
+                  key=lambda r: r["timing"]["step_s_median"])
+    print(f"best legal configuration for {best['system']}: {best['variant']} "
+          f"({best['timing']['step_s_median'] * 1e3:.2f} ms/step, overrides {best['overrides'] or 'none'})")
+    if fastest is not best:
+        print(f"  (fastest overall was {fastest['variant']}, but the accuracy gate said "
+              f"{(fastest.get('accuracy') or {}).get('verdict')}: {(fastest.get('accuracy') or {}).get('detail')})")
+    return 0
+
+
+def _systems(a: argparse.Namespace) -> int:
+    from harness.prepare import systems
+
+    names = a.name or systems.list_system_names()
+    if a.regenerate:
+        from harness.prepare import systemgen
+
+        for n in [n for n in names if n in systemgen.SPECS]:
+            print(f"regenerating {n} (LAMMPS; minutes)", file=sys.stderr)
+            systemgen.main([n])
+    rows = []
+    for n in names:
+        s = systems.load_system(n)
+        if a.setup:
+            systems.ensure_data(s, log=lambda m: print(m, file=sys.stderr))
+        problems = systems.checksum_problems(s)
+        row = {"system": s.name, "atoms": s.atoms_per_frame, "types": list(s.type_map),
+               "frames": s.spec.get("frames"), "data": "ok" if not problems else f"{len(problems)} problem(s): {problems[0]}"}
+        if not problems:
+            row["frames"] = systems.validate_system(s)
+            if not a.no_stats:
+                row["neighbours"] = systems.neighbour_stats(s)
+        rows.append(row)
+    if a.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    for r in rows:
+        nb = r.get("neighbours")
+        nbs = (f"rcut {nb['rcut']}: max neighbours {nb['max_neighbours']} sel {nb['sel']} "
+               f"{'covers' if nb['sel_covers'] else 'DOES NOT cover'}") if nb else ""
+        print(f"{r['system']:8} {r['atoms']:4d} atoms  types {','.join(r['types']):10} frames {r['frames']}  data {r['data']}  {nbs}")
+    return 0 if all(r["data"] == "ok" for r in rows) else 2
+
+
+def _variants(a: argparse.Namespace) -> int:
+    from harness.prepare import variants
+
+    for n in variants.list_variant_names():
+        v = variants.load_variant(n)
+        ov = ", ".join(f"{k.split('/')[-2]}.{k.split('/')[-1]}={val}" for k, val in v.overrides.items()) or "-"
+        up = ", ".join(f"{k.split('/')[-1]}={val}" for k, val in v.upstream_options.items())
+        print(f"{n:12} base={v.base or '-':10} backend={v.backend:4} overrides: {ov}"
+              + (f"  upstream-native: {up}" if up else ""))
+        if a.verbose:
+            print(f"    {v.description}")
+    return 0
+
+
+def _build(a: argparse.Namespace) -> int:
+    from harness.prepare import build
+    from harness.prepare import upstream
+
+    pin = upstream.source_pin(Path(a.upstream_source)) if a.upstream_source else upstream.default_pin()
+    for v in a.variant:
+        b = build.build_variant(v, pin)
+        print(f"{v}: {'cached' if b.cached else 'built'} {b.tree}")
+        for line in b.log:
+            print(f"    {line}")
+    return 0
+
+
+def _wheelhouse(a: argparse.Namespace) -> int:
+    from harness.prepare import wheelhouse
+
+    return wheelhouse.download(Path(a.dest), log=lambda m: print(m, file=sys.stderr))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dpharness", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bench", help="build, train, check and time variants on one system")
+    b.add_argument("--system", default="water", help="system name (systems/<name>) or path to a system dir")
+    b.add_argument("--variant", action="append", help="variant (repeatable; the first is the ratio base)")
+    b.add_argument("--steps", default="auto", help="training steps per run (auto: 300 on a GPU, 20 on CPU)")
+    b.add_argument("--no-baseline", action="store_true", help="do not add baseline as the sweep's first variant")
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    b.add_argument("--seed", type=int, default=10)
+    b.add_argument("--no-accuracy", action="store_true", help="skip the accuracy gate")
+    b.add_argument("--strict", action="store_true", help="exit non-zero when the accuracy gate fails")
+    b.add_argument("--profile", action="store_true", help="also capture a torch.profiler window")
+    b.add_argument("--upstream-version", default=None)
+    b.add_argument("--results-dir", default=str(paths.RESULTS),
+                   help="where runs/ (JSON records) and work/ (logs, checkpoints) go")
+    b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
+    b.add_argument("--gpus", default="1", help="GPU counts to measure, comma list (e.g. 1,2,4): torchrun DDP "
+                   "for N>1, one run per variant and count; see docs/distributed.md")
+    b.add_argument("--gate-jobs", type=int, default=1, metavar="N",
+                   help="N>1: time all variants first, then run N accuracy gates at a time (baseline's "
+                        "first); gates never overlap a timed run")
+    b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="the sweep's time limit (Slurm job, GPU lease): start a run only if it and the "
+                        "accuracy gates still owed fit, so a limit leaves judged runs")
+    b.set_defaults(func=_bench)
+
+    t = sub.add_parser("tune", help="find the fastest legal precision/type_one_side setting that passes the gate")
+    t.add_argument("--system", default="water")
+    t.add_argument("--steps", default="auto")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--results-dir", default=str(paths.RESULTS))
+    t.set_defaults(func=_tune)
+
+    s = sub.add_parser("systems", help="list systems with data status and neighbour statistics")
+    s.add_argument("name", nargs="*")
+    s.add_argument("--setup", action="store_true", help="obtain missing upstream data (water)")
+    s.add_argument("--no-stats", action="store_true")
+    s.add_argument("--regenerate", action="store_true",
+                   help="regenerate the project's generated systems (needs the systemgen extra)")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_systems)
+
+    v = sub.add_parser("variants", help="list variants")
+    v.add_argument("-v", "--verbose", action="store_true")
+    v.set_defaults(func=_variants)
+
+    bd = sub.add_parser("build", help="build (or show the cached build of) variants")
+    bd.add_argument("variant", nargs="+")
+    bd.add_argument("--upstream-source", default=None)
+    bd.set_defaults(func=_build)
+
+    w = sub.add_parser("wheelhouse", help="download the offline wheels a GPU node needs")
+    w.add_argument("--dest", default=str(paths.WHEELHOUSE))
+    w.set_defaults(func=_wheelhouse)
+
+    # later stages register their own sub-commands
+    from harness.judge import accuracy
+    from harness.results import export
+    from harness.analyse import profile
+    from harness.results import regression
+    from harness.report import render as report
+    from harness.results import store
+
+    for stage in (accuracy, profile, store, regression, report, export):
+        if hasattr(stage, "register_cli"):
+            stage.register_cli(sub)
+    from harness.cli import sweep
+    sweep.register_cli(sub)  # dpharness sweep
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    # a time limit (timeout, Slurm, the lanes' budget) sends SIGTERM: stop as on Ctrl-C, so a
+    # sweep keeps what it has timed instead of dying between records
+    old_term = None
+    if threading.current_thread() is threading.main_thread():
+        old_term = signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return a.func(a)
+    except HarnessError as e:
+        if a.debug:
+            traceback.print_exc()
+        print(f"dpharness: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("dpharness: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _sigterm(signum, frame) -> None:  # noqa: ARG001
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Records, errors, paths, environment variables and file helpers every stage shares."""

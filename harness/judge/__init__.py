@@ -1,0 +1,1 @@
+"""The accuracy gate: dp test/freeze processes, parity, calibration, the verdict."""

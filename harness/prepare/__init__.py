@@ -1,0 +1,1 @@
+"""Before a run: upstream pins, variant manifests and diffs, builds, systems, wheelhouse."""

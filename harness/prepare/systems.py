@@ -1,0 +1,247 @@
+"""Stage 3: systems. Loads systems/<name>/ (system.yaml + input.json + data), obtains upstream's
+water data when it is missing, validates every data set before a run, and computes neighbour
+statistics to check that `sel` covers the data."""
+from __future__ import annotations
+
+import hashlib
+import math
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from harness.core.errors import UserError
+from harness.core.records import System
+
+from harness.core.paths import ROOT
+SYSTEMS = ROOT / "systems"
+SHARED_WATER = ROOT.parent / "shared" / "systems" / "water"
+UPSTREAM_GIT = "https://github.com/deepmodeling/deepmd-kit"
+UPSTREAM_TAG = "v3.2.0"
+
+
+def list_system_names(systems_dir: Path = SYSTEMS) -> list[str]:
+    return sorted(p.parent.name for p in systems_dir.glob("*/system.yaml"))
+
+
+def load_system(name_or_path: str, systems_dir: Path = SYSTEMS) -> System:
+    """A system by name (systems/<name>) or by path to a directory of the same shape."""
+    d = Path(name_or_path)
+    if not (d / "system.yaml").is_file():
+        d = systems_dir / name_or_path
+    if not (d / "system.yaml").is_file():
+        known = ", ".join(list_system_names(systems_dir)) or "none"
+        raise UserError(f"unknown system {name_or_path!r}: not a directory with system.yaml (known: {known})")
+    d = d.resolve()
+    try:
+        spec = yaml.safe_load((d / "system.yaml").read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{d / 'system.yaml'}: invalid YAML: {str(e).splitlines()[0]}") from None
+    for key in ("name", "type_map", "atoms_per_frame", "train", "validation"):
+        if not isinstance(spec, dict) or key not in spec:
+            raise UserError(f"{d / 'system.yaml'}: missing key {key!r}")
+    try:
+        inp = json.loads((d / "input.json").read_text())
+    except FileNotFoundError:
+        raise UserError(f"{d}: missing input.json") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{d / 'input.json'}: invalid JSON: {e}") from None
+    return System(
+        name=str(spec["name"]), directory=d, type_map=tuple(spec["type_map"]),
+        atoms_per_frame=int(spec["atoms_per_frame"]),
+        train=tuple(d / p for p in spec["train"]), validation=tuple(d / p for p in spec["validation"]),
+        input=inp, spec=spec,
+    )
+
+
+# ---------------------------------------------------------------- obtaining upstream data
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def checksum_problems(system: System) -> list[str]:
+    files = system.spec.get("files") or {}
+    bad = []
+    for rel, want in files.items():
+        p = system.directory / rel
+        if not p.is_file():
+            bad.append(f"{rel}: missing")
+        elif _sha(p) != want:
+            bad.append(f"{rel}: sha256 mismatch")
+    return bad
+
+
+def ensure_data(system: System, log=print) -> None:
+    """Make the system's data present and verified. Water's data ships in the repository; the
+    other sources only repair a checkout whose data went missing or was changed."""
+    if not checksum_problems(system):
+        return
+    if system.spec.get("provenance", {}).get("source") != "upstream":
+        problems = checksum_problems(system)
+        raise UserError(f"system {system.name}: data does not match system.yaml ({problems[0]}); "
+                        f"regenerate with `make systems REGENERATE=1`")
+    rel_data = "examples/water/data"
+    candidates: list[tuple[str, Path]] = []
+    if os.environ.get("DEEPMD_SOURCE_DIR"):
+        candidates.append(("$DEEPMD_SOURCE_DIR", Path(os.environ["DEEPMD_SOURCE_DIR"]) / rel_data))
+    if not os.environ.get("DPH_IGNORE_SHARED"):  # CI sets it: nothing may need ../shared
+        candidates.append(("../shared/systems/water", SHARED_WATER))
+    for label, src in candidates:
+        if (src / "data_0").is_dir():
+            _install(system, src, label, log)
+            if not checksum_problems(system):
+                return
+            log(f"  data from {label} does not match the pinned checksums; trying the next source")
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run(["git", "clone", "--depth", "1", "--branch", UPSTREAM_TAG, "--filter=blob:none",
+                            "--sparse", UPSTREAM_GIT, tmp + "/dp"], capture_output=True, text=True, timeout=600) \
+            if shutil.which("git") else None
+        if r is not None and r.returncode == 0:
+            subprocess.run(["git", "-C", tmp + "/dp", "sparse-checkout", "set", rel_data], capture_output=True)
+            src = Path(tmp) / "dp" / rel_data
+            if (src / "data_0").is_dir():
+                _install(system, src, f"a clone of deepmd-kit {UPSTREAM_TAG}", log)
+                if not checksum_problems(system):
+                    return
+    raise UserError(
+        f"system {system.name}: upstream data not found. Provide it by ONE of: "
+        f"export DEEPMD_SOURCE_DIR=/path/to/deepmd-kit (a checkout containing {rel_data}); "
+        f"or place it at {SHARED_WATER}; or copy data_0..data_3 into {system.directory / 'data'}; "
+        f"then run `make systems`"
+    )
+
+
+def _install(system: System, src: Path, label: str, log) -> None:
+    dst = system.directory / "data"
+    tmp = system.directory / f".data-tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("*.md"))
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    log(f"  {system.name}: copied upstream data from {label}")
+
+
+# ---------------------------------------------------------------- validation
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise UserError(f"{path}: unreadable .npy ({type(e).__name__}: {e})") from None
+
+
+def validate_dataset(d: Path, type_map: tuple[str, ...], natoms: int | None = None) -> dict[str, Any]:
+    """Checks one DeePMD npy data set; returns {frames, natoms}. Raises UserError naming the file."""
+    if not d.is_dir():
+        raise UserError(f"{d}: data set directory not found")
+    tr = d / "type.raw"
+    if not tr.is_file():
+        raise UserError(f"{tr}: missing")
+    try:
+        types = np.loadtxt(tr, dtype=int, ndmin=1)
+    except ValueError:
+        raise UserError(f"{tr}: not a list of integers") from None
+    if natoms is not None and len(types) != natoms:
+        raise UserError(f"{tr}: {len(types)} atoms, system.yaml says {natoms}")
+    if types.size == 0 or types.min() < 0 or types.max() >= len(type_map):
+        raise UserError(f"{tr}: type index outside type_map {list(type_map)}")
+    tm = d / "type_map.raw"
+    if tm.is_file():
+        names = tm.read_text().split()
+        used = [names[t] if t < len(names) else "?" for t in sorted(set(types.tolist()))]
+        if any(u not in type_map for u in used):
+            raise UserError(f"{tm}: element(s) {used} not all in the system's type_map {list(type_map)}")
+    n = len(types)
+    sets = sorted(p for p in d.glob("set.*") if p.is_dir())
+    if not sets:
+        raise UserError(f"{d}: no set.* directories")
+    frames = 0
+    for s in sets:
+        arr: dict[str, np.ndarray] = {}
+        for key in ("coord", "box", "energy", "force", "virial"):
+            p = s / f"{key}.npy"
+            if p.is_file():
+                arr[key] = _load_npy(p)
+            elif key in ("coord", "box", "energy"):
+                raise UserError(f"{p}: missing")
+        nf = arr["coord"].shape[0] if arr["coord"].ndim >= 1 else 0
+        if nf == 0:
+            raise UserError(f"{s / 'coord.npy'}: no frames")
+        want = {"coord": n * 3, "box": 9, "energy": 1, "force": n * 3, "virial": 9}
+        for key, a in arr.items():
+            p = s / f"{key}.npy"
+            if not np.issubdtype(a.dtype, np.floating):
+                raise UserError(f"{p}: dtype {a.dtype}, expected floating point")
+            if a.shape[0] != nf:
+                raise UserError(f"{p}: {a.shape[0]} frames, coord.npy has {nf}")
+            # energy may be [nf] or [nf,1] (upstream reads both); everything else [nf, k]
+            if a.reshape(nf, -1).shape[1] != want[key]:
+                raise UserError(f"{p}: shape {a.shape}, expected [{nf}, {want[key]}]")
+            if not np.all(np.isfinite(a)):
+                raise UserError(f"{p}: contains NaN or inf")
+        vol = np.linalg.det(arr["box"].reshape(nf, 3, 3))
+        if np.any(vol <= 1e-6):
+            raise UserError(f"{s / 'box.npy'}: degenerate or left-handed box (volume {vol.min():.3g})")
+        frames += nf
+    return {"frames": frames, "natoms": n}
+
+
+def validate_system(system: System) -> dict[str, int]:
+    out = {"train": 0, "validation": 0}
+    for part in ("train", "validation"):
+        for d in getattr(system, part):
+            out[part] += validate_dataset(d, system.type_map, system.atoms_per_frame)["frames"]
+    return out
+
+
+# ---------------------------------------------------------------- neighbour statistics
+
+def neighbour_counts(coord: np.ndarray, box: np.ndarray, types: np.ndarray, ntypes: int,
+                     rcut: float) -> tuple[np.ndarray, int, float]:
+    """For one frame: max over atoms of the number of neighbours of each type within rcut
+    (periodic images included, self excluded), max over atoms of all neighbours, and the
+    shortest pair distance."""
+    cell = box.reshape(3, 3)
+    x = coord.reshape(-1, 3)
+    vol = abs(np.linalg.det(cell))
+    # images needed per direction: rcut over the perpendicular width of the cell
+    widths = [vol / np.linalg.norm(np.cross(cell[(i + 1) % 3], cell[(i + 2) % 3])) for i in range(3)]
+    n = [int(math.ceil(rcut / w)) for w in widths]
+    shifts = np.array([(i, j, k) for i in range(-n[0], n[0] + 1) for j in range(-n[1], n[1] + 1)
+                       for k in range(-n[2], n[2] + 1)], dtype=float) @ cell
+    # wrap into the cell first so one image shell is enough
+    frac = np.linalg.solve(cell.T, x.T).T
+    x = (frac - np.floor(frac)) @ cell
+    d = x[None, :, None, :] + shifts[None, None, :, :] - x[:, None, None, :]  # [i, j, image, 3]
+    r = np.sqrt((d * d).sum(-1))
+    r[np.arange(len(x)), np.arange(len(x)), len(shifts) // 2] = np.inf  # self at zero shift
+    inside = r < rcut
+    counts = np.stack([inside[:, types == t].sum(axis=(1, 2)) for t in range(ntypes)], axis=1)
+    return counts.max(axis=0), int(counts.sum(axis=1).max()), float(r.min())
+
+
+def neighbour_stats(system: System, max_frames: int = 200) -> dict[str, Any]:
+    """Max neighbours per type within the input's rcut over (up to max_frames of) every data set."""
+    desc = system.input["model"]["descriptor"]
+    rcut = float(desc["rcut"])
+    ntypes = len(system.type_map)
+    best = np.zeros(ntypes, dtype=int)
+    for d in (*system.train, *system.validation):
+        types = np.loadtxt(d / "type.raw", dtype=int, ndmin=1)
+        for s in sorted(p for p in d.glob("set.*") if p.is_dir()):
+            coords = np.load(s / "coord.npy").reshape(-1, len(types), 3)
+            boxes = np.load(s / "box.npy").reshape(-1, 3, 3)
+            step = max(1, len(coords) // max(1, max_frames // 4))
+            for c, b in zip(coords[::step], boxes[::step]):
+                best = np.maximum(best, neighbour_counts(c, b, types, ntypes, rcut)[0])
+    sel = desc.get("sel")
+    sel_list = list(sel) if isinstance(sel, list) else None
+    covers = None if sel_list is None else all(int(s) >= int(m) for s, m in zip(sel_list, best))
+    return {"rcut": rcut, "max_neighbours": best.tolist(), "sel": sel_list, "sel_covers": covers}

@@ -1,0 +1,596 @@
+"""`dpharness report`: results/report/index.html, ONE self-contained file (plots embedded as base64
+PNG) from the results JSONs under results/runs, and runs.csv (the export table) next to it.
+
+It leads with the answer (harness.report.summary): per (system, card), each fast variant's speed-up over
+the upstream anchors of its own sweep. Then per system and card a history plot and the sweeps,
+newest first: ms/step per variant (log axis) with IQR error bars, speedup vs the baseline of the
+SAME sweep (never a ratio across sweeps or cards), learning curves, the accuracy table, the profile
+breakdown, multi-GPU scaling when runs carry world_size > 1, and the environment; then a description
+of every variant from its manifest, so the report doubles as a write-up. Default selection (select):
+the latest bench sweep, every bench sweep with a fast variant and each variant's newest profile per
+(system, card), older ones collapsed; --all shows every sweep."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness.results import export
+from harness.results import runs as results
+from harness.report import summary
+from harness.run.distributed import scaling_efficiency
+from harness.results.runs import ROOT, RUNS
+from harness.report.summary import card_of, is_fast, is_profile_sweep, stamp, sweep_groups, world_size
+
+OUT = ROOT / "results" / "report" / "index.html"
+PATCHES = ROOT / "patches"
+# the columns of upstream's lcurve.out for an energy model, for records written with the
+# header mis-read (the second '#' line of lcurve.out taken as the header)
+LCURVE_ENER = ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "rmse_f_val", "rmse_f_trn", "lr"]
+PROFILE_CATEGORIES = ("env-mat/descriptor", "embedding", "fitting", "force/backward", "optimizer", "data", "other")
+
+
+def lcurve_of(r: dict[str, Any]) -> dict[str, list] | None:
+    """The run's lcurve columns; repairs records whose header was mis-read, else re-reads the file."""
+    lc = r.get("lcurve")
+    if isinstance(lc, dict) and "step" in lc:
+        return lc
+    path = (r.get("artifacts") or {}).get("lcurve")
+    if path:
+        p = Path(path) if Path(path).is_absolute() else ROOT / path
+        if p.is_file():
+            header, rows = None, []
+            for line in p.read_text().splitlines():
+                if line.startswith("#"):
+                    if header is None and "step" in line.split():
+                        header = line.lstrip("#").split()
+                    continue
+                try:
+                    rows.append([float(x) for x in line.split()])
+                except ValueError:
+                    pass
+            if header and rows:
+                return {h: list(c) for h, c in zip(header, zip(*rows))}
+    if isinstance(lc, dict) and len(lc) == len(LCURVE_ENER):
+        return dict(zip(LCURVE_ENER, lc.values()))
+    return None
+
+
+def select(runs: list[dict[str, Any]], all_sweeps: bool = False) -> list[tuple[str, str, str, list[dict]]]:
+    """[(system, card, sweep_id, runs)], per (system, card) newest first. Unless all_sweeps: the
+    latest bench sweep, every bench sweep holding a fast variant (the history of the answer), and
+    each profile sweep that holds the newest profile of some (system, card, variant): a later
+    `dpharness profile` must not hide the last bench table, nor the last profile of another variant."""
+    groups = sweep_groups(runs)
+    stamps = {k: stamp(k, rs) for k, rs in groups.items()}
+    shown = set(_open_keys(groups, stamps))
+    shown |= {k for k, rs in groups.items() if not is_profile_sweep(rs) and any(is_fast(r) for r in rs)}
+    keys = sorted((k for k in groups if all_sweeps or k in shown), key=stamps.get, reverse=True)
+    keys.sort(key=lambda k: k[:2])  # stable: (system, card) ascending, newest sweep first in each
+    return [(k[0], k[1], k[2], _order(groups[k])) for k in keys]
+
+
+def _open_keys(groups: dict[tuple, list[dict]], stamps: dict[tuple, str]) -> list[tuple]:
+    """The sweeps shown open: per (system, card) the newest bench sweep, and the sweep of each
+    variant's newest profile; older sweeps are collapsed."""
+    newest: dict[tuple, tuple[str, tuple]] = {}  # (system, card[, variant]) -> (stamp, group key)
+    for k, rs in groups.items():
+        s, c, _ = k
+        keys = [(s, c, "profile", r["variant"]) for r in rs] if is_profile_sweep(rs) else [(s, c, "bench")]
+        for key in keys:
+            if key not in newest or stamps[k] > newest[key][0]:
+                newest[key] = (stamps[k], k)
+    return [k for _, k in newest.values()]
+
+
+def _order(rs: list[dict]) -> list[dict]:
+    """baseline first, then in run order."""
+    return sorted(rs, key=lambda r: (r.get("variant") != "baseline", world_size(r), r.get("created") or "", r["run_id"]))
+
+
+def speedups(rs: list[dict]) -> dict[str, float | None]:
+    """run_id -> baseline median / run median, within ONE sweep on ONE card (same world size)."""
+    out: dict[str, float | None] = {}
+    for r in rs:
+        base = next((b for b in rs if b.get("variant") == "baseline" and b.get("status") == "ok"
+                     and world_size(b) == world_size(r) and b.get("sweep_id") == r.get("sweep_id")
+                     and card_of(b) == card_of(r)), None)
+        med = (r.get("timing") or {}).get("step_s_median")
+        bmed = (base or {}).get("timing", {}).get("step_s_median") if base else None
+        out[r["run_id"]] = bmed / med if bmed and med and r.get("status") == "ok" else None
+    return out
+
+
+def description(r: dict[str, Any]) -> str:
+    if r.get("variant_description"):
+        return str(r["variant_description"])
+    m = PATCHES / str(r.get("variant")) / "manifest.yaml"
+    if m.is_file():
+        try:
+            import yaml
+
+            return str((yaml.safe_load(m.read_text()) or {}).get("description") or "")
+        except Exception:
+            return ""
+    return ""
+
+
+# ------------------------------------------------------------------ plots
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    """The figure as a data URI; a 128-colour palette keeps the page (a hundred plots) a quarter
+    of its RGB size with the plot colours intact."""
+    from PIL import Image  # matplotlib's own dependency
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    buf.seek(0)
+    out = io.BytesIO()
+    Image.open(buf).convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(out, "PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+UPSTREAM_COLOR, FAST_COLOR = "#4a7ab5", "#d9822b"
+
+
+def _log_ms_axis(ax) -> None:
+    """Log y axis in plain ms numbers (1, 2, 5, 10 ... not 2x10^1)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
+
+
+def plot_step_times(rs: list[dict], title: str) -> str | None:
+    """ms/step on a log axis (1 ms beside 88 ms stays readable), IQR bars, speed-up vs baseline."""
+    ok = [r for r in rs if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median")]
+    if not ok:
+        return None
+    plt = _plt()
+    sp = speedups(rs)
+    labels = [r["variant"] + (f" ×{world_size(r)}" if world_size(r) > 1 else "") for r in ok]
+    med = [r["timing"]["step_s_median"] * 1e3 for r in ok]
+    q25 = [min(m, (r["timing"].get("step_s_q25") or 0) * 1e3 or m) for m, r in zip(med, ok)]
+    q75 = [max(m, (r["timing"].get("step_s_q75") or 0) * 1e3) for m, r in zip(med, ok)]
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(ok) + 2), 3.4))
+    colors = [FAST_COLOR if is_fast(r) else UPSTREAM_COLOR for r in ok]
+    bars = ax.bar(labels, med, yerr=[[m - q for m, q in zip(med, q25)], [q - m for m, q in zip(med, q75)]],
+                  capsize=4, color=colors)
+    for b, r, top in zip(bars, ok, q75):
+        s = sp.get(r["run_id"])
+        if s:
+            ax.annotate(f"{s:.2f}×", (b.get_x() + b.get_width() / 2, top), ha="center",
+                        va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
+    _log_ms_axis(ax)
+    ax.set_ylim(min(q25) / 2, max(q75) * 3)
+    ax.set_ylabel("ms / step (median, IQR bars; log)")
+    ax.set_title(title + "\nabove bars: speed-up vs baseline; orange: beyond upstream's code", fontsize=9)
+    ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+    return _png(fig)
+
+
+def plot_lcurves(rs: list[dict]) -> str | None:
+    curves = [(r["variant"], lcurve_of(r)) for r in rs if r.get("status") == "ok"]
+    curves = [(v, c) for v, c in curves if c and "step" in c]
+    cols = [c for c in ("rmse_e_trn", "rmse_f_trn", "rmse_e_val", "rmse_f_val")
+            if any(c in lc for _, lc in curves)]
+    if not curves or not cols:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.8), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        for v, lc in curves:
+            if col in lc:
+                ax.plot(lc["step"], lc[col], marker=".", label=v)
+        ax.set_title(col, fontsize=9)
+        ax.set_xlabel("step")
+        ys = [x for _, lc in curves if col in lc for x in lc[col] if x == x]
+        if ys and min(ys) > 0 and max(ys) / min(ys) > 20:
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    return _png(fig)
+
+
+def _ncu_rows(ncu: dict | None) -> list[dict]:
+    """Nsight Compute figures of a profiled run (profile stage's per-kernel "figures"), one row each."""
+    rows = []
+    for k in (ncu or {}).get("kernels") or []:
+        f = k.get("figures") or {}
+        rows.append({"t": _fmt(f.get("time_us"), 1, 1), "sm": _fmt(f.get("sm_pct"), 1, 1),
+                     "dram": _fmt(f.get("dram_pct"), 1, 1), "bw": _fmt(f.get("dram_gb_s"), 1, 0),
+                     "fl": _fmt(f.get("fp64_gflop_s"), 1, 0), "flp": _fmt(f.get("fp64_pct"), 1, 1),
+                     "name": k.get("name", "")[:120]})
+    return rows
+
+
+def plot_profile(rs: list[dict]) -> str | None:
+    prof = [(r["variant"], r["profile"]) for r in rs
+            if isinstance(r.get("profile"), dict) and (r["profile"].get("categories") or {}).get("by_range")]
+    if not prof:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.1 * len(prof) + 3), 3.4))
+    bottom = [0.0] * len(prof)
+    colors = plt.get_cmap("tab10").colors
+    for i, c in enumerate(PROFILE_CATEGORIES):
+        vals = [(p["categories"]["by_range"].get(c) or 0.0) * 1e3 for _, p in prof]
+        ax.bar([v for v, _ in prof], vals, bottom=bottom, label=c, color=colors[i % 10])
+        bottom = [b + x for b, x in zip(bottom, vals)]
+    for i, (_, p) in enumerate(prof):
+        if p.get("gpu_busy_s_per_step") is not None:
+            ax.plot([i - 0.4, i + 0.4], [p["wall_s_per_step"] * 1e3] * 2, "k--", lw=1)
+    basis = prof[0][1]["categories"].get("basis", "")
+    ax.set_ylabel(f"ms / step ({basis.replace('_', ' ')})")
+    ax.set_title("time by category (named ranges); dashed: wall per step", fontsize=9)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
+    return _png(fig)
+
+
+def plot_scaling(rs: list[dict]) -> str | None:
+    multi = [r for r in rs if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median")]
+    if not any(world_size(r) > 1 for r in multi):
+        return None
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.2))
+    by_v: dict[str, dict[int, float]] = {}
+    for r in multi:  # latest per (variant, world size): absolute throughput, no cross-run ratio
+        by_v.setdefault(r["variant"], {})[world_size(r)] = world_size(r) / r["timing"]["step_s_median"]
+    for v, pts in by_v.items():
+        ws = sorted(pts)
+        line, = ax.plot(ws, [pts[w] for w in ws], marker="o", label=v)
+        if 1 in pts:  # ideal: N x the same sweep's 1-GPU throughput; efficiency = measured / ideal
+            ax.plot(ws, [pts[1] * w for w in ws], ls="--", lw=0.8, color=line.get_color())
+            ax2.plot(ws, [100 * scaling_efficiency(pts[w], w, pts[1]) for w in ws], marker="o",
+                     color=line.get_color(), label=v)
+    ax.set_yscale("log")
+    ax.set_xticks(sorted({w for pts in by_v.values() for w in pts}))
+    ax.set_xlabel("GPUs (world_size)")
+    ax.set_ylabel("batches / s, all ranks (log)")
+    ax.set_title("throughput; dashed: ideal (N x 1 GPU)", fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.axhline(100, color="k", lw=0.6, ls=":")
+    ax2.set_xticks(ax.get_xticks())
+    ax2.set_xlabel("GPUs (world_size)")
+    ax2.set_ylabel("scaling efficiency, %")
+    ax2.set_title("efficiency vs the same sweep's 1-GPU run", fontsize=9)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def plot_history(runs: list[dict], system: str, card: str) -> str | None:
+    """ms/step per variant across the bench sweeps of (system, card), oldest left, log axis.
+    Profile sweeps are left out: their step times carry the profiler."""
+    groups = {k: rs for k, rs in sweep_groups(runs).items() if k[:2] == (system, card) and not is_profile_sweep(rs)}
+    order = sorted(groups, key=lambda k: stamp(k, groups[k]))
+    pts: dict[str, list[tuple[int, float]]] = {}
+    for i, k in enumerate(order):
+        for v in sorted({r["variant"] for r in groups[k]}):
+            run = summary.timed_run(groups[k], v)
+            if run:
+                pts.setdefault(v, []).append((i, run["timing"]["step_s_median"] * 1e3))
+    if len(order) < 2 or not pts:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(min(11.0, 4.0 + 0.25 * len(order)), 3.6))
+    styles = ["-o", "-s", "-^", "-D", "-v", "-P", "-X"]
+    for j, (v, xy) in enumerate(sorted(pts.items())):
+        ax.plot([x for x, _ in xy], [y for _, y in xy], styles[j // 10 % len(styles)], ms=4, label=v)
+    _log_ms_axis(ax)
+    ax.set_xticks(range(len(order)), [k[2][:15] for k in order], rotation=60, fontsize=6, ha="right")
+    ax.set_ylabel("ms / step (median; log)")
+    ax.set_title(f"history: {system} on {card}, every bench sweep (absolute ms/step per sweep)", fontsize=9)
+    ax.legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc="upper left", ncol=1 + len(pts) // 16)
+    return _png(fig)
+
+
+# ------------------------------------------------------------------ page
+
+TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<title>dpharness report</title>
+<style>
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:16px auto;max-width:1200px;color:#222;padding:0 16px}
+h1{margin:0 0 2px} h2{border-bottom:2px solid #4a7ab5;padding-bottom:4px;margin-top:36px} h3{margin-top:28px}
+header p{margin:2px 0 8px}
+table{border-collapse:collapse;margin:8px 0 16px;font-size:13px} th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#eef3fa} td.l,th.l{text-align:left} .pass{color:#0a7a2a;font-weight:bold} .fail{color:#b00020;font-weight:bold}
+.muted{color:#777;font-size:12px} img{max-width:100%;display:block;margin:6px 0} .warn{color:#b06000}
+dl dt{font-weight:bold;margin-top:8px} code{background:#f4f4f4;padding:0 3px}
+#summary{font-size:13.5px} #summary th,#summary td{padding:3px 6px} #summary caption{text-align:left;font-weight:bold;font-size:15px;padding-bottom:4px}
+#summary td.big{font-weight:bold} td.nw{white-space:nowrap}
+details{margin:6px 0} details>summary{cursor:pointer;color:#2a5a95} nav li{margin:2px 0} nav a{margin-right:6px}
+</style></head><body>
+<header><h1>dpharness report</h1>
+<p class="muted">generated {{ generated }} from {{ n_runs }} run record(s) in <code>results/runs</code>;
+{{ 'all sweeps' if all_sweeps else 'per (system, card): the latest bench sweep, every bench sweep with a fast variant, the newest profile of each variant' }}.
+Speed-ups are ratios within one sweep on one card only.{% if csv %} All records as one table: <a href="{{ csv }}">{{ csv }}</a>.{% endif %}</p></header>
+{% if summary %}<table id="summary"><caption>The answer: the headline fast variant per system and card, against the fastest upstream run of its own sweep</caption>
+{% include "head" %}
+{% for r in summary if r.headline %}{% include "row" %}{% endfor %}</table>
+<p class="muted">Newest bench sweep holding the variant and an upstream anchor. <em>legal</em>: upstream's code with one of
+the four ASC22-legal settings (baseline, fp32, tos, fp32-tos); <em>upstream-native</em>: upstream's code alone, any of its
+own options (compile/tf32 flags, JAX/TF backends); each named after the run it divides. min / median / max: the legal
+speed-up over every bench sweep that holds both (sweeps). Gate: the variant's accuracy verdict in that sweep.</p>
+<details><summary>every fast variant ({{ summary|length }} rows)</summary><table>
+{% include "head" %}
+{% for r in summary %}{% include "row" %}{% endfor %}</table></details>
+{% elif groups %}<p id="summary">No fast variant measured beside upstream anchors yet: run <code>dpharness bench --variant fused</code>.</p>{% endif %}
+{% if not groups %}
+<p id="empty"><strong>No results yet.</strong> Run <code>make bench</code> (or <code>dpharness bench</code>) to produce
+results JSONs under <code>results/runs/</code>, then <code>make report</code>.</p>
+{% else %}
+<nav><h2 id="contents">Contents</h2><ul>
+{% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
+{% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
+{% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
+{% endfor %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
+{% endif %}
+{% for g in groups %}
+<h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
+{% if g.img_history %}<h3>History</h3><img alt="history of ms/step per variant" src="{{ g.img_history }}">{% endif %}
+{% for s in g.open %}<h3 id="{{ s.anchor }}">{{ s.title }}</h3>{% include "section" %}{% endfor %}
+{# the ids sit inside the <details>: following a link to one opens every <details> around it #}
+{% if g.older %}<details><summary>{{ g.older|length }} older sweep(s) of {{ g.system }} on {{ g.card }}</summary>
+{% for s in g.older %}<details><summary>{{ s.title }}</summary><div id="{{ s.anchor }}">{% include "section" %}</div></details>{% endfor %}
+</details>{% endif %}
+{% endfor %}
+{% if variants %}<h2 id="variants">Variants</h2><dl>
+{% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}{% if v.native %}<br><span class="muted">upstream-native, outside the three-parameter rule: {{ v.native }}</span>{% endif %}</dd>{% endfor %}
+</dl>{% endif %}
+</body></html>
+"""
+
+HEAD = """<tr><th class="l">system</th><th class="l">card</th><th class="l">variant</th><th>ms/step</th><th>vs best legal</th>
+<th>vs best legal passing gate</th><th>vs best native</th><th>vs best legal: min / med / max</th><th>sweeps</th><th>gate</th><th>peak mem / baseline</th></tr>
+"""
+
+ROW = """<tr><td class="l">{{ r.system }}</td><td class="l nw">{{ r.card }}</td><td class="l big"><a href="#{{ r.anchor }}">{{ r.variant }}</a></td>
+<td>{% if r.href %}<a href="{{ r.href }}">{{ r.ms }}</a>{% else %}{{ r.ms }}{% endif %}</td><td class="big nw">{{ r.legal }}</td>
+<td class="nw">{{ r.legal_gated }}</td><td class="nw">{{ r.native }}</td><td class="nw">{{ r.range }}</td><td>{{ r.n }}</td>
+<td class="{{ r.vclass }}">{{ r.verdict }}</td><td>{{ r.mem }}</td></tr>
+"""
+
+SECTION = """<p class="muted">{{ s.runs|length }} run(s), {{ s.steps }} steps per run; variant names link to the run records</p>
+<table><tr><th class="l">variant</th><th>status</th><th>ms/step</th><th>IQR ms</th><th>speedup vs baseline</th>
+<th>peak GPU MiB</th><th>startup s</th><th>accuracy</th></tr>
+{% for r in s.rows %}<tr><td class="l">{% if r.href %}<a href="{{ r.href }}">{{ r.variant }}</a>{% else %}{{ r.variant }}{% endif %}</td><td>{{ r.status }}</td><td>{{ r.ms }}</td><td>{{ r.iqr }}</td>
+<td>{{ r.speedup }}</td><td>{{ r.mem }}</td><td>{{ r.startup }}</td><td class="{{ r.vclass }}">{{ r.verdict }}</td></tr>
+{% if r.error %}<tr><td class="l warn" colspan="8">{{ r.error }}</td></tr>{% endif %}{% endfor %}
+</table>
+{% if s.img_steps %}<img alt="ms/step per variant" src="{{ s.img_steps }}">{% endif %}
+{% if s.accuracy %}<h4>Accuracy</h4>
+<table><tr><th class="l">variant</th>{% for c in s.acc_cols %}<th>{{ c }}</th>{% endfor %}<th>verdict</th><th class="l">detail</th></tr>
+{% for a in s.accuracy %}<tr><td class="l">{{ a.variant }}</td>{% for v in a.vals %}<td>{{ v }}</td>{% endfor %}
+<td class="{{ a.vclass }}">{{ a.verdict }}</td><td class="l">{{ a.detail }}</td></tr>{% endfor %}</table>{% endif %}
+{% if s.img_lcurve %}<h4>Learning curves</h4><img alt="learning curves" src="{{ s.img_lcurve }}">{% endif %}
+{% if s.img_profile %}<h4>Profile breakdown</h4><img alt="profile breakdown" src="{{ s.img_profile }}">
+<table><tr><th class="l">variant</th><th>wall ms/step</th><th>GPU busy ms</th><th>host gap ms</th><th>kernels/step</th><th>launches/step</th><th>memcpy/step</th></tr>
+{% for p in s.profiles %}<tr><td class="l">{{ p.variant }}</td><td>{{ p.wall }}</td><td>{{ p.busy }}</td><td>{{ p.gap }}</td><td>{{ p.kernels }}</td><td>{{ p.launches }}</td><td>{{ p.memcpy }}</td></tr>{% endfor %}</table>
+{% for p in s.profiles %}{% if p.top %}<details><summary>top kernels / ops: {{ p.variant }}</summary><table><tr><th>ms/step</th><th>count</th><th class="l">name</th></tr>
+{% for k in p.top %}<tr><td>{{ k.ms }}</td><td>{{ k.count }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table></details>{% endif %}{% endfor %}
+{% for p in s.profiles %}{% if p.ncu or p.ncu_error %}<h4>Nsight Compute: {{ p.variant }}{% if p.ncu_error %} ({{ p.ncu_error }}){% endif %}</h4>
+<table><tr><th>time us</th><th>SM % of peak</th><th>DRAM % of peak</th><th>DRAM GB/s</th><th>FP64 GFLOP/s (CUDA cores)</th><th>FP64 % of datasheet peak</th><th class="l">kernel</th></tr>
+{% for k in p.ncu %}<tr><td>{{ k.t }}</td><td>{{ k.sm }}</td><td>{{ k.dram }}</td><td>{{ k.bw }}</td><td>{{ k.fl }}</td><td>{{ k.flp }}</td><td class="l">{{ k.name }}</td></tr>{% endfor %}</table>{% endif %}{% endfor %}
+{% endif %}
+{% if s.img_scaling %}<h4>Multi-GPU scaling</h4><img alt="scaling" src="{{ s.img_scaling }}">{% endif %}
+<h4>Environment</h4><table>{% for k, v in s.env %}<tr><td class="l">{{ k }}</td><td class="l">{{ v }}</td></tr>{% endfor %}</table>
+"""
+
+
+def _fmt(x: Any, scale: float = 1.0, nd: int = 2) -> str:
+    return f"{x * scale:.{nd}f}" if isinstance(x, (int, float)) else "-"
+
+
+def _acc_cell(col: str, x: Any) -> str:
+    if col == "numb_test":  # frames per validation system; 0 is dp test's "all of them"
+        return "all" if x == 0 else str(x)
+    return _fmt(x, 1, 5)
+
+
+def _verdict(v: Any) -> tuple[str, str]:
+    s = str(v or "-")
+    return {"pass": ("PASS", "pass"), "fail": ("FAIL", "fail"), "baseline": ("reference", "")}.get(s, (s, ""))
+
+
+def _anchor(*parts: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
+
+
+def _kind(rs: list[dict]) -> str:
+    return "profile" if is_profile_sweep(rs) else "bench"
+
+
+def _title(system: str, card: str, sweep: str, rs: list[dict]) -> str:
+    """Unique per section: system, card, sweep id, date and the harness commit(s) of the sweep."""
+    date = max(r.get("created") or "" for r in rs)[:16].replace("T", " ")
+    shas = sorted({str((r.get("environment") or {}).get("harness_git") or "?")[:7] for r in rs})
+    return f"{system} — {card} — {_kind(rs)} sweep {sweep} — {date or '?'} — git {', '.join(shas)}"
+
+
+def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: None) -> list[dict]:
+    """One dict per selected sweep (select's order); href(record) -> link to its JSON, or None."""
+    groups = sweep_groups(runs)
+    opened = set(_open_keys(groups, {k: stamp(k, rs) for k, rs in groups.items()}))
+    sections = []
+    for system, card, sweep, rs in select(runs, all_sweeps):
+        sp = speedups(rs)
+        rows = []
+        for r in rs:
+            # a failed run's few observed steps are no speed: only ok runs show ms/step
+            t = (r.get("timing") or {}) if r.get("status") == "ok" else {}
+            verdict, vclass = _verdict((r.get("accuracy") or {}).get("verdict"))
+            mem = (r.get("memory") or {}).get("gpu_peak_bytes")
+            rows.append({"variant": r["variant"] + (f" ×{world_size(r)}" if world_size(r) > 1 else ""),
+                         "status": r.get("status"), "ms": _fmt(t.get("step_s_median"), 1e3),
+                         "iqr": _fmt(t.get("step_s_iqr"), 1e3), "startup": _fmt(t.get("startup_s"), 1, 1),
+                         "speedup": f"{sp[r['run_id']]:.2f}×" if sp.get(r["run_id"]) else "-",
+                         "mem": _fmt(mem, 1 / 2**20, 0) if mem else "-", "verdict": verdict, "vclass": vclass,
+                         "error": r.get("error"), "href": href(r)})
+        acc, acc_cols = [], []
+        for r in rs:
+            a = r.get("accuracy") or {}
+            if a.get("dp_test") or a.get("verdict"):
+                for k in (a.get("dp_test") or {}):
+                    if k not in acc_cols:
+                        acc_cols.append(k)
+        for r in rs:
+            a = r.get("accuracy") or {}
+            if a.get("dp_test") or a.get("verdict"):
+                verdict, vclass = _verdict(a.get("verdict"))
+                dt = a.get("dp_test") or {}
+                acc.append({"variant": r["variant"], "vals": [_acc_cell(c, dt.get(c)) for c in acc_cols],
+                            "verdict": verdict, "vclass": vclass, "detail": a.get("detail") or ""})
+        profiles = []
+        for r in rs:
+            p = r.get("profile")
+            if not isinstance(p, dict) or p.get("status") not in ("ok", "partial"):
+                continue
+            top = p.get("top_kernels") or [{"name": o["name"], "total_s": o.get("self_s", 0), "count": o["count"]}
+                                           for o in p.get("top_ops") or []]
+            n = max(1, p.get("steps") or 1)
+            profiles.append({"variant": r["variant"], "wall": _fmt(p.get("wall_s_per_step"), 1e3),
+                             "busy": _fmt(p.get("gpu_busy_s_per_step"), 1e3),
+                             "gap": _fmt(p.get("host_gap_s_per_step"), 1e3),
+                             "kernels": _fmt(p.get("kernels_per_step"), 1, 1),
+                             "launches": _fmt(p.get("launches_per_step"), 1, 1),
+                             "memcpy": _fmt((p.get("memcpy") or {}).get("per_step"), 1, 1),
+                             "top": [{"ms": _fmt(k.get("total_s", 0) / n, 1e3, 3), "count": k.get("count"),
+                                      "name": k.get("name", "")[:160]} for k in top[:15]],
+                             "ncu": _ncu_rows(p.get("ncu")), "ncu_error": (p.get("ncu") or {}).get("error")})
+        env = (rs[0].get("environment") or {}) if rs else {}
+        env_rows = [("card", card), ("driver", env.get("driver")), ("CUDA", env.get("cuda")),
+                    ("torch", env.get("torch")), ("python", env.get("python")),
+                    ("harness git", env.get("harness_git")), ("harness", env.get("harness_version")),
+                    ("platform", env.get("platform")), ("host", env.get("hostname")),
+                    ("CPUs", env.get("cpu_count"))]
+        steps = sorted({r.get("steps") for r in rs if r.get("steps") is not None})
+        sections.append({
+            "system": system, "card": card, "sweep": sweep, "runs": rs, "rows": rows,
+            "anchor": _anchor(system, card, sweep), "title": _title(system, card, sweep, rs),
+            "kind": _kind(rs),
+            "open": (system, card, sweep) in opened,
+            "steps": ", ".join(str(s) for s in steps) or "?",
+            "accuracy": acc, "acc_cols": acc_cols, "profiles": profiles,
+            "env": [(k, "-" if v is None else v) for k, v in env_rows],
+            "img_steps": plot_step_times(rs, f"{system} on {card}, sweep {sweep}"),
+            "img_lcurve": plot_lcurves(rs),
+            "img_profile": plot_profile(rs),
+            "img_scaling": plot_scaling(rs),
+        })
+    return sections
+
+
+def by_card(runs: list[dict], sections: list[dict]) -> list[dict]:
+    """The sections grouped per (system, card): open ones (newest bench, newest profiles) first,
+    older ones collapsed; one history plot per group."""
+    out: dict[tuple[str, str], dict] = {}
+    for s in sections:
+        g = out.get((s["system"], s["card"]))
+        if g is None:
+            g = out[(s["system"], s["card"])] = {
+                "system": s["system"], "card": s["card"], "anchor": _anchor(s["system"], s["card"]),
+                "img_history": plot_history(runs, s["system"], s["card"]), "open": [], "older": []}
+        g["open" if s["open"] else "older"].append(s)
+    return list(out.values())
+
+
+def _ratio_text(row: dict, key: str) -> str:
+    return row[key]["text"] if row[key]["x"] else ("no judged anchor" if key.endswith("gated") else "-")
+
+
+def summary_rows(runs: list[dict], href=lambda r: None) -> list[dict]:
+    """summary.rows formatted for the page; `anchor` links each row to its sweep's section."""
+    out = []
+    for r in summary.rows(runs):
+        verdict, vclass = _verdict(r["verdict"] or "not judged")
+        out.append({"headline": r["headline"], "system": r["system"], "card": r["card"], "variant": r["variant"],
+                    "ms": f"{r['ms']:.2f}", "href": href(r["run"]), "sweep": r["sweep"],
+                    "anchor": _anchor(r["system"], r["card"], r["sweep"]),
+                    "legal": _ratio_text(r, "legal"), "legal_gated": _ratio_text(r, "legal_gated"),
+                    "native": _ratio_text(r, "native"),
+                    "range": f"{r['min']:.1f} / {r['median']:.1f} / {r['max']:.1f}×", "n": r["n"],
+                    "verdict": verdict, "vclass": vclass,
+                    "mem": f"{r['mem_ratio']:.2f}×" if r["mem_ratio"] else "-"})
+    return out
+
+
+def variant_list(runs: list[dict]) -> list[dict]:
+    seen: dict[str, dict] = {}
+    for r in sorted(runs, key=lambda r: r.get("created") or ""):
+        ov = r.get("overrides") or {}
+        native = r.get("upstream_options") or {}
+        seen[r["variant"]] = {"name": r["variant"], "description": description(r),
+                              "chain": " → ".join(r.get("variant_chain") or []),
+                              "overrides": ", ".join(f"{k}={v}" for k, v in ov.items()),
+                              "native": ", ".join(f"{k}={v}" for k, v in native.items())}
+    return sorted(seen.values(), key=lambda v: (v["name"] != "baseline", v["name"]))
+
+
+def render(runs: list[dict], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None) -> str:
+    """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.DictLoader({"head": HEAD, "row": ROW, "section": SECTION}), autoescape=True,
+                             undefined=jinja2.StrictUndefined)
+    sections = build_sections(runs, all_sweeps, href)
+    return env.from_string(TEMPLATE).render(
+        generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), n_runs=len(runs), all_sweeps=all_sweeps,
+        summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv)
+
+
+CSV_NAME = "runs.csv"
+
+
+def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False) -> Path:
+    """index.html and, next to it, runs.csv (the export table); bad record files are skipped
+    with a warning (results.iter_runs)."""
+    out, runs_dir = Path(out), Path(runs_dir)
+    pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
+    files = {d["run_id"]: p for p, d in pairs}
+    runs = [d for _, d in pairs]
+
+    def href(r: dict) -> str | None:  # relative, so the page works wherever the checkout is
+        p = files.get(r["run_id"])
+        return Path(os.path.relpath(p.resolve(), out.parent.resolve())).as_posix() if p else None
+
+    csv = None
+    if runs:
+        export.write_table(export.flatten(runs), out.parent / CSV_NAME, "csv")
+        csv = CSV_NAME
+    text = render(runs, all_sweeps, href, csv)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+    return out
+
+
+def _report_cmd(a) -> int:
+    out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all)
+    print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.parent / CSV_NAME}", file=sys.stderr)
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    p = subparsers.add_parser("report", help="write results/report/index.html (one self-contained file)")
+    p.add_argument("--all", action="store_true", help="every sweep, not only the latest bench, fast-variant and profile sweeps")
+    p.add_argument("--runs", default=str(RUNS), help="directory of results JSONs")
+    p.add_argument("--out", default=str(OUT))
+    p.set_defaults(func=_report_cmd)

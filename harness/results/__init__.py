@@ -1,0 +1,1 @@
+"""The results store: JSON run records, SQLite, CSV/Parquet export, regressions, anchors."""

@@ -1,0 +1,1 @@
+"""The sweep pipeline: plan, train, time, budget, distributed launch."""
