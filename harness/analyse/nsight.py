@@ -13,6 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterable
+from harness.core import fsutil
 
 NSYS_BASE = "nsys"  # <work_dir>/nsys.nsys-rep
 NCU_JSON = "ncu.json"
@@ -307,12 +308,12 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
             "kernels": parsed}
     log(f"[{row['variant']}] ncu: {len(parsed)} kernels measured in {data['wall_s']:.0f} s"
         + (f" ({error})" if error else ""))
-    results.atomic_write_json(wd / NCU_JSON, data)
+    fsutil.atomic_write_json(wd / NCU_JSON, data)
     row["profile"] = {**p, "ncu": data}
     path = Path(row["_path"])
     d = json.loads(path.read_text())
     d["profile"] = row["profile"]
-    results.atomic_write_json(path, d)
+    fsutil.atomic_write_json(path, d)
 
 
 def format_ncu(rows: list[dict[str, Any]]) -> str:

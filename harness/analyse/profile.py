@@ -24,7 +24,6 @@ import atexit
 import gzip
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from harness.analyse import nsight
+from harness.core import fsutil
 
 PROFILE_JSON = "profile.json"
 TRACE = "trace.json.gz"
@@ -190,7 +190,7 @@ class _Session:
         try:
             n = int(json.loads((self.run_dir / "input.json").read_text())["training"]["numb_steps"])
         except Exception:
-            n = int(os.environ.get("DPH_STEPS", "0") or 0)
+            n = 0  # no input.json numb_steps: no window, the profiler stays off
         self.numb_steps = n
         self.window = choose_window(n, opts["start"], opts["window"]) if n else None
         self.trainer: Any = None
@@ -364,10 +364,7 @@ class _Session:
                               wrapped_modules=[], jax=jax.__version__)
 
     def _write(self, d: dict) -> None:
-        p = self.run_dir / PROFILE_JSON
-        tmp = p.with_name(p.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(d, indent=1))
-        os.replace(tmp, p)
+        fsutil.atomic_write_json(self.run_dir / PROFILE_JSON, d)
 
 
 def install_in_process(clock: Any, run_dir: Path, spec: str, backend: str = "pt") -> None:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 
 import json
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -125,10 +124,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         import numpy as np
 
-        tmp = a.out.with_name(a.out.name + f".tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, a.out)
-        a.out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
+        from harness.core import fsutil
+
+        def savez(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        fsutil.atomic_write(a.out, savez)
+        fsutil.atomic_write_json(a.out.with_suffix(".json"), meta)
     return 0
 
 

@@ -16,7 +16,6 @@ Contract
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Callable
@@ -87,10 +86,10 @@ class StepClock:
             "step_s": d,
             **(extra or {}),
         }
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(payload, f)
-        os.replace(tmp, path)
+        # harness.core.fsutil is standard library only: importable beside any upstream tree
+        from harness.core.fsutil import atomic_write_json
+
+        atomic_write_json(path, payload, indent=None)
 
 
 clock = StepClock()

@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator
 from harness.run import distributed
 from harness.results import runs as results
 from harness.core.errors import HarnessError, UserError
+from harness.core import fsutil
 
 STATE_SCHEMA = "dpharness.sweep/1"
 FINAL_SKIP = {"ok"}  # statuses a rerun does not redo
@@ -133,7 +134,7 @@ def update_state(path: Path, fn: Callable[[dict[str, Any] | None], dict[str, Any
     path = Path(path)
     with locked(path):
         new = fn(read_state(path))
-        results.atomic_write_json(path, new)
+        fsutil.atomic_write_json(path, new)
         return new
 
 

@@ -35,7 +35,12 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
 
 
 def atomic_write_json(path: Path | str, data: Any, indent: int | None = 1) -> Path:
-    return atomic_write_text(path, json.dumps(data, indent=indent) + "\n")
+    def fill(tmp: Path) -> None:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=indent)
+            f.write("\n")
+
+    return atomic_write(path, fill)
 
 
 def sha256_file(path: Path | str) -> str:

@@ -45,6 +45,7 @@ from harness.core.records import AccuracyResult, RunRecord
 from harness.core.errors import RunFailed
 
 from harness.core.paths import ROOT
+from harness.core import fsutil
 CALIBRATION = ROOT / "results" / "calibration"
 CAL_SCHEMA = "dpharness.calibration/1"
 
@@ -810,7 +811,7 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     if min((len(rs) for rs in runs.values()), default=0) < 3:
         raise RunFailed(f"calibration of {resolved['system']} has fewer than 3 seeds per class")
     cal = build_calibration(resolved["system"], resolved["device"], resolved["steps"], runs, n)
-    results.atomic_write_json(path, cal)
+    fsutil.atomic_write_json(path, cal)
     return path
 
 
@@ -889,7 +890,7 @@ def calibration_from_runs(system: str, device: str, steps: int, directory: Path 
         raise RunFailed(f"{system}-{device}-{steps}: fewer than 3 finished baseline seeds under {directory / 'runs'}")
     cal = build_calibration(system, device, int(steps), runs_l, frames.pop() if frames else 0)
     path = calibration_path(system, device, steps, directory)
-    results.atomic_write_json(path, cal)
+    fsutil.atomic_write_json(path, cal)
     return path
 
 
@@ -916,7 +917,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
         files = sorted(CALIBRATION.glob("*.json"))
         for f in files:
             cal = rederive(json.loads(f.read_text()))
-            results.atomic_write_json(f, cal)
+            fsutil.atomic_write_json(f, cal)
             _print_calibration(cal)
             print(f"rederived {f}", file=sys.stderr)
         return 0

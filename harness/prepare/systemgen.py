@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ import numpy as np
 from harness.prepare.systems import neighbour_counts  # one implementation, shared with `dpharness systems`
 
 from harness.core.paths import ROOT as REPO
+from harness.core.fsutil import sha256_file as sha256
 SYSTEMS_DIR = REPO / "systems"
 SEED = 2022
 # Files DeePMD reads for an energy model with virials; all float64.
@@ -316,8 +316,6 @@ def run_subsystem(spec: SystemSpec, sub: SubSystem) -> dict[str, np.ndarray]:
 
 
 # --------------------------------------------------------------------------- files
-def sha256(path: pathlib.Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def data_files(spec: SystemSpec, subs: tuple[SubSystem, ...] | None = None) -> list[str]:

@@ -3,7 +3,6 @@ water data when it is missing, validates every data set before a run, and comput
 statistics to check that `sel` covers the data."""
 from __future__ import annotations
 
-import hashlib
 import math
 import json
 import os
@@ -20,6 +19,7 @@ from harness.core.errors import UserError
 from harness.core.records import System
 
 from harness.core.paths import ROOT
+from harness.core.fsutil import sha256_file as _sha
 SYSTEMS = ROOT / "systems"
 SHARED_WATER = ROOT.parent / "shared" / "systems" / "water"
 UPSTREAM_GIT = "https://github.com/deepmodeling/deepmd-kit"
@@ -62,8 +62,6 @@ def load_system(name_or_path: str, systems_dir: Path = SYSTEMS) -> System:
 
 # ---------------------------------------------------------------- obtaining upstream data
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def checksum_problems(system: System) -> list[str]:

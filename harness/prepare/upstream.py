@@ -2,7 +2,6 @@
 or builds a wheel from a local source checkout at a pinned ref."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from harness.core.errors import UserError
 from harness.core.records import UpstreamPin
 
 from harness.core.paths import PINS, ROOT
+from harness.core.fsutil import sha256_file
 PIN_FILE = PINS / "upstream.toml"
 WHEELHOUSE = ROOT / "wheelhouse"
 DOWNLOADS = ROOT / "build" / "downloads"
@@ -27,12 +27,6 @@ def load_pin(pin_file: Path = PIN_FILE) -> dict:
         return tomllib.load(f)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def default_pin(version: str | None = None) -> UpstreamPin:

@@ -26,6 +26,7 @@ from harness.report import summary
 from harness.run.distributed import scaling_efficiency
 from harness.results.runs import ROOT, RUNS
 from harness.report.summary import card_of, is_fast, is_profile_sweep, stamp, sweep_groups, world_size
+from harness.core import fsutil
 
 OUT = ROOT / "results" / "report" / "index.html"
 PATCHES = ROOT / "patches"
@@ -575,11 +576,7 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
         export.write_table(export.flatten(runs), out.parent / CSV_NAME, "csv")
         csv = CSV_NAME
     text = render(runs, all_sweeps, href, csv)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, out)
-    return out
+    return fsutil.atomic_write_text(out, text)
 
 
 def _report_cmd(a) -> int:

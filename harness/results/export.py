@@ -5,14 +5,13 @@ the JSON records); other lists become JSON strings, so every cell is a scalar.""
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from harness.results import runs as results
 from harness.core.errors import UserError
+from harness.core import fsutil
 
 FORMATS = ("csv", "parquet")
 OUT_DIR = results.ROOT / "results" / "export"
@@ -75,19 +74,11 @@ def write_table(df, out: Path, fmt: str) -> Path:
     if fmt == "parquet":
         _need_pyarrow()
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if fmt == "csv":
-            df.to_csv(tmp, index=False)
-        else:
-            df.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
+        fsutil.atomic_write(out, lambda tmp: df.to_csv(tmp, index=False) if fmt == "csv"
+                            else df.to_parquet(tmp, index=False))
     except OSError as e:
         raise UserError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

@@ -152,7 +152,7 @@ def _regress(a) -> int:
     for v, o in cur["overhead_s"].items():
         print(f"{v}: step {cur['variants'][v]['step_s_median'] * 1e3:.1f} ms, overhead {o:.1f} s")
     if a.write_reference:
-        from harness.results.runs import atomic_write_json
+        from harness.core.fsutil import atomic_write_json
 
         atomic_write_json(ref_path, cur)
         print(f"wrote reference {ref_path}")

@@ -3,7 +3,6 @@ written atomically (temp file + fsync + rename) so a crash never leaves half a r
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import sys
 import time
@@ -13,6 +12,7 @@ from typing import Any, Callable, Iterable, Iterator
 from harness.core.records import RunRecord, to_jsonable
 
 from harness.core.paths import ROOT
+from harness.core.fsutil import atomic_write_json  # noqa: F401 (results.atomic_write_json)
 RUNS = ROOT / "results" / "runs"
 WORK = ROOT / "results" / "work"
 SCHEMA = "dpharness.run/1"
@@ -115,21 +115,6 @@ def _read_lcurve(path: Path | None) -> dict[str, list] | None:
         return None
     cols = list(zip(*rows))
     return {h: list(c) for h, c in zip(header, cols)}
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_run(rec: RunRecord, runs_dir: Path = RUNS) -> Path:

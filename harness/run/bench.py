@@ -22,6 +22,7 @@ from harness.prepare import upstream
 from harness.core.progress import Progress
 from harness.core.errors import UserError
 from harness.core.records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
+from harness.core import fsutil
 
 
 @dataclass
@@ -211,7 +212,7 @@ def _add_anchors(rows: list[dict[str, Any]]) -> None:
         except (OSError, ValueError):
             continue
         written.update(extra)
-        results.atomic_write_json(path, written)
+        fsutil.atomic_write_json(path, written)
 
 
 STOPPED_DETAIL = "not judged: the sweep was stopped (SIGINT/SIGTERM) before this run's gate finished"

@@ -101,7 +101,6 @@ def distributed_env(gpus: int, cpu_count: int | None = None) -> dict[str, str]:
     """Environment for a (possibly) multi-process training run. Multicast is ALWAYS disabled."""
     env = dict(NO_MULTICAST_ENV)
     if gpus > 1:
-        env["DPH_WORLD_SIZE"] = str(int(gpus))
         if "OMP_NUM_THREADS" not in os.environ:
             # torchrun would set 1 and warn; split the cores between the ranks instead
             cores = cpu_count or os.cpu_count() or 1
