@@ -1,4 +1,4 @@
-"""The accuracy gate (harness.judge.accuracy): it must FAIL a deliberately broken variant and PASS the
+"""The accuracy gate (harness/judge: gate, processes, parity, calibration): it must FAIL a deliberately broken variant and PASS the
 baseline run as a variant and upstream's fp32 override under the float32 class.
 
 The slow tests train a tiny water system (tests/conftest.py) for 5 steps on CPU through the real
@@ -17,7 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.judge import accuracy
+from harness.cli import calibrate
+from harness.core import fsutil
+from harness.core.errors import RunFailed
+from harness.judge import calibration, gate, parity, processes
 from harness.run import bench
 from harness.run import train
 from harness.core.records import RunRecord, RunSpec
@@ -44,35 +47,35 @@ DP_TEST_LOG = """\
 
 
 def test_parse_dp_test_takes_the_weighted_average_block() -> None:
-    d = accuracy.parse_dp_test(DP_TEST_LOG)
+    d = processes.parse_dp_test(DP_TEST_LOG)
     assert d == {"rmse_e_per_atom": 0.6901251, "rmse_f": 0.8415861, "rmse_v": 0.015}
     no_virial = DP_TEST_LOG.replace("Virial RMSE/Natoms : 1.500000e-02 eV", "")
-    assert accuracy.parse_dp_test(no_virial)["rmse_v"] is None
+    assert processes.parse_dp_test(no_virial)["rmse_v"] is None
     with pytest.raises(RuntimeError):
-        accuracy.parse_dp_test("Traceback: boom")
+        processes.parse_dp_test("Traceback: boom")
 
 
 def test_threshold_admits_two_draws_at_the_upper_bound_of_the_seed_spread() -> None:
-    st = accuracy.summarise([1.0, 1.1, 0.9])
+    st = calibration.summarise([1.0, 1.1, 0.9])
     assert st["mean"] == pytest.approx(1.0) and st["std"] == pytest.approx(0.1)
     # 3 seeds: the 95 % upper bound on sigma is 4.4x the sample std
-    assert accuracy.std_upper_bound(st) == pytest.approx(0.1 * (2 / 0.1026) ** 0.5)
-    assert accuracy.derive_threshold(st) == pytest.approx(2.576 * 2 ** 0.5 * 0.1 * (2 / 0.1026) ** 0.5)
+    assert calibration.std_upper_bound(st) == pytest.approx(0.1 * (2 / 0.1026) ** 0.5)
+    assert calibration.derive_threshold(st) == pytest.approx(2.576 * 2 ** 0.5 * 0.1 * (2 / 0.1026) ** 0.5)
     # more seeds, same sample std: a tighter gate
     st8 = dict(st, n=8)
-    assert accuracy.derive_threshold(st8) < accuracy.derive_threshold(st) / 2
+    assert calibration.derive_threshold(st8) < calibration.derive_threshold(st) / 2
     # the observed range is a floor under the statistic
-    st = accuracy.summarise([1.0] * 9 + [2.0])
-    assert accuracy.derive_threshold(st) == pytest.approx(
-        max(2.576 * 2 ** 0.5 * accuracy.std_upper_bound(st) / 1.1, 1.0 / 1.1))
-    assert accuracy.derive_threshold(accuracy.summarise([1.0, 1.0, 1.0])) == 0.0
-    assert accuracy.derive_threshold(accuracy.summarise([1.0, 1.0, 1.0]), offset=0.2) == 0.2
+    st = calibration.summarise([1.0] * 9 + [2.0])
+    assert calibration.derive_threshold(st) == pytest.approx(
+        max(2.576 * 2 ** 0.5 * calibration.std_upper_bound(st) / 1.1, 1.0 / 1.1))
+    assert calibration.derive_threshold(calibration.summarise([1.0, 1.0, 1.0])) == 0.0
+    assert calibration.derive_threshold(calibration.summarise([1.0, 1.0, 1.0]), offset=0.2) == 0.2
 
 
 def test_chi2_quantiles_match_scipy() -> None:
     stats = pytest.importorskip("scipy.stats")
     for k in list(range(1, 16)) + [20, 40, 100]:
-        assert accuracy.chi2_lower_05(k) == pytest.approx(stats.chi2.ppf(0.05, k), rel=0.01), k
+        assert calibration.chi2_lower_05(k) == pytest.approx(stats.chi2.ppf(0.05, k), rel=0.01), k
 
 
 def test_a_correct_variant_rarely_fails_the_calibrated_gate() -> None:
@@ -86,7 +89,7 @@ def test_a_correct_variant_rarely_fails_the_calibrated_gate() -> None:
         trials = 4000
         for _ in range(trials):
             seeds = rng.normal(1.0, 0.01, n)
-            t = accuracy.derive_threshold(accuracy.summarise(list(seeds)))
+            t = calibration.derive_threshold(calibration.summarise(list(seeds)))
             a, b = rng.normal(1.0, 0.01, 2)
             fails += abs(a - b) / b > t
         assert fails / trials < 0.02, (n, fails / trials)
@@ -100,27 +103,27 @@ def _cal_runs(f64: list[float], f32: list[float]) -> dict:
 
 
 def test_calibration_file_thresholds_lookup_and_verdict(tmp_path: Path) -> None:
-    cal = accuracy.build_calibration("tiny", "cpu", 50, _cal_runs([1.0, 1.02, 0.98], [1.5, 1.0, 1.0]), 20)
+    cal = calibration.build_calibration("tiny", "cpu", 50, _cal_runs([1.0, 1.02, 0.98], [1.5, 1.0, 1.0]), 20)
     th = cal["thresholds"]
-    st = accuracy.summarise([1.0, 1.02, 0.98])
-    assert th["float64"]["rmse_f"] == pytest.approx(2.576 * 2 ** 0.5 * accuracy.std_upper_bound(st))
+    st = calibration.summarise([1.0, 1.02, 0.98])
+    assert th["float64"]["rmse_f"] == pytest.approx(2.576 * 2 ** 0.5 * calibration.std_upper_bound(st))
     assert "rmse_v" not in th["float64"]  # no virial labels: no virial threshold
     # float32 also admits what upstream's fp32 override changes at the same seed (seed 1: 50 %)
-    st32 = accuracy.summarise([1.5, 1.0, 1.0])
+    st32 = calibration.summarise([1.5, 1.0, 1.0])
     assert th["float32"]["rmse_f"] == pytest.approx(
-        max(2.576 * 2 ** 0.5 * accuracy.std_upper_bound(st32) / (3.5 / 3), 0.5 / (3.5 / 3), 0.5))
-    accuracy.results.atomic_write_json(accuracy.calibration_path("tiny", "cpu", 50, tmp_path), cal)
-    got, note = accuracy.find_calibration("tiny", "cpu", 50, tmp_path)
+        max(2.576 * 2 ** 0.5 * calibration.std_upper_bound(st32) / (3.5 / 3), 0.5 / (3.5 / 3), 0.5))
+    fsutil.atomic_write_json(calibration.calibration_path("tiny", "cpu", 50, tmp_path), cal)
+    got, note = calibration.find_calibration("tiny", "cpu", 50, tmp_path)
     assert got["steps"] == 50 and "nearest" not in note
-    got, note = accuracy.find_calibration("tiny", "cpu", 60, tmp_path)
+    got, note = calibration.find_calibration("tiny", "cpu", 60, tmp_path)
     assert got["steps"] == 50 and "nearest: 50 steps, none at 60" in note
-    got, note = accuracy.find_calibration("tiny", "cuda", 50, tmp_path)
+    got, note = calibration.find_calibration("tiny", "cuda", 50, tmp_path)
     assert got is None and note == "no seed-spread calibration for tiny"
     base = {"rmse_e_per_atom": 1.0, "rmse_f": 1.0, "rmse_v": None}
-    assert accuracy.dp_test_verdict({"rmse_e_per_atom": 1.05, "rmse_f": 0.96, "rmse_v": None}, base, cal, "float64")[0] == []
-    bad, _ = accuracy.dp_test_verdict({"rmse_e_per_atom": 1.0, "rmse_f": 1.5, "rmse_v": None}, base, cal, "float64")
+    assert calibration.dp_test_verdict({"rmse_e_per_atom": 1.05, "rmse_f": 0.96, "rmse_v": None}, base, cal, "float64")[0] == []
+    bad, _ = calibration.dp_test_verdict({"rmse_e_per_atom": 1.0, "rmse_f": 1.5, "rmse_v": None}, base, cal, "float64")
     assert len(bad) == 1 and "rmse_f" in bad[0]
-    bad, note = accuracy.dp_test_verdict({"rmse_e_per_atom": 1.0, "rmse_f": 1.5, "rmse_v": None}, base, cal, "mixed")
+    bad, note = calibration.dp_test_verdict({"rmse_e_per_atom": 1.0, "rmse_f": 1.5, "rmse_v": None}, base, cal, "mixed")
     assert bad == [] and "mixed uncalibrated" in note
 
 
@@ -129,37 +132,37 @@ def test_compare_eval_and_step_relative_errors() -> None:
     ref = {"energy": rng.normal(size=2), "force": rng.normal(size=(2, 5, 3)), "virial": rng.normal(size=(2, 9))}
     var = {k: v.copy() for k, v in ref.items()}
     var["force"][0, 0, 0] += 1e-7 * np.abs(ref["force"]).max()
-    par = accuracy.compare_eval(ref, var, 1e-10)
+    par = parity.compare_eval(ref, var, 1e-10)
     assert par["max_rel_e"] == 0 and par["max_rel_f"] == pytest.approx(1e-7)
     par.update({"step_update_max_rel": 0.0, "step_grad_max_rel": 0.0})
-    assert accuracy.parity_verdict(par, "float32") == []
-    assert accuracy.parity_verdict(par, "float64") and "f rel" in accuracy.parity_verdict(par, "float64")[0]
+    assert parity.parity_verdict(par, "float32") == []
+    assert parity.parity_verdict(par, "float64") and "f rel" in parity.parity_verdict(par, "float64")[0]
     var["force"][1, 1, 1] = np.nan
-    assert not accuracy.parity_verdict(accuracy.compare_eval(ref, var, 1e-5) | {"step_update_max_rel": None}, "mixed") == []
+    assert not parity.parity_verdict(parity.compare_eval(ref, var, 1e-5) | {"step_update_max_rel": None}, "mixed") == []
     # step: an element whose gradient is ~eps (Adam-ill-conditioned) is judged by the gradient only
     g = np.array([1.0, 1e-9, -0.5])
     up = np.array([-1e-3, -1e-4, 1e-3])
     r = {"upd/w": up, "grad/w": g}
     v = {"upd/w": up + np.array([0, 5e-4, 0]), "grad/w": g + np.array([0, 1e-9, 0])}
-    st = accuracy.compare_step(r, v)
+    st = parity.compare_step(r, v)
     assert st["step_update_max_rel"] == 0 and st["step_update_masked"] == 1
     assert st["step_grad_max_rel"] == pytest.approx(1e-9)
     v["grad/w"] = g * 1.5  # a wrong backward
-    assert accuracy.compare_step(r, v)["step_grad_max_rel"] == pytest.approx(0.5)
+    assert parity.compare_step(r, v)["step_grad_max_rel"] == pytest.approx(0.5)
     # reduced precision: a small gradient element changes sign within the class's gradient
     # tolerance and Adam's first update flips (2 lr); judged by the gradient, not the update
     g = np.array([1.0, 2e-4, -0.5])
     r = {"upd/w": -1e-3 * np.sign(g), "grad/w": g}
     v = {"upd/w": -1e-3 * np.sign(g * [1, -1, 1]), "grad/w": g * [1, -1, 1]}
-    assert accuracy.compare_step(r, v)["step_update_max_rel"] == pytest.approx(2.0)  # float64: caught
-    st = accuracy.compare_step(r, v, accuracy.TOLERANCE["mixed"])
+    assert parity.compare_step(r, v)["step_update_max_rel"] == pytest.approx(2.0)  # float64: caught
+    st = parity.compare_step(r, v, parity.TOLERANCE["mixed"])
     assert st["step_update_max_rel"] == 0 and st["step_update_masked"] == 1
-    assert st["step_grad_max_rel"] == pytest.approx(4e-4) and accuracy.parity_verdict(
+    assert st["step_grad_max_rel"] == pytest.approx(4e-4) and parity.parity_verdict(
         {"max_rel_e": 0, "max_rel_f": 0, "max_rel_v": 0, **st}, "mixed") == []
     # a flipped LARGE element is still a failure at the same class
     v = {"upd/w": -1e-3 * np.sign(g * [1, 1, -1]), "grad/w": g * [1, 1, -1]}
-    st = accuracy.compare_step(r, v, accuracy.TOLERANCE["mixed"])
-    assert st["step_update_max_rel"] == pytest.approx(2.0) and accuracy.parity_verdict(
+    st = parity.compare_step(r, v, parity.TOLERANCE["mixed"])
+    assert st["step_update_max_rel"] == pytest.approx(2.0) and parity.parity_verdict(
         {"max_rel_e": 0, "max_rel_f": 0, "max_rel_v": 0, **st}, "mixed")
 
 
@@ -179,10 +182,10 @@ def sweep(tiny_system: Path, tmp_path_factory):
     (rows, records) -- records as the stage saw them, for follow-up runs."""
     tmp = tmp_path_factory.mktemp("acc")
     seen: list[RunRecord] = []
-    gate = accuracy.stage(strict=True, calibration_dir=tmp / "nocal")  # isolated from results/calibration
+    judge = gate.stage(strict=True, calibration_dir=tmp / "nocal")  # isolated from results/calibration
 
     def capture(rec, previous):
-        res = gate(rec, previous)
+        res = judge(rec, previous)
         seen.append(rec)
         return res
 
@@ -249,7 +252,7 @@ def test_gate_passes_baseline_run_as_a_variant(sweep) -> None:
     assert tr.status == "ok", tr.error
     rec = RunRecord(run=spec, train=tr, timing=timing_mod.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s),
                     environment={})
-    acc = accuracy.stage(strict=True, calibration_dir=tmp / "nocal")(rec, seen)
+    acc = gate.stage(strict=True, calibration_dir=tmp / "nocal")(rec, seen)
     assert acc.verdict == "pass", acc.detail
     par = acc.parity
     # same build, same weights: bit-identical on CPU
@@ -257,9 +260,9 @@ def test_gate_passes_baseline_run_as_a_variant(sweep) -> None:
     # same seed, same code: dp test identical to the sweep baseline's
     assert acc.dp_test == rows[0]["accuracy"]["dp_test"]
     # with a calibration whose thresholds are absurdly tight the dp test still agrees exactly
-    cal = accuracy.build_calibration(base.run.system.name, "cpu", STEPS, _cal_runs([1.0, 1.0 + 1e-9, 1.0], [1.0] * 3), 20)
-    accuracy.results.atomic_write_json(accuracy.calibration_path(base.run.system.name, "cpu", STEPS, tmp / "cal"), cal)
-    acc2 = accuracy.stage(strict=True, calibration_dir=tmp / "cal")(rec, seen)
+    cal = calibration.build_calibration(base.run.system.name, "cpu", STEPS, _cal_runs([1.0, 1.0 + 1e-9, 1.0], [1.0] * 3), 20)
+    fsutil.atomic_write_json(calibration.calibration_path(base.run.system.name, "cpu", STEPS, tmp / "cal"), cal)
+    acc2 = gate.stage(strict=True, calibration_dir=tmp / "cal")(rec, seen)
     assert acc2.verdict == "pass", acc2.detail
     assert f"calibration {base.run.system.name}-cpu-{STEPS}.json" in acc2.detail
 
@@ -269,7 +272,7 @@ def test_gate_crash_is_a_fail_not_an_exception(sweep) -> None:
     _, seen, _ = sweep
     rec = seen[1]
     broken = dataclasses.replace(rec, train=dataclasses.replace(rec.train, checkpoint=None))
-    acc = accuracy.stage()(broken, seen[:1])
+    acc = gate.stage()(broken, seen[:1])
     assert acc.verdict == "fail" and "accuracy gate error" in acc.detail and "checkpoint" in acc.detail
 
 
@@ -277,7 +280,7 @@ def test_gate_crash_is_a_fail_not_an_exception(sweep) -> None:
 def test_without_a_sweep_baseline_the_variant_is_not_judged(sweep) -> None:
     _, seen, tmp = sweep
     rec = seen[1]  # fp32, judged against no baseline
-    lenient = accuracy.stage(strict=False, calibration_dir=tmp / "nocal")(rec, [])
+    lenient = gate.stage(strict=False, calibration_dir=tmp / "nocal")(rec, [])
     assert lenient.verdict is None and lenient.detail.startswith("not judged: no baseline run")
     assert lenient.dp_test and not math.isnan(lenient.dp_test["rmse_f"])
 
@@ -290,10 +293,10 @@ def test_multi_gpu_runs_are_judged_against_the_baseline_with_the_same_gpu_count(
         return NS(run=run, train=NS(status=status, checkpoint=Path("x.pt")))
 
     b1, b2 = rec("baseline", 1), rec("baseline", 2)
-    assert accuracy._find_baseline(rec("fused", 1), [b1, b2]) is b1
-    assert accuracy._find_baseline(rec("fused", 2), [b1, b2]) is b2
-    assert accuracy._find_baseline(rec("fused", 4), [b1, b2]) is b2  # none with 4: the latest
-    assert accuracy._find_baseline(rec("fused", 1), [rec("baseline", 1, "failed")]) is None
+    assert gate._find_baseline(rec("fused", 1), [b1, b2]) is b1
+    assert gate._find_baseline(rec("fused", 2), [b1, b2]) is b2
+    assert gate._find_baseline(rec("fused", 4), [b1, b2]) is b2  # none with 4: the latest
+    assert gate._find_baseline(rec("fused", 1), [rec("baseline", 1, "failed")]) is None
 
 
 def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch, tmp_path) -> None:
@@ -303,16 +306,16 @@ def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch
 
     dp = {"rmse_e_per_atom": 0.1, "rmse_f": 0.5, "rmse_v": None}
     arrays = {"energy": np.ones(2), "force": np.ones((2, 3, 3)), "virial": np.ones((2, 9))}
-    monkeypatch.setattr(accuracy, "baseline_tree", lambda prev=None: tmp_path)
-    monkeypatch.setattr(accuracy, "start_dp_test", lambda *a, **k: (None, None))
-    monkeypatch.setattr(accuracy, "finish_dp_test", lambda *a, **k: dict(dp))
-    monkeypatch.setattr(accuracy, "start_parity_eval", lambda *a, **k: (None, None))
-    monkeypatch.setattr(accuracy, "finish_parity_eval", lambda *a, **k: ({"load": "ok", "eval": True}, arrays))
-    monkeypatch.setattr(accuracy, "start_reference", lambda base, tree: (None, None, None))
+    monkeypatch.setattr(gate, "baseline_tree", lambda prev=None: tmp_path)
+    monkeypatch.setattr(gate, "start_dp_test", lambda *a, **k: (None, None))
+    monkeypatch.setattr(gate, "finish_dp_test", lambda *a, **k: dict(dp))
+    monkeypatch.setattr(gate, "start_parity_eval", lambda *a, **k: (None, None))
+    monkeypatch.setattr(gate, "finish_parity_eval", lambda *a, **k: ({"load": "ok", "eval": True}, arrays))
+    monkeypatch.setattr(gate, "start_reference", lambda base, tree: (None, None, None))
     cached: list[int] = []
-    monkeypatch.setattr(accuracy, "load_reference",
+    monkeypatch.setattr(gate, "load_reference",
                         lambda base, tree: (cached.append(base.run.gpus), ({"load": "ok"}, arrays))[1])
-    monkeypatch.setattr(accuracy, "compare_step", lambda ref, var, tol=0.0: {})
+    monkeypatch.setattr(gate, "compare_step", lambda ref, var, tol=0.0: {})
 
     def rec(gpus):
         v = NS(name="baseline", backend="pt", accuracy_class="float64", tree=tmp_path, modules=(), env={})
@@ -322,11 +325,11 @@ def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch
                 input_path=tmp_path / "input.json")
         return NS(run=run, train=tr, accuracy=None)
 
-    gate = accuracy.stage(calibration_dir=tmp_path / "nocal")
+    judge = gate.stage(calibration_dir=tmp_path / "nocal")
     g1, g2 = rec(1), rec(2)
-    g1.accuracy = gate(g1, [])
+    g1.accuracy = judge(g1, [])
     assert g1.accuracy.verdict == "baseline" and cached == []
-    g2.accuracy = gate(g2, [g1])
+    g2.accuracy = judge(g2, [g1])
     assert g2.accuracy.verdict == "pass", g2.accuracy.detail
     assert cached[-1] == 2  # the 2-GPU reference is cached for the 2-GPU variants
 
@@ -351,11 +354,11 @@ def test_calibration_from_runs_keeps_every_finished_seed(tmp_path: Path) -> None
     rec(13, "baseline", 8, 9.0, steps=20)
     rec(14, "fp32", 1, 1.1)
     rec(15, "fp32", 2, 1.1)  # only 2 float32 seeds: that class is left out
-    path = accuracy.calibration_from_runs("tiny", "cuda", 200, tmp_path)
+    path = calibrate.calibration_from_runs("tiny", "cuda", 200, tmp_path)
     cal = json.loads(path.read_text())
     assert path.name == "tiny-cuda-200.json"
     assert [r["seed"] for r in cal["runs"]["float64"]] == [1, 2, 3, 4, 5]
     assert cal["stats"]["float64"]["rmse_f"]["max"] == pytest.approx(1.02)
     assert "float32" not in cal["runs"]
-    with pytest.raises(accuracy.RunFailed, match="fewer than 3"):
-        accuracy.calibration_from_runs("other", "cuda", 200, tmp_path)
+    with pytest.raises(RunFailed, match="fewer than 3"):
+        calibrate.calibration_from_runs("other", "cuda", 200, tmp_path)

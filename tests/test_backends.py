@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from harness.judge import accuracy
+from harness.cli import calibrate
+from harness.judge import processes
 from harness.cli import main as cli
 from harness.child import launch
 from harness.run import train
@@ -62,13 +63,13 @@ def test_dp_test_of_a_jax_or_tf_checkpoint_freezes_it_first(backend, ckpt, froze
     def fake_run(cmd, **kw):
         ran.append((cmd, kw["env"]))
         Path(cmd[cmd.index("-o") + 1]).touch()
-        return accuracy.subprocess.CompletedProcess(cmd, 0)
+        return processes.subprocess.CompletedProcess(cmd, 0)
 
-    monkeypatch.setattr(accuracy.subprocess, "run", fake_run)
-    monkeypatch.setattr(accuracy.subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw["env"])) or "proc")
+    monkeypatch.setattr(processes.subprocess, "run", fake_run)
+    monkeypatch.setattr(processes.subprocess, "Popen", lambda cmd, **kw: started.append((cmd, kw["env"])) or "proc")
     out = tmp_path / "acc"
-    proc, _ = accuracy.start_dp_test(ckpt_path, (tmp_path,), out, "cpu", 2, tmp_path / "tree", backend)
-    accuracy._untrack(proc)
+    proc, _ = processes.start_dp_test(ckpt_path, (tmp_path,), out, "cpu", 2, tmp_path / "tree", backend)
+    processes._untrack(proc)
     (test_cmd, env), = started
     dp_test = test_cmd[test_cmd.index("--") + 1:]
     assert dp_test[:2] == [train.BACKEND_FLAG[backend], "test"]
@@ -84,7 +85,7 @@ def test_dp_test_of_a_jax_or_tf_checkpoint_freezes_it_first(backend, ckpt, froze
 
 
 def test_parity_is_not_applicable_to_a_jax_variant():
-    out = accuracy.parity_check("water", "jax-tos")
+    out = calibrate.parity_check("water", "jax-tos")
     assert out["verdict"] == "not applicable" and "jax backend" in out["detail"]
 
 

@@ -1,4 +1,4 @@
-"""Entry point of a same-weights parity subprocess (used by harness.judge.accuracy):
+"""Entry point of a same-weights parity subprocess (used by harness.judge.gate):
 
     python -m harness.child.parity_eval --tree TREE [--module M ...] --input input.json
         --checkpoint CKPT --eval-system DIR --frames N --train-system DIR --out OUT.npz

@@ -20,7 +20,7 @@ def _bench(a: argparse.Namespace) -> int:
     accuracy_stage = None
     if not a.no_accuracy:
         try:
-            from harness.judge import accuracy
+            from harness.judge import gate as accuracy
 
             accuracy_stage = accuracy.stage(strict=a.strict)
         except ImportError:
@@ -52,7 +52,7 @@ LEGAL_SETTINGS = ["baseline", "fp32", "tos", "fp32-tos"]  # every combination th
 def _tune(a: argparse.Namespace) -> int:
     """Best legal configuration: the fastest allowed precision x type_one_side setting that the
     accuracy gate passes (baseline passes by definition), all in one sweep."""
-    from harness.judge import accuracy
+    from harness.judge import gate as accuracy
     from harness.run import bench
 
     req = bench.BenchRequest(system=a.system, variants=LEGAL_SETTINGS, steps=a.steps, device=a.device,
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=_wheelhouse)
 
     # later stages register their own sub-commands
-    from harness.judge import accuracy
+    from harness.cli import calibrate as accuracy
     from harness.results import export
     from harness.analyse import profile
     from harness.results import regression
