@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     # later stages register their own sub-commands
     from harness.cli import calibrate as accuracy
     from harness.results import export
-    from harness.analyse import profile
+    from harness.cli import profile
     from harness.results import regression
     from harness.report import render as report
     from harness.results import store

@@ -95,6 +95,9 @@ class RunSpec:
     work_dir: Path
     profile: bool = False
     gpus: int = 1  # processes/GPUs of one node (torchrun for PT; see harness/run/distributed.py)
+    # words put before the training child's command (e.g. `nsys profile ... -o base`): how a
+    # later stage wraps a run without reaching into train's internals
+    launch_prefix: tuple[str, ...] = ()
 
 
 @dataclass

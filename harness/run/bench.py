@@ -46,6 +46,7 @@ class BenchRequest:
     # seconds this sweep may take (a Slurm allocation, a GPU lease): a run is started only if it
     # and the gates of every timed run still fit (see TimeBudget); None: no limit
     time_budget_s: float | None = None
+    launch_prefix: tuple[str, ...] = ()  # before every training command (profile --nsys)
 
 
 def resolve_device(device: str) -> str:
@@ -257,7 +258,7 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
         rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
                        device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile,
-                       gpus=ngpu)
+                       gpus=ngpu, launch_prefix=tuple(req.launch_prefix))
         log(f"[{b.name}] training {req.steps} steps on {prep.device}"
             f"{f' x{ngpu}' if ngpu > 1 else ''} ({prep.system.name})")
         with Progress(req.steps, b.name) as bar:

@@ -145,7 +145,8 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
     dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
     cmd, why = distributed.training_command(spec.variant.backend, spec.gpus,
-                                            launch_command(spec.variant.tree, spec.variant.modules, dp_args))
+                                            [*spec.launch_prefix,
+                                             *launch_command(spec.variant.tree, spec.variant.modules, dp_args)])
     missing = missing or why or upstream_refusal(spec.variant.backend, spec.variant.upstream_options,
                                                  spec.variant.tree)
     if missing:
