@@ -9,7 +9,9 @@ import pytest
 
 from harness.analyse import nsight
 from harness.analyse import profile
-from harness.analyse.profile import breakdown_from_trace, choose_window
+from harness.analyse.profile import breakdown_from_trace
+from harness.child import profiler
+from harness.child.profiler import choose_window
 
 
 def test_window_is_steady_and_ends_before_training_ends():
@@ -22,9 +24,9 @@ def test_window_is_steady_and_ends_before_training_ends():
         s, w = choose_window(n)
         assert s >= 1 and w >= 1 and s + w <= n - 1, n
     assert choose_window(300, start=5, window=3) == (5, 3)
-    assert profile.parse_spec("steady,start=5,window=3") == {"start": 5, "window": 3}
+    assert profiler.parse_spec("steady,start=5,window=3") == {"start": 5, "window": 3}
     with pytest.raises(ValueError):
-        profile.parse_spec("bogus")
+        profiler.parse_spec("bogus")
 
 
 def _x(name, cat, ts, dur, tid=1, **args):
@@ -373,7 +375,7 @@ def test_jax_trace_is_read_with_torch_categories():
 def test_tf_backend_profile_says_it_is_not_profiled(tmp_path):
     (tmp_path / "input.json").write_text(json.dumps({"training": {"numb_steps": 40}}))
     clock = type("Clock", (), {"on_tick": []})()
-    profile.install_in_process(clock, tmp_path, "steady", backend="tf")
+    profiler.install_in_process(clock, tmp_path, "steady", backend="tf")
     d = json.loads((tmp_path / profile.PROFILE_JSON).read_text())
     assert d["status"] == "unsupported" and "tf backend" in d["reason"] and clock.on_tick == []
 
@@ -407,12 +409,12 @@ def test_a_profiler_that_fails_to_start_is_recorded_not_silent(tmp_path, monkeyp
     """Training goes on, and profile.json says why there is no profile (e.g. no CUPTI for XLA)."""
     (tmp_path / "input.json").write_text(json.dumps({"training": {"numb_steps": 40}}))
     clock = type("Clock", (), {"on_tick": []})()
-    profile.install_in_process(clock, tmp_path, "steady", backend="jax")
+    profiler.install_in_process(clock, tmp_path, "steady", backend="jax")
 
     def no_profiler(self):
         raise RuntimeError("CUPTI not found")
 
-    monkeypatch.setattr(profile._Session, "_start_jax", no_profiler)
+    monkeypatch.setattr(profiler._Session, "_start_jax", no_profiler)
     (tick,) = clock.on_tick
     for i in range(40):
         tick(i)

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank0:
         atexit.register(_dump)
     if os.environ.get("DPH_PROFILE") and rank0:
-        from harness.analyse import profile
+        from harness.child import profiler as profile
 
         profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"], _backend_of(dp_args))
     _install_upstream_hooks(clock, _backend_of(dp_args))
