@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from harness.report import plots
 from harness.report import render as report
 from harness.report import summary
 from tests._chromium import CHROMIUM, console_lines, probe, screenshot
@@ -101,14 +102,14 @@ def test_speedups_never_cross_sweeps_or_cards():
     a = run_record("S1", "water", "baseline", 0.1)
     b = run_record("S2", "water", "fp32", 0.05)
     c = run_record("S1", "water", "fp32", 0.05, card="NVIDIA A100")
-    sp = report.speedups([a, b, c])
+    sp = plots.speedups([a, b, c])
     assert sp[a["run_id"]] == 1.0 and sp[b["run_id"]] is None and sp[c["run_id"]] is None
 
 
 def test_lcurve_repair_of_misread_header():
     r = run_record("S", "water", "baseline", 0.1, lcurve=False)
     r["lcurve"] = {w: [1.0, 2.0] for w in ["If", "there", "is", "no", "available", "reference", "data,", "rmse"]}
-    lc = report.lcurve_of(r)
+    lc = plots.lcurve_of(r)
     assert lc is not None and lc["step"] == [1.0, 2.0] and "rmse_f_trn" in lc
 
 
@@ -210,15 +211,15 @@ def test_csv_next_to_the_page_and_linked(tmp_path):
 
 def _yscales(monkeypatch, plot, *args):
     seen = []
-    monkeypatch.setattr(report, "_png", lambda fig: seen.append([ax.get_yscale() for ax in fig.axes]) or "x")
+    monkeypatch.setattr(plots, "_png", lambda fig: seen.append([ax.get_yscale() for ax in fig.axes]) or "x")
     assert plot(*args) == "x"
     return seen[0]
 
 
 def test_step_time_and_history_plots_are_log_scale(monkeypatch):
     _, _, s2, recs = _fast_records()
-    assert _yscales(monkeypatch, report.plot_step_times, [r for r in recs if r["sweep_id"] == s2], "t") == ["log"]
-    assert _yscales(monkeypatch, report.plot_history, recs, "water", "NVIDIA H100") == ["log"]
+    assert _yscales(monkeypatch, plots.plot_step_times, [r for r in recs if r["sweep_id"] == s2], "t") == ["log"]
+    assert _yscales(monkeypatch, plots.plot_history, recs, "water", "NVIDIA H100") == ["log"]
 
 
 def test_no_fast_variant_says_so_where_the_summary_goes(html_path):
