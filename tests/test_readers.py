@@ -8,7 +8,7 @@ import json
 import pytest
 
 from harness.cli import main as cli
-from harness.results import regression
+from harness.cli import regress
 from harness.results import runs as results
 from tests._fixtures_report import run_record, write_runs
 
@@ -102,7 +102,7 @@ def test_regress_bad_reference_is_one_line_exit_2(tmp_path, monkeypatch, capsys,
     the reference, and a truncated or foreign one is bad input, not a traceback."""
     ref = tmp_path / "ref.json"
     ref.write_text(text)
-    monkeypatch.setattr(regression, "run_sweep", lambda *a, **k: pytest.fail("sweep ran on a bad reference"))
+    monkeypatch.setattr(regress, "run_sweep", lambda *a, **k: pytest.fail("sweep ran on a bad reference"))
     assert cli.main(["regress", "--reference", str(ref)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(ref) in err[0] and "--write-reference" in err[0]

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from harness.cli import regress
 from harness.results import regression
 from tests._fixtures_report import run_record
 
@@ -53,9 +54,9 @@ def test_regress_cli_exit_code(tmp_path, monkeypatch, capsys, fp32, rc):
     ref = tmp_path / "ref.json"
     ref.write_text(json.dumps(regression.measure(_sweep(0.07, 0.05))))
     calls = []
-    monkeypatch.setattr(regression, "run_sweep", lambda work, steps, log: calls.append(1) or _sweep(0.07, fp32))
+    monkeypatch.setattr(regress, "run_sweep", lambda work, steps, log: calls.append(1) or _sweep(0.07, fp32))
     p = argparse.ArgumentParser()
-    regression.register_cli(p.add_subparsers(dest="cmd"))
+    regress.register_cli(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["regress", "--reference", str(ref)])
     assert a.func(a) == rc
     out = capsys.readouterr().out
@@ -64,9 +65,9 @@ def test_regress_cli_exit_code(tmp_path, monkeypatch, capsys, fp32, rc):
 
 
 def test_missing_reference_fails(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(regression, "run_sweep", lambda work, steps, log: _sweep(0.07, 0.05))
+    monkeypatch.setattr(regress, "run_sweep", lambda work, steps, log: _sweep(0.07, 0.05))
     p = argparse.ArgumentParser()
-    regression.register_cli(p.add_subparsers(dest="cmd"))
+    regress.register_cli(p.add_subparsers(dest="cmd"))
     a = p.parse_args(["regress", "--reference", str(tmp_path / "none.json")])
     assert a.func(a) == 1
     assert "no reference" in capsys.readouterr().out

@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     from harness.cli import calibrate as accuracy
     from harness.results import export
     from harness.cli import profile
-    from harness.results import regression
+    from harness.cli import regress as regression
     from harness.report import render as report
     from harness.results import store
 
