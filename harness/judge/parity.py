@@ -12,7 +12,7 @@ import numpy as np
 
 from harness.run import train
 from harness.core.records import RunRecord
-from harness.judge.processes import _tail, _track, _untrack
+from harness.judge.processes import _tail, _track, wait_tracked
 
 
 # Same-weights parity tolerance per accuracy class: relative error max|a-b| / max|b| of energy,
@@ -76,14 +76,7 @@ def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str
 
 
 def finish_parity_eval(proc: subprocess.Popen, log: Path, out: Path) -> tuple[dict, dict[str, np.ndarray]]:
-    try:
-        rc = proc.wait(timeout=PARITY_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-        raise RuntimeError(f"parity evaluation timed out after {PARITY_TIMEOUT_S} s") from None
-    finally:
-        _untrack(proc)
+    rc = wait_tracked(proc, PARITY_TIMEOUT_S, "parity evaluation")
     meta_p = out.with_suffix(".json")
     meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
     if rc != 0:

@@ -191,15 +191,20 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     return proc, log
 
 
-def finish_dp_test(proc: subprocess.Popen, log: Path, frames: int) -> dict[str, Any]:
+def wait_tracked(proc: subprocess.Popen, timeout_s: float, what: str) -> int:
+    """Wait for a gate process; kill it past its limit; it leaves the stop registry either way."""
     try:
-        rc = proc.wait(timeout=DP_TEST_TIMEOUT_S)
+        return proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        raise RuntimeError(f"dp test timed out after {DP_TEST_TIMEOUT_S} s") from None
+        raise RuntimeError(f"{what} timed out after {timeout_s} s") from None
     finally:
         _untrack(proc)
+
+
+def finish_dp_test(proc: subprocess.Popen, log: Path, frames: int) -> dict[str, Any]:
+    rc = wait_tracked(proc, DP_TEST_TIMEOUT_S, "dp test")
     if rc != 0:
         raise RuntimeError(f"dp test exit {rc}: {_tail(log)}")
     res: dict[str, Any] = dict(parse_dp_test(log.read_text(errors="replace")))
