@@ -79,7 +79,7 @@ def test_f32flag_product_traces_and_rounds_like_upstream():
     np.float32 flag rounds, eager and compiled alike, and traced without a graph break."""
     import numpy as np
     import torch._dynamo
-    from dpfast import graph as graph_engine
+    from dpfast import device_data
 
     lr = torch.tensor(3.3e-4, dtype=torch.float64)
 
@@ -87,14 +87,14 @@ def test_f32flag_product_traces_and_rounds_like_upstream():
         p = 0.02 + (1000.0 - 0.02) * (lr / 1e-3)
         return p * flag
 
-    f = graph_engine.F32Flag(1.0)
+    f = device_data.F32Flag(1.0)
     want = (0.02 + (1000.0 - 0.02) * (3.3e-4 / 1e-3)) * np.float32(1.0)
     assert float(pref(lr, f)) == float(want) != 0.02 + (1000.0 - 0.02) * 0.33
     torch._dynamo.reset()
     ex = torch._dynamo.explain(pref)(lr, f)
     assert ex.graph_break_count == 0
     assert float(torch.compile(pref, backend="aot_eager", fullgraph=True)(lr, f)) == float(want)
-    assert float(pref(lr, graph_engine.F32Flag(0.0))) == 0.0
+    assert float(pref(lr, device_data.F32Flag(0.0))) == 0.0
     assert 2.0 * f == 2.0  # host floats unchanged
 
 
@@ -164,18 +164,18 @@ def test_compiled_step_parity(case, geom, data, tmp_path, knobs):
 def test_compiled_step_detects_a_wrong_derivative(data, tmp_path, knobs):
     """Drop the dG/ds term: the compiled step must then disagree with upstream (so the parity
     above is a real check of the code the compiled step runs)."""
-    from dpfast import fused as fused_engine
+    from dpfast import analytic_nets, fused as fused_engine
 
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)
-    orig = fused_engine.embed_with_tangent
-    orig_g = fused_engine.embed_grouped_with_tangent
-    orig_p = fused_engine.embed_packed_with_tangent
-    knobs.setattr(fused_engine, "embed_with_tangent", lambda s, layers: (orig(s, layers)[0], 0.0 * orig(s, layers)[1]))
-    knobs.setattr(fused_engine, "embed_grouped_with_tangent",  # grouped nets, per-block contractions
+    orig = analytic_nets.embed_with_tangent
+    orig_g = analytic_nets.embed_grouped_with_tangent
+    orig_p = analytic_nets.embed_packed_with_tangent
+    knobs.setattr(analytic_nets, "embed_with_tangent", lambda s, layers: (orig(s, layers)[0], 0.0 * orig(s, layers)[1]))
+    knobs.setattr(analytic_nets, "embed_grouped_with_tangent",  # grouped nets, per-block contractions
                   lambda cols, lls: [(G, 0.0 * dG) for G, dG in orig_g(cols, lls)])
-    knobs.setattr(fused_engine, "embed_packed_with_tangent",  # the default path (nets + contractions grouped)
+    knobs.setattr(analytic_nets, "embed_packed_with_tangent",  # the default path (nets + contractions grouped)
                   lambda x, nets: (orig_p(x, nets)[0], 0.0 * orig_p(x, nets)[1]))
     eng = fused_engine.FusedEngine(tr)
     assert eng.grouped and eng.grouped_contract

@@ -114,18 +114,18 @@ def set_mode(eng, mode: str) -> None:
     eng.grouped, eng.grouped_fit, eng.grouped_contract = MODES[mode]
 
 
-def drop_tangent(monkeypatch, fused_engine) -> None:
+def drop_tangent(monkeypatch, analytic_nets) -> None:
     """Break the analytic derivative: dG/ds := 0 in the per-block embedding, the grouped one and
     the packed one (grouped nets + contractions, the default)."""
-    orig = fused_engine.embed_with_tangent
-    orig_g = fused_engine.embed_grouped_with_tangent
-    orig_p = fused_engine.embed_packed_with_tangent
+    orig = analytic_nets.embed_with_tangent
+    orig_g = analytic_nets.embed_grouped_with_tangent
+    orig_p = analytic_nets.embed_packed_with_tangent
 
     def no_tangent_packed(x, nets):
         G, dG = orig_p(x, nets)
         return G, 0.0 * dG
 
-    monkeypatch.setattr(fused_engine, "embed_packed_with_tangent", no_tangent_packed)
+    monkeypatch.setattr(analytic_nets, "embed_packed_with_tangent", no_tangent_packed)
 
     def no_tangent(s, layers):
         G, dG = orig(s, layers)
@@ -134,15 +134,15 @@ def drop_tangent(monkeypatch, fused_engine) -> None:
     def no_tangent_grouped(cols, layer_lists):
         return [(G, 0.0 * dG) for G, dG in orig_g(cols, layer_lists)]
 
-    monkeypatch.setattr(fused_engine, "embed_with_tangent", no_tangent)
-    monkeypatch.setattr(fused_engine, "embed_grouped_with_tangent", no_tangent_grouped)
+    monkeypatch.setattr(analytic_nets, "embed_with_tangent", no_tangent)
+    monkeypatch.setattr(analytic_nets, "embed_grouped_with_tangent", no_tangent_grouped)
 
 
 @pytest.mark.parametrize("mode", ["1", "nets", "0"])
 def test_analytic_forces_detect_a_wrong_derivative(mode, data, tmp_path, monkeypatch):
     """The parity check can fail: drop the dG/ds term and the forces must disagree (default
     grouped nets + contractions, grouped nets only, per-block)."""
-    from dpfast import fused as fused_engine
+    from dpfast import analytic_nets, fused as fused_engine
 
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     eng = fused_engine.FusedEngine(tr)
@@ -150,7 +150,7 @@ def test_analytic_forces_detect_a_wrong_derivative(mode, data, tmp_path, monkeyp
     _, coord, atype, box = frames_of(tr)
     geom, jidx, tcount = _geometry(eng, coord, atype, box)
     bias = eng.out_bias_per_type()
-    drop_tangent(monkeypatch, fused_engine)
+    drop_tangent(monkeypatch, analytic_nets)
     eng.batched = False
     set_mode(eng, mode)
     fused = eng._predict_core(geom["rt"], geom["jac"], jidx, geom["diff"], tcount, bias)
@@ -543,7 +543,7 @@ def test_chunk_plan():
     import itertools
     import random
 
-    from dpfast import fused as fe
+    from dpfast import analytic_nets as fe
 
     # water, tos false, one frame: O-O 64x46, O-H 64x92, H-O 128x46, H-H 128x92 rows
     assert fe.chunk_plan([2944, 5888, 5888, 11776]) == (2944, [2944, 5888, 5888, 11776])
@@ -606,12 +606,13 @@ def test_grouped_embedding_is_one_bmm_per_layer(data, tmp_path):
     and tangent [2*nchunk, R, in] (make_fx trace: no per-block mm), its outputs contiguous row
     ranges of the [nchunk*R, ng] results, and (G, dG/ds) equal to the per-block evaluation."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    from dpfast import fused as fe
+    from dpfast import analytic_nets as fe
+    from dpfast.fused import FusedEngine
 
     cfg = case_config("water-tos-false", data)
     cfg["model"]["descriptor"]["neuron"] = [8, 16, 32]
     tr = build_trainer(cfg, tmp_path)
-    eng = fe.FusedEngine(tr)
+    eng = FusedEngine(tr)
     g = torch.Generator().manual_seed(0)
     shapes = [(2, 5, 46), (2, 5, 92), (2, 7, 46), (2, 7, 92)]  # gcd 92: R=256 with padding
     cols = [torch.rand(*s, 1, dtype=torch.float64, generator=g) for s in shapes]
@@ -681,7 +682,7 @@ def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
     180 < 256: R=256, with sub-atoms of K=10 R=260; fitting: one chunk per type, padded) and water
     with sel 47/93 (K=1; gcd 64 / 192: R=2048 / 4096 with 6.7 / 11.7 % padding); none: water
     (R = gcd, K=46), fcc tos true (gcd 320, K=10)."""
-    from dpfast import fused as fused_engine
+    from dpfast import analytic_nets, fused as fused_engine
 
     monkeypatch.setenv("DPH_GEOM", "onthefly")
     cfg = case_config(case.replace("sel47", "tos-false"), data)
@@ -696,7 +697,7 @@ def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
     params = [p for p in tr.wrapper.parameters() if p.requires_grad]
     log = []
     for name in ("chunk_plan", "embed_grouped_with_tangent", "fit_grouped", "embed_contract_grouped", "env_grad_grouped"):
-        _spy(monkeypatch, fused_engine, name, log)
+        _spy(monkeypatch, analytic_nets, name, log)
     padded_any = False
     worst = {}
     for nf in (1, 3):
@@ -721,11 +722,11 @@ def test_grouped_matches_per_block(case, data, tmp_path, monkeypatch):
         K = math.gcd(*[eng.sel[tj] for (*_, tj, _) in blocks])
         for mode, align in (("nets", 1), ("1", K)):
             (R, pad), (Rf, padf) = [p for n, p in res[mode][2] if n == "chunk_plan"]  # embedding, fitting
-            assert (R, pad) == fused_engine.chunk_plan(rows, align=align)
+            assert (R, pad) == analytic_nets.chunk_plan(rows, align=align)
             assert R % K == 0 or mode == "nets"
             assert padf == [-(-nf * n // Rf) * Rf for n in tcount if n]
-            assert (Rf, padf) == fused_engine.chunk_plan([nf * n for n in tcount if n], fused_engine.FIT_CHUNKS,
-                                                         weight_rows=fused_engine.weight_rows_of(eng.fit_layers[0]))
+            assert (Rf, padf) == analytic_nets.chunk_plan([nf * n for n in tcount if n], analytic_nets.FIT_CHUNKS,
+                                                          weight_rows=analytic_nets.weight_rows_of(eng.fit_layers[0]))
             padded_any |= pad != rows
         for a, b in (("1", "nets"), ("1", "0"), ("nets", "0")):
             for k in ("energy", "force", "virial"):

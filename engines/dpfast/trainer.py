@@ -3,7 +3,7 @@
 schedule, optimizer settings and data, the training loop is the named engine's
 (device-resident, CUDA-graph-captured; see ``graph`` and ``fused``). It also registers the
 accuracy-gate hooks so the gate judges the engine's own code. Inputs outside the engine's
-scope raise ``graph.Unsupported`` naming what is unsupported.
+scope raise ``support.Unsupported`` naming what is unsupported.
 
 A variant selects an engine with a two-line patch module: ``from dpfast import trainer;
 trainer.install("fused")``. The engine is chosen by name, never by rebinding another
@@ -26,25 +26,9 @@ def engine_class(name: str) -> type:
         raise ValueError(f"unknown dpfast engine {name!r} (known: {', '.join(ENGINES)})") from None
 
 
-def _graph_parity_forward(model, coord, atype, box):
-    """Accuracy-gate hook of the graph engine: energies/forces/virials from its own code path
-    (precomputed geometry + functional forward), for frames in any atom order."""
-    import torch
-
-    eng = graph.GraphEngine.for_model(model)
-    coord = coord.to(eng.device)
-    atype = atype.to(eng.device)
-    order = torch.argsort(atype[0], stable=True)  # the engine wants atoms sorted by type
-    inv = torch.argsort(order)
-    with torch.enable_grad():
-        out = eng.predict_frames(coord[:, order], atype[:, order], None if box is None else box.to(eng.device))
-    return {"energy": out["energy"].detach().reshape(-1), "force": out["force"].detach()[:, inv],
-            "virial": out["virial"].detach()}
-
-
 # name -> (parity_forward, parity_train_step): what harness.child.runtime's gate hooks call
 GATE_HOOKS: dict[str, tuple[Callable, Callable]] = {
-    "graph": (_graph_parity_forward, graph.parity_train_step),
+    "graph": (graph.parity_forward, graph.parity_train_step),
     "fused": (fused.parity_forward, fused.parity_train_step),
 }
 

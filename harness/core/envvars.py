@@ -29,7 +29,7 @@ _ALL = [
     EnvVar("DPH_VARIANT", "harness.child.runtime", "the variant the child trains", "baseline"),
     EnvVar("DPH_PROFILE", "harness.child.launch", "in-process profiler spec: steady[,start=N][,window=M]"),
     # --- engine knobs (engines/dpfast), set by a variant manifest's env ---
-    EnvVar("DPH_GEOM", "dpfast.graph", "geometry mode of the fast engine (compact | onthefly | ...)"),
+    EnvVar("DPH_GEOM", "dpfast.prediction", "geometry mode of the fast engine (compact | onthefly | ...)"),
     EnvVar("DPH_FUSED_GROUPED", "dpfast.fused", "grouping of fused GEMM chains: 0 | 1 | nets | emb", "1"),
     EnvVar("DPH_FUSED_AUTOGRAD", "dpfast.fused", "1: forces by autograd instead of the hand-written backward"),
     EnvVar("DPH_FUSED_COMPILE", "dpfast.fused", "0: fused's CUDA step stays eager", "1"),
