@@ -1,7 +1,6 @@
 """The environment a run happened in: card, driver, library versions, harness git sha."""
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
