@@ -192,6 +192,26 @@ def frames_of(trainer, sid: int = 0, n: int = 3):
     return frs, coord, atype, box
 
 
+def upstream_forward(tr, coord, atype, box):
+    """Upstream's model on frames shaped as frames_of returns them."""
+    nf = coord.shape[0]
+    return tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
+
+
+def engine_and_upstream(eng, tr):
+    """(the engine's predict_frames, upstream's model) on the trainer's first frames."""
+    _, coord, atype, box = frames_of(tr)
+    ref = upstream_forward(tr, coord, atype, box)
+    return eng.predict_frames(coord, atype, box), ref
+
+
+def assert_float32_parity(out, ref) -> None:
+    """A float32 engine vs upstream in float32: energy to 1e-6, forces and virial to 1e-4."""
+    assert rel(out["energy"], ref["energy"]) < 1e-6
+    assert rel(out["force"], ref["force"]) < 1e-4
+    assert rel(out["virial"], ref["virial"]) < 1e-4
+
+
 
 def _upstream_batch(trainer, frame: dict, need_virial: bool):
     inp = {

@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
+# the fast-path variant tests' shared helpers assert too: pytest's messages for them as well
+pytest.register_assert_rewrite("_upstream_fixtures")
+
 REPO = Path(__file__).resolve().parent.parent
 # the committed copy only: no test may depend on ../shared (CI hides it)
 WATER_SOURCES = (REPO / "systems" / "water" / "data",)

@@ -209,14 +209,21 @@ def test_baseline_run_is_the_reference(sweep) -> None:
     assert 0 < dp["rmse_e_per_atom"] < 100 and 0 < dp["rmse_f"] < 100
 
 
+def _gated(rows, i: int, variant: str, verdict: str, parity_class: str, tolerance: float):
+    """(accuracy, parity) of row i, checked to be `variant`'s with `verdict` under `parity_class`'s
+    `tolerance`."""
+    acc = rows[i]["accuracy"]
+    assert rows[i]["variant"] == variant
+    assert acc["verdict"] == verdict, acc["detail"]
+    par = acc["parity"]
+    assert par["class"] == parity_class and par["tolerance"] == tolerance
+    return acc, par
+
+
 @pytest.mark.slow
 def test_gate_fails_the_broken_variant(sweep) -> None:
     rows, _, _ = sweep
-    acc = rows[2]["accuracy"]
-    assert rows[2]["variant"] == "broken-force"
-    assert acc["verdict"] == "fail", acc["detail"]
-    par = acc["parity"]
-    assert par["class"] == "float64" and par["tolerance"] == 1e-10
+    acc, par = _gated(rows, 2, "broken-force", "fail", "float64", 1e-10)
     # a 1e-6 perturbation of the descriptor: forces and the backward are off by orders of magnitude
     assert par["max_rel_f"] > 1e-8 and par["step_grad_max_rel"] > 1e-8
     assert "f rel" in acc["detail"]
@@ -228,11 +235,7 @@ def test_gate_fails_the_broken_variant(sweep) -> None:
 @pytest.mark.slow
 def test_gate_passes_fp32_under_the_float32_class(sweep) -> None:
     rows, _, _ = sweep
-    acc = rows[1]["accuracy"]
-    assert rows[1]["variant"] == "fp32"
-    assert acc["verdict"] == "pass", acc["detail"]
-    par = acc["parity"]
-    assert par["class"] == "float32" and par["tolerance"] == 1e-5
+    acc, par = _gated(rows, 1, "fp32", "pass", "float32", 1e-5)
     # fp32 on fp64 weights really differs (it is not a no-op) but within the class tolerance
     assert 1e-9 < par["max_rel_f"] <= 1e-5
     assert par["step_update_max_rel"] <= 1e-3 and par["step_grad_max_rel"] <= 1e-3

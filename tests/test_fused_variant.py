@@ -37,7 +37,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, build_trainer, rel, data, frames_of, _upstream_batch, upstream_reference_step, assert_engine_step_matches, torch,
-    upstream_adam_step, load_fused_patches, case_config,
+    upstream_adam_step, load_fused_patches, case_config, upstream_forward, engine_and_upstream, assert_float32_parity,
 )
 
 
@@ -98,8 +98,7 @@ def test_analytic_forces_match_autograd(case, data, tmp_path, monkeypatch):
     for k in ("energy", "force", "virial"):
         e = rel(otf[k], fused[k])
         assert e <= FTOL, f"{case}: {k} on-the-fly vs precomputed geometry relative error {e:.3e}"
-    nf = coord.shape[0]
-    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
+    ref = upstream_forward(tr, coord, atype, box)
     out = eng.predict_frames(coord, atype, box)
     for k in ("energy", "force", "virial"):
         e = rel(out[k], ref[k])
@@ -260,14 +259,8 @@ def test_forces_float32(data, tmp_path):
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, prec="float32")
     tr = build_trainer(cfg, tmp_path)
-    eng = fused_engine.FusedEngine(tr)
-    _, coord, atype, box = frames_of(tr)
-    nf = coord.shape[0]
-    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
-    out = eng.predict_frames(coord, atype, box)
-    assert rel(out["energy"], ref["energy"]) < 1e-6
-    assert rel(out["force"], ref["force"]) < 1e-4
-    assert rel(out["virial"], ref["virial"]) < 1e-4
+    out, ref = engine_and_upstream(fused_engine.FusedEngine(tr), tr)
+    assert_float32_parity(out, ref)
 
 
 # ------------------------------------------------------- 6. on-the-fly geometry
@@ -490,10 +483,7 @@ def test_compact_engine_matches_onthefly(case, data, tmp_path, monkeypatch):
         gb = _GRAPH_PREDICT(eng, None, None, pidx, geom, G["tcount"], bias, create_graph=False)
         for k in ga:
             assert torch.equal(ga[k], gb[k]), f"{case}: graph autograd {k} compact vs on-the-fly"
-    _, coord, atype, box = frames_of(tr)
-    nf = coord.shape[0]
-    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
-    out = eng.predict_frames(coord, atype, box)
+    out, ref = engine_and_upstream(eng, tr)
     for k in ("energy", "force", "virial"):
         assert rel(out[k], ref[k]) <= RTOL, k
 

@@ -29,6 +29,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, water_config, build_trainer, rel, data, frames_of, upstream_reference_step, assert_engine_step_matches, TREE, torch, np,
+    engine_and_upstream, assert_float32_parity,
 )
 
 RTOL = 1e-10
@@ -52,11 +53,7 @@ def test_forward_parity(case, data, tmp_path):
         sel = (100, 70, 50) if case.endswith("fullsel") else (60, 40, 30)
         cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos="tos-true" in case, sel=sel)
     tr = build_trainer(cfg, tmp_path)
-    eng = graph_engine.GraphEngine(tr)
-    _, coord, atype, box = frames_of(tr)
-    nf = coord.shape[0]
-    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
-    out = eng.predict_frames(coord, atype, box)
+    out, ref = engine_and_upstream(graph_engine.GraphEngine(tr), tr)
     for k in ("energy", "force", "virial"):
         e = rel(out[k], ref[k])
         assert e <= RTOL, f"{case}: {k} relative error {e:.3e}"
@@ -67,14 +64,8 @@ def test_forward_parity_float32(data, tmp_path):
 
     cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, prec="float32")
     tr = build_trainer(cfg, tmp_path)
-    eng = graph_engine.GraphEngine(tr)
-    _, coord, atype, box = frames_of(tr)
-    nf = coord.shape[0]
-    ref = tr.model(coord.reshape(nf, -1), atype, box=box.reshape(nf, 9))
-    out = eng.predict_frames(coord, atype, box)
-    assert rel(out["energy"], ref["energy"]) < 1e-6
-    assert rel(out["force"], ref["force"]) < 1e-4
-    assert rel(out["virial"], ref["virial"]) < 1e-4
+    out, ref = engine_and_upstream(graph_engine.GraphEngine(tr), tr)
+    assert_float32_parity(out, ref)
 
 
 # -------------------------------------------------------------- 2. one training step

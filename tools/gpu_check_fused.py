@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from harness.core import envvars  # tools/gpu_env.sh puts the repo root on PYTHONPATH
+
 ROOT = Path(__file__).resolve().parents[1]
 ENGINES = ROOT / "engines"
 GRAPH_SEL = ROOT / "patches" / "graph" / "select_engine.py"
@@ -72,7 +74,8 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log, 
     for m in mods:
         cmd += ["--module", str(m)]
     cmd += ["--", "--pt", "train", "input.json"]
-    env = dict(os.environ, DPH_RUN_DIR=str(wd), PYTHONPATH=f"{tree}:{ROOT}:{ENGINES}:" + os.environ.get("PYTHONPATH", ""), **extra_env)
+    env = dict(os.environ, PYTHONPATH=f"{tree}:{ROOT}:{ENGINES}:" + os.environ.get("PYTHONPATH", ""),
+               **{envvars.DPH_RUN_DIR: str(wd)}, **extra_env)
     t0 = time.time()
     try:
         p = subprocess.run(cmd, cwd=wd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -104,6 +107,7 @@ def run_train(tree: str, system: str, variant: str, steps: int, out: Path, log, 
 
 PARITY = r"""
 import os, sys, json, torch, numpy as np
+from harness.core import envvars
 sys.path.insert(0, %(engines)r)
 import deepmd.pt.train.training as T
 from dpfast import analytic_nets, graph as graph_engine, fused as fused_engine
@@ -156,7 +160,7 @@ def run(self):
     r["grad_loop_vs_autograd"] = rel(gl, ga)
     eng.batched = True
     try:
-        if os.environ.get("DPH_PARITY_COMPILED", "0") != "1":
+        if envvars.get(envvars.DPH_PARITY_COMPILED) != "1":
             raise RuntimeError("compiled parity not requested (DPH_PARITY_COMPILED=1)")
         oc, gc = grads("compiled")
         r["grad_compiled_vs_autograd"] = rel(gc, ga)
@@ -199,16 +203,16 @@ def parity(tree: str, out: Path, log, systems) -> None:
 
 def main() -> None:
     tree, outdir, plan = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
-    budget = float(os.environ.get("DPH_GPU_BUDGET_S", "270"))
+    budget = envvars.get_float(envvars.DPH_GPU_BUDGET_S)
     t_start = time.time()
     outdir.mkdir(parents=True, exist_ok=True)
-    work = Path(os.environ.get("DPH_GPU_WORK", "/tmp/fused_gpu_check"))
+    work = Path(envvars.get_str(envvars.DPH_GPU_WORK))
     work.mkdir(parents=True, exist_ok=True)
     with open(outdir / "gpu_check.log", "w", buffering=1) as log:
         import torch
 
         log.write(f"card: {torch.cuda.get_device_name()} torch {torch.__version__}\n")
-        par = os.environ.get("DPH_PARITY_SYSTEMS", "water")
+        par = envvars.get_str(envvars.DPH_PARITY_SYSTEMS)
         if par:
             parity(tree, work, log, par.split(","))
         results = []

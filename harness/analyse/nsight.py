@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 from typing import Any, Iterable
-from harness.core import fsutil
+from harness.core import envvars, fsutil
 
 NSYS_BASE = "nsys"  # <work_dir>/nsys.nsys-rep
 NCU_JSON = "ncu.json"
@@ -288,7 +288,7 @@ def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
         full = ncu_command(kernels, cmd, launch_skip=int(2 * per_step),
                            launch_count=max(1, min(NCU_MAX_LAUNCHES, round(per_step)) // max(1, len(kernels))))
     # one compile thread: Inductor's worker pool would start CUDA contexts ncu has to attach to
-    env = train.subprocess_env("cuda", {**b.env, "DPH_VARIANT": b.name, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, nd)
+    env = train.subprocess_env("cuda", {**b.env, envvars.DPH_VARIANT: b.name, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, nd)
     log(f"[{row['variant']}] ncu over {len(kernels)} kernels (limit {timeout_s:.0f} s): {' '.join(full[:14])} ...")
     t0 = time.perf_counter()
     try:

@@ -106,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     dp_args = argv[cut + 1:]
     from harness.child import patch_loader
     from harness.child import runtime
+    from harness.core import envvars
 
     patch_loader.put_on_path(args.tree, args.module)
 
-    run_dir = Path(os.environ.get("DPH_RUN_DIR", "."))
+    run_dir = Path(envvars.get_str(envvars.DPH_RUN_DIR))
     clock = runtime.clock
     # under torchrun/mpirun every rank runs this; only rank 0 owns the run's files
     from harness.run.distributed import is_rank0
@@ -124,10 +125,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if rank0:
         atexit.register(_dump)
-    if os.environ.get("DPH_PROFILE") and rank0:
+    profile_spec = envvars.get(envvars.DPH_PROFILE)
+    if profile_spec and rank0:
         from harness.child import profiler as profile
 
-        profile.install_in_process(clock, run_dir, os.environ["DPH_PROFILE"], _backend_of(dp_args))
+        profile.install_in_process(clock, run_dir, profile_spec, _backend_of(dp_args))
     _install_upstream_hooks(clock, _backend_of(dp_args))
     patch_loader.import_modules(args.module)
 

@@ -16,7 +16,6 @@ Contract
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -93,8 +92,11 @@ class StepClock:
 
 
 clock = StepClock()
-run_dir: str = os.environ.get("DPH_RUN_DIR", ".")
-variant: str = os.environ.get("DPH_VARIANT", "baseline")
+# imported here, not at the top: _T0 above stays as close to process start as it can
+from harness.core import envvars  # noqa: E402
+
+run_dir: str = envvars.get_str(envvars.DPH_RUN_DIR)
+variant: str = envvars.get_str(envvars.DPH_VARIANT)
 
 # ---------------------------------------------------------------- accuracy-gate hooks
 # Set by a variant's patch module (at import) when the variant evaluates or trains through its

@@ -1,13 +1,13 @@
 """The environment a run happened in: card, driver, library versions, harness git sha."""
 from __future__ import annotations
 
-import os
 import platform
 import shutil
 import subprocess
 import sys
 from typing import Any
 
+from harness.core import envvars
 from harness.core.paths import ROOT
 
 
@@ -15,8 +15,9 @@ def _git_sha() -> str | None:
     # A copy shipped to a GPU node is told its commit by the sender: DPH_GIT_SHA wins over the
     # copy's own .git, which can be stale (seen on the lent machines: their .git named the
     # session's first commit, "-dirty", while the tree was several commits newer).
-    if os.environ.get("DPH_GIT_SHA"):
-        return os.environ["DPH_GIT_SHA"]
+    told = envvars.get(envvars.DPH_GIT_SHA)
+    if told:
+        return told
     if not shutil.which("git") or not (ROOT / ".git").exists():
         return None
     r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)

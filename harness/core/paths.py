@@ -1,8 +1,9 @@
 """Where things live in a checkout: one definition, so a moved module cannot miscount parents."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from harness.core import envvars
 
 ROOT = Path(__file__).resolve().parents[2]
 PINS = ROOT / "harness" / "pins"
@@ -12,4 +13,4 @@ ENGINES = ROOT / "engines"
 SYSTEMS = ROOT / "systems"
 WHEELHOUSE = ROOT / "wheelhouse"
 # DPH_PATCHES: another variant folder (tests point it at a scratch copy)
-PATCHES = Path(os.environ.get("DPH_PATCHES") or ROOT / "patches")
+PATCHES = Path(envvars.get(envvars.DPH_PATCHES) or ROOT / "patches")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 import numpy as np
 
+from harness.core import envvars
 from harness.run import train
 from harness.core.records import RunRecord
 from harness.judge.processes import _tail, _track, wait_tracked
@@ -65,7 +66,7 @@ def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str
             "--out", str(out.resolve())]
     if train_system is not None:
         cmd += ["--train-system", str(Path(train_system).resolve())]
-    env = train.subprocess_env(device, {**env_extra, "DPH_VARIANT": name}, out.parent)
+    env = train.subprocess_env(device, {**env_extra, envvars.DPH_VARIANT: name}, out.parent)
     log = out.with_suffix(".log")
     for p in (out, out.with_suffix(".json")):
         p.unlink(missing_ok=True)

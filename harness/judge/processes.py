@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from harness.core import envvars
 from harness.prepare import build
 from harness.run import train
 from harness.core.records import RunRecord
@@ -175,7 +176,7 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     log = out_dir / "dp_test.log"
     # JAX would otherwise take 75 % of the GPU, beside gates running concurrently
     jax_env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if backend == "jax" else {}
-    env = train.subprocess_env(device, {"DPH_VARIANT": "baseline", **jax_env}, out_dir)
+    env = train.subprocess_env(device, {envvars.DPH_VARIANT: "baseline", **jax_env}, out_dir)
     if convert_to_pt:
         model, backend = _converted_model(checkpoint, backend, out_dir, env, tree), "pt"
     elif backend in FROZEN_NAME:

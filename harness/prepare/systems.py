@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from harness.core import envvars
 from harness.core.errors import UserError
 from harness.core.records import System
 
@@ -89,7 +90,7 @@ def ensure_data(system: System, log=print) -> None:
     candidates: list[tuple[str, Path]] = []
     if os.environ.get("DEEPMD_SOURCE_DIR"):
         candidates.append(("$DEEPMD_SOURCE_DIR", Path(os.environ["DEEPMD_SOURCE_DIR"]) / rel_data))
-    if not os.environ.get("DPH_IGNORE_SHARED"):  # CI sets it: nothing may need ../shared
+    if not envvars.get(envvars.DPH_IGNORE_SHARED):  # CI sets it: nothing may need ../shared
         candidates.append(("../shared/systems/water", SHARED_WATER))
     for label, src in candidates:
         if (src / "data_0").is_dir():

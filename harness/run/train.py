@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness.core import envvars
 from harness.run import distributed
 from harness.core.errors import UserError
 from harness.core.records import ALLOWED_OVERRIDES, RunSpec, System, TrainResult
@@ -79,7 +80,7 @@ def launch_command(tree: Path, modules: tuple[Path, ...], dp_args: list[str]) ->
 def subprocess_env(device: str, extra: dict[str, str], work_dir: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["DPH_RUN_DIR"] = str(work_dir)
+    env[envvars.DPH_RUN_DIR] = str(work_dir)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2))))
     if device == "cpu":
         env["DEVICE"] = "cpu"
@@ -155,9 +156,9 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
                            wall_s=0.0, gpu_peak_bytes=None, work_dir=wd, checkpoint=None, lcurve=None,
                            input_path=input_path, log_path=log_path)
     env = subprocess_env(spec.device, {**distributed.distributed_env(spec.gpus),
-                                       **spec.variant.env, "DPH_VARIANT": spec.variant.name}, wd)
+                                       **spec.variant.env, envvars.DPH_VARIANT: spec.variant.name}, wd)
     if spec.profile:
-        env["DPH_PROFILE"] = "steady"
+        env[envvars.DPH_PROFILE] = "steady"
     t0 = time.perf_counter()
     status, error = "ok", None
     with open(log_path, "w") as log:

@@ -8,7 +8,6 @@ the casts, so the force derivative and the loss's second backward go through the
 low-precision GEMMs."""
 from __future__ import annotations
 
-import os
 import threading
 
 import torch
@@ -16,7 +15,9 @@ import torch.nn.functional as F
 from deepmd.pt.model.descriptor import se_a as _se_a
 from deepmd.pt.model.network import mlp as _mlp
 
-LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}[os.environ.get("DPH_MIXED_DTYPE", "bfloat16")]
+from harness.core import envvars
+
+LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}[envvars.get_str(envvars.DPH_MIXED_DTYPE)]
 _state = threading.local()
 STATS = {"low_precision_linears": 0}
 
