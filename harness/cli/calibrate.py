@@ -17,10 +17,9 @@ from harness.core.records import AccuracyResult, RunRecord
 from harness.core.errors import RunFailed
 from harness.core.paths import ROOT
 from harness.core import fsutil
-from harness.judge.processes import DEFAULT_TEST_FRAMES, run_dp_test, stop_gates
+from harness.judge.processes import DEFAULT_TEST_FRAMES, format_dp_test, run_dp_test, stop_gates
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, parity_verdict, start_parity_eval
 from harness.judge.calibration import CALIBRATION, build_calibration, calibration_path, rederive
-from harness.judge.gate import _fmt
 
 
 def _dp_test_only(frames: int | None) -> Callable[[RunRecord, list[RunRecord]], AccuracyResult]:
@@ -83,7 +82,7 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
                 raise RunFailed(f"calibration run {r['run_id']} failed: {r.get('error') or acc.get('detail')}")
             runs[cls].append({"seed": seed, "variant": r["variant"], "run_id": r["run_id"],
                               "dp_test": acc["dp_test"]})
-            log(f"seed {seed} {r['variant']}: {_fmt(acc['dp_test'])}")
+            log(f"seed {seed} {r['variant']}: {format_dp_test(acc['dp_test'])}")
     n = frames if frames is not None else DEFAULT_TEST_FRAMES.get(resolved["device"], 0)
     path = calibration_path(resolved["system"], resolved["device"], resolved["steps"], out_dir)
     if extend and path.is_file():
