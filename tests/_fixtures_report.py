@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from harness.core.records import StoredRun
 from harness.results.runs import SCHEMA
 
 
@@ -63,3 +64,8 @@ def write_runs(dest: Path, records: list[dict[str, Any]]) -> list[Path]:
         p.write_text(json.dumps(r))
         out.append(p)
     return out
+
+
+def typed(records: list[dict[str, Any]]) -> list[StoredRun]:
+    """The records as a reader has them (what write_runs' files read back as)."""
+    return [StoredRun.from_dict(r) for r in records]

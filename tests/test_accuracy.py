@@ -193,8 +193,8 @@ def sweep(tiny_system: Path, tmp_path_factory):
                              steps=STEPS, device="cpu", seed=7, runs_dir=tmp / "runs", work_root=tmp / "work",
                              gate_jobs=2)  # the deferred, concurrent gates (what GPU sweeps use)
     rows = bench.run(req, log=lambda m: None, accuracy_stage=capture)
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok"], [r.get("error") for r in rows]
-    order = [r["run_id"] for r in rows]
+    assert [r.status for r in rows] == ["ok", "ok", "ok"], [r.error for r in rows]
+    order = [r.run_id for r in rows]
     seen.sort(key=lambda rec: order.index(rec.run.run_id))  # the gates ran concurrently
     return rows, seen, tmp
 
@@ -202,9 +202,9 @@ def sweep(tiny_system: Path, tmp_path_factory):
 @pytest.mark.slow
 def test_baseline_run_is_the_reference(sweep) -> None:
     rows, _, _ = sweep
-    acc = rows[0]["accuracy"]
-    assert acc["verdict"] == "baseline"
-    dp = acc["dp_test"]
+    acc = rows[0].accuracy
+    assert acc.verdict == "baseline"
+    dp = acc.dp_test
     assert dp["rmse_v"] is None  # water has no virial labels
     assert 0 < dp["rmse_e_per_atom"] < 100 and 0 < dp["rmse_f"] < 100
 
@@ -212,10 +212,10 @@ def test_baseline_run_is_the_reference(sweep) -> None:
 def _gated(rows, i: int, variant: str, verdict: str, parity_class: str, tolerance: float):
     """(accuracy, parity) of row i, checked to be `variant`'s with `verdict` under `parity_class`'s
     `tolerance`."""
-    acc = rows[i]["accuracy"]
-    assert rows[i]["variant"] == variant
-    assert acc["verdict"] == verdict, acc["detail"]
-    par = acc["parity"]
+    acc = rows[i].accuracy
+    assert rows[i].variant == variant
+    assert acc.verdict == verdict, acc.detail
+    par = acc.parity
     assert par["class"] == parity_class and par["tolerance"] == tolerance
     return acc, par
 
@@ -226,9 +226,9 @@ def test_gate_fails_the_broken_variant(sweep) -> None:
     acc, par = _gated(rows, 2, "broken-force", "fail", "float64", 1e-10)
     # a 1e-6 perturbation of the descriptor: forces and the backward are off by orders of magnitude
     assert par["max_rel_f"] > 1e-8 and par["step_grad_max_rel"] > 1e-8
-    assert "f rel" in acc["detail"]
+    assert "f rel" in acc.detail
     # and the results JSON carries it
-    saved = json.loads(Path(rows[2]["_path"]).read_text())
+    saved = json.loads(Path(rows[2].path).read_text())
     assert saved["accuracy"]["verdict"] == "fail"
 
 
@@ -239,7 +239,7 @@ def test_gate_passes_fp32_under_the_float32_class(sweep) -> None:
     # fp32 on fp64 weights really differs (it is not a no-op) but within the class tolerance
     assert 1e-9 < par["max_rel_f"] <= 1e-5
     assert par["step_update_max_rel"] <= 1e-3 and par["step_grad_max_rel"] <= 1e-3
-    assert "no seed-spread calibration for tinywater" in acc["detail"]
+    assert "no seed-spread calibration for tinywater" in acc.detail
 
 
 @pytest.mark.slow
@@ -261,7 +261,7 @@ def test_gate_passes_baseline_run_as_a_variant(sweep) -> None:
     # same build, same weights: bit-identical on CPU
     assert par["max_abs_f"] == 0 and par["max_abs_e"] == 0 and par["step_update_max_rel"] == 0
     # same seed, same code: dp test identical to the sweep baseline's
-    assert acc.dp_test == rows[0]["accuracy"]["dp_test"]
+    assert acc.dp_test == rows[0].accuracy.dp_test
     # with a calibration whose thresholds are absurdly tight the dp test still agrees exactly
     cal = calibration.build_calibration(base.run.system.name, "cpu", STEPS, _cal_runs([1.0, 1.0 + 1e-9, 1.0], [1.0] * 3), 20)
     fsutil.atomic_write_json(calibration.calibration_path(base.run.system.name, "cpu", STEPS, tmp / "cal"), cal)

@@ -352,9 +352,9 @@ def test_gate_jobs_times_every_variant_before_any_variant_gate(tiny_system, tmp_
     assert max(trains) < min(gates), events  # no gate overlaps a timed run
     assert events[min(gates)] == "gate baseline"
     assert peak[0] >= 2  # the variants' gates ran concurrently
-    assert [r["variant"] for r in rows] == ["baseline", "fp32", "tos", "fp32-tos"]  # table keeps sweep order
-    assert [r["accuracy"]["verdict"] for r in rows] == ["baseline", "pass", "pass", "pass"]
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(Path(r["_path"]).name for r in rows)
+    assert [r.variant for r in rows] == ["baseline", "fp32", "tos", "fp32-tos"]  # table keeps sweep order
+    assert [r.accuracy.verdict for r in rows] == ["baseline", "pass", "pass", "pass"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(Path(r.path).name for r in rows)
 
 
 @pytest.mark.parametrize("gate_jobs", [1, 3])
@@ -453,8 +453,8 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
                              device="cpu", runs_dir=tmp_path / "runs", work_root=tmp_path / "work",
                              gate_jobs=gate_jobs, time_budget_s=budget)
     rows = bench.run(req, log=logs.append, accuracy_stage=gate)
-    assert [r["variant"] for r in rows] == expect
-    assert all(r["accuracy"]["verdict"] in ("baseline", "pass") for r in rows)
+    assert [r.variant for r in rows] == expect
+    assert all(r.accuracy.verdict in ("baseline", "pass") for r in rows)
     skipped = [v for v in ["baseline", "fp32", "tos", "fp32-tos"] if v not in expect]
     for v in skipped:
         assert any(m.startswith(f"time budget: not starting {v} ") for m in logs), logs
@@ -462,7 +462,7 @@ def test_time_budget_starts_only_runs_whose_gates_still_fit(tiny_system, tmp_pat
         assert f"time budget: not started: {', '.join(skipped)}" in logs, logs
     else:
         assert not any(m.startswith("time budget") for m in logs)
-    assert all(r["accuracy"]["wall_s"] is not None and r["accuracy"]["wall_s"] >= 0 for r in rows)
+    assert all(r.accuracy.wall_s is not None and r.accuracy.wall_s >= 0 for r in rows)
 
 
 def _stored_runs(tiny_system, runs: Path, rows: list[tuple]) -> str:
@@ -478,7 +478,7 @@ def _stored_runs(tiny_system, runs: Path, rows: list[tuple]) -> str:
     return name
 
 
-def _budgeted_sweep(tiny_system, tmp_path, variants: list[str], budget_s: float) -> tuple[list[dict], list[str]]:
+def _budgeted_sweep(tiny_system, tmp_path, variants: list[str], budget_s: float) -> tuple[list, list[str]]:
     """A CPU sweep of passing gates (gate_jobs 2) under --time-budget; (rows, log lines)."""
     from harness.run import bench
     from harness.core.records import AccuracyResult
@@ -511,7 +511,7 @@ def test_time_budget_guesses_a_run_from_the_variants_recent_records(tiny_system,
     _sweep_clock(monkeypatch)
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
     rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "tos", "fp32"], 100.0)
-    names = {r["variant"] for r in rows}
+    names = {r.variant for r in rows}
     assert names == {"baseline", "tos"}, (names, logs)  # fp32's 500 s (cpu) runs do not fit in 100 s
 
 
@@ -536,7 +536,7 @@ def test_time_budget_a_long_run_does_not_stop_a_short_variant_with_history(tiny_
     monkeypatch.setattr(train, "run_training", run_training)
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1.0)
     rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "fp32", "tos", "fp32-tos"], 40.0)
-    assert [r["variant"] for r in rows] == ["baseline", "fp32", "tos"], logs
+    assert [r.variant for r in rows] == ["baseline", "fp32", "tos"], logs
     assert any(m.startswith("time budget: not starting fp32-tos") for m in logs), logs
 
 
@@ -555,7 +555,7 @@ def test_time_budget_skips_a_run_that_does_not_fit_and_starts_a_shorter_one_afte
     monkeypatch.setattr(bench, "GATE_GUESS_S", 1000.0)  # any variant without a gate record would not fit
     rows, logs = _budgeted_sweep(tiny_system, tmp_path, ["baseline", "fp32", "tos", "fp32-tos"], 30.0)
     # fp32: its 100 s run does not fit; tos (1 s + 2 s gates) does; fp32-tos's 50 s gate does not
-    assert [r["variant"] for r in rows] == ["baseline", "tos"], logs
+    assert [r.variant for r in rows] == ["baseline", "tos"], logs
     assert "time budget: not started: fp32, fp32-tos" in logs, logs
 
 

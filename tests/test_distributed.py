@@ -27,7 +27,7 @@ from harness.prepare import systems
 from harness.run import timing
 from harness.run import train
 from harness.core.errors import UserError
-from harness.core.records import RunRecord, RunSpec
+from harness.core.records import RunRecord, RunSpec, StoredRun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -129,9 +129,10 @@ def test_samples_per_s_and_scaling_efficiency():
 
 
 def _row(variant, n, med, sps, status="ok"):
-    return {"system": "water", "variant": variant, "status": status, "world_size": n,
-            "timing": {"step_s_median": med, "step_s_iqr": 0.001}, "throughput": {"samples_per_s": sps},
-            "memory": {"gpu_peak_bytes": None}, "accuracy": {}}
+    return StoredRun.from_dict({"system": "water", "variant": variant, "status": status, "world_size": n,
+                                "timing": {"step_s_median": med, "step_s_iqr": 0.001},
+                                "throughput": {"samples_per_s": sps}, "memory": {"gpu_peak_bytes": None},
+                                "accuracy": {}})
 
 
 def test_table_shows_gpus_scaling_and_same_count_speedup():

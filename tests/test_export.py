@@ -10,7 +10,7 @@ import pytest
 
 from harness.cli import main as cli
 from harness.results import export
-from tests._fixtures_report import gpu_profile, run_record, write_runs
+from tests._fixtures_report import gpu_profile, run_record, typed, write_runs
 
 
 def _records():
@@ -19,7 +19,7 @@ def _records():
 
 
 def test_flatten_keeps_figures_and_drops_bulky_lists():
-    df = export.flatten(_records())
+    df = export.flatten(typed(_records()))
     assert len(df) == 2 and list(df.columns[:4]) == ["run_id", "sweep_id", "system", "variant"]
     for c in ("timing.step_s_median", "memory.gpu_peak_bytes", "accuracy.dp_test.rmse_f", "accuracy.verdict",
               "profile.gpu_busy_s_per_step", "profile.categories.by_range.embedding", "environment.torch"):
@@ -33,9 +33,9 @@ def test_flatten_keeps_figures_and_drops_bulky_lists():
 
 
 def test_flatten_leaves_the_records_whole():
-    recs = _records()
+    recs = typed(_records())
     export.flatten(recs)
-    assert recs[1]["lcurve"] and recs[1]["profile"]["top_kernels"]
+    assert recs[1].lcurve and recs[1].profile.top_kernels
 
 
 def test_cli_csv_default_out(tmp_path, monkeypatch):
@@ -97,5 +97,5 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", boom)
     with pytest.raises(export.UserError, match="No space left"):
-        export.write_table(export.flatten(_records()), out, "csv")
+        export.write_table(export.flatten(typed(_records())), out, "csv")
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["runs.csv"]

@@ -12,6 +12,7 @@ from harness.analyse import profile
 from harness.analyse.profile import breakdown_from_trace
 from harness.child import profiler
 from harness.child.profiler import choose_window
+from tests._fixtures_report import typed
 
 
 def test_window_is_steady_and_ends_before_training_ends():
@@ -154,8 +155,8 @@ def test_summarise_absent_and_present(tmp_path):
 def test_format_breakdown_handles_missing_profiles():
     b = breakdown_from_trace(synthetic_gpu_trace(), steps=2, wall_s=500e-6)
     b.update(status="ok", window={"start_step": 90, "steps": 2})
-    text = profile.format_breakdown([{"variant": "baseline", "profile": b, "status": "ok"},
-                                     {"variant": "fp32", "profile": None, "status": "failed"}])
+    text = profile.format_breakdown(typed([{"variant": "baseline", "profile": b, "status": "ok"},
+                                           {"variant": "fp32", "profile": None, "status": "failed"}]))
     assert "force/backward" in text and "tanh_backward_kernel" in text and "no profile" in text
 
 
@@ -177,14 +178,14 @@ def profiled_run(tmp_path_factory):
 
 def test_real_profiled_cpu_run(profiled_run):
     row = profiled_run
-    assert row["status"] == "ok", row["error"]
-    p = row["profile"]
+    assert row.status == "ok", row.error
+    p = row.profile.to_dict()
     assert p and p["status"] == "ok" and p["device"] == "cpu"
     w = p["window"]
     assert w == {"start_step": 10, "steps": 3, "numb_steps": 14}
     assert w["start_step"] + w["steps"] <= w["numb_steps"] - 1  # closed before training ended
-    assert len(json.loads(open(f"{row['artifacts']['work_dir']}/steps.json").read())["step_s"]) >= 13
-    wd = row["artifacts"]["work_dir"]
+    assert len(json.loads(open(f"{row.artifacts.work_dir}/steps.json").read())["step_s"]) >= 13
+    wd = row.artifacts.work_dir
     trace = json.loads(gzip.open(f"{wd}/{profile.TRACE}").read())
     names = {e.get("name") for e in trace["traceEvents"]}
     for r in ("data", "forward", "descriptor", "embedding", "fitting", "force", "backward", "optimizer"):
@@ -197,7 +198,7 @@ def test_real_profiled_cpu_run(profiled_run):
     assert 0 < sum(cats.values()) <= p["wall_s_per_step"] * 1.05
     assert profile.summarise(wd) == p
     # monkeypatches are gone after the window: the results record has the same profile as the file
-    assert json.loads(open(row["_path"]).read())["profile"] == p
+    assert json.loads(open(row.path).read())["profile"] == p
 
 
 NCU_UNITS = '''"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size","Device","CC","dram__bytes.sum.per_second","dram__throughput.avg.pct_of_peak_sustained_elapsed","gpu__time_duration.sum","sm__sass_thread_inst_executed_op_dadd_pred_on.sum","sm__sass_thread_inst_executed_op_dfma_pred_on.sum","sm__sass_thread_inst_executed_op_dmul_pred_on.sum","sm__throughput.avg.pct_of_peak_sustained_elapsed"
@@ -224,8 +225,8 @@ def test_ncu_figures_convert_units_and_count_fp64_flops():
     assert nsight.ncu_figures(k, "NVIDIA H200")["fp64_pct"] == pytest.approx(100 * 2.75e9 / 33.5e12)
     assert nsight.card_peaks("NVIDIA H100 PCIe")[0] == 25.6e12 and nsight.card_peaks("NVIDIA H100 80GB HBM3")[1] == 3.35e12
     assert nsight.card_peaks("Tesla T4") is None
-    table = nsight.format_ncu([{"variant": "fused", "environment": {"gpu_name": "NVIDIA H200"},
-                                 "profile": {"ncu": {"kernels": [k], "error": None}}}])
+    table = nsight.format_ncu(typed([{"variant": "fused", "environment": {"gpu_name": "NVIDIA H200"},
+                                       "profile": {"ncu": {"kernels": [k], "error": None}}}]))
     assert "triton_poi_fused_0" in table and "1200.0" in table and "FP64 %pk" in table and "0.0" in table
 
 
@@ -251,23 +252,62 @@ def test_ncu_short_base_units_and_only_the_asked_metrics():
         assert nsight._in_base_units(1.0, unit) == pytest.approx(v), unit
 
 
-def _profiled_run_dir(tmp_path, monkeypatch):
-    """A profiled run's work dir and results record under a temporary results root, with a
-    variant build that needs no upstream: what run_ncu reads and writes."""
+class _FakeChild:
+    """subprocess.Popen stand-in for the training child (under ncu): prints `out` to its log,
+    then exits 0, or runs until it is killed (hang=True)."""
+
+    def __init__(self, seen: dict, out: str, hang: bool = False):
+        self.seen, self.out, self.hang = seen, out, hang
+
+    def __call__(self, cmd, cwd, env, stdout, **kw):
+        self.seen.update(cmd=cmd, env=env)
+        stdout.write(self.out)
+        stdout.flush()
+        self.pid, self.returncode, self.killed = 0, None, False
+        return self
+
+    def poll(self):
+        if not self.hang or self.killed:
+            self.returncode = -9 if self.killed else 0
+        return self.returncode
+
+    def wait(self, timeout=None):
+        return self.poll()
+
+
+def _profiled_record(tmp_path, monkeypatch, profile_dict: dict, child: _FakeChild):
+    """A profiled run's record (work dir under tmp_path, a variant that needs no build) and a fake
+    training child: what the pipeline's ncu run (bench.measure_ncu) plans, launches and reads."""
     import types
 
-    from harness.prepare import build
-    from harness.results import runs as results
+    from harness.core.records import BuiltVariant, RunRecord, RunSpec, System, Timing, TrainResult
+    from harness.run import train
 
-    monkeypatch.setattr(results, "ROOT", tmp_path)
     wd = tmp_path / "work" / "r1"
     wd.mkdir(parents=True)
-    (wd / "input.json").write_text(json.dumps({"training": {"numb_steps": 100}}))
-    rec_path = tmp_path / "r1.json"
-    rec_path.write_text(json.dumps({"run_id": "r1", "profile": {}}))
-    monkeypatch.setattr(build, "build_variant", lambda name, pin: types.SimpleNamespace(
-        tree=tmp_path, modules=(), backend="pt", env={}, name=name))
-    return wd, rec_path
+    system = System(name="w", directory=tmp_path, type_map=("O", "H"), atoms_per_frame=3, train=(tmp_path,),
+                    validation=(tmp_path,), input={"training": {"numb_steps": 100, "training_data": {}}}, spec={})
+    v = BuiltVariant(name="fused", chain=("baseline", "fused"), hash="h", tree=tmp_path, backend="pt", env={},
+                     overrides={}, modules=(), accuracy_class="float64", description="", cached=True, log=())
+    spec = RunSpec(run_id="r1", sweep_id="s", system=system, variant=v, steps=100, device="cuda", seed=1,
+                   work_dir=wd, profile=True)
+    tr = TrainResult(status="ok", error=None, step_s=[], clock="host", startup_s=None, wall_s=1.0,
+                     gpu_peak_bytes=None, work_dir=wd, checkpoint=None, lcurve=None, input_path=wd / "input.json",
+                     log_path=wd / "train.log")
+    monkeypatch.setattr(train, "backend_missing", lambda b: None)
+    monkeypatch.setattr(train.subprocess, "Popen", child)
+    now = [0.0]  # the child's clock: time passes by its poll interval only
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(perf_counter=lambda: now[0], monotonic=lambda: now[0],
+                                                             sleep=lambda s: now.__setitem__(0, now[0] + s)))
+    monkeypatch.setattr(train.os, "killpg", lambda pid, sig: setattr(child, "killed", True))
+    real = train.run_training
+
+    def run_training(spec, progress=None):
+        child.seen["timeout"] = spec.timeout_s
+        return real(spec, progress)
+
+    monkeypatch.setattr(train, "run_training", run_training)
+    return wd, RunRecord(run=spec, train=tr, timing=Timing(), environment={}, profile=profile_dict)
 
 
 def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tmp_path, monkeypatch):
@@ -277,20 +317,21 @@ def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tm
     under ncu trains to just past the profiled window's start."""
     import types
 
-    wd, rec_path = _profiled_run_dir(tmp_path, monkeypatch)
+    from harness.run import bench
+
     seen = {}
 
     def fake_run(cmd, **kw):
         if cmd == ["ncu", "--help"]:
             return types.SimpleNamespace(stdout="--launch-skip --launch-count", stderr="")
-        seen["cmd"] = cmd
-        return types.SimpleNamespace(stdout=NCU_RAW_SHORT_UNITS, stderr="", returncode=0)
+        raise AssertionError(f"ran {cmd}")
 
     monkeypatch.setattr(nsight.subprocess, "run", fake_run)
-    row = {"variant": "fused", "status": "ok", "_path": str(rec_path), "artifacts": {"work_dir": "work/r1"},
-           "profile": {"steps": 20, "window": {"start_step": 30},
-                       "top_kernels": [{"name": "memcpy32_post", "count": 900}, {"name": "sort_8_1", "count": 20}]}}
-    nsight.run_ncu(row, 2, lambda m: None)
+    wd, rec = _profiled_record(tmp_path, monkeypatch, {
+        "steps": 20, "window": {"start_step": 30},
+        "top_kernels": [{"name": "memcpy32_post", "count": 900}, {"name": "sort_8_1", "count": 20}]},
+        _FakeChild(seen, NCU_RAW_SHORT_UNITS))
+    bench.measure_ncu(rec, 2, 420.0, lambda m: None)
     c = seen["cmd"]
     assert "--filter-mode" not in c
     assert c[c.index("--launch-skip") + 1] == "92"   # 2 steps x (45 + 1) launches
@@ -304,24 +345,25 @@ def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tm
 def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatch):
     """A lane limit must not leave a silently missing figure: an ncu run past its limit writes
     ncu.json and the run record with error 'ncu timed out', whatever it measured before."""
-    import subprocess
     import types
 
-    wd, rec_path = _profiled_run_dir(tmp_path, monkeypatch)
+    from harness.results import runs as results
+    from harness.run import bench
+
     seen = {}
 
     def fake_run(cmd, **kw):
         if cmd == ["ncu", "--help"]:
             return types.SimpleNamespace(stdout="--filter-mode  global, per-gpu, per-launch-config", stderr="")
-        seen.update(cmd=cmd, env=kw["env"], timeout=kw["timeout"])
-        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=NCU_UNITS)
+        raise AssertionError(f"ran {cmd}")
 
     monkeypatch.setattr(nsight.subprocess, "run", fake_run)
-    row = {"variant": "fused", "status": "ok", "_path": str(rec_path), "artifacts": {"work_dir": "work/r1"},
-           "profile": {"steps": 10, "window": {"start_step": 5},
-                       "top_kernels": [{"name": "triton_poi_fused_0", "count": 20}]}}
+    wd, rec = _profiled_record(tmp_path, monkeypatch, {
+        "steps": 10, "window": {"start_step": 5}, "top_kernels": [{"name": "triton_poi_fused_0", "count": 20}]},
+        _FakeChild(seen, NCU_UNITS, hang=True))
     logs = []
-    nsight.run_ncu(row, 1, logs.append, timeout_s=7)
+    bench.measure_ncu(rec, 1, 7, logs.append)
+    rec_path = results.write_run(rec, tmp_path / "runs")
     assert seen["timeout"] == 7 and seen["env"]["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
     c = seen["cmd"]  # each kernel configuration measured once, after its first two launches
     assert c[c.index("--filter-mode") + 1] == "per-launch-config"
@@ -393,13 +435,13 @@ def test_real_profiled_jax_cpu_run(tiny_system, tmp_path):
                              accuracy=False, profile=True, runs_dir=tmp_path / "runs",
                              work_root=tmp_path / "work")
     (row,) = bench.run(req, log=lambda m: None)
-    assert row["status"] == "ok", row["error"]
-    p = row["profile"]
+    assert row.status == "ok", row.error
+    p = row.profile.to_dict()
     assert p["status"] == "ok" and p["profiler"] == "jax.profiler" and p["device"] == "cpu", p
     assert p["window"]["steps"] == 3 and p["gpu_busy_s_per_step"] is None and p["top_kernels"] == []
     assert p["top_ops"] and p["cpu_ops_per_step"] > 0 and p["xla_executions_per_step"] >= 1
     assert not any(o["name"].startswith("$") for o in p["top_ops"])
-    wd = row["artifacts"]["work_dir"]
+    wd = row.artifacts.work_dir
     trace = json.loads(gzip.open(f"{wd}/{profile.TRACE}").read())
     assert {e.get("cat") for e in trace["traceEvents"] if e.get("ph") == "X"} == {"cpu_op"}
     assert not (tmp_path / "work" / profile.JAX_TRACE_DIR).exists()

@@ -47,7 +47,7 @@ def _check_warnings(err: str) -> None:
 def test_load_runs_skips_each_bad_file_with_one_reason(runs_dir):
     seen = []
     runs = results.load_runs(runs_dir, warn=seen.append)
-    assert sorted(r["variant"] for r in runs) == ["baseline", "baseline", "fused", "fused"]
+    assert sorted(r.variant for r in runs) == ["baseline", "baseline", "fused", "fused"]
     _check_warnings("\n".join(f"warning: {m}" for m in seen))
 
 
@@ -106,3 +106,30 @@ def test_regress_bad_reference_is_one_line_exit_2(tmp_path, monkeypatch, capsys,
     assert cli.main(["regress", "--reference", str(ref)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(ref) in err[0] and "--write-reference" in err[0]
+
+
+def test_every_committed_record_reads_back_typed_and_writes_back_the_same_json():
+    """Every schema version under results/runs: typed parts for its objects, and to_dict() is the
+    file's JSON again (the store and the export table see the record on disk)."""
+    from harness.core.records import Profile, StoredRun, Timing
+
+    paths = results.run_files()
+    assert paths
+    for p in paths:
+        rec = StoredRun.from_json(p)
+        assert rec.to_dict() == json.loads(p.read_text()), p
+        assert isinstance(rec.timing, Timing) and rec.run_id and rec.path == p
+        assert rec.profile is None or isinstance(rec.profile, Profile)
+
+
+def test_an_old_record_reads_with_defaults_and_keeps_what_it_does_not_know():
+    from harness.core.records import StoredRun
+
+    d = {"schema": "dpharness.run/1", "run_id": "r", "sweep_id": "s", "system": "w", "variant": "v",
+         "timing": None, "device": {"kind": "cpu"}, "someday": {"x": 1}}
+    rec = StoredRun.from_dict(d)
+    assert rec.timing.step_s_median is None and rec.world_size is None and rec.accuracy.verdict is None
+    assert rec.device.kind == "cpu" and rec.device.name is None and rec.profile is None
+    assert rec.to_dict() == d
+    rec.accuracy.verdict = "pass"
+    assert rec.to_dict()["accuracy"]["verdict"] == "pass" and "someday" in rec.to_dict()

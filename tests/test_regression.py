@@ -9,7 +9,7 @@ import pytest
 
 from harness.cli import regress
 from harness.results import regression
-from tests._fixtures_report import run_record
+from tests._fixtures_report import run_record, typed
 
 
 def _sweep(base: float, fp32: float, wall_extra: float = 1.0):
@@ -19,7 +19,7 @@ def _sweep(base: float, fp32: float, wall_extra: float = 1.0):
         t = r["timing"]
         t["startup_s"] = 6.0
         t["wall_s"] = 6.0 + 16 * t["step_s_median"] + wall_extra
-    return rows
+    return typed(rows)
 
 
 def test_committed_reference_is_sane():
@@ -44,8 +44,8 @@ def test_compare_passes_within_and_fails_beyond_thresholds():
     over = regression.compare(regression.measure(_sweep(0.07, 0.05, wall_extra=20.0)), ref)
     assert any("overhead" in p for p in over)
     failed = _sweep(0.07, 0.05)
-    failed[1]["status"] = "failed"
-    failed[1]["timing"]["step_s_median"] = None
+    failed[1].status = "failed"
+    failed[1].timing.step_s_median = None
     assert any("fp32: run failed" in p for p in regression.compare(regression.measure(failed), ref))
 
 

@@ -213,8 +213,8 @@ def test_training_killed_mid_run_is_recorded_failed_with_reason(tiny_system, tmp
     recs = results.load_runs(tmp_path / "res" / "runs")
     assert len(recs) == 1
     rec = recs[0]
-    assert rec["status"] == "failed" and f"killed by signal {int(getattr(signal, sig))}" in rec["error"]
-    assert rec["timing"]["step_s_median"] is None or rec["timing"]["steps_measured"] < 6
+    assert rec.status == "failed" and f"killed by signal {int(getattr(signal, sig))}" in rec.error
+    assert rec.timing.step_s_median is None or rec.timing.steps_measured < 6
 
 
 def _kill_processes_under(root: Path) -> None:
@@ -265,7 +265,7 @@ def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path,
             p.wait()
     assert p.returncode == 3, err
     recs = results.load_runs(tmp_path / "res" / "runs")
-    assert len(recs) == 1 and recs[0]["status"] == "interrupted" and signal.Signals(sig).name in recs[0]["error"]
+    assert len(recs) == 1 and recs[0].status == "interrupted" and signal.Signals(sig).name in recs[0].error
 
 
 @pytest.mark.slow
@@ -275,9 +275,9 @@ def test_out_of_memory_is_reported_as_such_with_what_caused_it(tiny_system, tmp_
              env={"DPH_PATCHES": str(killer_patches), "DPH_TEST_SIGNAL": "OOM"})
     assert r.returncode == 3, r.stderr
     rec = results.load_runs(tmp_path / "res" / "runs")[0]
-    assert rec["status"] == "failed"
-    assert rec["error"].startswith("GPU out of memory training tinywater (192 atoms/frame, batch_size 1")
-    assert "Tried to allocate 20.00 GiB" in rec["error"]
+    assert rec.status == "failed"
+    assert rec.error.startswith("GPU out of memory training tinywater (192 atoms/frame, batch_size 1")
+    assert "Tried to allocate 20.00 GiB" in rec.error
 
 
 def test_missing_wheelhouse_offline_says_what_to_do(tmp_path):

@@ -11,7 +11,7 @@ from harness.report import plots
 from harness.report import render as report
 from harness.report import summary
 from tests._chromium import CHROMIUM, console_lines, probe, screenshot
-from tests._fixtures_report import gpu_profile, run_record, write_runs
+from tests._fixtures_report import gpu_profile, run_record, typed, write_runs
 
 OLD, NEW = "20260101T000000Z-aaa", "20260202T000000Z-bbb"
 
@@ -64,7 +64,7 @@ def test_later_profiles_do_not_hide_the_last_bench_sweep(tmp_path):
         run_record("20260207T000000Z-p3", "water", "fused", 0.002, profile=gpu_profile(), created="2026-02-07T00:00:00Z"),
     ]
     write_runs(tmp_path / "runs", recs)
-    keys = [(s, sw) for s, _, sw, _ in report.select(recs)]
+    keys = [(s, sw) for s, _, sw, _ in report.select(typed(recs))]
     assert ("water", NEW) in keys and ("water", "20260205T000000Z-p1") in keys
     assert ("water", "20260207T000000Z-p3") in keys and ("water", "20260206T000000Z-p2") not in keys
     assert ("water", OLD) not in keys
@@ -102,14 +102,14 @@ def test_speedups_never_cross_sweeps_or_cards():
     a = run_record("S1", "water", "baseline", 0.1)
     b = run_record("S2", "water", "fp32", 0.05)
     c = run_record("S1", "water", "fp32", 0.05, card="NVIDIA A100")
-    sp = plots.speedups([a, b, c])
+    sp = plots.speedups(typed([a, b, c]))
     assert sp[a["run_id"]] == 1.0 and sp[b["run_id"]] is None and sp[c["run_id"]] is None
 
 
 def test_lcurve_repair_of_misread_header():
     r = run_record("S", "water", "baseline", 0.1, lcurve=False)
     r["lcurve"] = {w: [1.0, 2.0] for w in ["If", "there", "is", "no", "available", "reference", "data,", "rmse"]}
-    lc = plots.lcurve_of(r)
+    lc = plots.lcurve_of(typed([r])[0])
     assert lc is not None and lc["step"] == [1.0, 2.0] and "rmse_f_trn" in lc
 
 
@@ -137,7 +137,7 @@ def _fast_records():
 
 def test_summary_speedups_against_the_anchors_of_the_same_sweep():
     _, s1, s2, recs = _fast_records()
-    rows = {r["variant"]: r for r in summary.rows(recs)}
+    rows = {r["variant"]: r for r in summary.rows(typed(recs))}
     assert set(rows) == {"fused", "graph", "fused-mixed"}  # jax-tos is upstream's code: an anchor
     f = rows["fused"]
     assert f["headline"] and not rows["graph"]["headline"] and not rows["fused-mixed"]["headline"]
@@ -169,9 +169,9 @@ def test_page_leads_with_the_summary_table(tmp_path):
 
 def test_default_selection_every_fast_sweep_newest_first_older_collapsed(tmp_path):
     s0, s1, s2, recs = _fast_records()
-    keys = [sw for _, _, sw, _ in report.select(recs)]
+    keys = [sw for _, _, sw, _ in report.select(typed(recs))]
     assert keys == ["20260303T000000Z-p01", s2, s1]  # s0 has no fast variant and is not the latest
-    assert [sw for _, _, sw, _ in report.select(recs, all_sweeps=True)] == ["20260303T000000Z-p01", s2, s1, s0]
+    assert [sw for _, _, sw, _ in report.select(typed(recs), all_sweeps=True)] == ["20260303T000000Z-p01", s2, s1, s0]
     write_runs(tmp_path / "runs", recs)
     text = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html").read_text()
     assert text.index(f"sweep {s2}") < text.index(f"sweep {s1}") and s0 not in text
@@ -218,8 +218,8 @@ def _yscales(monkeypatch, plot, *args):
 
 def test_step_time_and_history_plots_are_log_scale(monkeypatch):
     _, _, s2, recs = _fast_records()
-    assert _yscales(monkeypatch, plots.plot_step_times, [r for r in recs if r["sweep_id"] == s2], "t") == ["log"]
-    assert _yscales(monkeypatch, plots.plot_history, recs, "water", "NVIDIA H100") == ["log"]
+    assert _yscales(monkeypatch, plots.plot_step_times, typed([r for r in recs if r["sweep_id"] == s2]), "t") == ["log"]
+    assert _yscales(monkeypatch, plots.plot_history, typed(recs), "water", "NVIDIA H100") == ["log"]
 
 
 def test_no_fast_variant_says_so_where_the_summary_goes(html_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from harness.results import store
-from tests._fixtures_report import run_record, write_runs
+from tests._fixtures_report import run_record, typed, write_runs
 
 
 def _count(db):
@@ -30,7 +30,7 @@ def test_ingest_is_idempotent_and_updates(tmp_path):
     write_runs(runs, [run_record("S1", "water", "fp32", 0.012)])  # same run_id, new content
     c3 = store.ingest(db=db, runs_dir=runs)
     assert c3["updated"] == 1 and _count(db) == 2
-    got = {r["variant"]: r["timing"]["step_s_median"] for r in store.load(db)}
+    got = {r.variant: r.timing.step_s_median for r in store.load(db)}
     assert got == {"baseline": 0.02, "fp32": 0.012}
 
 
@@ -59,7 +59,7 @@ def _runs():
 
 
 def test_compare_sweeps_flags_regression_beyond_threshold_and_noise():
-    res = store.compare(_runs(), "20260101", "20260202T000000Z-bbb")
+    res = store.compare(typed(_runs()), "20260101", "20260202T000000Z-bbb")
     rows = {r["variant"]: r for r in res["rows"]}
     assert set(rows) == {"baseline", "fp32"}
     assert rows["fp32"]["ratio"] == pytest.approx(1.4)
@@ -72,21 +72,21 @@ def test_compare_sweeps_flags_regression_beyond_threshold_and_noise():
 def test_compare_noise_suppresses_flag():
     rs = _runs()
     rs[3]["timing"]["step_s_iqr"] = 0.07  # relative IQR 1.0: the 40 % change is within the noise
-    res = store.compare(rs, "20260101", "20260202T000000Z-bbb")
+    res = store.compare(typed(rs), "20260101", "20260202T000000Z-bbb")
     fp = next(r for r in res["rows"] if r["variant"] == "fp32")
     assert fp["flag"] == "" and fp["noise"] > 0.4
 
 
 def test_compare_by_git_and_by_variant_and_cards_not_mixed():
-    res = store.compare(_runs(), "1111111", "2222222")
+    res = store.compare(typed(_runs()), "1111111", "2222222")
     assert res["a"]["kind"] == "git" and {r["card"] for r in res["rows"]} == {"NVIDIA H100"}
     assert ["water", "NVIDIA A100", "baseline"] in res["unpaired"]
-    v = store.compare(_runs(), "baseline", "fp32")
+    v = store.compare(typed(_runs()), "baseline", "fp32")
     assert v["a"]["kind"] == "variant"
     (row,) = v["rows"]
     assert row["ratio"] == pytest.approx(0.070 / 0.101)  # latest sweep holding both, same card
     assert row["flag"] == "improved"
-    assert "error" in store.compare(_runs(), "nope", "fp32")
+    assert "error" in store.compare(typed(_runs()), "nope", "fp32")
 
 
 def test_cli_ingest_and_compare(tmp_path, capsys):

@@ -17,6 +17,7 @@ from harness.cli import main as cli
 from harness.results import runs as results
 from harness.cli import sweep
 from harness.core.errors import UserError
+from harness.core.records import StoredRun
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -148,7 +149,7 @@ def _fake_bench(calls: list, fail: set):
              "timing": {"step_s_median": 0.1}, "memory": {}, "throughput": {"samples_per_s": 10.0 * n}}
         path = req.runs_dir / f"{rid}.json"
         results.atomic_write_json(path, d)
-        return [{**d, "_path": str(path)}]
+        return [StoredRun.from_dict(d, path)]
 
     return run
 
@@ -210,4 +211,4 @@ def test_local_executor_two_cells_then_resume(tiny_system, tmp_path):
     except ImportError:
         return
     if hasattr(store, "load"):
-        assert {r["variant"] for r in store.load(tmp_path / "results.sqlite")} == {"baseline", "fp32"}
+        assert {r.variant for r in store.load(tmp_path / "results.sqlite")} == {"baseline", "fp32"}

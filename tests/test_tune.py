@@ -1,14 +1,15 @@
 """`dpharness tune` picks the fastest legal setting that the accuracy gate passes."""
 from __future__ import annotations
 
+from harness.core.records import StoredRun
 from harness.run import bench
 from harness.cli import main as cli
 
 
 def _row(variant, ms, verdict, status="ok"):
-    return {"system": "s", "variant": variant, "status": status, "overrides": {}, "memory": {},
-            "timing": {"step_s_median": ms / 1e3, "step_s_iqr": 0.0}, "throughput": {}, "world_size": 1,
-            "accuracy": {"verdict": verdict, "detail": "d"}}
+    return StoredRun.from_dict({"system": "s", "variant": variant, "status": status, "overrides": {}, "memory": {},
+                                "timing": {"step_s_median": ms / 1e3, "step_s_iqr": 0.0}, "throughput": {},
+                                "world_size": 1, "accuracy": {"verdict": verdict, "detail": "d"}})
 
 
 def test_tune_skips_a_faster_setting_that_fails_the_gate(monkeypatch, capsys, tmp_path):

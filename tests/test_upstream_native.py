@@ -26,6 +26,7 @@ from harness.prepare import systems
 from harness.run import train
 from harness.prepare import variants
 from harness.core.errors import UserError
+from harness.core.records import StoredRun
 
 REPO = Path(__file__).resolve().parents[1]
 GUARD_LOG = """\
@@ -160,7 +161,7 @@ def _r(variant, med, verdict="pass", only=None, status="ok", n=1):
          "accuracy": {"verdict": verdict}}
     if only is not None:
         d["upstream_only"] = only
-    return d
+    return StoredRun.from_dict(d)
 
 
 def test_table_quotes_both_anchors_gated_and_named():
@@ -169,17 +170,17 @@ def test_table_quotes_both_anchors_gated_and_named():
             _r("ptx-compile-tos", 0.016, "pass", True), _r("ptx-compile-fix", 0.008, "pass", False),
             _r("fused", 0.001, "pass", False)]
     summ = anchors.summary(rows)
-    assert summ["legal"]["variant"] == "fp32-tos" and summ["native"]["variant"] == "ptx-compile-tos"
-    assert summ["legal"]["gated"] is True
+    assert summ.legal.variant == "fp32-tos" and summ.native.variant == "ptx-compile-tos"
+    assert summ.legal.gated is True
     sp = anchors.speedups(rows[-1], summ)
-    assert sp["legal"] == pytest.approx(20.0) and sp["native"] == pytest.approx(16.0)
+    assert sp.legal == pytest.approx(20.0) and sp.native == pytest.approx(16.0)
     table = bench.format_table(rows)
     fused = next(ln for ln in table.splitlines() if ln.split()[1:2] == ["fused"]).split()
     assert "20.00x" in fused and "16.00x" in fused
     assert "fp32-tos 20.00 ms" in table and "ptx-compile-tos 16.00 ms" in table
     # an ungated sweep says its anchors are raw
-    raw = [dict(r, accuracy={}) for r in rows]
-    assert anchors.summary(raw)["legal"]["variant"] == "tos" and "(sweep not gated)" in bench.format_table(raw)
+    raw = [StoredRun.from_dict(dict(r.to_dict(), accuracy={})) for r in rows]
+    assert anchors.summary(raw).legal.variant == "tos" and "(sweep not gated)" in bench.format_table(raw)
 
 
 # ---------------------------------------------------------------- real CPU training
@@ -252,7 +253,8 @@ def test_unpatched_compile_with_type_one_side_false_is_recorded_failed_with_its_
     assert r["status"] == "failed" and r["upstream_options"] == {"training/enable_compile": True}
     assert "GuardOnDataDependentSymNode" in r["error"] and "deepmd/dpmodel/descriptor/se_e2_a.py:" in r["error"]
     assert r["accuracy"]["verdict"] is None  # never judged
-    assert anchors.speedups(r, r["anchors"]) == {"legal": None, "native": None}  # a failed run has no speed
+    t = StoredRun.from_dict(r)
+    assert anchors.speedups(t, t.anchors).to_dict() == {"legal": None, "native": None}  # a failed run has no speed
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """Stage: profiles, the Nsight half. Nsight Systems (a report beside the torch.profiler window,
 where nsys can make one) and Nsight Compute (a separate short run of a profiled variant under
 ``ncu`` for its top kernels: how far each is from the card's peak). Command building, CSV parsing
-and the figures need no tools, so they are tested on CPU; ``run_ncu`` runs the tool."""
+and the figures need no tools, so they are tested on CPU. The ncu run itself is a run of the
+pipeline (harness.run.bench): ``ncu_plan`` says how to launch it, ``ncu_result`` reads what it
+measured."""
 from __future__ import annotations
 
 import csv
@@ -10,10 +12,13 @@ import json
 import re
 import shutil
 import subprocess
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
-from harness.core import envvars, fsutil
+
+from harness.core import fsutil
+from harness.core.formatting import number
+from harness.core.records import NcuResult, Profile, StoredRun, TrainResult
 
 NSYS_BASE = "nsys"  # <work_dir>/nsys.nsys-rep
 NCU_JSON = "ncu.json"
@@ -250,86 +255,81 @@ def parse_ncu_csv(text: str, keep: Iterable[str] | None = None) -> list[dict[str
              "units": {m: units[m] for m in acc[k] if m in units}} for k in order]
 
 
-def run_ncu(row: dict, k: int, log, timeout_s: float = 420.0) -> None:
-    """A separate short run under ncu for the top-k kernels of a profiled run; results go into
-    <work_dir>/ncu.json and the run's results JSON, a run that timed out or failed included (with
-    its reason), so a lane limit never leaves a half-written or silently missing figure."""
-    from harness.prepare import build
-    from harness.results import runs as results
-    from harness.run import train
-    from harness.prepare import upstream
+@dataclass(frozen=True)
+class NcuPlan:
+    """The Nsight Compute run of a profiled run, as the pipeline plans it (harness.run.bench): the
+    same variant trained `steps` steps with `prefix` (the ncu command) before the training child
+    and `env` in its environment."""
 
-    p = row.get("profile") or {}
-    top = (p.get("top_kernels") or [])[:k]
+    kernels: tuple[str, ...]
+    prefix: tuple[str, ...]
+    steps: int
+    env: dict[str, str]
+
+
+def ncu_plan(p: Profile | None, k: int) -> NcuPlan | None:
+    """The ncu run over the top-k kernels of a profiled run (None: its profile has no GPU kernels).
+    It trains to just past the profiled window's start."""
+    top = ((p.top_kernels if p is not None else None) or [])[:k]
     kernels = [x["name"] for x in top]
-    if row["status"] != "ok" or not kernels:
-        log(f"[{row['variant']}] no GPU kernels to measure with ncu")
-        return
-    wd = results.ROOT / row["artifacts"]["work_dir"]
-    nd = wd / "ncu"
-    nd.mkdir(exist_ok=True)
-    inp = json.loads((wd / "input.json").read_text())
-    skip_steps = max(3, (p.get("window") or {}).get("start_step", 10))
-    inp["training"]["numb_steps"] = skip_steps + 2
-    (nd / "input.json").write_text(json.dumps(inp, indent=2))
-    b = build.build_variant(row["variant"], upstream.default_pin())
-    cmd = train.launch_command(b.tree, b.modules, [train.BACKEND_FLAG[b.backend], "train", "input.json",
-                                                   "--skip-neighbor-stat"])
+    if not kernels:
+        return None
+    skip_steps = max(3, (p.window or {}).get("start_step", 10))
     # Skipping by a count of launches must not overshoot: warm-up, capture (kernels captured into
     # a CUDA graph are not launched) and compile steps launch fewer kernels than the profiled
     # window's steps, and a skip past the run's last launch measures nothing (it did, for fused).
     # ncu flushes the caches before each measured launch anyway, so an early launch is as good
     # as a late one; skipped: the first launches (lazy module loading, autotuning).
     if ncu_has_per_launch_config():
-        full = ncu_command(kernels, cmd, launch_skip=NCU_SKIP_PER_CONFIG, launch_count=1,
-                           per_launch_config=True)
+        prefix = ncu_command(kernels, [], launch_skip=NCU_SKIP_PER_CONFIG, launch_count=1, per_launch_config=True)
     else:  # an old ncu counts matches together: skip ~2 steps' worth, measure ~1 step's worth
-        per_step = sum(x["count"] for x in top) / max(1, p.get("steps", 1))
-        full = ncu_command(kernels, cmd, launch_skip=int(2 * per_step),
-                           launch_count=max(1, min(NCU_MAX_LAUNCHES, round(per_step)) // max(1, len(kernels))))
+        per_step = sum(x["count"] for x in top) / max(1, p.steps or 1)
+        prefix = ncu_command(kernels, [], launch_skip=int(2 * per_step),
+                             launch_count=max(1, min(NCU_MAX_LAUNCHES, round(per_step)) // max(1, len(kernels))))
     # one compile thread: Inductor's worker pool would start CUDA contexts ncu has to attach to
-    env = train.subprocess_env("cuda", {**b.env, envvars.DPH_VARIANT: b.name, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, nd)
-    log(f"[{row['variant']}] ncu over {len(kernels)} kernels (limit {timeout_s:.0f} s): {' '.join(full[:14])} ...")
-    t0 = time.perf_counter()
+    return NcuPlan(kernels=tuple(kernels), prefix=tuple(prefix), steps=skip_steps + 2,
+                   env={"TORCHINDUCTOR_COMPILE_THREADS": "1"})
+
+
+def ncu_result(tr: TrainResult, run_dir: Path, gpu_name: str | None, timeout_s: float) -> NcuResult:
+    """What the planned ncu run (its TrainResult) measured: ncu's CSV from its log (kept as
+    <ncu work dir>/ncu.csv), each kernel with its figures, and why figures are missing or partial
+    (timed out, ncu's exit status); also written to <run_dir>/ncu.json. A run that timed out or
+    failed is a result too, so a lane limit never leaves a silently missing figure."""
     try:
-        r = subprocess.run(full, cwd=nd, env=env, capture_output=True, text=True, timeout=timeout_s)
-        out, rc, error = r.stdout, r.returncode, None if r.returncode == 0 else f"ncu exit {r.returncode}"
-        if rc:
-            (nd / "ncu.stderr").write_text(r.stderr)
-    except subprocess.TimeoutExpired as e:
-        out = e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        rc, error = None, f"ncu timed out after {timeout_s:.0f} s"
-    (nd / "ncu.csv").write_text(out)
+        out = Path(tr.log_path).read_text(errors="replace")
+    except OSError:
+        out = ""
+    (Path(tr.work_dir) / "ncu.csv").write_text(out)
     parsed = parse_ncu_csv(out, keep=NCU_METRICS)
-    gpu_name = (row.get("environment") or {}).get("gpu_name")
     for kern in parsed:
         kern["figures"] = ncu_figures(kern, gpu_name)
-    data = {"command": full, "returncode": rc, "error": error, "wall_s": round(time.perf_counter() - t0, 1),
-            "kernels": parsed}
-    log(f"[{row['variant']}] ncu: {len(parsed)} kernels measured in {data['wall_s']:.0f} s"
-        + (f" ({error})" if error else ""))
-    fsutil.atomic_write_json(wd / NCU_JSON, data)
-    row["profile"] = {**p, "ncu": data}
-    path = Path(row["_path"])
-    d = json.loads(path.read_text())
-    d["profile"] = row["profile"]
-    fsutil.atomic_write_json(path, d)
+    if tr.timed_out:
+        error = f"ncu timed out after {timeout_s:.0f} s"
+    elif tr.returncode is None:
+        error = tr.error or "ncu did not run"
+    else:
+        error = None if tr.returncode == 0 else f"ncu exit {tr.returncode}"
+    res = NcuResult(command=list(tr.command), returncode=tr.returncode, error=error, wall_s=round(tr.wall_s, 1),
+                    kernels=parsed)
+    fsutil.atomic_write_json(Path(run_dir) / NCU_JSON, res.to_dict())
+    return res
 
 
-def format_ncu(rows: list[dict[str, Any]]) -> str:
+def format_ncu(rows: list[StoredRun]) -> str:
     """The Nsight Compute figures of profiled runs: each measured kernel against the card's peak."""
     out = []
     for r in rows:
-        n = ((r.get("profile") or {}).get("ncu")) or {}
-        if not n:
+        n = r.ncu
+        if n is None:
             continue
-        why = f" ({n['error']})" if n.get("error") else ""
-        out.append(f"[{r['variant']}] Nsight Compute{why}")
+        why = f" ({n.error})" if n.error else ""
+        out.append(f"[{r.variant}] Nsight Compute{why}")
         out.append(f"  {'us':>8} {'SM %pk':>7} {'DRAM %pk':>8} {'DRAM GB/s':>9} {'FP64 GF/s':>9} {'FP64 %pk':>8}"
                    "  kernel")
-        for kern in n.get("kernels") or []:
-            f = kern.get("figures") or ncu_figures(kern, (r.get("environment") or {}).get("gpu_name"))
-            cell = lambda x, w, d=1: f"{x:{w}.{d}f}" if isinstance(x, (int, float)) else f"{'-':>{w}}"  # noqa: E731
+        for kern in n.kernels or []:
+            f = kern.get("figures") or ncu_figures(kern, r.environment.gpu_name)
+            cell = lambda x, w, d=1: number(x, 1, d, w)  # noqa: E731
             out.append(f"  {cell(f['time_us'], 8)} {cell(f['sm_pct'], 7)} {cell(f['dram_pct'], 8)} "
                        f"{cell(f['dram_gb_s'], 9)} {cell(f['fp64_gflop_s'], 9)} {cell(f.get('fp64_pct'), 8)}"
                        f"  {kern['name'][:70]}")

@@ -10,7 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
 from harness.analyse import nsight
+from harness.core.formatting import number
+from harness.core.records import Profile, StoredRun
 
 
 PROFILE_JSON = "profile.json"
@@ -278,41 +281,42 @@ def summarise(work_dir: Path) -> dict | None:
     return d
 
 
-def format_breakdown(rows: list[dict[str, Any]]) -> str:
+def format_breakdown(rows: list[StoredRun]) -> str:
     """The breakdown table of profiled runs (ms per step)."""
     def ms(x):
-        return f"{x * 1e3:9.2f}" if isinstance(x, (int, float)) else f"{'-':>9}"
+        return number(x, 1e3, 2, 9)
 
     out = []
     head = f"{'variant':12} {'wall':>9} {'gpu busy':>9} {'host gap':>9} {'kern/st':>8} {'launch/st':>9} {'memcpy/st':>9}"
     out += [head, "-" * len(head)]
     for r in rows:
-        p = r.get("profile") or {}
-        if p.get("status") not in ("ok", "partial"):
-            out.append(f"{r['variant']:12} no profile ({p.get('reason') or r.get('status')})")
+        p = r.profile if isinstance(r.profile, Profile) else None
+        if p is None or p.status not in ("ok", "partial"):
+            out.append(f"{r.variant:12} no profile ({(p.reason if p else None) or r.status})")
             continue
-        kps = p.get("kernels_per_step")
-        lps = p.get("launches_per_step")
-        mc = (p.get("memcpy") or {}).get("per_step")
-        out.append(f"{r['variant']:12} {ms(p.get('wall_s_per_step'))} {ms(p.get('gpu_busy_s_per_step'))} "
-                   f"{ms(p.get('host_gap_s_per_step'))} {kps if kps is None else round(kps, 1)!s:>8} "
+        kps = p.kernels_per_step
+        lps = p.launches_per_step
+        mc = (p.memcpy or {}).get("per_step")
+        out.append(f"{r.variant:12} {ms(p.wall_s_per_step)} {ms(p.gpu_busy_s_per_step)} "
+                   f"{ms(p.host_gap_s_per_step)} {kps if kps is None else round(kps, 1)!s:>8} "
                    f"{lps if lps is None else round(lps, 1)!s:>9} {mc if mc is None else round(mc, 1)!s:>9}")
     for r in rows:
-        p = r.get("profile") or {}
-        cats = (p.get("categories") or {})
+        p = r.profile if isinstance(r.profile, Profile) else None
+        cats = (p.categories if p else None) or {}
         if not cats:
             continue
+        window = p.window or {}
         out.append("")
-        out.append(f"[{r['variant']}] ms/step by category ({cats.get('basis')}); window "
-                   f"{(p.get('window') or {}).get('steps')} steps from step {(p.get('window') or {}).get('start_step')}"
-                   + (f"; {p['xla_executions_per_step']:.0f} XLA executions/step"
-                      if p.get("xla_executions_per_step") else ""))
+        out.append(f"[{r.variant}] ms/step by category ({cats.get('basis')}); window "
+                   f"{window.get('steps')} steps from step {window.get('start_step')}"
+                   + (f"; {p.xla_executions_per_step:.0f} XLA executions/step"
+                      if p.xla_executions_per_step else ""))
         out.append(f"  {'category':20} {'by range':>9} {'by name':>9}")
         for c in CATEGORIES:
             out.append(f"  {c:20} {ms(cats['by_range'].get(c))} {ms(cats['by_name'].get(c))}")
-        top = p.get("top_kernels") or [{"name": o["name"], "total_s": o["self_s"], "count": o["count"]}
-                                       for o in p.get("top_ops") or []]
-        out.append(f"  top {'kernels' if p.get('top_kernels') else 'CPU ops (self time)'}:")
+        top = p.top_kernels or [{"name": o["name"], "total_s": o["self_s"], "count": o["count"]}
+                                for o in p.top_ops or []]
+        out.append(f"  top {'kernels' if p.top_kernels else 'CPU ops (self time)'}:")
         for k in top[:15]:
-            out.append(f"    {k['total_s'] / max(1, p.get('steps', 1)) * 1e3:9.3f} ms/step  x{k['count']:<6} {k['name'][:90]}")
+            out.append(f"    {k['total_s'] / max(1, p.steps or 1) * 1e3:9.3f} ms/step  x{k['count']:<6} {k['name'][:90]}")
     return "\n".join(out)

@@ -13,14 +13,13 @@ from typing import Any, Callable
 from harness.prepare import build
 from harness.results import runs as results
 from harness.run import train
-from harness.core.records import AccuracyResult, RunRecord
+from harness.core.records import AccuracyResult, RunRecord, StoredRun
 from harness.core.errors import RunFailed
 from harness.core.paths import ROOT
 from harness.core import fsutil
-from harness.judge.processes import DEFAULT_TEST_FRAMES, run_dp_test, stop_gates
+from harness.judge.processes import DEFAULT_TEST_FRAMES, format_dp_test, run_dp_test, stop_gates
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, parity_verdict, start_parity_eval
 from harness.judge.calibration import CALIBRATION, build_calibration, calibration_path, rederive
-from harness.judge.gate import _fmt
 
 
 def _dp_test_only(frames: int | None) -> Callable[[RunRecord, list[RunRecord]], AccuracyResult]:
@@ -61,7 +60,7 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
                           every=1e-9, rate_from_start=True)
     lock = threading.Lock()
 
-    def one_seed(seed: int) -> tuple[int, dict[str, Any], list[dict]]:
+    def one_seed(seed: int) -> tuple[int, Any, list[StoredRun]]:
         req = bench.BenchRequest(system=system, variants=variants, steps=steps, device=device, seed=seed,
                                  runs_dir=out_dir / "runs", work_root=work_root)
         rows = bench.run(req, log=log, accuracy_stage=_dp_test_only(frames))
@@ -75,15 +74,15 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         outcomes = list(pool.map(one_seed, seeds))
     for seed, req, rows in outcomes:
-        resolved = {"steps": req.steps, "device": rows[0]["device"]["kind"] if rows else device,
-                    "system": rows[0]["system"] if rows else system}
+        resolved = {"steps": req.steps, "device": rows[0].device.kind if rows else device,
+                    "system": rows[0].system if rows else system}
         for cls, r in zip(classes, rows):
-            acc = r.get("accuracy") or {}
-            if r["status"] != "ok" or not acc.get("dp_test"):
-                raise RunFailed(f"calibration run {r['run_id']} failed: {r.get('error') or acc.get('detail')}")
-            runs[cls].append({"seed": seed, "variant": r["variant"], "run_id": r["run_id"],
-                              "dp_test": acc["dp_test"]})
-            log(f"seed {seed} {r['variant']}: {_fmt(acc['dp_test'])}")
+            acc = r.accuracy
+            if r.status != "ok" or not acc.dp_test:
+                raise RunFailed(f"calibration run {r.run_id} failed: {r.error or acc.detail}")
+            runs[cls].append({"seed": seed, "variant": r.variant, "run_id": r.run_id,
+                              "dp_test": acc.dp_test})
+            log(f"seed {seed} {r.variant}: {format_dp_test(acc.dp_test)}")
     n = frames if frames is not None else DEFAULT_TEST_FRAMES.get(resolved["device"], 0)
     path = calibration_path(resolved["system"], resolved["device"], resolved["steps"], out_dir)
     if extend and path.is_file():
@@ -116,11 +115,10 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
     dev = bench.resolve_device(device)
     sysobj = systems.load_system(system)
     if checkpoint is None:
-        found = [r for r in results.load_runs(runs_dir) if r.get("variant") == "baseline"
-                 and r.get("system") == sysobj.name and r.get("status") == "ok"
-                 and (r.get("artifacts") or {}).get("checkpoint")]
-        for r in sorted(found, key=lambda r: r.get("created", ""), reverse=True):
-            p = Path(r["artifacts"]["checkpoint"])
+        found = [r for r in results.load_runs(runs_dir) if r.variant == "baseline"
+                 and r.system == sysobj.name and r.status == "ok" and r.artifacts.checkpoint]
+        for r in sorted(found, key=lambda r: r.created or "", reverse=True):
+            p = Path(r.artifacts.checkpoint)
             p = p if p.is_absolute() else ROOT / p
             if p.is_file():
                 checkpoint = p
@@ -159,15 +157,14 @@ def calibration_from_runs(system: str, device: str, steps: int, directory: Path 
     by_variant = {v: c for c, v in CALIBRATION_VARIANTS.items()}
     runs: dict[str, dict[int, dict]] = {c: {} for c in CALIBRATION_VARIANTS}
     frames = set()
-    for r in sorted(results.load_runs(directory / "runs"), key=lambda r: r.get("created", "")):
-        dev = (r.get("device") or {}).get("kind")
-        dp = (r.get("accuracy") or {}).get("dp_test")
-        if (r.get("system") != system or dev != device or int(r.get("steps") or -1) != int(steps)
-                or r.get("variant") not in by_variant or r.get("status") != "ok" or not dp):
+    for r in sorted(results.load_runs(directory / "runs"), key=lambda r: r.created or ""):
+        dp = r.accuracy.dp_test
+        if (r.system != system or r.device.kind != device or int(r.steps or -1) != int(steps)
+                or r.variant not in by_variant or r.status != "ok" or not dp):
             continue
         frames.add(int(dp.get("numb_test", 0)))
-        runs[by_variant[r["variant"]]][int(r["seed"])] = {
-            "seed": int(r["seed"]), "variant": r["variant"], "run_id": r["run_id"], "dp_test": dp}
+        runs[by_variant[r.variant]][int(r.seed)] = {
+            "seed": int(r.seed), "variant": r.variant, "run_id": r.run_id, "dp_test": dp}
     if len(frames) > 1:
         raise RunFailed(f"{system}: calibration runs used different dp-test frame counts {sorted(frames)}")
     runs_l = {c: [rs[k] for k in sorted(rs)] for c, rs in runs.items() if len(rs) >= 3}

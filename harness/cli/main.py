@@ -38,10 +38,10 @@ def _bench(a: argparse.Namespace) -> int:
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
     print(bench.format_table(rows))
     for r in rows:
-        print(f"wrote {r['_path']}", file=sys.stderr)
-    if any(r["status"] not in ("ok", "unavailable") for r in rows):
+        print(f"wrote {r.path}", file=sys.stderr)
+    if any(r.status not in ("ok", "unavailable") for r in rows):
         return 3
-    if a.strict and any((r.get("accuracy") or {}).get("verdict") == "fail" for r in rows):
+    if a.strict and any(r.accuracy.verdict == "fail" for r in rows):
         return 4
     return 0
 
@@ -59,19 +59,19 @@ def _tune(a: argparse.Namespace) -> int:
                              runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work")
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy.stage())
     print(bench.format_table(rows))
-    ok = [r for r in rows if r["status"] == "ok" and r["timing"]["step_s_median"]
-          and (r.get("accuracy") or {}).get("verdict") in ("baseline", "pass")]
+    ok = [r for r in rows if r.status == "ok" and r.timing.step_s_median
+          and r.accuracy.verdict in ("baseline", "pass")]
     if not ok:
         print("no legal setting ran and passed the gate", file=sys.stderr)
         return 3
-    best = min(ok, key=lambda r: r["timing"]["step_s_median"])
-    fastest = min((r for r in rows if r["status"] == "ok" and r["timing"]["step_s_median"]),
-                  key=lambda r: r["timing"]["step_s_median"])
-    print(f"best legal configuration for {best['system']}: {best['variant']} "
-          f"({best['timing']['step_s_median'] * 1e3:.2f} ms/step, overrides {best['overrides'] or 'none'})")
+    best = min(ok, key=lambda r: r.timing.step_s_median)
+    fastest = min((r for r in rows if r.status == "ok" and r.timing.step_s_median),
+                  key=lambda r: r.timing.step_s_median)
+    print(f"best legal configuration for {best.system}: {best.variant} "
+          f"({best.timing.step_s_median * 1e3:.2f} ms/step, overrides {best.overrides or 'none'})")
     if fastest is not best:
-        print(f"  (fastest overall was {fastest['variant']}, but the accuracy gate said "
-              f"{(fastest.get('accuracy') or {}).get('verdict')}: {(fastest.get('accuracy') or {}).get('detail')})")
+        print(f"  (fastest overall was {fastest.variant}, but the accuracy gate said "
+              f"{fastest.accuracy.verdict}: {fastest.accuracy.detail})")
     return 0
 
 

@@ -22,23 +22,24 @@ def _profile_cmd(a) -> int:
         else:
             print("dpharness profile: nsys is not usable on this machine; continuing with torch.profiler only",
                   file=sys.stderr)
+    ncu = a.ncu
+    if ncu and not shutil.which("ncu"):
+        print("dpharness profile: ncu is not on PATH; skipping Nsight Compute metrics", file=sys.stderr)
+        ncu = 0
+    # --ncu K: after the profiled runs, one short run of each under ncu for its top K kernels,
+    # planned by the pipeline (bench.measure_ncu), its figures in the run's record
     req = bench.BenchRequest(system=a.system, variants=variants, steps=a.steps, device=a.device,
-                             accuracy=False, profile=True, launch_prefix=tuple(prefix))
+                             accuracy=False, profile=True, launch_prefix=tuple(prefix),
+                             ncu_kernels=ncu, ncu_timeout_s=a.ncu_timeout)
     rows = bench.run(req, log=log)
-    if a.ncu:
-        if not shutil.which("ncu"):
-            print("dpharness profile: ncu is not on PATH; skipping Nsight Compute metrics", file=sys.stderr)
-        else:
-            for r in rows:
-                nsight.run_ncu(r, a.ncu, log, a.ncu_timeout)
     print(profile.format_breakdown(rows))
-    if a.ncu and any((r.get("profile") or {}).get("ncu") for r in rows):
+    if ncu and any(r.ncu for r in rows):
         print(nsight.format_ncu(rows))
     for r in rows:
-        print(f"wrote {r['_path']} (trace: {r['artifacts']['work_dir']}/{profile.TRACE})", file=sys.stderr)
-    if any(r["status"] != "ok" for r in rows):
-        raise UserError("a profiled run failed: " + "; ".join(f"{r['variant']}: {r['error']}" for r in rows
-                                                               if r["status"] != "ok"))
+        print(f"wrote {r.path} (trace: {r.artifacts.work_dir}/{profile.TRACE})", file=sys.stderr)
+    if any(r.status != "ok" for r in rows):
+        raise UserError("a profiled run failed: " + "; ".join(f"{r.variant}: {r.error}" for r in rows
+                                                               if r.status != "ok"))
     return 0
 
 

@@ -6,15 +6,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 from harness.core import fsutil
+from harness.core.records import StoredRun
 from harness.results.regression import (REFERENCE, RATIO_FACTOR, SCHEMA, STEPS, VARIANTS, compare,
                                         make_tiny_system, measure, read_reference)
 from harness.run import bench
 
 
-def run_sweep(work: Path, steps: int = STEPS, log=print) -> list[dict[str, Any]]:
+def run_sweep(work: Path, steps: int = STEPS, log=print) -> list[StoredRun]:
     system_dir = make_tiny_system(work / "system")
     req = bench.BenchRequest(system=str(system_dir), variants=list(VARIANTS), steps=steps, device="cpu",
                              accuracy=False, runs_dir=work / "runs", work_root=work / "work")
@@ -32,7 +32,7 @@ def _regress(a) -> int:
             cur = measure(rows)
             cur.update({"schema": SCHEMA, "steps": a.steps, "variants_run": list(VARIANTS),
                         "elapsed_s": time.perf_counter() - t0,
-                        "environment": rows[0]["environment"] if rows else {},
+                        "environment": rows[0].environment.to_dict() if rows else {},
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
         if ref is None or not compare(cur, ref, ratio_factor=a.ratio_factor):
             break

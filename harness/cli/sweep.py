@@ -64,8 +64,8 @@ def run_cell(cell: dict[str, Any], state_file: str, results_dir: str) -> dict[st
                                  runs_dir=rdir / "runs", work_root=rdir / "work")
         rows = bench.run(req, log=lambda m: print(m, flush=True))
         row = rows[0]
-        out = {"status": row["status"], "error": row.get("error"), "run_id": row["run_id"],
-               "path": row.get("_path"), "step_s_median": (row.get("timing") or {}).get("step_s_median")}
+        out = {"status": row.status, "error": row.error, "run_id": row.run_id,
+               "path": str(row.path) if row.path else None, "step_s_median": row.timing.step_s_median}
     except KeyboardInterrupt:
         update_cell(Path(state_file), c.key, status="interrupted", error="interrupted")
         raise
@@ -284,7 +284,7 @@ def run_sweep(req: SweepRequest, log: Callable[[str], None] = print) -> dict[str
              if final["cells"].get(c.key, {}).get("status") == "ok" and (runs_dir / f"{c.run_id}.json").is_file()]
     ingest_note = _ingest(paths, Path(req.results_dir)) if req.ingest and paths else "nothing to ingest"
     log(f"store: {ingest_note}")
-    rows = [json.loads(p.read_text()) for p in paths]
+    rows = [results.read_run(p) for p in paths]
     statuses = {c.key: final["cells"].get(c.key, {}).get("status") for c in cells}
     return {"name": name, "sweep_id": cells[0].sweep_id, "state": str(spath), "cells": [asdict(c) for c in cells],
             "ran": [c.key for c in todo], "skipped": [c.key for c in skipped], "statuses": statuses,
@@ -354,9 +354,9 @@ def _sweep_cmd(a: argparse.Namespace) -> int:
     )
     out = run_sweep(req, log=lambda m: print(m, file=sys.stderr))
     order = {(c["system_name"], c["variant"], c["gpus"]): i for i, c in enumerate(out["cells"])}
-    rows = sorted(out["rows"], key=lambda r: order.get((r["system"], r["variant"], r.get("world_size", 1)), 0))
-    for system in dict.fromkeys(r["system"] for r in rows):
-        print(bench.format_table([r for r in rows if r["system"] == system]))
+    rows = sorted(out["rows"], key=lambda r: order.get((r.system, r.variant, r.world_size or 1), 0))
+    for system in dict.fromkeys(r.system for r in rows):
+        print(bench.format_table([r for r in rows if r.system == system]))
     bad = {k: s for k, s in out["statuses"].items() if s in ("failed", "interrupted")}
     left = [k for k, s in out["statuses"].items() if s in (None, "pending")]
     print(f"sweep {out['name']} ({out['sweep_id']}): {len(out['ran'])} ran, {len(out['skipped'])} already done, "

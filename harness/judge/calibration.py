@@ -11,7 +11,7 @@ import numpy as np
 
 from harness.core.paths import ROOT
 from harness.judge.processes import METRICS
-from harness.judge.parity import _rel
+from harness.judge.parity import relative
 
 
 CALIBRATION = ROOT / "results" / "calibration"
@@ -120,7 +120,7 @@ def build_calibration(system: str, device: str, steps: int, runs: dict[str, list
             st = summarise(vals)
             offset = 0.0
             if cls != "float64":
-                offs = [_rel(abs(r["dp_test"][m] - ref[r["seed"]][m]), abs(ref[r["seed"]][m]))
+                offs = [relative(abs(r["dp_test"][m] - ref[r["seed"]][m]), abs(ref[r["seed"]][m]))
                         for r in rs if r["seed"] in ref and r["dp_test"].get(m) is not None
                         and ref[r["seed"]].get(m) is not None]
                 if offs:
@@ -154,7 +154,7 @@ def dp_test_verdict(var: dict, base: dict, cal: dict, cls: str) -> tuple[list[st
         a, b, t = var.get(m), base.get(m), th[cls].get(m)
         if a is None or b is None or t is None:
             continue
-        r = _rel(abs(a - b), abs(b))
+        r = relative(abs(a - b), abs(b))
         if not r <= t:
             bad.append(f"dp test {m} {a:.4g} vs baseline {b:.4g} (rel {r:.2e} > seed spread {t:.2e})")
     return bad, note

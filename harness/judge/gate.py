@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core.records import AccuracyResult, RunRecord
-from harness.judge.processes import DEFAULT_TEST_FRAMES, baseline_tree, finish_dp_test, run_dp_test, start_dp_test, stop_gates
+from harness.judge.processes import (DEFAULT_TEST_FRAMES, baseline_tree, finish_dp_test, format_dp_test,
+                                    run_dp_test, start_dp_test, stop_gates)
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, load_reference, parity_verdict, start_parity_eval, start_reference
 from harness.judge.calibration import CALIBRATION, dp_test_verdict, find_calibration
 
@@ -72,15 +73,6 @@ def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | Non
     return (same or cands or [None])[-1]
 
 
-def _fmt(d: dict | None) -> str:
-    if not d:
-        return "-"
-    parts = [f"E/atom {d['rmse_e_per_atom']:.4g}" if d.get("rmse_e_per_atom") is not None else None,
-             f"F {d['rmse_f']:.4g}" if d.get("rmse_f") is not None else None,
-             f"V/atom {d['rmse_v']:.4g}" if d.get("rmse_v") is not None else None]
-    return "dp test " + ", ".join(p for p in parts if p)
-
-
 def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
              frames: int | None = None, calibration_dir: Path = CALIBRATION) -> AccuracyResult:
     """The gate for one run (may raise; `stage` wraps it)."""
@@ -106,14 +98,14 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
         if meta.get("load") != "ok":
             raise RuntimeError(f"baseline parity reference: {meta.get('load')}")
         return AccuracyResult(dp_test=dp, parity=None, verdict="baseline",
-                              detail=f"reference run; {_fmt(dp)}")
+                              detail=f"reference run; {format_dp_test(dp)}")
     base = _find_baseline(rec, previous)
     if base is None:
         dp = finish_dp_test(*dp_proc, nframes)
         why = (f"no baseline run of sweep {rec.run.sweep_id} with the same system, seed and steps "
                "to compare with")
         return AccuracyResult(dp_test=dp, verdict="fail" if strict else None,
-                              detail=f"not judged: {why}; {_fmt(dp)}")
+                              detail=f"not judged: {why}; {format_dp_test(dp)}")
     cls = rec.run.variant.accuracy_class
     s = rec.run.system
     out = acc_dir / "parity_variant.npz"
@@ -177,7 +169,7 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     judged = parity is not None or cal is not None
     if not judged:
         return AccuracyResult(dp_test=dp, parity=parity, verdict="fail" if strict else None,
-                              detail="not judged: " + "; ".join(notes) + f"; {_fmt(dp)}")
+                              detail="not judged: " + "; ".join(notes) + f"; {format_dp_test(dp)}")
     if parity is not None:
         head = (f"parity F rel {parity['max_rel_f']:.1e} (tol {TOLERANCE[cls]:.0e}, {cls})"
                 + (f", step {parity['step_update_max_rel']:.1e}" if parity.get("step_update_max_rel") is not None else ""))

@@ -13,7 +13,7 @@ import numpy as np
 from harness.core import envvars
 from harness.run import train
 from harness.core.records import RunRecord
-from harness.judge.processes import _tail, _track, wait_tracked
+from harness.judge.processes import log_tail, track, wait_tracked
 
 
 # Same-weights parity tolerance per accuracy class: relative error max|a-b| / max|b| of energy,
@@ -71,8 +71,8 @@ def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str
     for p in (out, out.with_suffix(".json")):
         p.unlink(missing_ok=True)
     with open(log, "w") as f:
-        proc = _track(subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                       start_new_session=True))
+        proc = track(subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
     return proc, log
 
 
@@ -81,13 +81,14 @@ def finish_parity_eval(proc: subprocess.Popen, log: Path, out: Path) -> tuple[di
     meta_p = out.with_suffix(".json")
     meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
     if rc != 0:
-        raise RuntimeError(f"parity evaluation exit {rc}: {_tail(log)}")
+        raise RuntimeError(f"parity evaluation exit {rc}: {log_tail(log)}")
     with np.load(out) as z:
         arrays = {k: z[k] for k in z.files}
     return meta, arrays
 
 
-def _rel(diff: float, scale: float) -> float:
+def relative(diff: float, scale: float) -> float:
+    """diff / scale; against a zero scale 0 for no difference, infinity for any other."""
     if scale > 0:
         return diff / scale
     return 0.0 if diff == 0 else math.inf
@@ -104,7 +105,7 @@ def compare_eval(ref: dict[str, np.ndarray], var: dict[str, np.ndarray], tol: fl
         if not np.all(np.isfinite(a)):
             d = math.inf
         out[f"max_abs_{q}"] = d
-        out[f"max_rel_{q}"] = _rel(d, float(np.abs(b).max()) if b.size else 0.0)
+        out[f"max_rel_{q}"] = relative(d, float(np.abs(b).max()) if b.size else 0.0)
     out["rms_f"] = float(np.sqrt(np.mean((var["force"] - ref["force"]) ** 2)))
     out["tolerance"] = tol
     out["frames"] = int(ref["energy"].shape[0])
@@ -147,11 +148,11 @@ def compare_step(ref: dict[str, np.ndarray], var: dict[str, np.ndarray], tol: fl
         else:
             d_u = max(d_u, float(du.max()))
     return {
-        "step_update_max_rel": _rel(d_u, s_u),
+        "step_update_max_rel": relative(d_u, s_u),
         "step_update_max_abs": d_u,
         "step_update_masked": masked,
         "step_update_mask_floor": floor if have_grad else None,
-        "step_grad_max_rel": _rel(d_g, s_g) if have_grad else None,
+        "step_grad_max_rel": relative(d_g, s_g) if have_grad else None,
         "step_params": len(upd),
     }
 

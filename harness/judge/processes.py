@@ -54,7 +54,8 @@ def parse_dp_test(text: str) -> dict[str, float | None]:
     return out
 
 
-def _tail(path: Path, n: int = 3) -> str:
+def log_tail(path: Path, n: int = 3) -> str:
+    """The last n non-empty lines of a child's log, joined on one line (for an error message)."""
     try:
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
     except OSError:
@@ -81,7 +82,7 @@ def _frozen_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[str, 
         r = subprocess.run(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=DP_TEST_TIMEOUT_S)
     if r.returncode != 0 or not frozen.exists():
         raise RuntimeError(f"dp {train.BACKEND_FLAG[backend]} freeze exit {r.returncode}: "
-                           f"{_tail(out_dir / 'dp_freeze.log')}")
+                           f"{log_tail(out_dir / 'dp_freeze.log')}")
     return frozen
 
 
@@ -96,7 +97,8 @@ _LIVE_LOCK = threading.Lock()
 _STOPPED = threading.Event()
 
 
-def _track(proc: subprocess.Popen) -> subprocess.Popen:
+def track(proc: subprocess.Popen) -> subprocess.Popen:
+    """Register a gate subprocess with the stop registry (stop_gates); wait_tracked unregisters it."""
     with _LIVE_LOCK:
         _LIVE.add(proc)
     if _STOPPED.is_set():  # started after stop_gates ran: stop it too
@@ -163,7 +165,7 @@ def _converted_model(checkpoint: Path, backend: str, out_dir: Path, env: dict[st
                            timeout=DP_TEST_TIMEOUT_S)
     if r.returncode != 0 or not out.exists():
         raise RuntimeError(f"converting the {backend} checkpoint to the PyTorch backend failed "
-                           f"(exit {r.returncode}): {_tail(out_dir / 'dp_convert.log')}")
+                           f"(exit {r.returncode}): {log_tail(out_dir / 'dp_convert.log')}")
     return out
 
 
@@ -187,8 +189,8 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     cmd = train.launch_command(tree, (), [train.BACKEND_FLAG[backend], "test", "-m", str(model),
                                           "-f", str(listing), "-n", str(int(frames))])
     with open(log, "w") as f:
-        proc = _track(subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
-                                       start_new_session=True))
+        proc = track(subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                      start_new_session=True))
     return proc, log
 
 
@@ -204,10 +206,20 @@ def wait_tracked(proc: subprocess.Popen, timeout_s: float, what: str) -> int:
         _untrack(proc)
 
 
+def format_dp_test(d: dict | None) -> str:
+    """A dp-test result (parse_dp_test's) as one short phrase: "dp test E/atom ..., F ..."."""
+    if not d:
+        return "-"
+    parts = [f"E/atom {d['rmse_e_per_atom']:.4g}" if d.get("rmse_e_per_atom") is not None else None,
+             f"F {d['rmse_f']:.4g}" if d.get("rmse_f") is not None else None,
+             f"V/atom {d['rmse_v']:.4g}" if d.get("rmse_v") is not None else None]
+    return "dp test " + ", ".join(p for p in parts if p)
+
+
 def finish_dp_test(proc: subprocess.Popen, log: Path, frames: int) -> dict[str, Any]:
     rc = wait_tracked(proc, DP_TEST_TIMEOUT_S, "dp test")
     if rc != 0:
-        raise RuntimeError(f"dp test exit {rc}: {_tail(log)}")
+        raise RuntimeError(f"dp test exit {rc}: {log_tail(log)}")
     res: dict[str, Any] = dict(parse_dp_test(log.read_text(errors="replace")))
     res["numb_test"] = int(frames)
     return res

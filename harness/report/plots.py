@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
-from typing import Any
+from harness.core.records import Profile, StoredRun
 from harness.report import summary
 from harness.run.distributed import scaling_efficiency
 from harness.results.runs import ROOT
@@ -22,12 +22,12 @@ PROFILE_CATEGORIES = ("env-mat/descriptor", "embedding", "fitting", "force/backw
 UPSTREAM_COLOR, FAST_COLOR = "#4a7ab5", "#d9822b"
 
 
-def lcurve_of(r: dict[str, Any]) -> dict[str, list] | None:
+def lcurve_of(r: StoredRun) -> dict[str, list] | None:
     """The run's lcurve columns; repairs records whose header was mis-read, else re-reads the file."""
-    lc = r.get("lcurve")
+    lc = r.lcurve
     if isinstance(lc, dict) and "step" in lc:
         return lc
-    path = (r.get("artifacts") or {}).get("lcurve")
+    path = r.artifacts.lcurve
     if path:
         p = Path(path) if Path(path).is_absolute() else ROOT / path
         if p.is_file():
@@ -48,16 +48,16 @@ def lcurve_of(r: dict[str, Any]) -> dict[str, list] | None:
     return None
 
 
-def speedups(rs: list[dict]) -> dict[str, float | None]:
+def speedups(rs: list[StoredRun]) -> dict[str, float | None]:
     """run_id -> baseline median / run median, within ONE sweep on ONE card (same world size)."""
     out: dict[str, float | None] = {}
     for r in rs:
-        base = next((b for b in rs if b.get("variant") == "baseline" and b.get("status") == "ok"
-                     and world_size(b) == world_size(r) and b.get("sweep_id") == r.get("sweep_id")
+        base = next((b for b in rs if b.variant == "baseline" and b.status == "ok"
+                     and world_size(b) == world_size(r) and b.sweep_id == r.sweep_id
                      and card_of(b) == card_of(r)), None)
-        med = (r.get("timing") or {}).get("step_s_median")
-        bmed = (base or {}).get("timing", {}).get("step_s_median") if base else None
-        out[r["run_id"]] = bmed / med if bmed and med and r.get("status") == "ok" else None
+        med = r.timing.step_s_median
+        bmed = base.timing.step_s_median if base else None
+        out[r.run_id] = bmed / med if bmed and med and r.status == "ok" else None
     return out
 
 
@@ -94,23 +94,23 @@ def _log_ms_axis(ax) -> None:
     ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
 
 
-def plot_step_times(rs: list[dict], title: str) -> str | None:
+def plot_step_times(rs: list[StoredRun], title: str) -> str | None:
     """ms/step on a log axis (1 ms beside 88 ms stays readable), IQR bars, speed-up vs baseline."""
-    ok = [r for r in rs if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median")]
+    ok = [r for r in rs if r.status == "ok" and r.timing.step_s_median]
     if not ok:
         return None
     plt = _plt()
     sp = speedups(rs)
-    labels = [r["variant"] + (f" ×{world_size(r)}" if world_size(r) > 1 else "") for r in ok]
-    med = [r["timing"]["step_s_median"] * 1e3 for r in ok]
-    q25 = [min(m, (r["timing"].get("step_s_q25") or 0) * 1e3 or m) for m, r in zip(med, ok)]
-    q75 = [max(m, (r["timing"].get("step_s_q75") or 0) * 1e3) for m, r in zip(med, ok)]
+    labels = [r.variant + (f" ×{world_size(r)}" if world_size(r) > 1 else "") for r in ok]
+    med = [r.timing.step_s_median * 1e3 for r in ok]
+    q25 = [min(m, (r.timing.step_s_q25 or 0) * 1e3 or m) for m, r in zip(med, ok)]
+    q75 = [max(m, (r.timing.step_s_q75 or 0) * 1e3) for m, r in zip(med, ok)]
     fig, ax = plt.subplots(figsize=(max(4.5, 0.9 * len(ok) + 2), 3.4))
     colors = [FAST_COLOR if is_fast(r) else UPSTREAM_COLOR for r in ok]
     bars = ax.bar(labels, med, yerr=[[m - q for m, q in zip(med, q25)], [q - m for m, q in zip(med, q75)]],
                   capsize=4, color=colors)
     for b, r, top in zip(bars, ok, q75):
-        s = sp.get(r["run_id"])
+        s = sp.get(r.run_id)
         if s:
             ax.annotate(f"{s:.2f}×", (b.get_x() + b.get_width() / 2, top), ha="center",
                         va="bottom", fontsize=8, xytext=(0, 3), textcoords="offset points")
@@ -122,8 +122,8 @@ def plot_step_times(rs: list[dict], title: str) -> str | None:
     return _png(fig)
 
 
-def plot_lcurves(rs: list[dict]) -> str | None:
-    curves = [(r["variant"], lcurve_of(r)) for r in rs if r.get("status") == "ok"]
+def plot_lcurves(rs: list[StoredRun]) -> str | None:
+    curves = [(r.variant, lcurve_of(r)) for r in rs if r.status == "ok"]
     curves = [(v, c) for v, c in curves if c and "step" in c]
     cols = [c for c in ("rmse_e_trn", "rmse_f_trn", "rmse_e_val", "rmse_f_val")
             if any(c in lc for _, lc in curves)]
@@ -144,21 +144,9 @@ def plot_lcurves(rs: list[dict]) -> str | None:
     return _png(fig)
 
 
-def _ncu_rows(ncu: dict | None) -> list[dict]:
-    """Nsight Compute figures of a profiled run (profile stage's per-kernel "figures"), one row each."""
-    rows = []
-    for k in (ncu or {}).get("kernels") or []:
-        f = k.get("figures") or {}
-        rows.append({"t": _fmt(f.get("time_us"), 1, 1), "sm": _fmt(f.get("sm_pct"), 1, 1),
-                     "dram": _fmt(f.get("dram_pct"), 1, 1), "bw": _fmt(f.get("dram_gb_s"), 1, 0),
-                     "fl": _fmt(f.get("fp64_gflop_s"), 1, 0), "flp": _fmt(f.get("fp64_pct"), 1, 1),
-                     "name": k.get("name", "")[:120]})
-    return rows
-
-
-def plot_profile(rs: list[dict]) -> str | None:
-    prof = [(r["variant"], r["profile"]) for r in rs
-            if isinstance(r.get("profile"), dict) and (r["profile"].get("categories") or {}).get("by_range")]
+def plot_profile(rs: list[StoredRun]) -> str | None:
+    prof = [(r.variant, r.profile) for r in rs
+            if isinstance(r.profile, Profile) and (r.profile.categories or {}).get("by_range")]
     if not prof:
         return None
     plt = _plt()
@@ -166,28 +154,28 @@ def plot_profile(rs: list[dict]) -> str | None:
     bottom = [0.0] * len(prof)
     colors = plt.get_cmap("tab10").colors
     for i, c in enumerate(PROFILE_CATEGORIES):
-        vals = [(p["categories"]["by_range"].get(c) or 0.0) * 1e3 for _, p in prof]
+        vals = [(p.categories["by_range"].get(c) or 0.0) * 1e3 for _, p in prof]
         ax.bar([v for v, _ in prof], vals, bottom=bottom, label=c, color=colors[i % 10])
         bottom = [b + x for b, x in zip(bottom, vals)]
     for i, (_, p) in enumerate(prof):
-        if p.get("gpu_busy_s_per_step") is not None:
-            ax.plot([i - 0.4, i + 0.4], [p["wall_s_per_step"] * 1e3] * 2, "k--", lw=1)
-    basis = prof[0][1]["categories"].get("basis", "")
+        if p.gpu_busy_s_per_step is not None:
+            ax.plot([i - 0.4, i + 0.4], [p.wall_s_per_step * 1e3] * 2, "k--", lw=1)
+    basis = prof[0][1].categories.get("basis", "")
     ax.set_ylabel(f"ms / step ({basis.replace('_', ' ')})")
     ax.set_title("time by category (named ranges); dashed: wall per step", fontsize=9)
     ax.legend(fontsize=7, bbox_to_anchor=(1.02, 1), loc="upper left")
     return _png(fig)
 
 
-def plot_scaling(rs: list[dict]) -> str | None:
-    multi = [r for r in rs if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median")]
+def plot_scaling(rs: list[StoredRun]) -> str | None:
+    multi = [r for r in rs if r.status == "ok" and r.timing.step_s_median]
     if not any(world_size(r) > 1 for r in multi):
         return None
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(8.4, 3.2))
     by_v: dict[str, dict[int, float]] = {}
     for r in multi:  # latest per (variant, world size): absolute throughput, no cross-run ratio
-        by_v.setdefault(r["variant"], {})[world_size(r)] = world_size(r) / r["timing"]["step_s_median"]
+        by_v.setdefault(r.variant, {})[world_size(r)] = world_size(r) / r.timing.step_s_median
     for v, pts in by_v.items():
         ws = sorted(pts)
         line, = ax.plot(ws, [pts[w] for w in ws], marker="o", label=v)
@@ -210,17 +198,17 @@ def plot_scaling(rs: list[dict]) -> str | None:
     return _png(fig)
 
 
-def plot_history(runs: list[dict], system: str, card: str) -> str | None:
+def plot_history(runs: list[StoredRun], system: str, card: str) -> str | None:
     """ms/step per variant across the bench sweeps of (system, card), oldest left, log axis.
     Profile sweeps are left out: their step times carry the profiler."""
     groups = {k: rs for k, rs in sweep_groups(runs).items() if k[:2] == (system, card) and not is_profile_sweep(rs)}
     order = sorted(groups, key=lambda k: stamp(k, groups[k]))
     pts: dict[str, list[tuple[int, float]]] = {}
     for i, k in enumerate(order):
-        for v in sorted({r["variant"] for r in groups[k]}):
+        for v in sorted({r.variant for r in groups[k]}):
             run = summary.timed_run(groups[k], v)
             if run:
-                pts.setdefault(v, []).append((i, run["timing"]["step_s_median"] * 1e3))
+                pts.setdefault(v, []).append((i, run.timing.step_s_median * 1e3))
     if len(order) < 2 or not pts:
         return None
     plt = _plt()
@@ -234,7 +222,3 @@ def plot_history(runs: list[dict], system: str, card: str) -> str | None:
     ax.set_title(f"history: {system} on {card}, every bench sweep (absolute ms/step per sweep)", fontsize=9)
     ax.legend(fontsize=6, bbox_to_anchor=(1.01, 1), loc="upper left", ncol=1 + len(pts) // 16)
     return _png(fig)
-
-
-def _fmt(x: Any, scale: float = 1.0, nd: int = 2) -> str:
-    return f"{x * scale:.{nd}f}" if isinstance(x, (int, float)) else "-"

@@ -23,7 +23,9 @@ from harness.report import summary
 from harness.results.runs import ROOT, RUNS
 from harness.report.summary import is_fast, is_profile_sweep, stamp, sweep_groups, world_size
 from harness.core import fsutil
-from harness.report.plots import _fmt, _ncu_rows, plot_history, plot_lcurves, plot_profile, plot_scaling, plot_step_times, speedups
+from harness.core.formatting import number
+from harness.core.records import Environment, NcuResult, Profile, StoredRun, Timing
+from harness.report.plots import plot_history, plot_lcurves, plot_profile, plot_scaling, plot_step_times, speedups
 
 
 OUT = ROOT / "results" / "report" / "index.html"
@@ -32,7 +34,7 @@ OUT = ROOT / "results" / "report" / "index.html"
 PATCHES = ROOT / "patches"
 
 
-def select(runs: list[dict[str, Any]], all_sweeps: bool = False) -> list[tuple[str, str, str, list[dict]]]:
+def select(runs: list[StoredRun], all_sweeps: bool = False) -> list[tuple[str, str, str, list[StoredRun]]]:
     """[(system, card, sweep_id, runs)], per (system, card) newest first. Unless all_sweeps: the
     latest bench sweep, every bench sweep holding a fast variant (the history of the answer), and
     each profile sweep that holds the newest profile of some (system, card, variant): a later
@@ -46,28 +48,28 @@ def select(runs: list[dict[str, Any]], all_sweeps: bool = False) -> list[tuple[s
     return [(k[0], k[1], k[2], _order(groups[k])) for k in keys]
 
 
-def _open_keys(groups: dict[tuple, list[dict]], stamps: dict[tuple, str]) -> list[tuple]:
+def _open_keys(groups: dict[tuple, list[StoredRun]], stamps: dict[tuple, str]) -> list[tuple]:
     """The sweeps shown open: per (system, card) the newest bench sweep, and the sweep of each
     variant's newest profile; older sweeps are collapsed."""
     newest: dict[tuple, tuple[str, tuple]] = {}  # (system, card[, variant]) -> (stamp, group key)
     for k, rs in groups.items():
         s, c, _ = k
-        keys = [(s, c, "profile", r["variant"]) for r in rs] if is_profile_sweep(rs) else [(s, c, "bench")]
+        keys = [(s, c, "profile", r.variant) for r in rs] if is_profile_sweep(rs) else [(s, c, "bench")]
         for key in keys:
             if key not in newest or stamps[k] > newest[key][0]:
                 newest[key] = (stamps[k], k)
     return [k for _, k in newest.values()]
 
 
-def _order(rs: list[dict]) -> list[dict]:
+def _order(rs: list[StoredRun]) -> list[StoredRun]:
     """baseline first, then in run order."""
-    return sorted(rs, key=lambda r: (r.get("variant") != "baseline", world_size(r), r.get("created") or "", r["run_id"]))
+    return sorted(rs, key=lambda r: (r.variant != "baseline", world_size(r), r.created or "", r.run_id))
 
 
-def description(r: dict[str, Any]) -> str:
-    if r.get("variant_description"):
-        return str(r["variant_description"])
-    m = PATCHES / str(r.get("variant")) / "manifest.yaml"
+def description(r: StoredRun) -> str:
+    if r.variant_description:
+        return str(r.variant_description)
+    m = PATCHES / str(r.variant) / "manifest.yaml"
     if m.is_file():
         try:
             import yaml
@@ -178,7 +180,7 @@ SECTION = """<p class="muted">{{ s.runs|length }} run(s), {{ s.steps }} steps pe
 def _acc_cell(col: str, x: Any) -> str:
     if col == "numb_test":  # frames per validation system; 0 is dp test's "all of them"
         return "all" if x == 0 else str(x)
-    return _fmt(x, 1, 5)
+    return number(x, 1, 5)
 
 
 def _verdict(v: Any) -> tuple[str, str]:
@@ -190,18 +192,30 @@ def _anchor(*parts: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(parts))
 
 
-def _kind(rs: list[dict]) -> str:
+def _kind(rs: list[StoredRun]) -> str:
     return "profile" if is_profile_sweep(rs) else "bench"
 
 
-def _title(system: str, card: str, sweep: str, rs: list[dict]) -> str:
+def _title(system: str, card: str, sweep: str, rs: list[StoredRun]) -> str:
     """Unique per section: system, card, sweep id, date and the harness commit(s) of the sweep."""
-    date = max(r.get("created") or "" for r in rs)[:16].replace("T", " ")
-    shas = sorted({str((r.get("environment") or {}).get("harness_git") or "?")[:7] for r in rs})
+    date = max(r.created or "" for r in rs)[:16].replace("T", " ")
+    shas = sorted({str(r.environment.harness_git or "?")[:7] for r in rs})
     return f"{system} — {card} — {_kind(rs)} sweep {sweep} — {date or '?'} — git {', '.join(shas)}"
 
 
-def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: None) -> list[dict]:
+def _ncu_rows(ncu: NcuResult | None) -> list[dict]:
+    """Nsight Compute figures of a profiled run (profile stage's per-kernel "figures"), one row each."""
+    rows = []
+    for k in (ncu.kernels if ncu is not None else None) or []:
+        f = k.get("figures") or {}
+        rows.append({"t": number(f.get("time_us"), 1, 1), "sm": number(f.get("sm_pct"), 1, 1),
+                     "dram": number(f.get("dram_pct"), 1, 1), "bw": number(f.get("dram_gb_s"), 1, 0),
+                     "fl": number(f.get("fp64_gflop_s"), 1, 0), "flp": number(f.get("fp64_pct"), 1, 1),
+                     "name": k.get("name", "")[:120]})
+    return rows
+
+
+def build_sections(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None) -> list[dict]:
     """One dict per selected sweep (select's order); href(record) -> link to its JSON, or None."""
     groups = sweep_groups(runs)
     opened = set(_open_keys(groups, {k: stamp(k, rs) for k, rs in groups.items()}))
@@ -211,53 +225,54 @@ def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: No
         rows = []
         for r in rs:
             # a failed run's few observed steps are no speed: only ok runs show ms/step
-            t = (r.get("timing") or {}) if r.get("status") == "ok" else {}
-            verdict, vclass = _verdict((r.get("accuracy") or {}).get("verdict"))
-            mem = (r.get("memory") or {}).get("gpu_peak_bytes")
-            rows.append({"variant": r["variant"] + (f" ×{world_size(r)}" if world_size(r) > 1 else ""),
-                         "status": r.get("status"), "ms": _fmt(t.get("step_s_median"), 1e3),
-                         "iqr": _fmt(t.get("step_s_iqr"), 1e3), "startup": _fmt(t.get("startup_s"), 1, 1),
-                         "speedup": f"{sp[r['run_id']]:.2f}×" if sp.get(r["run_id"]) else "-",
-                         "mem": _fmt(mem, 1 / 2**20, 0) if mem else "-", "verdict": verdict, "vclass": vclass,
-                         "error": r.get("error"), "href": href(r)})
+            t = r.timing if r.status == "ok" else Timing()
+            verdict, vclass = _verdict(r.accuracy.verdict)
+            mem = r.memory.gpu_peak_bytes
+            rows.append({"variant": r.variant + (f" ×{world_size(r)}" if world_size(r) > 1 else ""),
+                         "status": r.status, "ms": number(t.step_s_median, 1e3),
+                         "iqr": number(t.step_s_iqr, 1e3), "startup": number(t.startup_s, 1, 1),
+                         "speedup": f"{sp[r.run_id]:.2f}×" if sp.get(r.run_id) else "-",
+                         "mem": number(mem, 1 / 2**20, 0) if mem else "-", "verdict": verdict, "vclass": vclass,
+                         "error": r.error, "href": href(r)})
         acc, acc_cols = [], []
         for r in rs:
-            a = r.get("accuracy") or {}
-            if a.get("dp_test") or a.get("verdict"):
-                for k in (a.get("dp_test") or {}):
+            a = r.accuracy
+            if a.dp_test or a.verdict:
+                for k in (a.dp_test or {}):
                     if k not in acc_cols:
                         acc_cols.append(k)
         for r in rs:
-            a = r.get("accuracy") or {}
-            if a.get("dp_test") or a.get("verdict"):
-                verdict, vclass = _verdict(a.get("verdict"))
-                dt = a.get("dp_test") or {}
-                acc.append({"variant": r["variant"], "vals": [_acc_cell(c, dt.get(c)) for c in acc_cols],
-                            "verdict": verdict, "vclass": vclass, "detail": a.get("detail") or ""})
+            a = r.accuracy
+            if a.dp_test or a.verdict:
+                verdict, vclass = _verdict(a.verdict)
+                dt = a.dp_test or {}
+                acc.append({"variant": r.variant, "vals": [_acc_cell(c, dt.get(c)) for c in acc_cols],
+                            "verdict": verdict, "vclass": vclass, "detail": a.detail or ""})
         profiles = []
         for r in rs:
-            p = r.get("profile")
-            if not isinstance(p, dict) or p.get("status") not in ("ok", "partial"):
+            p = r.profile
+            if not isinstance(p, Profile) or p.status not in ("ok", "partial"):
                 continue
-            top = p.get("top_kernels") or [{"name": o["name"], "total_s": o.get("self_s", 0), "count": o["count"]}
-                                           for o in p.get("top_ops") or []]
-            n = max(1, p.get("steps") or 1)
-            profiles.append({"variant": r["variant"], "wall": _fmt(p.get("wall_s_per_step"), 1e3),
-                             "busy": _fmt(p.get("gpu_busy_s_per_step"), 1e3),
-                             "gap": _fmt(p.get("host_gap_s_per_step"), 1e3),
-                             "kernels": _fmt(p.get("kernels_per_step"), 1, 1),
-                             "launches": _fmt(p.get("launches_per_step"), 1, 1),
-                             "memcpy": _fmt((p.get("memcpy") or {}).get("per_step"), 1, 1),
-                             "top": [{"ms": _fmt(k.get("total_s", 0) / n, 1e3, 3), "count": k.get("count"),
+            top = p.top_kernels or [{"name": o["name"], "total_s": o.get("self_s", 0), "count": o["count"]}
+                                    for o in p.top_ops or []]
+            n = max(1, p.steps or 1)
+            ncu = p.ncu if isinstance(p.ncu, NcuResult) else None
+            profiles.append({"variant": r.variant, "wall": number(p.wall_s_per_step, 1e3),
+                             "busy": number(p.gpu_busy_s_per_step, 1e3),
+                             "gap": number(p.host_gap_s_per_step, 1e3),
+                             "kernels": number(p.kernels_per_step, 1, 1),
+                             "launches": number(p.launches_per_step, 1, 1),
+                             "memcpy": number((p.memcpy or {}).get("per_step"), 1, 1),
+                             "top": [{"ms": number(k.get("total_s", 0) / n, 1e3, 3), "count": k.get("count"),
                                       "name": k.get("name", "")[:160]} for k in top[:15]],
-                             "ncu": _ncu_rows(p.get("ncu")), "ncu_error": (p.get("ncu") or {}).get("error")})
-        env = (rs[0].get("environment") or {}) if rs else {}
-        env_rows = [("card", card), ("driver", env.get("driver")), ("CUDA", env.get("cuda")),
-                    ("torch", env.get("torch")), ("python", env.get("python")),
-                    ("harness git", env.get("harness_git")), ("harness", env.get("harness_version")),
-                    ("platform", env.get("platform")), ("host", env.get("hostname")),
-                    ("CPUs", env.get("cpu_count"))]
-        steps = sorted({r.get("steps") for r in rs if r.get("steps") is not None})
+                             "ncu": _ncu_rows(ncu), "ncu_error": ncu.error if ncu is not None else None})
+        env = rs[0].environment if rs else Environment()
+        env_rows = [("card", card), ("driver", env.driver), ("CUDA", env.cuda),
+                    ("torch", env.torch), ("python", env.python),
+                    ("harness git", env.harness_git), ("harness", env.harness_version),
+                    ("platform", env.platform), ("host", env.hostname),
+                    ("CPUs", env.cpu_count)]
+        steps = sorted({r.steps for r in rs if r.steps is not None})
         sections.append({
             "system": system, "card": card, "sweep": sweep, "runs": rs, "rows": rows,
             "anchor": _anchor(system, card, sweep), "title": _title(system, card, sweep, rs),
@@ -274,7 +289,7 @@ def build_sections(runs: list[dict], all_sweeps: bool = False, href=lambda r: No
     return sections
 
 
-def by_card(runs: list[dict], sections: list[dict]) -> list[dict]:
+def by_card(runs: list[StoredRun], sections: list[dict]) -> list[dict]:
     """The sections grouped per (system, card): open ones (newest bench, newest profiles) first,
     older ones collapsed; one history plot per group."""
     out: dict[tuple[str, str], dict] = {}
@@ -292,7 +307,7 @@ def _ratio_text(row: dict, key: str) -> str:
     return row[key]["text"] if row[key]["x"] else ("no judged anchor" if key.endswith("gated") else "-")
 
 
-def summary_rows(runs: list[dict], href=lambda r: None) -> list[dict]:
+def summary_rows(runs: list[StoredRun], href=lambda r: None) -> list[dict]:
     """summary.rows formatted for the page; `anchor` links each row to its sweep's section."""
     out = []
     for r in summary.rows(runs):
@@ -308,19 +323,19 @@ def summary_rows(runs: list[dict], href=lambda r: None) -> list[dict]:
     return out
 
 
-def variant_list(runs: list[dict]) -> list[dict]:
+def variant_list(runs: list[StoredRun]) -> list[dict]:
     seen: dict[str, dict] = {}
-    for r in sorted(runs, key=lambda r: r.get("created") or ""):
-        ov = r.get("overrides") or {}
-        native = r.get("upstream_options") or {}
-        seen[r["variant"]] = {"name": r["variant"], "description": description(r),
-                              "chain": " → ".join(r.get("variant_chain") or []),
-                              "overrides": ", ".join(f"{k}={v}" for k, v in ov.items()),
-                              "native": ", ".join(f"{k}={v}" for k, v in native.items())}
+    for r in sorted(runs, key=lambda r: r.created or ""):
+        ov = r.overrides or {}
+        native = r.upstream_options or {}
+        seen[r.variant] = {"name": r.variant, "description": description(r),
+                           "chain": " → ".join(r.variant_chain or []),
+                           "overrides": ", ".join(f"{k}={v}" for k, v in ov.items()),
+                           "native": ", ".join(f"{k}={v}" for k, v in native.items())}
     return sorted(seen.values(), key=lambda v: (v["name"] != "baseline", v["name"]))
 
 
-def render(runs: list[dict], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None) -> str:
+def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None) -> str:
     """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table."""
     import jinja2
 
@@ -340,11 +355,11 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
     with a warning (results.iter_runs)."""
     out, runs_dir = Path(out), Path(runs_dir)
     pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
-    files = {d["run_id"]: p for p, d in pairs}
-    runs = [d for _, d in pairs]
+    files = {r.run_id: p for p, r in pairs}
+    runs = [r for _, r in pairs]
 
-    def href(r: dict) -> str | None:  # relative, so the page works wherever the checkout is
-        p = files.get(r["run_id"])
+    def href(r: StoredRun) -> str | None:  # relative, so the page works wherever the checkout is
+        p = files.get(r.run_id)
         return Path(os.path.relpath(p.resolve(), out.parent.resolve())).as_posix() if p else None
 
     csv = None

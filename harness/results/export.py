@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from harness.results import runs as results
 from harness.core.errors import UserError
+from harness.core.records import StoredRun
 from harness.core import fsutil
 
 FORMATS = ("csv", "parquet")
@@ -29,11 +30,11 @@ def _drop(d: dict[str, Any], dotted: str) -> None:
         d.pop(leaf, None)
 
 
-def _slim(r: dict[str, Any]) -> dict[str, Any]:
-    r = json.loads(json.dumps(r))  # deep copy: the caller's records stay whole
+def _slim(r: StoredRun) -> dict[str, Any]:
+    d = json.loads(json.dumps(r.to_dict()))  # deep copy: the caller's records stay whole
     for dotted in BULKY:
-        _drop(r, dotted)
-    return r
+        _drop(d, dotted)
+    return d
 
 
 def _scalar_column(col):
@@ -45,7 +46,7 @@ def _scalar_column(col):
     return col
 
 
-def flatten(records: list[dict[str, Any]]):
+def flatten(records: list[StoredRun]):
     """One row per record, one column per leaf field (dotted names)."""
     import pandas as pd
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from harness.core.paths import ROOT
+from harness.core.records import StoredRun
 REFERENCE = ROOT / "results" / "reference" / "cpu-regression.json"
 SCHEMA = "dpharness.cpu-regression/1"
 VARIANTS = ("baseline", "fp32")
@@ -61,20 +62,20 @@ def make_tiny_system(dest: Path, train_frames: int = 4, valid_frames: int = 2, s
     return dest
 
 
-def measure(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Same-run ratios and overheads from the results dicts of one sweep (baseline first)."""
-    by_v = {r["variant"]: r for r in rows}
+def measure(rows: list[StoredRun]) -> dict[str, Any]:
+    """Same-run ratios and overheads from the run records of one sweep (baseline first)."""
+    by_v = {r.variant: r for r in rows}
     base = by_v.get("baseline")
     out: dict[str, Any] = {"variants": {}, "ratios": {}, "overhead_s": {}}
     for v, r in by_v.items():
-        t = r["timing"]
-        med = t.get("step_s_median")
-        out["variants"][v] = {"status": r["status"], "step_s_median": med, "step_s_iqr": t.get("step_s_iqr"),
-                              "startup_s": t.get("startup_s"), "wall_s": t.get("wall_s"), "steps": r["steps"]}
-        if med is not None and t.get("startup_s") is not None:
-            out["overhead_s"][v] = overhead_s(t["wall_s"], r["steps"], med, t["startup_s"])
-        if base and v != "baseline" and med and base["timing"].get("step_s_median"):
-            out["ratios"][f"{v}/baseline"] = med / base["timing"]["step_s_median"]
+        t = r.timing
+        med = t.step_s_median
+        out["variants"][v] = {"status": r.status, "step_s_median": med, "step_s_iqr": t.step_s_iqr,
+                              "startup_s": t.startup_s, "wall_s": t.wall_s, "steps": r.steps}
+        if med is not None and t.startup_s is not None:
+            out["overhead_s"][v] = overhead_s(t.wall_s, r.steps, med, t.startup_s)
+        if base and v != "baseline" and med and base.timing.step_s_median:
+            out["ratios"][f"{v}/baseline"] = med / base.timing.step_s_median
     return out
 
 

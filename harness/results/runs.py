@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from harness.core.records import RunRecord, to_jsonable
+from harness.core.records import BadRecord, RunRecord, StoredRun, to_jsonable
 
 from harness.core.paths import ROOT
 from harness.core.fsutil import atomic_write_json  # noqa: F401 (results.atomic_write_json)
@@ -29,7 +29,10 @@ def run_id(sweep_id: str, system: str, variant: str, extra: str = "") -> str:
 def to_dict(rec: RunRecord) -> dict[str, Any]:
     """The results JSON (documented in README 'Results schema')."""
     run, train, timing = rec.run, rec.train, rec.timing
-    return {
+    profile = rec.profile
+    if rec.ncu is not None:
+        profile = {**(profile or {}), "ncu": rec.ncu.to_dict()}
+    d = {
         "schema": SCHEMA,
         "run_id": run.run_id,
         "sweep_id": run.sweep_id,
@@ -56,7 +59,7 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "throughput": _throughput(rec),
         "memory": {"gpu_peak_bytes": train.gpu_peak_bytes},
         "accuracy": to_jsonable(rec.accuracy),
-        "profile": rec.profile,
+        "profile": profile,
         "artifacts": {
             "work_dir": _rel(train.work_dir),
             "lcurve": _rel(train.lcurve),
@@ -66,8 +69,21 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         },
         "lcurve": _read_lcurve(train.lcurve),
         "environment": rec.environment,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": rec.created or _now(),
     }
+    if rec.anchors is not None:
+        d["anchors"] = rec.anchors.to_dict()
+        d["speedup_vs"] = rec.speedup_vs.to_dict() if rec.speedup_vs is not None else None
+    return d
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def stored(rec: RunRecord, path: Path | None = None) -> StoredRun:
+    """The record as its results JSON reads back."""
+    return StoredRun.from_dict(to_dict(rec), path)
 
 
 def _throughput(rec: RunRecord) -> dict[str, Any]:
@@ -118,48 +134,16 @@ def _read_lcurve(path: Path | None) -> dict[str, list] | None:
 
 
 def write_run(rec: RunRecord, runs_dir: Path = RUNS) -> Path:
+    """Write (or rewrite: same file, same `created`) the run's results JSON, atomically."""
     path = runs_dir / f"{rec.run.run_id}.json"
+    rec.created = rec.created or _now()
     atomic_write_json(path, to_dict(rec))
     return path
 
 
-# what every reader indexes a record by; a record without them is older than run_id-keyed records
-REQUIRED = ("run_id", "sweep_id", "system", "variant")
-# the sub-objects readers call .get on: null is fine, anything but an object is not
-OBJECTS = ("timing", "accuracy", "memory", "device", "environment", "artifacts", "throughput")
-
-
-class BadRecord(ValueError):
-    """A file under results/runs that is no readable run record; the message says why."""
-
-
-def record_problem(d: Any) -> str | None:
-    """Why `d` is no usable run record (None: it is one)."""
-    if not isinstance(d, dict) or not str(d.get("schema", "")).startswith("dpharness.run/"):
-        return 'not a dpharness run record (no "schema": "dpharness.run/...")'
-    missing = [k for k in REQUIRED if not isinstance(d.get(k), str) or not d[k]]
-    if missing:
-        return f"older or incomplete record schema (no {', '.join(missing)})"
-    bad = [k for k in OBJECTS if d.get(k) is not None and not isinstance(d[k], dict)]
-    if bad:
-        return f"malformed record ({', '.join(bad)} not an object)"
-    return None
-
-
-def read_run(path: Path) -> dict[str, Any]:
+def read_run(path: Path) -> StoredRun:
     """One run record; BadRecord when the file is unreadable, truncated, foreign or of an older schema."""
-    try:
-        d = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise BadRecord(f"unreadable ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise BadRecord("not text (binary file)") from None
-    except json.JSONDecodeError as e:
-        raise BadRecord(f"not valid JSON, truncated? ({e})") from None
-    problem = record_problem(d)
-    if problem:
-        raise BadRecord(problem)
-    return d
+    return StoredRun.from_json(path)
 
 
 def warn_stderr(msg: str) -> None:
@@ -170,34 +154,34 @@ def run_files(runs_dir: Path = RUNS) -> list[Path]:
     return sorted(Path(runs_dir).glob("*.json"))
 
 
-def iter_runs(paths: Iterable[Path], warn: Callable[[str], None] = warn_stderr) -> Iterator[tuple[Path, dict[str, Any]]]:
+def iter_runs(paths: Iterable[Path], warn: Callable[[str], None] = warn_stderr) -> Iterator[tuple[Path, StoredRun]]:
     """(path, record) for each readable run record; each other file is skipped with ONE warn() line
     naming it and why, so one bad file never stops a reader."""
     for p in paths:
         try:
-            d = read_run(p)
+            rec = read_run(p)
         except BadRecord as e:
             warn(f"skipped {p}: {e}")
             continue
-        yield Path(p), d
+        yield Path(p), rec
 
 
-def load_runs(runs_dir: Path = RUNS, warn: Callable[[str], None] = warn_stderr) -> list[dict[str, Any]]:
+def load_runs(runs_dir: Path = RUNS, warn: Callable[[str], None] = warn_stderr) -> list[StoredRun]:
     """Every run record under runs_dir (sorted by file name); bad files are skipped with a warning."""
-    return [d for _, d in iter_runs(run_files(runs_dir), warn)]
+    return [rec for _, rec in iter_runs(run_files(runs_dir), warn)]
 
 
-def recent_wall_s(runs: list[dict[str, Any]], system: str, variant: str, device_kind: str,
+def recent_wall_s(runs: list[StoredRun], system: str, variant: str, device_kind: str,
                   last: int = 5, of: str = "timing") -> float | None:
     """The longest wall time of the variant's `last` most recent runs on this system and device
     kind ("cuda" / "cpu") among run records (load_runs), or None. of="timing": the run (start-up
     and compile included); of="accuracy": its accuracy gate. What a time-budgeted sweep expects
     a run or a gate to take before it has seen one."""
     walls = []
-    for r in sorted(runs, key=lambda r: r.get("run_id", ""), reverse=True):
-        if (r.get("system") == system and r.get("variant") == variant
-                and (r.get("device") or {}).get("kind") == device_kind and r.get("world_size", 1) == 1):
-            w = (r.get(of) or {}).get("wall_s")
+    for r in sorted(runs, key=lambda r: r.run_id or "", reverse=True):
+        if (r.system == system and r.variant == variant and r.device.kind == device_kind
+                and r.world_size in (None, 1)):
+            w = (r.timing if of == "timing" else r.accuracy).wall_s
             if w:
                 walls.append(float(w))
                 if len(walls) == last:

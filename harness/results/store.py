@@ -13,6 +13,7 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from harness.core.records import StoredRun
 from harness.results import runs as results
 from harness.results.runs import ROOT, RUNS
 
@@ -105,17 +106,15 @@ def connect(db: Path = DB, journal: str = "auto") -> sqlite3.Connection:
     return con
 
 
-def row_of(d: dict[str, Any], source: str | None = None) -> tuple:
-    t = d.get("timing") or {}
-    dev = d.get("device") or {}
-    env = d.get("environment") or {}
+def row_of(r: StoredRun, source: str | None = None) -> tuple:
+    t, env = r.timing, r.environment
     return (
-        d["run_id"], d["sweep_id"], d["system"], d["variant"], d.get("variant_hash"), d.get("status"),
-        d.get("steps"), dev.get("kind"), dev.get("name"), int(d.get("world_size") or 1),
-        t.get("step_s_median"), t.get("step_s_iqr"), t.get("step_s_q25"), t.get("step_s_q75"),
-        t.get("startup_s"), t.get("wall_s"), (d.get("memory") or {}).get("gpu_peak_bytes"),
-        (d.get("accuracy") or {}).get("verdict"), env.get("harness_git"), env.get("torch"), d.get("created"),
-        source, json.dumps(d, sort_keys=True),
+        r.run_id, r.sweep_id, r.system, r.variant, r.variant_hash, r.status,
+        r.steps, r.device.kind, r.device.name, int(r.world_size or 1),
+        t.step_s_median, t.step_s_iqr, t.step_s_q25, t.step_s_q75,
+        t.startup_s, t.wall_s, r.memory.gpu_peak_bytes,
+        r.accuracy.verdict, env.harness_git, env.torch, r.created,
+        source, json.dumps(r.to_dict(), sort_keys=True),
     )
 
 
@@ -137,11 +136,11 @@ def ingest(paths: Iterable[Path] | None = None, db: Path = DB, runs_dir: Path = 
         try:
             if rebuild:
                 con.execute("DELETE FROM runs")
-            for i, (f, d) in enumerate(results.iter_runs(files, skip)):
+            for i, (f, rec) in enumerate(results.iter_runs(files, skip)):
                 if _fail_after is not None and i >= _fail_after:
                     raise RuntimeError("simulated crash during ingest")
-                row = row_of(d, _rel(f))
-                old = con.execute("SELECT json FROM runs WHERE run_id = ?", (d["run_id"],)).fetchone()
+                row = row_of(rec, _rel(f))
+                old = con.execute("SELECT json FROM runs WHERE run_id = ?", (rec.run_id,)).fetchone()
                 if old is not None and old["json"] == row[-1]:
                     counts["unchanged"] += 1
                     continue
@@ -161,49 +160,48 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-def load(db: Path = DB, journal: str = "auto") -> list[dict[str, Any]]:
+def load(db: Path = DB, journal: str = "auto") -> list[StoredRun]:
     with closing(connect(db, journal)) as con:
-        return [json.loads(r["json"]) for r in con.execute("SELECT json FROM runs ORDER BY created, run_id")]
+        return [StoredRun.from_dict(json.loads(r["json"]))
+                for r in con.execute("SELECT json FROM runs ORDER BY created, run_id")]
 
 
 # ------------------------------------------------------------------ compare
 
-def select(runs: list[dict[str, Any]], key: str) -> tuple[str, list[dict[str, Any]]]:
+def select(runs: list[StoredRun], key: str) -> tuple[str, list[StoredRun]]:
     """Runs matching `key`: a sweep_id prefix, a harness git sha prefix, or a variant name (tried in
     that order; the first kind that matches wins). Returns (kind, runs)."""
-    sweeps = [r for r in runs if str(r.get("sweep_id", "")).startswith(key)]
+    sweeps = [r for r in runs if str(r.sweep_id or "").startswith(key)]
     if sweeps:
         return "sweep", sweeps
-    git = [r for r in runs if str((r.get("environment") or {}).get("harness_git") or "").startswith(key)]
+    git = [r for r in runs if str(r.environment.harness_git or "").startswith(key)]
     if git and len(key) >= 4:
         return "git", git
-    var = [r for r in runs if r.get("variant") == key]
+    var = [r for r in runs if r.variant == key]
     if var:
         return "variant", var
     return "none", []
 
 
-def _card(r: dict[str, Any]) -> str:
-    dev = r.get("device") or {}
-    return str(dev.get("name") or dev.get("kind") or "?")
+def _card(r: StoredRun) -> str:
+    return r.card(unknown="?")
 
 
-def _latest_per(runs: list[dict[str, Any]], key) -> dict[Any, dict[str, Any]]:
-    out: dict[Any, dict[str, Any]] = {}
-    for r in sorted(runs, key=lambda r: (r.get("created") or "", r["run_id"])):
-        if r.get("status") == "ok" and (r.get("timing") or {}).get("step_s_median"):
+def _latest_per(runs: list[StoredRun], key) -> dict[Any, StoredRun]:
+    out: dict[Any, StoredRun] = {}
+    for r in sorted(runs, key=lambda r: (r.created or "", r.run_id)):
+        if r.status == "ok" and r.timing.step_s_median:
             out[key(r)] = r
     return out
 
 
-def rel_noise(r: dict[str, Any]) -> float:
+def rel_noise(r: StoredRun) -> float:
     """Relative noise of a run's median: IQR / median (0 when unknown)."""
-    t = r.get("timing") or {}
-    med, iqr = t.get("step_s_median"), t.get("step_s_iqr")
+    med, iqr = r.timing.step_s_median, r.timing.step_s_iqr
     return float(iqr) / float(med) if med and iqr is not None else 0.0
 
 
-def compare(runs: list[dict[str, Any]], a: str, b: str, threshold: float = THRESHOLD) -> dict[str, Any]:
+def compare(runs: list[StoredRun], a: str, b: str, threshold: float = THRESHOLD) -> dict[str, Any]:
     """Ratio B/A of step_s_median per (system, card, variant) (or per (system, card) when A and B are
     variants), its noise (relative IQRs added in quadrature), and a regression flag when the ratio is
     beyond 1 + threshold AND beyond the noise. Only runs of the same system on the same card are
@@ -215,26 +213,26 @@ def compare(runs: list[dict[str, Any]], a: str, b: str, threshold: float = THRES
         return {"error": f"nothing matches {missing!r} (a sweep_id prefix, a git sha prefix or a variant)",
                 "rows": []}
     if ka == "variant" and kb == "variant":
-        key = lambda r: (r["system"], _card(r), "")  # noqa: E731
+        key = lambda r: (r.system, _card(r), "")  # noqa: E731
         # variant vs variant: within the latest sweep that has both, per system and card
         pa, pb = {}, {}
-        both = {r["sweep_id"] for r in ra} & {r["sweep_id"] for r in rb}
+        both = {r.sweep_id for r in ra} & {r.sweep_id for r in rb}
         for sweep in sorted(both):
-            pa.update(_latest_per([r for r in ra if r["sweep_id"] == sweep], key))
-            pb.update(_latest_per([r for r in rb if r["sweep_id"] == sweep], key))
+            pa.update(_latest_per([r for r in ra if r.sweep_id == sweep], key))
+            pb.update(_latest_per([r for r in rb if r.sweep_id == sweep], key))
     else:
-        key = lambda r: (r["system"], _card(r), r["variant"])  # noqa: E731
+        key = lambda r: (r.system, _card(r), r.variant)  # noqa: E731
         pa, pb = _latest_per(ra, key), _latest_per(rb, key)
     rows = []
     for k in sorted(set(pa) & set(pb)):
         x, y = pa[k], pb[k]
-        ma, mb = x["timing"]["step_s_median"], y["timing"]["step_s_median"]
+        ma, mb = x.timing.step_s_median, y.timing.step_s_median
         ratio = mb / ma
         noise = math.hypot(rel_noise(x), rel_noise(y)) * ratio
         regression = ratio > 1 + threshold and ratio - noise > 1
         improvement = ratio < 1 - threshold and ratio + noise < 1
-        rows.append({"system": k[0], "card": k[1], "variant": k[2] or f"{x['variant']}->{y['variant']}",
-                     "a_run": x["run_id"], "b_run": y["run_id"], "a_step_s": ma, "b_step_s": mb,
+        rows.append({"system": k[0], "card": k[1], "variant": k[2] or f"{x.variant}->{y.variant}",
+                     "a_run": x.run_id, "b_run": y.run_id, "a_step_s": ma, "b_step_s": mb,
                      "ratio": ratio, "noise": noise,
                      "flag": "REGRESSION" if regression else "improved" if improvement else ""})
     only = sorted({k for k in set(pa) ^ set(pb)})

@@ -2,12 +2,12 @@
 one sweep. It only composes stages through their records."""
 from __future__ import annotations
 
-import json
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 from harness.results import anchors
 from harness.prepare import build
@@ -21,8 +21,8 @@ from harness.run import train
 from harness.prepare import upstream
 from harness.core.progress import Progress
 from harness.core.errors import UserError
-from harness.core.records import AccuracyResult, BuiltVariant, RunRecord, RunSpec, System, UpstreamPin
-from harness.core import fsutil
+from harness.core.records import (AccuracyResult, BuiltVariant, Profile, RunRecord, RunSpec, StoredRun, System,
+                                   UpstreamPin)
 
 
 @dataclass
@@ -47,6 +47,11 @@ class BenchRequest:
     # and the gates of every timed run still fit (see TimeBudget); None: no limit
     time_budget_s: float | None = None
     launch_prefix: tuple[str, ...] = ()  # before every training command (profile --nsys)
+    # >0: after the sweep's runs, an Nsight Compute run of each profiled run's top this-many
+    # kernels (profile --ncu K), its result in the run's record (RunRecord.ncu); each limited
+    # to ncu_timeout_s
+    ncu_kernels: int = 0
+    ncu_timeout_s: float = 420.0
 
 
 def resolve_device(device: str) -> str:
@@ -152,7 +157,9 @@ def _judge(stage: Callable[..., AccuracyResult], rec: RunRecord, previous: list[
 
 
 def run(req: BenchRequest, log: Callable[[str], None] = print,
-        accuracy_stage: Callable[..., AccuracyResult] | None = None) -> list[dict[str, Any]]:
+        accuracy_stage: Callable[..., AccuracyResult] | None = None) -> list[StoredRun]:
+    """The sweep's runs as their records read back (StoredRun.path: the record's file), in
+    training order."""
     if req.gate_jobs < 1:
         raise UserError(f"--gate-jobs must be at least 1, not {req.gate_jobs}")
     if req.time_budget_s is not None and not req.time_budget_s > 0:
@@ -175,6 +182,9 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
         budget = TimeBudget(end=t_start + req.time_budget_s, gate_jobs=req.gate_jobs)
     try:
         _train_and_judge(req, prep, sweep, env, deferred, records, trained, finish, accuracy_stage, log, budget)
+        if req.ncu_kernels > 0:
+            for rec in trained:
+                measure_ncu(rec, req.ncu_kernels, req.ncu_timeout_s, log)
     except KeyboardInterrupt:
         # SIGINT, or SIGTERM from a time limit (cli turns it into this): what was timed is kept,
         # said to be unjudged; a gate's result that arrives now would be a killed judge's "fail"
@@ -189,31 +199,44 @@ def run(req: BenchRequest, log: Callable[[str], None] = print,
         log(f"stopped: {len(trained)} run(s) kept in {req.runs_dir}, "
             f"{sum(1 for r in trained if r.accuracy is not None and r.accuracy.detail == STOPPED_DETAIL)} unjudged")
         raise
-    out: list[dict[str, Any]] = []
-    for rec in trained:
-        d = results.to_dict(rec)
-        d["_path"] = str(paths[rec.run.run_id])
-        out.append(d)
-    _add_anchors(out)
-    return out
+    return _add_anchors(trained, req.runs_dir)
 
 
-def _add_anchors(rows: list[dict[str, Any]]) -> None:
+def measure_ncu(rec: RunRecord, k: int, timeout_s: float, log: Callable[[str], None]) -> None:
+    """The Nsight Compute figures of a profiled run's top-k kernels (profile --ncu K): a short run
+    of the same variant planned by nsight.ncu_plan (ncu before the training child, through the
+    RunSpec's launch_prefix), limited to timeout_s; what it measured (a timeout or failure with
+    its reason) goes into rec.ncu, which the record writer puts in the record."""
+    from harness.analyse import nsight
+
+    name = rec.run.variant.name
+    plan = nsight.ncu_plan(Profile.from_dict(rec.profile) if isinstance(rec.profile, dict) else None, k)
+    if rec.train.status != "ok" or plan is None:
+        log(f"[{name}] no GPU kernels to measure with ncu")
+        return
+    spec = dataclasses.replace(rec.run, run_id=f"{rec.run.run_id}-ncu", work_dir=rec.run.work_dir / "ncu",
+                               steps=plan.steps, profile=False, gpus=1, launch_prefix=plan.prefix,
+                               launch_env=plan.env, timeout_s=timeout_s)
+    log(f"[{name}] ncu over {len(plan.kernels)} kernels (limit {timeout_s:.0f} s): {' '.join(plan.prefix[:14])} ...")
+    tr = train.run_training(spec)
+    rec.ncu = nsight.ncu_result(tr, rec.run.work_dir, rec.environment.get("gpu_name"), timeout_s)
+    log(f"[{name}] ncu: {len(rec.ncu.kernels)} kernels measured in {rec.ncu.wall_s:.0f} s"
+        + (f" ({rec.ncu.error})" if rec.ncu.error else ""))
+
+
+def _add_anchors(trained: list[RunRecord], runs_dir: Path) -> list[StoredRun]:
     """Once every run of the sweep is written: the two denominators (anchors.py: fastest legal
     upstream setting, fastest upstream-code-only run, gated when the sweep was judged) and this
-    run's speed-up over each, added to every record (rewritten atomically) and to `rows`. A sweep
-    stopped early has none in its records; the table and the report compute them from the runs."""
-    summ = anchors.summary(rows)
-    for d in rows:
-        extra = {"anchors": summ, "speedup_vs": anchors.speedups(d, summ)}
-        d.update(extra)
-        path = Path(d["_path"])
-        try:
-            written = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        written.update(extra)
-        fsutil.atomic_write_json(path, written)
+    run's speed-up over each, added to every record (rewritten atomically by the record writer).
+    A sweep stopped early has none in its records; the table and the report compute them from
+    the runs. Returns the records as written."""
+    stored = [results.stored(rec) for rec in trained]
+    summ = anchors.summary(stored)
+    out = []
+    for rec, s in zip(trained, stored):
+        rec.anchors, rec.speedup_vs = summ, anchors.speedups(s, summ)
+        out.append(results.stored(rec, results.write_run(rec, runs_dir)))
+    return out
 
 
 STOPPED_DETAIL = "not judged: the sweep was stopped (SIGINT/SIGTERM) before this run's gate finished"
@@ -332,7 +355,7 @@ def _deferred_gates(trained: list[RunRecord], records: list[RunRecord], finish: 
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
+def format_table(rows: list[StoredRun]) -> str:
     """s/step per run, the ratio to the sweep's first variant at the same GPU count (same sweep,
     same card), the ratios to the two anchors (anchors.py: `vs legal`, the fastest legal upstream
     setting; `vs native`, the fastest run of upstream's code alone, its own accelerations
@@ -343,38 +366,42 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "-" * len(head)]
     summ = anchors.summary(rows)
 
-    def ok_med(r: dict[str, Any]) -> float | None:
-        return r["timing"].get("step_s_median") if r["status"] == "ok" else None
+    def gpus(r: StoredRun) -> int:
+        return 1 if r.world_size is None else r.world_size
 
-    def sps(r: dict[str, Any]) -> float | None:
-        return (r.get("throughput") or {}).get("samples_per_s") if r["status"] == "ok" else None
+    def ok_med(r: StoredRun) -> float | None:
+        return r.timing.step_s_median if r.status == "ok" else None
 
-    first_variant = rows[0]["variant"] if rows else None
-    base = {r.get("world_size", 1): ok_med(r) for r in rows if r["variant"] == first_variant}
-    one = {(r["system"], r["variant"]): sps(r) for r in rows if r.get("world_size", 1) == 1}
+    def sps(r: StoredRun) -> float | None:
+        return r.throughput.samples_per_s if r.status == "ok" else None
+
+    first_variant = rows[0].variant if rows else None
+    base = {gpus(r): ok_med(r) for r in rows if r.variant == first_variant}
+    one = {(r.system, r.variant): sps(r) for r in rows if gpus(r) == 1}
     for r in rows:
-        t = r["timing"]
-        n = r.get("world_size", 1)
-        med = t.get("step_s_median") if r["status"] == "ok" else None  # a failed run has no speed
+        t = r.timing
+        n = gpus(r)
+        med = t.step_s_median if r.status == "ok" else None  # a failed run has no speed
         b = base.get(n)
         ms = f"{med * 1e3:9.2f}" if med else f"{'-':>9}"
-        iqr = f"{t['step_s_iqr'] * 1e3:8.2f}" if t.get("step_s_iqr") is not None else f"{'-':>8}"
+        iqr = f"{t.step_s_iqr * 1e3:8.2f}" if t.step_s_iqr is not None else f"{'-':>8}"
         sp = f"{b / med:7.2f}x" if b and med else f"{'-':>8}"
         s = sps(r)
         s_s = f"{s:9.2f}" if s else f"{'-':>9}"
-        eff = distributed.scaling_efficiency(s, n, one.get((r["system"], r["variant"])))
+        eff = distributed.scaling_efficiency(s, n, one.get((r.system, r.variant)))
         eff_s = f"{eff * 100:6.0f}%" if eff else f"{'-':>7}"
-        mem = r["memory"].get("gpu_peak_bytes")
+        mem = r.memory.gpu_peak_bytes
         mem_s = f"{mem / 2**20:9.1f}" if mem else f"{'-':>9}"
-        verdict = (r.get("accuracy") or {}).get("verdict") or "-"
-        vs = anchors.speedups(r, summ) if n == 1 else {}
-        vs_s = " ".join(f"{vs[f]:{w - 1}.2f}x" if vs.get(f) else f"{'-':>{w}}" for f, w in (("legal", 8), ("native", 9)))
-        lines.append(f"{r['system']:8} {r['variant']:12} {n:>4} {r['status']:11} {ms} {iqr} {sp} {vs_s} {s_s} {eff_s} "
+        verdict = r.accuracy.verdict or "-"
+        vs = anchors.speedups(r, summ) if n == 1 else None
+        vs_s = " ".join(f"{x:{w - 1}.2f}x" if (x := vs and vs.of(f)) else f"{'-':>{w}}"
+                        for f, w in (("legal", 8), ("native", 9)))
+        lines.append(f"{r.system:8} {r.variant:12} {n:>4} {r.status:11} {ms} {iqr} {sp} {vs_s} {s_s} {eff_s} "
                      f"{mem_s} {verdict.upper():>8}")
     for fam, label in (("legal", "vs legal: fastest legal upstream setting (baseline/fp32/tos/fp32-tos)"),
                        ("native", "vs native: fastest upstream-code-only run (its own accelerations, "
                                   "outside the three-parameter rule, included)")):
-        a = summ[fam]
-        lines.append(f"{label}: " + (f"{a['variant']} {a['step_s_median'] * 1e3:.2f} ms"
-                                      + ("" if a["gated"] else " (sweep not gated)") if a else "none in this sweep"))
+        a = summ.of(fam)
+        lines.append(f"{label}: " + (f"{a.variant} {a.step_s_median * 1e3:.2f} ms"
+                                      + ("" if a.gated else " (sweep not gated)") if a else "none in this sweep"))
     return "\n".join(lines)

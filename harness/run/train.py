@@ -154,13 +154,15 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         log_path.write_text(missing + "\n")
         return TrainResult(status="unavailable", error=missing, step_s=[], clock="host", startup_s=None,
                            wall_s=0.0, gpu_peak_bytes=None, work_dir=wd, checkpoint=None, lcurve=None,
-                           input_path=input_path, log_path=log_path)
+                           input_path=input_path, log_path=log_path, command=tuple(cmd or ()))
     env = subprocess_env(spec.device, {**distributed.distributed_env(spec.gpus),
                                        **spec.variant.env, envvars.DPH_VARIANT: spec.variant.name}, wd)
     if spec.profile:
         env[envvars.DPH_PROFILE] = "steady"
+    env.update(spec.launch_env)
     t0 = time.perf_counter()
-    status, error = "ok", None
+    deadline = None if spec.timeout_s is None else time.monotonic() + spec.timeout_s
+    status, error, timed_out = "ok", None, False
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -169,6 +171,12 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
                 time.sleep(0.25)
                 if progress is not None:
                     progress(_read_progress(wd), spec.steps)
+                if deadline is not None and time.monotonic() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and everything it started
+                    proc.wait()
+                    timed_out = True
+                    status, error = "failed", f"timed out after {spec.timeout_s:.0f} s"
+                    break
         except KeyboardInterrupt:
             os.killpg(proc.pid, signal.SIGINT)
             try:
@@ -196,6 +204,7 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         startup_s=steps.get("startup_s"), wall_s=wall, gpu_peak_bytes=steps.get("gpu_peak_bytes"),
         work_dir=wd, checkpoint=ckpt, lcurve=lcurve if lcurve.is_file() else None,
         input_path=input_path, log_path=log_path, upstream_avg_step_s=upstream_average(log_path),
+        command=tuple(cmd), returncode=None if timed_out else proc.returncode, timed_out=timed_out,
     )
 
 
