@@ -14,6 +14,7 @@ from harness.core import paths
 
 
 def _bench(a: argparse.Namespace) -> int:
+    from harness.prepare import workload
     from harness.run import bench
     from harness.run import distributed
 
@@ -34,6 +35,7 @@ def _bench(a: argparse.Namespace) -> int:
         upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
         runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
         gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=a.time_budget,
+        replicate=workload.parse_replicate(a.replicate), batch_size=workload.parse_batch_size(a.batch_size),
     )
     rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
     print(bench.format_table(rows))
@@ -166,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gate-jobs", type=int, default=1, metavar="N",
                    help="N>1: time all variants first, then run N accuracy gates at a time (baseline's "
                         "first); gates never overlap a timed run")
+    b.add_argument("--replicate", default=None, metavar="AxBxC",
+                   help="train on periodic supercells of the system (e.g. 2x2x2: 8x the atoms; labels exact)")
+    b.add_argument("--batch-size", default=None, metavar="N",
+                   help="frames per step for every variant of the sweep (default: the system's input.json)")
     b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="the sweep's time limit (Slurm job, GPU lease): start a run only if it and the "
                         "accuracy gates still owed fit, so a limit leaves judged runs")
