@@ -251,3 +251,37 @@ def test_engine_step_with_cell_lists_matches_upstream(data, tmp_path, monkeypatc
     lr = tr.lr_schedule.value(3)
     ref = upstream_reference_step(tr, lr)
     assert_engine_step_matches(graph_engine.GraphEngine(tr), ref, lr, "water/cells", 1e-10)
+
+
+# ------------------------------------------------------------------ 4. the report's work-size view
+def test_growth_exponent_recovers_the_slope():
+    from harness.report.worksize import Point, growth_exponent
+
+    pts = [Point("v", a, f, 1e-3 * (a * f) ** 0.8) for a, f in ((192, 1), (1536, 1), (192, 4), (12288, 1))]
+    assert growth_exponent(pts) == pytest.approx(0.8, abs=1e-12)
+    assert growth_exponent(pts[:1]) is None
+    assert growth_exponent([Point("v", 192, 1, 1e-3), Point("v", 192, 1, 2e-3)]) is None
+
+
+def test_report_has_a_work_size_section(tmp_path):
+    from _fixtures_report import run_record
+    from harness.report import render, worksize
+
+    recs = []
+    for reps, atoms, ms_b, ms_f in ((None, 192, 30e-3, 1e-3), ([2, 2, 2], 1536, 40e-3, 4e-3)):
+        name = "water" if reps is None else "water-2x2x2"
+        for v, t in (("baseline", ms_b), ("fused", ms_f)):
+            r = run_record("S1", name, v, t)
+            r.update(atoms_per_frame=atoms, throughput={"batch_size_per_rank": 1},
+                     workload=None if reps is None else {"base_system": "water", "replicate": reps,
+                                                         "batch_size": None, "base_atoms_per_frame": 192})
+            recs.append(r)
+    # a sweep of one size has no growth to show; another sweep's runs never mix in
+    recs.append(run_record("S0", "water", "fused", 1e-3))
+    secs = worksize.sections(recs)
+    assert [(s["system"], s["sweep"]) for s in secs] == [("water", "S1")]
+    got = {r["variant"]: float(r["exponent"]) for r in secs[0]["rows"]}
+    assert got["fused"] == pytest.approx(math.log(4) / math.log(8), abs=0.01)
+    assert got["baseline"] == pytest.approx(math.log(40 / 30) / math.log(8), abs=0.01)
+    html = render.render(recs)
+    assert 'id="work-size"' in html and "growth exponent" in html

@@ -59,6 +59,19 @@ def parse_batch_size(value: str | int | None) -> int | None:
     return n
 
 
+def parse_replicates(text: str | None) -> list[tuple[int, int, int] | None]:
+    """'1x1x1,2x2x2' -> [None, (2, 2, 2)] (None: the system as given); duplicates dropped."""
+    if text is None:
+        return [None]
+    return list(dict.fromkeys(parse_replicate(t) for t in str(text).split(",")))
+
+
+def parse_batch_sizes(value: str | int | None) -> list[int | None]:
+    if value is None:
+        return [None]
+    return list(dict.fromkeys(parse_batch_size(t) for t in str(value).split(",")))
+
+
 def replicate_frames(coord: np.ndarray, box: np.ndarray, reps: tuple[int, int, int]):
     """coord (nf x N*3), box (nf x 9) -> supercell coord (nf x n*N*3) and box (nf x 9), images
     in C order over (a, b, c), each image's atoms in the original order."""
