@@ -7,6 +7,7 @@
 #   LANE0="bench water baseline,tos,graph,fused" \
 #   LANE1="bench copper baseline,tos,graph; profile water baseline,graph" \
 #   STEPS=200 GATE_JOBS=3 LANE_BUDGET_S=540 bash .ci/gpu-lanes.sh
+#   A bench command may end with more bench arguments: "bench water baseline,fused --replicate 1x1x1,2x2x2"
 # FAIR_SHARE=1 splits a lane's budget evenly over its remaining bench commands (several systems
 # in sequence on one GPU).
 # A lane is a ';'-separated list of "bench SYSTEM V1,V2,..." or "profile SYSTEM V1,V2,... [K]" run
@@ -62,7 +63,7 @@ run_lane() {  # $1 = lane index, $2 = lane spec
       if [ "${FAIR_SHARE:-0}" = 1 ]; then left=$(( left / (todo + 1) )); fi
       CUDA_VISIBLE_DEVICES=$i OMP_NUM_THREADS=$per timeout "$left" taskset -c "$first-$last" \
         $py -m harness bench --system "$sys" $args --steps "$STEPS" --device "$DEVICE" --gate-jobs "$GATE_JOBS" \
-        --time-budget $(( left > 20 ? left - 10 : left ))
+        --time-budget $(( left > 20 ? left - 10 : left )) ${k:-}
     elif [ "$what" = profile ]; then
       # ncu gets what the profiled runs (~45 s each) leave of this command's fair share of the
       # lane (the lane's later commands keep theirs), shared by the variants

@@ -22,6 +22,8 @@ import math
 
 import torch
 
+from .cells import CellGrid, rows_per_chunk
+
 
 def smooth_weight(distance: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
     # == deepmd.pt.utils.preprocess.compute_smooth_weight
@@ -97,21 +99,11 @@ def batch_neighbors(
     ext_t = atype.to(dev).long().reshape(-1).repeat(nshift)
     nsel = sum(sel)
     jl, df, pl = [], [], []
-    fchunk = max(1, 3_000_000 // (nloc * next_))
-    for f0 in range(0, nf, fchunk):
-        d = ext[f0 : f0 + fchunk, None, :, :] - coord[f0 : f0 + fchunk, :, None, :]  # c x nloc x next x 3
-        c = d.shape[0]
-        d = d.reshape(c * nloc, next_, 3)
-        rr = torch.linalg.norm(d, dim=-1)
-        rows = torch.arange(c * nloc, device=dev)
-        rr[rows, rows % nloc] = -1.0  # self (zero shift) sorts first, as upstream
-        k = min(nsel + 1, next_)
-        rs, idx = torch.topk(rr, k, largest=False)
-        rs, idx = rs[:, 1:], idx[:, 1:]
-        if rs.shape[1] < nsel:
-            padn = nsel - rs.shape[1]
-            rs = torch.cat([rs, torch.full((rs.shape[0], padn), rcut + 1.0, dtype=rs.dtype, device=dev)], 1)
-            idx = torch.cat([idx, torch.zeros((idx.shape[0], padn), dtype=idx.dtype, device=dev)], 1)
+    if use_cells(nloc, next_):
+        chunks = _nearest_by_cells(ext, coord, rcut, nsel)
+    else:
+        chunks = _nearest_dense(ext, coord, rcut, nsel)
+    for c, rs, idx, dsel in chunks:
         valid = rs <= rcut  # upstream: rr > rcut -> -1
         typ = torch.where(valid, ext_t[idx], -1)
         out_j = torch.full((c * nloc, nsel), -1, dtype=torch.long, device=dev)
@@ -127,7 +119,7 @@ def batch_neighbors(
             dst = off + pos[r_i, c_i]
             src = idx[r_i, c_i]
             out_j[r_i, dst] = ext_j[src]
-            out_d[r_i, dst] = d[r_i, src]
+            out_d[r_i, dst] = dsel[r_i, c_i]
             if images:
                 out_p[r_i, dst] = src  # == s * nloc + j (ext's layout)
             off += st
@@ -139,6 +131,82 @@ def batch_neighbors(
     if images:
         return jloc, torch.cat(df), jloc >= 0, {"pidx": torch.cat(pl), "coord": coord, "shifts": shifts}
     return jloc, torch.cat(df), jloc >= 0
+
+
+# a frame's dense distance matrix is nloc x (nshift * nloc); above this many entries the
+# neighbour search bins atoms into cells instead (192 water atoms: 1.0 M, dense; 1,536: 64 M)
+DENSE_MAX_PAIRS = 4_000_000
+
+
+def use_cells(nloc: int, next_: int) -> bool:
+    return nloc * next_ > DENSE_MAX_PAIRS
+
+
+def _nearest(rr: torch.Tensor, k: int):
+    """The k smallest of each row, ties in column order: a stable sort, so that equal distances
+    (images of one atom in a small cell) are ordered the same way on every device and by both
+    searches (the cell search's columns are in the dense search's order)."""
+    rs, idx = torch.sort(rr, dim=1, stable=True)
+    return rs[:, :k], idx[:, :k]
+
+
+def _pad_selection(rs, idx, nsel: int, rcut: float):
+    """Pad the k nearest to nsel columns with "no neighbour" (distance beyond rcut)."""
+    if rs.shape[1] >= nsel:
+        return rs, idx
+    padn = nsel - rs.shape[1]
+    rs = torch.cat([rs, torch.full((rs.shape[0], padn), rcut + 1.0, dtype=rs.dtype, device=rs.device)], 1)
+    idx = torch.cat([idx, torch.zeros((idx.shape[0], padn), dtype=idx.dtype, device=idx.device)], 1)
+    return rs, idx
+
+
+def _nearest_dense(ext, coord, rcut: float, nsel: int):
+    """Per chunk of frames: (frames, distances, extended indices, displacements) of the nsel
+    nearest candidates of every atom, from every (atom, extended atom) pair at once."""
+    nf, nloc = coord.shape[:2]
+    next_ = ext.shape[1]
+    dev = coord.device
+    fchunk = max(1, 3_000_000 // (nloc * next_))
+    for f0 in range(0, nf, fchunk):
+        d = ext[f0 : f0 + fchunk, None, :, :] - coord[f0 : f0 + fchunk, :, None, :]  # c x nloc x next x 3
+        c = d.shape[0]
+        d = d.reshape(c * nloc, next_, 3)
+        rr = torch.linalg.norm(d, dim=-1)
+        rows = torch.arange(c * nloc, device=dev)
+        rr[rows, rows % nloc] = -1.0  # self (zero shift) sorts first, as upstream
+        rs, idx = _nearest(rr, nsel + 1)
+        rs, idx = _pad_selection(rs[:, 1:], idx[:, 1:], nsel, rcut)
+        yield c, rs, idx, d[rows[:, None], idx]
+
+
+def _nearest_by_cells(ext, coord, rcut: float, nsel: int):
+    """As _nearest_dense, one frame at a time, candidates from cell lists (O(N) memory)."""
+    nf, nloc = coord.shape[:2]
+    dev = coord.device
+    for f in range(nf):
+        grid = CellGrid(coord[f], ext[f], rcut)
+        step = rows_per_chunk(grid.width)
+        rs_all, idx_all, d_all = [], [], []
+        for r0 in range(0, nloc, step):
+            q = coord[f, r0 : r0 + step]
+            cand = grid.candidates(q)  # R x M, ascending extended index, -1 = none
+            d = ext[f][torch.clamp(cand, min=0)] - q[:, None, :]
+            rr = torch.linalg.norm(d, dim=-1)
+            rr = torch.where(cand < 0, torch.inf, rr)
+            me = torch.arange(r0, r0 + q.shape[0], device=dev)
+            rr = torch.where(cand == me[:, None], -1.0, rr)  # self (zero shift) sorts first
+            rs, pos = _nearest(rr, nsel + 1)
+            rows = torch.arange(q.shape[0], device=dev)[:, None]
+            idx = torch.clamp(cand[rows, pos], min=0)
+            rs, idx, dsel = rs[:, 1:], idx[:, 1:], d[rows, pos][:, 1:]
+            if rs.shape[1] < nsel:
+                dsel = torch.cat([dsel, dsel.new_zeros(dsel.shape[0], nsel - rs.shape[1], 3)], 1)
+            rs, idx = _pad_selection(rs, idx, nsel, rcut)
+            rs_all.append(rs)
+            idx_all.append(idx)
+            d_all.append(dsel)
+        yield 1, torch.cat(rs_all), torch.cat(idx_all), torch.cat(d_all)
+
 
 
 def compact_diff(pidx: torch.Tensor, coord: torch.Tensor, shifts: torch.Tensor):

@@ -5,6 +5,7 @@ import argparse
 import json
 import signal
 import sys
+import time
 import threading
 import traceback
 from pathlib import Path
@@ -14,6 +15,7 @@ from harness.core import paths
 
 
 def _bench(a: argparse.Namespace) -> int:
+    from harness.prepare import workload
     from harness.run import bench
     from harness.run import distributed
 
@@ -28,17 +30,28 @@ def _bench(a: argparse.Namespace) -> int:
     variants = list(dict.fromkeys(a.variant or ["baseline"]))
     if not a.no_baseline and "baseline" not in variants:
         variants.insert(0, "baseline")  # speed is a ratio to a baseline of the same sweep
-    req = bench.BenchRequest(
-        system=a.system, variants=variants, steps=a.steps, device=a.device,
-        seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
-        upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
-        runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
-        gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=a.time_budget,
-    )
-    rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
-    print(bench.format_table(rows))
-    for r in rows:
-        print(f"wrote {r.path}", file=sys.stderr)
+    # work sizes (comma lists): every (replicate, batch size) is one bench of the same sweep, so
+    # the report can fit how each variant's cost grows with the work (harness/report/worksize.py)
+    sizes = [(r, bs) for r in workload.parse_replicates(a.replicate) for bs in workload.parse_batch_sizes(a.batch_size)]
+    rows, sweep_id, t0 = [], None, time.monotonic()
+    for k, (reps, bs) in enumerate(sizes):
+        budget = a.time_budget
+        if budget is not None:  # a fair share of what is left for each size still to run
+            budget = max(1.0, (a.time_budget - (time.monotonic() - t0)) / (len(sizes) - k))
+        req = bench.BenchRequest(
+            system=a.system, variants=variants, steps=a.steps, device=a.device,
+            seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
+            upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
+            runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
+            gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=budget,
+            replicate=reps, batch_size=bs, sweep_id=sweep_id,
+        )
+        got = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
+        sweep_id = sweep_id or (got[0].sweep_id if got else None)
+        print(bench.format_table(got))
+        for r in got:
+            print(f"wrote {r.path}", file=sys.stderr)
+        rows += got
     if any(r.status not in ("ok", "unavailable") for r in rows):
         return 3
     if a.strict and any(r.accuracy.verdict == "fail" for r in rows):
@@ -166,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gate-jobs", type=int, default=1, metavar="N",
                    help="N>1: time all variants first, then run N accuracy gates at a time (baseline's "
                         "first); gates never overlap a timed run")
+    b.add_argument("--replicate", default=None, metavar="AxBxC",
+                   help="train on periodic supercells (e.g. 2x2x2: 8x the atoms; labels exact); a comma list (1x1x1,2x2x2) benches every size in one sweep")
+    b.add_argument("--batch-size", default=None, metavar="N",
+                   help="frames per step for every variant of the sweep (default: the system's input.json); a comma list benches every batch size in one sweep")
     b.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="the sweep's time limit (Slurm job, GPU lease): start a run only if it and the "
                         "accuracy gates still owed fit, so a limit leaves judged runs")

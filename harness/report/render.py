@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from harness.results import export
 from harness.results import runs as results
-from harness.report import summary
+from harness.report import summary, worksize
 from harness.results.runs import ROOT, RUNS
 from harness.report.summary import is_fast, is_profile_sweep, stamp, sweep_groups, world_size
 from harness.core import fsutil
@@ -120,7 +120,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
 {% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
 {% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
-{% endfor %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
+{% endfor %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
 {% for g in groups %}
 <h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
@@ -131,6 +131,15 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for s in g.older %}<details><summary>{{ s.title }}</summary><div id="{{ s.anchor }}">{% include "section" %}</div></details>{% endfor %}
 </details>{% endif %}
 {% endfor %}
+{% if work_sizes %}<h2 id="work-size">Work size</h2>
+<p class="muted">Sweeps that benched several work sizes (<code>bench --replicate AxBxC,... --batch-size N,...</code>): step time and
+throughput against the atoms a step trains on; exponent: slope of log(ms/step) vs log(atoms per step) in that sweep (1 = linear).</p>
+{% for w in work_sizes %}<h3>{{ w.system }} — {{ w.card }}, sweep {{ w.sweep }}</h3>
+<img alt="ms/step against atoms per step" src="{{ w.img }}">
+<table><tr><th>variant</th><th>growth exponent</th><th>atoms × frames: ms/step</th></tr>
+{% for r in w.rows %}<tr><td>{{ r.variant }}</td><td>{{ r.exponent }}</td><td>{{ r.sizes }}</td></tr>{% endfor %}</table>
+{% if w.failed %}<p class="muted">failed: {{ w.failed|join(', ') }}</p>{% endif %}
+{% endfor %}{% endif %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>
 {% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}{% if v.native %}<br><span class="muted">upstream-native, outside the three-parameter rule: {{ v.native }}</span>{% endif %}</dd>{% endfor %}
 </dl>{% endif %}
@@ -344,7 +353,8 @@ def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None,
     sections = build_sections(runs, all_sweeps, href)
     return env.from_string(TEMPLATE).render(
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), n_runs=len(runs), all_sweeps=all_sweeps,
-        summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv)
+        summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv,
+        work_sizes=worksize.sections(runs))
 
 
 CSV_NAME = "runs.csv"

@@ -37,6 +37,10 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "run_id": run.run_id,
         "sweep_id": run.sweep_id,
         "system": run.system.name,
+        # work size: atoms per frame, and the knobs a derived system was made with (bench
+        # --replicate / --batch-size; None for a system as given)
+        "atoms_per_frame": run.system.atoms_per_frame,
+        "workload": run.system.spec.get("workload"),
         "variant": run.variant.name,
         "variant_hash": run.variant.hash,
         "variant_chain": list(run.variant.chain),

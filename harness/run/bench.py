@@ -15,7 +15,7 @@ from harness.run import distributed
 from harness.core import environment
 from harness.prepare import input_check
 from harness.results import runs as results
-from harness.prepare import systems
+from harness.prepare import systems, workload
 from harness.run import timing
 from harness.run import train
 from harness.prepare import upstream
@@ -52,6 +52,9 @@ class BenchRequest:
     # to ncu_timeout_s
     ncu_kernels: int = 0
     ncu_timeout_s: float = 420.0
+    # work-size knobs, the same for every variant (harness/prepare/workload.py)
+    replicate: tuple[int, int, int] | None = None
+    batch_size: int | None = None
 
 
 def resolve_device(device: str) -> str:
@@ -102,6 +105,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     pin = (upstream.source_pin(req.upstream_source) if req.upstream_source
            else upstream.default_pin(req.upstream_version))
     systems.ensure_data(system, log)
+    system = workload.derive(system, req.replicate, req.batch_size, log=log)
     frames = systems.validate_system(system)
     log(f"system {system.name}: {frames['train']} training / {frames['validation']} validation frames, "
         f"{system.atoms_per_frame} atoms, types {list(system.type_map)}")
