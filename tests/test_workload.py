@@ -264,7 +264,7 @@ def test_growth_exponent_recovers_the_slope():
 
 
 def test_report_has_a_work_size_section(tmp_path):
-    from _fixtures_report import run_record
+    from _fixtures_report import run_record, typed
     from harness.report import render, worksize
 
     recs = []
@@ -278,6 +278,7 @@ def test_report_has_a_work_size_section(tmp_path):
             recs.append(r)
     # a sweep of one size has no growth to show; another sweep's runs never mix in
     recs.append(run_record("S0", "water", "fused", 1e-3))
+    recs = typed(recs)
     secs = worksize.sections(recs)
     assert [(s["system"], s["sweep"]) for s in secs] == [("water", "S1")]
     got = {r["variant"]: float(r["exponent"]) for r in secs[0]["rows"]}

@@ -438,6 +438,8 @@ class StoredRun(Part):
     error: str | None = None
     steps: int | None = None
     seed: int | None = None
+    atoms_per_frame: int | None = None  # None: a record older than the field
+    workload: dict[str, Any] | None = None  # replicate / batch size a derived system was made with
     device: DeviceInfo = field(default_factory=DeviceInfo)
     timing: Timing = field(default_factory=Timing)
     world_size: int | None = None  # None: a record older than multi-GPU runs (one process)

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterable
 
+from harness.core.records import StoredRun
 from harness.report.plots import _plt, _png
 from harness.report.summary import card_of
 
@@ -40,24 +41,24 @@ def growth_exponent(points: Iterable[Point]) -> float | None:
     return float(fit.slope)
 
 
-def _base(r: dict[str, Any]) -> str:
-    return ((r.get("workload") or {}).get("base_system")) or r["system"]
+def _base(r: StoredRun) -> str:
+    return (r.workload or {}).get("base_system") or r.system
 
 
-def _point(r: dict[str, Any]) -> Point | None:
-    t = (r.get("timing") or {}).get("step_s_median")
-    atoms = r.get("atoms_per_frame")
-    frames = (r.get("throughput") or {}).get("batch_size_per_rank")
-    if r.get("status") != "ok" or not t or not atoms or not frames or (r.get("world_size") or 1) != 1:
+def _point(r: StoredRun) -> Point | None:
+    t = r.timing.step_s_median
+    atoms = r.atoms_per_frame
+    frames = r.throughput.batch_size_per_rank
+    if r.status != "ok" or not t or not atoms or not frames or (r.world_size or 1) != 1:
         return None
-    return Point(r["variant"], int(atoms), int(frames), float(t))
+    return Point(r.variant, int(atoms), int(frames), float(t))
 
 
-def sections(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def sections(runs: list[StoredRun]) -> list[dict[str, Any]]:
     """One section per (base system, card, sweep) that measured two or more work sizes."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str, str], list[StoredRun]] = {}
     for r in runs:
-        groups.setdefault((_base(r), card_of(r), r["sweep_id"]), []).append(r)
+        groups.setdefault((_base(r), card_of(r), r.sweep_id), []).append(r)
     out = []
     for (system, card, sweep), rs in sorted(groups.items(), key=lambda kv: kv[0][2], reverse=True):
         pts = [p for p in map(_point, rs) if p is not None]
@@ -66,7 +67,7 @@ def sections(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         by_v: dict[str, list[Point]] = {}
         for p in pts:
             by_v.setdefault(p.variant, []).append(p)
-        failed = sorted({(r["variant"], r.get("atoms_per_frame")) for r in rs if r.get("status") != "ok"},
+        failed = sorted({(r.variant, r.atoms_per_frame) for r in rs if r.status != "ok"},
                         key=lambda x: (x[0], x[1] or 0))
         rows = []
         for v, vp in by_v.items():
