@@ -8,7 +8,7 @@ STEPS   ?= auto
 DEVICE  ?= auto
 ARGS    ?=
 
-.PHONY: help venv bench test systems variants wheelhouse report export profile regress calibrate clean
+.PHONY: help venv bench test test-gpu systems variants wheelhouse report export profile regress calibrate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -19,9 +19,12 @@ venv:  ## create .venv (automatic on first use)
 bench: venv  ## bench VARIANT (comma list) against baseline: SYSTEM= VARIANT= STEPS= DEVICE=
 	$(PY) -m harness bench --system $(SYSTEM) $(foreach v,$(subst $(comma), ,$(VARIANT)),--variant $(v)) --steps $(STEPS) --device $(DEVICE) $(ARGS)
 
-test:  ## run the test suite (CPU)
+test:  ## run the test suite (CPU; tests/gpu skips without CUDA)
 	@$(PYTHON) harness/bootstrap.py --dev
 	$(PY) -m pytest -q $(ARGS)
+
+test-gpu: venv  ## the engine on CUDA vs upstream on CUDA (tests/gpu, -m gpu; on the GPU machine, whose python has pytest)
+	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)
 
 systems: venv  ## obtain/verify system data and list neighbour statistics (REGENERATE=1 regenerates copper and alcumg)
 ifeq ($(REGENERATE),1)

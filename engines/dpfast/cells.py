@@ -10,7 +10,7 @@ indices. Rows come in chunks so that peak memory grows linearly with the atoms.
 The candidates of a row are sorted by extended index (``s * nloc + j``), the order in which the
 dense search sees them, so the nearest-neighbour selection that follows gets the same values in
 the same relative order; distances are formed by the same IEEE operations (``ext - coord_i``),
-so both searches give bit-identical lists (tests/test_fused_variant.py checks).
+so both searches give bit-identical lists (tests/engines/test_fused_variant.py checks).
 """
 from __future__ import annotations
 

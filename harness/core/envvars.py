@@ -7,7 +7,7 @@ The one exception is engines/ (dpfast): a variant's build freezes a copy of the 
 the engine also runs without the harness (tests drive it directly), so it reads os.environ itself;
 its names are still declared here.
 
-tests/test_envvars.py fails when code reads or sets a DPH_* name that is not declared here, when a
+tests/unit/test_envvars.py fails when code reads or sets a DPH_* name that is not declared here, when a
 declared name is no longer used anywhere (the list cannot drift from the code), or when code
 outside engines/ reads a DPH_* variable without this module."""
 from __future__ import annotations
@@ -74,8 +74,8 @@ DPH_GPU_WORK = _declare("DPH_GPU_WORK", "tools/gpu_check_fused.py", "work folder
 DPH_PARITY_SYSTEMS = _declare("DPH_PARITY_SYSTEMS", "tools/gpu_check_fused.py", "systems of the GPU parity check",
                               "water")
 DPH_PARITY_COMPILED = _declare("DPH_PARITY_COMPILED", "tools/gpu_check_fused.py", "1: also check compiled parity")
-DPH_TEST_SIGNAL = _declare("DPH_TEST_SIGNAL", "tests/test_reliability.py", "signal (or OOM) the killer variant raises")
-DPH_TEST_KILL_AT = _declare("DPH_TEST_KILL_AT", "tests/test_reliability.py", "step at which the killer variant dies",
+DPH_TEST_SIGNAL = _declare("DPH_TEST_SIGNAL", "tests/integration/test_reliability.py", "signal (or OOM) the killer variant raises")
+DPH_TEST_KILL_AT = _declare("DPH_TEST_KILL_AT", "tests/integration/test_reliability.py", "step at which the killer variant dies",
                             "3")
 
 VARS: dict[str, EnvVar] = {v.name: v for v in _ALL}

@@ -19,7 +19,7 @@ from harness.cli import sweep
 from harness.core.errors import UserError
 from harness.core.records import StoredRun
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- identity

@@ -26,7 +26,7 @@ from harness.prepare import systems, workload
 
 from _upstream_fixtures import data  # noqa: E402,F401  (a fixture)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WATER = REPO / "systems" / "water" / "data" / "data_0"
 
 

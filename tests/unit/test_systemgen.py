@@ -19,7 +19,7 @@ import yaml
 
 from harness.prepare import systemgen
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SYSTEMS = ("copper", "alcumg")
 # one short sub-system per system for the regeneration check (~2 s and ~25 s)
 REGEN = {"copper": "valid_liquid_1600K", "alcumg": "al80_compress2_500K"}

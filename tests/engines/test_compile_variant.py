@@ -34,7 +34,7 @@ from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     _upstream_batch, build_trainer, case_config, data, fcc_config, frames_of, rel, torch, upstream_adam_step,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "engines" / "dpfast" / "upstream_compile.py"
 FTOL = 1e-10
 UTOL = 1e-8

@@ -19,7 +19,7 @@ from harness.results import runs as results
 from harness.prepare import systems
 from harness.core.errors import UserError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TYPE_MAP = ("O", "H")
 
 

@@ -21,7 +21,7 @@ from harness.prepare import variants
 from harness.core.errors import UserError
 from harness.core.records import ALLOWED_OVERRIDES
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _manifest(d: Path, name: str, **extra) -> Path:

@@ -12,7 +12,7 @@ DPH_FLAT_ADAM_COMPILE=1, CUDA only unless DPH_COMPILE_CPU=1; variant fused-predi
    (capturable False and True) and the eager FlatAdam, several steps, <= 1e-12 relative;
 4. the accuracy-gate hook parity_train_step runs the compiled step when the knobs are set;
 5. (slow) the whole step with Inductor on CPU (both knobs) vs upstream.
-The end-to-end `dp --pt train` run of the variant is tests/test_graph_variant.py's
+The end-to-end `dp --pt train` run of the variant is tests/engines/test_graph_variant.py's
 test_end_to_end_train_then_upstream_test[fused].
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, build_trainer, rel, data, _upstream_batch, upstream_reference_step, torch,

@@ -29,7 +29,7 @@ from harness.run import train
 from harness.core.errors import UserError
 from harness.core.records import RunRecord, RunSpec, StoredRun
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- command construction

@@ -12,7 +12,7 @@ import pytest
 from harness.cli import main as cli
 from harness.prepare import systems
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _have(name: str) -> bool:

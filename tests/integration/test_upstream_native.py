@@ -28,7 +28,7 @@ from harness.prepare import variants
 from harness.core.errors import UserError
 from harness.core.records import StoredRun
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GUARD_LOG = """\
 [2026-12-03 07:55:40,000] DEEPMD INFO    Start to train 30 steps.
 Traceback (most recent call last):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 VARIANT_DIR = REPO / "patches" / "graph"
 ENGINES = REPO / "engines"
 WATER = REPO / "systems" / "water" / "data"

@@ -24,7 +24,7 @@ from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     build_trainer, data, fcc_config, frames_of, rel, torch,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MODULE = REPO / "patches" / "mixed" / "low_precision_embedding.py"
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from harness.core import envvars
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SOURCES = ["harness", "engines", "patches", "tools", "tests", ".ci", "Makefile"]
 NAME = re.compile(r"\bDPH_[A-Z][A-Z0-9_]*[A-Z0-9]\b")
 
