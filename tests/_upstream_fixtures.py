@@ -214,6 +214,8 @@ def assert_float32_parity(out, ref) -> None:
 
 
 def _upstream_batch(trainer, frame: dict, need_virial: bool):
+    """One frame as upstream's wrapper takes it, on the device upstream built its model on."""
+    dev = next(trainer.wrapper.parameters()).device
     inp = {
         "coord": torch.tensor(np.asarray(frame["coord"]))[None],
         "atype": torch.tensor(np.asarray(frame["atype"])).long()[None],
@@ -228,6 +230,8 @@ def _upstream_batch(trainer, frame: dict, need_virial: bool):
     if need_virial:
         label["virial"] = torch.tensor(np.asarray(frame["virial"]))[None]
         label["find_virial"] = frame["find_virial"]
+    inp = {k: v.to(dev) for k, v in inp.items()}
+    label = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in label.items()}
     return inp, label
 
 

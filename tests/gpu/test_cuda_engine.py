@@ -71,9 +71,9 @@ def test_cell_search_equals_dense_bitwise_on_cuda(reps, monkeypatch):
     from dpfast import geometry as geo
     from harness.prepare import workload
 
-    c = np.load(WATER / "set.000" / "coord.npy")[:2]
-    b = np.load(WATER / "set.000" / "box.npy")[:2]
-    t = np.loadtxt(WATER / "type.raw", dtype=int)
+    c = np.load(WATER / "data_0" / "set.000" / "coord.npy")[:2]
+    b = np.load(WATER / "data_0" / "set.000" / "box.npy")[:2]
+    t = np.loadtxt(WATER / "data_0" / "type.raw", dtype=int)
     big, bigbox = workload.replicate_frames(c, b, reps)
     n = reps[0] * reps[1] * reps[2]
     coord = torch.tensor(big, device="cuda")
@@ -82,7 +82,7 @@ def test_cell_search_equals_dense_bitwise_on_cuda(reps, monkeypatch):
     out = {}
     for mode, limit in (("dense", 10**15), ("cells", 0)):
         monkeypatch.setattr(geo, "DENSE_MAX_PAIRS", limit)
-        out[mode] = geo.batch_neighbors(coord, atype, box, 6.0, [46 * n, 92 * n], images=True)
+        out[mode] = geo.batch_neighbors(coord, atype, box, 6.0, [46, 92], images=True)
     a, bb = out["dense"], out["cells"]
     assert a[0].device.type == "cuda" and int(a[2].sum()) > 0
     for x, y, name in ((a[0], bb[0], "jloc"), (a[1], bb[1], "diff"), (a[2], bb[2], "mask"),
