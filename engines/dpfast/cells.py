@@ -10,7 +10,9 @@ indices. Rows come in chunks so that peak memory grows linearly with the atoms.
 The candidates of a row are sorted by extended index (``s * nloc + j``), the order in which the
 dense search sees them, so the nearest-neighbour selection that follows gets the same values in
 the same relative order; distances are formed by the same IEEE operations (``ext - coord_i``),
-so both searches give bit-identical lists (tests/engines/test_fused_variant.py checks).
+so both searches give bit-identical lists wherever a row has no two exactly equal distances (the
+order among exact ties is topk's and may differ; the neighbours kept do not) - tests/integration/
+test_workload.py checks both.
 """
 from __future__ import annotations
 

@@ -143,11 +143,13 @@ def use_cells(nloc: int, next_: int) -> bool:
 
 
 def _nearest(rr: torch.Tensor, k: int):
-    """The k smallest of each row, ties in column order: a stable sort, so that equal distances
-    (images of one atom in a small cell) are ordered the same way on every device and by both
-    searches (the cell search's columns are in the dense search's order)."""
-    rs, idx = torch.sort(rr, dim=1, stable=True)
-    return rs[:, :k], idx[:, :k]
+    """The k smallest of each row, by torch.topk as upstream's build_neighbor_list does: on the
+    same distance matrix, equal distances (images of one atom in a small cell) come out in
+    upstream's order, which decides which of them a sel truncation keeps. The cell search runs the
+    same op on fewer columns: the same neighbours, in the same order whenever no two distances
+    of a row are exactly equal (the order among exact ties may differ, the set kept does not
+    unless the tie straddles the sel cut)."""
+    return torch.topk(rr, min(k, rr.shape[1]), largest=False)
 
 
 def _pad_selection(rs, idx, nsel: int, rcut: float):
