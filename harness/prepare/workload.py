@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from harness.core.errors import UserError
+from harness.core.errors import UserError, whole_number
 from harness.core.fsutil import sha256_file
 from harness.core.paths import BUILD
 from harness.core.records import System
@@ -50,13 +50,8 @@ def parse_replicate(text: str | None) -> tuple[int, int, int] | None:
 def parse_batch_size(value: str | int | None) -> int | None:
     if value is None:
         return None
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise UserError(f"--batch-size must be a positive integer, not {value!r}") from None
-    if n < 1:
-        raise UserError(f"--batch-size must be a positive integer, not {value!r}")
-    return n
+    msg = f"--batch-size must be a positive integer, not {value!r}"
+    return whole_number(value, 1, msg, msg)
 
 
 def parse_replicates(text: str | None) -> list[tuple[int, int, int] | None]:

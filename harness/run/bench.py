@@ -20,7 +20,7 @@ from harness.run import timing
 from harness.run import train
 from harness.prepare import upstream
 from harness.core.progress import Progress
-from harness.core.errors import UserError
+from harness.core.errors import UserError, whole_number
 from harness.core.records import (AccuracyResult, BuiltVariant, Profile, RunRecord, RunSpec, StoredRun, System,
                                    UpstreamPin)
 
@@ -72,13 +72,8 @@ DEFAULT_STEPS = {"cuda": 300, "cpu": 20}
 def resolve_steps(steps: int | str, device: str) -> int:
     if steps == "auto":
         return DEFAULT_STEPS[device]
-    try:
-        n = int(steps)
-    except (TypeError, ValueError):
-        raise UserError(f"--steps must be an integer or auto, not {steps!r}") from None
-    if n < 2:
-        raise UserError(f"--steps must be at least 2, not {n}")
-    return n
+    return whole_number(steps, 2, f"--steps must be an integer or auto, not {steps!r}",
+                        "--steps must be at least 2, not {n}")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import shutil
 import sys
 from typing import Any, Callable, Iterable
 
-from harness.core.errors import UserError
+from harness.core.errors import UserError, whole_number
 
 # NVLink multicast (NVLS / symmetric-memory multicast) can take shared GPUs out of service on the
 # lent machines: always off, for every multi-GPU launch (and harmless for a single process).
@@ -52,12 +52,8 @@ def parse_gpus(text: str | int | Iterable[int]) -> list[int]:
         raise UserError("--gpus: give at least one GPU count (e.g. --gpus 1,2)")
     out: list[int] = []
     for t in items:
-        try:
-            n = int(t)
-        except (TypeError, ValueError):
-            raise UserError(f"--gpus must be a comma list of integers, not {text!r}") from None
-        if n < 1:
-            raise UserError(f"--gpus: a GPU count must be at least 1, not {n}")
+        n = whole_number(t, 1, f"--gpus must be a comma list of integers, not {text!r}",
+                         "--gpus: a GPU count must be at least 1, not {n}")
         if n not in out:
             out.append(n)
     return out

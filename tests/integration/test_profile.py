@@ -310,23 +310,28 @@ def _profiled_record(tmp_path, monkeypatch, profile_dict: dict, child: _FakeChil
     return wd, RunRecord(run=spec, train=tr, timing=Timing(), environment={}, profile=profile_dict)
 
 
+
+def _fake_ncu_help(monkeypatch, help_text: str) -> None:
+    """Only `ncu --help` may run (it answers help_text): the profiled child is faked elsewhere."""
+    import types
+
+    def fake_run(cmd, **kw):
+        if cmd == ["ncu", "--help"]:
+            return types.SimpleNamespace(stdout=help_text, stderr="")
+        raise AssertionError(f"ran {cmd}")
+
+    monkeypatch.setattr(nsight.subprocess, "run", fake_run)
+
 def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tmp_path, monkeypatch):
     """An old ncu counts launches of all matched kernels together: the skip is two steps' worth
     of all of them (not the window's start: graph capture and compile steps launch fewer, and a
     skip past the last launch measured nothing), the count about one step's worth; the run
     under ncu trains to just past the profiled window's start."""
-    import types
-
     from harness.run import bench
 
     seen = {}
 
-    def fake_run(cmd, **kw):
-        if cmd == ["ncu", "--help"]:
-            return types.SimpleNamespace(stdout="--launch-skip --launch-count", stderr="")
-        raise AssertionError(f"ran {cmd}")
-
-    monkeypatch.setattr(nsight.subprocess, "run", fake_run)
+    _fake_ncu_help(monkeypatch, "--launch-skip --launch-count")
     wd, rec = _profiled_record(tmp_path, monkeypatch, {
         "steps": 20, "window": {"start_step": 30},
         "top_kernels": [{"name": "memcpy32_post", "count": 900}, {"name": "sort_8_1", "count": 20}]},
@@ -345,19 +350,12 @@ def test_ncu_without_per_launch_config_skips_a_couple_of_steps_of_all_kernels(tm
 def test_ncu_run_that_times_out_is_recorded_with_its_reason(tmp_path, monkeypatch):
     """A lane limit must not leave a silently missing figure: an ncu run past its limit writes
     ncu.json and the run record with error 'ncu timed out', whatever it measured before."""
-    import types
-
     from harness.results import runs as results
     from harness.run import bench
 
     seen = {}
 
-    def fake_run(cmd, **kw):
-        if cmd == ["ncu", "--help"]:
-            return types.SimpleNamespace(stdout="--filter-mode  global, per-gpu, per-launch-config", stderr="")
-        raise AssertionError(f"ran {cmd}")
-
-    monkeypatch.setattr(nsight.subprocess, "run", fake_run)
+    _fake_ncu_help(monkeypatch, "--filter-mode  global, per-gpu, per-launch-config")
     wd, rec = _profiled_record(tmp_path, monkeypatch, {
         "steps": 10, "window": {"start_step": 5}, "top_kernels": [{"name": "triton_poi_fused_0", "count": 20}]},
         _FakeChild(seen, NCU_UNITS, hang=True))
