@@ -9,7 +9,8 @@ is ~1 TB, the CUDA OOM that stopped the 4x4x4 sweep before the engine ran. ``ins
 rebinds those two module functions to ``build_neighbor_list_dpmodel`` / ``_pt``: upstream's
 own normalisation and ghost extension stay (linear in atoms), only the list is searched
 with the engine's cell grid (``cells.CellGrid``), one frame and a bounded chunk of centre rows
-at a time, so peak memory grows linearly with the atoms.
+at a time, so peak memory grows linearly with the atoms. Frames small enough for the all-pairs
+matrix (``DENSE_LIMIT``, the engine's own switch) still go to upstream's builders.
 
 Same list as upstream's, in upstream's conventions (indices into upstream's extended atoms,
 per-type blocks of width sel[t], -1 padding, virtual atoms masked): the candidates of a row
@@ -26,7 +27,11 @@ from typing import Any
 import torch
 
 from .cells import CellGrid, rows_per_chunk
+from .geometry import DENSE_MAX_PAIRS
 
+# frames whose all-pairs matrix (nloc x nall) stays below this go to upstream's own builder, so
+# small systems (192 water atoms: 1 M) keep upstream's code bit for bit; tests lower it to 0
+DENSE_LIMIT = DENSE_MAX_PAIRS
 _saved: dict[tuple[str, str], Any] = {}  # (module, name) -> upstream's function
 
 
@@ -95,10 +100,15 @@ def cell_neighbor_list(coord, atype, nloc: int, rcut: float, sel, distinguish_ty
     return nlist
 
 
+def _dense_is_small(coord, nloc: int) -> bool:
+    nall = coord.shape[1] // 3 if coord.ndim == 2 else coord.shape[1]
+    return nloc * nall <= DENSE_LIMIT
+
+
 def build_neighbor_list_dpmodel(coord, atype, nloc, rcut, sel, distinguish_types=True, pair_excl=None):
     """Drop-in for deepmd.dpmodel.utils.nlist.build_neighbor_list on torch tensors (what the
     pt backend's input statistics pass); other array types go to upstream's."""
-    if not isinstance(coord, torch.Tensor):
+    if not isinstance(coord, torch.Tensor) or _dense_is_small(coord, nloc):
         return _saved[("deepmd.dpmodel.utils.nlist", "build_neighbor_list")](
             coord, atype, nloc, rcut, sel, distinguish_types=distinguish_types, pair_excl=pair_excl)
     from deepmd.dpmodel.utils.nlist import apply_pair_exclusion_nlist
@@ -111,9 +121,9 @@ def build_neighbor_list_dpmodel(coord, atype, nloc, rcut, sel, distinguish_types
 
 def build_neighbor_list_pt(coord, atype, nloc, rcut, sel, distinguish_types=True, cap_neighbors=True):
     """Drop-in for deepmd.pt.utils.nlist.build_neighbor_list (the model forward's list)."""
-    if not cap_neighbors:  # the data-sized list: upstream's own
+    if not cap_neighbors or _dense_is_small(coord, nloc):  # cap_neighbors=False: data-sized, upstream's
         return _saved[("deepmd.pt.utils.nlist", "build_neighbor_list")](
-            coord, atype, nloc, rcut, sel, distinguish_types=distinguish_types, cap_neighbors=False)
+            coord, atype, nloc, rcut, sel, distinguish_types=distinguish_types, cap_neighbors=cap_neighbors)
     return cell_neighbor_list(coord, atype, nloc, rcut, sel, distinguish_types, stable=False)
 
 

@@ -36,6 +36,14 @@ def _water(reps=(1, 1, 1), nframes=2):
             torch.tensor(box))
 
 
+@pytest.fixture(autouse=True)
+def cells_at_every_size(monkeypatch):
+    """The cell path even where the patch leaves small frames to upstream's builder."""
+    from dpfast import stats
+
+    monkeypatch.setattr(stats, "DENSE_LIMIT", 0)
+
+
 @pytest.fixture
 def patched():
     from dpfast import stats
@@ -158,6 +166,20 @@ def test_memory_linear_in_atoms_with_the_patch():
     assert p2 / p1 < 2.5
     assert p8 / p1 < 8 * 1.3
     assert p1 < base1 / 4  # and far below upstream's already at 192 atoms
+
+
+def test_small_frames_go_to_upstreams_builder(monkeypatch, patched):
+    import deepmd.dpmodel.utils.nlist as dp_nlist
+
+    calls = []
+    cells = patched.cell_neighbor_list
+    monkeypatch.setattr(patched, "cell_neighbor_list", lambda *a, **k: calls.append(1) or cells(*a, **k))
+    monkeypatch.setattr(patched, "DENSE_LIMIT", 192 * 192 * 27)  # water 1x1x1: nloc x nall
+    _dp_lists(*_water((1, 1, 1), nframes=1))
+    assert calls == []  # at the limit: upstream's own
+    _dp_lists(*_water((2, 1, 1), nframes=1))
+    assert calls == [1]  # above it: cells
+    assert dp_nlist.build_neighbor_list is patched.build_neighbor_list_dpmodel
 
 
 def test_trainer_install_rebinds_and_uninstall_restores(monkeypatch):
