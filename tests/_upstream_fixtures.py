@@ -336,7 +336,19 @@ def load_fused_patches(monkeypatch) -> None:
     monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)
     monkeypatch.setattr(runtime, "parity_forward", runtime.parity_forward)
     monkeypatch.setattr(runtime, "parity_train_step", runtime.parity_train_step)
+    from dpfast import stats
+
+    # install() also rebinds upstream's neighbour-list builders (dpfast.stats); they are put back
+    # right after loading, so the upstream forward these tests compare with is upstream's own (as
+    # the gate's reference, always the unpatched build); tests/engines/test_stats.py tests them
+    monkeypatch.setattr(stats, "_saved", {})
+    import deepmd.dpmodel.utils.nlist as dp_nlist
+    import deepmd.pt.utils.nlist as pt_nlist
+
+    monkeypatch.setattr(dp_nlist, "build_neighbor_list", dp_nlist.build_neighbor_list)
+    monkeypatch.setattr(pt_nlist, "build_neighbor_list", pt_nlist.build_neighbor_list)
     for name, d in (("select_engine", "graph"), ("select_engine", "fused")):
         spec = importlib.util.spec_from_file_location(f"t_{name}", REPO / "patches" / d / f"{name}.py")
         m = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(m)
+    stats.uninstall()

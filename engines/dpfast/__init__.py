@@ -20,6 +20,8 @@ optimizer settings, data and checkpoints; dpfast replaces the training loop:
                  inside the CUDA graph (FusedEngine);
 * ``trainer``    ``install(name)``: the engine that upstream's Trainer.run trains with, and the
                  accuracy-gate hooks;
+* ``stats``      upstream's neighbour lists for what the engine keeps of upstream (input
+                 statistics, the validation forward) through cell lists: linear memory;
 * ``upstream_compile``  the ``compile`` variant: make_fx + Inductor of upstream's own
                  energy/force path inside upstream's own loop.
 """

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from . import fused, graph
+from . import fused, graph, stats
 
 ENGINES: dict[str, type] = {"graph": graph.GraphEngine, "fused": fused.FusedEngine}
 _selected: list[str] = []  # the installed engine's name
@@ -56,6 +56,9 @@ def install(name: str) -> None:
         engine_run._dph_orig = orig_run
         training.Trainer.run = engine_run
     training.Trainer.run._dph_engine = cls
+    # upstream's input statistics and validation forward, which the engine keeps, build their
+    # neighbour lists from all pairs: through cell lists they stay linear in the atoms
+    stats.install()
     _selected[:] = [name]
     try:
         from harness.child import runtime
@@ -65,10 +68,11 @@ def install(name: str) -> None:
 
 
 def uninstall() -> None:
-    """Put upstream's Trainer.run back (tests)."""
+    """Put upstream's Trainer.run and neighbour-list builders back (tests)."""
     from deepmd.pt.train import training
 
     orig: Any = getattr(training.Trainer.run, "_dph_orig", None)
     if orig is not None:
         training.Trainer.run = orig
+    stats.uninstall()
     _selected.clear()

@@ -18,8 +18,8 @@ For every successful training run of a sweep, ``stage()`` returns a callable tha
 
 The verdict is "baseline" for the reference run itself, else "pass" or "fail" (with ``strict``
 False, a variant that cannot be judged at all -- no baseline run, or no parity possible and no
-calibration -- gets verdict None and says why). The gate never raises: a crash is a "fail"
-whose ``detail`` names the cause.
+calibration, or frames upstream's own dp test runs out of memory on -- gets verdict None and says
+why). The gate never raises: a crash is a "fail" whose ``detail`` names the cause.
 """
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core.records import AccuracyResult, RunRecord
-from harness.judge.processes import (DEFAULT_TEST_FRAMES, baseline_tree, finish_dp_test, format_dp_test,
-                                    run_dp_test, start_dp_test, stop_gates)
+from harness.judge.processes import (DEFAULT_TEST_FRAMES, UpstreamOutOfMemory, baseline_tree, finish_dp_test,
+                                    format_dp_test, run_dp_test, start_dp_test, stop_gates)
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, load_reference, parity_verdict, start_parity_eval, start_reference
 from harness.judge.calibration import CALIBRATION, dp_test_verdict, find_calibration
 
@@ -94,7 +94,7 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
         # the reference of every variant's same-weights parity, computed once per sweep baseline
         ref_proc, ref_log, ref_out = start_reference(rec, tree)
         dp = finish_dp_test(*dp_proc, nframes)
-        meta, _ = finish_parity_eval(ref_proc, ref_log, ref_out)
+        meta, _ = finish_parity_eval(ref_proc, ref_log, ref_out, upstream=True)
         if meta.get("load") != "ok":
             raise RuntimeError(f"baseline parity reference: {meta.get('load')}")
         return AccuracyResult(dp_test=dp, parity=None, verdict="baseline",
@@ -193,6 +193,12 @@ def stage(strict: bool = False, frames: int | None = None,
                 # variants: cache it now, before their gates may run concurrently
                 load_reference(rec, baseline_tree(previous + [rec]))
             return res
+        except UpstreamOutOfMemory as e:
+            # upstream cannot evaluate frames this large here: no verdict either way, said so
+            atoms = rec.run.system.atoms_per_frame
+            return AccuracyResult(verdict="fail" if strict else None,
+                                  detail=f"not judged: upstream cannot evaluate {atoms}-atom frames on this "
+                                         f"{rec.run.device} device ({e})")
         except Exception as e:  # the gate must never crash the bench: a crash is a fail
             msg = " ".join(f"{type(e).__name__}: {e}".split())[:400]
             return AccuracyResult(verdict="fail", detail=f"accuracy gate error: {msg}")

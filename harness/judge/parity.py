@@ -13,7 +13,7 @@ import numpy as np
 from harness.core import envvars
 from harness.run import train
 from harness.core.records import RunRecord
-from harness.judge.processes import log_tail, track, wait_tracked
+from harness.judge.processes import UpstreamOutOfMemory, log_tail, oom_line, track, wait_tracked
 
 
 # Same-weights parity tolerance per accuracy class: relative error max|a-b| / max|b| of energy,
@@ -76,11 +76,17 @@ def start_parity_eval(tree: Path, modules: tuple[Path, ...], env_extra: dict[str
     return proc, log
 
 
-def finish_parity_eval(proc: subprocess.Popen, log: Path, out: Path) -> tuple[dict, dict[str, np.ndarray]]:
+def finish_parity_eval(proc: subprocess.Popen, log: Path, out: Path,
+                       upstream: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """upstream: the child ran the unpatched baseline build (the reference), so running out of
+    memory there is upstream's limit (UpstreamOutOfMemory), not the variant's failure."""
     rc = wait_tracked(proc, PARITY_TIMEOUT_S, "parity evaluation")
     meta_p = out.with_suffix(".json")
     meta = json.loads(meta_p.read_text()) if meta_p.is_file() else {}
     if rc != 0:
+        oom = oom_line(log.read_text(errors="replace")) if upstream and log.is_file() else None
+        if oom:
+            raise UpstreamOutOfMemory(f"upstream's parity reference ran out of memory (exit {rc}): {oom}")
         raise RuntimeError(f"parity evaluation exit {rc}: {log_tail(log)}")
     with np.load(out) as z:
         arrays = {k: z[k] for k in z.files}
@@ -178,7 +184,7 @@ def load_reference(base: RunRecord, tree: Path) -> tuple[dict, dict[str, np.ndar
             with np.load(out) as z:
                 return meta, {k: z[k] for k in z.files}
     proc, log, out = start_reference(base, tree)
-    return finish_parity_eval(proc, log, out)
+    return finish_parity_eval(proc, log, out, upstream=True)
 
 
 def parity_verdict(par: dict[str, Any], cls: str) -> list[str]:

@@ -216,9 +216,30 @@ def format_dp_test(d: dict | None) -> str:
     return "dp test " + ", ".join(p for p in parts if p)
 
 
+class UpstreamOutOfMemory(RuntimeError):
+    """Upstream's own dp test ran out of memory: the frames are too large for upstream's code on
+    this device (its neighbour list is all-pairs), which says nothing about the run judged."""
+
+
+# torch's OutOfMemoryError / "CUDA out of memory", upstream's AutoBatchSize giving up at batch 1
+_OOM = re.compile(r"OutOfMemoryError|out[ -]of[ -]memory", re.IGNORECASE)
+
+
+def oom_line(text: str) -> str | None:
+    """The last line of a log that reports running out of memory, or None."""
+    hits = [ln.strip() for ln in text.splitlines() if _OOM.search(ln)]
+    return hits[-1][:300] if hits else None
+
+
 def finish_dp_test(proc: subprocess.Popen, log: Path, frames: int) -> dict[str, Any]:
     rc = wait_tracked(proc, DP_TEST_TIMEOUT_S, "dp test")
     if rc != 0:
+        try:
+            oom = oom_line(log.read_text(errors="replace"))
+        except OSError:
+            oom = None
+        if oom:
+            raise UpstreamOutOfMemory(f"upstream's dp test ran out of memory (exit {rc}): {oom}")
         raise RuntimeError(f"dp test exit {rc}: {log_tail(log)}")
     res: dict[str, Any] = dict(parse_dp_test(log.read_text(errors="replace")))
     res["numb_test"] = int(frames)

@@ -133,11 +133,12 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% endfor %}
 {% if work_sizes %}<h2 id="work-size">Work size</h2>
 <p class="muted">Sweeps that benched several work sizes (<code>bench --replicate AxBxC,... --batch-size N,...</code>): step time and
-throughput against the atoms a step trains on; exponent: slope of log(ms/step) vs log(atoms per step) in that sweep (1 = linear).</p>
+throughput against the atoms a step trains on; exponent: slope of log(ms/step) vs log(atoms per step) in that sweep (1 = linear);
+memory exponent: the same for the process's peak GPU memory (2 = an all-pairs stage sets the peak).</p>
 {% for w in work_sizes %}<h3>{{ w.system }} — {{ w.card }}, sweep {{ w.sweep }}</h3>
 <img alt="ms/step against atoms per step" src="{{ w.img }}">
-<table><tr><th>variant</th><th>growth exponent</th><th>atoms × frames: ms/step</th></tr>
-{% for r in w.rows %}<tr><td>{{ r.variant }}</td><td>{{ r.exponent }}</td><td>{{ r.sizes }}</td></tr>{% endfor %}</table>
+<table><tr><th>variant</th><th>growth exponent</th><th>atoms × frames: ms/step</th><th>memory exponent</th><th>atoms × frames: peak GPU memory (per atom)</th></tr>
+{% for r in w.rows %}<tr><td>{{ r.variant }}</td><td>{{ r.exponent }}</td><td>{{ r.sizes }}</td><td>{{ r.memory_exponent }}</td><td>{{ r.memory }}</td></tr>{% endfor %}</table>
 {% if w.failed %}<p class="muted">failed: {{ w.failed|join(', ') }}</p>{% endif %}
 {% endfor %}{% endif %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>

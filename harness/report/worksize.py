@@ -1,6 +1,8 @@
 """How each variant's cost grows with the work: ms/step and atoms*frames/s against the atoms a
 step trains on (atoms per frame x frames per step), from sweeps that bench several work sizes
-(`bench --replicate 1x1x1,2x2x2 --batch-size 1,4`), with a fitted growth exponent.
+(`bench --replicate 1x1x1,2x2x2 --batch-size 1,4`), with a fitted growth exponent; and the
+process's peak GPU memory at each size (total and per atom trained on), with its own exponent
+(1: memory linear in the atoms; 2: an all-pairs stage sets the peak).
 
 The exponent is the slope of log(step time) against log(work) by least squares (scipy.stats
 linregress) over a variant's sizes in one sweep on one card: 1.0 is linear growth, below 1 the
@@ -24,6 +26,7 @@ class Point:
     atoms: int  # per frame
     frames: int  # per step
     step_s: float
+    peak_bytes: int | None = None  # the run's memory.gpu_peak_bytes (None: not measured, e.g. CPU)
 
     @property
     def work(self) -> int:
@@ -41,6 +44,24 @@ def growth_exponent(points: Iterable[Point]) -> float | None:
     return float(fit.slope)
 
 
+def memory_exponent(points: Iterable[Point]) -> float | None:
+    """Slope of log(peak memory) vs log(work) over the points that measured it."""
+    pts = [p for p in points if p.peak_bytes]
+    return growth_exponent(Point(p.variant, p.atoms, p.frames, float(p.peak_bytes)) for p in pts)
+
+
+def _memory(vp: list[Point]) -> str:
+    pts = [p for p in sorted(vp, key=lambda p: p.work) if p.peak_bytes]
+    return ", ".join(f"{p.atoms}×{p.frames}: {p.peak_bytes / 1e9:.2f} GB ({p.peak_bytes / p.work / 1e3:.0f} kB/atom)"
+                     for p in pts) or "-"
+
+
+def _why(error: str | None, n: int = 160) -> str:
+    """A failed run's error, one line, cut to n characters (the record has it whole)."""
+    text = " ".join((error or "").split())
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
 def _base(r: StoredRun) -> str:
     return (r.workload or {}).get("base_system") or r.system
 
@@ -51,7 +72,8 @@ def _point(r: StoredRun) -> Point | None:
     frames = r.throughput.batch_size_per_rank
     if r.status != "ok" or not t or not atoms or not frames or (r.world_size or 1) != 1:
         return None
-    return Point(r.variant, int(atoms), int(frames), float(t))
+    peak = r.memory.gpu_peak_bytes
+    return Point(r.variant, int(atoms), int(frames), float(t), int(peak) if peak else None)
 
 
 def sections(runs: list[StoredRun]) -> list[dict[str, Any]]:
@@ -67,16 +89,17 @@ def sections(runs: list[StoredRun]) -> list[dict[str, Any]]:
         by_v: dict[str, list[Point]] = {}
         for p in pts:
             by_v.setdefault(p.variant, []).append(p)
-        failed = sorted({(r.variant, r.atoms_per_frame) for r in rs if r.status != "ok"},
+        failed = sorted({(r.variant, r.atoms_per_frame, _why(r.error)) for r in rs if r.status != "ok"},
                         key=lambda x: (x[0], x[1] or 0))
         rows = []
         for v, vp in by_v.items():
-            e = growth_exponent(vp)
+            e, me = growth_exponent(vp), memory_exponent(vp)
             rows.append({"variant": v, "exponent": "-" if e is None else f"{e:.2f}",
+                         "memory": _memory(vp), "memory_exponent": "-" if me is None else f"{me:.2f}",
                          "sizes": ", ".join(f"{p.atoms}×{p.frames}: {1e3 * p.step_s:.2f} ms"
                                             for p in sorted(vp, key=lambda p: p.work))})
         out.append({"system": system, "card": card, "sweep": sweep, "rows": rows,
-                    "failed": [f"{v} at {a} atoms" for v, a in failed], "img": plot(by_v, f"{system} on {card}")})
+                    "failed": [f"{v} at {a} atoms" + (f" ({why})" if why else "") for v, a, why in failed], "img": plot(by_v, f"{system} on {card}")})
     return out
 
 

@@ -290,17 +290,29 @@ def test_report_has_a_work_size_section(tmp_path):
         name = "water" if reps is None else "water-2x2x2"
         for v, t in (("baseline", ms_b), ("fused", ms_f)):
             r = run_record("S1", name, v, t)
-            r.update(atoms_per_frame=atoms, throughput={"batch_size_per_rank": 1},
+            # peak memory: baseline's all-pairs list ~ atoms^2, fused's ~ atoms
+            peak = int(1e3 * atoms ** 2) if v == "baseline" else int(2e5 * atoms)
+            r.update(atoms_per_frame=atoms, throughput={"batch_size_per_rank": 1}, memory={"gpu_peak_bytes": peak},
                      workload=None if reps is None else {"base_system": "water", "replicate": reps,
                                                          "batch_size": None, "base_atoms_per_frame": 192})
             recs.append(r)
     # a sweep of one size has no growth to show; another sweep's runs never mix in
     recs.append(run_record("S0", "water", "fused", 1e-3))
+    failed = run_record("S1", "water-4x4x4", "baseline", 1e-3)
+    failed.update(status="failed", atoms_per_frame=12288, error="torch.OutOfMemoryError: CUDA out of memory. "
+                  "Tried to allocate 911.25 GiB", workload={"base_system": "water", "replicate": [4, 4, 4]})
+    recs.append(failed)
     recs = typed(recs)
     secs = worksize.sections(recs)
     assert [(s["system"], s["sweep"]) for s in secs] == [("water", "S1")]
     got = {r["variant"]: float(r["exponent"]) for r in secs[0]["rows"]}
     assert got["fused"] == pytest.approx(math.log(4) / math.log(8), abs=0.01)
     assert got["baseline"] == pytest.approx(math.log(40 / 30) / math.log(8), abs=0.01)
+    mem = {r["variant"]: r for r in secs[0]["rows"]}
+    assert float(mem["fused"]["memory_exponent"]) == pytest.approx(1.0, abs=0.01)
+    assert float(mem["baseline"]["memory_exponent"]) == pytest.approx(2.0, abs=0.01)
+    assert mem["fused"]["memory"] == "192×1: 0.04 GB (200 kB/atom), 1536×1: 0.31 GB (200 kB/atom)"
+    assert secs[0]["failed"] == ["baseline at 12288 atoms (torch.OutOfMemoryError: CUDA out of memory. "
+                                 "Tried to allocate 911.25 GiB)"]
     html = render.render(recs)
-    assert 'id="work-size"' in html and "growth exponent" in html
+    assert 'id="work-size"' in html and "growth exponent" in html and "peak GPU memory" in html
