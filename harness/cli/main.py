@@ -10,8 +10,19 @@ import threading
 import traceback
 from pathlib import Path
 
-from harness.core.errors import HarnessError
+from harness.core.errors import HarnessError, UserError
 from harness.core import paths
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds 1,2,3`: distinct integers, at least 3 (fewer cannot judge training equivalence)."""
+    try:
+        seeds = list(dict.fromkeys(int(t) for t in str(text).split(",") if t.strip()))
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, not {text!r}") from None
+    if len(seeds) < 3:
+        raise UserError(f"--seeds needs at least 3 distinct seeds (got {len(seeds)}): a spread of two is no spread")
+    return seeds
 
 
 def _bench(a: argparse.Namespace) -> int:
@@ -19,12 +30,14 @@ def _bench(a: argparse.Namespace) -> int:
     from harness.run import bench
     from harness.run import distributed
 
+    seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
+    rows: list = []  # every finished bench's runs: the gate's peers (the other seeds' dp tests)
     accuracy_stage = None
     if not a.no_accuracy:
         try:
             from harness.judge import gate as accuracy
 
-            accuracy_stage = accuracy.stage(strict=a.strict)
+            accuracy_stage = accuracy.stage(strict=a.strict, peers=rows, planned=seeds if a.seeds else None)
         except ImportError:
             accuracy_stage = None
     variants = list(dict.fromkeys(a.variant or ["baseline"]))
@@ -32,15 +45,18 @@ def _bench(a: argparse.Namespace) -> int:
         variants.insert(0, "baseline")  # speed is a ratio to a baseline of the same sweep
     # work sizes (comma lists): every (replicate, batch size) is one bench of the same sweep, so
     # the report can fit how each variant's cost grows with the work (harness/report/worksize.py)
-    sizes = [(r, bs) for r in workload.parse_replicates(a.replicate) for bs in workload.parse_batch_sizes(a.batch_size)]
-    rows, sweep_id, t0 = [], None, time.monotonic()
-    for k, (reps, bs) in enumerate(sizes):
+    # seeds (--seeds): every seed one bench of the same sweep, so a reduced-precision variant's
+    # gate sees the earlier seeds' runs (the training-equivalence test, docs/accuracy.md)
+    sizes = [(seed, r, bs) for seed in seeds for r in workload.parse_replicates(a.replicate)
+             for bs in workload.parse_batch_sizes(a.batch_size)]
+    sweep_id, t0 = None, time.monotonic()
+    for k, (seed, reps, bs) in enumerate(sizes):
         budget = a.time_budget
         if budget is not None:  # a fair share of what is left for each size still to run
             budget = max(1.0, (a.time_budget - (time.monotonic() - t0)) / (len(sizes) - k))
         req = bench.BenchRequest(
             system=a.system, variants=variants, steps=a.steps, device=a.device,
-            seed=a.seed, accuracy=not a.no_accuracy, profile=a.profile,
+            seed=seed, seed_in_id=bool(a.seeds), accuracy=not a.no_accuracy, profile=a.profile,
             upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
             runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
             gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=budget,
@@ -51,7 +67,7 @@ def _bench(a: argparse.Namespace) -> int:
         print(bench.format_table(got))
         for r in got:
             print(f"wrote {r.path}", file=sys.stderr)
-        rows += got
+        rows.extend(got)
     if any(r.status not in ("ok", "unavailable") for r in rows):
         return 3
     if a.strict and any(r.accuracy.verdict == "fail" for r in rows):
@@ -64,27 +80,47 @@ LEGAL_SETTINGS = ["baseline", "fp32", "tos", "fp32-tos"]  # every combination th
 
 def _tune(a: argparse.Namespace) -> int:
     """Best legal configuration: the fastest allowed precision x type_one_side setting that the
-    accuracy gate passes (baseline passes by definition), all in one sweep."""
+    accuracy gate passes (baseline passes by definition), all in one sweep. With --seeds every
+    setting trains with each seed, so a reduced-precision setting is judged by the same
+    training-equivalence test as bench --seeds: its verdict is its last seed's (which holds the
+    test), failed if any seed's run failed the gate; its time is the median over the seeds."""
+    import statistics
+
     from harness.judge import gate as accuracy
     from harness.run import bench
 
-    req = bench.BenchRequest(system=a.system, variants=LEGAL_SETTINGS, steps=a.steps, device=a.device,
-                             runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work")
-    rows = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy.stage())
-    print(bench.format_table(rows))
-    ok = [r for r in rows if r.status == "ok" and r.timing.step_s_median
-          and r.accuracy.verdict in ("baseline", "pass")]
+    seeds = parse_seeds(a.seeds) if a.seeds else [a.seed]
+    rows: list = []
+    stage = accuracy.stage(peers=rows, planned=seeds if a.seeds else None)
+    sweep_id = None
+    for seed in seeds:
+        req = bench.BenchRequest(system=a.system, variants=LEGAL_SETTINGS, steps=a.steps, device=a.device, seed=seed,
+                                 seed_in_id=bool(a.seeds), sweep_id=sweep_id,
+                                 runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work")
+        got = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=stage)
+        sweep_id = sweep_id or (got[0].sweep_id if got else None)
+        print(bench.format_table(got))
+        rows.extend(got)
+    settings = []  # (variant, ms/step median over seeds, verdict, detail, first row)
+    for v in dict.fromkeys(r.variant for r in rows):
+        rs = [r for r in rows if r.variant == v]
+        times = [r.timing.step_s_median for r in rs if r.status == "ok" and r.timing.step_s_median]
+        if len(times) < len(rs):
+            continue  # a seed did not run: the setting is not measured
+        last = rs[-1].accuracy
+        failed = next((r.accuracy for r in rs if r.accuracy.verdict == "fail"), None)
+        verdict, detail = ("fail", failed.detail) if failed else (last.verdict, last.detail)
+        settings.append((v, statistics.median(times), verdict, detail, rs[0]))
+    ok = [t for t in settings if t[2] in ("baseline", "pass")]
     if not ok:
         print("no legal setting ran and passed the gate", file=sys.stderr)
         return 3
-    best = min(ok, key=lambda r: r.timing.step_s_median)
-    fastest = min((r for r in rows if r.status == "ok" and r.timing.step_s_median),
-                  key=lambda r: r.timing.step_s_median)
-    print(f"best legal configuration for {best.system}: {best.variant} "
-          f"({best.timing.step_s_median * 1e3:.2f} ms/step, overrides {best.overrides or 'none'})")
+    best, fastest = min(ok, key=lambda t: t[1]), min(settings, key=lambda t: t[1])
+    print(f"best legal configuration for {best[4].system}: {best[0]} "
+          f"({best[1] * 1e3:.2f} ms/step, overrides {best[4].overrides or 'none'}"
+          f"{f', {len(seeds)} seeds' if a.seeds else ''})")
     if fastest is not best:
-        print(f"  (fastest overall was {fastest.variant}, but the accuracy gate said "
-              f"{fastest.accuracy.verdict}: {fastest.accuracy.detail})")
+        print(f"  (fastest overall was {fastest[0]}, but the accuracy gate said {fastest[2]}: {fastest[3]})")
     return 0
 
 
@@ -167,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-baseline", action="store_true", help="do not add baseline as the sweep's first variant")
     b.add_argument("--device", default="auto", help="auto | cpu | cuda")
     b.add_argument("--seed", type=int, default=10)
+    b.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="train every variant with each seed (one sweep): a reduced-precision variant's "
+                        "gate then runs the training-equivalence test over them (at least 3; see docs/accuracy.md)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the accuracy gate")
     b.add_argument("--strict", action="store_true", help="exit non-zero when the accuracy gate fails")
     b.add_argument("--profile", action="store_true", help="also capture a torch.profiler window")
@@ -192,6 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--system", default="water")
     t.add_argument("--steps", default="auto")
     t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=10)
+    t.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="train every setting with each seed: reduced precision is then judged by the "
+                        "training-equivalence test (at least 3; docs/accuracy.md)")
     t.add_argument("--results-dir", default=str(paths.RESULTS))
     t.set_defaults(func=_tune)
 

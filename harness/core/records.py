@@ -237,12 +237,32 @@ class Timing(Part):
 
 
 @dataclass
+class Equivalence(Part):
+    """`accuracy.equivalence`: the training-equivalence test of a reduced-precision variant over
+    seeds (harness/judge/equivalence.py): per metric the effect size (variant - baseline mean)
+    with its 90 % interval, the margin, the TOST and not-worse p-values and the outcome."""
+
+    verdict: str | None = None  # pass | fail | None (not judged: detail says why)
+    detail: str | None = None
+    alpha: float | None = None
+    steps: int | None = None
+    gate_steps: int | None = None  # the system's, from system.yaml (None: not calibrated)
+    calibration: str | None = None  # the file the baseline's seeds came from
+    seeds_variant: list[int] | None = None
+    seeds_baseline: list[int] | None = None
+    metrics: dict[str, dict[str, Any]] | None = None
+
+
+@dataclass
 class AccuracyResult(Part):
+    PARTS = {"equivalence": Equivalence}
+
     dp_test: dict[str, float] | None = None
     parity: dict[str, Any] | None = None
     verdict: str | None = None  # baseline | pass | fail | None (not checked)
     detail: str | None = None
     wall_s: float | None = None  # what the gate took (a time-budgeted sweep plans with it)
+    equivalence: Equivalence | None = None  # reduced-precision classes with seeds on both sides
 
 
 @dataclass

@@ -24,13 +24,14 @@ why). The gate never raises: a crash is a "fail" whose ``detail`` names the caus
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
-from harness.core.records import AccuracyResult, RunRecord
+from harness.core.records import AccuracyResult, RunRecord, StoredRun
 from harness.judge.processes import (DEFAULT_TEST_FRAMES, UpstreamOutOfMemory, baseline_tree, finish_dp_test,
                                     format_dp_test, run_dp_test, start_dp_test, stop_gates)
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, load_reference, parity_verdict, start_parity_eval, start_reference
 from harness.judge.calibration import CALIBRATION, dp_test_verdict, find_calibration
+from harness.judge.seeds import training_equivalence
 
 
 # backends whose model the same-weights parity can load the baseline's weights into: pt directly,
@@ -74,8 +75,11 @@ def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | Non
 
 
 def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
-             frames: int | None = None, calibration_dir: Path = CALIBRATION) -> AccuracyResult:
-    """The gate for one run (may raise; `stage` wraps it)."""
+             frames: int | None = None, calibration_dir: Path = CALIBRATION,
+             peers: Iterable[StoredRun] = (), planned: list[int] | None = None) -> AccuracyResult:
+    """The gate for one run (may raise; `stage` wraps it). peers: stored runs of the same sweep
+    from earlier seeds (`bench --seeds`, in that order: `planned`), the variant's samples of the
+    equivalence test."""
     device = rec.run.device
     nframes = DEFAULT_TEST_FRAMES.get(device, 0) if frames is None else int(frames)
     tree = baseline_tree(previous + ([rec] if rec.run.variant.name == "baseline" else []))
@@ -161,33 +165,55 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
                               device, nframes, tree)
     cal, cal_note = find_calibration(s.name, device, rec.run.steps, calibration_dir)
     notes.append(cal_note)
-    if cal is not None:
+    # reduced precision: n seeds of the variant against the baseline's seeds by TOST, when the
+    # system's gate_steps is calibrated and both sides have the seeds; else today's check
+    equiv = (training_equivalence(rec, dp, list(peers), calibration_dir, planned)
+             if cls != "float64" and rec.run.gpus == 1 else None)
+    if equiv is not None and equiv.verdict is not None:
+        if equiv.verdict == "fail":
+            reasons.append(equiv.detail)
+        else:
+            notes.append(equiv.detail)
+    elif equiv is not None and (equiv.detail or "").startswith("pending"):
+        notes.append(f"training equivalence {equiv.detail}")  # no single-run check: the test is coming
+    elif cal is not None:
+        if equiv is not None:
+            notes.append(f"training equivalence {equiv.detail}; single-run dp test vs seed spread instead")
         bad, note = dp_test_verdict(dp, base_dp, cal, cls)
         reasons += bad
         if note:
             notes.append(note)
-    judged = parity is not None or cal is not None
+    elif equiv is not None:
+        notes.append(f"training equivalence {equiv.detail}")
+    judged = parity is not None or cal is not None or (equiv is not None and equiv.verdict is not None)
     if not judged:
-        return AccuracyResult(dp_test=dp, parity=parity, verdict="fail" if strict else None,
+        return AccuracyResult(dp_test=dp, parity=parity, verdict="fail" if strict else None, equivalence=equiv,
                               detail="not judged: " + "; ".join(notes) + f"; {format_dp_test(dp)}")
     if parity is not None:
         head = (f"parity F rel {parity['max_rel_f']:.1e} (tol {TOLERANCE[cls]:.0e}, {cls})"
                 + (f", step {parity['step_update_max_rel']:.1e}" if parity.get("step_update_max_rel") is not None else ""))
+    elif equiv is not None and equiv.verdict is not None:
+        head = "training equivalence over seeds only"
     else:
         head = "dp test vs calibrated seed spread only"
     if reasons:
-        return AccuracyResult(dp_test=dp, parity=parity, verdict="fail",
+        return AccuracyResult(dp_test=dp, parity=parity, verdict="fail", equivalence=equiv,
                               detail="; ".join(reasons + notes))
-    return AccuracyResult(dp_test=dp, parity=parity, verdict="pass", detail="; ".join([head] + notes))
+    return AccuracyResult(dp_test=dp, parity=parity, verdict="pass", equivalence=equiv,
+                          detail="; ".join([head] + notes))
 
 
-def stage(strict: bool = False, frames: int | None = None,
-          calibration_dir: Path = CALIBRATION) -> Callable[[RunRecord, list[RunRecord]], AccuracyResult]:
-    """The accuracy stage bench.run calls after each successful training run."""
+def stage(strict: bool = False, frames: int | None = None, calibration_dir: Path = CALIBRATION,
+          peers: list[StoredRun] | None = None,
+          planned: list[int] | None = None) -> Callable[[RunRecord, list[RunRecord]], AccuracyResult]:
+    """The accuracy stage bench.run calls after each successful training run. peers: a list the
+    caller extends with each finished seed's stored runs (read when a gate runs)."""
+    peers = [] if peers is None else peers
 
     def accuracy_stage(rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
         try:
-            res = evaluate(rec, previous, strict=strict, frames=frames, calibration_dir=calibration_dir)
+            res = evaluate(rec, previous, strict=strict, frames=frames, calibration_dir=calibration_dir,
+                           peers=list(peers), planned=planned)
             if rec.run.variant.name == "baseline" and res.verdict != "baseline":
                 # a judged N-GPU baseline is still the parity reference of the sweep's N-GPU
                 # variants: cache it now, before their gates may run concurrently

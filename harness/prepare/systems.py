@@ -47,6 +47,9 @@ def load_system(name_or_path: str, systems_dir: Path = SYSTEMS) -> System:
     for key in ("name", "type_map", "atoms_per_frame", "train", "validation"):
         if not isinstance(spec, dict) or key not in spec:
             raise UserError(f"{d / 'system.yaml'}: missing key {key!r}")
+    g = spec.get("gate_steps")  # the training-equivalence test's length (docs/accuracy.md); null: not calibrated
+    if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2):
+        raise UserError(f"{d / 'system.yaml'}: gate_steps must be an integer >= 2 or null, not {g!r}")
     try:
         inp = json.loads((d / "input.json").read_text())
     except FileNotFoundError:

@@ -169,9 +169,9 @@ SECTION = """<p class="muted">{{ s.runs|length }} run(s), {{ s.steps }} steps pe
 </table>
 {% if s.img_steps %}<img alt="ms/step per variant" src="{{ s.img_steps }}">{% endif %}
 {% if s.accuracy %}<h4>Accuracy</h4>
-<table><tr><th class="l">variant</th>{% for c in s.acc_cols %}<th>{{ c }}</th>{% endfor %}<th>verdict</th><th class="l">detail</th></tr>
+<table><tr><th class="l">variant</th>{% for c in s.acc_cols %}<th>{{ c }}</th>{% endfor %}<th>verdict</th><th class="l">training equivalence (variant &minus; baseline, 90% CI, margin)</th><th class="l">detail</th></tr>
 {% for a in s.accuracy %}<tr><td class="l">{{ a.variant }}</td>{% for v in a.vals %}<td>{{ v }}</td>{% endfor %}
-<td class="{{ a.vclass }}">{{ a.verdict }}</td><td class="l">{{ a.detail }}</td></tr>{% endfor %}</table>{% endif %}
+<td class="{{ a.vclass }}">{{ a.verdict }}</td><td class="l">{{ a.equivalence }}</td><td class="l">{{ a.detail }}</td></tr>{% endfor %}</table>{% endif %}
 {% if s.img_lcurve %}<h4>Learning curves</h4><img alt="learning curves" src="{{ s.img_lcurve }}">{% endif %}
 {% if s.img_profile %}<h4>Profile breakdown</h4><img alt="profile breakdown" src="{{ s.img_profile }}">
 <table><tr><th class="l">variant</th><th>wall ms/step</th><th>GPU busy ms</th><th>host gap ms</th><th>kernels/step</th><th>launches/step</th><th>memcpy/step</th></tr>
@@ -191,6 +191,23 @@ def _acc_cell(col: str, x: Any) -> str:
     if col == "numb_test":  # frames per validation system; 0 is dp test's "all of them"
         return "all" if x == 0 else str(x)
     return number(x, 1, 5)
+
+
+def equivalence_cell(e: Any) -> str:
+    """One line per metric of a record's training-equivalence part: the relative effect size with
+    its 90 % interval against the margin, the seeds and the outcome; else why it was not judged."""
+    if e is None or e.is_empty():
+        return "-"
+    if not e.metrics:
+        return e.detail or "-"
+    n = f"n {len(e.seeds_variant or [])}/{len(e.seeds_baseline or [])}"
+    cells = []
+    for m, d in e.metrics.items():
+        mb = d.get("mean_baseline") or 0.0
+        rel = (lambda x: f"{100 * x / mb:+.1f}%") if mb else (lambda x: f"{x:+.2g}")
+        lo, hi = d.get("ci90") or (float("nan"), float("nan"))
+        cells.append(f"{m} {rel(d['diff'])} [{rel(lo)}, {rel(hi)}] (±{100 * d['margin_rel']:.0f}%) {d['outcome']}")
+    return f"{e.verdict} ({n}): " + "; ".join(cells)
 
 
 def _verdict(v: Any) -> tuple[str, str]:
@@ -257,7 +274,8 @@ def build_sections(runs: list[StoredRun], all_sweeps: bool = False, href=lambda 
                 verdict, vclass = _verdict(a.verdict)
                 dt = a.dp_test or {}
                 acc.append({"variant": r.variant, "vals": [_acc_cell(c, dt.get(c)) for c in acc_cols],
-                            "verdict": verdict, "vclass": vclass, "detail": a.detail or ""})
+                            "verdict": verdict, "vclass": vclass, "detail": a.detail or "",
+                            "equivalence": equivalence_cell(a.equivalence)})
         profiles = []
         for r in rs:
             p = r.profile

@@ -32,6 +32,7 @@ class BenchRequest:
     steps: int | str = "auto"
     device: str = "auto"
     seed: int = 10
+    seed_in_id: bool = False  # one sweep of several seeds (bench --seeds): the seed is in each run id
     sweep_id: str | None = None
     accuracy: bool = True
     profile: bool = False
@@ -277,7 +278,8 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                     f"{max(left, 0):.0f} s left)")
                 sweep_progress.total -= 1
                 continue
-        rid = results.run_id(sweep, prep.system.name, b.name, f"g{ngpu}" if ngpu > 1 else "")
+        extra = "-".join(x for x in (f"g{ngpu}" if ngpu > 1 else "", f"s{req.seed}" if req.seed_in_id else "") if x)
+        rid = results.run_id(sweep, prep.system.name, b.name, extra)
         spec = RunSpec(run_id=rid, sweep_id=sweep, system=prep.system, variant=b, steps=req.steps,
                        device=prep.device, seed=req.seed, work_dir=req.work_root / rid, profile=req.profile,
                        gpus=ngpu, launch_prefix=tuple(req.launch_prefix))

@@ -185,9 +185,21 @@ def write_metadata(name: str, system_dir: pathlib.Path, seconds: float | None = 
         "model_choice": _Literal(_model_choice(spec, stats, sel) + "\n"),
         "files": files,
     }
+    kept = _previous(system_dir, "gate_steps")  # measured by training, not by generation: kept
+    if kept is not None:
+        doc["gate_steps"] = kept
     (system_dir / "system.yaml").write_text(_yaml_dump(doc))
     (system_dir / "input.json").write_text(json.dumps(_input_json(spec, sel), indent=4) + "\n")
     return doc
+
+
+def _previous(system_dir: pathlib.Path, key: str) -> Any:
+    import yaml
+
+    try:
+        return (yaml.safe_load((system_dir / "system.yaml").read_text()) or {}).get(key)
+    except (OSError, AttributeError, yaml.YAMLError):
+        return None
 
 
 def previous_seconds(system_dir: pathlib.Path) -> float | None:
