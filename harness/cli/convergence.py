@@ -19,7 +19,8 @@ def format_summary(rec: ConvergenceRecord) -> str:
                      f"dp test E/atom {'-' if e is None else f'{e:.4g}'} F {'-' if f is None else f'{f:.4g}'}"
                      + (f"  ({r.error})" if r.error else ""))
     for v, c in (rec.checks or {}).items():
-        lines.append(f"  {v}: {c['verdict'].upper()}" + "".join(f"\n    {x}" for x in c.get("reasons", [])))
+        lines.append(f"  {v}: {c['verdict'].upper()} ({c.get('seeds_finished')} of {c.get('seeds_planned')} seeds "
+                     f"finished)" + "".join(f"\n    {x}" for x in c.get("reasons", [])))
     ttr = rec.time_to_rmse or {}
     if ttr.get("target") is not None:
         lines.append(f"  wall time to the baseline seeds' final smoothed rmse_f_val {ttr['target']:.4g}:")

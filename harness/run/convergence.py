@@ -29,7 +29,7 @@ from harness.run import bench, timing, train
 
 CONVERGENCE = store.CONVERGENCE
 ROWS = 100  # lcurve rows per run: disp_freq = steps // ROWS
-DP_TEST_RESERVE_S = {"cuda": 40.0, "cpu": 120.0}  # kept free at the budget's end for each run's dp test
+DP_TEST_RESERVE_S = {"cuda": 25.0, "cpu": 120.0}  # kept free at the budget's end for each run's dp test
 
 
 @dataclass
@@ -166,7 +166,23 @@ def _concurrency(intervals: dict[int, tuple[float, float]], i: int) -> int | Non
     return sum(1 for s, e in intervals.values() if s < b and e > a)
 
 
-def judge(runs: list[ConvergenceRun], steps: int) -> tuple[str, dict, dict]:
+def calibrated_final_tol(system: str, device: str, steps: int) -> dict[str, float] | None:
+    """The float64 dp-test thresholds of a seed-spread calibration at exactly this system, device
+    and step count (harness/judge/calibration.py), else None: a 200-step calibration says nothing
+    about the spread after 10,000 steps, so the rule then uses the baseline seeds' own."""
+    import json
+
+    from harness.judge import calibration
+
+    p = calibration.calibration_path(system, device, steps)
+    try:
+        return dict(json.loads(p.read_text())["thresholds"]["float64"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def judge(runs: list[ConvergenceRun], steps: int, final_tol: dict[str, float] | None = None
+          ) -> tuple[str, dict, dict]:
     """(verdict, checks per candidate variant, time to the baseline's final force RMSE)."""
     ok = [r for r in runs if r.status == "ok" and r.lcurve.step]
     base = {r.seed: r.lcurve.to_dict() for r in ok if r.variant == "baseline"}
@@ -182,9 +198,10 @@ def judge(runs: list[ConvergenceRun], steps: int) -> tuple[str, dict, dict]:
         if v == "baseline":
             continue
         res = rule.evaluate(base, {r.seed: r.lcurve.to_dict() for r in mine}, base_final,
-                            {r.seed: r.dp_test for r in mine if r.dp_test}, steps)
+                            {r.seed: r.dp_test for r in mine if r.dp_test}, steps, calibrated_final_tol=final_tol)
         verdicts.append(res.verdict)
         checks[v] = {"verdict": res.verdict, "reasons": res.reasons, "spread_source": res.spread_source,
+                     "seeds_finished": len(mine), "seeds_planned": sum(1 for r in runs if r.variant == v),
                      "bands": [{**dataclasses.asdict(b), "fraction": round(b.fraction, 4), "ok": b.ok} for b in res.bands],
                      "finals": [{**dataclasses.asdict(f), "ok": f.ok} for f in res.finals]}
     verdict = "fail" if "fail" in verdicts else ("incomplete" if "incomplete" in verdicts or not verdicts else "pass")
@@ -220,7 +237,7 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
             out = [f.result() for f in futs]
     for i, r in enumerate(out):
         r.concurrent = _concurrency(state.intervals, i)
-    verdict, checks, ttr = judge(out, req.steps)
+    verdict, checks, ttr = judge(out, req.steps, calibrated_final_tol(system.name, prep.device, req.steps))
     rec = ConvergenceRecord(
         schema=SCHEMA, sweep_id=sweep, system=system.name, steps=req.steps, device=prep.device,
         card=env.get("gpu_name") if prep.device == "cuda" else "cpu", parallel=req.parallel,

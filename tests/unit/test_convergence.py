@@ -172,3 +172,19 @@ def test_report_training_section_renders(tmp_path):
     assert 'id="training"' in html and "PASS" in html and "data:image/png;base64," in html
     assert "Wall time to the baseline seeds' final force RMSE" in html and "not started" in html
     assert math.isfinite(rec.time_to_rmse["target"])
+
+
+def test_a_calibration_of_this_length_sets_the_final_band(tmp_path, monkeypatch):
+    from harness.judge import calibration
+
+    assert convergence.calibrated_final_tol("water", "cuda", 12345) is None  # none at this length
+    monkeypatch.setattr(calibration, "CALIBRATION", tmp_path)
+    monkeypatch.setattr(calibration.calibration_path, "__defaults__", (tmp_path,))
+    (tmp_path / "water-cuda-12345.json").write_text(json.dumps(
+        {"thresholds": {"float64": {"rmse_e_per_atom": 0.2, "rmse_f": 0.05}}}))
+    tol = convergence.calibrated_final_tol("water", "cuda", 12345)
+    assert tol == {"rmse_e_per_atom": 0.2, "rmse_f": 0.05}
+    rec = _record()
+    verdict, checks, _ = convergence.judge(rec.runs, STEPS, tol)
+    assert "calibrated" in checks["fused"]["spread_source"]["rmse_f"]
+    assert (checks["fused"]["seeds_finished"], checks["fused"]["seeds_planned"]) == (1, 2)
