@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
             stage.register_cli(sub)
     from harness.cli import sweep
     sweep.register_cli(sub)  # dpharness sweep
+    from harness.cli import convergence
+    convergence.register_cli(sub)  # dpharness convergence
     return p
 
 

@@ -137,6 +137,9 @@ def _read_lcurve(path: Path | None) -> dict[str, list] | None:
     return {h: list(c) for h, c in zip(header, cols)}
 
 
+read_lcurve = _read_lcurve  # public name for other stages (the convergence run)
+
+
 def write_run(rec: RunRecord, runs_dir: Path = RUNS) -> Path:
     """Write (or rewrite: same file, same `created`) the run's results JSON, atomically."""
     path = runs_dir / f"{rec.run.run_id}.json"

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# One GPU call: the proof over a full training (docs/accuracy.md, "Proof over a full training"):
+# bootstrap offline, then `dpharness convergence` with whatever of the call's time is left as its
+# --time-budget, and the record, lcurves, logs and the report packed into $OUT.
+# Usage (repo root on the GPU machine):
+#   STEPS=10000 VARIANTS="baseline:2 fused:3" PARALLEL=3 CALL_S=570 bash .ci/gpu-convergence.sh
+set -u
+STEPS=${STEPS:-10000}
+VARIANTS=${VARIANTS:-baseline:2 fused:3}
+PARALLEL=${PARALLEL:-3}
+SYSTEM=${SYSTEM:-water}
+DEVICE=${DEVICE:-cuda}   # cpu: the same call, tiny, on a machine without a GPU (a dry run)
+CALL_S=${CALL_S:-570}   # the whole call, bootstrap included; the convergence run gets the rest
+OUT=${OUT:-/tmp/dph-out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUT/card.txt" 2>&1 || echo "no nvidia-smi" > "$OUT/card.txt"
+cat "$OUT/card.txt"
+make venv 2>&1 | tail -3
+py=.venv/bin/python
+left=$((CALL_S - SECONDS - 15))   # 15 s kept for packing
+echo "bootstrap took ${SECONDS} s; convergence gets ${left} s" | tee "$OUT/convergence.log"
+args=""; for v in $VARIANTS; do args="$args --variant $v"; done
+timeout $((left + 10)) $py -m harness convergence --system "$SYSTEM" $args --steps "$STEPS" --device "$DEVICE" \
+  --parallel "$PARALLEL" --time-budget "$left" 2>&1 | grep -v "^\s*\[.*\] \[" | tee -a "$OUT/convergence.log"
+$py -m harness report >/dev/null 2>&1 && cp results/report/index.html "$OUT/report.html"
+tar czf "$OUT/convergence.tgz" results/convergence results/work/*/lcurve.out results/work/*/train.log \
+  results/work/*/steps.json results/work/*/input.json results/work/*/dp_test/dp_test.log 2>/dev/null
+ls -la "$OUT"

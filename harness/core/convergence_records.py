@@ -1,0 +1,94 @@
+"""The typed record of one proof over a full training (`dpharness convergence`): every variant x
+seed training of one sweep, its learning curve and final `dp test`, the rule and its verdict, and
+the wall time each variant took to reach the baseline seeds' final force RMSE. Written as one JSON
+under results/convergence/ (schema dpharness.convergence/1), read back with the same class.
+
+A separate module from records.py (the run records), which is at its size limit; the same Part
+machinery, so an older or newer file reads back with what it has and writes back what it read."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.core.records import BadRecord, Part
+
+SCHEMA = "dpharness.convergence/1"
+
+
+@dataclass
+class LcurveRows(Part):
+    """The lcurve columns the rule reads, plus each row's wall time since the process started."""
+
+    step: list[float] = field(default_factory=list)
+    rmse_e_val: list[float | None] = field(default_factory=list)
+    rmse_f_val: list[float | None] = field(default_factory=list)
+    lr: list[float | None] = field(default_factory=list)
+    wall_s: list[float | None] = field(default_factory=list)
+
+
+@dataclass
+class ConvergenceRun(Part):
+    PARTS = {"lcurve": LcurveRows}
+
+    variant: str | None = None
+    seed: int | None = None
+    status: str | None = None  # ok | failed | interrupted | not started
+    error: str | None = None
+    wall_s: float | None = None
+    startup_s: float | None = None
+    step_ms_median: float | None = None
+    concurrent: int | None = None  # most trainings of the sweep running at once during this one
+    dp_test: dict[str, Any] | None = None
+    lcurve: LcurveRows = field(default_factory=LcurveRows)
+    work_dir: str | None = None
+
+
+@dataclass
+class ConvergenceRecord(Part):
+    PARTS = {"runs": ConvergenceRun}
+
+    schema: str | None = None
+    sweep_id: str | None = None
+    system: str | None = None
+    steps: int | None = None
+    device: str | None = None  # cpu | cuda
+    card: str | None = None
+    parallel: int | None = None
+    learning_rate: dict[str, Any] | None = None  # the schedule every run trained with
+    rule: str | None = None
+    verdict: str | None = None  # pass | fail | incomplete
+    checks: dict[str, Any] | None = None  # bands, finals, spread sources, reasons
+    time_to_rmse: dict[str, Any] | None = None  # target and, per variant, per-seed seconds
+    runs: list[ConvergenceRun] = field(default_factory=list)
+    environment: dict[str, Any] | None = None
+    created: str | None = None
+    path: Path | None = field(default=None, compare=False, metadata={"transient": True})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> ConvergenceRecord:
+        d = dict(d or {})
+        runs = d.get("runs")
+        rec = super().from_dict({k: v for k, v in d.items() if k != "runs"})
+        rec.runs = [ConvergenceRun.from_dict(r) for r in runs] if isinstance(runs, list) else []
+        object.__setattr__(rec, "_keys", tuple(d))
+        rec.path = None if path is None else Path(path)
+        return rec
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict() or {}
+        out["runs"] = [r.to_dict() for r in self.runs]
+        return out
+
+    @classmethod
+    def from_json(cls, path: Path) -> ConvergenceRecord:
+        try:
+            d = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise BadRecord(f"unreadable ({e.strerror or e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRecord(f"not valid JSON, truncated? ({e})") from None
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise BadRecord(f'not a convergence record (no "schema": "{SCHEMA}")')
+        return cls.from_dict(d, path)

@@ -1,0 +1,248 @@
+"""A proof over a full training: variant x seed trainings of one system from the same input, with
+the learning rate decaying from start_lr to stop_lr over the run, K of them side by side, then
+upstream's `dp --pt test` of each final model; the rule (harness/judge/convergence_rule.py)
+judges the candidates against the baseline seeds; one ConvergenceRecord is written atomically
+under results/convergence/. Runs go through the same stages as bench (prepare, run_training,
+the judge's dp test processes); no run record is written under results/runs/ (side-by-side step
+times are not bench timings)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from harness.core import environment
+from harness.core.convergence_records import SCHEMA, ConvergenceRecord, ConvergenceRun, LcurveRows
+from harness.core.errors import UserError
+from harness.core.records import BuiltVariant, RunSpec, System
+from harness.judge import convergence_rule as rule
+from harness.judge import processes
+from harness.results import convergence as store
+from harness.results import runs as results
+from harness.run import bench, timing, train
+
+CONVERGENCE = store.CONVERGENCE
+ROWS = 100  # lcurve rows per run: disp_freq = steps // ROWS
+DP_TEST_RESERVE_S = {"cuda": 25.0, "cpu": 120.0}  # kept free at the budget's end for each run's dp test
+
+
+@dataclass
+class ConvergenceRequest:
+    system: str
+    variants: list[tuple[str, int]]  # (variant, seeds), baseline among them
+    steps: int | str
+    device: str = "auto"
+    seed: int = 10  # seeds are seed, seed+1, ...: the same list for every variant
+    parallel: int = 1
+    time_budget_s: float | None = None
+    out_dir: Path = CONVERGENCE
+    work_root: Path = results.WORK
+
+
+def parse_variant(text: str) -> tuple[str, int]:
+    """"fused:3" -> ("fused", 3); "fused" -> ("fused", 1)."""
+    name, _, n = text.partition(":")
+    try:
+        seeds = int(n) if n else 1
+    except ValueError:
+        raise UserError(f"--variant {text!r}: the seed count after ':' must be an integer") from None
+    if not name or seeds < 1:
+        raise UserError(f"--variant {text!r}: expected NAME or NAME:SEEDS with SEEDS >= 1")
+    return name, seeds
+
+
+def upstream_default_decay_steps(steps: int) -> int:
+    """What upstream's LearningRateExp uses when decay_steps >= numb_steps (deepmd 3.2.0,
+    deepmd/dpmodel/utils/learning_rate.py: default_ds)."""
+    return 100 if steps // 10 > 100 else steps // 100 + 1
+
+
+def scaled_input(system: System, steps: int) -> System:
+    """The system with its learning-rate schedule fitted to `steps` the way upstream fits one:
+    start_lr and stop_lr kept, decay_rate derived by upstream from them and numb_steps (so the
+    rate reaches stop_lr at the last step), decay_steps no longer than upstream's own default for
+    this length (the input's 5000, meant for 1e6 steps, would give 10,000 steps two plateaus);
+    and disp_freq = steps // ROWS, for ROWS lcurve rows."""
+    inp = copy.deepcopy(system.input)
+    lr = inp.get("learning_rate") or {}
+    if lr.get("type", "exp") != "exp" or not {"start_lr", "stop_lr"} <= set(lr):
+        raise UserError(f"{system.name}: convergence needs an exp learning rate with start_lr and stop_lr")
+    lr.pop("decay_rate", None)  # upstream derives it from stop_lr when absent
+    lr["decay_steps"] = int(min(int(lr.get("decay_steps", steps)), upstream_default_decay_steps(steps)))
+    inp["training"]["disp_freq"] = max(1, steps // ROWS)
+    return dataclasses.replace(system, input=inp)
+
+
+def _plan(req: ConvergenceRequest) -> list[tuple[str, int]]:
+    names = [n for n, _ in req.variants]
+    if len(set(names)) != len(names):
+        raise UserError("each --variant may be given once (NAME:SEEDS)")
+    if "baseline" not in names:
+        raise UserError("convergence needs --variant baseline:N (N >= 2 for a verdict): the rule's band is "
+                        "the baseline seeds'")
+    if len(names) < 2:
+        raise UserError("convergence needs a variant to compare with the baseline (e.g. --variant fused:3)")
+    if req.parallel < 1:
+        raise UserError(f"--parallel must be at least 1, not {req.parallel}")
+    if req.time_budget_s is not None and not req.time_budget_s > 0:
+        raise UserError(f"--time-budget must be a positive number of seconds, not {req.time_budget_s}")
+    order = sorted(req.variants, key=lambda v: v[0] != "baseline")  # baseline first
+    return [(n, req.seed + i) for n, k in order for i in range(k)]
+
+
+class _Sweep:
+    """Shared state of the worker threads: the deadline, the stop flag, run intervals."""
+
+    def __init__(self, deadline: float | None, reserve_s: float):
+        self.deadline, self.reserve_s = deadline, reserve_s
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.intervals: dict[int, tuple[float, float]] = {}
+        self.walls: dict[str, float] = {}
+
+    def timeout_for(self, variant: str) -> tuple[bool, float | None]:
+        """(start it?, the child's time limit)."""
+        if self.deadline is None:
+            return True, None
+        left = self.deadline - time.monotonic() - self.reserve_s
+        with self.lock:
+            guess = self.walls.get(variant, 0.0)
+        return left > max(guess, 1.0), max(left, 1.0)
+
+    def progress(self, done: int, total: int) -> None:  # noqa: ARG002 (run_training's callback)
+        if self.stop.is_set():
+            raise KeyboardInterrupt  # run_training stops its child as on Ctrl-C
+
+
+def _one(i: int, name: str, seed: int, built: BuiltVariant, system: System, req: ConvergenceRequest,
+         device: str, sweep: str, state: _Sweep, judge_tree: Path, log: Callable[[str], None]) -> ConvergenceRun:
+    run = ConvergenceRun(variant=name, seed=seed, status="not started")
+    go, timeout = state.timeout_for(name)
+    if state.stop.is_set() or not go:
+        run.error = "stopped" if state.stop.is_set() else "time budget: would not finish with its dp test"
+        return run
+    rid = results.run_id(sweep, system.name, name, f"s{seed}")
+    threads = max(1, (os.cpu_count() or 2) // max(1, req.parallel))
+    spec = RunSpec(run_id=rid, sweep_id=sweep, system=system, variant=built, steps=int(req.steps), device=device,
+                   seed=seed, work_dir=req.work_root / rid, launch_env={"OMP_NUM_THREADS": str(threads)},
+                   timeout_s=timeout)
+    log(f"[{name} seed {seed}] training {req.steps} steps on {device}")
+    t0 = time.monotonic()
+    tr = train.run_training(spec, progress=state.progress)
+    with state.lock:
+        state.intervals[i] = (t0, time.monotonic())
+        state.walls[name] = max(state.walls.get(name, 0.0), tr.wall_s)
+    tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s, tr.upstream_avg_step_s)
+    run.status, run.error, run.wall_s, run.startup_s = tr.status, tr.error, round(tr.wall_s, 2), tr.startup_s
+    run.step_ms_median = None if tm.step_s_median is None else tm.step_s_median * 1e3
+    run.work_dir = str(tr.work_dir)
+    lc = results.read_lcurve(tr.lcurve) or {}
+    steps = lc.get("step", [])
+    wall = rule.wall_at_steps(tr.startup_s, tr.step_s, steps)
+    run.lcurve = LcurveRows(step=list(steps), rmse_e_val=list(lc.get("rmse_e_val", [None] * len(steps))),
+                            rmse_f_val=list(lc.get("rmse_f_val", [None] * len(steps))),
+                            lr=list(lc.get("lr", [None] * len(steps))), wall_s=[wall.get(int(s)) for s in steps])
+    log(f"[{name} seed {seed}] {tr.status} in {tr.wall_s:.0f} s" + (f": {tr.error}" if tr.error else ""))
+    if tr.status == "ok" and tr.checkpoint is not None and not state.stop.is_set():
+        frames = processes.DEFAULT_TEST_FRAMES[device]
+        try:
+            run.dp_test = processes.run_dp_test(tr.checkpoint, system.validation, tr.work_dir / "dp_test",
+                                                device, frames, judge_tree)
+        except RuntimeError as e:
+            run.error = f"dp test: {e}"
+    return run
+
+
+def _concurrency(intervals: dict[int, tuple[float, float]], i: int) -> int | None:
+    if i not in intervals:
+        return None
+    a, b = intervals[i]
+    return sum(1 for s, e in intervals.values() if s < b and e > a)
+
+
+def calibrated_final_tol(system: str, device: str, steps: int) -> dict[str, float] | None:
+    """The float64 dp-test thresholds of a seed-spread calibration at exactly this system, device
+    and step count (harness/judge/calibration.py), else None: a 200-step calibration says nothing
+    about the spread after 10,000 steps, so the rule then uses the baseline seeds' own."""
+    import json
+
+    from harness.judge import calibration
+
+    p = calibration.calibration_path(system, device, steps)
+    try:
+        return dict(json.loads(p.read_text())["thresholds"]["float64"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def judge(runs: list[ConvergenceRun], steps: int, final_tol: dict[str, float] | None = None
+          ) -> tuple[str, dict, dict]:
+    """(verdict, checks per candidate variant, time to the baseline's final force RMSE)."""
+    ok = [r for r in runs if r.status == "ok" and r.lcurve.step]
+    base = {r.seed: r.lcurve.to_dict() for r in ok if r.variant == "baseline"}
+    base_final = {r.seed: r.dp_test for r in ok if r.variant == "baseline" and r.dp_test}
+    target = rule.target_rmse(base)
+    checks, verdicts = {}, []
+    ttr: dict = {"metric": "rmse_f_val", "target": target, "by_variant": {}}
+    for v in dict.fromkeys(r.variant for r in runs):
+        mine = [r for r in ok if r.variant == v]
+        ttr["by_variant"][v] = {str(r.seed): (None if target is None else rule.time_to_rmse(
+            r.lcurve.step, r.lcurve.rmse_f_val, dict(zip(map(int, r.lcurve.step), r.lcurve.wall_s)), target))
+            for r in mine}
+        if v == "baseline":
+            continue
+        res = rule.evaluate(base, {r.seed: r.lcurve.to_dict() for r in mine}, base_final,
+                            {r.seed: r.dp_test for r in mine if r.dp_test}, steps, calibrated_final_tol=final_tol)
+        verdicts.append(res.verdict)
+        checks[v] = {"verdict": res.verdict, "reasons": res.reasons, "spread_source": res.spread_source,
+                     "seeds_finished": len(mine), "seeds_planned": sum(1 for r in runs if r.variant == v),
+                     "bands": [{**dataclasses.asdict(b), "fraction": round(b.fraction, 4), "ok": b.ok} for b in res.bands],
+                     "finals": [{**dataclasses.asdict(f), "ok": f.ok} for f in res.finals]}
+    verdict = "fail" if "fail" in verdicts else ("incomplete" if "incomplete" in verdicts or not verdicts else "pass")
+    return verdict, checks, ttr
+
+
+def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> ConvergenceRecord:
+    t_start = time.monotonic()
+    plan = _plan(req)
+    names = list(dict.fromkeys(n for n, _ in plan))
+    breq = bench.BenchRequest(system=req.system, variants=names, steps=req.steps, device=req.device, seed=req.seed)
+    prep = bench.prepare(breq, log)  # bad input -> UserError here, before anything is written
+    req.steps = int(breq.steps)
+    system = scaled_input(prep.system, req.steps)
+    built = {b.name: b for b in prep.built}
+    sweep = results.new_sweep_id()
+    env = environment.capture()
+    deadline = None if req.time_budget_s is None else t_start + req.time_budget_s
+    state = _Sweep(deadline, DP_TEST_RESERVE_S[prep.device])
+    judge_tree = built["baseline"].tree
+    if dict(req.variants)["baseline"] < 2:
+        log("baseline has 1 seed: no seed spread, the verdict will be 'incomplete' (a smoke run)")
+    log(f"convergence {sweep}: {len(plan)} trainings of {req.steps} steps, {req.parallel} at a time; "
+        f"learning rate {system.input['learning_rate']}")
+    with ThreadPoolExecutor(max_workers=req.parallel) as pool:
+        futs = [pool.submit(_one, i, n, s, built[n], system, req, prep.device, sweep, state, judge_tree, log)
+                for i, (n, s) in enumerate(plan)]
+        try:
+            out = [f.result() for f in futs]
+        except KeyboardInterrupt:
+            state.stop.set()
+            processes.stop_gates()
+            out = [f.result() for f in futs]
+    for i, r in enumerate(out):
+        r.concurrent = _concurrency(state.intervals, i)
+    verdict, checks, ttr = judge(out, req.steps, calibrated_final_tol(system.name, prep.device, req.steps))
+    rec = ConvergenceRecord(
+        schema=SCHEMA, sweep_id=sweep, system=system.name, steps=req.steps, device=prep.device,
+        card=env.get("gpu_name") if prep.device == "cuda" else "cpu", parallel=req.parallel,
+        learning_rate=system.input["learning_rate"], rule=rule.RULE_TEXT, verdict=verdict, checks=checks,
+        time_to_rmse=ttr, runs=out, environment=env, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    store.write(rec, req.out_dir)
+    return rec
+

@@ -1,0 +1,190 @@
+"""The proof over a full training, without training: the rule (band, dp test, missing rows), the
+time-to-RMSE figure, the record's round trip, the CLI's bad input, the report's Training section."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from harness.cli import main
+from harness.core.convergence_records import SCHEMA, ConvergenceRecord, ConvergenceRun, LcurveRows
+from harness.core.records import BadRecord
+from harness.judge import convergence_rule as rule
+from harness.results import convergence as store
+from harness.run import convergence
+
+STEPS = 10000
+ROWS = np.arange(0, STEPS + 1, 100)
+
+
+def curve(seed: int, scale: float = 1.0, noise: float = 0.15) -> dict[str, list]:
+    """A decaying learning curve with multiplicative per-row noise, as lcurve's val columns are."""
+    rng = np.random.default_rng(seed)
+    decay = np.exp(-ROWS / 3000.0)
+    e = scale * (0.05 * decay + 0.002) * np.exp(rng.normal(0, noise, ROWS.size))
+    f = scale * (1.0 * decay + 0.04) * np.exp(rng.normal(0, noise, ROWS.size))
+    return {"step": ROWS.tolist(), "rmse_e_val": e.tolist(), "rmse_f_val": f.tolist()}
+
+
+def finals(e: float, f: float) -> dict[str, float]:
+    return {"rmse_e_per_atom": e, "rmse_f": f}
+
+
+BASE = {10: curve(10), 11: curve(11)}
+BASE_FINAL = {10: finals(0.0021, 0.041), 11: finals(0.0023, 0.043)}
+
+
+def test_smooth_is_a_trailing_geometric_mean_and_skips_missing_rows():
+    sm = rule.smooth([0, 1, 2, 3], [1.0, None, 100.0, float("nan")], window=3)
+    assert sm == {0: 1.0, 2: pytest.approx(10.0)}  # rows 1 and 3 neither get a value nor enter one
+    # the window is in steps (intervals x the row gap): a hole shortens it, it does not reach back
+    assert rule.smooth([0, 1, 2, 3], [1.0, None, 100.0, float("nan")], window=2)[2] == pytest.approx(100.0)
+
+
+def test_a_seed_of_the_same_training_passes():
+    v = rule.evaluate(BASE, {10: curve(20), 11: curve(21), 12: curve(22)}, BASE_FINAL,
+                      {s: finals(0.0022, 0.042) for s in (10, 11, 12)}, STEPS)
+    assert v.verdict == "pass", v.reasons
+    assert len(v.bands) == 6 and all(b.rows == 90 for b in v.bands)  # rows after the first 10 %
+    assert v.spread_source["rmse_f_val"] == "baseline seeds' own spread"
+
+
+def test_a_curve_outside_the_band_fails():
+    v = rule.evaluate(BASE, {10: curve(20, scale=1.6)}, BASE_FINAL, {10: finals(0.0022, 0.042)}, STEPS)
+    assert v.verdict == "fail"
+    assert any(b.metric == "rmse_f_val" and not b.ok for b in v.bands)
+
+
+def test_a_late_divergence_fails_through_the_final_dp_test():
+    v = rule.evaluate(BASE, {10: curve(20)}, BASE_FINAL, {10: finals(0.0022, 0.08)}, STEPS)
+    assert v.verdict == "fail"
+    assert [f.metric for f in v.finals if not f.ok] == ["rmse_f"]
+
+
+def test_missing_rows_are_skipped_and_a_seed_without_rows_fails():
+    holed = curve(20)
+    for i in range(20, 40):
+        holed["rmse_f_val"][i] = None
+    v = rule.evaluate(BASE, {10: holed}, BASE_FINAL, {10: finals(0.0022, 0.042)}, STEPS)
+    assert v.verdict == "pass", v.reasons
+    assert next(b for b in v.bands if b.metric == "rmse_f_val").rows < 90
+    empty = {"step": [], "rmse_e_val": [], "rmse_f_val": []}
+    v = rule.evaluate(BASE, {10: empty}, BASE_FINAL, {10: finals(0.0022, 0.042)}, STEPS)
+    assert v.verdict == "fail"
+    v = rule.evaluate(BASE, {10: curve(20)}, BASE_FINAL, {}, STEPS)  # no dp test
+    assert v.verdict == "fail"
+
+
+def test_one_baseline_seed_is_incomplete():
+    v = rule.evaluate({10: BASE[10]}, {10: curve(20)}, BASE_FINAL, {10: finals(0.0022, 0.042)}, STEPS)
+    assert v.verdict == "incomplete"
+
+
+def test_final_band_uses_a_calibrated_threshold_when_given():
+    lo, hi, src = rule.final_band([1.0, 1.1], rel_tol=0.5)
+    assert (lo, hi) == (0.5, pytest.approx(1.65)) and "calibrated" in src
+    lo, hi, _ = rule.final_band([1.0, 1.1])
+    rel = rule.K_FINAL * 0.1 / 1.05
+    assert (lo, hi) == (pytest.approx(1 - rel), pytest.approx(1.1 * (1 + rel)))
+
+
+def test_time_to_rmse_is_the_wall_time_of_the_first_smoothed_row_at_the_target():
+    steps = list(range(0, 50, 10))
+    vals = [8.0, 4.0, 2.0, 1.0, 1.0]
+    wall = rule.wall_at_steps(5.0, [0.5] * 40, steps)
+    assert wall == {0: 5.0, 10: 10.0, 20: 15.0, 30: 20.0, 40: 25.0}
+    # smoothed with window 10: geometric means 8, sqrt(32), 4, 2^1.5, 2^1.2
+    assert rule.time_to_rmse(steps, vals, wall, 2 ** 1.5 + 1e-9) == 20.0
+    assert rule.time_to_rmse(steps, vals, wall, 0.5) is None
+    assert rule.target_rmse({1: {"step": steps, "rmse_f_val": vals}}) == pytest.approx(2 ** 1.2)
+
+
+def test_learning_rate_follows_upstreams_rule():
+    from harness.prepare import systems
+
+    s = convergence.scaled_input(systems.load_system("water"), 10000)
+    lr = s.input["learning_rate"]
+    assert lr["decay_steps"] == 100 and lr["start_lr"] == 1e-3 and lr["stop_lr"] == 3.51e-8
+    assert s.input["training"]["disp_freq"] == 100
+    assert convergence.upstream_default_decay_steps(40) == 1
+    assert systems.load_system("water").input["learning_rate"]["decay_steps"] == 5000  # not mutated
+
+
+def _record() -> ConvergenceRecord:
+    runs = []
+    for v, seed, c in [("baseline", 10, BASE[10]), ("baseline", 11, BASE[11]), ("fused", 10, curve(20))]:
+        wall = [1.0 + s * 0.01 for s in c["step"]]
+        runs.append(ConvergenceRun(variant=v, seed=seed, status="ok", wall_s=120.0, step_ms_median=1.1,
+                                   concurrent=2, dp_test=finals(0.0022, 0.042),
+                                   lcurve=LcurveRows(step=c["step"], rmse_e_val=c["rmse_e_val"],
+                                                     rmse_f_val=c["rmse_f_val"], lr=[1e-3] * len(c["step"]),
+                                                     wall_s=wall)))
+    runs.append(ConvergenceRun(variant="fused", seed=11, status="not started", error="time budget"))
+    verdict, checks, ttr = convergence.judge(runs, STEPS)
+    return ConvergenceRecord(schema=SCHEMA, sweep_id="20261204T000000Z-abcdef", system="water", steps=STEPS,
+                             device="cuda", card="NVIDIA H200", parallel=3, rule=rule.RULE_TEXT,
+                             verdict=verdict, checks=checks, time_to_rmse=ttr, runs=runs)
+
+
+def test_judge_and_record_round_trip(tmp_path):
+    rec = _record()
+    assert rec.verdict == "pass", rec.checks
+    assert rec.time_to_rmse["by_variant"]["fused"]["10"] is not None
+    path = store.write(rec, tmp_path)
+    back = ConvergenceRecord.from_json(path)
+    assert back.to_dict() == json.loads(path.read_text())
+    assert back.runs[2].lcurve.rmse_f_val == rec.runs[2].lcurve.rmse_f_val and back.runs[3].status == "not started"
+    assert [r.sweep_id for r in store.load_records(tmp_path)] == [rec.sweep_id]
+    (tmp_path / "junk.json").write_text("{")
+    warned = []
+    assert len(store.load_records(tmp_path, warn=warned.append)) == 1 and "junk.json" in warned[0]
+    with pytest.raises(BadRecord):
+        ConvergenceRecord.from_json(tmp_path / "junk.json")
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["--variant", "fused:3", "--steps", "40"], "baseline"),
+    (["--variant", "baseline:2", "--steps", "40"], "compare"),
+    (["--variant", "baseline:x", "--variant", "fused", "--steps", "40"], "integer"),
+    (["--variant", "baseline:2", "--variant", "fused", "--steps", "40", "--parallel", "0"], "--parallel"),
+    (["--variant", "baseline:2", "--variant", "fused", "--steps", "1"], "--steps"),
+    (["--variant", "baseline:2", "--variant", "nosuch", "--steps", "40", "--device", "cpu"], "nosuch"),
+    (["--variant", "baseline:2", "--variant", "fused", "--steps", "40", "--time-budget", "-1"], "--time-budget"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, says, tmp_path, capsys):
+    rc = main.main(["convergence", "--device", "cpu", "--out-dir", str(tmp_path / "out"),
+                    "--work-dir", str(tmp_path / "work"), *argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and says in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_training_section_renders(tmp_path):
+    from harness.report import render
+
+    rec = _record()
+    store.write(rec, tmp_path / "conv")
+    out = render.write_report(tmp_path / "runs", tmp_path / "report" / "index.html",
+                              convergence_dir=tmp_path / "conv")
+    html = out.read_text()
+    assert 'id="training"' in html and "PASS" in html and "data:image/png;base64," in html
+    assert "Wall time to the baseline seeds' final force RMSE" in html and "not started" in html
+    assert math.isfinite(rec.time_to_rmse["target"])
+
+
+def test_a_calibration_of_this_length_sets_the_final_band(tmp_path, monkeypatch):
+    from harness.judge import calibration
+
+    assert convergence.calibrated_final_tol("water", "cuda", 12345) is None  # none at this length
+    monkeypatch.setattr(calibration, "CALIBRATION", tmp_path)
+    monkeypatch.setattr(calibration.calibration_path, "__defaults__", (tmp_path,))
+    (tmp_path / "water-cuda-12345.json").write_text(json.dumps(
+        {"thresholds": {"float64": {"rmse_e_per_atom": 0.2, "rmse_f": 0.05}}}))
+    tol = convergence.calibrated_final_tol("water", "cuda", 12345)
+    assert tol == {"rmse_e_per_atom": 0.2, "rmse_f": 0.05}
+    rec = _record()
+    verdict, checks, _ = convergence.judge(rec.runs, STEPS, tol)
+    assert "calibrated" in checks["fused"]["spread_source"]["rmse_f"]
+    assert (checks["fused"]["seeds_finished"], checks["fused"]["seeds_planned"]) == (1, 2)
