@@ -230,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
             stage.register_cli(sub)
     from harness.cli import sweep
     sweep.register_cli(sub)  # dpharness sweep
+    from harness.cli import train as train_cli
+    train_cli.register_cli(sub)  # dpharness train
     return p
 
 
