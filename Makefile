@@ -8,7 +8,7 @@ STEPS   ?= auto
 DEVICE  ?= auto
 ARGS    ?=
 
-.PHONY: help venv bench test test-gpu systems variants wheelhouse report export profile regress calibrate clean
+.PHONY: help venv bench train test test-gpu systems variants wheelhouse report export profile regress calibrate clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -18,6 +18,10 @@ venv:  ## create .venv (automatic on first use)
 
 bench: venv  ## bench VARIANT (comma list) against baseline: SYSTEM= VARIANT= STEPS= DEVICE=
 	$(PY) -m harness bench --system $(SYSTEM) $(foreach v,$(subst $(comma), ,$(VARIANT)),--variant $(v)) --steps $(STEPS) --device $(DEVICE) $(ARGS)
+
+train: venv  ## train your own model: INPUT=path/input.json [VARIANT=] [OUTPUT=] [DEVICE=] [ARGS='--freeze --restart CKPT']
+	@test -n "$(INPUT)" || { echo "make train: INPUT=path/to/input.json is required" >&2; exit 2; }
+	$(PY) -m harness train $(INPUT) $(if $(filter command line environment,$(origin VARIANT)),--variant $(VARIANT)) $(if $(OUTPUT),--output $(OUTPUT)) --device $(DEVICE) $(ARGS)
 
 test:  ## run the test suite (CPU; tests/gpu skips without CUDA)
 	@$(PYTHON) harness/bootstrap.py --dev

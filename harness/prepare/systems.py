@@ -32,36 +32,107 @@ def list_system_names(systems_dir: Path = SYSTEMS) -> list[str]:
 
 
 def load_system(name_or_path: str, systems_dir: Path = SYSTEMS) -> System:
-    """A system by name (systems/<name>) or by path to a directory of the same shape."""
+    """A system by name (systems/<name>), by path to a directory of the same shape, or by path to a
+    bare directory of DeePMD systems with an input.json (no system.yaml: see system_from_input)."""
     d = Path(name_or_path)
+    if not (d / "system.yaml").is_file() and (d / "input.json").is_file() and d.is_dir():
+        return system_from_input(d / "input.json")
     if not (d / "system.yaml").is_file():
         d = systems_dir / name_or_path
     if not (d / "system.yaml").is_file():
         known = ", ".join(list_system_names(systems_dir)) or "none"
-        raise UserError(f"unknown system {name_or_path!r}: not a directory with system.yaml (known: {known})")
+        raise UserError(f"unknown system {name_or_path!r}: not a directory with system.yaml or input.json "
+                        f"(known: {known})")
     d = d.resolve()
     try:
         spec = yaml.safe_load((d / "system.yaml").read_text())
     except yaml.YAMLError as e:
         raise UserError(f"{d / 'system.yaml'}: invalid YAML: {str(e).splitlines()[0]}") from None
-    for key in ("name", "type_map", "atoms_per_frame", "train", "validation"):
+    for key in ("name", "type_map", "train", "validation"):  # atoms_per_frame: optional (mixed sizes)
         if not isinstance(spec, dict) or key not in spec:
             raise UserError(f"{d / 'system.yaml'}: missing key {key!r}")
     g = spec.get("gate_steps")  # the training-equivalence test's length (docs/accuracy.md); null: not calibrated
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 2):
         raise UserError(f"{d / 'system.yaml'}: gate_steps must be an integer >= 2 or null, not {g!r}")
-    try:
-        inp = json.loads((d / "input.json").read_text())
-    except FileNotFoundError:
-        raise UserError(f"{d}: missing input.json") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{d / 'input.json'}: invalid JSON: {e}") from None
+    inp = _read_input(d / "input.json")
+    train = tuple(d / p for p in spec["train"])
+    validation = tuple(d / p for p in spec["validation"])
     return System(
         name=str(spec["name"]), directory=d, type_map=tuple(spec["type_map"]),
-        atoms_per_frame=int(spec["atoms_per_frame"]),
-        train=tuple(d / p for p in spec["train"]), validation=tuple(d / p for p in spec["validation"]),
-        input=inp, spec=spec,
+        atoms_per_frame=int(spec["atoms_per_frame"]) if spec.get("atoms_per_frame") is not None
+        else largest_frame((*train, *validation)),
+        train=train, validation=validation, input=inp, spec=spec,
     )
+
+
+def _read_input(path: Path) -> dict[str, Any]:
+    try:
+        inp = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path.parent}: missing input.json") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}: invalid JSON: {e}") from None
+    if not isinstance(inp, dict):
+        raise UserError(f"{path}: not a JSON object")
+    return inp
+
+
+def largest_frame(datasets: tuple[Path, ...]) -> int:
+    """Atoms per frame of the largest data set (a system of mixed sizes has no one count)."""
+    n = 0
+    for d in datasets:
+        try:
+            n = max(n, len(np.loadtxt(d / "type.raw", dtype=int, ndmin=1)))
+        except (OSError, ValueError):
+            continue  # validate_dataset names the bad file
+    return n
+
+
+def expand_systems(systems: Any, base: Path, where: str) -> tuple[Path, ...]:
+    """A training/validation `systems` entry as upstream reads it (deepmd.utils.data_system
+    process_systems): a list of system directories, or one directory searched for every folder
+    holding a type.raw. Relative paths are taken from `base` (the input file's folder)."""
+    items = [systems] if isinstance(systems, str) else systems
+    if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+        raise UserError(f"{where}: systems must be a directory or a non-empty list of directories")
+    out: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        p = (p if p.is_absolute() else base / p).resolve()
+        if isinstance(systems, str) and p.is_dir() and not (p / "type.raw").is_file():
+            found = sorted(t.parent for t in p.rglob("type.raw"))
+            if not found:
+                raise UserError(f"{where}: {p}: no DeePMD system (no type.raw) under it")
+            out += found
+        else:
+            out.append(p)
+    return tuple(out)
+
+
+def system_from_input(input_path: Path) -> System:
+    """A system described by an upstream input.json alone: its training_data/validation_data
+    systems (relative to the file's folder, as upstream resolves them from there), its
+    model.type_map; atom counts and compositions may differ between systems."""
+    input_path = Path(input_path).resolve()
+    inp = _read_input(input_path)
+    base = input_path.parent
+    tr = inp.get("training") if isinstance(inp.get("training"), dict) else {}
+    type_map = (inp.get("model") or {}).get("type_map") if isinstance(inp.get("model"), dict) else None
+    if not isinstance(type_map, list) or not type_map:
+        raise UserError(f"{input_path}: model.type_map must be a non-empty list of element names")
+    if not isinstance(tr.get("training_data"), dict):
+        raise UserError(f"{input_path}: missing training.training_data")
+    train = expand_systems(tr["training_data"].get("systems"), base, f"{input_path}: training.training_data")
+    validation = (expand_systems(tr["validation_data"].get("systems"), base,
+                                 f"{input_path}: training.validation_data")
+                  if isinstance(tr.get("validation_data"), dict) else ())
+    spec = {"name": base.name, "type_map": type_map, "provenance": {"source": "input.json"},
+            "train": [str(p) for p in train], "validation": [str(p) for p in validation]}
+    return System(name=base.name, directory=base, type_map=tuple(type_map),
+                  atoms_per_frame=largest_frame((*train, *validation)), train=train, validation=validation,
+                  input=inp, spec=spec)
 
 
 # ---------------------------------------------------------------- obtaining upstream data
@@ -151,7 +222,7 @@ def validate_dataset(d: Path, type_map: tuple[str, ...], natoms: int | None = No
     except ValueError:
         raise UserError(f"{tr}: not a list of integers") from None
     if natoms is not None and len(types) != natoms:
-        raise UserError(f"{tr}: {len(types)} atoms, system.yaml says {natoms}")
+        raise UserError(f"{tr}: {len(types)} atoms, system.yaml says {natoms} (drop atoms_per_frame from system.yaml for systems of mixed sizes)")
     if types.size == 0 or types.min() < 0 or types.max() >= len(type_map):
         raise UserError(f"{tr}: type index outside type_map {list(type_map)}")
     tm = d / "type_map.raw"
@@ -196,10 +267,13 @@ def validate_dataset(d: Path, type_map: tuple[str, ...], natoms: int | None = No
 
 
 def validate_system(system: System) -> dict[str, int]:
+    """Every data set on its own: each has its own atom count and composition; only a
+    system.yaml that states atoms_per_frame fixes one count for all."""
+    natoms = system.spec.get("atoms_per_frame")
     out = {"train": 0, "validation": 0}
     for part in ("train", "validation"):
         for d in getattr(system, part):
-            out[part] += validate_dataset(d, system.type_map, system.atoms_per_frame)["frames"]
+            out[part] += validate_dataset(d, system.type_map, None if natoms is None else int(natoms))["frames"]
     return out
 
 

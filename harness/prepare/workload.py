@@ -158,7 +158,8 @@ def derive(system: System, replicate: tuple[int, int, int] | None = None, batch_
         if batch_size:
             inp["training"]["training_data"]["batch_size"] = batch_size
         spec = {k: v for k, v in system.spec.items() if k not in ("files", "train", "validation")}
-        spec.update(name=name, atoms_per_frame=system.atoms_per_frame * n, train=parts["train"],
+        mixed = system.spec.get("atoms_per_frame") is None  # mixed sizes stay unstated
+        spec.update(name=name, atoms_per_frame=None if mixed else system.atoms_per_frame * n, train=parts["train"],
                     validation=parts["validation"],
                     workload={"base_system": system.name, "replicate": list(replicate) if replicate else None,
                               "batch_size": batch_size, "base_atoms_per_frame": system.atoms_per_frame})

@@ -286,3 +286,8 @@ def _last_exception(lines: list[str]) -> str | None:
     if exc is None:
         return None
     return exc[:260] + (f" (at {where})" if where else "")
+
+
+# public names for harness/run/user_train.py (dpharness train)
+read_progress = _read_progress
+diagnose = _diagnose

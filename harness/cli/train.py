@@ -1,0 +1,37 @@
+"""`dpharness train INPUT.json`: train your own model with a (fast) variant, the input unchanged."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _train(a: argparse.Namespace) -> int:
+    from harness.run import user_train
+
+    req = user_train.TrainRequest(
+        input_path=Path(a.input), variant=a.variant, output=Path(a.output) if a.output else None,
+        restart=Path(a.restart) if a.restart else None, init_model=Path(a.init_model) if a.init_model else None,
+        freeze=a.freeze, device=a.device)
+    rec = user_train.run(req, log=lambda m: print(m, file=sys.stderr))
+    last = ", ".join(f"{k} {v:.3g}" for k, v in rec.final_lcurve.items() if k != "step")
+    print(f"{rec.variant}: {rec.numb_steps} steps in {rec.wall_s:.1f} s; last lcurve row (step "
+          f"{rec.steps_lcurve}): {last or 'none'}")
+    for name, path in rec.outputs.items():
+        print(f"  {name}: {path}")
+    return 0
+
+
+def register_cli(sub) -> None:
+    t = sub.add_parser("train", help="train a model on your own input.json with a variant (input unchanged)")
+    t.add_argument("input", help="upstream DeePMD-kit input.json; data paths relative to its folder")
+    t.add_argument("--variant", default=None,
+                   help="variant to train with (default: fused when its engine trains the input, else baseline)")
+    t.add_argument("--output", default=None, help="output folder (default: <input's folder>/train-<variant>)")
+    ck = t.add_mutually_exclusive_group()
+    ck.add_argument("--restart", default=None, metavar="CKPT", help="continue from a checkpoint (upstream's --restart)")
+    ck.add_argument("--init-model", default=None, metavar="CKPT",
+                    help="start from a checkpoint's weights (upstream's --init-model)")
+    t.add_argument("--freeze", action="store_true", help="then `dp --pt freeze` into OUTPUT/frozen_model.pth")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.set_defaults(func=_train)

@@ -1,0 +1,209 @@
+"""`dpharness train`: a user's own training with a variant, the input unchanged. Unlike the bench
+(harness/run/train.py make_input), nothing of the input is rewritten: its steps, learning rate,
+loss prefactors, display/save frequencies, seed and validation are upstream's to read. The one
+edit is where the data is: upstream resolves `systems` from its working directory, the run works
+in the output folder, so relative system paths are made absolute from the input file's folder
+(the same folders `dp train` run from there would read). Supports what the child's engine check
+refuses through harness/prepare/train_support before any build."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.core import envvars, fsutil
+from harness.core.errors import RunFailed, UserError
+from harness.core.progress import Progress
+from harness.prepare import systems, train_support
+from harness.run import train
+
+RECORD_NAME = "dpharness_train.json"
+DEFAULT_FAST = "fused"
+
+
+@dataclass
+class TrainRequest:
+    input_path: Path
+    variant: str | None = None  # None: the fastest that trains this input (fused, else baseline)
+    output: Path | None = None  # default: <input's folder>/train-<variant>
+    restart: Path | None = None
+    init_model: Path | None = None
+    freeze: bool = False
+    device: str = "auto"
+
+
+@dataclass
+class TrainingRecord:
+    """What `dpharness train` writes into the output folder (dpharness_train.json)."""
+
+    variant: str
+    variant_hash: str
+    chose: str  # "user" or why the default was taken
+    input: str
+    input_sha256: str
+    device: str
+    numb_steps: int
+    steps_lcurve: int | None  # the last step lcurve.out shows
+    wall_s: float
+    returncode: int
+    lcurve_columns: list[str]
+    final_lcurve: dict[str, float]
+    restart: str | None
+    init_model: str | None
+    command: list[str]
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+def load_input(path: Path) -> tuple[dict[str, Any], systems.System]:
+    """The user's input and the data sets it names, validated one by one (atom counts and
+    compositions may differ between systems; UserError naming the file otherwise)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: input file not found")
+    system = systems.system_from_input(path)
+    for d in (*system.train, *system.validation):
+        systems.validate_dataset(d, system.type_map)
+    return system.input, system
+
+
+def absolute_data(inp: dict[str, Any], base: Path) -> dict[str, Any]:
+    """`inp` with each relative `systems` path made absolute from `base`; nothing else changes."""
+    out = copy.deepcopy(inp)
+    for part in ("training_data", "validation_data"):
+        data = out.get("training", {}).get(part)
+        if not isinstance(data, dict) or "systems" not in data:
+            continue
+        fix = (lambda s: s if Path(s).expanduser().is_absolute() else str((base / s).resolve()))
+        s = data["systems"]
+        data["systems"] = fix(s) if isinstance(s, str) else [fix(x) for x in s]
+    return out
+
+
+def choose_variant(inp: dict[str, Any], asked: str | None, where: Path) -> tuple[str, str]:
+    """(variant, why): the user's (refused here, exit 2, if its engine does not train the input),
+    else fused when the engine trains the input, else baseline with the key that ruled fused out."""
+    from harness.prepare import variants
+
+    if asked is not None:
+        chain = variants.chain(asked)  # unknown variant -> UserError
+        if variants.chain_engine(chain) == "dpfast":
+            train_support.check_engine_input(inp, asked, where)
+        return asked, "user"
+    why = train_support.engine_refusal(inp, DEFAULT_FAST)
+    if why is None:
+        return DEFAULT_FAST, "default: the fast engine trains this input"
+    return "baseline", f"default: {DEFAULT_FAST} does not train {why}"
+
+
+def read_lcurve(path: Path) -> tuple[list[str], list[dict[str, float]]]:
+    """Upstream's lcurve.out: a '# step rmse_val ...' header, then one row per display step."""
+    if not path.is_file():
+        return [], []
+    cols, rows = [], []
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            head = line.lstrip("#").split()
+            cols = head if head[:1] == ["step"] else cols  # later '#' lines are notes
+        elif line.strip() and cols:
+            vals = line.split()
+            try:
+                rows.append({c: float(v) for c, v in zip(cols, vals)})
+            except ValueError:
+                continue
+    return cols, rows
+
+
+def _supervise(cmd: list[str], wd: Path, env: dict[str, str], log_path: Path, bar: Progress) -> int:
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            while proc.poll() is None:
+                time.sleep(0.25)
+                bar.update_to(train.read_progress(wd))
+        except KeyboardInterrupt:
+            os.killpg(proc.pid, signal.SIGINT)  # upstream stops; its last checkpoint stays
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            raise
+    return proc.returncode
+
+
+def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord:
+    from harness.prepare import build, input_check, upstream
+    from harness.run.bench import resolve_device
+
+    src = Path(req.input_path)
+    inp, system = load_input(src)
+    variant, why = choose_variant(inp, req.variant, src)
+    device = resolve_device(req.device)
+    for flag, ckpt in (("--restart", req.restart), ("--init-model", req.init_model)):
+        if ckpt is not None and not Path(ckpt).exists():
+            raise UserError(f"{flag} {ckpt}: checkpoint not found")
+    if req.restart is not None and req.init_model is not None:
+        raise UserError("--restart and --init-model exclude each other (upstream takes one)")
+    wd = (Path(req.output) if req.output else src.parent / f"train-{variant}").resolve()
+    if (wd / "input.json").resolve() == src.resolve():
+        raise UserError(f"--output {wd}: the run writes its input.json there, which is {src} itself; "
+                        f"choose another folder")
+    log(f"variant {variant} ({why}); {len(system.train)} training / {len(system.validation)} validation "
+        f"systems, types {list(system.type_map)}")
+    pin = upstream.default_pin()
+    b = build.build_variant(variant, pin)
+    run_inp = absolute_data(inp, src.resolve().parent)
+    input_check.check_input(run_inp, b.tree, str(src))
+    wd.mkdir(parents=True, exist_ok=True)
+    fsutil.atomic_write_text(wd / "input.json", json.dumps(run_inp, indent=2) + "\n")
+    dp_args = [train.BACKEND_FLAG[b.backend], "train", "input.json"]
+    if req.restart is not None:
+        dp_args += ["--restart", str(Path(req.restart).resolve())]
+    if req.init_model is not None:
+        dp_args += ["--init-model", str(Path(req.init_model).resolve())]
+    cmd = train.launch_command(b.tree, b.modules, dp_args)
+    env = train.subprocess_env(device, {**b.env, envvars.DPH_VARIANT: b.name}, wd)
+    steps = int(inp.get("training", {}).get("numb_steps", 0) or 0)
+    log(f"training {steps} steps on {device} in {wd}")
+    t0 = time.perf_counter()
+    with Progress(steps, f"train {variant}") as bar:
+        rc = _supervise(cmd, wd, env, wd / "train.log", bar)
+    wall = time.perf_counter() - t0
+    if rc != 0:
+        error = train.diagnose(wd / "train.log", rc)
+        refusal = train_support.child_refusal(error, variant, src)
+        if refusal:
+            raise UserError(refusal)
+        raise RunFailed(f"training failed ({error}); log: {wd / 'train.log'}")
+    cols, rows = read_lcurve(wd / "lcurve.out")
+    outputs = {p.name: str(p) for p in sorted(wd.iterdir())
+               if p.name in ("lcurve.out", "checkpoint", "out.json", "train.log", "input.json")
+               or (p.name.startswith("model.ckpt") and p.suffix == ".pt")}
+    if req.freeze:
+        outputs["frozen_model.pth"] = str(freeze(b, wd, env))
+    rec = TrainingRecord(
+        variant=variant, variant_hash=b.hash, chose=why, input=str(src.resolve()),
+        input_sha256=fsutil.sha256_file(src), device=device, numb_steps=steps,
+        steps_lcurve=int(rows[-1]["step"]) if rows and "step" in rows[-1] else None, wall_s=round(wall, 3),
+        returncode=rc, lcurve_columns=cols, final_lcurve=rows[-1] if rows else {},
+        restart=str(req.restart) if req.restart else None, init_model=str(req.init_model) if req.init_model else None,
+        command=cmd, outputs=outputs)
+    fsutil.atomic_write_json(wd / RECORD_NAME, asdict(rec))
+    return rec
+
+
+def freeze(b, wd: Path, env: dict[str, str]) -> Path:
+    """Upstream's `dp --pt freeze` of the run's last checkpoint into wd/frozen_model.pth."""
+    out = wd / "frozen_model.pth"
+    cmd = train.launch_command(b.tree, (), [train.BACKEND_FLAG[b.backend], "freeze", "-c", str(wd), "-o", str(out)])
+    with open(wd / "freeze.log", "w") as f:
+        r = subprocess.run(cmd, cwd=wd, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if r.returncode != 0 or not out.is_file():
+        raise RunFailed(f"dp freeze failed ({train.diagnose(wd / 'freeze.log', r.returncode)}); log: {wd / 'freeze.log'}")
+    return out
