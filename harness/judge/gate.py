@@ -167,7 +167,7 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     notes.append(cal_note)
     # reduced precision: n seeds of the variant against the baseline's seeds by TOST, when the
     # system's gate_steps is calibrated and both sides have the seeds; else today's check
-    equiv = (training_equivalence(rec, dp, list(peers), calibration_dir, planned)
+    equiv = (training_equivalence(rec, dp, list(peers), calibration_dir, planned, (base.run.seed, base_dp))
              if cls != "float64" and rec.run.gpus == 1 else None)
     if equiv is not None and equiv.verdict is not None:
         if equiv.verdict == "fail":

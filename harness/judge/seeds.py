@@ -41,10 +41,12 @@ def variant_samples(rec: RunRecord, dp: dict, peers: Iterable[StoredRun]) -> lis
     return out
 
 
-def baseline_samples(rec: RunRecord, peers: Iterable[StoredRun], directory: Path = CALIBRATION
-                     ) -> tuple[list[tuple[int, dict]], str]:
+def baseline_samples(rec: RunRecord, peers: Iterable[StoredRun], directory: Path = CALIBRATION,
+                     current: tuple[int, dict] | None = None) -> tuple[list[tuple[int, dict]], str]:
     """The baseline's float64 calibration seeds at exactly (system, device, steps); without such a
-    file, the sweep's own baseline runs of its seeds (same conditions, measured side by side)."""
+    file, the sweep's own baseline runs of its seeds (same conditions, measured side by side).
+    current: (seed, dp test) of the baseline this run is judged against: it is one of those runs,
+    but the gate holds it as a record of this sweep's cell, not among the stored peers."""
     path = calibration_path(rec.run.system.name, rec.run.device, rec.run.steps, directory)
     if path.is_file():
         cal = json.loads(path.read_text())
@@ -54,11 +56,14 @@ def baseline_samples(rec: RunRecord, peers: Iterable[StoredRun], directory: Path
            if r.variant == "baseline" and r.system == rec.run.system.name and r.sweep_id == rec.run.sweep_id
            and r.steps == rec.run.steps and r.device.kind == rec.run.device and r.status == "ok"
            and r.accuracy.dp_test and r.seed is not None and (r.world_size or 1) == 1]
+    if current is not None and current[0] is not None and current[1] and all(sd != current[0] for sd, _ in own):
+        own.append((int(current[0]), current[1]))
     return own, f"the baseline runs of sweep {rec.run.sweep_id} (no {path.name})"
 
 
 def training_equivalence(rec: RunRecord, dp: dict, peers: list[StoredRun], directory: Path = CALIBRATION,
-                         planned: list[int] | None = None) -> Equivalence:
+                         planned: list[int] | None = None,
+                         baseline: tuple[int, dict] | None = None) -> Equivalence:
     """The equivalence part for a reduced-precision run whose dp test is `dp`. verdict None (and
     the gate keeps its single-run dp-test check) until gate_steps is calibrated, the run is at
     gate_steps and both sides have enough seeds. planned: the sweep's seeds in order (bench
@@ -77,7 +82,7 @@ def training_equivalence(rec: RunRecord, dp: dict, peers: list[StoredRun], direc
                        f"{planned[-1]} holds the verdict")
         return base
     vs = variant_samples(rec, dp, peers)
-    bs, source = baseline_samples(rec, peers, directory)
+    bs, source = baseline_samples(rec, peers, directory, baseline)
     frames = {int(d.get("numb_test", -1)) for _, d in vs + bs}
     if len(frames) > 1:
         base.detail = f"not judged: dp test frame counts differ between the samples {sorted(frames)}"

@@ -56,12 +56,14 @@ def judge(monkeypatch, tmp_path):
                                     "status": "ok", "device": {"kind": "cpu"}, "world_size": 1,
                                     "accuracy": {"dp_test": _dp(f)}})
 
-    def run(f_now: float, peer_f: list[float], seed: int = 30, planned=None, **kw) -> AccuracyResult:
+    def run(f_now: float, peer_f: list[float], seed: int = 30, planned=None, base_peer_f=(), cal=None,
+            **kw) -> AccuracyResult:
         dp_now[0] = _dp(f_now)
         r = rec(kw.pop("variant", "fp32"), seed, **kw)
         base = rec("baseline", seed, "float64", sweep_dp=kw.get("sweep_dp", 0.3))
         peers = [peer(r.run.variant.name, 10 + i, f) for i, f in enumerate(peer_f)]
-        return gate.evaluate(r, [base], calibration_dir=cal_dir, peers=peers, planned=planned)
+        peers += [peer("baseline", 10 + i, f) for i, f in enumerate(base_peer_f)]
+        return gate.evaluate(r, [base], calibration_dir=cal or cal_dir, peers=peers, planned=planned)
 
     return run
 
@@ -106,6 +108,15 @@ def test_not_calibrated_gate_steps_and_other_lengths_are_said(judge) -> None:
 def test_an_earlier_seed_of_the_sweep_is_pending(judge) -> None:
     res = judge(0.40, [], seed=1, planned=[1, 2, 3])  # 33 % off, yet no single-run verdict on it
     assert res.verdict == "pass" and res.equivalence.detail.startswith("pending: seed 1 of 1,2,3")
+
+
+def test_without_calibration_the_sweeps_baseline_seeds_count_the_judged_one_too(judge, tmp_path) -> None:
+    """bench --seeds 10,11,30 without a calibration file: the baseline of seed 30 (the one the gate
+    judges against, not among the stored peers) is the third baseline seed."""
+    res = judge(0.301, [0.299, 0.300], base_peer_f=[0.300, 0.302], cal=tmp_path / "no-cal")
+    e = res.equivalence
+    assert e.verdict == "pass", e.detail
+    assert e.seeds_baseline == [10, 11, 30] and "baseline runs of sweep sw" in (e.calibration or e.detail)
 
 
 def test_float64_classes_keep_todays_gate(judge) -> None:
