@@ -68,3 +68,12 @@ def test_only_child_entry_points_edit_sys_path():
                     isinstance(node.value.value, ast.Name) and node.value.value.id == "sys":
                 editors.add(str(p.relative_to(REPO)))
     assert editors <= {"harness/child/patch_loader.py"}, editors
+
+
+def test_test_module_basenames_are_unique():
+    # tests/ folders have no __init__.py, so pytest's default import mode refuses two files of one
+    # name in a fresh checkout (a stale __pycache__ hides it locally).
+    names: dict[str, list[str]] = {}
+    for p in (REPO / "tests").rglob("test_*.py"):
+        names.setdefault(p.name, []).append(str(p.relative_to(REPO)))
+    assert not {n: ps for n, ps in names.items() if len(ps) > 1}
