@@ -8,8 +8,10 @@ refuses through harness/prepare/train_support before any build."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -58,6 +60,25 @@ class TrainingRecord:
     init_model: str | None
     command: list[str]
     outputs: dict[str, str] = field(default_factory=dict)
+
+
+def read_record(path: Path) -> TrainingRecord:
+    """dpharness_train.json read back typed; UserError naming the file when it is not one."""
+    try:
+        d = json.loads(Path(path).read_text())
+        names = {f.name for f in dataclasses.fields(TrainingRecord)}
+        if not isinstance(d, dict) or set(d) != names:
+            raise TypeError(f"fields {sorted(set(d) ^ names) if isinstance(d, dict) else type(d).__name__}")
+        return TrainingRecord(**d)
+    except (OSError, ValueError, TypeError) as e:
+        raise UserError(f"{path}: not a {RECORD_NAME} record ({e})") from None
+
+
+def checkpoint_step(ckpt: Path) -> int:
+    """The step a checkpoint was saved at, from upstream's name model.ckpt-<step>.pt (the
+    model.ckpt.pt link resolved); 0 when the name does not say."""
+    m = re.fullmatch(r".*-(\d+)\.pt", Path(ckpt).resolve().name)
+    return int(m.group(1)) if m else 0
 
 
 def load_input(path: Path) -> tuple[dict[str, Any], systems.System]:
@@ -170,9 +191,11 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
     cmd = train.launch_command(b.tree, b.modules, dp_args)
     env = train.subprocess_env(device, {**b.env, envvars.DPH_VARIANT: b.name}, wd)
     steps = int(inp.get("training", {}).get("numb_steps", 0) or 0)
-    log(f"training {steps} steps on {device} in {wd}")
+    # a restart runs from its checkpoint's step to numb_steps; the child counts the steps it ran
+    todo = max(0, steps - checkpoint_step(req.restart)) if req.restart is not None else steps
+    log(f"training {todo} steps" + (f" (to step {steps})" if todo != steps else "") + f" on {device} in {wd}")
     t0 = time.perf_counter()
-    with Progress(steps, f"train {variant}") as bar:
+    with Progress(todo, f"train {variant}") as bar:
         rc = _supervise(cmd, wd, env, wd / "train.log", bar)
     wall = time.perf_counter() - t0
     if rc != 0:

@@ -172,3 +172,34 @@ def test_cli_refuses_se_atten_for_fused_before_building(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.descriptor.type = 'se_atten'" in err[0] and "--variant baseline" in err[0]
     assert not (d / "train-fused").exists()
+
+
+def _record(**over) -> dict:
+    rec = user_train.TrainingRecord(
+        variant="fused", variant_hash="h", chose="user", input="/x/input.json", input_sha256="s", device="cpu",
+        numb_steps=10, steps_lcurve=10, wall_s=1.0, returncode=0, lcurve_columns=["step", "lr"],
+        final_lcurve={"step": 10.0, "lr": 1e-4}, restart=None, init_model=None, command=["dp"])
+    return {**user_train.asdict(rec), **over}
+
+
+def test_record_reads_back_typed_and_refuses_another_file(tmp_path):
+    p = tmp_path / user_train.RECORD_NAME
+    p.write_text(json.dumps(_record()))
+    rec = user_train.read_record(p)
+    assert isinstance(rec, user_train.TrainingRecord) and rec.final_lcurve == {"step": 10.0, "lr": 1e-4}
+    bad = _record()
+    del bad["wall_s"]
+    p.write_text(json.dumps({**bad, "extra": 1}))
+    with pytest.raises(UserError, match=r"not a dpharness_train.json record .*'extra', 'wall_s'"):
+        user_train.read_record(p)
+    p.write_text("{half")
+    with pytest.raises(UserError, match="not a dpharness_train.json record"):
+        user_train.read_record(p)
+
+
+def test_restart_step_comes_from_the_checkpoint_name(tmp_path):
+    (tmp_path / "model.ckpt-30.pt").write_bytes(b"")
+    (tmp_path / "model.ckpt.pt").symlink_to("model.ckpt-30.pt")
+    assert user_train.checkpoint_step(tmp_path / "model.ckpt.pt") == 30
+    assert user_train.checkpoint_step(tmp_path / "model.ckpt-30.pt") == 30
+    assert user_train.checkpoint_step(tmp_path / "mine.pt") == 0  # name says nothing: count from 0

@@ -1,0 +1,145 @@
+"""`dpharness train` trains for real: baseline and fused on a mixed 108/216-atom copper input,
+--freeze then upstream's `dp test` on the frozen model, --restart continuing past the first
+run's steps, --init-model starting from its weights. Small nets and 10 steps keep each training
+to a process start-up; the trainings are module-scoped and shared by the checks."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from harness.cli import main as cli
+from harness.judge import processes
+from harness.prepare import systems, workload
+from harness.run import train, user_train
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+# upstream's EnergyStdLoss columns for an energy + force + virial loss (lcurve.out's header)
+LCURVE_COLUMNS = ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "rmse_f_val", "rmse_f_trn",
+                  "rmse_v_val", "rmse_v_trn", "lr"]
+
+
+def _frames(src: Path, dst: Path, n: int) -> Path:
+    (dst / "set.000").mkdir(parents=True)
+    for f in ("type.raw", "type_map.raw"):
+        shutil.copy(src / f, dst / f)
+    for p in (src / "set.000").glob("*.npy"):
+        np.save(dst / "set.000" / p.name, np.load(p)[:n])
+    return dst
+
+
+def _input(steps: int) -> dict:
+    return {
+        "model": {"type_map": ["Cu"],
+                  "descriptor": {"type": "se_e2_a", "sel": [100], "rcut_smth": 2.0, "rcut": 6.0,
+                                 "neuron": [4, 8], "axis_neuron": 4, "precision": "float64", "seed": 1},
+                  "fitting_net": {"neuron": [8, 8], "resnet_dt": True, "precision": "float64", "seed": 1}},
+        "learning_rate": {"type": "exp", "decay_steps": 5, "start_lr": 1e-3, "stop_lr": 1e-4},
+        "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1,
+                 "start_pref_v": 0.02, "limit_pref_v": 1},
+        "training": {"training_data": {"systems": ["data/cu108", "data/cu216"], "batch_size": 1},
+                     "validation_data": {"systems": ["data/valid108"], "batch_size": 1, "numb_btch": 1},
+                     "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 5, "save_freq": 5}}
+
+
+@pytest.fixture(scope="module")
+def user_dir(tmp_path_factory) -> Path:
+    cu = systems.load_system("copper")
+    if systems.checksum_problems(cu):
+        pytest.skip("copper data absent (run `make systems`)")
+    d = tmp_path_factory.mktemp("usertrain")
+    src = cu.directory / "data"
+    _frames(src / "fcc_300K", d / "data" / "cu108", 3)
+    small = _frames(src / "fcc_800K", d / "small", 2)
+    workload.replicate_dataset(small, d / "data" / "cu216", (2, 1, 1))  # 216 atoms, exact labels
+    _frames(src / "valid_fcc_1000K", d / "data" / "valid108", 2)
+    (d / "input.json").write_text(json.dumps(_input(10), indent=1))
+    (d / "input20.json").write_text(json.dumps(_input(20), indent=1))
+    return d
+
+
+def _train(d: Path, *args: str, inp: str = "input.json") -> dict:
+    assert cli.main(["train", str(d / inp), "--device", "cpu", *args]) == 0
+    out = Path(args[args.index("--output") + 1])
+    return json.loads((out / user_train.RECORD_NAME).read_text())
+
+
+@pytest.fixture(scope="module")
+def baseline(user_dir) -> Path:
+    out = user_dir / "base"
+    _train(user_dir, "--variant", "baseline", "--output", str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fused(user_dir) -> Path:
+    out = user_dir / "fast"
+    _train(user_dir, "--output", str(out), "--freeze")  # no --variant: fused, the default for this input
+    return out
+
+
+@pytest.mark.parametrize("which", ["baseline", "fused"])
+def test_trains_mixed_sizes_with_upstreams_outputs(which, request):
+    out = request.getfixturevalue(which)
+    rec = user_train.read_record(out / user_train.RECORD_NAME)
+    assert isinstance(rec, user_train.TrainingRecord) and rec.variant == which and rec.returncode == 0
+    assert rec.chose == ("user" if which == "baseline" else "default: the fast engine trains this input")
+    assert rec.numb_steps == 10 and rec.steps_lcurve == 10 and rec.device == "cpu"
+    # the header is upstream's own line, not its second '#' note line
+    head = (out / "lcurve.out").read_text().splitlines()[0]
+    assert head.lstrip("#").split() == LCURVE_COLUMNS == rec.lcurve_columns
+    cols, rows = user_train.read_lcurve(out / "lcurve.out")
+    assert [int(r["step"]) for r in rows] == [1, 5, 10]
+    assert all(np.isfinite(v) for r in rows for v in r.values())
+    assert rec.final_lcurve == rows[-1]
+    for name in ("model.ckpt-5.pt", "model.ckpt-10.pt", "model.ckpt.pt", "checkpoint"):
+        assert (out / name).exists(), name
+    assert (out / "model.ckpt.pt").resolve().name == "model.ckpt-10.pt"
+    # data paths were made absolute from the input's folder, nothing else changed
+    run_inp = json.loads((out / "input.json").read_text())
+    assert run_inp["training"]["training_data"]["systems"] == [
+        str(out.parent / "data" / "cu108"), str(out.parent / "data" / "cu216")]
+    assert run_inp["model"] == _input(10)["model"]
+
+
+def test_freeze_then_upstreams_dp_test(fused, user_dir):
+    frozen = fused / "frozen_model.pth"
+    rec = user_train.read_record(fused / user_train.RECORD_NAME)
+    assert frozen.is_file() and rec.outputs["frozen_model.pth"] == str(frozen)
+    tree = processes.baseline_tree()
+    cmd = train.launch_command(tree, (), ["--pt", "test", "-m", str(frozen), "-s", str(user_dir / "data" / "cu216"),
+                                          "-n", "2"])
+    env = train.subprocess_env("cpu", {}, fused)
+    r = subprocess.run(cmd, cwd=fused, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    res = processes.parse_dp_test(r.stdout + r.stderr)
+    assert res["rmse_f"] is not None and np.isfinite(res["rmse_f"])
+
+
+def test_restart_continues_past_the_first_run(baseline, user_dir):
+    out = user_dir / "restart"
+    rec = _train(user_dir, "--variant", "baseline", "--output", str(out), "--restart",
+                 str(baseline / "model.ckpt.pt"), inp="input20.json")
+    assert rec["numb_steps"] == 20 and rec["steps_lcurve"] == 20 and rec["restart"]
+    _, rows = user_train.read_lcurve(out / "lcurve.out")
+    steps = [int(r["step"]) for r in rows]
+    assert steps == [10, 15, 20]  # upstream's first row is the step it restarted from
+    # upstream's exp schedule over 20 steps (decay 0.1 ** (5 / 20) every 5) is one decay in at step
+    # 10's row: the schedule went on from the checkpoint's step; a fresh start would show 1e-3
+    assert rows[0]["lr"] == pytest.approx(1e-3 * 0.1 ** 0.25, rel=1e-2)
+    assert (out / "model.ckpt-20.pt").exists()
+
+
+def test_init_model_starts_from_its_weights(fused, baseline, user_dir):
+    out = user_dir / "init"
+    rec = _train(user_dir, "--variant", "fused", "--output", str(out), "--init-model", str(fused / "model.ckpt.pt"))
+    _, rows = user_train.read_lcurve(out / "lcurve.out")
+    _, fresh = user_train.read_lcurve(baseline / "lcurve.out")
+    assert rec["init_model"] and [int(r["step"]) for r in rows] == [1, 5, 10]
+    # the first row of an --init-model run is the trained model's error, not a fresh initialisation's
+    assert rows[0]["rmse_trn"] != pytest.approx(fresh[0]["rmse_trn"], rel=1e-6)
