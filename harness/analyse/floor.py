@@ -174,7 +174,9 @@ def measure_gemm(m: int, k: int, n: int, device: str, dtype, repeats: int) -> di
     a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
     fn = lambda: torch.matmul(a, b)  # noqa: E731
     timer = _timer(device)
-    inner = max(1, min(50, int(2e8 / max(2.0 * m * k * n, 1))))  # tiny GEMMs: time a batch of calls
+    # tiny GEMMs: time a batch of calls, so one timed sample is well above the clock's resolution
+    target = 2e8 if device == "cuda" else 2e7
+    inner = max(1, min(50, int(target / max(2.0 * m * k * n, 1))))
     loop = lambda: [fn() for _ in range(inner)]  # noqa: E731
     for _ in range(2):
         loop()

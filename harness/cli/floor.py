@@ -67,7 +67,8 @@ def build(system_name: str, device: str, repeats: int, dtype: str | None = None,
                 "axis": s.axis, "fitting": list(s.fitting), "frames": s.frames, "embedding_rows": s.embedding_rows},
         gemms=[g.to_dict() for g in gemms], flops_by_group=floor.flops_by_group(gemms),
         gemm_rates=meas["gemm_rates"], bandwidth=meas["bandwidth"], graph_node=meas["graph_node"],
-        kernels_per_step=kernels, kernels_source=source, gemm_ms=gemm_ms, node_ms=total - gemm_ms,
+        kernels_per_step=kernels, kernels_source=source, gemm_ms=gemm_ms,
+        node_ms=None if node is None or kernels is None else total - gemm_ms,
         floor_ms=total, environment=environment.capture(),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
@@ -87,7 +88,8 @@ def format_table(rec: FloorRecord) -> str:
     k = "unknown (no profiled fused run on this card)" if rec.kernels_per_step is None else \
         f"{rec.kernels_per_step:.0f} (from {rec.kernels_source})"
     lines.append(f"  kernels per step {k}")
-    lines.append(f"  floor {rec.floor_ms:.3f} ms/step (GEMMs {rec.gemm_ms:.3f} + nodes {rec.node_ms:.3f})")
+    nodes = "not counted" if rec.node_ms is None else f"{rec.node_ms:.3f}"
+    lines.append(f"  floor {rec.floor_ms:.3f} ms/step (GEMMs {rec.gemm_ms:.3f} + nodes {nodes})")
     return "\n".join(lines)
 
 

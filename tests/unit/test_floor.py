@@ -77,7 +77,7 @@ def test_cli_on_cpu_writes_a_record(tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     rec = FloorRecord.from_json(out)
     assert rec.card == "cpu" and rec.sweep_id == "T" and rec.graph_node["s_per_node"] is None
-    assert rec.floor_ms > 0 and rec.gemm_ms == pytest.approx(rec.floor_ms)  # no node cost on the CPU
+    assert rec.floor_ms > 0 and rec.gemm_ms == pytest.approx(rec.floor_ms) and rec.node_ms is None  # CPU: no graphs
     assert {(g["m"], g["k"], g["n"]) for g in rec.gemms} == {(r["m"], r["k"], r["n"]) for r in rec.gemm_rates}
     assert rec.bandwidth["bytes"] == 64 << 20 and rec.bandwidth["bytes_per_s"] > 0
     assert "floor" in capsys.readouterr().out
@@ -114,3 +114,21 @@ def test_report_floor_section_renders(tmp_path):
                                  "device": {"kind": "cuda", "name": "NVIDIA A100"}, "timing": {"step_s_median": 1.0}})
     s = section.section(rec, [run, other])
     assert s["fused"] == [{"variant": "fused", "sweep": "B", "ms": "3.600", "ratio": "3.00"}]
+
+
+def test_kernels_per_step_come_from_the_latest_profiled_fused_run_of_this_card(tmp_path):
+    from harness.cli import floor as cli
+
+    def run(run_id, created, card, kernels, variant="fused", system="water"):
+        d = {"schema": "dpharness.run/1", "run_id": run_id, "sweep_id": "S", "system": system, "variant": variant,
+             "status": "ok", "created": created, "device": {"kind": "cuda", "name": card},
+             "profile": {"status": "ok", "kernels_per_step": kernels}}
+        (tmp_path / f"{run_id}.json").write_text(json.dumps(d))
+
+    run("old", "2026-01-01T00:00:00Z", "NVIDIA H200", 300.0)
+    run("new", "2026-02-01T00:00:00Z", "NVIDIA H200", 120.0)
+    run("a100", "2026-03-01T00:00:00Z", "NVIDIA A100", 50.0)
+    run("base", "2026-03-01T00:00:00Z", "NVIDIA H200", 900.0, variant="baseline")
+    run("cu", "2026-03-01T00:00:00Z", "NVIDIA H200", 10.0, system="copper")
+    assert cli.profiled_kernels("water", "NVIDIA H200", tmp_path) == (120.0, "new")
+    assert cli.profiled_kernels("water", "cpu", tmp_path) == (None, None)
