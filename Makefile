@@ -8,7 +8,7 @@ STEPS   ?= auto
 DEVICE  ?= auto
 ARGS    ?=
 
-.PHONY: help venv bench train test test-gpu systems variants wheelhouse report export profile regress calibrate clean
+.PHONY: help venv bench train test test-gpu systems variants wheelhouse report export profile regress calibrate floor clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -51,6 +51,9 @@ export: venv  ## every run record as one flat table: results/export/runs.csv (AR
 
 profile: venv  ## profile SYSTEM/VARIANT with torch.profiler
 	$(PY) -m harness profile --system $(SYSTEM) --variant $(VARIANT) $(ARGS)
+
+floor: venv  ## this card's hardware floor for one SYSTEM training step: results/floor/
+	$(PY) -m harness floor --system $(SYSTEM) --device $(DEVICE) $(ARGS)
 
 clean:  ## remove builds and run work dirs (keeps results/runs)
 	rm -rf build results/work

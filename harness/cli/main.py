@@ -277,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     convergence.register_cli(sub)  # dpharness convergence
     from harness.cli import train as train_cli
     train_cli.register_cli(sub)  # dpharness train
+    from harness.cli import floor as floor_cli
+    floor_cli.register_cli(sub)  # dpharness floor
     return p
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from harness.results import export
 from harness.results import runs as results
+from harness.report import floor as floor_section
 from harness.report import summary, training, worksize
 from harness.results.runs import ROOT, RUNS
 from harness.report.summary import is_fast, is_profile_sweep, stamp, sweep_groups, world_size
@@ -120,7 +121,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
 {% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
 {% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
-{% endfor %}{% if training %}<li><a href="#training">Training</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
+{% endfor %}{% if training %}<li><a href="#training">Training</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
 {% for g in groups %}
 <h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
@@ -142,6 +143,7 @@ memory exponent: the same for the process's peak GPU memory (2 = an all-pairs st
 {% if w.failed %}<p class="muted">failed: {{ w.failed|join(', ') }}</p>{% endif %}
 {% endfor %}{% endif %}
 {% include "training" %}
+{% include "floor" %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>
 {% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}{% if v.native %}<br><span class="muted">upstream-native, outside the three-parameter rule: {{ v.native }}</span>{% endif %}</dd>{% endfor %}
 </dl>{% endif %}
@@ -365,26 +367,28 @@ def variant_list(runs: list[StoredRun]) -> list[dict]:
 
 
 def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None,
-           convergence: list | None = None) -> str:
+           convergence: list | None = None, floors: list | None = None) -> str:
     """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table;
-    convergence: ConvergenceRecords for the Training section."""
+    convergence: ConvergenceRecords for the Training section; floors: FloorRecords for the Floor section."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.DictLoader({"head": HEAD, "row": ROW, "section": SECTION,
-                                                                "training": training.TEMPLATE}), autoescape=True,
+                                                                "training": training.TEMPLATE,
+                                                                "floor": floor_section.TEMPLATE}), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     sections = build_sections(runs, all_sweeps, href)
     return env.from_string(TEMPLATE).render(
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), n_runs=len(runs), all_sweeps=all_sweeps,
         summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv,
-        work_sizes=worksize.sections(runs), training=training.sections(convergence or []))
+        work_sizes=worksize.sections(runs), training=training.sections(convergence or []),
+        floors=floor_section.sections(floors or [], runs))
 
 
 CSV_NAME = "runs.csv"
 
 
 def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False,
-                 convergence_dir: Path | None = None) -> Path:
+                 convergence_dir: Path | None = None, floor_dir: Path | None = None) -> Path:
     """index.html and, next to it, runs.csv (the export table); bad record files are skipped
     with a warning (results.iter_runs)."""
     out, runs_dir = Path(out), Path(runs_dir)
@@ -403,12 +407,17 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
     from harness.results import convergence  # the Training section's records
 
     conv = convergence.load_records(convergence.CONVERGENCE if convergence_dir is None else Path(convergence_dir))
-    text = render(runs, all_sweeps, href, csv, conv)
+    from harness.core.floor_record import load_floors  # the Floor section's records
+
+    floors = load_floors(ROOT / "results" / "floor" if floor_dir is None else Path(floor_dir),
+                         warn=lambda m: print(f"dpharness: warning: {m}", file=sys.stderr))
+    text = render(runs, all_sweeps, href, csv, conv, floors)
     return fsutil.atomic_write_text(out, text)
 
 
 def _report_cmd(a) -> int:
-    out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all, convergence_dir=Path(a.convergence))
+    out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all, convergence_dir=Path(a.convergence),
+                       floor_dir=Path(a.floor))
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.parent / CSV_NAME}", file=sys.stderr)
     return 0
 
@@ -420,4 +429,6 @@ def register_cli(subparsers) -> None:
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--convergence", default=str(ROOT / "results" / "convergence"),
                    help="directory of convergence records (the Training section)")
+    p.add_argument("--floor", default=str(ROOT / "results" / "floor"),
+                   help="directory of floor records (the Floor section)")
     p.set_defaults(func=_report_cmd)

@@ -1,0 +1,70 @@
+"""The typed record of one hardware floor (`dpharness floor`, harness/analyse/floor.py): the card,
+the step's GEMMs, the rates measured for them, bandwidth, CUDA-graph node cost and the floor in ms.
+Written as results/floor/<sweep_id>-<system>-floor.json (schema dpharness.floor/1) and read back with
+the same class; its own folder, so the run-record readers of results/runs/ never see it."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from harness.core.records import BadRecord, Part
+
+SCHEMA = "dpharness.floor/1"
+
+
+@dataclass
+class FloorRecord(Part):
+    schema: str | None = None
+    sweep_id: str | None = None
+    system: str | None = None
+    device: str | None = None  # cpu | cuda
+    card: str | None = None
+    dtype: str | None = None
+    repeats: int | None = None
+    model: str | None = None  # the factor model, one line
+    shapes: dict[str, Any] | None = None
+    gemms: list[dict[str, Any]] | None = None  # m, k, n, count, group, pass, flops
+    flops_by_group: dict[str, float] | None = None
+    gemm_rates: list[dict[str, Any]] | None = None  # m, k, n, s_median, s_iqr, flops_per_s
+    bandwidth: dict[str, Any] | None = None
+    graph_node: dict[str, Any] | None = None
+    kernels_per_step: float | None = None
+    kernels_source: str | None = None  # the profiled run it came from
+    gemm_ms: float | None = None
+    node_ms: float | None = None
+    floor_ms: float | None = None
+    environment: dict[str, Any] | None = None
+    created: str | None = None
+    path: Path | None = field(default=None, compare=False, metadata={"transient": True})
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> FloorRecord:
+        rec = super().from_dict(d)
+        rec.path = None if path is None else Path(path)
+        return rec
+
+    @classmethod
+    def from_json(cls, path: Path) -> FloorRecord:
+        try:
+            d = json.loads(Path(path).read_text())
+        except OSError as e:
+            raise BadRecord(f"unreadable ({e.strerror or e})") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise BadRecord(f"not valid JSON, truncated? ({e})") from None
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise BadRecord(f'not a floor record (no "schema": "{SCHEMA}")')
+        return cls.from_dict(d, path)
+
+
+def load_floors(folder: Path, warn=None) -> list[FloorRecord]:
+    """Every readable floor record in `folder` (sorted by name); a bad file is one warn() line."""
+    out = []
+    for p in sorted(Path(folder).glob("*-floor.json")) if Path(folder).is_dir() else []:
+        try:
+            out.append(FloorRecord.from_json(p))
+        except BadRecord as e:
+            if warn:
+                warn(f"{p}: skipped: {e}")
+    return out
