@@ -17,12 +17,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > 
 cat "$OUT/card.txt"
 make venv 2>&1 | tail -3
 py=.venv/bin/python
-left=$((CALL_S - SECONDS - 15))   # 15 s kept for packing
+left=$((CALL_S - SECONDS - 15))   # 15 s kept for packing the evidence
 echo "bootstrap took ${SECONDS} s; convergence gets ${left} s" | tee "$OUT/convergence.log"
 args=""; for v in $VARIANTS; do args="$args --variant $v"; done
 timeout $((left + 10)) $py -m harness convergence --system "$SYSTEM" $args --steps "$STEPS" --device "$DEVICE" \
   --parallel "$PARALLEL" --time-budget "$left" 2>&1 | grep -v "^\s*\[.*\] \[" | tee -a "$OUT/convergence.log"
-$py -m harness report >/dev/null 2>&1 && cp results/report/index.html "$OUT/report.html"
+# the evidence first (the call may be cut while the report renders), the report only if time is left
+cp results/convergence/*.json "$OUT/" 2>/dev/null
 tar czf "$OUT/convergence.tgz" results/convergence results/work/*/lcurve.out results/work/*/train.log \
   results/work/*/steps.json results/work/*/input.json results/work/*/dp_test/dp_test.log 2>/dev/null
+[ $((CALL_S - SECONDS)) -gt 20 ] && timeout $((CALL_S - SECONDS - 5)) $py -m harness report >/dev/null 2>&1 \
+  && cp results/report/index.html "$OUT/report.html"
 ls -la "$OUT"
