@@ -390,8 +390,11 @@ CSV_NAME = "runs.csv"
 def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False,
                  convergence_dir: Path | None = None, floor_dir: Path | None = None) -> Path:
     """index.html and, next to it, runs.csv (the export table); bad record files are skipped
-    with a warning (results.iter_runs)."""
+    with a warning (results.iter_runs). The Training and Floor sections read the convergence/ and
+    floor/ folders beside runs_dir unless told otherwise: one results tree, not the checkout's."""
     out, runs_dir = Path(out), Path(runs_dir)
+    convergence_dir = runs_dir.parent / "convergence" if convergence_dir is None else Path(convergence_dir)
+    floor_dir = runs_dir.parent / "floor" if floor_dir is None else Path(floor_dir)
     pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
     files = {r.run_id: p for p, r in pairs}
     runs = [r for _, r in pairs]
@@ -406,18 +409,18 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
         csv = CSV_NAME
     from harness.results import convergence  # the Training section's records
 
-    conv = convergence.load_records(convergence.CONVERGENCE if convergence_dir is None else Path(convergence_dir))
+    conv = convergence.load_records(convergence_dir)
     from harness.core.floor_record import load_floors  # the Floor section's records
 
-    floors = load_floors(ROOT / "results" / "floor" if floor_dir is None else Path(floor_dir),
+    floors = load_floors(floor_dir,
                          warn=lambda m: print(f"dpharness: warning: {m}", file=sys.stderr))
     text = render(runs, all_sweeps, href, csv, conv, floors)
     return fsutil.atomic_write_text(out, text)
 
 
 def _report_cmd(a) -> int:
-    out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all, convergence_dir=Path(a.convergence),
-                       floor_dir=Path(a.floor))
+    out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all,
+                       convergence_dir=a.convergence and Path(a.convergence), floor_dir=a.floor and Path(a.floor))
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.parent / CSV_NAME}", file=sys.stderr)
     return 0
 
@@ -427,8 +430,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--all", action="store_true", help="every sweep, not only the latest bench, fast-variant and profile sweeps")
     p.add_argument("--runs", default=str(RUNS), help="directory of results JSONs")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--convergence", default=str(ROOT / "results" / "convergence"),
-                   help="directory of convergence records (the Training section)")
-    p.add_argument("--floor", default=str(ROOT / "results" / "floor"),
-                   help="directory of floor records (the Floor section)")
+    p.add_argument("--convergence", default=None,
+                   help="directory of convergence records (the Training section; default: convergence/ beside --runs)")
+    p.add_argument("--floor", default=None,
+                   help="directory of floor records (the Floor section; default: floor/ beside --runs)")
     p.set_defaults(func=_report_cmd)

@@ -297,3 +297,12 @@ def test_upstream_native_options_are_labelled_outside_the_rule(tmp_path):
     assert text.count(label) == 1
     i = text.index(label)
     assert text.rfind("<dt>", 0, i) == text.rfind("<dt>ptx-compile-tos", 0, i)
+
+
+def test_sections_read_the_results_tree_beside_runs_not_the_checkouts(tmp_path):
+    # a report of an empty tree must not show this checkout's committed convergence/floor records
+    (tmp_path / "convergence").mkdir()
+    (tmp_path / "convergence" / "x-water.json").write_text("{not json")
+    out = report.write_report(tmp_path / "runs", tmp_path / "index.html")
+    text = out.read_text()
+    assert "No results yet" in text and 'id="training"' not in text
