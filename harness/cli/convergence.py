@@ -10,7 +10,8 @@ from harness.core.errors import UserError
 
 
 def format_summary(rec: ConvergenceRecord) -> str:
-    lines = [f"convergence {rec.sweep_id}: {rec.system}, {rec.steps} steps on {rec.card}: {str(rec.verdict).upper()}"]
+    lines = [f"convergence {rec.sweep_id}: {rec.system}, {rec.steps} steps on {rec.card}: {str(rec.verdict).upper()}"
+             + (f" (baseline seeds from sweep {rec.baseline_from})" if rec.baseline_from else "")]
     for r in rec.runs:
         ms = "-" if r.step_ms_median is None else f"{r.step_ms_median:.2f} ms/step"
         dt = r.dp_test or {}
@@ -34,13 +35,15 @@ def _cmd(a) -> int:
     from harness.run import convergence
 
     if not a.variant:
-        raise UserError("give the variants and their seeds, e.g. --variant baseline:2 --variant fused:3")
+        raise UserError("give the variants and their seeds, e.g. --variant baseline:2 --variant fused:3 "
+                        "(or --variant fused:3 --baseline-from RECORD)")
     if a.steps is None:
         raise UserError("--steps is required (the proof is over >= 10000 steps on a GPU)")
     req = convergence.ConvergenceRequest(
         system=a.system, variants=[convergence.parse_variant(v) for v in a.variant], steps=a.steps,
         device=a.device, seed=a.seed, parallel=a.parallel, time_budget_s=a.time_budget,
-        out_dir=Path(a.out_dir), work_root=Path(a.work_dir))
+        out_dir=Path(a.out_dir), work_root=Path(a.work_dir),
+        baseline_from=None if a.baseline_from is None else Path(a.baseline_from))
     rec = convergence.run(req, log=lambda m: print(m, file=sys.stderr))
     print(format_summary(rec))
     print(f"wrote {rec.path}", file=sys.stderr)
@@ -56,7 +59,8 @@ def register_cli(subparsers) -> None:
                               "dp test and wall time to the same force RMSE, several seeds")
     p.add_argument("--system", default="water")
     p.add_argument("--variant", action="append", metavar="NAME[:SEEDS]",
-                   help="variant and its seed count (repeatable; baseline:N with N >= 2 is required)")
+                   help="variant and its seed count (repeatable; baseline:N with N >= 2 for a verdict, "
+                        "unless --baseline-from gives the baseline seeds)")
     p.add_argument("--steps", default=None, help="training steps per run (the proof: >= 10000)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--seed", type=int, default=10, help="first seed; a variant's seeds are seed, seed+1, ...")
@@ -64,6 +68,9 @@ def register_cli(subparsers) -> None:
                    help="trainings side by side (one GPU; baseline seeds first, then the others)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start a training only while it and its dp test fit; what finished is recorded")
+    p.add_argument("--baseline-from", default=None, metavar="RECORD",
+                   help="reuse the baseline seeds of an earlier convergence record of the same input, data, "
+                        "steps, card and baseline build (a proof split over two calls), instead of --variant baseline:N")
     p.add_argument("--strict", action="store_true", help="exit 4 unless the verdict is PASS")
     p.add_argument("--out-dir", default=str(convergence.CONVERGENCE), help="where the record goes")
     p.add_argument("--work-dir", default=str(convergence.results.WORK), help="training work dirs")

@@ -7,12 +7,11 @@ A separate module from records.py (the run records), which is at its size limit;
 machinery, so an older or newer file reads back with what it has and writes back what it read."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.records import BadRecord, Part
+from harness.core.records import Part, read_json_object
 
 SCHEMA = "dpharness.convergence/1"
 
@@ -40,6 +39,7 @@ class ConvergenceRun(Part):
     startup_s: float | None = None
     step_ms_median: float | None = None
     concurrent: int | None = None  # most trainings of the sweep running at once during this one
+    sweep_id: str | None = None  # the sweep that trained it (another one's for reused baseline seeds)
     dp_test: dict[str, Any] | None = None
     lcurve: LcurveRows = field(default_factory=LcurveRows)
     work_dir: str | None = None
@@ -57,6 +57,9 @@ class ConvergenceRecord(Part):
     card: str | None = None
     parallel: int | None = None
     learning_rate: dict[str, Any] | None = None  # the schedule every run trained with
+    input_sha256: str | None = None  # the training input and data every run trained from
+    builds: dict[str, str] | None = None  # variant -> its build's content hash
+    baseline_from: str | None = None  # sweep id whose baseline seeds this record reuses (None: its own)
     rule: str | None = None
     verdict: str | None = None  # pass | fail | incomplete
     checks: dict[str, Any] | None = None  # bands, finals, spread sources, reasons
@@ -83,12 +86,4 @@ class ConvergenceRecord(Part):
 
     @classmethod
     def from_json(cls, path: Path) -> ConvergenceRecord:
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise BadRecord(f"unreadable ({e.strerror or e})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRecord(f"not valid JSON, truncated? ({e})") from None
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise BadRecord(f'not a convergence record (no "schema": "{SCHEMA}")')
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_json_object(path, SCHEMA, "convergence record"), path)

@@ -4,12 +4,11 @@ Written as results/floor/<sweep_id>-<system>-floor.json (schema dpharness.floor/
 the same class; its own folder, so the run-record readers of results/runs/ never see it."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.records import BadRecord, Part
+from harness.core.records import BadRecord, Part, read_json_object
 
 SCHEMA = "dpharness.floor/1"
 
@@ -47,15 +46,7 @@ class FloorRecord(Part):
 
     @classmethod
     def from_json(cls, path: Path) -> FloorRecord:
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise BadRecord(f"unreadable ({e.strerror or e})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise BadRecord(f"not valid JSON, truncated? ({e})") from None
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise BadRecord(f'not a floor record (no "schema": "{SCHEMA}")')
-        return cls.from_dict(d, path)
+        return cls.from_dict(read_json_object(path, SCHEMA, "floor record"), path)
 
 
 def load_floors(folder: Path, warn=None) -> list[FloorRecord]:

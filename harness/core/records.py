@@ -411,6 +411,22 @@ class BadRecord(ValueError):
     """A file under results/runs that is no readable run record; the message says why."""
 
 
+def read_json_object(path: Path, schema: str | None = None, what: str = "record") -> Any:
+    """The JSON in `path`; BadRecord naming why when it is unreadable, not text, truncated or
+    (with `schema`) not an object of that schema. Every record kind's from_json starts here."""
+    try:
+        d = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise BadRecord(f"unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise BadRecord("not text (binary file)") from None
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"not valid JSON, truncated? ({e})") from None
+    if schema is not None and (not isinstance(d, dict) or d.get("schema") != schema):
+        raise BadRecord(f'not a {what} (no "schema": "{schema}")')
+    return d
+
+
 # what every reader indexes a record by; a record without them is older than run_id-keyed records
 REQUIRED = ("run_id", "sweep_id", "system", "variant")
 # the sub-objects read as typed parts: null is fine, anything but an object is not
@@ -485,14 +501,7 @@ class StoredRun(Part):
     def from_json(cls, path: Path) -> StoredRun:
         """The record in `path`; BadRecord when the file is unreadable, truncated, foreign or of
         an older schema."""
-        try:
-            d = json.loads(Path(path).read_text())
-        except OSError as e:
-            raise BadRecord(f"unreadable ({e.strerror or e})") from None
-        except UnicodeDecodeError:
-            raise BadRecord("not text (binary file)") from None
-        except json.JSONDecodeError as e:
-            raise BadRecord(f"not valid JSON, truncated? ({e})") from None
+        d = read_json_object(path)
         problem = record_problem(d)
         if problem:
             raise BadRecord(problem)

@@ -43,6 +43,7 @@ class ConvergenceRequest:
     time_budget_s: float | None = None
     out_dir: Path = CONVERGENCE
     work_root: Path = results.WORK
+    baseline_from: Path | None = None  # an earlier record whose baseline seeds are reused, not retrained
 
 
 def parse_variant(text: str) -> tuple[str, int]:
@@ -80,14 +81,20 @@ def scaled_input(system: System, steps: int) -> System:
 
 
 def _plan(req: ConvergenceRequest) -> list[tuple[str, int]]:
+    """(variant, seed) of every training this call runs, baseline seeds first. Baseline seeds
+    alone are a plan too (the first half of a proof split over two calls); with baseline_from
+    they come from that record and only candidates train."""
     names = [n for n, _ in req.variants]
     if len(set(names)) != len(names):
         raise UserError("each --variant may be given once (NAME:SEEDS)")
-    if "baseline" not in names:
-        raise UserError("convergence needs --variant baseline:N (N >= 2 for a verdict): the rule's band is "
-                        "the baseline seeds'")
-    if len(names) < 2:
-        raise UserError("convergence needs a variant to compare with the baseline (e.g. --variant fused:3)")
+    if req.baseline_from is not None:
+        if "baseline" in names:
+            raise UserError("give --variant baseline:N or --baseline-from RECORD, not both")
+        if not names:
+            raise UserError("--baseline-from needs a variant to compare with (e.g. --variant fused:3)")
+    elif "baseline" not in names:
+        raise UserError("convergence needs --variant baseline:N (N >= 2 for a verdict: the rule's band is "
+                        "the baseline seeds') or --baseline-from RECORD")
     if req.parallel < 1:
         raise UserError(f"--parallel must be at least 1, not {req.parallel}")
     if req.time_budget_s is not None and not req.time_budget_s > 0:
@@ -166,6 +173,57 @@ def _concurrency(intervals: dict[int, tuple[float, float]], i: int) -> int | Non
     return sum(1 for s, e in intervals.values() if s < b and e > a)
 
 
+def training_identity(system: System) -> str:
+    """sha256 of what a training learns from: the input (data paths left out: they name a
+    machine's folders) and every file of the training and validation systems."""
+    import hashlib
+    import json
+
+    inp = copy.deepcopy(system.input)
+    for part in ("training_data", "validation_data"):
+        (inp.get("training", {}).get(part) or {}).pop("systems", None)
+    h = hashlib.sha256(json.dumps(inp, sort_keys=True).encode())
+    for role, dirs in (("train", system.train), ("validation", system.validation)):
+        for d in dirs:
+            for f in sorted(p for p in Path(d).rglob("*") if p.is_file()):
+                h.update(f"{role}/{f.relative_to(d)}\n".encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def read_baseline_record(path: Path) -> ConvergenceRecord:
+    """The record --baseline-from names; UserError when it is none (before anything is built)."""
+    from harness.core.records import BadRecord
+
+    try:
+        return ConvergenceRecord.from_json(Path(path))
+    except BadRecord as e:
+        raise UserError(f"--baseline-from {path}: {e}") from None
+
+
+def reused_baseline(old: ConvergenceRecord, system: System, steps: int, device: str, card: str, build: str,
+                    identity: str) -> list[ConvergenceRun]:
+    """The finished baseline seeds of an earlier record trained from exactly this input, data,
+    step count, learning rate, device, card and baseline build; UserError naming the first thing
+    that differs (seeds of another setting are no band for this one)."""
+    path = old.path
+    want = {"system": system.name, "steps": steps, "device": device, "card": card,
+            "learning_rate": system.input["learning_rate"], "input_sha256": identity,
+            "baseline build": build}
+    got = {"system": old.system, "steps": old.steps, "device": old.device, "card": old.card,
+           "learning_rate": old.learning_rate, "input_sha256": old.input_sha256,
+           "baseline build": (old.builds or {}).get("baseline")}
+    for key, value in want.items():
+        if got[key] != value:
+            raise UserError(f"--baseline-from {path}: its {key} is {got[key]!r}, this run's is {value!r}")
+    base = [r for r in old.runs if r.variant == "baseline" and r.status == "ok"]
+    if not base:
+        raise UserError(f"--baseline-from {path}: it has no finished baseline seed")
+    for r in base:
+        r.sweep_id = r.sweep_id or old.sweep_id
+    return base
+
+
 def calibrated_final_tol(system: str, device: str, steps: int) -> dict[str, float] | None:
     """The float64 dp-test thresholds of a seed-spread calibration at exactly this system, device
     and step count (harness/judge/calibration.py), else None: a 200-step calibration says nothing
@@ -211,7 +269,8 @@ def judge(runs: list[ConvergenceRun], steps: int, final_tol: dict[str, float] | 
 def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> ConvergenceRecord:
     t_start = time.monotonic()
     plan = _plan(req)
-    names = list(dict.fromkeys(n for n, _ in plan))
+    old = None if req.baseline_from is None else read_baseline_record(req.baseline_from)
+    names = list(dict.fromkeys(["baseline"] + [n for n, _ in plan]))  # baseline's build runs every dp test
     breq = bench.BenchRequest(system=req.system, variants=names, steps=req.steps, device=req.device, seed=req.seed)
     prep = bench.prepare(breq, log)  # bad input -> UserError here, before anything is written
     req.steps = int(breq.steps)
@@ -219,10 +278,17 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
     built = {b.name: b for b in prep.built}
     sweep = results.new_sweep_id()
     env = environment.capture()
+    card = env.get("gpu_name") if prep.device == "cuda" else "cpu"
+    identity = training_identity(system)
+    reused_from, reused = None, []
+    if old is not None:
+        reused_from = old.sweep_id
+        reused = reused_baseline(old, system, req.steps, prep.device, card, built["baseline"].hash, identity)
+        log(f"baseline: {len(reused)} seeds reused from sweep {reused_from} ({old.path})")
     deadline = None if req.time_budget_s is None else t_start + req.time_budget_s
     state = _Sweep(deadline, DP_TEST_RESERVE_S[prep.device])
     judge_tree = built["baseline"].tree
-    if dict(req.variants)["baseline"] < 2:
+    if len(reused) + dict(req.variants).get("baseline", 0) < 2:
         log("baseline has 1 seed: no seed spread, the verdict will be 'incomplete' (a smoke run)")
     log(f"convergence {sweep}: {len(plan)} trainings of {req.steps} steps, {req.parallel} at a time; "
         f"learning rate {system.input['learning_rate']}")
@@ -236,13 +302,15 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
             processes.stop_gates()
             out = [f.result() for f in futs]
     for i, r in enumerate(out):
-        r.concurrent = _concurrency(state.intervals, i)
+        r.concurrent, r.sweep_id = _concurrency(state.intervals, i), sweep
+    out = reused + out
     verdict, checks, ttr = judge(out, req.steps, calibrated_final_tol(system.name, prep.device, req.steps))
     rec = ConvergenceRecord(
         schema=SCHEMA, sweep_id=sweep, system=system.name, steps=req.steps, device=prep.device,
-        card=env.get("gpu_name") if prep.device == "cuda" else "cpu", parallel=req.parallel,
-        learning_rate=system.input["learning_rate"], rule=rule.RULE_TEXT, verdict=verdict, checks=checks,
-        time_to_rmse=ttr, runs=out, environment=env, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        card=card, parallel=req.parallel, learning_rate=system.input["learning_rate"], input_sha256=identity,
+        builds={n: built[n].hash for n in names}, baseline_from=reused_from, rule=rule.RULE_TEXT,
+        verdict=verdict, checks=checks, time_to_rmse=ttr, runs=out, environment=env,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     store.write(rec, req.out_dir)
     return rec
 

@@ -40,3 +40,28 @@ def test_a_time_budget_too_short_for_any_run_records_them_not_started(tmp_path, 
     [rec] = store.load_records(tmp_path)
     assert [r.status for r in rec.runs] == ["not started"] * 3 and rec.verdict == "incomplete"
     assert all("time budget" in r.error for r in rec.runs)
+
+
+def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tmp_path, capsys):
+    """Call 1 trains the baseline seeds alone; call 2 trains fused against them (--baseline-from),
+    as a 10,000-step proof is split when upstream's seeds fill a whole GPU call; a third call of
+    another length is refused before it trains."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = ["--system", "water", "--device", "cpu", "--out-dir", str(out), "--work-dir", str(work)]
+    assert main.main(["convergence", "--variant", "baseline:1", "--steps", "30", *common]) == 0
+    [first] = store.load_records(out)
+    assert [r.variant for r in first.runs] == ["baseline"] and first.verdict == "incomplete"
+    assert first.input_sha256 and set(first.builds) == {"baseline"}
+    capsys.readouterr()
+    assert main.main(["convergence", "--variant", "fused:1", "--steps", "30", "--baseline-from", str(first.path),
+                      *common]) == 0
+    assert "baseline seeds from sweep " + first.sweep_id in capsys.readouterr().out
+    second = next(r for r in store.load_records(out) if r.sweep_id != first.sweep_id)
+    assert second.baseline_from == first.sweep_id and second.input_sha256 == first.input_sha256
+    assert [(r.variant, r.sweep_id) for r in second.runs] == [("baseline", first.sweep_id), ("fused", second.sweep_id)]
+    assert second.runs[0].lcurve.rmse_f_val == first.runs[0].lcurve.rmse_f_val  # the same seed, not retrained
+    assert second.runs[1].status == "ok" and second.runs[1].dp_test["rmse_f"] > 0
+    rc = main.main(["convergence", "--variant", "fused:1", "--steps", "20", "--baseline-from", str(first.path), *common])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "its steps is 30, this run's is 20" in err[-1], err
+    assert len(store.load_records(out)) == 2  # the refused call wrote nothing

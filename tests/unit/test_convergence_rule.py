@@ -146,7 +146,8 @@ def test_judge_and_record_round_trip(tmp_path):
 
 @pytest.mark.parametrize("argv, says", [
     (["--variant", "fused:3", "--steps", "40"], "baseline"),
-    (["--variant", "baseline:2", "--steps", "40"], "compare"),
+    (["--variant", "baseline:2", "--variant", "fused", "--steps", "40", "--baseline-from", "x.json"], "not both"),
+    (["--variant", "fused", "--steps", "40", "--baseline-from", "no-such-record.json"], "unreadable"),
     (["--variant", "baseline:x", "--variant", "fused", "--steps", "40"], "integer"),
     (["--variant", "baseline:2", "--variant", "fused", "--steps", "40", "--parallel", "0"], "--parallel"),
     (["--variant", "baseline:2", "--variant", "fused", "--steps", "1"], "--steps"),
@@ -188,3 +189,43 @@ def test_a_calibration_of_this_length_sets_the_final_band(tmp_path, monkeypatch)
     verdict, checks, _ = convergence.judge(rec.runs, STEPS, tol)
     assert "calibrated" in checks["fused"]["spread_source"]["rmse_f"]
     assert (checks["fused"]["seeds_finished"], checks["fused"]["seeds_planned"]) == (1, 2)
+
+
+def _system(tmp_path, lr=None):
+    from harness.core.records import System
+
+    data = tmp_path / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    (data / "type.raw").write_text("0 1 1\n")
+    inp = {"learning_rate": lr or {"type": "exp", "start_lr": 1e-3, "stop_lr": 3.51e-8, "decay_steps": 100},
+           "training": {"training_data": {"systems": [str(data)]}, "validation_data": {"systems": [str(data)]}}}
+    return System(name="water", directory=tmp_path, type_map=("O", "H"), atoms_per_frame=3, train=(data,),
+                  validation=(data,), input=inp, spec={})
+
+
+def test_baseline_seeds_are_reused_only_from_the_same_training(tmp_path):
+    system = _system(tmp_path)
+    ident = convergence.training_identity(system)
+    moved = _system(tmp_path / "elsewhere")  # the same input and data in another folder: the same training
+    assert convergence.training_identity(moved) == ident
+    rec = _record()
+    rec.learning_rate, rec.input_sha256, rec.builds = system.input["learning_rate"], ident, {"baseline": "b1"}
+    path = store.write(rec, tmp_path / "conv")
+    old = convergence.read_baseline_record(path)
+    got = convergence.reused_baseline(old, system, STEPS, "cuda", "NVIDIA H200", "b1", ident)
+    assert [(r.variant, r.seed, r.sweep_id) for r in got] == [("baseline", 10, rec.sweep_id), ("baseline", 11, rec.sweep_id)]
+    for args, says in [((STEPS, "cuda", "NVIDIA H200", "b2", ident), "baseline build"),
+                       ((5000, "cuda", "NVIDIA H200", "b1", ident), "steps"),
+                       ((STEPS, "cuda", "NVIDIA A100", "b1", ident), "card"),
+                       ((STEPS, "cuda", "NVIDIA H200", "b1", "0" * 64), "input_sha256")]:
+        with pytest.raises(convergence.UserError, match=says):
+            convergence.reused_baseline(old, system, *args)
+    (tmp_path / "data" / "type.raw").write_text("1 0 1\n")  # other labels: another training
+    assert convergence.training_identity(system) != ident
+    other_lr = _system(tmp_path, {"type": "exp", "start_lr": 2e-3, "stop_lr": 3.51e-8, "decay_steps": 100})
+    with pytest.raises(convergence.UserError, match="learning_rate"):
+        convergence.reused_baseline(old, other_lr, STEPS, "cuda", "NVIDIA H200", "b1", ident)
+    rec.runs = [r for r in rec.runs if r.variant != "baseline"]
+    with pytest.raises(convergence.UserError, match="no finished baseline"):
+        convergence.reused_baseline(convergence.read_baseline_record(store.write(rec, tmp_path / "c2")),
+                                    system, STEPS, "cuda", "NVIDIA H200", "b1", ident)
