@@ -11,7 +11,7 @@ from harness.core.errors import UserError
 
 def format_summary(rec: ConvergenceRecord) -> str:
     lines = [f"convergence {rec.sweep_id}: {rec.system}, {rec.steps} steps on {rec.card}: {str(rec.verdict).upper()}"
-             + (f" (baseline seeds from sweep {rec.baseline_from})" if rec.baseline_from else "")]
+             + (f" (baseline seeds from sweeps {', '.join(rec.baseline_from)})" if rec.baseline_from else "")]
     for r in rec.runs:
         ms = "-" if r.step_ms_median is None else f"{r.step_ms_median:.2f} ms/step"
         dt = r.dp_test or {}
@@ -43,7 +43,7 @@ def _cmd(a) -> int:
         system=a.system, variants=[convergence.parse_variant(v) for v in a.variant], steps=a.steps,
         device=a.device, seed=a.seed, parallel=a.parallel, time_budget_s=a.time_budget,
         out_dir=Path(a.out_dir), work_root=Path(a.work_dir),
-        baseline_from=None if a.baseline_from is None else Path(a.baseline_from))
+        baseline_from=[Path(p) for p in a.baseline_from or []])
     rec = convergence.run(req, log=lambda m: print(m, file=sys.stderr))
     print(format_summary(rec))
     print(f"wrote {rec.path}", file=sys.stderr)
@@ -68,9 +68,10 @@ def register_cli(subparsers) -> None:
                    help="trainings side by side (one GPU; baseline seeds first, then the others)")
     p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                    help="start a training only while it and its dp test fit; what finished is recorded")
-    p.add_argument("--baseline-from", default=None, metavar="RECORD",
+    p.add_argument("--baseline-from", action="append", metavar="RECORD",
                    help="reuse the baseline seeds of an earlier convergence record of the same input, data, "
-                        "steps, card and baseline build (a proof split over two calls), instead of --variant baseline:N")
+                        "steps, card and baseline build (a proof split over calls), instead of --variant baseline:N; "
+                        "repeatable, a seed in one record only")
     p.add_argument("--strict", action="store_true", help="exit 4 unless the verdict is PASS")
     p.add_argument("--out-dir", default=str(convergence.CONVERGENCE), help="where the record goes")
     p.add_argument("--work-dir", default=str(convergence.results.WORK), help="training work dirs")

@@ -59,7 +59,7 @@ class ConvergenceRecord(Part):
     learning_rate: dict[str, Any] | None = None  # the schedule every run trained with
     input_sha256: str | None = None  # the training input and data every run trained from
     builds: dict[str, str] | None = None  # variant -> its build's content hash
-    baseline_from: str | None = None  # sweep id whose baseline seeds this record reuses (None: its own)
+    baseline_from: list[str] | None = None  # sweep ids whose baseline seeds this record reuses (None: its own)
     rule: str | None = None
     verdict: str | None = None  # pass | fail | incomplete
     checks: dict[str, Any] | None = None  # bands, finals, spread sources, reasons

@@ -43,7 +43,7 @@ class ConvergenceRequest:
     time_budget_s: float | None = None
     out_dir: Path = CONVERGENCE
     work_root: Path = results.WORK
-    baseline_from: Path | None = None  # an earlier record whose baseline seeds are reused, not retrained
+    baseline_from: list[Path] = dataclasses.field(default_factory=list)  # earlier records whose baseline seeds are reused
 
 
 def parse_variant(text: str) -> tuple[str, int]:
@@ -87,7 +87,7 @@ def _plan(req: ConvergenceRequest) -> list[tuple[str, int]]:
     names = [n for n, _ in req.variants]
     if len(set(names)) != len(names):
         raise UserError("each --variant may be given once (NAME:SEEDS)")
-    if req.baseline_from is not None:
+    if req.baseline_from:
         if "baseline" in names:
             raise UserError("give --variant baseline:N or --baseline-from RECORD, not both")
         if not names:
@@ -224,6 +224,21 @@ def reused_baseline(old: ConvergenceRecord, system: System, steps: int, device: 
     return base
 
 
+def reused_baselines(olds: list[ConvergenceRecord], system: System, steps: int, device: str, card: str,
+                     build: str, identity: str, log: Callable[[str], None] = print) -> list[ConvergenceRun]:
+    """reused_baseline of every record, a seed in one record only."""
+    reused: list[ConvergenceRun] = []
+    for old in olds:
+        seeds = reused_baseline(old, system, steps, device, card, build, identity)
+        twice = sorted({r.seed for r in seeds} & {r.seed for r in reused})
+        if twice:
+            raise UserError(f"--baseline-from {old.path}: baseline seed {twice[0]} is in another record too "
+                            "(one seed counted twice would narrow the band)")
+        reused += seeds
+        log(f"baseline: {len(seeds)} seeds reused from sweep {old.sweep_id} ({old.path})")
+    return reused
+
+
 def calibrated_final_tol(system: str, device: str, steps: int) -> dict[str, float] | None:
     """The float64 dp-test thresholds of a seed-spread calibration at exactly this system, device
     and step count (harness/judge/calibration.py), else None: a 200-step calibration says nothing
@@ -269,7 +284,7 @@ def judge(runs: list[ConvergenceRun], steps: int, final_tol: dict[str, float] | 
 def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> ConvergenceRecord:
     t_start = time.monotonic()
     plan = _plan(req)
-    old = None if req.baseline_from is None else read_baseline_record(req.baseline_from)
+    olds = [read_baseline_record(p) for p in req.baseline_from]
     names = list(dict.fromkeys(["baseline"] + [n for n, _ in plan]))  # baseline's build runs every dp test
     breq = bench.BenchRequest(system=req.system, variants=names, steps=req.steps, device=req.device, seed=req.seed)
     prep = bench.prepare(breq, log)  # bad input -> UserError here, before anything is written
@@ -280,11 +295,7 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
     env = environment.capture()
     card = env.get("gpu_name") if prep.device == "cuda" else "cpu"
     identity = training_identity(system)
-    reused_from, reused = None, []
-    if old is not None:
-        reused_from = old.sweep_id
-        reused = reused_baseline(old, system, req.steps, prep.device, card, built["baseline"].hash, identity)
-        log(f"baseline: {len(reused)} seeds reused from sweep {reused_from} ({old.path})")
+    reused = reused_baselines(olds, system, req.steps, prep.device, card, built["baseline"].hash, identity, log)
     deadline = None if req.time_budget_s is None else t_start + req.time_budget_s
     state = _Sweep(deadline, DP_TEST_RESERVE_S[prep.device])
     judge_tree = built["baseline"].tree
@@ -308,7 +319,7 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
     rec = ConvergenceRecord(
         schema=SCHEMA, sweep_id=sweep, system=system.name, steps=req.steps, device=prep.device,
         card=card, parallel=req.parallel, learning_rate=system.input["learning_rate"], input_sha256=identity,
-        builds={n: built[n].hash for n in names}, baseline_from=reused_from, rule=rule.RULE_TEXT,
+        builds={n: built[n].hash for n in names}, baseline_from=[str(o.sweep_id) for o in olds] or None, rule=rule.RULE_TEXT,
         verdict=verdict, checks=checks, time_to_rmse=ttr, runs=out, environment=env,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     store.write(rec, req.out_dir)

@@ -55,9 +55,9 @@ def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tmp_
     capsys.readouterr()
     assert main.main(["convergence", "--variant", "fused:1", "--steps", "30", "--baseline-from", str(first.path),
                       *common]) == 0
-    assert "baseline seeds from sweep " + first.sweep_id in capsys.readouterr().out
+    assert "baseline seeds from sweeps " + first.sweep_id in capsys.readouterr().out
     second = next(r for r in store.load_records(out) if r.sweep_id != first.sweep_id)
-    assert second.baseline_from == first.sweep_id and second.input_sha256 == first.input_sha256
+    assert second.baseline_from == [first.sweep_id] and second.input_sha256 == first.input_sha256
     assert [(r.variant, r.sweep_id) for r in second.runs] == [("baseline", first.sweep_id), ("fused", second.sweep_id)]
     assert second.runs[0].lcurve.rmse_f_val == first.runs[0].lcurve.rmse_f_val  # the same seed, not retrained
     assert second.runs[1].status == "ok" and second.runs[1].dp_test["rmse_f"] > 0

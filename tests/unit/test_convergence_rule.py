@@ -2,6 +2,7 @@
 time-to-RMSE figure, the record's round trip, the CLI's bad input, the report's Training section."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -225,6 +226,14 @@ def test_baseline_seeds_are_reused_only_from_the_same_training(tmp_path):
     other_lr = _system(tmp_path, {"type": "exp", "start_lr": 2e-3, "stop_lr": 3.51e-8, "decay_steps": 100})
     with pytest.raises(convergence.UserError, match="learning_rate"):
         convergence.reused_baseline(old, other_lr, STEPS, "cuda", "NVIDIA H200", "b1", ident)
+    one, two = (store.write(dataclasses.replace(rec, sweep_id=f"20261204T00000{i}Z-abcdef",
+                                                runs=[r for r in rec.runs if r.seed == seed]), tmp_path / "split")
+                for i, seed in ((1, 10), (2, 11)))
+    olds = [convergence.read_baseline_record(p) for p in (one, two)]
+    got = convergence.reused_baselines(olds, system, STEPS, "cuda", "NVIDIA H200", "b1", ident, log=lambda m: None)
+    assert [(r.seed, r.sweep_id) for r in got] == [(10, "20261204T000001Z-abcdef"), (11, "20261204T000002Z-abcdef")]
+    with pytest.raises(convergence.UserError, match="seed 10 is in another record"):
+        convergence.reused_baselines([olds[0], olds[0]], system, STEPS, "cuda", "NVIDIA H200", "b1", ident)
     rec.runs = [r for r in rec.runs if r.variant != "baseline"]
     with pytest.raises(convergence.UserError, match="no finished baseline"):
         convergence.reused_baseline(convergence.read_baseline_record(store.write(rec, tmp_path / "c2")),
