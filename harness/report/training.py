@@ -82,18 +82,22 @@ def section(rec: ConvergenceRecord) -> dict[str, Any]:
         times.append({"variant": v, "seeds": ", ".join(f"s{s}: {'not reached' if t is None else f'{t:.1f} s'}"
                                                        for s, t in seeds.items()),
                       "median": f"{sorted(vals)[len(vals) // 2]:.1f} s" if vals else "-"})
-    runs = [{"variant": r.variant, "seed": r.seed, "status": r.status, "error": r.error or "",
+    runs = [{"variant": r.variant, "seed": r.seed, "sweep": r.sweep_id or rec.sweep_id, "status": r.status, "error": r.error or "",
              "ms": _g(r.step_ms_median), "wall": _g(r.wall_s), "concurrent": r.concurrent or "-",
              "e": _g((r.dp_test or {}).get("rmse_e_per_atom")), "f": _g((r.dp_test or {}).get("rmse_f"))}
             for r in rec.runs]
     return {"sweep": rec.sweep_id, "system": rec.system, "steps": rec.steps, "card": rec.card,
             "verdict": str(rec.verdict or "-").upper(), "vclass": "ok" if rec.verdict == "pass" else "warn",
             "rule": rec.rule, "lr": rec.learning_rate, "rows": rows, "times": times, "runs": runs,
-            "target": _g(ttr.get("target")), "img": plot(rec), "anchor": f"training-{rec.sweep_id}"}
+            "target": _g(ttr.get("target")), "img": plot(rec), "anchor": f"training-{rec.sweep_id}",
+            "baseline_from": ", ".join(rec.baseline_from or [])}
 
 
 def sections(records: list[ConvergenceRecord]) -> list[dict[str, Any]]:
-    return [section(r) for r in records]
+    """One section per proof; a record of baseline seeds that a later proof reused (a proof split
+    over GPU calls) is shown inside that proof, not again on its own."""
+    reused = {s for r in records for s in (r.baseline_from or [])}
+    return [section(r) for r in records if r.sweep_id not in reused]
 
 
 TEMPLATE = """{% if training %}<h2 id="training">Training</h2>
@@ -103,16 +107,17 @@ same input, learning rate from start_lr to stop_lr over the run, judged by a rul
 {% for t in training %}<h3 id="{{ t.anchor }}">{{ t.system }} — {{ t.card }}, {{ t.steps }} steps, sweep {{ t.sweep }}:
 <span class="{{ t.vclass }}">{{ t.verdict }}</span></h3>
 {% if t.img %}<img alt="learning curves of every run" src="{{ t.img }}">{% endif %}
-<p class="muted">Rule: {{ t.rule }}. Learning rate: {{ t.lr }}.</p>
+<p class="muted">Rule: {{ t.rule }}. Learning rate: {{ t.lr }}.{% if t.baseline_from %} Baseline seeds trained in
+earlier calls of the same input, data, steps, card and build (sweeps {{ t.baseline_from }}), one upstream seed per call.{% endif %}</p>
 <table><tr><th class="l">variant</th><th>seed</th><th class="l">check</th><th>value</th><th>verdict</th><th class="l">detail</th></tr>
 {% for r in t.rows %}<tr><td class="l">{{ r.variant }}</td><td>{{ r.seed }}</td><td class="l">{{ r.metric }}</td><td>{{ r.value }}</td>
 <td class="{{ 'ok' if r.ok == 'ok' else 'warn' }}">{{ r.ok }}</td><td class="l">{{ r.detail }}</td></tr>{% endfor %}</table>
 <h4>Wall time to the baseline seeds' final force RMSE ({{ t.target }}, smoothed rmse_f_val)</h4>
 <table><tr><th class="l">variant</th><th>median</th><th class="l">per seed</th></tr>
 {% for x in t.times %}<tr><td class="l">{{ x.variant }}</td><td>{{ x.median }}</td><td class="l">{{ x.seeds }}</td></tr>{% endfor %}</table>
-<details><summary>runs</summary><table><tr><th class="l">variant</th><th>seed</th><th>status</th><th>ms/step</th><th>wall s</th>
+<details><summary>runs</summary><table><tr><th class="l">variant</th><th>seed</th><th class="l">sweep</th><th>status</th><th>ms/step</th><th>wall s</th>
 <th>at once</th><th>dp test E/atom</th><th>dp test F</th></tr>
-{% for r in t.runs %}<tr><td class="l">{{ r.variant }}</td><td>{{ r.seed }}</td><td>{{ r.status }}</td><td>{{ r.ms }}</td><td>{{ r.wall }}</td>
-<td>{{ r.concurrent }}</td><td>{{ r.e }}</td><td>{{ r.f }}</td></tr>{% if r.error %}<tr><td class="l warn" colspan="8">{{ r.error }}</td></tr>{% endif %}{% endfor %}
+{% for r in t.runs %}<tr><td class="l">{{ r.variant }}</td><td>{{ r.seed }}</td><td class="l">{{ r.sweep }}</td><td>{{ r.status }}</td><td>{{ r.ms }}</td><td>{{ r.wall }}</td>
+<td>{{ r.concurrent }}</td><td>{{ r.e }}</td><td>{{ r.f }}</td></tr>{% if r.error %}<tr><td class="l warn" colspan="9">{{ r.error }}</td></tr>{% endif %}{% endfor %}
 </table></details>{% endfor %}{% endif %}
 """

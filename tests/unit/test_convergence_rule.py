@@ -176,6 +176,19 @@ def test_report_training_section_renders(tmp_path):
     assert math.isfinite(rec.time_to_rmse["target"])
 
 
+def test_report_shows_a_split_proof_once_with_its_baseline_sweeps(tmp_path):
+    from harness.report import training
+
+    half = dataclasses.replace(_record(), sweep_id="20261204T000001Z-aaaaaa",
+                               runs=[r for r in _record().runs if r.variant == "baseline"])
+    proof = dataclasses.replace(_record(), sweep_id="20261204T000002Z-bbbbbb", baseline_from=[half.sweep_id])
+    proof.runs[0].sweep_id = half.sweep_id
+    secs = training.sections([proof, half])
+    assert [s["sweep"] for s in secs] == [proof.sweep_id] and secs[0]["baseline_from"] == half.sweep_id
+    assert secs[0]["runs"][0]["sweep"] == half.sweep_id and secs[0]["runs"][2]["sweep"] == proof.sweep_id
+    assert [s["sweep"] for s in training.sections([half])] == [half.sweep_id]  # alone it is shown
+
+
 def test_a_calibration_of_this_length_sets_the_final_band(tmp_path, monkeypatch):
     from harness.judge import calibration
 
