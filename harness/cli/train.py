@@ -7,15 +7,18 @@ from pathlib import Path
 
 
 def _train(a: argparse.Namespace) -> int:
+    from harness.core.errors import whole_number
     from harness.run import user_train
 
     req = user_train.TrainRequest(
         input_path=Path(a.input), variant=a.variant, output=Path(a.output) if a.output else None,
         restart=Path(a.restart) if a.restart else None, init_model=Path(a.init_model) if a.init_model else None,
-        freeze=a.freeze, device=a.device)
+        freeze=a.freeze, device=a.device,
+        gpus=whole_number(a.gpus, 1, f"--gpus must be a whole number, not {a.gpus!r}", "--gpus must be at least 1, not {n}"))
     rec = user_train.run(req, log=lambda m: print(m, file=sys.stderr))
     last = ", ".join(f"{k} {v:.3g}" for k, v in rec.final_lcurve.items() if k != "step")
-    print(f"{rec.variant}: {rec.numb_steps} steps in {rec.wall_s:.1f} s; last lcurve row (step "
+    ranks = f" on {rec.world_size} processes" if rec.world_size > 1 else ""
+    print(f"{rec.variant}: {rec.numb_steps} steps{ranks} in {rec.wall_s:.1f} s; last lcurve row (step "
           f"{rec.steps_lcurve}): {last or 'none'}")
     for name, path in rec.outputs.items():
         print(f"  {name}: {path}")
@@ -34,4 +37,7 @@ def register_cli(sub) -> None:
                     help="start from a checkpoint's weights (upstream's --init-model)")
     t.add_argument("--freeze", action="store_true", help="then `dp --pt freeze` into OUTPUT/frozen_model.pth")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    t.add_argument("--gpus", default="1", metavar="N",
+                   help="GPUs of this node, one process each (torchrun + NCCL, upstream's DDP semantics: "
+                        "every rank takes batch_size frames per step)")
     t.set_defaults(func=_train)

@@ -23,7 +23,7 @@ from harness.core import envvars, fsutil
 from harness.core.errors import RunFailed, UserError
 from harness.core.progress import Progress
 from harness.prepare import systems, train_support
-from harness.run import train
+from harness.run import distributed, train
 
 RECORD_NAME = "dpharness_train.json"
 DEFAULT_FAST = "fused"
@@ -38,6 +38,7 @@ class TrainRequest:
     init_model: Path | None = None
     freeze: bool = False
     device: str = "auto"
+    gpus: int = 1  # processes of one node, torchrun + NCCL as bench --gpus (harness/run/distributed.py)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class TrainingRecord:
     init_model: str | None
     command: list[str]
     outputs: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1  # ranks the training ran with, as its child reported them (steps.json)
 
 
 def read_record(path: Path) -> TrainingRecord:
@@ -67,8 +69,10 @@ def read_record(path: Path) -> TrainingRecord:
     try:
         d = json.loads(Path(path).read_text())
         names = {f.name for f in dataclasses.fields(TrainingRecord)}
-        if not isinstance(d, dict) or set(d) != names:
-            raise TypeError(f"fields {sorted(set(d) ^ names) if isinstance(d, dict) else type(d).__name__}")
+        required = {f.name for f in dataclasses.fields(TrainingRecord)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        if not isinstance(d, dict) or not required <= set(d) <= names:  # newer fields may be absent
+            raise TypeError(f"fields {sorted((set(d) ^ names) - (names - required)) if isinstance(d, dict) else type(d).__name__}")
         return TrainingRecord(**d)
     except (OSError, ValueError, TypeError) as e:
         raise UserError(f"{path}: not a {RECORD_NAME} record ({e})") from None
@@ -166,6 +170,7 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
     inp, system = load_input(src)
     variant, why = choose_variant(inp, req.variant, src)
     device = resolve_device(req.device)
+    distributed.check_gpus([req.gpus], device)
     for flag, ckpt in (("--restart", req.restart), ("--init-model", req.init_model)):
         if ckpt is not None and not Path(ckpt).exists():
             raise UserError(f"{flag} {ckpt}: checkpoint not found")
@@ -188,12 +193,16 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         dp_args += ["--restart", str(Path(req.restart).resolve())]
     if req.init_model is not None:
         dp_args += ["--init-model", str(Path(req.init_model).resolve())]
-    cmd = train.launch_command(b.tree, b.modules, dp_args)
-    env = train.subprocess_env(device, {**b.env, envvars.DPH_VARIANT: b.name}, wd)
+    cmd, why = distributed.training_command(b.backend, req.gpus, train.launch_command(b.tree, b.modules, dp_args))
+    if cmd is None:
+        raise UserError(f"--gpus {req.gpus}: {why}")
+    env = train.subprocess_env(device, {**distributed.distributed_env(req.gpus), **b.env,
+                                        envvars.DPH_VARIANT: b.name}, wd)
     steps = int(inp.get("training", {}).get("numb_steps", 0) or 0)
     # a restart runs from its checkpoint's step to numb_steps; the child counts the steps it ran
     todo = max(0, steps - checkpoint_step(req.restart)) if req.restart is not None else steps
     log(f"training {todo} steps" + (f" (to step {steps})" if todo != steps else "") + f" on {device} in {wd}")
+    (wd / "steps.json").unlink(missing_ok=True)  # the world size is read from this run's, not an earlier one's
     t0 = time.perf_counter()
     with Progress(todo, f"train {variant}") as bar:
         rc = _supervise(cmd, wd, env, wd / "train.log", bar)
@@ -204,6 +213,9 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         if refusal:
             raise UserError(refusal)
         raise RunFailed(f"training failed ({error}); log: {wd / 'train.log'}")
+    world = ranks_that_ran(wd)
+    if world != req.gpus:  # a launcher that fell back to one process must not pass for N
+        raise RunFailed(f"asked for {req.gpus} processes, the training ran with {world}; log: {wd / 'train.log'}")
     cols, rows = read_lcurve(wd / "lcurve.out")
     outputs = {p.name: str(p) for p in sorted(wd.iterdir())
                if p.name in ("lcurve.out", "checkpoint", "out.json", "train.log", "input.json")
@@ -216,9 +228,17 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         steps_lcurve=int(rows[-1]["step"]) if rows and "step" in rows[-1] else None, wall_s=round(wall, 3),
         returncode=rc, lcurve_columns=cols, final_lcurve=rows[-1] if rows else {},
         restart=str(req.restart) if req.restart else None, init_model=str(req.init_model) if req.init_model else None,
-        command=cmd, outputs=outputs)
+        command=cmd, outputs=outputs, world_size=world)
     fsutil.atomic_write_json(wd / RECORD_NAME, asdict(rec))
     return rec
+
+
+def ranks_that_ran(wd: Path) -> int:
+    """The world size rank 0's child wrote into steps.json (1 when it wrote none)."""
+    try:
+        return int(json.loads((wd / "steps.json").read_text()).get("world_size") or 1)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 1
 
 
 def freeze(b, wd: Path, env: dict[str, str]) -> Path:

@@ -195,6 +195,23 @@ def test_record_reads_back_typed_and_refuses_another_file(tmp_path):
     p.write_text("{half")
     with pytest.raises(UserError, match="not a dpharness_train.json record"):
         user_train.read_record(p)
+    older = _record()
+    del older["world_size"]  # a record from before --gpus: one process
+    p.write_text(json.dumps(older))
+    assert user_train.read_record(p).world_size == 1
+
+
+@pytest.mark.parametrize("gpus, says", [("2", "multi-GPU runs need --device cuda"), ("x", "--gpus must be a whole"),
+                                        ("0", "--gpus must be at least 1")])
+def test_cli_refuses_gpus_it_cannot_have_before_building(tmp_path, capsys, monkeypatch, gpus, says):
+    d = _mixed_dir(tmp_path)
+    from harness.prepare import build
+
+    monkeypatch.setattr(build, "build_variant", lambda *a, **k: pytest.fail("built before refusing"))
+    assert main(["train", str(d / "input.json"), "--gpus", gpus, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and says in err[0], err
+    assert not any(p.name.startswith("train-") for p in d.iterdir())
 
 
 def test_restart_step_comes_from_the_checkpoint_name(tmp_path):
