@@ -1,5 +1,5 @@
 """The one loader of a variant inside a child process (training: harness.child.launch; the gate's
-parity process: harness.child.parity_eval). These entry points are the only code that edits sys.path.
+parity process: harness.child.parity_eval; NVE: harness.child.md_nve). Only this module edits sys.path.
 
 A built variant lives at build/<variant>-<hash>/: its patch modules under patches/<name>/ and,
 when its manifest names an engine, a frozen copy of that package under engines/. The child puts

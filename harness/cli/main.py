@@ -279,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_cli.register_cli(sub)  # dpharness train
     from harness.cli import floor as floor_cli
     floor_cli.register_cli(sub)  # dpharness floor
+    from harness.cli import md as md_cli
+    md_cli.register_cli(sub)  # dpharness md
     return p
 
 

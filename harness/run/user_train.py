@@ -193,9 +193,9 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         dp_args += ["--restart", str(Path(req.restart).resolve())]
     if req.init_model is not None:
         dp_args += ["--init-model", str(Path(req.init_model).resolve())]
-    cmd, why = distributed.training_command(b.backend, req.gpus, train.launch_command(b.tree, b.modules, dp_args))
+    cmd, no_launch = distributed.training_command(b.backend, req.gpus, train.launch_command(b.tree, b.modules, dp_args))
     if cmd is None:
-        raise UserError(f"--gpus {req.gpus}: {why}")
+        raise UserError(f"--gpus {req.gpus}: {no_launch}")
     env = train.subprocess_env(device, {**distributed.distributed_env(req.gpus), **b.env,
                                         envvars.DPH_VARIANT: b.name}, wd)
     steps = int(inp.get("training", {}).get("numb_steps", 0) or 0)

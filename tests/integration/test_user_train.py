@@ -1,5 +1,6 @@
-"""`dpharness train` trains for real: baseline and fused on a mixed 108/216-atom copper input,
---freeze then upstream's `dp test` on the frozen model, --restart continuing past the first
+"""`dpharness train` trains for real: baseline and fused on a mixed 108/216-atom copper input with
+batch_size "auto", --freeze then upstream's `dp test` on the frozen model and ASE MD through
+upstream's calculator, --restart continuing past the first
 run's steps, --init-model starting from its weights. Small nets and 10 steps keep each training
 to a process start-up; the trainings are module-scoped and shared by the checks."""
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _input(steps: int) -> dict:
         "learning_rate": {"type": "exp", "decay_steps": 5, "start_lr": 1e-3, "stop_lr": 1e-4},
         "loss": {"type": "ener", "start_pref_e": 0.02, "limit_pref_e": 1, "start_pref_f": 1000, "limit_pref_f": 1,
                  "start_pref_v": 0.02, "limit_pref_v": 1},
-        "training": {"training_data": {"systems": ["data/cu108", "data/cu216"], "batch_size": 1},
+        "training": {"training_data": {"systems": ["data/cu108", "data/cu216"], "batch_size": "auto"},
                      "validation_data": {"systems": ["data/valid108"], "batch_size": 1, "numb_btch": 1},
                      "numb_steps": steps, "seed": 10, "disp_file": "lcurve.out", "disp_freq": 5, "save_freq": 5}}
 
@@ -119,6 +120,17 @@ def test_freeze_then_upstreams_dp_test(fused, user_dir):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = processes.parse_dp_test(r.stdout + r.stderr)
     assert res["rmse_f"] is not None and np.isfinite(res["rmse_f"])
+
+
+def test_the_frozen_fused_model_drives_ase_md(fused, user_dir, capsys):
+    """The chain a user runs: mixed 108/216-atom data, batch_size "auto", fused training, upstream's
+    freeze, then NVE through upstream's ASE calculator (`dpharness md`) on a 108-atom frame."""
+    out = user_dir / "md"
+    assert cli.main(["md", str(fused / "frozen_model.pth"), "--data", str(user_dir / "data" / "valid108"),
+                     "--ps", "0.2", "--dt-fs", "1", "--out", str(out), "--strict"]) == 0
+    v = json.loads((out / "nve_verdict.json").read_text())
+    assert v["ok"] and v["atoms"] == 108 and v["steps"] == 200, v
+    assert "PASS" in capsys.readouterr().out
 
 
 def test_restart_continues_past_the_first_run(baseline, user_dir):
