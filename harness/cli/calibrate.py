@@ -99,6 +99,20 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     return path
 
 
+def newest_baseline_checkpoint(system: str, runs_dir: Path = results.RUNS) -> Path:
+    """The checkpoint of the newest successful baseline run of `system` in runs_dir."""
+    from harness.core.errors import UserError
+
+    found = [r for r in results.load_runs(runs_dir) if r.variant == "baseline"
+             and r.system == system and r.status == "ok" and r.artifacts.checkpoint]
+    for r in sorted(found, key=lambda r: r.created or "", reverse=True):
+        p = Path(r.artifacts.checkpoint)
+        p = p if p.is_absolute() else ROOT / p
+        if p.is_file():
+            return p
+    raise UserError(f"no baseline checkpoint of {system} under {runs_dir}: pass --checkpoint")
+
+
 def parity_check(system: str, variant: str, checkpoint: Path | None = None, device: str = "auto",
                  steps: int = 20, runs_dir: Path = results.RUNS, work_dir: Path | None = None) -> dict[str, Any]:
     """Same-weights parity of `variant` against baseline on a baseline checkpoint, without training.
@@ -114,17 +128,7 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
                 "detail": f"same-weights parity not applicable to the {backend} backend"}
     dev = bench.resolve_device(device)
     sysobj = systems.load_system(system)
-    if checkpoint is None:
-        found = [r for r in results.load_runs(runs_dir) if r.variant == "baseline"
-                 and r.system == sysobj.name and r.status == "ok" and r.artifacts.checkpoint]
-        for r in sorted(found, key=lambda r: r.created or "", reverse=True):
-            p = Path(r.artifacts.checkpoint)
-            p = p if p.is_absolute() else ROOT / p
-            if p.is_file():
-                checkpoint = p
-                break
-        if checkpoint is None:
-            raise UserError(f"no baseline checkpoint of {sysobj.name} under {runs_dir}: pass --checkpoint")
+    checkpoint = checkpoint or newest_baseline_checkpoint(sysobj.name, runs_dir)
     bb, vb = build.build_variant("baseline"), build.build_variant(variant)
     wd = work_dir or results.WORK / f"parity-{time.strftime('%Y%m%dT%H%M%S')}-{sysobj.name}-{variant}"
     wd.mkdir(parents=True, exist_ok=True)
@@ -223,6 +227,29 @@ def _cmd_parity(a: argparse.Namespace) -> int:
     return 4 if out.get("verdict") == "fail" else 0
 
 
+def _cmd_precision_budget(a: argparse.Namespace) -> int:
+    from harness.core.errors import UserError
+    from harness.judge import precision_budget
+    from harness.prepare import systems
+    from harness.run import bench
+
+    dev = bench.resolve_device(a.device)
+    name = systems.load_system(a.system).name
+    ckpt = Path(a.checkpoint) if a.checkpoint else newest_baseline_checkpoint(name)
+    if not ckpt.is_file():
+        raise UserError(f"--checkpoint {ckpt}: not found")
+    card = "cpu"
+    if dev == "cuda":
+        import torch
+        card = torch.cuda.get_device_name(0)
+    b = precision_budget.measure(name, ckpt, dev, card, lambda s, v, c, d: parity_check(s, v, c, d))
+    print(precision_budget.table(b))
+    out = Path(a.out) if a.out else ROOT / "results" / "precision" / f"{name}-{dev}.json"
+    fsutil.atomic_write_json(out, precision_budget.to_dict(b))
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 def register_cli(subparsers) -> None:
     """Add `calibrate` and `parity` to dpharness's sub-command parser (cli.build_parser)."""
     c = subparsers.add_parser("calibrate", help="seed-spread calibration of the accuracy gate's dp-test tolerance")
@@ -246,3 +273,10 @@ def register_cli(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_parity)
+    q = subparsers.add_parser("precision-budget", help="same-weights error of each legal precision stage in float32 "
+                              "(descriptor, fitting, both, both + TF32) against float64")
+    q.add_argument("--system", default="water")
+    q.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--out", default=None, help="record path (default: results/precision/<system>-<device>.json)")
+    q.set_defaults(func=_cmd_precision_budget)

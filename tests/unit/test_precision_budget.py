@@ -1,0 +1,38 @@
+"""The per-stage precision budget without running parity: one row per stage in order, the gate's
+parity numbers carried through, the TF32 stage not measured off CUDA (said so, not faked), the
+table and the record; a missing checkpoint is one line, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+
+from harness.cli.main import main
+from harness.judge import precision_budget as pb
+
+
+def fake_parity(seen):
+    def parity(system, variant, checkpoint, device):
+        seen.append((system, variant, device))
+        err = {"fused-desc32": 5e-7, "fused-fit32": 1e-7, "fused-fp32": 6e-7}[variant]
+        return {"verdict": "pass", "detail": "within tolerance",
+                "parity": {"class": "float32", "tolerance": 1e-5, "max_rel_f": err, "max_rel_e": err / 10}}
+    return parity
+
+
+def test_every_stage_is_measured_where_it_can_be(tmp_path):
+    seen = []
+    b = pb.measure("water", tmp_path / "c.pt", "cpu", "cpu", fake_parity(seen))
+    assert [r.variant for r in b.rows] == ["fused-desc32", "fused-fit32", "fused-fp32", "fused-mixed"]
+    assert seen == [("water", v, "cpu") for v in ("fused-desc32", "fused-fit32", "fused-fp32")]
+    assert b.rows[0].metrics["max_rel_f"] == 5e-7 and b.rows[0].metrics["max_rel_v"] is None
+    assert b.rows[3].verdict == "not measured" and "cuda" in b.rows[3].detail and not b.rows[3].metrics
+    text = pb.table(b)
+    assert "5.00e-07" in text and "not measured: needs cuda" in text
+    assert json.loads(json.dumps(pb.to_dict(b)))["schema"] == pb.SCHEMA
+
+
+def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["precision-budget", "--device", "cpu", "--checkpoint", str(tmp_path / "no.pt"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not found" in err[0] and not out.exists()
