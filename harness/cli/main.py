@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     floor_cli.register_cli(sub)  # dpharness floor
     from harness.cli import md as md_cli
     md_cli.register_cli(sub)  # dpharness md
+    from harness.cli import tf_era as tf_era_cli
+    tf_era_cli.register_cli(sub)  # dpharness tf-era
     return p
 
 

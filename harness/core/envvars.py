@@ -37,6 +37,8 @@ DPH_PATCHES = _declare("DPH_PATCHES", "harness.core.paths",
                        "another variant folder instead of patches/ (a team's own variants)")
 DPH_IGNORE_SHARED = _declare("DPH_IGNORE_SHARED", "harness.prepare.systems",
                              "set: never read ../shared (CI sets it to 1, so nothing can come to need it)")
+DPH_TF_ERA_PYTHON = _declare("DPH_TF_ERA_PYTHON", "harness.prepare.tf_era",
+                             "the CPython 3.8 interpreter of the TF v2 family's environment (default: pyenv's)")
 DPH_GIT_SHA = _declare("DPH_GIT_SHA", "harness.core.environment",
                        "the commit a copied tree was taken from (a GPU node's copy has no real .git)")
 DPH_UPSTREAM_TREE = _declare("DPH_UPSTREAM_TREE", "tools/gpu_env.sh",
