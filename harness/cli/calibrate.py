@@ -238,11 +238,9 @@ def _cmd_precision_budget(a: argparse.Namespace) -> int:
     ckpt = Path(a.checkpoint) if a.checkpoint else newest_baseline_checkpoint(name)
     if not ckpt.is_file():
         raise UserError(f"--checkpoint {ckpt}: not found")
-    card = "cpu"
-    if dev == "cuda":
-        import torch
-        card = torch.cuda.get_device_name(0)
-    b = precision_budget.measure(name, ckpt, dev, card, lambda s, v, c, d: parity_check(s, v, c, d))
+    from harness.cli.floor import card_name
+
+    b = precision_budget.measure(name, ckpt, dev, card_name(dev), parity_check)
     print(precision_budget.table(b))
     out = Path(a.out) if a.out else ROOT / "results" / "precision" / f"{name}-{dev}.json"
     fsutil.atomic_write_json(out, precision_budget.to_dict(b))

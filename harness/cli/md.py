@@ -25,6 +25,7 @@ def _cmd(a) -> int:
         data = Path(sysm.validation[0])
     out = Path(a.out) if a.out else Path(a.model).resolve().parent / "md_nve"
     device = resolve_device(a.device)
+    md_nve.check_inputs(Path(a.model), data, a.ps, a.dt_fs)  # before the baseline build below
     res = md_nve.run(Path(a.model), data, out, build.build_variant("baseline").tree, ps=a.ps, dt_fs=a.dt_fs,
                      temperature=a.temperature, frame=a.frame, seed=a.seed, device=device)
     fsutil.atomic_write_json(out / "nve_verdict.json", {**dataclasses.asdict(res), "data": str(data),

@@ -60,22 +60,27 @@ def judge(rows: dict) -> NveResult:
                      not reasons, reasons)
 
 
+def check_inputs(model: Path, system_dir: Path, ps: float, dt_fs: float) -> None:
+    """UserError naming the first bad input (before anything is built or written)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ase") is None:
+        raise UserError("dpharness md needs ASE, upstream's calculator's client: pip install ase (dev pins: ase==3.29.0)")
+    if not Path(model).is_file():
+        raise UserError(f"{model}: frozen model not found")
+    if not (Path(system_dir) / "type.raw").is_file():
+        raise UserError(f"{system_dir}: not a DeePMD system (no type.raw)")
+    if not (ps > 0 and dt_fs > 0):
+        raise UserError(f"--ps and --dt-fs must be positive, not {ps} and {dt_fs}")
+
+
 def run(model: Path, system_dir: Path, out_dir: Path, tree: Path, ps: float = 1.0, dt_fs: float = 0.5,
         temperature: float = 300.0, frame: int = 0, seed: int = 1, force_scale: float = 1.0,
         timeout_s: float = 1800.0, device: str = "cpu") -> NveResult:
     """NVE of `frame` of `system_dir` for `ps` picoseconds with `model`; the trajectory's energies
     land in out_dir/nve.json, the child's log in out_dir/nve.log."""
-    import importlib.util
-
-    if importlib.util.find_spec("ase") is None:
-        raise UserError("dpharness md needs ASE, upstream's calculator's client: pip install ase (dev pins: ase==3.29.0)")
+    check_inputs(model, system_dir, ps, dt_fs)
     model, system_dir = Path(model), Path(system_dir)
-    if not model.is_file():
-        raise UserError(f"{model}: frozen model not found")
-    if not (system_dir / "type.raw").is_file():
-        raise UserError(f"{system_dir}: not a DeePMD system (no type.raw)")
-    if not (ps > 0 and dt_fs > 0):
-        raise UserError(f"--ps and --dt-fs must be positive, not {ps} and {dt_fs}")
     out_dir.mkdir(parents=True, exist_ok=True)
     steps = max(1, round(ps * 1000.0 / dt_fs))
     cmd = [sys.executable, "-m", "harness.child.md_nve", "--tree", str(tree), "--model", str(model.resolve()),

@@ -16,9 +16,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.core import envvars, fsutil
+from harness.core import envvars
 from harness.core.errors import UserError
 from harness.core.paths import BUILD, PINS
+from harness.core.records import UpstreamPin
+from harness.prepare import upstream
 
 PIN_FILE = PINS / "tf-era.toml"
 LOCK_FILE = PINS / "tf-era-lock.txt"
@@ -47,12 +49,7 @@ class TfEraEnv:
 
 
 def load_pin(path: Path = PIN_FILE) -> TfEraPin:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python < 3.11
-        import tomli as tomllib  # type: ignore[no-redef]
-    with open(path, "rb") as f:
-        d = tomllib.load(f)
+    d = upstream.load_pin(path)
     w = d["wheel"]
     return TfEraPin(str(d["python"]["version"]), w["package"], w["version"], w["file"], w["sha256"])
 
@@ -112,10 +109,9 @@ def build_env(pin: TfEraPin | None = None, build_dir: Path = BUILD) -> TfEraEnv:
             if _run(cmd, log).returncode != 0:
                 raise UserError(f"TF v2 environment: could not {what} (log: {root / 'build.log'})")
         wheel = downloads / pin.file
-        got = fsutil.sha256_file(wheel) if wheel.is_file() else "missing"
-        log.append(f"{pin.file}: sha256 {got}, pin {pin.sha256}")
-        if got != pin.sha256:
-            raise UserError(f"{wheel}: sha256 {got}, the pin says {pin.sha256}: refusing to install it")
+        if not wheel.is_file():
+            raise UserError(f"TF v2 environment: pip downloaded no {pin.file} (log: {root / 'build.log'})")
+        upstream.verified_wheel(wheel, UpstreamPin(pin.package, pin.version, pin.file, pin.sha256), log)
         if _run([str(py), "-m", "pip", "install", "-q", "-r", str(LOCK_FILE), str(wheel)], log).returncode != 0:
             raise UserError(f"TF v2 environment: pip install failed (log: {root / 'build.log'})")
         r = _run([str(py), "-c", VERIFY], log, timeout=300)

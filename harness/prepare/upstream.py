@@ -44,7 +44,7 @@ def fetch_wheel(pin: UpstreamPin, log: list[str]) -> Path:
     for d in (WHEELHOUSE, DOWNLOADS):
         p = d / pin.wheel
         if p.is_file():
-            return _verified(p, pin, log)
+            return verified_wheel(p, pin, log)
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
     log.append(f"downloading {pin.package}=={pin.version} into {DOWNLOADS}")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
@@ -57,10 +57,11 @@ def fetch_wheel(pin: UpstreamPin, log: list[str]) -> Path:
             f"cannot obtain {pin.wheel}: not in wheelhouse/ and the download failed "
             f"(offline node? run `make wheelhouse` on a machine with internet and copy wheelhouse/ here)"
         )
-    return _verified(p, pin, log)
+    return verified_wheel(p, pin, log)
 
 
-def _verified(path: Path, pin: UpstreamPin, log: list[str]) -> Path:
+def verified_wheel(path: Path, pin: UpstreamPin, log: list[str]) -> Path:
+    """`path` when its sha256 is the pin's (logged), else UserError: every pinned wheel passes here."""
     got = sha256_file(path)
     if got != pin.sha256:
         raise UserError(f"{path} has sha256 {got}, the pin says {pin.sha256}: refusing to build from it")
