@@ -34,6 +34,14 @@ def format_summary(rec: ConvergenceRecord) -> str:
 def _cmd(a) -> int:
     from harness.run import convergence
 
+    if a.rejudge:
+        if a.variant:
+            raise UserError("--rejudge judges an earlier record's trainings again: give no --variant")
+        rec = convergence.rejudge(Path(a.rejudge), [Path(p) for p in a.baseline_from or []],
+                                  Path(a.out_dir), log=lambda m: print(m, file=sys.stderr))
+        print(format_summary(rec))
+        print(f"wrote {rec.path}", file=sys.stderr)
+        return 4 if a.strict and rec.verdict != "pass" else 0
     if not a.variant:
         raise UserError("give the variants and their seeds, e.g. --variant baseline:2 --variant fused:3 "
                         "(or --variant fused:3 --baseline-from RECORD)")
@@ -72,6 +80,9 @@ def register_cli(subparsers) -> None:
                    help="reuse the baseline seeds of an earlier convergence record of the same input, data, "
                         "steps, card and baseline build (a proof split over calls), instead of --variant baseline:N; "
                         "repeatable, a seed in one record only")
+    p.add_argument("--rejudge", default=None, metavar="RECORD",
+                   help="judge an earlier record's trainings again with the baseline seeds of --baseline-from "
+                        "records added (nothing retrained; a new record, the old one kept)")
     p.add_argument("--strict", action="store_true", help="exit 4 unless the verdict is PASS")
     p.add_argument("--out-dir", default=str(convergence.CONVERGENCE), help="where the record goes")
     p.add_argument("--work-dir", default=str(convergence.results.WORK), help="training work dirs")

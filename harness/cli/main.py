@@ -60,7 +60,7 @@ def _bench(a: argparse.Namespace) -> int:
             upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
             runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
             gpus=distributed.parse_gpus(a.gpus), gate_jobs=a.gate_jobs, time_budget_s=budget,
-            replicate=reps, batch_size=bs, sweep_id=sweep_id,
+            replicate=reps, batch_size=bs, sweep_id=sweep_id, launcher=a.launcher,
         )
         got = bench.run(req, log=lambda m: print(m, file=sys.stderr), accuracy_stage=accuracy_stage)
         sweep_id = sweep_id or (got[0].sweep_id if got else None)
@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
     b.add_argument("--gpus", default="1", help="GPU counts to measure, comma list (e.g. 1,2,4): torchrun DDP "
                    "for N>1, one run per variant and count; see docs/distributed.md")
+    b.add_argument("--launcher", default="auto", choices=("auto", "torchrun", "horovod"),
+                   help="how N>1 processes start: torchrun (PyTorch variants), horovod (the TF v2 family, "
+                        "asc-*: horovodrun --gloo; on a CPU machine --gpus N then means N processes); "
+                        "auto: by backend")
     b.add_argument("--gate-jobs", type=int, default=1, metavar="N",
                    help="N>1: time all variants first, then run N accuracy gates at a time (baseline's "
                         "first); gates never overlap a timed run")

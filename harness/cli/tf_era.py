@@ -1,8 +1,8 @@
 """`dpharness tf-era`: build (or find cached) the TF v2 family's environment (harness/prepare/tf_era.py)
 and say what it holds; `--smoke N` then trains the system for N steps with v2's own
 `dp train input.json`, freezes it (`dp freeze`) and tests the frozen graph (`dp test`), with
-`--xla` under TensorFlow's XLA auto-jit. A first step of the competition-stack issue: no variant,
-timing hook or run record of this family exists yet."""
+`--xla` under TensorFlow's XLA auto-jit; `--horovod` builds Horovod into it. The family's variants
+(patches/asc-*) run through `dpharness bench` (harness/run/train.py, tf-v2 backend)."""
 from __future__ import annotations
 
 import json
@@ -35,6 +35,10 @@ def _cmd(a) -> int:
     env = tf_era.build_env()
     print(f"TF v2 family: {env.versions} (python {env.python}; {'cached' if env.cached else 'built'} "
           f"in {env.root}; build log {env.root / 'build.log'})")
+    if a.horovod:
+        hv = tf_era.build_horovod(env)
+        print(f"Horovod: {hv.check_build} ({'cached' if hv.cached else 'built'}; {hv.horovodrun}; "
+              f"build log {env.root / 'horovod-build.log'})")
     if not a.smoke:
         return 0
     system = systems.load_system(a.system)
@@ -69,6 +73,8 @@ def register_cli(sub) -> None:
     p.add_argument("--smoke", default=None, metavar="STEPS", help="then train the system this many steps")
     p.add_argument("--system", default="water")
     p.add_argument("--xla", action="store_true", help="train under TF_XLA_FLAGS auto-jit")
+    p.add_argument("--horovod", action="store_true", help="also build Horovod (TensorFlow + Gloo) into it from the "
+                   "pinned sdist (harness/pins/tf-era-horovod.toml); bench --launcher horovod does this itself")
     p.add_argument("--frames", type=int, default=5, help="dp test frames")
     p.add_argument("--work", default=None, help="work folder of the smoke run")
     p.set_defaults(func=_cmd)

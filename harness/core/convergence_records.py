@@ -60,6 +60,8 @@ class ConvergenceRecord(Part):
     input_sha256: str | None = None  # the training input and data every run trained from
     builds: dict[str, str] | None = None  # variant -> its build's content hash
     baseline_from: list[str] | None = None  # sweep ids whose baseline seeds this record reuses (None: its own)
+    # `convergence --rejudge`: the sweep whose trainings this record judges again (nothing retrained)
+    rejudged_from: str | None = None
     rule: str | None = None
     verdict: str | None = None  # pass | fail | incomplete
     checks: dict[str, Any] | None = None  # bands, finals, spread sources, reasons

@@ -157,6 +157,10 @@ class BuiltVariant:
     engine: str | None = None  # frozen under <build>/engines/<engine>, first on the child's path
     upstream_options: dict[str, Any] = field(default_factory=dict)  # the chain's, merged
     upstream_only: bool = False  # the chain has no diffs and no patch modules (anchors.py reads it)
+    # a family built in an environment of its own (the TF v2 family, backend tf-v2): what it runs
+    # ("deepmd 2.0.3 tensorflow 2.6.0 ..."), or why it cannot be built here (its runs: unavailable)
+    runtime: str | None = None
+    unavailable: str | None = None
 
 
 @dataclass(frozen=True)
@@ -216,6 +220,8 @@ class TrainResult:
     command: tuple[str, ...] = ()  # what was launched (launch prefix included)
     returncode: int | None = None  # the child's exit status (None: not started, or killed by us)
     timed_out: bool = False  # killed past RunSpec.timeout_s
+    # processes that trained, as the run's own log says (TF v2 under horovodrun); None: not read
+    world_size: int | None = None
 
 
 @dataclass

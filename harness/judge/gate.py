@@ -28,7 +28,8 @@ from typing import Any, Callable, Iterable
 
 from harness.core.records import AccuracyResult, RunRecord, StoredRun
 from harness.judge.processes import (DEFAULT_TEST_FRAMES, UpstreamOutOfMemory, baseline_tree, finish_dp_test,
-                                    format_dp_test, run_dp_test, start_dp_test, stop_gates)
+                                    format_dp_test, run_dp_test, start_dp_test, start_v2_dp_test,
+                                    stop_gates)
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, load_reference, parity_verdict, start_parity_eval, start_reference
 from harness.judge.calibration import CALIBRATION, dp_test_verdict, find_calibration
 from harness.judge.seeds import training_equivalence
@@ -87,8 +88,12 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     if rec.train.checkpoint is None:
         raise RuntimeError("training left no checkpoint")
     v = rec.run.variant
-    dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree,
-                            v.backend, convert_to_pt=v.backend in ("jax", "tf2") and not v.upstream_only)
+    if v.backend == "tf-v2":  # the TF v2 family is judged by its own dp (freeze + test of the .pb)
+        dp_proc = start_v2_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes,
+                                   Path(v.tree))
+    else:
+        dp_proc = start_dp_test(rec.train.checkpoint, rec.run.system.validation, acc_dir, device, nframes, tree,
+                                v.backend, convert_to_pt=v.backend in ("jax", "tf2") and not v.upstream_only)
     # A baseline on N > 1 GPUs trains on N times the frames: with a 1-GPU baseline in the sweep it
     # is judged like a variant (same code, so parity is exact; dp test against the seed spread)
     # rather than taken as a reference.

@@ -3,6 +3,8 @@ where the backend needs it), and the registry that stops them all when a sweep i
 from __future__ import annotations
 
 import re
+import shlex
+import shutil
 import os
 import signal
 import subprocess
@@ -193,6 +195,30 @@ def start_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path,
     with open(log, "w") as f:
         proc = track(subprocess.Popen(cmd, cwd=out_dir, env=env, stdout=f, stderr=subprocess.STDOUT,
                                       start_new_session=True))
+    return proc, log
+
+
+def start_v2_dp_test(checkpoint: Path, validation: tuple[Path, ...], out_dir: Path, device: str,
+                     frames: int, venv: Path) -> tuple[subprocess.Popen, Path]:
+    """The TF v2 family's own judge: v2's `dp freeze` of the run's checkpoint folder to a .pb,
+    then v2's `dp test` of it on the validation systems (linked under one folder: v2's test takes
+    one directory and finds the systems in it), in one child whose log finish_dp_test parses."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val = out_dir / "validation"
+    if val.exists():
+        shutil.rmtree(val)
+    val.mkdir()
+    for i, p in enumerate(validation):
+        (val / f"sys{i:03d}").symlink_to(Path(p).resolve(), target_is_directory=True)
+    log = out_dir / "dp_test.log"
+    dp = str(Path(venv) / "bin" / "dp")
+    frozen = out_dir / "frozen_model.pb"
+    script = (f"{shlex.quote(dp)} freeze -c {shlex.quote(str(Path(checkpoint).parent))} -o {shlex.quote(str(frozen))} "
+              f"&& {shlex.quote(dp)} test -m {shlex.quote(str(frozen))} -s {shlex.quote(str(val))} -n {int(frames)}")
+    env = train.subprocess_env(device, {envvars.DPH_VARIANT: "baseline"}, out_dir)
+    with open(log, "w") as f:
+        proc = track(subprocess.Popen(["bash", "-c", script], cwd=out_dir, env=env, stdout=f,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
     return proc, log
 
 

@@ -103,6 +103,10 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
     pin = pin or upstream.default_pin()
     chain = variants.chain(name, patches_dir)
     leaf = chain[-1]
+    if leaf.backend == "tf-v2":  # the TF v2 family: its own environment, not a 3.2.0 tree
+        from harness.prepare import tf_era
+
+        return tf_era.built_variant(chain, build_dir)
     for v in chain:
         if pin.source_path is None and pin.version not in v.upstream:
             raise UserError(f"variant {v.name} targets upstream {', '.join(v.upstream)}, not {pin.version}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from harness.core import envvars
 from harness.core.errors import UserError
 from harness.core.paths import BUILD, PINS
-from harness.core.records import UpstreamPin
+from harness.core.records import BuiltVariant, UpstreamPin, Variant
 from harness.prepare import upstream
 
 PIN_FILE = PINS / "tf-era.toml"
@@ -124,3 +124,120 @@ def build_env(pin: TfEraPin | None = None, build_dir: Path = BUILD) -> TfEraEnv:
     finally:
         if root.is_dir():
             (root / "build.log").write_text("\n\n".join(log) + "\n")
+
+
+# ---------------------------------------------------------------- Horovod (data parallelism of v2)
+
+HOROVOD_PIN = PINS / "tf-era-horovod.toml"
+
+
+@dataclass(frozen=True)
+class Horovod:
+    horovodrun: Path
+    check_build: str  # `horovodrun --check-build`'s frameworks / controllers / tensor operations
+    cached: bool
+
+
+def check_build_summary(text: str) -> str:
+    """`horovodrun --check-build`'s ticked boxes by section: "frameworks: TensorFlow, PyTorch;
+    controllers: Gloo; tensor operations: Gloo"."""
+    parts, section, ticked = [], None, []
+    for ln in text.splitlines() + ["Available end:"]:
+        ln = ln.strip()
+        if ln.startswith("Available ") and ln.endswith(":"):
+            if section and ticked:
+                parts.append(f"{section}: {', '.join(ticked)}")
+            section, ticked = ln[len("Available "):-1].lower(), []
+        elif ln.startswith("[X]"):
+            ticked.append(ln[3:].strip())
+    return "; ".join(parts)
+
+
+def build_horovod(env: TfEraEnv, pin_file: Path = HOROVOD_PIN) -> Horovod:
+    """Horovod built from its pinned sdist into the family's environment (TensorFlow + Gloo), or
+    found there: a stamp keyed by the pin file's hash. Verified by `horovodrun --check-build`
+    naming TensorFlow and Gloo, since v2 falls back to serial training silently when horovod is
+    missing; UserError when it cannot be built."""
+    d = upstream.load_pin(pin_file)
+    s, b = d["sdist"], d["build"]
+    key = hashlib.sha256(Path(pin_file).read_bytes()).hexdigest()[:16]
+    venv = env.root / "venv"
+    run = venv / "bin" / "horovodrun"
+    stamp = env.root / "horovod.txt"
+    if stamp.is_file() and run.is_file() and stamp.read_text().split("\n", 1)[0] == key:
+        return Horovod(run, stamp.read_text().split("\n", 1)[1].strip(), cached=True)
+    log: list[str] = []
+    where = env.root / "horovod-build.log"
+    try:
+        stamp.unlink(missing_ok=True)
+        downloads = env.root / "downloads"
+        r = _run([str(env.python), "-m", "pip", "download", "-q", "--no-deps", "--no-binary=:all:",
+                  f"{s['package']}=={s['version']}", "-d", str(downloads)], log)
+        sdist = downloads / s["file"]
+        if r.returncode != 0 or not sdist.is_file():
+            raise UserError(f"Horovod: could not download {s['file']} (log: {where})")
+        upstream.verified_wheel(sdist, UpstreamPin(s["package"], s["version"], s["file"], s["sha256"]), log)
+        if _run([str(env.python), "-m", "pip", "install", "-q", *b["requires"]], log).returncode != 0:
+            raise UserError(f"Horovod: its requirements did not install (log: {where})")
+        import os
+
+        build_env = {**os.environ, **{k: str(v) for k, v in b["env"].items()}}
+        log.append("build environment: " + " ".join(f"{k}={v}" for k, v in b["env"].items()))
+        cmd = [str(env.python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(sdist)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=build_env)
+        log.append(f"$ {' '.join(cmd)}\n-> exit {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-6000:]}")
+        if r.returncode != 0:
+            raise UserError(f"Horovod: the build failed (exit {r.returncode}; log: {where})")
+        r = _run([str(run), "--check-build"], log, timeout=300)
+        checked = r.stdout
+        missing = [f for f in ("[X] TensorFlow", "[X] Gloo") if f not in checked]
+        if r.returncode != 0 or missing:
+            raise UserError(f"Horovod: `horovodrun --check-build` does not list {', '.join(missing) or 'anything'} "
+                            f"(log: {where})")
+        summary = check_build_summary(checked)
+        stamp.write_text(f"{key}\n{summary}\n")
+        return Horovod(run, summary, cached=False)
+    finally:
+        if log:
+            where.write_text("\n\n".join(log) + "\n")
+
+
+# ---------------------------------------------------------------- the family's variants (asc-*)
+
+def built_variant(chain: list[Variant], build_dir: Path = BUILD) -> BuiltVariant:
+    """A TF v2 variant (backend tf-v2; patches/asc-*) resolved on the family's environment. Its
+    chain below the root `baseline` targets this family's pin and carries no diffs or patch
+    modules (v2's code runs as released; env and the three legal overrides configure it). Where
+    the environment cannot be built here (no CPython 3.8, offline, no TensorFlow wheel for this
+    machine) the variant is returned with `unavailable` set, and its runs are recorded so."""
+    from harness import __version__
+    from harness.prepare import variants
+
+    pin = load_pin()
+    for v in chain[1:]:
+        if pin.version not in v.upstream:
+            raise UserError(f"variant {v.name} targets upstream {', '.join(v.upstream)}; the TF v2 family "
+                            f"pins deepmd-kit {pin.version} ({PIN_FILE.name})")
+        if v.diffs or v.modules:
+            raise UserError(f"variant {v.name}: a tf-v2 variant carries no diffs or patch modules "
+                            "(the family runs deepmd-kit v2 as released)")
+    leaf = chain[-1]
+    h = hashlib.sha256(content_hash().encode())
+    for v in chain:
+        h.update((v.directory / "manifest.yaml").read_bytes())
+    h.update(__version__.encode())
+    overrides: dict = {}
+    for v in chain:
+        overrides.update(v.overrides)
+    try:
+        env = build_env(pin, build_dir)
+        tree, runtime, why, cached = env.root / "venv", env.versions, None, env.cached
+        log = tuple((env.root / "build.log").read_text().splitlines()) if (env.root / "build.log").is_file() else ()
+    except UserError as e:
+        tree, runtime, why, cached = Path(build_dir) / f"tf-era-{content_hash()[:16]}" / "venv", None, str(e), False
+        log = (str(e),)
+    return BuiltVariant(
+        name=leaf.name, chain=tuple(v.name for v in chain), hash=h.hexdigest(), tree=tree, backend="tf-v2",
+        env=variants.chain_env(chain), overrides=overrides, modules=(), accuracy_class=leaf.accuracy_class,
+        description=leaf.description, cached=cached, log=log, engine=None, upstream_options={},
+        upstream_only=True, runtime=runtime, unavailable=why)

@@ -17,7 +17,8 @@ from harness.core.records import ALLOWED_OVERRIDES, Variant
 
 # DPH_PATCHES adds nothing but a different folder: a team can keep its own variants outside the repo.
 from harness.core.paths import ENGINES, PATCHES
-BACKENDS = ("pt", "jax", "tf", "pt-expt", "tf2")
+# tf-v2: the TF v2 family (DeePMD-kit 2.0.3's own `dp train`, in its Python 3.8 environment)
+BACKENDS = ("pt", "jax", "tf", "pt-expt", "tf2", "tf-v2")
 # upstream-native options a manifest may set under `upstream_options`: key -> (type, backends
 # that read it). Upstream's schema accepts them for every backend and the others ignore them
 # silently, so a variant that sets one for a backend that does not read it would measure nothing:

@@ -59,7 +59,7 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "device": {"kind": run.device, "name": rec.environment.get("gpu_name") if run.device == "cuda" else "cpu",
                    "count": rec.environment.get("gpu_count", 0) if run.device == "cuda" else 0},
         "timing": {k: v for k, v in to_jsonable(timing).items()},
-        "world_size": run.gpus,
+        "world_size": train.world_size or run.gpus,
         "throughput": _throughput(rec),
         "memory": {"gpu_peak_bytes": train.gpu_peak_bytes},
         "accuracy": to_jsonable(rec.accuracy),

@@ -56,6 +56,8 @@ class BenchRequest:
     # work-size knobs, the same for every variant (harness/prepare/workload.py)
     replicate: tuple[int, int, int] | None = None
     batch_size: int | None = None
+    # how N>1 processes start: auto (by backend), torchrun, horovod (TF v2 family; on CPU, N processes)
+    launcher: str = "auto"
 
 
 def resolve_device(device: str) -> str:
@@ -90,13 +92,14 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     device = resolve_device(req.device)
     req.steps = resolve_steps(req.steps, device)
     req.gpus = distributed.parse_gpus(req.gpus)
-    distributed.check_gpus(req.gpus, device)  # more GPUs than visible -> UserError, nothing written
     if not req.variants:
         raise UserError("no variant given")
     from harness.prepare import variants as vmod
 
-    for v in req.variants:
-        vmod.chain(v)  # unknown variant / bad manifest / forbidden override -> UserError now
+    backends = {v: vmod.chain(v)[-1].backend for v in req.variants}  # bad variant/manifest -> UserError now
+    distributed.check_launcher(req.launcher, backends, req.gpus, device)
+    if not (req.launcher == "horovod" and device == "cpu"):  # horovod on CPU: processes, not GPUs
+        distributed.check_gpus(req.gpus, device)  # more GPUs than visible -> UserError, nothing written
     system = systems.load_system(req.system)
     pin = (upstream.source_pin(req.upstream_source) if req.upstream_source
            else upstream.default_pin(req.upstream_version))
@@ -108,10 +111,22 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     built = []
     for v in req.variants:
         b = build.build_variant(v, pin)
-        log(f"variant {v}: {'cached build' if b.cached else 'built'} {b.tree.parent.name}")
+        if b.unavailable:
+            log(f"variant {v}: unavailable here: {b.unavailable}")
+        else:
+            log(f"variant {v}: {'cached build' if b.cached else 'built'} {b.tree.parent.name}"
+                + (f" ({b.runtime})" if b.runtime else ""))
         built.append(b)
-    # upstream's own schema judges the input each variant will train with (cheap, before any run)
+    if max(req.gpus) > 1 and any(b.backend == "tf-v2" and not b.unavailable for b in built):
+        from harness.prepare import tf_era
+
+        hv = tf_era.build_horovod(tf_era.build_env())  # cannot be built -> UserError, nothing written
+        log(f"horovod: {'cached' if hv.cached else 'built'} ({hv.check_build})")
+    # upstream's own schema judges the input each variant will train with (cheap, before any run);
+    # the TF v2 family's dp checks its own (older) schema when it starts
     for b in built:
+        if b.backend == "tf-v2":
+            continue
         inp = train.make_input(system, b.overrides, req.steps, req.seed, b.upstream_options)
         input_check.check_input(inp, built[0].tree, f"{system.directory / 'input.json'} (variant {b.name})")
     return Prepared(system, built, device, pin)
@@ -246,7 +261,7 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
                      records: list[RunRecord], trained: list[RunRecord], finish: Callable[[RunRecord], None],
                      accuracy_stage: Callable[..., AccuracyResult] | None, log: Callable[[str], None],
                      budget: TimeBudget | None = None) -> None:
-    plan = [(b, n) for b in prep.built for n in req.gpus]
+    plan = [(b, n) for b in prep.built for n in distributed.plan_counts(req.launcher, b.name, req.gpus)]
     judged = accuracy_stage is not None and req.accuracy
     # each variant's longest recent run and gate here (the store is read once); 0: no record
     past: dict[str, float] = {}
@@ -288,7 +303,9 @@ def _train_and_judge(req: BenchRequest, prep: Prepared, sweep: str, env, deferre
         with Progress(req.steps, b.name) as bar:
             tr = train.run_training(spec, progress=lambda done, total: bar.update_to(done))
         tm = timing.steady_state(tr.step_s, tr.clock, tr.startup_s, tr.wall_s, tr.upstream_avg_step_s)
-        rec = RunRecord(run=spec, train=tr, timing=tm, environment=env)
+        # a family with an environment of its own (TF v2) says what ran: deepmd, TensorFlow, Python
+        rec = RunRecord(run=spec, train=tr, timing=tm,
+                        environment={**env, "family_runtime": b.runtime} if b.runtime else env)
         if req.profile and tr.status == "ok":
             from harness.analyse import profile
 

@@ -201,18 +201,24 @@ def read_baseline_record(path: Path) -> ConvergenceRecord:
         raise UserError(f"--baseline-from {path}: {e}") from None
 
 
+def _setting(rec: ConvergenceRecord) -> dict:
+    """What a record's trainings share, the keys a reused baseline seed must match."""
+    return {"system": rec.system, "steps": rec.steps, "device": rec.device, "card": rec.card,
+            "learning_rate": rec.learning_rate, "input_sha256": rec.input_sha256,
+            "baseline build": (rec.builds or {}).get("baseline")}
+
+
 def reused_baseline(old: ConvergenceRecord, system: System, steps: int, device: str, card: str, build: str,
-                    identity: str) -> list[ConvergenceRun]:
+                    identity: str, want: dict | None = None) -> list[ConvergenceRun]:
     """The finished baseline seeds of an earlier record trained from exactly this input, data,
-    step count, learning rate, device, card and baseline build; UserError naming the first thing
-    that differs (seeds of another setting are no band for this one)."""
+    step count, learning rate, device, card and baseline build (or `want`, another record's
+    setting); UserError naming the first thing that differs (seeds of another setting are no band
+    for this one)."""
     path = old.path
-    want = {"system": system.name, "steps": steps, "device": device, "card": card,
-            "learning_rate": system.input["learning_rate"], "input_sha256": identity,
-            "baseline build": build}
-    got = {"system": old.system, "steps": old.steps, "device": old.device, "card": old.card,
-           "learning_rate": old.learning_rate, "input_sha256": old.input_sha256,
-           "baseline build": (old.builds or {}).get("baseline")}
+    want = want or {"system": system.name, "steps": steps, "device": device, "card": card,
+                    "learning_rate": system.input["learning_rate"], "input_sha256": identity,
+                    "baseline build": build}
+    got = _setting(old)
     for key, value in want.items():
         if got[key] != value:
             raise UserError(f"--baseline-from {path}: its {key} is {got[key]!r}, this run's is {value!r}")
@@ -224,13 +230,15 @@ def reused_baseline(old: ConvergenceRecord, system: System, steps: int, device: 
     return base
 
 
-def reused_baselines(olds: list[ConvergenceRecord], system: System, steps: int, device: str, card: str,
-                     build: str, identity: str, log: Callable[[str], None] = print) -> list[ConvergenceRun]:
-    """reused_baseline of every record, a seed in one record only."""
+def reused_baselines(olds: list[ConvergenceRecord], system: System | None, steps: int, device: str, card: str,
+                     build: str, identity: str, log: Callable[[str], None] = print,
+                     want: dict | None = None, have: list[ConvergenceRun] = ()) -> list[ConvergenceRun]:
+    """reused_baseline of every record, a seed in one record only (`have`: seeds already in)."""
     reused: list[ConvergenceRun] = []
     for old in olds:
-        seeds = reused_baseline(old, system, steps, device, card, build, identity)
-        twice = sorted({r.seed for r in seeds} & {r.seed for r in reused})
+        seeds = reused_baseline(old, system, steps, device, card, build, identity, want)
+        reused_seeds = {r.seed for r in reused} | {r.seed for r in have if r.variant == "baseline"}
+        twice = sorted({r.seed for r in seeds} & reused_seeds)
         if twice:
             raise UserError(f"--baseline-from {old.path}: baseline seed {twice[0]} is in another record too "
                             "(one seed counted twice would narrow the band)")
@@ -325,3 +333,37 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
     store.write(rec, req.out_dir)
     return rec
 
+
+
+def rejudge(record: Path, baseline_from: list[Path], out_dir: Path | None = None,
+            log: Callable[[str], None] = print) -> ConvergenceRecord:
+    """An earlier proof judged again, its trainings as they were, with the baseline seeds of more
+    records (same system, steps, learning rate, device, card, input and data, baseline build:
+    checked as for --baseline-from). Nothing is retrained; the rule is the one in force
+    (rule.RULE_TEXT). A new record (new sweep id, `rejudged_from` the old one); the old record
+    stays as it was, its verdict included."""
+    try:
+        old = ConvergenceRecord.from_json(Path(record))
+    except Exception as e:  # BadRecord or unreadable
+        raise UserError(f"--rejudge {record}: {e}") from None
+    if not baseline_from:
+        raise UserError("--rejudge needs --baseline-from RECORD (the baseline seeds to add)")
+    olds = [read_baseline_record(p) for p in baseline_from]
+    mine = [r for r in old.runs if r.variant != "baseline"]
+    if not mine:
+        raise UserError(f"--rejudge {record}: it has no variant run to judge")
+    for r in old.runs:
+        r.sweep_id = r.sweep_id or old.sweep_id
+    have = [r for r in old.runs if r.variant == "baseline"]
+    added = reused_baselines(olds, None, old.steps, old.device, old.card, "", "", log, want=_setting(old), have=have)
+    runs = have + added + mine
+    verdict, checks, ttr = judge(runs, int(old.steps), calibrated_final_tol(old.system, old.device, int(old.steps)))
+    rec = dataclasses.replace(
+        old, sweep_id=results.new_sweep_id(), rule=rule.RULE_TEXT, verdict=verdict, checks=checks,
+        time_to_rmse=ttr, runs=runs, rejudged_from=old.sweep_id,
+        baseline_from=list(dict.fromkeys([*(old.baseline_from or []), *(str(o.sweep_id) for o in olds)])),
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    log(f"rejudged sweep {old.sweep_id}: {len(have) + len(added)} baseline seeds "
+        f"({', '.join(str(r.seed) for r in have + added)}), nothing retrained")
+    store.write(rec, out_dir or CONVERGENCE)
+    return rec

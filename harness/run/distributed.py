@@ -142,6 +142,46 @@ def tf_launch_command(gpus: int, dp_command: list[str] | None = None,
     return None, f"TF backend on {gpus} GPUs: horovod is installed but neither horovodrun nor mpirun is on PATH"
 
 
+LAUNCHERS = {"torchrun": ("pt",), "horovod": ("tf-v2",)}  # who starts N processes of which backend
+
+
+def check_launcher(launcher: str, backends: dict[str, str], gpus: Iterable[int], device: str) -> None:
+    """Refuse a launcher that cannot start a variant of the sweep (before anything is written)."""
+    if launcher == "auto":
+        return
+    if launcher not in LAUNCHERS:
+        raise UserError(f"--launcher must be auto, {' or '.join(LAUNCHERS)}, not {launcher!r}")
+    for name, backend in backends.items():
+        if launcher == "horovod" and name == "baseline":
+            continue  # the sweep's reference: one process, no launcher (plan_counts)
+        if backend not in LAUNCHERS[launcher]:
+            other = next((k for k, b in LAUNCHERS.items() if backend in b), None)
+            raise UserError(f"--launcher {launcher}: variant {name} (backend {backend}) is started by "
+                            + (other or "no multi-process launcher") + f"; {launcher} starts backend(s) "
+                            + ", ".join(LAUNCHERS[launcher]))
+
+
+def plan_counts(launcher: str, variant: str, gpus: list[int]) -> list[int]:
+    """The process counts a variant of the sweep runs at: every one asked for, except that a
+    horovod sweep's PyTorch baseline runs once, on one process (the cross-family reference)."""
+    if launcher == "horovod" and variant == "baseline":
+        return [1]
+    return list(gpus)
+
+
+def tf_v2_command(venv, procs: int, rank_cmd: list[str]) -> tuple[list[str] | None, str | None]:
+    """The TF v2 family (DeePMD-kit 2.0.3) on N processes: its own environment's horovodrun,
+    Gloo controller, all on this host (`-H localhost:N`); processes on CPU, one GPU each where
+    TensorFlow sees GPUs. (command, None) or (None, why it cannot run)."""
+    if procs <= 1:
+        return rank_cmd, None
+    run = venv / "bin" / "horovodrun"
+    if not run.is_file():
+        return None, (f"TF v2 on {procs} processes needs Horovod in the family's environment "
+                      "(`dpharness tf-era --horovod` builds it); not built")
+    return [str(run), "--gloo", "-np", str(int(procs)), "-H", f"localhost:{int(procs)}", *rank_cmd], None
+
+
 def training_command(backend: str, gpus: int, launch_cmd: list[str]) -> tuple[list[str] | None, str | None]:
     """Wrap the harness launch command (``[python, -m, harness.child.launch, ...]``) for N processes.
     Returns (command, None) or (None, a one-line reason it cannot run here)."""

@@ -142,12 +142,18 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     input_path = wd / "input.json"
     input_path.write_text(json.dumps(inp, indent=2))
     log_path = wd / "train.log"
-    missing = backend_missing(spec.variant.backend)
-    # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
-    dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
-    cmd, why = distributed.training_command(spec.variant.backend, spec.gpus,
-                                            [*spec.launch_prefix,
-                                             *launch_command(spec.variant.tree, spec.variant.modules, dp_args)])
+    tf_v2 = spec.variant.backend == "tf-v2"
+    if tf_v2:  # the TF v2 family: its own interpreter, v2's `dp train` (no backend flag, no stat skip)
+        missing = spec.variant.unavailable
+        cmd, why = distributed.tf_v2_command(Path(spec.variant.tree), spec.gpus,
+                                             [*spec.launch_prefix, *tf_v2_launch_command(Path(spec.variant.tree))])
+    else:
+        missing = backend_missing(spec.variant.backend)
+        # sel is explicit and checked by `dpharness systems`; upstream's own scan costs ~30 s per run
+        dp_args = [BACKEND_FLAG[spec.variant.backend], "train", "input.json", "--skip-neighbor-stat"]
+        cmd, why = distributed.training_command(spec.variant.backend, spec.gpus,
+                                                [*spec.launch_prefix,
+                                                 *launch_command(spec.variant.tree, spec.variant.modules, dp_args)])
     missing = missing or why or upstream_refusal(spec.variant.backend, spec.variant.upstream_options,
                                                  spec.variant.tree)
     if missing:
@@ -157,6 +163,9 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
                            input_path=input_path, log_path=log_path, command=tuple(cmd or ()))
     env = subprocess_env(spec.device, {**distributed.distributed_env(spec.gpus),
                                        **spec.variant.env, envvars.DPH_VARIANT: spec.variant.name}, wd)
+    if tf_v2 and "TF_XLA_FLAGS" in spec.variant.env:
+        # XLA dumps every module it compiles: none means auto-jit never engaged (checked below)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_dump_to={wd / 'xla_dump'}").strip()
     if spec.profile:
         env[envvars.DPH_PROFILE] = "steady"
     env.update(spec.launch_env)
@@ -197,6 +206,10 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     step_s = steps.get("step_s") or []
     if status == "ok" and len(step_s) < spec.steps - 1:
         status, error = "failed", f"only {len(step_s)} of {spec.steps} steps were timed"
+    world_size = None
+    if tf_v2 and status == "ok":
+        world_size, error = tf_v2_check(log_path, wd, spec.gpus, "TF_XLA_FLAGS" in spec.variant.env)
+        status = "failed" if error else status
     ckpt = _latest_checkpoint(wd)
     lcurve = wd / "lcurve.out"
     return TrainResult(
@@ -205,7 +218,34 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         work_dir=wd, checkpoint=ckpt, lcurve=lcurve if lcurve.is_file() else None,
         input_path=input_path, log_path=log_path, upstream_avg_step_s=upstream_average(log_path),
         command=tuple(cmd), returncode=None if timed_out else proc.returncode, timed_out=timed_out,
+        world_size=world_size,
     )
+
+
+def tf_v2_launch_command(venv: Path) -> list[str]:
+    """One rank of a TF v2 run: the family's interpreter, the harness's timing launcher, v2's dp."""
+    return [str(venv / "bin" / "python"), "-m", "harness.child.tf_v2_launch", "--", "train", "input.json"]
+
+
+_WORLD = re.compile(r"world size:\s+(\d+)")
+SERIAL_FALLBACK = "Switch to serial execution due to lack of horovod module"
+
+
+def tf_v2_check(log_path: Path, wd: Path, gpus: int, xla: bool) -> tuple[int, str | None]:
+    """(world size, None) or (.., why the run does not count): v2 logs its world size only when
+    it trains distributed and otherwise falls back to serial silently when horovod will not
+    import, so an N-process run is trusted only when its log says `world size: N`; under XLA's
+    flags at least one XLA module must have been compiled."""
+    text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    sizes = {int(m) for m in _WORLD.findall(text)}
+    size = max(sizes) if sizes else 1
+    if gpus > 1 and (SERIAL_FALLBACK in text or size != gpus):
+        why = ("v2 fell back to serial training (horovod did not import)" if SERIAL_FALLBACK in text
+               else f"the training log says world size {size}, not {gpus}")
+        return size, f"{gpus} processes asked for: {why}"
+    if xla and not list((wd / "xla_dump").glob("*.before_optimizations.txt")):
+        return size, f"TF_XLA_FLAGS set but XLA compiled no cluster (nothing in {wd / 'xla_dump'})"
+    return size, None
 
 
 _AVERAGE = re.compile(r"average training time:\s*([0-9.eE+-]+)\s*s/batch")

@@ -65,3 +65,23 @@ def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and "its steps is 30, this run's is 20" in err[-1], err
     assert len(store.load_records(out)) == 2  # the refused call wrote nothing
+    # one more baseline seed, trained later (its own call), and the proof judged again with it:
+    # the fused training as it was, nothing retrained, a new record beside the old one
+    assert main.main(["convergence", "--variant", "baseline:1", "--seed", "11", "--steps", "30", *common]) == 0
+    third = next(r for r in store.load_records(out) if r.sweep_id not in (first.sweep_id, second.sweep_id))
+    before = second.path.read_bytes()
+    capsys.readouterr()
+    assert main.main(["convergence", "--rejudge", str(second.path), "--baseline-from", str(third.path),
+                      "--out-dir", str(out)]) == 0
+    again = next(r for r in store.load_records(out) if r.rejudged_from == second.sweep_id)
+    assert [(r.variant, r.seed, r.sweep_id) for r in again.runs] == [
+        ("baseline", 10, first.sweep_id), ("baseline", 11, third.sweep_id), ("fused", 10, second.sweep_id)]
+    assert again.runs[2].lcurve.rmse_f_val == second.runs[1].lcurve.rmse_f_val
+    assert again.baseline_from == [first.sweep_id, third.sweep_id] and again.verdict in ("pass", "fail")
+    assert second.verdict == "incomplete" and second.path.read_bytes() == before  # the old record as it was
+    assert ConvergenceRecord.from_json(again.path).to_dict() == again.to_dict()
+    # a seed already in the record is refused, in one line, nothing written
+    n = len(store.load_records(out))
+    rc = main.main(["convergence", "--rejudge", str(second.path), "--baseline-from", str(first.path), "--out-dir", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "baseline seed 10 is in another record too" in err[-1] and len(store.load_records(out)) == n
