@@ -11,7 +11,6 @@ import atexit
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 
@@ -66,22 +65,6 @@ def _backend_of(dp_args: list[str]) -> str:
     return "tf"  # dp's own default backend
 
 
-def _progress_writer(clock, path: Path) -> None:
-    """Write the step count at most twice a second, for the parent's progress bar."""
-    last = [0.0]
-
-    def cb(i: int) -> None:
-        now = time.monotonic()
-        if now - last[0] > 0.5:
-            last[0] = now
-            try:
-                path.write_text(str(i))
-            except OSError:
-                pass
-
-    clock.on_tick.append(cb)
-
-
 def _peak_gpu_bytes() -> int | None:
     try:
         import torch
@@ -117,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank0 = is_rank0()
     if rank0:
-        _progress_writer(clock, run_dir / "progress")
+        runtime.write_progress(clock, run_dir / "progress")
 
     def _dump() -> None:
         extra = {"gpu_peak_bytes": _peak_gpu_bytes(), "world_size": int(os.environ.get("WORLD_SIZE") or 1)}

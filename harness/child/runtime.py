@@ -92,6 +92,22 @@ class StepClock:
 
 
 clock = StepClock()
+
+
+def write_progress(clock: StepClock, path) -> None:
+    """Write the step count at most twice a second, for the parent's progress bar."""
+    last = [0.0]
+
+    def cb(i: int) -> None:
+        now = time.monotonic()
+        if now - last[0] > 0.5:
+            last[0] = now
+            try:
+                path.write_text(str(i))
+            except OSError:
+                pass
+
+    clock.on_tick.append(cb)
 # imported here, not at the top: _T0 above stays as close to process start as it can
 from harness.core import envvars  # noqa: E402
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import time
 from pathlib import Path
 
 
@@ -72,18 +71,7 @@ def main(argv: list | None = None) -> int:
     clock = runtime.clock
     run_dir = Path(envvars.get_str(envvars.DPH_RUN_DIR))
     if is_rank0():
-        last = [0.0]
-
-        def progress(i: int) -> None:
-            now = time.monotonic()
-            if now - last[0] > 0.5:
-                last[0] = now
-                try:
-                    (run_dir / "progress").write_text(str(i))
-                except OSError:
-                    pass
-
-        clock.on_tick.append(progress)
+        runtime.write_progress(clock, run_dir / "progress")
         # world size as the launcher set it; the run's own log says what v2 made of it
         size = os.environ.get("HOROVOD_SIZE") or "1"
         atexit.register(lambda: clock.dump(str(run_dir / "steps.json"),

@@ -176,9 +176,9 @@ def _build(a: argparse.Namespace) -> int:
     from harness.prepare import build
     from harness.prepare import upstream
 
-    pin = upstream.source_pin(Path(a.upstream_source)) if a.upstream_source else upstream.default_pin()
+    pin = upstream.default_pin()
     for v in a.variant:
-        b = build.build_variant(v, pin)
+        b = build.build_variant(v, pin, tf_source=Path(a.upstream_source) if a.upstream_source else None)
         print(f"{v}: {'cached' if b.cached else 'built'} {b.tree}")
         for line in b.log:
             print(f"    {line}")
@@ -212,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--upstream-version", default=None)
     b.add_argument("--results-dir", default=str(paths.RESULTS),
                    help="where runs/ (JSON records) and work/ (logs, checkpoints) go")
-    b.add_argument("--upstream-source", default=None, help="local deepmd-kit checkout at a pinned ref")
+    b.add_argument("--upstream-source", default=None, help="a checkout holding the asc-2022 commit: the asc-* "
+                   "variants (TF v2 family) are built from it instead of v2.0.3's sdist")
     b.add_argument("--gpus", default="1", help="GPU counts to measure, comma list (e.g. 1,2,4): torchrun DDP "
                    "for N>1, one run per variant and count; see docs/distributed.md")
     b.add_argument("--launcher", default="auto", choices=("auto", "torchrun", "horovod"),
@@ -257,7 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build", help="build (or show the cached build of) variants")
     bd.add_argument("variant", nargs="+")
-    bd.add_argument("--upstream-source", default=None)
+    bd.add_argument("--upstream-source", default=None, help="a checkout holding the asc-2022 commit: the TF v2 "
+                    "family (asc-* variants) is built from it instead of v2.0.3's sdist")
     bd.set_defaults(func=_build)
 
     w = sub.add_parser("wheelhouse", help="download the offline wheels a GPU node needs")

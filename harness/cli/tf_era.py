@@ -32,7 +32,7 @@ def _cmd(a) -> int:
     from harness.prepare import systems, tf_era
     from harness.run import train
 
-    env = tf_era.build_env()
+    env = tf_era.build_env(source=tf_era.resolve_source(a.upstream_source))
     print(f"TF v2 family: {env.versions} (python {env.python}; {'cached' if env.cached else 'built'} "
           f"in {env.root}; build log {env.root / 'build.log'})")
     if a.horovod:
@@ -68,9 +68,11 @@ def _cmd(a) -> int:
 
 
 def register_cli(sub) -> None:
-    p = sub.add_parser("tf-era", help="build/check the TF v2 family's environment (deepmd-kit 2.0.3, TensorFlow 2.6, "
-                       "Python 3.8); --smoke N trains, freezes and tests with v2's own dp")
+    p = sub.add_parser("tf-era", help="build/check the TF v2 family's environment (deepmd-kit v2 from source: asc-2022 or 2.0.3; "
+                       "TensorFlow 2.6, Python 3.8); --smoke N trains, freezes and tests with v2's own dp")
     p.add_argument("--smoke", default=None, metavar="STEPS", help="then train the system this many steps")
+    p.add_argument("--upstream-source", default=None, metavar="PATH",
+                   help="a git checkout holding the asc-2022 commit (c5f88f3b): build that instead of v2.0.3's sdist")
     p.add_argument("--system", default="water")
     p.add_argument("--xla", action="store_true", help="train under TF_XLA_FLAGS auto-jit")
     p.add_argument("--horovod", action="store_true", help="also build Horovod (TensorFlow + Gloo) into it from the "

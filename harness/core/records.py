@@ -114,8 +114,6 @@ class UpstreamPin:
     version: str
     wheel: str  # file name of the pinned wheel
     sha256: str
-    source_path: Path | None = None  # set when building from a local source checkout
-    source_ref: str | None = None
 
 
 @dataclass(frozen=True)

@@ -98,17 +98,18 @@ def _atomic_dir(final: Path, fill) -> bool:
 
 
 def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path = BUILD,
-                  patches_dir: Path | None = None) -> BuiltVariant:
-    """Build (or reuse) the tree and the frozen patch folders for `name`."""
+                  patches_dir: Path | None = None, tf_source: Path | None = None) -> BuiltVariant:
+    """Build (or reuse) the tree and the frozen patch folders for `name`. tf_source: a checkout
+    of the asc-2022 commit, which the TF v2 family (tf-v2 variants) is then built from."""
     pin = pin or upstream.default_pin()
     chain = variants.chain(name, patches_dir)
     leaf = chain[-1]
     if leaf.backend == "tf-v2":  # the TF v2 family: its own environment, not a 3.2.0 tree
         from harness.prepare import tf_era
 
-        return tf_era.built_variant(chain, build_dir)
+        return tf_era.built_variant(chain, build_dir, tf_source)
     for v in chain:
-        if pin.source_path is None and pin.version not in v.upstream:
+        if pin.version not in v.upstream:
             raise UserError(f"variant {v.name} targets upstream {', '.join(v.upstream)}, not {pin.version}")
     tdir = build_dir / f"upstream-{tree_hash(pin, chain)[:16]}"
 
@@ -150,7 +151,7 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
 
 
 def _materialise(pin: UpstreamPin, chain: list[Variant], site: Path, log: list[str]) -> None:
-    wheel = upstream.build_source_wheel(pin, log) if pin.source_path else upstream.fetch_wheel(pin, log)
+    wheel = upstream.fetch_wheel(pin, log)
     with zipfile.ZipFile(wheel) as z:
         z.extractall(site)
     log.append(f"unpacked {wheel.name} into the build tree")

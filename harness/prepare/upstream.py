@@ -1,8 +1,7 @@
-"""Stage 1: the upstream pin. Finds (or downloads) the pinned deepmd-kit wheel and verifies it,
-or builds a wheel from a local source checkout at a pinned ref."""
+"""Stage 1: the upstream pin. Finds (or downloads) the pinned deepmd-kit wheel and verifies it.
+The competition's asc-2022 branch is v2 code: the TF v2 family builds it (harness/prepare/tf_era.py)."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -67,42 +66,3 @@ def verified_wheel(path: Path, pin: UpstreamPin, log: list[str]) -> Path:
         raise UserError(f"{path} has sha256 {got}, the pin says {pin.sha256}: refusing to build from it")
     log.append(f"upstream wheel {path.name} sha256 {got[:12]}… verified against the pin")
     return path
-
-
-def source_pin(path: Path, ref_name: str = "asc-2022") -> UpstreamPin:
-    """Pin for a local upstream source checkout; checks the commit and the build prerequisites."""
-    spec = load_pin().get("source", {}).get(ref_name)
-    if spec is None:
-        raise UserError(f"no pinned source ref {ref_name!r} in {PIN_FILE.name}")
-    path = path.resolve()
-    if not (path / ".git").exists() and not (path / "setup.py").exists() and not (path / "pyproject.toml").exists():
-        raise UserError(f"{path} is not a deepmd-kit source checkout")
-    if shutil.which("git") and (path / ".git").exists():
-        head = subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        if head != spec["commit"]:
-            raise UserError(f"{path} is at {head[:12] or '?'}, the pin {ref_name} wants {spec['commit'][:12]}: "
-                            f"run `git -C {path} checkout {spec['commit']}`")
-    for mod in spec.get("build_requires", []):
-        if subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True).returncode != 0:
-            raise UserError(f"building {ref_name} from source needs {mod}, which is not installed here "
-                            f"(pip install {mod}{'-cpu' if mod == 'tensorflow' else ''})")
-    return UpstreamPin("deepmd-kit", ref_name, "", spec["commit"], source_path=path, source_ref=ref_name)
-
-
-def build_source_wheel(pin: UpstreamPin, log: list[str]) -> Path:
-    """pip-builds a wheel from the pinned source checkout (cached by commit)."""
-    assert pin.source_path is not None
-    out = DOWNLOADS / f"src-{pin.sha256[:12]}"
-    wheels = sorted(out.glob("deepmd_kit-*.whl")) if out.exists() else []
-    if wheels:
-        log.append(f"reusing source-built wheel {wheels[0].name}")
-        return wheels[0]
-    out.mkdir(parents=True, exist_ok=True)
-    log.append(f"building wheel from {pin.source_path} at {pin.sha256[:12]} (pip wheel --no-deps)")
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(pin.source_path)],
-                       capture_output=True, text=True)
-    wheels = sorted(out.glob("deepmd_kit-*.whl"))
-    if r.returncode != 0 or not wheels:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise UserError(f"building deepmd-kit from {pin.source_path} failed: {tail[0]}")
-    return wheels[0]

@@ -101,8 +101,14 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     if not (req.launcher == "horovod" and device == "cpu"):  # horovod on CPU: processes, not GPUs
         distributed.check_gpus(req.gpus, device)  # more GPUs than visible -> UserError, nothing written
     system = systems.load_system(req.system)
-    pin = (upstream.source_pin(req.upstream_source) if req.upstream_source
-           else upstream.default_pin(req.upstream_version))
+    pin = upstream.default_pin(req.upstream_version)
+    if req.upstream_source:
+        if "tf-v2" not in backends.values():
+            raise UserError("--upstream-source builds the TF v2 family from an asc-2022 checkout (that branch is "
+                            "DeePMD-kit v2 code); give an asc-* variant")
+        from harness.prepare import tf_era
+
+        tf_era.check_checkout(Path(req.upstream_source), tf_era.load_pin())  # before anything is said or built
     systems.ensure_data(system, log)
     system = workload.derive(system, req.replicate, req.batch_size, log=log)
     frames = systems.validate_system(system)
@@ -110,7 +116,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
         f"{system.atoms_per_frame} atoms, types {list(system.type_map)}")
     built = []
     for v in req.variants:
-        b = build.build_variant(v, pin)
+        b = build.build_variant(v, pin, tf_source=req.upstream_source)
         if b.unavailable:
             log(f"variant {v}: unavailable here: {b.unavailable}")
         else:
@@ -120,7 +126,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     if max(req.gpus) > 1 and any(b.backend == "tf-v2" and not b.unavailable for b in built):
         from harness.prepare import tf_era
 
-        hv = tf_era.build_horovod(tf_era.build_env())  # cannot be built -> UserError, nothing written
+        hv = tf_era.build_horovod(tf_era.build_env(source=tf_era.resolve_source(req.upstream_source)))  # cannot be built -> UserError, nothing written
         log(f"horovod: {'cached' if hv.cached else 'built'} ({hv.check_build})")
     # upstream's own schema judges the input each variant will train with (cheap, before any run);
     # the TF v2 family's dp checks its own (older) schema when it starts

@@ -208,7 +208,8 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         status, error = "failed", f"only {len(step_s)} of {spec.steps} steps were timed"
     world_size = None
     if tf_v2 and status == "ok":
-        world_size, error = tf_v2_check(log_path, wd, spec.gpus, "TF_XLA_FLAGS" in spec.variant.env)
+        world_size, error = tf_v2_check(log_path, wd, spec.gpus, "TF_XLA_FLAGS" in spec.variant.env,
+                                        spec.variant.env.get("DP_INTERFACE_PREC", "high"))
         status = "failed" if error else status
     ckpt = _latest_checkpoint(wd)
     lcurve = wd / "lcurve.out"
@@ -231,12 +232,23 @@ _WORLD = re.compile(r"world size:\s+(\d+)")
 SERIAL_FALLBACK = "Switch to serial execution due to lack of horovod module"
 
 
-def tf_v2_check(log_path: Path, wd: Path, gpus: int, xla: bool) -> tuple[int, str | None]:
+_FLOAT_PREC = re.compile(r"build float prec:\s+(\w+)")
+INTERFACE_PREC = {"high": "double", "": "double", "low": "float"}  # DP_INTERFACE_PREC -> v2's log word
+
+
+def tf_v2_check(log_path: Path, wd: Path, gpus: int, xla: bool, interface_prec: str = "high"
+                ) -> tuple[int, str | None]:
     """(world size, None) or (.., why the run does not count): v2 logs its world size only when
     it trains distributed and otherwise falls back to serial silently when horovod will not
     import, so an N-process run is trusted only when its log says `world size: N`; under XLA's
-    flags at least one XLA module must have been compiled."""
+    flags at least one XLA module must have been compiled; the interface precision v2 logs
+    (`build float prec`) must be the one DP_INTERFACE_PREC asked for."""
     text = log_path.read_text(errors="replace") if log_path.is_file() else ""
+    precs = set(_FLOAT_PREC.findall(text))
+    want = INTERFACE_PREC.get(interface_prec.lower())
+    if precs != {want}:
+        return 1, (f"DP_INTERFACE_PREC={interface_prec}: v2's log says build float prec "
+                   f"{', '.join(sorted(precs)) or 'nothing'}, not {want}")
     sizes = {int(m) for m in _WORLD.findall(text)}
     size = max(sizes) if sizes else 1
     if gpus > 1 and (SERIAL_FALLBACK in text or size != gpus):
