@@ -124,7 +124,7 @@ class Variant:
     description: str
     base: str | None  # None only for `baseline`
     upstream: tuple[str, ...]
-    backend: str  # pt | jax | tf | pt-expt | tf2
+    backend: str  # pt | jax | tf | pt-expt | tf2 | tf-v2
     env: dict[str, str]
     overrides: dict[str, Any]
     diffs: tuple[Path, ...]

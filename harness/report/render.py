@@ -37,13 +37,16 @@ PATCHES = ROOT / "patches"
 
 def select(runs: list[StoredRun], all_sweeps: bool = False) -> list[tuple[str, str, str, list[StoredRun]]]:
     """[(system, card, sweep_id, runs)], per (system, card) newest first. Unless all_sweeps: the
-    latest bench sweep, every bench sweep holding a fast variant (the history of the answer), and
+    latest bench sweep, every bench sweep holding a fast variant (the history of the answer) or a
+    TF v2 family run, and
     each profile sweep that holds the newest profile of some (system, card, variant): a later
     `dpharness profile` must not hide the last bench table, nor the last profile of another variant."""
     groups = sweep_groups(runs)
     stamps = {k: stamp(k, rs) for k, rs in groups.items()}
     shown = set(_open_keys(groups, stamps))
     shown |= {k for k, rs in groups.items() if not is_profile_sweep(rs) and any(is_fast(r) for r in rs)}
+    # and every sweep of the TF v2 family (the competition's era beside 3.2.0's, asc-*)
+    shown |= {k for k, rs in groups.items() if any(r.backend == "tf-v2" for r in rs)}
     keys = sorted((k for k in groups if all_sweeps or k in shown), key=stamps.get, reverse=True)
     keys.sort(key=lambda k: k[:2])  # stable: (system, card) ascending, newest sweep first in each
     return [(k[0], k[1], k[2], _order(groups[k])) for k in keys]

@@ -306,3 +306,16 @@ def test_sections_read_the_results_tree_beside_runs_not_the_checkouts(tmp_path):
     out = report.write_report(tmp_path / "runs", tmp_path / "index.html")
     text = out.read_text()
     assert "No results yet" in text and 'id="training"' not in text
+
+
+def test_every_tf_v2_family_sweep_is_shown_not_only_the_newest(tmp_path):
+    """The TF v2 family (asc-*) beside 3.2.0's baseline: each of its sweeps stays in the default
+    report like a fast variant's, so a later plain CPU bench does not hide it."""
+    fam = [run_record("20260401T000000Z-tf1", "water", "baseline", 0.2, card="cpu", created="2026-04-01T00:00:00Z"),
+           run_record("20260401T000000Z-tf1", "water", "asc-baseline", 0.16, card="cpu", created="2026-04-01T00:01:00Z")]
+    fam[1]["backend"], fam[1]["upstream_only"] = "tf-v2", True  # v2's code as released: not a fast variant
+    later = [run_record("20260402T000000Z-pl", "water", "baseline", 0.2, card="cpu", created="2026-04-02T00:00:00Z")]
+    keys = [sw for _, _, sw, _ in report.select(typed(fam + later))]
+    assert keys == ["20260402T000000Z-pl", "20260401T000000Z-tf1"]
+    fam[1]["backend"] = "pt"  # the same sweep without a family run: collapsed away as before
+    assert [sw for _, _, sw, _ in report.select(typed(fam + later))] == ["20260402T000000Z-pl"]
