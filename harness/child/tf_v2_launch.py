@@ -70,14 +70,14 @@ def main(argv: list | None = None) -> int:
 
     clock = runtime.clock
     run_dir = Path(envvars.get_str(envvars.DPH_RUN_DIR))
+    # world size as the launcher set it; the run's own log says what v2 made of it
+    size = int(os.environ.get("HOROVOD_SIZE") or 1)
     if is_rank0():
         runtime.write_progress(clock, run_dir / "progress")
-        # world size as the launcher set it; the run's own log says what v2 made of it
-        size = os.environ.get("HOROVOD_SIZE") or "1"
         atexit.register(lambda: clock.dump(str(run_dir / "steps.json"),
-                                           {"gpu_peak_bytes": None, "world_size": int(size)}))
+                                           {"gpu_peak_bytes": None, "world_size": size}))
     install_hook(clock)
-    fixed = gloo_logging_fixup(int(os.environ.get("HOROVOD_SIZE") or 1))
+    fixed = gloo_logging_fixup(size)
     if fixed:
         print(fixed, file=sys.stderr, flush=True)
     from deepmd.entrypoints.main import main as dp_main

@@ -136,13 +136,10 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
 
     cached = not _atomic_dir(vdir, fill_variant)
     env = variants.chain_env(chain)
-    overrides: dict = {}
-    for v in chain:
-        overrides.update(v.overrides)
     modules = tuple(vdir / "patches" / v.name / m.relative_to(v.directory) for v in chain for m in v.modules)
     return BuiltVariant(
         name=name, chain=tuple(v.name for v in chain), hash=digest, tree=tdir / "site",
-        backend=leaf.backend, env=env, overrides=overrides, modules=modules,
+        backend=leaf.backend, env=env, overrides=variants.chain_overrides(chain), modules=modules,
         accuracy_class=leaf.accuracy_class, description=leaf.description, cached=cached,
         log=tuple((tdir / "build.log").read_text().splitlines()), engine=engine,
         upstream_options=variants.chain_upstream_options(chain),

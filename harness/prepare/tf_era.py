@@ -255,9 +255,8 @@ def build_horovod(env: TfEraEnv, pin_file: Path = HOROVOD_PIN) -> Horovod:
             raise UserError(f"Horovod: its requirements did not install (log: {where})")
         build_env = {**os.environ, **{k: str(v) for k, v in b["env"].items()}}
         log.append("build environment: " + " ".join(f"{k}={v}" for k, v in b["env"].items()))
-        cmd = [str(env.python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(sdist)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, env=build_env)
-        log.append(f"$ {' '.join(cmd)}\n-> exit {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-6000:]}")
+        r = _run([str(env.python), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(sdist)],
+                 log, timeout=3600, env=build_env)
         if r.returncode != 0:
             raise UserError(f"Horovod: the build failed (exit {r.returncode}; log: {where})")
         r = _run([str(run), "--check-build"], log, timeout=300)
@@ -287,6 +286,9 @@ def built_variant(chain: list[Variant], build_dir: Path = BUILD, source: Path | 
     from harness.prepare import variants
 
     pin = load_pin()
+    source = resolve_source(source)
+    if source is not None:
+        source = check_checkout(source, pin)  # a wrong checkout is bad input, not an unavailable family
     want = pin.version if source is None else pin.source_ref
     for v in chain[1:]:
         if want not in v.upstream:
@@ -296,16 +298,10 @@ def built_variant(chain: list[Variant], build_dir: Path = BUILD, source: Path | 
             raise UserError(f"variant {v.name}: a tf-v2 variant carries no diffs or patch modules "
                             "(the family runs deepmd-kit v2 as released)")
     leaf = chain[-1]
-    source = resolve_source(source)
-    if source is not None:
-        source = check_checkout(source, pin)  # a wrong checkout is bad input, not an unavailable family
     h = hashlib.sha256(content_hash(source=source).encode())
     for v in chain:
         h.update((v.directory / "manifest.yaml").read_bytes())
     h.update(__version__.encode())
-    overrides: dict = {}
-    for v in chain:
-        overrides.update(v.overrides)
     try:
         env = build_env(pin, build_dir, source)
         tree, runtime, why, cached = env.root / "venv", env.versions, None, env.cached
@@ -315,6 +311,6 @@ def built_variant(chain: list[Variant], build_dir: Path = BUILD, source: Path | 
         log = (str(e),)
     return BuiltVariant(
         name=leaf.name, chain=tuple(v.name for v in chain), hash=h.hexdigest(), tree=tree, backend="tf-v2",
-        env=variants.chain_env(chain), overrides=overrides, modules=(), accuracy_class=leaf.accuracy_class,
+        env=variants.chain_env(chain), overrides=variants.chain_overrides(chain), modules=(), accuracy_class=leaf.accuracy_class,
         description=leaf.description, cached=cached, log=log, engine=None, upstream_options={},
         upstream_only=True, runtime=runtime, unavailable=why)

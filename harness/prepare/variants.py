@@ -182,6 +182,14 @@ def chain_env(variants: list[Variant]) -> dict[str, str]:
     return env
 
 
+def chain_overrides(variants: list[Variant]) -> dict[str, Any]:
+    """The legal input overrides a chain sets: each variant's over its base's."""
+    out: dict[str, Any] = {}
+    for v in variants:
+        out.update(v.overrides)
+    return out
+
+
 def chain_engine(variants: list[Variant]) -> str | None:
     """The engine a chain's patch modules import: the nearest one named, leaf first."""
     for v in reversed(variants):

@@ -97,7 +97,7 @@ def prepare(req: BenchRequest, log: Callable[[str], None]) -> Prepared:
     from harness.prepare import variants as vmod
 
     backends = {v: vmod.chain(v)[-1].backend for v in req.variants}  # bad variant/manifest -> UserError now
-    distributed.check_launcher(req.launcher, backends, req.gpus, device)
+    distributed.check_launcher(req.launcher, backends)
     if not (req.launcher == "horovod" and device == "cpu"):  # horovod on CPU: processes, not GPUs
         distributed.check_gpus(req.gpus, device)  # more GPUs than visible -> UserError, nothing written
     system = systems.load_system(req.system)

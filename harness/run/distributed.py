@@ -145,7 +145,7 @@ def tf_launch_command(gpus: int, dp_command: list[str] | None = None,
 LAUNCHERS = {"torchrun": ("pt",), "horovod": ("tf-v2",)}  # who starts N processes of which backend
 
 
-def check_launcher(launcher: str, backends: dict[str, str], gpus: Iterable[int], device: str) -> None:
+def check_launcher(launcher: str, backends: dict[str, str]) -> None:
     """Refuse a launcher that cannot start a variant of the sweep (before anything is written)."""
     if launcher == "auto":
         return
