@@ -18,6 +18,8 @@ optimizer settings, data and checkpoints; dpfast replaces the training loop:
 * ``analytic_energy``  energy and dE/dR~ written out with them (one backward per step);
 * ``fused``      GraphEngine with that analytic path, its knobs, the step compiled by Inductor
                  inside the CUDA graph (FusedEngine);
+* ``ran``        what the engine really ran (compiled or eager, CUDA graphs, graph breaks,
+                 fallback), written into the run record; a failed compile/capture is CaptureFailed;
 * ``trainer``    ``install(name)``: the engine that upstream's Trainer.run trains with, and the
                  accuracy-gate hooks;
 * ``stats``      upstream's neighbour lists for what the engine keeps of upstream (input

@@ -19,7 +19,8 @@ force / virial out) is also what torch.compile (Inductor) fuses on CUDA.
 
 This module holds ``FusedEngine``: its configuration (DPH_FUSED_* knobs), the prediction and
 training step around the analytic path, their torch.compile (the energy/force function, or the
-whole step) and the CUDA-graph capture with its eager fallback, plus the accuracy-gate hooks.
+whole step) and its preparation (compile, CUDA-graph capture; a failure is a failed run, or with
+DPH_ENGINE_ALLOW_FALLBACK=1 a recorded eager fallback: ran.py), plus the accuracy-gate hooks.
 The math lives in ``analytic_energy`` (energy and dE/dR~) and ``analytic_nets`` (the MLPs and
 their derivatives, per net and grouped).
 """
@@ -30,7 +31,7 @@ import os
 
 import torch
 
-from . import analytic_nets, flat_optim, graph
+from . import analytic_nets, flat_optim, graph, ran
 from .analytic_energy import AnalyticEnergy
 from .device_data import label_keys, label_shapes, stored_geometry
 from .prediction import GEOM_KEYS
@@ -46,6 +47,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
     # re-forms r_j - r_i + shift (bitwise the on-the-fly diff) and R~ with its closed-form
     # Jacobian inside _predict_core, compiled with the rest: ~30x less geometry than graph's
     geom_default = "compact"
+    engine_name = "fused"
 
     def __init__(self, trainer, device=None) -> None:
         super().__init__(trainer, device)
@@ -72,6 +74,8 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
             if ls[-1].matrix.shape[1] != 1:
                 refuse("fitting net output width != 1", "fused")
         self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
+        if getattr(self, "ran", None) is not None:  # a training engine (the gate's has none)
+            self.ran.forces = "autograd" if self.autograd_forces else "analytic"
         self._compiled = None
         # compiled whole step (fused's manifest env; off in fused-predict): gather + energy/forces + upstream's loss
         # in ONE torch.compile'd function (see compiled_step_wanted / _step_core)
@@ -173,31 +177,72 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         self._compiled = _torch_compile(self._predict_core, "inductor")
         log.info("fused: torch.compile enabled (mode=%s)", os.environ.get("DPH_FUSED_COMPILE_MODE", "default"))
 
-    # --------------------------------------------------------------- capture
-    def capture(self) -> None:
-        want = self.cuda and os.environ.get("DPH_FUSED_COMPILE", "1") == "1" and not self.autograd_forces
-        if want:
-            try:
-                if self.compiled_step_wanted():
-                    self.enable_step_compile()  # the whole step; predict is traced inside it
-                else:
-                    self.enable_compile()
-                return super().capture()
-            except Exception as e:  # noqa: BLE001
-                if getattr(self, "_capture_started", False):
-                    # the compiled code ran (warm-up passed): a failed capture is not Inductor's,
-                    # and a second capture after an invalidated one cannot work (RNG offsets)
-                    raise
-                log.warning("fused: compiled capture failed (%s: %s); falling back to eager analytic path", type(e).__name__, str(e)[:500])
-                torch.cuda.synchronize()
-                self._compiled = None
-                self._step_compiled = None
-                self.compile_step = False
-                if getattr(self.opt, "compiled", None) is not None:
-                    log.warning("fused: compiled flat Adam off as well (eager FlatAdam)")
-                    self.opt.compiled = None
-                self.opt.zero_grad(set_to_none=True)
-        return super().capture()
+    # --------------------------------------------------------------- prepare
+    def compile_wanted(self) -> bool:
+        """On CUDA: the compiled step (or energy/force function) unless DPH_FUSED_COMPILE=0; on
+        CPU only the compiled whole step, with DPH_COMPILE_CPU=1 (compiled_step_wanted)."""
+        if self.autograd_forces:
+            return False
+        if self.cuda:
+            return os.environ.get("DPH_FUSED_COMPILE", "1") == "1"
+        return self.compiled_step_wanted()
+
+    def prepare(self) -> None:
+        """Compile the step and (CUDA) capture it in graph's CUDA graphs. A failure before the
+        compiled code ran is a failed run (ran.CaptureFailed, naming the cause), or with the
+        manifest's DPH_ENGINE_ALLOW_FALLBACK=1 the eager analytic path, recorded as a fallback."""
+        if not self.compile_wanted():
+            return super().prepare()
+        r = self.ran
+        step = self.compiled_step_wanted()
+        try:
+            if step:
+                self.enable_step_compile()  # the whole step; predict is traced inside it
+            else:
+                self.enable_compile()
+            r.compiled, r.compile_backend = ("step", flat_optim.compile_backend()) if step else ("predict", "inductor")
+            if self.cuda:
+                self.capture()
+            else:
+                self._warm_compiled()
+        except Exception as e:  # noqa: BLE001 (any compile or capture error: failed run or fallback)
+            if getattr(self, "_capture_started", False):
+                # the compiled code ran (warm-up passed): a failed capture is not Inductor's,
+                # and a second capture after an invalidated one cannot work (RNG offsets)
+                raise
+            why = f"{type(e).__name__}: {str(e)[:500]}"
+            if not ran.allow_fallback():
+                raise ran.CaptureFailed(f"fused: the compiled step could not be prepared ({why}); no fallback "
+                                        f"(a manifest allows one with DPH_ENGINE_ALLOW_FALLBACK=1)") from e
+            log.warning("fused: compiled step failed (%s); falling back to the eager analytic path (allowed by "
+                        "the manifest; the run is recorded as a fallback)", why)
+            self._to_eager()
+            r.compiled, r.compile_backend, r.fallback, r.fallback_reason = "none", None, "eager", why
+            if self.cuda:
+                self.capture()
+        self._note_prepared()
+
+    def _to_eager(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self._compiled = None
+        self._step_compiled = None
+        self.compile_step = False
+        if getattr(self.opt, "compiled", None) is not None:
+            self.opt.compiled = None  # the compiled flat Adam goes as well (eager FlatAdam)
+        self.opt.zero_grad(set_to_none=True)
+
+    def _warm_compiled(self) -> None:
+        """CPU (DPH_COMPILE_CPU=1): compile the step now, as capture's warm-up does on CUDA, so a
+        compile error is met here and not at step 1; parameters, optimizer and RNG are put back."""
+        snap = self.opt.snapshot()
+        rng = torch.random.get_rng_state()
+        for G in self.groups:
+            idx = torch.zeros(G["bsz"], dtype=torch.long, device=self.device)
+            self.forward_backward(G, self.lr_values[self.tr.start_step], idx)
+        torch.random.set_rng_state(rng)
+        self.opt.restore(snap)
+        self.opt.zero_grad(set_to_none=True)
 
 
 def _torch_compile(fn, backend: str):

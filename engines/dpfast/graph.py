@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import flat_optim
+from . import flat_optim, ran
 from .device_data import DeviceData
 from .prediction import Predictor
 from .support import check_supported, refuse
@@ -84,6 +84,9 @@ class GraphEngine(Predictor, DeviceData):
         self.world_size = int(getattr(trainer, "world_size", 1) or 1)
         self.distributed = bool(getattr(trainer, "is_distributed", False)) and self.world_size > 1
         self._build_lr_table()
+        self.ran = ran.Ran(engine=self.engine_name, device=self.device.type, forces="autograd")
+
+    engine_name = "graph"
 
     # ------------------------------------------------------------------ lr
     def _build_lr_table(self) -> None:
@@ -199,6 +202,18 @@ class GraphEngine(Predictor, DeviceData):
         torch.cuda.current_stream().wait_stream(s)
         torch.cuda.synchronize()
 
+    def prepare(self) -> None:
+        """Make the step that the loop runs (on CUDA: captured) and publish what it is (ran.Ran)."""
+        if self.cuda:
+            self.capture()
+        self._note_prepared()
+
+    def _note_prepared(self) -> None:
+        r = self.ran
+        r.optimizer = "compiled" if getattr(self.opt, "compiled", None) is not None else "eager"
+        r.cuda_graphs = sum(1 for G in self.groups for k in ("graph", "graph_a", "graph_b") if G.get(k) is not None)
+        ran.publish(r)
+
     def capture(self) -> None:
         """One CUDA graph per group (single process) or two (data parallel: capturing NCCL inside
         one graph is possible, but it needs NCCL graph support we cannot test here; the split
@@ -252,8 +267,7 @@ class GraphEngine(Predictor, DeviceData):
         host_seed = self._seed_ranks()
         self.build_data()
         self.make_optimizer()
-        if self.cuda:
-            self.capture()
+        self.prepare()
         if self.cuda:
             mem = torch.cuda.memory_allocated(self.device)
             log.info("graph: CUDA graphs captured (%d%s), device memory allocated %d bytes", len(self.groups),

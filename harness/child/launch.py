@@ -104,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def _dump() -> None:
         extra = {"gpu_peak_bytes": _peak_gpu_bytes(), "world_size": int(os.environ.get("WORLD_SIZE") or 1)}
+        if runtime.engine_report is not None:  # what the engine really ran (dpfast.ran)
+            try:
+                extra["engine"] = runtime.engine_report()
+            except Exception as e:  # noqa: BLE001 (the step times must still be written)
+                extra["engine"] = {"error": f"{type(e).__name__}: {e}"}
         clock.dump(str(run_dir / "steps.json"), extra)
 
     if rank0:

@@ -119,6 +119,10 @@ variant: str = envvars.get_str(envvars.DPH_VARIANT)
 # own code rather than upstream's, so that harness.child.parity_eval checks *that* code. Both are
 # called in the parity subprocess with the baseline checkpoint's weights already loaded.
 
+engine_report: Callable[[], dict] | None = None
+"""Set by an engine that runs its own loop (dpfast.ran.publish): what it really ran (compiled or
+eager, CUDA graphs, graph breaks, fallback). The launcher writes it into steps.json at exit."""
+
 parity_forward: Callable | None = None
 """``fn(model, coord, atype, box) -> dict`` with ``energy`` [nf], ``force`` [nf, nat, 3] and
 ``virial`` [nf, 9] (any float dtype; cast to float64 by the caller). ``model`` is upstream's

@@ -220,6 +220,8 @@ class TrainResult:
     timed_out: bool = False  # killed past RunSpec.timeout_s
     # processes that trained, as the run's own log says (TF v2 under horovodrun); None: not read
     world_size: int | None = None
+    # what the engine of a fast variant really ran (dpfast.ran.Ran as a dict); None: upstream's loop
+    engine: dict[str, Any] | None = None
 
 
 @dataclass
@@ -388,6 +390,24 @@ class Environment(Part):
 
 
 @dataclass
+class EngineRan(Part):
+    """A record's `engine`: the path a fast engine really took (engines/dpfast/ran.py). None for
+    runs of upstream's own loop and for records older than the field."""
+
+    engine: str | None = None  # graph | fused
+    device: str | None = None
+    forces: str | None = None  # analytic | autograd
+    compiled: str | None = None  # step | predict | none
+    compile_backend: str | None = None
+    optimizer: str | None = None  # compiled | eager
+    cuda_graphs: int | None = None
+    graph_breaks: int | None = None
+    fallback: str | None = None  # eager: the run is status "fallback", never the variant's speed
+    fallback_reason: str | None = None
+    error: str | None = None  # the report itself could not be written
+
+
+@dataclass
 class Profile(Part):
     """A record's `profile` (harness.analyse.profile.summarise; docs/profiling-and-report.md)."""
 
@@ -459,7 +479,7 @@ class StoredRun(Part):
 
     PARTS = {"device": DeviceInfo, "timing": Timing, "throughput": Throughput, "memory": Memory,
              "accuracy": AccuracyResult, "profile": Profile, "artifacts": Artifacts,
-             "environment": Environment, "anchors": Anchors, "speedup_vs": Speedups}
+             "environment": Environment, "anchors": Anchors, "speedup_vs": Speedups, "engine": EngineRan}
 
     schema: str | None = None
     run_id: str | None = None
@@ -474,10 +494,11 @@ class StoredRun(Part):
     upstream_options: dict[str, Any] | None = None
     upstream_only: bool | None = None  # None: a record older than the field
     accuracy_class: str | None = None
-    status: str | None = None  # ok | failed | interrupted | unavailable
+    status: str | None = None  # ok | failed | interrupted | unavailable | fallback (timed, never counted)
     error: str | None = None
     steps: int | None = None
     seed: int | None = None
+    engine: EngineRan | None = None  # what a fast engine ran (None: upstream's loop, or an older record)
     atoms_per_frame: int | None = None  # None: a record older than the field
     workload: dict[str, Any] | None = None  # replicate / batch size a derived system was made with
     device: DeviceInfo = field(default_factory=DeviceInfo)

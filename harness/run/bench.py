@@ -422,6 +422,11 @@ def format_table(rows: list[StoredRun]) -> str:
                         for f, w in (("legal", 8), ("native", 9)))
         lines.append(f"{r.system:8} {r.variant:12} {n:>4} {r.status:11} {ms} {iqr} {sp} {vs_s} {s_s} {eff_s} "
                      f"{mem_s} {verdict.upper():>8}")
+    for r in rows:  # a fallback the manifest allowed: timed, shown, never the variant's speed
+        if r.engine is not None and r.engine.fallback:
+            med = r.timing.step_s_median
+            lines.append(f"{r.variant}: fallback: {r.engine.fallback} ({r.engine.fallback_reason}); its "
+                         + (f"{med * 1e3:.2f} ms/step " if med else "time ") + "is not counted as the variant's speed")
     for fam, label in (("legal", "vs legal: fastest legal upstream setting (baseline/fp32/tos/fp32-tos)"),
                        ("native", "vs native: fastest upstream-code-only run (its own accelerations, "
                                   "outside the three-parameter rule, included)")):

@@ -5,6 +5,7 @@ observed (per-step times, peak memory, lcurve, checkpoint) into a TrainResult.""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -92,8 +93,10 @@ def subprocess_env(device: str, extra: dict[str, str], work_dir: Path) -> dict[s
 BACKEND_MODULE = {"pt": "torch", "jax": "jax", "tf": "tensorflow", "pt-expt": "torch", "tf2": "tensorflow"}
 
 
+@functools.lru_cache(maxsize=None)
 def backend_missing(backend: str) -> str | None:
-    """Why the backend cannot run here (None if it can): checked in a child, as training would be."""
+    """Why the backend cannot run here (None if it can): checked in a child, as training would be;
+    once per process (a child's import of torch costs seconds, and the answer does not change)."""
     mod = BACKEND_MODULE[backend]
     r = subprocess.run([sys.executable, "-c", f"import {mod}"], capture_output=True, text=True)
     if r.returncode == 0:
@@ -206,6 +209,10 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
     step_s = steps.get("step_s") or []
     if status == "ok" and len(step_s) < spec.steps - 1:
         status, error = "failed", f"only {len(step_s)} of {spec.steps} steps were timed"
+    engine = steps.get("engine")
+    if status == "ok" and isinstance(engine, dict) and engine.get("fallback"):
+        # the manifest allowed it: timed and kept, but never counted as the variant's speed
+        status, error = "fallback", f"engine fell back to {engine['fallback']}: {engine.get('fallback_reason')}"
     world_size = None
     if tf_v2 and status == "ok":
         world_size, error = tf_v2_check(log_path, wd, spec.gpus, "TF_XLA_FLAGS" in spec.variant.env,
@@ -219,7 +226,7 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         work_dir=wd, checkpoint=ckpt, lcurve=lcurve if lcurve.is_file() else None,
         input_path=input_path, log_path=log_path, upstream_avg_step_s=upstream_average(log_path),
         command=tuple(cmd), returncode=None if timed_out else proc.returncode, timed_out=timed_out,
-        world_size=world_size,
+        world_size=world_size, engine=engine,
     )
 
 
