@@ -5,7 +5,7 @@
 # dev machine: `git archive REV engines/dpfast | tar -x -C .prev-engine`, carried to the node);
 # while it is in place the records say DPH_GIT_SHA=$PREV_SHA, so no record claims code it did
 # not run.
-# Usage: PREV_SHA=ea122b3 SYSTEM=water STEPS=300 bash .ci/gpu-ab.sh
+# Usage: PREV_SHA=ea122b3 SYSTEM=water STEPS=300 ROUNDS=1 bash .ci/gpu-ab.sh
 set -u
 SYSTEM=${SYSTEM:-water}
 STEPS=${STEPS:-300}
@@ -22,7 +22,7 @@ rm -rf /tmp/new-engine && cp -r engines/dpfast /tmp/new-engine
 bench() { $py -m harness bench --system "$SYSTEM" --steps "$STEPS" --device cuda "$@" 2>&1 | grep -v "^\s*\[.*\] \["; }
 # gated sweep of this checkout: baseline + fused (the comparison the README quotes)
 bench --variant fused --gate-jobs 2 | tee -a "$OUT/bench.log"
-for round in 1 2; do
+for round in $(seq 1 "${ROUNDS:-1}"); do
   rm -rf engines/dpfast && cp -r .prev-engine/engines/dpfast engines/dpfast
   echo "== previous engine ($PREV_SHA), round $round" | tee -a "$OUT/bench.log"
   DPH_GIT_SHA=$PREV_SHA bench --variant fused --no-baseline --no-accuracy | tee -a "$OUT/bench.log"
