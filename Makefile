@@ -23,9 +23,10 @@ train: venv  ## train your own model: INPUT=path/input.json [VARIANT=] [OUTPUT=]
 	@test -n "$(INPUT)" || { echo "make train: INPUT=path/to/input.json is required" >&2; exit 2; }
 	$(PY) -m harness train $(INPUT) $(if $(filter command line environment,$(origin VARIANT)),--variant $(VARIANT)) $(if $(OUTPUT),--output $(OUTPUT)) --device $(DEVICE) $(ARGS)
 
-test:  ## run the test suite (CPU; tests/gpu skips without CUDA)
+TEST_WORKERS ?= auto
+test:  ## run the test suite on every core (CPU; tests/gpu skips without CUDA): TEST_WORKERS=0 runs it in one process
 	@$(PYTHON) harness/bootstrap.py --dev
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(ARGS)
 
 test-gpu: venv  ## the engine on CUDA vs upstream on CUDA (tests/gpu, -m gpu; on the GPU machine, whose python has pytest)
 	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)
