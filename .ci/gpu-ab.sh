@@ -11,7 +11,7 @@ SYSTEM=${SYSTEM:-water}
 STEPS=${STEPS:-300}
 PREV_SHA=${PREV_SHA:?the commit .prev-engine/ holds}
 OUT=${OUT:-/tmp/dph-out}
-NEW_SHA=${DPH_GIT_SHA:?set DPH_GIT_SHA to this checkout's commit}
+NEW_SHA=${DPH_GIT_SHA:?set DPH_GIT_SHA to the commit of this checkout}
 mkdir -p "$OUT"
 touch /tmp/gpu-ab.start
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/card.txt"

@@ -33,7 +33,7 @@ class Ran:
     def as_dict(self) -> dict:
         d = asdict(self)
         if self.compiled != "none":
-            d["graph_breaks"] = graph_breaks()
+            d["graph_breaks"], d["graph_break_reasons"] = graph_breaks()
         return d
 
 
@@ -42,11 +42,14 @@ def allow_fallback() -> bool:
     return os.environ.get("DPH_ENGINE_ALLOW_FALLBACK") == "1"
 
 
-def graph_breaks() -> int:
-    """Graph breaks dynamo took in this process (fullgraph=False lets a break pass silently)."""
+def graph_breaks(keep: int = 8) -> tuple[int, dict[str, int]]:
+    """Graph breaks dynamo took in this process (fullgraph=False lets a break pass silently): the
+    count, and the `keep` most frequent reasons (each cut to 300 characters) with their counts."""
     from torch._dynamo.utils import counters
 
-    return int(sum(counters["graph_break"].values()))
+    c = counters["graph_break"]
+    top = sorted(c.items(), key=lambda kv: -kv[1])[:keep]
+    return int(sum(c.values())), {str(k)[:300]: int(v) for k, v in top}
 
 
 def publish(ran: Ran) -> None:

@@ -402,6 +402,7 @@ class EngineRan(Part):
     optimizer: str | None = None  # compiled | eager
     cuda_graphs: int | None = None
     graph_breaks: int | None = None
+    graph_break_reasons: dict[str, int] | None = None  # dynamo's most frequent reasons, with counts
     fallback: str | None = None  # eager: the run is status "fallback", never the variant's speed
     fallback_reason: str | None = None
     error: str | None = None  # the report itself could not be written

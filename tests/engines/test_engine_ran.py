@@ -62,6 +62,7 @@ def test_prepare_compiles_the_step_says_so_and_leaves_state_as_it_was(data, tmp_
     assert r["engine"] == "fused" and r["device"] == "cpu" and r["forces"] == "analytic"
     assert r["compiled"] == "step" and r["compile_backend"] == "aot_eager" and r["optimizer"] == "compiled"
     assert r["fallback"] is None and r["cuda_graphs"] == 0 and r["graph_breaks"] == 0
+    assert r["graph_break_reasons"] == {}
     assert all(torch.equal(a, b["flat"]) for a, b in zip(before, eng.flat.buckets))
     assert torch.equal(rng, torch.random.get_rng_state())
     assert int(eng.opt.step_t) == 0
