@@ -119,6 +119,10 @@ class DeviceData:
                 continue
             nfr = len(system)
             bsz = int(ds.batch_sizes[sid])
+            if getattr(self, "follow_upstream_order", False) and nfr % bsz:
+                # upstream's loader ends each epoch with a short batch here: fixed shapes cannot follow it
+                refuse(f"following upstream's order: system {sid} has {nfr} frames, not a multiple of its batch "
+                       f"size {bsz} (upstream's short last batch of an epoch); use a batch size that divides it")
             f0 = system[0]
             at = torch.as_tensor(np.asarray(f0["atype"])).long()
             if not bool((at[1:] >= at[:-1]).all()):
@@ -187,6 +191,10 @@ class DeviceData:
             G["nfr_max"] = int(max(g["nfr"]))
             G["replace"] = bsz > min(g["nfr"])
             G.update(self.loss_statics(bsz, nloc, dev))
+            # where each of upstream's systems sits in this group (follow_upstream_order)
+            G["slots"] = dict(zip(g["sids"], np.concatenate([[0], np.cumsum(g["nfr"])[:-1]]).tolist()))
+            if getattr(self, "follow_upstream_order", False):  # the step's frames, written before each replay
+                G["idx_in"] = torch.zeros(bsz, dtype=torch.int64, device=dev)
             stored = {k: G[k] for k in GEOM_KEYS if G[k] is not None}
             stored.update({f"label_{k}": v for k, v in G["labels"].items()})
             nbytes = sum(t.numel() * t.element_size() for t in stored.values())
@@ -205,6 +213,27 @@ class DeviceData:
         log.info("graph: geometry precomputed in %.1f s", time.time() - t0)
 
     # ------------------------------------------------------------------ step
+    def upstream_batch(self, step: int) -> tuple[int, torch.Tensor]:
+        """The frames upstream's own loop trains on at this step: one batch drawn by upstream's
+        sampler (Trainer._next_training_batch, the draw behind its SAMPLER_RECORD lines), as
+        (group index, frame indices into that group). Nothing of upstream's RNG is re-implemented:
+        the same calls in the same order draw the same frames. A batch the engine's fixed shapes
+        cannot take (upstream's short last batch of an epoch, frames dropped by min_pair_dist) is
+        refused, naming the step."""
+        _, _, log_dict = self.tr._next_training_batch("Default")
+        sid = int(np.asarray(log_dict["sid"]).reshape(-1)[0])
+        fids = np.asarray(log_dict.get("fid"), dtype=np.int64).reshape(-1)
+        for gi, G in enumerate(self.groups):
+            if sid in G["slots"]:
+                break
+        else:
+            refuse(f"upstream drew system {sid} at step {step}, which the engine does not hold (zero weight?)")
+        if fids.size != G["bsz"]:
+            refuse(f"upstream's batch at step {step} has {fids.size} frames of system {sid}, not its batch size "
+                   f"{G['bsz']} (the short last batch of an epoch, or frames dropped by min_pair_dist): the "
+                   f"engine's fixed shapes cannot follow it; use a batch size that divides the system's frames")
+        return gi, torch.as_tensor(G["slots"][sid] + fids, dtype=torch.int64).to(self.device)
+
     def sample(self, G: dict) -> torch.Tensor:
         dev = self.device
         u = torch.rand(1, dtype=torch.float64, device=dev)

@@ -25,6 +25,7 @@ device-resident data and batches ``device_data.DeviceData``; what is refused, ``
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any
 
@@ -84,7 +85,11 @@ class GraphEngine(Predictor, DeviceData):
         self.world_size = int(getattr(trainer, "world_size", 1) or 1)
         self.distributed = bool(getattr(trainer, "is_distributed", False)) and self.world_size > 1
         self._build_lr_table()
-        self.ran = ran.Ran(engine=self.engine_name, device=self.device.type, forces="autograd")
+        # train on the very frames upstream's sampler draws (DeviceData.upstream_batch) instead of
+        # the engine's own device-side draw: same frames, same trajectory (issue 41)
+        self.follow_upstream_order = os.environ.get("DPH_FOLLOW_UPSTREAM_ORDER") == "1"
+        self.ran = ran.Ran(engine=self.engine_name, device=self.device.type, forces="autograd",
+                           order="upstream" if self.follow_upstream_order else "engine")
 
     engine_name = "graph"
 
@@ -175,7 +180,7 @@ class GraphEngine(Predictor, DeviceData):
         idx = torch.clamp(self.step_ctr, max=self.lr_table.shape[0] - 1)  # warm-up may run past the end
         lr = self.lr_table.index_select(0, idx).reshape(())
         self.lr_t.copy_(lr)
-        return self.forward_backward(G, self.lr_t)
+        return self.forward_backward(G, self.lr_t, G.get("idx_in"))  # idx_in: upstream's frames
 
     def _body_b(self) -> None:
         """Graph B: (average) + optimizer step + LR-step counter."""
@@ -291,15 +296,21 @@ class GraphEngine(Predictor, DeviceData):
                 runtime.clock.tick("graph")
             display_step_id = step_id + 1
             cur_lr = self.lr_values[step_id]
-            gi = 0 if ngroups == 1 else int(rng.choice(ngroups, p=self.group_prob))
+            idx = None
+            if self.follow_upstream_order:
+                gi, idx = self.upstream_batch(step_id)
+            else:
+                gi = 0 if ngroups == 1 else int(rng.choice(ngroups, p=self.group_prob))
             G = self.groups[gi]
             if self.cuda:
+                if idx is not None:
+                    G["idx_in"].copy_(idx)
                 self._replay(G)
                 more = G["out_more"]
             else:
                 for grp in self.opt.param_groups:
                     grp["lr"] = cur_lr
-                _, more = self.train_step(G, cur_lr)
+                _, more = self.train_step(G, cur_lr, idx)
             if chief and tr.display_in_training and (display_step_id % tr.disp_freq == 0 or display_step_id == 1):
                 train_results = {}
                 for k in sorted(more):

@@ -56,6 +56,36 @@ def _install_upstream_hooks(clock, backend: str) -> None:
     setattr(cls, meth, hooked)
 
 
+LCURVE_FULL = "lcurve_full.jsonl"
+
+
+def _install_lcurve_hook(run_dir: Path, backend: str) -> None:
+    """Beside upstream's lcurve.out (three significant digits), every displayed row at full
+    precision, one JSON object a line: step, lr, and the train/validation metrics, as passed to
+    upstream's Trainer.print_on_training (the engines print through it too). What `trajectory`
+    and the same-order tests compare."""
+    if backend != "pt":
+        return
+    import json
+
+    from deepmd.pt.train import training
+
+    orig = training.Trainer.print_on_training
+
+    def full(v):
+        return float(v) if v is not None else None
+
+    def hooked(self, fout, step_id, cur_lr, train_results, valid_results):
+        row = {"step": int(step_id), "lr": full(cur_lr),
+               "trn": {k: full(v) for k, v in (train_results or {}).items()},
+               "val": {k: full(v) for k, v in (valid_results or {}).items()}}
+        with open(run_dir / LCURVE_FULL, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        return orig(self, fout, step_id, cur_lr, train_results, valid_results)
+
+    training.Trainer.print_on_training = hooked
+
+
 def _backend_of(dp_args: list[str]) -> str:
     for flag, name in (("--pt", "pt"), ("--jax", "jax"), ("--tf", "tf"), ("--pytorch", "pt"),
                        ("--tensorflow", "tf"), ("--pt-expt", "pt-expt"), ("--pytorch-exportable", "pt-expt"),
@@ -119,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
 
         profile.install_in_process(clock, run_dir, profile_spec, _backend_of(dp_args))
     _install_upstream_hooks(clock, _backend_of(dp_args))
+    if rank0:
+        _install_lcurve_hook(run_dir, _backend_of(dp_args))
     patch_loader.import_modules(args.module)
 
     from deepmd.main import main as dp_main

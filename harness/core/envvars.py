@@ -61,6 +61,8 @@ DPH_FUSED_COMPILE_MODE = _declare("DPH_FUSED_COMPILE_MODE", "dpfast.fused", "Ind
 DPH_FUSED_BATCHED = _declare("DPH_FUSED_BATCHED", "dpfast.fused", "1: batched (padded) per-type contractions", "0")
 DPH_FLAT_ADAM_COMPILE = _declare("DPH_FLAT_ADAM_COMPILE", "dpfast.flat_optim",
                                  "1: compile the flat Adam update per bucket")
+DPH_FOLLOW_UPSTREAM_ORDER = _declare("DPH_FOLLOW_UPSTREAM_ORDER", "dpfast.graph",
+                                     "1: train on the frames upstream's own sampler draws, step for step")
 DPH_ENGINE_ALLOW_FALLBACK = _declare("DPH_ENGINE_ALLOW_FALLBACK", "dpfast.ran",
                                      "1: a failed compile/capture trains eagerly, recorded as a fallback (else: failed run)")
 DPH_COMPILE_CPU = _declare("DPH_COMPILE_CPU", "dpfast.flat_optim", "1: the compile knobs apply on CPU too (tests)")

@@ -397,6 +397,7 @@ class EngineRan(Part):
     engine: str | None = None  # graph | fused
     device: str | None = None
     forces: str | None = None  # analytic | autograd
+    order: str | None = None  # whose draw of the frames: engine | upstream (DPH_FOLLOW_UPSTREAM_ORDER)
     compiled: str | None = None  # step | predict | none
     compile_backend: str | None = None
     optimizer: str | None = None  # compiled | eager
