@@ -13,7 +13,7 @@ def _train(a: argparse.Namespace) -> int:
     req = user_train.TrainRequest(
         input_path=Path(a.input), variant=a.variant, output=Path(a.output) if a.output else None,
         restart=Path(a.restart) if a.restart else None, init_model=Path(a.init_model) if a.init_model else None,
-        freeze=a.freeze, device=a.device,
+        freeze=a.freeze, device=a.device, follow_upstream_order=a.follow_upstream_order,
         gpus=whole_number(a.gpus, 1, f"--gpus must be a whole number, not {a.gpus!r}", "--gpus must be at least 1, not {n}"))
     rec = user_train.run(req, log=lambda m: print(m, file=sys.stderr))
     last = ", ".join(f"{k} {v:.3g}" for k, v in rec.final_lcurve.items() if k != "step")
@@ -40,4 +40,7 @@ def register_cli(sub) -> None:
     t.add_argument("--gpus", default="1", metavar="N",
                    help="GPUs of this node, one process each (torchrun + NCCL, upstream's DDP semantics: "
                         "every rank takes batch_size frames per step)")
+    t.add_argument("--follow-upstream-order", action="store_true",
+                   help="the fast engine trains on the frames upstream's own sampler draws, step for step "
+                        "(upstream's trajectory for the input's seed; slower on the host)")
     t.set_defaults(func=_train)

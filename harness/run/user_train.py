@@ -39,6 +39,9 @@ class TrainRequest:
     freeze: bool = False
     device: str = "auto"
     gpus: int = 1  # processes of one node, torchrun + NCCL as bench --gpus (harness/run/distributed.py)
+    # the fast engine trains on the frames upstream's own sampler draws, step for step (dpfast's
+    # DPH_FOLLOW_UPSTREAM_ORDER): upstream's trajectory, not a statistically equal one
+    follow_upstream_order: bool = False
 
 
 @dataclass
@@ -62,6 +65,7 @@ class TrainingRecord:
     command: list[str]
     outputs: dict[str, str] = field(default_factory=dict)
     world_size: int = 1  # ranks the training ran with, as its child reported them (steps.json)
+    follow_upstream_order: bool = False  # --follow-upstream-order (upstream's own loop always does)
 
 
 def read_record(path: Path) -> TrainingRecord:
@@ -196,8 +200,14 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
     cmd, no_launch = distributed.training_command(b.backend, req.gpus, train.launch_command(b.tree, b.modules, dp_args))
     if cmd is None:
         raise UserError(f"--gpus {req.gpus}: {no_launch}")
+    follow = {}
+    if req.follow_upstream_order:
+        if b.engine != "dpfast":  # upstream's own loop draws its own order already
+            log(f"--follow-upstream-order: {variant} trains with upstream's own loop, which is upstream's order")
+        else:
+            follow = {envvars.DPH_FOLLOW_UPSTREAM_ORDER: "1"}
     env = train.subprocess_env(device, {**distributed.distributed_env(req.gpus), **b.env,
-                                        envvars.DPH_VARIANT: b.name}, wd)
+                                        envvars.DPH_VARIANT: b.name, **follow}, wd)
     steps = int(inp.get("training", {}).get("numb_steps", 0) or 0)
     # a restart runs from its checkpoint's step to numb_steps; the child counts the steps it ran
     todo = max(0, steps - checkpoint_step(req.restart)) if req.restart is not None else steps
@@ -228,7 +238,7 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         steps_lcurve=int(rows[-1]["step"]) if rows and "step" in rows[-1] else None, wall_s=round(wall, 3),
         returncode=rc, lcurve_columns=cols, final_lcurve=rows[-1] if rows else {},
         restart=str(req.restart) if req.restart else None, init_model=str(req.init_model) if req.init_model else None,
-        command=cmd, outputs=outputs, world_size=world)
+        command=cmd, outputs=outputs, world_size=world, follow_upstream_order=req.follow_upstream_order)
     fsutil.atomic_write_json(wd / RECORD_NAME, asdict(rec))
     return rec
 

@@ -185,3 +185,20 @@ def test_gpus_2_trains_on_two_ranks_and_says_so(user_dir, tmp_path, monkeypatch)
     assert cli.main(["train", str(user_dir / "input.json"), "--device", "cpu", "--gpus", "2",
                      "--output", str(tmp_path / "fell-back")]) == 3  # RunFailed
     assert not (tmp_path / "fell-back" / user_train.RECORD_NAME).exists()
+
+
+def test_follow_upstream_order_trains_upstreams_trajectory_on_mixed_sizes(baseline, user_dir):
+    """--follow-upstream-order: fused on the batches upstream's sampler draws, over two systems of
+    different sizes (two shape groups): every full-precision lcurve value equals upstream's to 1e-8."""
+    out = user_dir / "follow"
+    rec = _train(user_dir, "--variant", "fused", "--follow-upstream-order", "--output", str(out))
+    assert rec["follow_upstream_order"] is True and rec["variant"] == "fused"
+    rows = [[json.loads(x) for x in (d / "lcurve_full.jsonl").read_text().splitlines()] for d in (baseline, out)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 5, 10]
+    for a, b in zip(*rows):
+        for part in ("trn", "val"):
+            for k, v in a[part].items():
+                assert abs(v - b[part][k]) <= 1e-8 * abs(v), (a["step"], part, k, v, b[part][k])
+        assert a["lr"] == b["lr"]
+    steps = json.loads((out / "steps.json").read_text())
+    assert steps["engine"]["order"] == "upstream"
