@@ -352,3 +352,19 @@ def load_fused_patches(monkeypatch) -> None:
         m = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(m)
     stats.uninstall()
+
+
+@pytest.fixture
+def knobs(monkeypatch):
+    """fused's compile knobs on, on CPU, with the fast aot_eager backend (tests may override); no
+    fallback allowed (a failed compile raises, as a fused run without DPH_ENGINE_ALLOW_FALLBACK)."""
+    monkeypatch.setenv("DPH_FUSED_COMPILE_STEP", "1")
+    monkeypatch.setenv("DPH_FLAT_ADAM_COMPILE", "1")
+    monkeypatch.setenv("DPH_COMPILE_CPU", "1")
+    monkeypatch.setenv("DPH_COMPILE_BACKEND", "aot_eager")
+    monkeypatch.delenv("DPH_ENGINE_ALLOW_FALLBACK", raising=False)
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield monkeypatch
+    torch._dynamo.reset()

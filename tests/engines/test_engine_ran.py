@@ -21,23 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from _upstream_fixtures import build_trainer, case_config, data, torch  # noqa: F401  (data is a fixture)
+from _upstream_fixtures import build_trainer, case_config, data, knobs, torch  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def knobs(monkeypatch):
-    monkeypatch.setenv("DPH_FUSED_COMPILE_STEP", "1")
-    monkeypatch.setenv("DPH_FLAT_ADAM_COMPILE", "1")
-    monkeypatch.setenv("DPH_COMPILE_CPU", "1")
-    monkeypatch.setenv("DPH_COMPILE_BACKEND", "aot_eager")
-    monkeypatch.delenv("DPH_ENGINE_ALLOW_FALLBACK", raising=False)
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    yield monkeypatch
-    torch._dynamo.reset()
 
 
 def _engine(data, tmp_path):

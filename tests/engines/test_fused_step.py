@@ -29,27 +29,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, build_trainer, rel, data, _upstream_batch, upstream_reference_step, torch,
-    upstream_adam_step, load_fused_patches, case_config,
+    upstream_adam_step, load_fused_patches, case_config, knobs,
 )
 
 
 RTOL = 1e-10
 
 
-
-
-@pytest.fixture
-def knobs(monkeypatch):
-    """Both knobs on, on CPU, with the fast aot_eager backend (tests may override)."""
-    monkeypatch.setenv("DPH_FUSED_COMPILE_STEP", "1")
-    monkeypatch.setenv("DPH_FLAT_ADAM_COMPILE", "1")
-    monkeypatch.setenv("DPH_COMPILE_CPU", "1")
-    monkeypatch.setenv("DPH_COMPILE_BACKEND", "aot_eager")
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    yield monkeypatch
-    torch._dynamo.reset()
 
 
 # ------------------------------------------------------------------- 1. one graph
