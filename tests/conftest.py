@@ -85,3 +85,24 @@ def tiny_system(tmp_path_factory) -> Path:
     if water_source() is None:  # it is committed: a missing copy is a broken checkout, not a skip
         raise FileNotFoundError(f"{REPO / 'systems' / 'water' / 'data'} is missing (restore it with git checkout)")
     return make_tiny_system(tmp_path_factory.mktemp("systems") / "tinywater")
+
+
+# The modules that take longest on the 2-core CI machine, longest first (docs/testing.md's table):
+# collected first, so `make test`'s workers (pytest-xdist, --dist loadfile: a module per worker)
+# start them at once instead of one worker finishing on them alone while the other idles.
+LONGEST_FIRST = (
+    "integration/test_upstream_native.py", "integration/test_tf_era.py", "engines/test_graph_variant.py",
+    "integration/test_convergence.py", "integration/test_sweep.py", "engines/test_compile_variant.py",
+    "integration/test_backends.py", "engines/test_fused_variant.py", "engines/test_fused_step.py",
+    "integration/test_accuracy.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {m: i for i, m in enumerate(LONGEST_FIRST)}
+
+    def key(item) -> int:
+        rel = Path(str(item.fspath)).resolve().relative_to(REPO / "tests").as_posix()
+        return rank.get(rel, len(LONGEST_FIRST))
+
+    items.sort(key=key)  # stable: collection order within a module and among the rest
