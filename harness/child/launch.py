@@ -73,12 +73,18 @@ def _install_lcurve_hook(run_dir: Path, backend: str) -> None:
     orig = training.Trainer.print_on_training
 
     def full(v):
-        return float(v) if v is not None else None
+        # a number (float, numpy or 0-d tensor) at full precision; multi-task inputs nest one dict
+        # per task; anything else is None: this hook never stops a training
+        if isinstance(v, dict):
+            return {k: full(x) for k, x in v.items()}
+        try:
+            return float(v)
+        except (TypeError, ValueError):
+            return None
 
     def hooked(self, fout, step_id, cur_lr, train_results, valid_results):
-        row = {"step": int(step_id), "lr": full(cur_lr),
-               "trn": {k: full(v) for k, v in (train_results or {}).items()},
-               "val": {k: full(v) for k, v in (valid_results or {}).items()}}
+        row = {"step": int(step_id), "lr": full(cur_lr), "trn": full(dict(train_results or {})),
+               "val": full(dict(valid_results or {}))}
         with open(run_dir / LCURVE_FULL, "a") as f:
             f.write(json.dumps(row) + "\n")
         return orig(self, fout, step_id, cur_lr, train_results, valid_results)
