@@ -49,6 +49,12 @@ def test_prepare_compiles_the_step_says_so_and_leaves_state_as_it_was(data, tmp_
     assert r["compiled"] == "step" and r["compile_backend"] == "aot_eager" and r["optimizer"] == "compiled"
     assert r["fallback"] is None and r["cuda_graphs"] == 0 and r["graph_breaks"] == 0
     assert r["graph_break_reasons"] == {}
+    # the record's typed part reads every key the engine writes (the two lists must not drift apart)
+    from dataclasses import fields
+
+    from harness.core.records import EngineRan
+
+    assert set(r) <= {f.name for f in fields(EngineRan)}
     assert all(torch.equal(a, b["flat"]) for a, b in zip(before, eng.flat.buckets))
     assert torch.equal(rng, torch.random.get_rng_state())
     assert int(eng.opt.step_t) == 0
