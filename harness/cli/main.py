@@ -281,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.register_cli(sub)  # dpharness sweep
     from harness.cli import convergence
     convergence.register_cli(sub)  # dpharness convergence
+    from harness.cli import trajectory as trajectory_cli
+    trajectory_cli.register_cli(sub)  # dpharness trajectory
     from harness.cli import train as train_cli
     train_cli.register_cli(sub)  # dpharness train
     from harness.cli import floor as floor_cli
