@@ -21,6 +21,7 @@ from harness.results import export
 from harness.results import runs as results
 from harness.report import floor as floor_section
 from harness.report import summary, training, worksize
+from harness.report import trajectory as trajectory_section
 from harness.results.runs import ROOT, RUNS
 from harness.report.summary import is_fast, is_profile_sweep, stamp, sweep_groups, world_size
 from harness.core import fsutil
@@ -124,7 +125,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
 {% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
 {% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
-{% endfor %}{% if training %}<li><a href="#training">Training</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
+{% endfor %}{% if training or trajectories %}<li><a href="#training">Training</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
 {% for g in groups %}
 <h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
@@ -370,13 +371,15 @@ def variant_list(runs: list[StoredRun]) -> list[dict]:
 
 
 def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None,
-           convergence: list | None = None, floors: list | None = None) -> str:
+           convergence: list | None = None, floors: list | None = None, trajectories: list | None = None) -> str:
     """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table;
-    convergence: ConvergenceRecords for the Training section; floors: FloorRecords for the Floor section."""
+    convergence: ConvergenceRecords for the Training section; floors: FloorRecords for the Floor section;
+    trajectories: TrajectoryRecords for the Training section's same-trajectory part."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.DictLoader({"head": HEAD, "row": ROW, "section": SECTION,
                                                                 "training": training.TEMPLATE,
+                                                                "trajectory": trajectory_section.TEMPLATE,
                                                                 "floor": floor_section.TEMPLATE}), autoescape=True,
                              undefined=jinja2.StrictUndefined)
     sections = build_sections(runs, all_sweeps, href)
@@ -384,6 +387,7 @@ def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None,
         generated=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), n_runs=len(runs), all_sweeps=all_sweeps,
         summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv,
         work_sizes=worksize.sections(runs), training=training.sections(convergence or []),
+        trajectories=trajectory_section.sections(trajectories or []),
         floors=floor_section.sections(floors or [], runs))
 
 
@@ -391,13 +395,15 @@ CSV_NAME = "runs.csv"
 
 
 def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False,
-                 convergence_dir: Path | None = None, floor_dir: Path | None = None) -> Path:
+                 convergence_dir: Path | None = None, floor_dir: Path | None = None,
+                 trajectory_dir: Path | None = None) -> Path:
     """index.html and, next to it, runs.csv (the export table); bad record files are skipped
     with a warning (results.iter_runs). The Training and Floor sections read the convergence/ and
     floor/ folders beside runs_dir unless told otherwise: one results tree, not the checkout's."""
     out, runs_dir = Path(out), Path(runs_dir)
     convergence_dir = runs_dir.parent / "convergence" if convergence_dir is None else Path(convergence_dir)
     floor_dir = runs_dir.parent / "floor" if floor_dir is None else Path(floor_dir)
+    trajectory_dir = runs_dir.parent / "trajectory" if trajectory_dir is None else Path(trajectory_dir)
     pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
     files = {r.run_id: p for p, r in pairs}
     runs = [r for _, r in pairs]
@@ -417,7 +423,10 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
 
     floors = load_floors(floor_dir,
                          warn=lambda m: print(f"dpharness: warning: {m}", file=sys.stderr))
-    text = render(runs, all_sweeps, href, csv, conv, floors)
+    from harness.results import trajectory  # the Training section's same-trajectory records
+
+    trajectories = trajectory.load_records(trajectory_dir)
+    text = render(runs, all_sweeps, href, csv, conv, floors, trajectories)
     return fsutil.atomic_write_text(out, text)
 
 

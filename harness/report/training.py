@@ -100,7 +100,7 @@ def sections(records: list[ConvergenceRecord]) -> list[dict[str, Any]]:
     return [section(r) for r in records if r.sweep_id not in reused]
 
 
-TEMPLATE = """{% if training %}<h2 id="training">Training</h2>
+TEMPLATE = """{% if training or trajectories %}<h2 id="training">Training</h2>
 <p class="muted">Proofs over a full training (<code>dpharness convergence</code>): every variant x seed trained from the
 same input, learning rate from start_lr to stop_lr over the run, judged by a rule stated before the run
 (docs/accuracy.md). Step times of runs trained side by side share one GPU (column "at once").</p>
@@ -119,5 +119,5 @@ earlier calls of the same input, data, steps, card and build (sweeps {{ t.baseli
 <th>at once</th><th>dp test E/atom</th><th>dp test F</th></tr>
 {% for r in t.runs %}<tr><td class="l">{{ r.variant }}</td><td>{{ r.seed }}</td><td class="l">{{ r.sweep }}</td><td>{{ r.status }}</td><td>{{ r.ms }}</td><td>{{ r.wall }}</td>
 <td>{{ r.concurrent }}</td><td>{{ r.e }}</td><td>{{ r.f }}</td></tr>{% if r.error %}<tr><td class="l warn" colspan="9">{{ r.error }}</td></tr>{% endif %}{% endfor %}
-</table></details>{% endfor %}{% endif %}
+</table></details>{% endfor %}{% include "trajectory" %}{% endif %}
 """

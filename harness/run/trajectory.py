@@ -14,16 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.core import environment, envvars, fsutil
+from harness.core import environment, envvars
 from harness.core.errors import UserError
-from harness.core.paths import ROOT
 from harness.core.records import RunSpec
 from harness.core.trajectory_records import SCHEMA, TrajectoryComparison, TrajectoryRecord, TrajectoryRun
 from harness.judge import trajectory as judge
 from harness.results import runs as results
+from harness.results import trajectory as store
 from harness.run import bench, convergence, timing, train
 
-TRAJECTORY = ROOT / "results" / "trajectory"
+TRAJECTORY = store.TRAJECTORY
 
 
 @dataclass
@@ -141,25 +141,5 @@ def run(req: TrajectoryRequest, log: Callable[[str], None] = print) -> Trajector
         learning_rate=system.input["learning_rate"], input_sha256=convergence.training_identity(system),
         builds={n: built[n].hash for n in names}, horizon_rtol=judge.HORIZON_RTOL, verdict=verdict, runs=runs,
         comparisons=comparisons, environment=env, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    write(rec, req.out_dir)
+    store.write(rec, req.out_dir)
     return rec
-
-
-def write(rec: TrajectoryRecord, directory: Path = TRAJECTORY) -> Path:
-    rec.path = fsutil.atomic_write_json(Path(directory) / f"{rec.sweep_id}-{rec.system}.json", rec.to_dict())
-    return rec.path
-
-
-def load_records(directory: Path = TRAJECTORY, warn: Callable[[str], None] = results.warn_stderr
-                 ) -> list[TrajectoryRecord]:
-    """Every trajectory record under `directory` (not its subfolders), newest first; unreadable
-    files are skipped with a warning."""
-    from harness.core.records import BadRecord
-
-    out = []
-    for p in sorted(Path(directory).glob("*.json"), reverse=True) if Path(directory).is_dir() else []:
-        try:
-            out.append(TrajectoryRecord.from_json(p))
-        except BadRecord as e:
-            warn(f"skipping {p}: {e}")
-    return out
