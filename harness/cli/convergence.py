@@ -22,6 +22,11 @@ def format_summary(rec: ConvergenceRecord) -> str:
     for v, c in (rec.checks or {}).items():
         lines.append(f"  {v}: {c['verdict'].upper()} ({c.get('seeds_finished')} of {c.get('seeds_planned')} seeds "
                      f"finished)" + "".join(f"\n    {x}" for x in c.get("reasons", [])))
+    ctl = rec.control or {}
+    if ctl:
+        lines.append(f"  control, each baseline seed against the others: {str(ctl.get('verdict')).upper()}"
+                     + "".join(f"\n    seed {s}: {c['verdict'].upper()}" + "".join(f"; {x}" for x in c.get("reasons", []))
+                               for s, c in (ctl.get("seeds") or {}).items()))
     ttr = rec.time_to_rmse or {}
     if ttr.get("target") is not None:
         lines.append(f"  wall time to the baseline seeds' final smoothed rmse_f_val {ttr['target']:.4g}:")

@@ -65,6 +65,7 @@ class ConvergenceRecord(Part):
     rule: str | None = None
     verdict: str | None = None  # pass | fail | incomplete
     checks: dict[str, Any] | None = None  # bands, finals, spread sources, reasons
+    control: dict[str, Any] | None = None  # the rule on each baseline seed against the others (leave one out)
     time_to_rmse: dict[str, Any] | None = None  # target and, per variant, per-seed seconds
     runs: list[ConvergenceRun] = field(default_factory=list)
     environment: dict[str, Any] | None = None
@@ -73,18 +74,9 @@ class ConvergenceRecord(Part):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> ConvergenceRecord:
-        d = dict(d or {})
-        runs = d.get("runs")
-        rec = super().from_dict({k: v for k, v in d.items() if k != "runs"})
-        rec.runs = [ConvergenceRun.from_dict(r) for r in runs] if isinstance(runs, list) else []
-        object.__setattr__(rec, "_keys", tuple(d))
+        rec = super().from_dict(d)
         rec.path = None if path is None else Path(path)
         return rec
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict() or {}
-        out["runs"] = [r.to_dict() for r in self.runs]
-        return out
 
     @classmethod
     def from_json(cls, path: Path) -> ConvergenceRecord:

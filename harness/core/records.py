@@ -24,7 +24,7 @@ class Part:
     one JSON object). from_dict tolerates what an older record lacks (the field's default, None)
     and keeps what this code does not know; to_dict gives back exactly the dict it was read from
     (absent keys stay absent, unknown ones and the key order are kept), with what was changed.
-    A nested part is named in PARTS; one whose field defaults to None stays None when the JSON
+    A nested part (or a list of parts) is named in PARTS; one whose field defaults to None stays None when the JSON
     has null, any other is an empty part then (attribute access never needs a None check)."""
 
     PARTS: dict[str, type[Part]] = {}
@@ -79,6 +79,8 @@ def _required(f: Field) -> bool:
 def _load(part: type[Part] | None, f: Field, v: Any) -> Any:
     if part is None:
         return v
+    if isinstance(v, list):  # a list of parts (a record's runs)
+        return [part.from_dict(x) if isinstance(x, dict) else x for x in v]
     if isinstance(v, dict):
         return part.from_dict(v)
     if v is None and f.default is not None:  # an always-present part: empty, written back as null

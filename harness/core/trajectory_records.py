@@ -70,21 +70,9 @@ class TrajectoryRecord(Part):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> TrajectoryRecord:
-        d = dict(d or {})
-        lists = {k: d.get(k) for k in ("runs", "comparisons")}
-        rec = super().from_dict({k: v for k, v in d.items() if k not in lists})
-        rec.runs = [TrajectoryRun.from_dict(r) for r in lists["runs"]] if isinstance(lists["runs"], list) else []
-        rec.comparisons = ([TrajectoryComparison.from_dict(c) for c in lists["comparisons"]]
-                           if isinstance(lists["comparisons"], list) else [])
-        object.__setattr__(rec, "_keys", tuple(d))
+        rec = super().from_dict(d)
         rec.path = None if path is None else Path(path)
         return rec
-
-    def to_dict(self) -> dict[str, Any]:
-        out = super().to_dict() or {}
-        out["runs"] = [r.to_dict() for r in self.runs]
-        out["comparisons"] = [c.to_dict() for c in self.comparisons]
-        return out
 
     @classmethod
     def from_json(cls, path: Path) -> TrajectoryRecord:

@@ -86,7 +86,11 @@ def section(rec: ConvergenceRecord) -> dict[str, Any]:
              "ms": _g(r.step_ms_median), "wall": _g(r.wall_s), "concurrent": r.concurrent or "-",
              "e": _g((r.dp_test or {}).get("rmse_e_per_atom")), "f": _g((r.dp_test or {}).get("rmse_f"))}
             for r in rec.runs]
-    return {"sweep": rec.sweep_id, "system": rec.system, "steps": rec.steps, "card": rec.card,
+    ctl = rec.control or {}
+    control = ("" if not ctl else f"Control (each baseline seed judged by the rule against the others): "
+               f"{str(ctl.get('verdict')).upper()} -- " + ", ".join(
+                   f"seed {s} {c['verdict']}" for s, c in (ctl.get("seeds") or {}).items()))
+    return {"sweep": rec.sweep_id, "system": rec.system, "steps": rec.steps, "card": rec.card, "control": control,
             "verdict": str(rec.verdict or "-").upper(), "vclass": "ok" if rec.verdict == "pass" else "warn",
             "rule": rec.rule, "lr": rec.learning_rate, "rows": rows, "times": times, "runs": runs,
             "target": _g(ttr.get("target")), "img": plot(rec), "anchor": f"training-{rec.sweep_id}",
@@ -97,7 +101,10 @@ def sections(records: list[ConvergenceRecord]) -> list[dict[str, Any]]:
     """One section per proof; a record of baseline seeds that a later proof reused (a proof split
     over GPU calls) is shown inside that proof, not again on its own."""
     reused = {s for r in records for s in (r.baseline_from or [])}
-    return [section(r) for r in records if r.sweep_id not in reused]
+    # a record of baseline seeds alone that another reused is shown inside it; one with candidates
+    # of its own (and a rejudged record, beside its original) is a proof and shown on its own
+    return [section(r) for r in records
+            if r.sweep_id not in reused or any(x.variant != "baseline" for x in r.runs)]
 
 
 TEMPLATE = """{% if training or trajectories %}<h2 id="training">Training</h2>
@@ -107,6 +114,7 @@ same input, learning rate from start_lr to stop_lr over the run, judged by a rul
 {% for t in training %}<h3 id="{{ t.anchor }}">{{ t.system }} — {{ t.card }}, {{ t.steps }} steps, sweep {{ t.sweep }}:
 <span class="{{ t.vclass }}">{{ t.verdict }}</span></h3>
 {% if t.img %}<img alt="learning curves of every run" src="{{ t.img }}">{% endif %}
+{% if t.control %}<p>{{ t.control }}</p>{% endif %}
 <p class="muted">Rule: {{ t.rule }}. Learning rate: {{ t.lr }}.{% if t.baseline_from %} Baseline seeds trained in
 earlier calls of the same input, data, steps, card and build (sweeps {{ t.baseline_from }}), one upstream seed per call.{% endif %}</p>
 <table><tr><th class="l">variant</th><th>seed</th><th class="l">check</th><th>value</th><th>verdict</th><th class="l">detail</th></tr>

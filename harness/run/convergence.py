@@ -262,9 +262,17 @@ def calibrated_final_tol(system: str, device: str, steps: int) -> dict[str, floa
         return None
 
 
+def _check(res: rule.Verdict, finished: int, planned: int) -> dict:
+    return {"verdict": res.verdict, "reasons": res.reasons, "spread_source": res.spread_source,
+            "seeds_finished": finished, "seeds_planned": planned,
+            "bands": [{**dataclasses.asdict(b), "fraction": round(b.fraction, 4), "ok": b.ok} for b in res.bands],
+            "finals": [{**dataclasses.asdict(f), "ok": f.ok} for f in res.finals]}
+
+
 def judge(runs: list[ConvergenceRun], steps: int, final_tol: dict[str, float] | None = None
-          ) -> tuple[str, dict, dict]:
-    """(verdict, checks per candidate variant, time to the baseline's final force RMSE)."""
+          ) -> tuple[str, dict, dict, dict | None]:
+    """(verdict, checks per candidate variant, time to the baseline's final force RMSE, the rule's
+    control on the baseline seeds: None with too few seeds to hold one out)."""
     ok = [r for r in runs if r.status == "ok" and r.lcurve.step]
     base = {r.seed: r.lcurve.to_dict() for r in ok if r.variant == "baseline"}
     base_final = {r.seed: r.dp_test for r in ok if r.variant == "baseline" and r.dp_test}
@@ -281,12 +289,17 @@ def judge(runs: list[ConvergenceRun], steps: int, final_tol: dict[str, float] | 
         res = rule.evaluate(base, {r.seed: r.lcurve.to_dict() for r in mine}, base_final,
                             {r.seed: r.dp_test for r in mine if r.dp_test}, steps, calibrated_final_tol=final_tol)
         verdicts.append(res.verdict)
-        checks[v] = {"verdict": res.verdict, "reasons": res.reasons, "spread_source": res.spread_source,
-                     "seeds_finished": len(mine), "seeds_planned": sum(1 for r in runs if r.variant == v),
-                     "bands": [{**dataclasses.asdict(b), "fraction": round(b.fraction, 4), "ok": b.ok} for b in res.bands],
-                     "finals": [{**dataclasses.asdict(f), "ok": f.ok} for f in res.finals]}
+        checks[v] = _check(res, len(mine), sum(1 for r in runs if r.variant == v))
     verdict = "fail" if "fail" in verdicts else ("incomplete" if "incomplete" in verdicts or not verdicts else "pass")
-    return verdict, checks, ttr
+    held_out = rule.control(base, base_final, steps, calibrated_final_tol=final_tol)
+    control = None
+    if held_out:
+        control = {"what": "each baseline seed judged by the rule against the other baseline seeds",
+                   "verdict": "pass" if all(c.verdict == "pass" for c in held_out.values()) else "fail",
+                   "seeds": {str(s): _check(c, 1, 1) for s, c in held_out.items()}}
+        if control["verdict"] != "pass" and verdict in ("pass", "fail"):
+            verdict = "incomplete"  # upstream fails its own rule on these seeds: the rule cannot judge here
+    return verdict, checks, ttr, control
 
 
 def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> ConvergenceRecord:
@@ -323,12 +336,12 @@ def run(req: ConvergenceRequest, log: Callable[[str], None] = print) -> Converge
     for i, r in enumerate(out):
         r.concurrent, r.sweep_id = _concurrency(state.intervals, i), sweep
     out = reused + out
-    verdict, checks, ttr = judge(out, req.steps, calibrated_final_tol(system.name, prep.device, req.steps))
+    verdict, checks, ttr, control = judge(out, req.steps, calibrated_final_tol(system.name, prep.device, req.steps))
     rec = ConvergenceRecord(
         schema=SCHEMA, sweep_id=sweep, system=system.name, steps=req.steps, device=prep.device,
         card=card, parallel=req.parallel, learning_rate=system.input["learning_rate"], input_sha256=identity,
         builds={n: built[n].hash for n in names}, baseline_from=[str(o.sweep_id) for o in olds] or None, rule=rule.RULE_TEXT,
-        verdict=verdict, checks=checks, time_to_rmse=ttr, runs=out, environment=env,
+        verdict=verdict, checks=checks, control=control, time_to_rmse=ttr, runs=out, environment=env,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     store.write(rec, req.out_dir)
     return rec
@@ -339,15 +352,17 @@ def rejudge(record: Path, baseline_from: list[Path], out_dir: Path | None = None
             log: Callable[[str], None] = print) -> ConvergenceRecord:
     """An earlier proof judged again, its trainings as they were, with the baseline seeds of more
     records (same system, steps, learning rate, device, card, input and data, baseline build:
-    checked as for --baseline-from). Nothing is retrained; the rule is the one in force
+    checked as for --baseline-from), or with none when the rule changed since it was judged.
+    Nothing is retrained; the rule is the one in force
     (rule.RULE_TEXT). A new record (new sweep id, `rejudged_from` the old one); the old record
     stays as it was, its verdict included."""
     try:
         old = ConvergenceRecord.from_json(Path(record))
     except Exception as e:  # BadRecord or unreadable
         raise UserError(f"--rejudge {record}: {e}") from None
-    if not baseline_from:
-        raise UserError("--rejudge needs --baseline-from RECORD (the baseline seeds to add)")
+    if not baseline_from and old.rule == rule.RULE_TEXT:
+        raise UserError(f"--rejudge {record}: it was judged by the rule in force already; give --baseline-from "
+                        "RECORD (the baseline seeds to add)")
     olds = [read_baseline_record(p) for p in baseline_from]
     mine = [r for r in old.runs if r.variant != "baseline"]
     if not mine:
@@ -357,9 +372,10 @@ def rejudge(record: Path, baseline_from: list[Path], out_dir: Path | None = None
     have = [r for r in old.runs if r.variant == "baseline"]
     added = reused_baselines(olds, None, old.steps, old.device, old.card, "", "", log, want=_setting(old), have=have)
     runs = have + added + mine
-    verdict, checks, ttr = judge(runs, int(old.steps), calibrated_final_tol(old.system, old.device, int(old.steps)))
+    verdict, checks, ttr, control = judge(runs, int(old.steps),
+                                          calibrated_final_tol(old.system, old.device, int(old.steps)))
     rec = dataclasses.replace(
-        old, sweep_id=results.new_sweep_id(), rule=rule.RULE_TEXT, verdict=verdict, checks=checks,
+        old, sweep_id=results.new_sweep_id(), rule=rule.RULE_TEXT, verdict=verdict, checks=checks, control=control,
         time_to_rmse=ttr, runs=runs, rejudged_from=old.sweep_id,
         baseline_from=list(dict.fromkeys([*(old.baseline_from or []), *(str(o.sweep_id) for o in olds)])),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

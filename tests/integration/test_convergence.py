@@ -77,7 +77,9 @@ def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tmp_
     assert [(r.variant, r.seed, r.sweep_id) for r in again.runs] == [
         ("baseline", 10, first.sweep_id), ("baseline", 11, third.sweep_id), ("fused", 10, second.sweep_id)]
     assert again.runs[2].lcurve.rmse_f_val == second.runs[1].lcurve.rmse_f_val
-    assert again.baseline_from == [first.sweep_id, third.sweep_id] and again.verdict in ("pass", "fail")
+    assert again.baseline_from == [first.sweep_id, third.sweep_id]
+    # two baseline seeds are no band (the rule's control, docs/accuracy.md): judged, and said so
+    assert again.verdict == "incomplete" and "needs >= 3 finished baseline seeds" in again.checks["fused"]["reasons"][0]
     assert second.verdict == "incomplete" and second.path.read_bytes() == before  # the old record as it was
     assert ConvergenceRecord.from_json(again.path).to_dict() == again.to_dict()
     # a seed already in the record is refused, in one line, nothing written

@@ -33,8 +33,8 @@ def finals(e: float, f: float) -> dict[str, float]:
     return {"rmse_e_per_atom": e, "rmse_f": f}
 
 
-BASE = {10: curve(10), 11: curve(11)}
-BASE_FINAL = {10: finals(0.0021, 0.041), 11: finals(0.0023, 0.043)}
+BASE = {10: curve(10), 11: curve(11), 12: curve(12)}  # rule.MIN_BASELINE_SEEDS
+BASE_FINAL = {10: finals(0.0021, 0.041), 11: finals(0.0023, 0.043), 12: finals(0.0022, 0.042)}
 
 
 def test_smooth_is_a_trailing_geometric_mean_and_skips_missing_rows():
@@ -78,9 +78,70 @@ def test_missing_rows_are_skipped_and_a_seed_without_rows_fails():
     assert v.verdict == "fail"
 
 
-def test_one_baseline_seed_is_incomplete():
+def test_one_or_two_baseline_seeds_are_incomplete():
     v = rule.evaluate({10: BASE[10]}, {10: curve(20)}, BASE_FINAL, {10: finals(0.0022, 0.042)}, STEPS)
     assert v.verdict == "incomplete"
+    two = {s: BASE[s] for s in (10, 11)}
+    v = rule.evaluate(two, {10: curve(20)}, BASE_FINAL, {10: finals(0.0022, 0.042)}, STEPS)
+    assert v.verdict == "incomplete" and "needs >= 3 finished baseline seeds" in v.reasons[0]
+
+
+def test_the_control_holds_each_baseline_seed_out():
+    four = {**BASE, 13: curve(13)}
+    four_final = {**BASE_FINAL, 13: finals(0.0022, 0.042)}
+    held = rule.control(four, four_final, STEPS)
+    assert sorted(held) == [10, 11, 12, 13] and all(v.verdict == "pass" for v in held.values())
+    assert rule.control(BASE, BASE_FINAL, STEPS) == {}  # three seeds: none to spare
+    odd = {**BASE, 13: curve(13, scale=1.6)}  # one "baseline" seed that trained differently
+    held = rule.control(odd, four_final, STEPS)
+    assert held[13].verdict == "fail"
+
+
+def test_a_failed_control_makes_the_proof_incomplete():
+    runs = [_run("baseline", s, c) for s, c in BASE.items()] + [_run("baseline", 13, curve(13, scale=1.6))]
+    runs += [_run("fused", 10, curve(20))]
+    verdict, checks, _, control = convergence.judge(runs, STEPS)
+    assert control["verdict"] == "fail" and control["seeds"]["13"]["verdict"] == "fail"
+    assert verdict == "incomplete"
+    verdict, _, _, control = convergence.judge([r for r in runs if r.seed != 13 or r.variant != "baseline"]
+                                               + [_run("baseline", 13, curve(13))], STEPS)
+    assert control["verdict"] == "pass" and verdict == "pass"
+
+
+def test_the_rules_control_on_the_committed_h100_records():
+    """Issue 41's control (H100, water, 4000 steps): four upstream seeds, each passes the rule
+    against the other three; with only two of them in the band upstream fails its own rule in
+    most combinations (why the rule asks for three); broken-lr (half upstream's learning rate)
+    fails; broken-force (descriptor x (1 + 1e-6), a same-weights parity fault) is below what any
+    training curve shows and passes -- it is caught by parity, not by this rule."""
+    import itertools
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / "results" / "convergence"
+    rec = ConvergenceRecord.from_json(root / "20261206T080829Z-edd480-water.json")
+    base = [r for r in rec.runs if r.variant == "baseline"]
+    assert len(base) == 4 and rec.card.startswith("NVIDIA H100")
+    verdict, checks, _, control = convergence.judge(rec.runs, rec.steps)
+    assert control["verdict"] == "pass" and verdict == "pass"
+    assert checks["fused"]["verdict"] == "pass" and checks["broken-force"]["verdict"] == "pass"
+    curves = {r.seed: r.lcurve.to_dict() for r in base}
+    fin = {r.seed: r.dp_test for r in base}
+    pairs = [rule.evaluate({s: curves[s] for s in (a, b)}, {k: curves[k]}, {s: fin[s] for s in (a, b)},
+                           {k: fin[k]}, rec.steps).verdict
+             for k in curves for a, b in itertools.combinations(sorted(set(curves) - {k}), 2)]
+    assert pairs.count("incomplete") == 12  # two seeds are no band under the rule now
+    lr = ConvergenceRecord.from_json(root / "20261206T082122Z-eb44b4-water.json")
+    verdict, checks, _, control = convergence.judge(lr.runs, lr.steps)
+    assert checks["broken-lr"]["verdict"] == "fail" and control["verdict"] == "pass" and verdict == "fail"
+    (blr,) = [r for r in lr.runs if r.variant == "broken-lr"]
+    assert blr.lcurve.lr[0] == pytest.approx(0.5 * base[0].lcurve.lr[0])  # what the variant changes, and only that
+
+
+def test_broken_lr_manifest_says_test_only() -> None:
+    from harness.prepare import variants
+
+    v = variants.load_variant("broken-lr")
+    assert "TEST-ONLY" in v.description and "NEVER SHIP" in v.description and v.overrides == {}
 
 
 def test_final_band_uses_a_calibrated_threshold_when_given():
@@ -113,17 +174,19 @@ def test_learning_rate_follows_upstreams_rule():
     assert systems.load_system("water").input["learning_rate"]["decay_steps"] == 5000  # not mutated
 
 
+def _run(v: str, seed: int, c: dict) -> ConvergenceRun:
+    wall = [1.0 + s * 0.01 for s in c["step"]]
+    return ConvergenceRun(variant=v, seed=seed, status="ok", wall_s=120.0, step_ms_median=1.1,
+                          concurrent=2, dp_test=finals(0.0022, 0.042),
+                          lcurve=LcurveRows(step=c["step"], rmse_e_val=c["rmse_e_val"],
+                                            rmse_f_val=c["rmse_f_val"], lr=[1e-3] * len(c["step"]), wall_s=wall))
+
+
 def _record() -> ConvergenceRecord:
-    runs = []
-    for v, seed, c in [("baseline", 10, BASE[10]), ("baseline", 11, BASE[11]), ("fused", 10, curve(20))]:
-        wall = [1.0 + s * 0.01 for s in c["step"]]
-        runs.append(ConvergenceRun(variant=v, seed=seed, status="ok", wall_s=120.0, step_ms_median=1.1,
-                                   concurrent=2, dp_test=finals(0.0022, 0.042),
-                                   lcurve=LcurveRows(step=c["step"], rmse_e_val=c["rmse_e_val"],
-                                                     rmse_f_val=c["rmse_f_val"], lr=[1e-3] * len(c["step"]),
-                                                     wall_s=wall)))
+    runs = [_run(v, seed, c) for v, seed, c in [("baseline", 10, BASE[10]), ("baseline", 11, BASE[11]),
+                                                ("baseline", 12, BASE[12]), ("fused", 10, curve(20))]]
     runs.append(ConvergenceRun(variant="fused", seed=11, status="not started", error="time budget"))
-    verdict, checks, ttr = convergence.judge(runs, STEPS)
+    verdict, checks, ttr, _ = convergence.judge(runs, STEPS)
     return ConvergenceRecord(schema=SCHEMA, sweep_id="20261204T000000Z-abcdef", system="water", steps=STEPS,
                              device="cuda", card="NVIDIA H200", parallel=3, rule=rule.RULE_TEXT,
                              verdict=verdict, checks=checks, time_to_rmse=ttr, runs=runs)
@@ -136,7 +199,7 @@ def test_judge_and_record_round_trip(tmp_path):
     path = store.write(rec, tmp_path)
     back = ConvergenceRecord.from_json(path)
     assert back.to_dict() == json.loads(path.read_text())
-    assert back.runs[2].lcurve.rmse_f_val == rec.runs[2].lcurve.rmse_f_val and back.runs[3].status == "not started"
+    assert back.runs[3].lcurve.rmse_f_val == rec.runs[3].lcurve.rmse_f_val and back.runs[4].status == "not started"
     assert [r.sweep_id for r in store.load_records(tmp_path)] == [rec.sweep_id]
     (tmp_path / "junk.json").write_text("{")
     warned = []
@@ -200,7 +263,7 @@ def test_a_calibration_of_this_length_sets_the_final_band(tmp_path, monkeypatch)
     tol = convergence.calibrated_final_tol("water", "cuda", 12345)
     assert tol == {"rmse_e_per_atom": 0.2, "rmse_f": 0.05}
     rec = _record()
-    verdict, checks, _ = convergence.judge(rec.runs, STEPS, tol)
+    verdict, checks, _, _ = convergence.judge(rec.runs, STEPS, tol)
     assert "calibrated" in checks["fused"]["spread_source"]["rmse_f"]
     assert (checks["fused"]["seeds_finished"], checks["fused"]["seeds_planned"]) == (1, 2)
 
@@ -227,7 +290,7 @@ def test_baseline_seeds_are_reused_only_from_the_same_training(tmp_path):
     path = store.write(rec, tmp_path / "conv")
     old = convergence.read_baseline_record(path)
     got = convergence.reused_baseline(old, system, STEPS, "cuda", "NVIDIA H200", "b1", ident)
-    assert [(r.variant, r.seed, r.sweep_id) for r in got] == [("baseline", 10, rec.sweep_id), ("baseline", 11, rec.sweep_id)]
+    assert [(r.variant, r.seed, r.sweep_id) for r in got] == [("baseline", s, rec.sweep_id) for s in (10, 11, 12)]
     for args, says in [((STEPS, "cuda", "NVIDIA H200", "b2", ident), "baseline build"),
                        ((5000, "cuda", "NVIDIA H200", "b1", ident), "steps"),
                        ((STEPS, "cuda", "NVIDIA A100", "b1", ident), "card"),
@@ -251,3 +314,14 @@ def test_baseline_seeds_are_reused_only_from_the_same_training(tmp_path):
     with pytest.raises(convergence.UserError, match="no finished baseline"):
         convergence.reused_baseline(convergence.read_baseline_record(store.write(rec, tmp_path / "c2")),
                                     system, STEPS, "cuda", "NVIDIA H200", "b1", ident)
+
+
+def test_rejudge_without_new_seeds_only_under_a_changed_rule(tmp_path):
+    rec = _record()
+    rec.rule = "an older rule"
+    old = store.write(rec, tmp_path)
+    again = convergence.rejudge(old, [], tmp_path, log=lambda m: None)
+    assert again.rejudged_from == rec.sweep_id and again.rule == rule.RULE_TEXT and again.verdict == "pass"
+    assert [r.seed for r in again.runs if r.variant == "baseline"] == [10, 11, 12]
+    with pytest.raises(convergence.UserError, match="judged by the rule in force already"):
+        convergence.rejudge(again.path, [], tmp_path, log=lambda m: None)
