@@ -15,7 +15,8 @@ ADAM = ("Adam", "AdamW")
 FUSED_ACTIVATIONS = ("tanh", "linear", "none")  # engines/dpfast/analytic_nets.py
 
 
-def _get(d: Any, path: str, default: Any = None) -> Any:
+def dotted(d: Any, path: str, default: Any = None) -> Any:
+    """d["a"]["b"] for path "a.b"; default where a level is missing or not a dict."""
     for k in path.split("."):
         if not isinstance(d, dict) or k not in d:
             return default
@@ -79,7 +80,7 @@ def engine_refusal(inp: dict[str, Any], engine_variant: str = "fused") -> str | 
     for key in ("relative_f", "enable_atom_ener_coeff"):
         if _on(loss.get(key)):
             return f"loss.{key}"
-    opt = _get(inp, "optimizer.type") or _get(inp, "training.opt_type") or "Adam"
+    opt = dotted(inp, "optimizer.type") or dotted(inp, "training.opt_type") or "Adam"
     if opt not in ADAM:
         return f"optimizer {opt!r} (only Adam/AdamW)"
     tr = inp.get("training") if isinstance(inp.get("training"), dict) else {}
@@ -95,7 +96,7 @@ def engine_refusal(inp: dict[str, Any], engine_variant: str = "fused") -> str | 
         for s in [systems] if isinstance(systems, str) else (systems or []):
             if str(s).rstrip("/").endswith(".lmdb"):
                 return f"training.{part}.systems {s!r} (LMDB data; the engine reads npy systems)"
-    if _on(_get(inp, "validating.full_validation")):
+    if _on(dotted(inp, "validating.full_validation")):
         return "validating.full_validation"
     return None
 

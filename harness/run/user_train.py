@@ -167,7 +167,7 @@ def _supervise(cmd: list[str], wd: Path, env: dict[str, str], log_path: Path, ba
 
 
 def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord:
-    from harness.prepare import build, input_check, upstream
+    from harness.prepare import build, checkpoint_check, input_check, train_preflight, upstream
     from harness.run.bench import resolve_device
 
     src = Path(req.input_path)
@@ -189,7 +189,14 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
     pin = upstream.default_pin()
     b = build.build_variant(variant, pin)
     run_inp = absolute_data(inp, src.resolve().parent)
-    input_check.check_input(run_inp, b.tree, str(src))
+    normalised = input_check.check_input(run_inp, b.tree, str(src))
+    # what the schema accepts but no training can use: refused here, before the output folder
+    start = checkpoint_step(req.restart) if req.restart is not None else 0
+    train_preflight.preflight(normalised, str(src), list(system.type_map), list(system.train),
+                              list(system.validation), start, _neighbour_stats(normalised, system))
+    for flag, ckpt in (("--restart", req.restart), ("--init-model", req.init_model)):
+        if ckpt is not None:
+            checkpoint_check.check_checkpoint(Path(ckpt), normalised, b.tree, flag)
     wd.mkdir(parents=True, exist_ok=True)
     fsutil.atomic_write_text(wd / "input.json", json.dumps(run_inp, indent=2) + "\n")
     dp_args = [train.BACKEND_FLAG[b.backend], "train", "input.json"]
@@ -241,6 +248,15 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         command=cmd, outputs=outputs, world_size=world, follow_upstream_order=req.follow_upstream_order)
     fsutil.atomic_write_json(wd / RECORD_NAME, asdict(rec))
     return rec
+
+
+def _neighbour_stats(normalised: dict[str, Any], system: systems.System) -> dict[str, Any] | None:
+    """The data's neighbour counts within the input's rcut, when sel is an explicit list of an
+    se_e2_a descriptor (sel "auto" is upstream's to fit)."""
+    desc = (normalised.get("model") or {}).get("descriptor") or {}
+    if desc.get("type") not in ("se_e2_a", "se_a") or not isinstance(desc.get("sel"), list):
+        return None
+    return systems.neighbour_stats(dataclasses.replace(system, input={**system.input, "model": normalised["model"]}))
 
 
 def ranks_that_ran(wd: Path) -> int:
