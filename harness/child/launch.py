@@ -92,6 +92,43 @@ def _install_lcurve_hook(run_dir: Path, backend: str) -> None:
     training.Trainer.print_on_training = hooked
 
 
+def atomic_saver(real_save):
+    """torch.save with a path target made atomic (harness.core.fsutil.atomic_write: a temporary
+    file beside it, fsync, one rename): a full disk or a kill mid-write leaves the previous file
+    as it was and no half checkpoint under the final name; file objects pass through."""
+    from harness.core import fsutil
+
+    def save(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)):
+            return fsutil.atomic_write(Path(f), lambda tmp: real_save(obj, tmp, *a, **k))
+        return real_save(obj, f, *a, **k)
+
+    return save
+
+
+def _install_atomic_checkpoints(backend: str) -> None:
+    """Upstream's PyTorch trainer writes each checkpoint with torch.save straight to
+    model.ckpt-<step>.pt (Trainer._write_checkpoint) and only then points `checkpoint` and
+    model.ckpt.pt at it: made atomic for the duration of that call (the engines save through it
+    too)."""
+    if backend != "pt":
+        return
+    import torch
+    from deepmd.pt.train import training
+
+    orig = training.Trainer._write_checkpoint
+
+    def hooked(self, *a, **k):
+        real = torch.save
+        torch.save = atomic_saver(real)
+        try:
+            return orig(self, *a, **k)
+        finally:
+            torch.save = real
+
+    training.Trainer._write_checkpoint = hooked
+
+
 def _backend_of(dp_args: list[str]) -> str:
     for flag, name in (("--pt", "pt"), ("--jax", "jax"), ("--tf", "tf"), ("--pytorch", "pt"),
                        ("--tensorflow", "tf"), ("--pt-expt", "pt-expt"), ("--pytorch-exportable", "pt-expt"),
@@ -157,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     _install_upstream_hooks(clock, _backend_of(dp_args))
     if rank0:
         _install_lcurve_hook(run_dir, _backend_of(dp_args))
+    _install_atomic_checkpoints(_backend_of(dp_args))
     patch_loader.import_modules(args.module)
 
     from deepmd.main import main as dp_main

@@ -44,7 +44,7 @@ def check_batch_size(value: Any, key: str, natoms: list[int], where: str) -> Non
                                              "\"auto:N\", \"max:N\" or \"filter:N\"")
         n = int(m.group(2))
         if n < 1:
-            raise _refuse(where, key, value, f"the rule's atom count must be >= 1 (it gives batches of 0 frames)")
+            raise _refuse(where, key, value, "the rule's atom count must be >= 1 (it gives batches of 0 frames)")
         if m.group(1) == "filter" and natoms and min(natoms) > n:
             raise _refuse(where, key, value, f"removes every system (the smallest has {min(natoms)} atoms)")
 

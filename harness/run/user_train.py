@@ -198,6 +198,33 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
         if ckpt is not None:
             checkpoint_check.check_checkpoint(Path(ckpt), normalised, b.tree, flag)
     wd.mkdir(parents=True, exist_ok=True)
+    lock = _output_lock(wd)
+    try:
+        return _train_in(wd, req, b, run_inp, src, variant, why, device, log)
+    finally:
+        lock.release()
+
+
+LOCK_NAME = ".dpharness-train.lock"
+
+
+def _output_lock(wd: Path):
+    """Held while a training writes into `wd`: a second `dpharness train` there is refused (exit
+    2) instead of interleaving its checkpoints and lcurve with the first's. The OS releases the
+    lock when the holder dies, so a killed run never blocks its own --restart."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(wd / LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise UserError(f"--output {wd}: another dpharness train is writing there (lock {wd / LOCK_NAME}); "
+                        f"wait for it or choose another folder") from None
+    return lock
+
+
+def _train_in(wd: Path, req: TrainRequest, b, run_inp: dict[str, Any], src: Path, variant: str, why: str,
+              device: str, log: Callable[[str], None]) -> TrainingRecord:
     fsutil.atomic_write_text(wd / "input.json", json.dumps(run_inp, indent=2) + "\n")
     dp_args = [train.BACKEND_FLAG[b.backend], "train", "input.json"]
     if req.restart is not None:
@@ -215,7 +242,7 @@ def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord
             follow = {envvars.DPH_FOLLOW_UPSTREAM_ORDER: "1"}
     env = train.subprocess_env(device, {**distributed.distributed_env(req.gpus), **b.env,
                                         envvars.DPH_VARIANT: b.name, **follow}, wd)
-    steps = int(inp.get("training", {}).get("numb_steps", 0) or 0)
+    steps = int(run_inp.get("training", {}).get("numb_steps", 0) or 0)
     # a restart runs from its checkpoint's step to numb_steps; the child counts the steps it ran
     todo = max(0, steps - checkpoint_step(req.restart)) if req.restart is not None else steps
     log(f"training {todo} steps" + (f" (to step {steps})" if todo != steps else "") + f" on {device} in {wd}")

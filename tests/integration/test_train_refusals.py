@@ -137,3 +137,22 @@ def test_a_good_restart_still_trains(user_dir, tiny_system, trained) -> None:
     assert cli.main(["train", str(user_dir / "input.json"), "--variant", "baseline", "--device", "cpu",
                      "--output", str(user_dir / "more"), "--restart", str(trained / "model.ckpt-2.pt")]) == 0
     assert (user_dir / "more" / "model.ckpt-4.pt").is_file()
+    assert not [p for p in (user_dir / "more").iterdir() if ".tmp" in p.name]  # checkpoints written atomically
+
+
+def test_a_folder_another_training_writes_to_is_refused(user_dir, tiny_system, capsys) -> None:
+    from filelock import FileLock
+
+    from harness.run import user_train
+
+    (user_dir / "input.json").write_text(json.dumps(_input(tiny_system)))
+    out = user_dir / "busy"
+    out.mkdir()
+    args = ["train", str(user_dir / "input.json"), "--variant", "baseline", "--device", "cpu", "--output", str(out)]
+    with FileLock(str(out / user_train.LOCK_NAME)):  # as a running `dpharness train` holds it
+        assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "another dpharness train is writing there" in err[-1] and len([x for x in err if "error" in x]) == 1
+    assert not list(out.glob("model.ckpt*"))
+    assert cli.main(args) == 0  # released (as when its holder exits or is killed): it trains
+    assert (out / "model.ckpt-2.pt").is_file()
