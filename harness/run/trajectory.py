@@ -60,7 +60,8 @@ def _train(role: str, name: str, built, system, req: TrajectoryRequest, device: 
     b = built[name]
     follow = {envvars.DPH_FOLLOW_UPSTREAM_ORDER: "1"} if b.engine == "dpfast" else {}
     rid = results.run_id(sweep, system.name, "baseline-again" if role == "upstream-again" else name, f"s{req.seed}")
-    one_thread = {"OMP_NUM_THREADS": "1"} if device == "cpu" else {}  # upstream is bitwise reproducible so
+    # on one CPU thread upstream reproduces its own curve to the bit: the floor is then exactly 0
+    one_thread = {"OMP_NUM_THREADS": "1"} if device == "cpu" else {}
     spec = RunSpec(run_id=rid, sweep_id=sweep, system=system, variant=b, steps=int(req.steps), device=device,
                    seed=req.seed, work_dir=req.work_root / rid, launch_env={**one_thread, **req.extra_env, **follow})
     log(f"[{role} {name}] training {req.steps} steps on {device}" + (" on upstream's order" if follow else ""))
