@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.records import Part, read_json_object
+from harness.core.records import Part, RecordFile
 
 SCHEMA = "dpharness.convergence/1"
 
@@ -46,7 +46,9 @@ class ConvergenceRun(Part):
 
 
 @dataclass
-class ConvergenceRecord(Part):
+class ConvergenceRecord(RecordFile):
+    SCHEMA = SCHEMA  # the module's schema id, what from_json requires
+    WHAT = "convergence record"
     PARTS = {"runs": ConvergenceRun}
 
     schema: str | None = None
@@ -72,12 +74,3 @@ class ConvergenceRecord(Part):
     created: str | None = None
     path: Path | None = field(default=None, compare=False, metadata={"transient": True})
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> ConvergenceRecord:
-        rec = super().from_dict(d)
-        rec.path = None if path is None else Path(path)
-        return rec
-
-    @classmethod
-    def from_json(cls, path: Path) -> ConvergenceRecord:
-        return cls.from_dict(read_json_object(path, SCHEMA, "convergence record"), path)

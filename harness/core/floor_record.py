@@ -8,13 +8,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.records import BadRecord, Part, read_json_object
+from harness.core.records import BadRecord, RecordFile
 
 SCHEMA = "dpharness.floor/1"
 
 
 @dataclass
-class FloorRecord(Part):
+class FloorRecord(RecordFile):
+    SCHEMA = SCHEMA  # the module's schema id, what from_json requires
+    WHAT = "floor record"
     schema: str | None = None
     sweep_id: str | None = None
     system: str | None = None
@@ -38,15 +40,6 @@ class FloorRecord(Part):
     created: str | None = None
     path: Path | None = field(default=None, compare=False, metadata={"transient": True})
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> FloorRecord:
-        rec = super().from_dict(d)
-        rec.path = None if path is None else Path(path)
-        return rec
-
-    @classmethod
-    def from_json(cls, path: Path) -> FloorRecord:
-        return cls.from_dict(read_json_object(path, SCHEMA, "floor record"), path)
 
 
 def load_floors(folder: Path, warn=None) -> list[FloorRecord]:

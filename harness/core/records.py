@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 # The only input settings a variant may change (ASC22 rule): everything else is science.
 ALLOWED_OVERRIDES = (
@@ -455,6 +455,39 @@ def read_json_object(path: Path, schema: str | None = None, what: str = "record"
     return d
 
 
+class RecordFile(Part):
+    """A Part that is a whole results file (a run, convergence, trajectory or floor record):
+    read from one JSON whose "schema" is SCHEMA, remembering the path it came from (the
+    subclass declares the transient `path` field)."""
+
+    SCHEMA = None  # the "schema" value the file must carry (None: the subclass checks its own)
+    WHAT = "record"  # how an error names the kind of file
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None):
+        rec = super().from_dict(d)
+        rec.path = None if path is None else Path(path)
+        return rec
+
+    @classmethod
+    def from_json(cls, path: Path):
+        return cls.from_dict(read_json_object(path, cls.SCHEMA, cls.WHAT), path)
+
+    @classmethod
+    def read_dir(cls, directory: Path, warn: Callable[[str], None]) -> list:
+        """Every record of this kind directly under `directory` (*.json; subfolders hold raw
+        files), newest first by name (sweep ids sort by time); an unreadable file is skipped with
+        one warn() line."""
+        directory = Path(directory)
+        out = []
+        for p in sorted(directory.glob("*.json"), reverse=True) if directory.is_dir() else []:
+            try:
+                out.append(cls.from_json(p))
+            except BadRecord as e:
+                warn(f"skipping {p}: {e}")
+        return out
+
+
 # what every reader indexes a record by; a record without them is older than run_id-keyed records
 REQUIRED = ("run_id", "sweep_id", "system", "variant")
 # the sub-objects read as typed parts: null is fine, anything but an object is not
@@ -475,7 +508,7 @@ def record_problem(d: Any) -> str | None:
 
 
 @dataclass
-class StoredRun(Part):
+class StoredRun(RecordFile):
     """One results JSON read back (docs/results-schema.md), every schema version: what a key of
     an older record lacks reads as None (an empty part for the objects), what this code does not
     know is kept, and to_dict() is the JSON again. `path`: the file it was read from or written
@@ -519,12 +552,6 @@ class StoredRun(Part):
     anchors: Anchors | None = None
     speedup_vs: Speedups | None = None
     path: Path | None = field(default=None, compare=False, metadata={"transient": True})
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> StoredRun:
-        rec = super().from_dict(d)
-        rec.path = None if path is None else Path(path)
-        return rec
 
     @classmethod
     def from_json(cls, path: Path) -> StoredRun:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.core.records import Part, read_json_object
+from harness.core.records import Part, RecordFile
 
 SCHEMA = "dpharness.trajectory/1"
 
@@ -46,7 +46,9 @@ class TrajectoryComparison(Part):
 
 
 @dataclass
-class TrajectoryRecord(Part):
+class TrajectoryRecord(RecordFile):
+    SCHEMA = SCHEMA  # the module's schema id, what from_json requires
+    WHAT = "trajectory record"
     PARTS = {"runs": TrajectoryRun, "comparisons": TrajectoryComparison}
 
     schema: str | None = None
@@ -68,12 +70,3 @@ class TrajectoryRecord(Part):
     created: str | None = None
     path: Path | None = field(default=None, compare=False, metadata={"transient": True})
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any] | None, path: Path | None = None) -> TrajectoryRecord:
-        rec = super().from_dict(d)
-        rec.path = None if path is None else Path(path)
-        return rec
-
-    @classmethod
-    def from_json(cls, path: Path) -> TrajectoryRecord:
-        return cls.from_dict(read_json_object(path, SCHEMA, "trajectory record"), path)

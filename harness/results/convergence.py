@@ -7,7 +7,6 @@ from typing import Callable
 
 from harness.core import fsutil
 from harness.core.convergence_records import ConvergenceRecord
-from harness.core.records import BadRecord
 from harness.results.runs import ROOT, warn_stderr
 
 CONVERGENCE = ROOT / "results" / "convergence"
@@ -21,11 +20,4 @@ def write(rec: ConvergenceRecord, directory: Path = CONVERGENCE) -> Path:
 def load_records(directory: Path = CONVERGENCE, warn: Callable[[str], None] = warn_stderr) -> list[ConvergenceRecord]:
     """Every convergence record under `directory`, newest first; unreadable files are skipped
     with a warning."""
-    directory = Path(directory)
-    out = []
-    for p in sorted(directory.glob("*.json"), reverse=True) if directory.is_dir() else []:
-        try:
-            out.append(ConvergenceRecord.from_json(p))
-        except BadRecord as e:
-            warn(f"skipping {p}: {e}")
-    return out
+    return ConvergenceRecord.read_dir(directory, warn)

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Callable
 
 from harness.core import fsutil
-from harness.core.records import BadRecord
 from harness.core.trajectory_records import TrajectoryRecord
 from harness.results.runs import ROOT, warn_stderr
 
@@ -21,11 +20,4 @@ def write(rec: TrajectoryRecord, directory: Path = TRAJECTORY) -> Path:
 def load_records(directory: Path = TRAJECTORY, warn: Callable[[str], None] = warn_stderr) -> list[TrajectoryRecord]:
     """Every trajectory record directly under `directory` (its subfolders hold raw curves), newest
     first; unreadable files are skipped with a warning."""
-    directory = Path(directory)
-    out = []
-    for p in sorted(directory.glob("*.json"), reverse=True) if directory.is_dir() else []:
-        try:
-            out.append(TrajectoryRecord.from_json(p))
-        except BadRecord as e:
-            warn(f"skipping {p}: {e}")
-    return out
+    return TrajectoryRecord.read_dir(directory, warn)
