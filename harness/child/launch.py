@@ -53,6 +53,7 @@ def _install_upstream_hooks(clock, backend: str) -> None:
             clock.tick("upstream")
         return orig(self, *a, **k)
 
+    hooked.__wrapped__ = orig  # a replay of the data order draws without ticking (child/resume.py)
     setattr(cls, meth, hooked)
 
 
@@ -196,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         _install_lcurve_hook(run_dir, _backend_of(dp_args))
     _install_atomic_checkpoints(_backend_of(dp_args))
     patch_loader.import_modules(args.module)
+    if rank0:  # after the variant's modules: its engine's Trainer.run is the one wrapped
+        from harness.child import resume
+
+        resume.install(run_dir, clock, _backend_of(dp_args), envvars.flag(envvars.DPH_FOLLOW_UPSTREAM_ORDER))
 
     from deepmd.main import main as dp_main
 

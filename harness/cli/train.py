@@ -10,11 +10,24 @@ def _train(a: argparse.Namespace) -> int:
     from harness.core.errors import whole_number
     from harness.run import user_train
 
-    req = user_train.TrainRequest(
-        input_path=Path(a.input), variant=a.variant, output=Path(a.output) if a.output else None,
-        restart=Path(a.restart) if a.restart else None, init_model=Path(a.init_model) if a.init_model else None,
-        freeze=a.freeze, device=a.device, follow_upstream_order=a.follow_upstream_order,
-        gpus=whole_number(a.gpus, 1, f"--gpus must be a whole number, not {a.gpus!r}", "--gpus must be at least 1, not {n}"))
+    from harness.core.errors import UserError
+
+    gpus = whole_number(a.gpus, 1, f"--gpus must be a whole number, not {a.gpus!r}", "--gpus must be at least 1, not {n}")
+    if a.resume is not None:
+        if a.output is not None and Path(a.output).resolve() != Path(a.resume).resolve():
+            raise UserError(f"--resume {a.resume} continues in that folder; --output {a.output} names another")
+        req = user_train.resume_request(Path(a.resume), a.variant, None if a.device == "auto" else a.device)
+        if a.input is not None and Path(a.input).resolve() != req.input_path.resolve():
+            raise UserError(f"--resume {a.resume} trained {req.input_path}, not {a.input}")
+        req.freeze, req.gpus = a.freeze, gpus
+        req.follow_upstream_order = req.follow_upstream_order or a.follow_upstream_order
+    elif a.input is None:
+        raise UserError("dpharness train needs INPUT.json (or --resume OUTPUT_DIR)")
+    else:
+        req = user_train.TrainRequest(
+            input_path=Path(a.input), variant=a.variant, output=Path(a.output) if a.output else None,
+            restart=Path(a.restart) if a.restart else None, init_model=Path(a.init_model) if a.init_model else None,
+            freeze=a.freeze, device=a.device, follow_upstream_order=a.follow_upstream_order, gpus=gpus)
     rec = user_train.run(req, log=lambda m: print(m, file=sys.stderr))
     last = ", ".join(f"{k} {v:.3g}" for k, v in rec.final_lcurve.items() if k != "step")
     ranks = f" on {rec.world_size} processes" if rec.world_size > 1 else ""
@@ -27,7 +40,8 @@ def _train(a: argparse.Namespace) -> int:
 
 def register_cli(sub) -> None:
     t = sub.add_parser("train", help="train a model on your own input.json with a variant (input unchanged)")
-    t.add_argument("input", help="upstream DeePMD-kit input.json; data paths relative to its folder")
+    t.add_argument("input", nargs="?", help="upstream DeePMD-kit input.json; data paths relative to its folder "
+                   "(optional with --resume)")
     t.add_argument("--variant", default=None,
                    help="variant to train with (default: fused when its engine trains the input, else baseline)")
     t.add_argument("--output", default=None, help="output folder (default: <input's folder>/train-<variant>)")
@@ -35,6 +49,9 @@ def register_cli(sub) -> None:
     ck.add_argument("--restart", default=None, metavar="CKPT", help="continue from a checkpoint (upstream's --restart)")
     ck.add_argument("--init-model", default=None, metavar="CKPT",
                     help="start from a checkpoint's weights (upstream's --init-model)")
+    ck.add_argument("--resume", default=None, metavar="OUTPUT_DIR",
+                    help="continue a stopped or killed dpharness train in OUTPUT_DIR from its newest checkpoint "
+                         "(same input and variant; the lcurve goes on from the checkpoint's step)")
     t.add_argument("--freeze", action="store_true", help="then `dp --pt freeze` into OUTPUT/frozen_model.pth")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda")
     t.add_argument("--gpus", default="1", metavar="N",

@@ -148,22 +148,99 @@ def read_lcurve(path: Path) -> tuple[list[str], list[dict[str, float]]]:
     return cols, rows
 
 
+class TrainingStopped(RunFailed):
+    """SIGTERM (a scheduler's time limit) or Ctrl-C stopped the training; the child saved the step
+    it reached (harness/child/resume.py) and `--resume` continues from it."""
+
+
+STOP_GRACE_S = 120  # a step, plus the checkpoint's write, after the stop request
+
+
 def _supervise(cmd: list[str], wd: Path, env: dict[str, str], log_path: Path, bar: Progress) -> int:
+    from harness.child import resume
+
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             while proc.poll() is None:
                 time.sleep(0.25)
                 bar.update_to(train.read_progress(wd))
-        except KeyboardInterrupt:
-            os.killpg(proc.pid, signal.SIGINT)  # upstream stops; its last checkpoint stays
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI turns it into this)
+            # the child saves the step it reached at its next step boundary, then exits
+            os.killpg(proc.pid, signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=STOP_GRACE_S)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-            raise
+            raise TrainingStopped(_stopped_message(wd, resume.read_stopped(wd), proc.returncode)) from None
     return proc.returncode
+
+
+def _stopped_message(wd: Path, stopped: dict | None, rc: int) -> str:
+    newest = newest_checkpoint(wd)
+    where = f"; continue with: dpharness train --resume {wd}" if newest else ""
+    if stopped and stopped.get("checkpoint"):
+        return f"training stopped at step {stopped['steps_done']}: checkpoint {stopped['checkpoint']} written{where}"
+    if stopped:
+        return f"training stopped before its first new step (nothing to save){where}"
+    last = f"; newest checkpoint {newest}" if newest else "; no checkpoint"
+    return f"training stopped (exit {rc}) without saving the step it reached{last}{where}"
+
+
+REQUEST_NAME = ".dpharness-train-request.json"  # what --resume needs to run the same training again
+
+
+def newest_checkpoint(wd: Path) -> Path | None:
+    """The checkpoint of the most steps in `wd` (upstream's model.ckpt-<step>.pt names; an atomic
+    write's temporary file is hidden and never matches)."""
+    found = [(checkpoint_step(p), p) for p in Path(wd).glob("model.ckpt-*.pt") if re.fullmatch(r"model\.ckpt-\d+\.pt", p.name)]
+    return max(found)[1] if found else None
+
+
+def resume_request(wd: Path, variant: str | None = None, device: str | None = None) -> TrainRequest:
+    """`dpharness train --resume OUTPUT`: the request that trained into OUTPUT, restarted from its
+    newest checkpoint."""
+    wd = Path(wd)
+    if not wd.is_dir():
+        raise UserError(f"--resume {wd}: not a folder")
+    try:
+        d = json.loads((wd / REQUEST_NAME).read_text())
+    except (OSError, ValueError):
+        raise UserError(f"--resume {wd}: no dpharness train ran there ({REQUEST_NAME} missing or unreadable)") from None
+    if variant is not None and variant != d["variant"]:
+        raise UserError(f"--resume {wd}: it trained with {d['variant']}; a resumed run keeps its variant, "
+                        f"not --variant {variant}")
+    ckpt = newest_checkpoint(wd)
+    if ckpt is None:
+        raise UserError(f"--resume {wd}: no checkpoint (model.ckpt-<step>.pt) there yet; start it again without --resume")
+    return TrainRequest(input_path=Path(d["input"]), variant=d["variant"], output=wd, restart=ckpt,
+                        device=device or d["device"], follow_upstream_order=bool(d.get("follow_upstream_order")))
+
+
+def truncate_curves(wd: Path, step: int) -> None:
+    """Before a restart from the checkpoint of `step` into the folder that wrote it: the rows of
+    steps after it (trained, then lost with the kill) go, so the continued lcurve holds every
+    displayed step once."""
+    lc = wd / "lcurve.out"
+    if lc.is_file():
+        keep = []
+        for line in lc.read_text().splitlines(keepends=True):
+            head = line.split()[:1]
+            if line.startswith("#") or not head:
+                keep.append(line)
+                continue
+            try:
+                if float(head[0]) <= step:
+                    keep.append(line)
+            except ValueError:
+                keep.append(line)
+        fsutil.atomic_write_text(lc, "".join(keep))
+    full = wd / "lcurve_full.jsonl"
+    if full.is_file():
+        rows = [x for x in full.read_text().splitlines(keepends=True)
+                if x.strip() and json.loads(x).get("step", 0) <= step]
+        fsutil.atomic_write_text(full, "".join(rows))
 
 
 def run(req: TrainRequest, log: Callable[[str], None] = print) -> TrainingRecord:
@@ -226,6 +303,13 @@ def _output_lock(wd: Path):
 def _train_in(wd: Path, req: TrainRequest, b, run_inp: dict[str, Any], src: Path, variant: str, why: str,
               device: str, log: Callable[[str], None]) -> TrainingRecord:
     fsutil.atomic_write_text(wd / "input.json", json.dumps(run_inp, indent=2) + "\n")
+    fsutil.atomic_write_json(wd / REQUEST_NAME, {"input": str(src.resolve()), "variant": variant, "device": device,
+                                                 "follow_upstream_order": req.follow_upstream_order})
+    from harness.child import resume
+
+    (wd / resume.STOPPED_NAME).unlink(missing_ok=True)
+    if req.restart is not None and Path(req.restart).resolve().parent == wd:
+        truncate_curves(wd, checkpoint_step(req.restart))
     dp_args = [train.BACKEND_FLAG[b.backend], "train", "input.json"]
     if req.restart is not None:
         dp_args += ["--restart", str(Path(req.restart).resolve())]

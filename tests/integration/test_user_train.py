@@ -6,13 +6,13 @@ to a process start-up; the trainings are module-scoped and shared by the checks.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _upstream_fixtures import first_frames as _frames
 from harness.cli import main as cli
 from harness.judge import processes
 from harness.prepare import systems, workload
@@ -25,13 +25,6 @@ LCURVE_COLUMNS = ["step", "rmse_val", "rmse_trn", "rmse_e_val", "rmse_e_trn", "r
                   "rmse_v_val", "rmse_v_trn", "lr"]
 
 
-def _frames(src: Path, dst: Path, n: int) -> Path:
-    (dst / "set.000").mkdir(parents=True)
-    for f in ("type.raw", "type_map.raw"):
-        shutil.copy(src / f, dst / f)
-    for p in (src / "set.000").glob("*.npy"):
-        np.save(dst / "set.000" / p.name, np.load(p)[:n])
-    return dst
 
 
 def _input(steps: int) -> dict:
@@ -140,10 +133,14 @@ def test_restart_continues_past_the_first_run(baseline, user_dir):
     assert rec["numb_steps"] == 20 and rec["steps_lcurve"] == 20 and rec["restart"]
     _, rows = user_train.read_lcurve(out / "lcurve.out")
     steps = [int(r["step"]) for r in rows]
-    assert steps == [10, 15, 20]  # upstream's first row is the step it restarted from
-    # upstream's exp schedule over 20 steps (decay 0.1 ** (5 / 20) every 5) is one decay in at step
-    # 10's row: the schedule went on from the checkpoint's step; a fresh start would show 1e-3
-    assert rows[0]["lr"] == pytest.approx(1e-3 * 0.1 ** 0.25, rel=1e-2)
+    # the next step after the checkpoint's (upstream's own --restart runs step 10 again and shows
+    # its row a second time; harness/child/resume.py)
+    assert steps == [15, 20]
+    # upstream's exp schedule over 20 steps (decay 0.1 ** (5 / 20) every 5) is two decays in at step
+    # 15's row (full precision: lcurve.out rounds to two digits): the schedule went on from the
+    # checkpoint's step; a fresh start would show 1e-3
+    full = [json.loads(x) for x in (out / "lcurve_full.jsonl").read_text().splitlines()]
+    assert full[0]["step"] == 15 and full[0]["lr"] == pytest.approx(1e-3 * 0.1 ** 0.5, rel=1e-12)
     assert (out / "model.ckpt-20.pt").exists()
 
 
