@@ -160,7 +160,8 @@ def _supervise(cmd: list[str], wd: Path, env: dict[str, str], log_path: Path, ba
     from harness.child import resume
 
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=wd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_term_with_parent)
         try:
             while proc.poll() is None:
                 time.sleep(0.25)
@@ -175,6 +176,18 @@ def _supervise(cmd: list[str], wd: Path, env: dict[str, str], log_path: Path, ba
                 proc.wait()
             raise TrainingStopped(_stopped_message(wd, resume.read_stopped(wd), proc.returncode)) from None
     return proc.returncode
+
+
+def _term_with_parent() -> None:
+    """In the training child before it starts (Linux): SIGTERM when `dpharness train` dies, even
+    by SIGKILL, so the child saves the step it reached and exits instead of training on as an
+    orphan beside a --resume (it runs in its own session, out of reach of its parent's group)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _stopped_message(wd: Path, stopped: dict | None, rc: int) -> str:

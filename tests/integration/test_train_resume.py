@@ -78,9 +78,11 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _train_and_kill(d: Path, variant: str, out: Path, sig: signal.Signals) -> subprocess.CompletedProcess:
+def _train_and_kill(d: Path, variant: str, out: Path, sig: signal.Signals,
+                    parent_only: list[int] | None = None) -> subprocess.CompletedProcess:
     """`dpharness train` as a user runs it, killed once its progress shows KILL_AT steps: SIGTERM
-    to the command (as a scheduler's time limit), or SIGKILL to it and its training (a node lost)."""
+    to the command (as a scheduler's time limit), or SIGKILL to it and its training (a node lost),
+    or (parent_only, which receives the children's pids) SIGKILL to the command alone."""
     cmd = [sys.executable, "-m", "harness", "train", str(d / "input.json"), "--variant", variant, "--device", "cpu",
            "--output", str(out)]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -93,7 +95,10 @@ def _train_and_kill(d: Path, variant: str, out: Path, sig: signal.Signals) -> su
             pass
         time.sleep(0.05)
     assert p.poll() is None, f"the training ended before the kill at step {KILL_AT} (seed {SEED}): {p.stderr.read()[-2000:]}"
-    if sig == signal.SIGKILL:
+    if parent_only is not None:
+        parent_only += _children(p.pid)
+        p.kill()
+    elif sig == signal.SIGKILL:
         for c in _children(p.pid):  # the training child runs in its own session
             os.killpg(c, signal.SIGKILL)
         os.killpg(p.pid, signal.SIGKILL)
@@ -166,6 +171,24 @@ def test_sigkill_loses_at_most_save_freq_steps_and_resume_equals_the_uninterrupt
     newest = user_train.newest_checkpoint(out)
     assert newest is not None and reached - user_train.checkpoint_step(newest) <= SAVE, (SEED, reached, newest)
     assert not [x for x in out.iterdir() if ".tmp" in x.name]  # no half-written checkpoint
+    assert cli.main(["train", "--resume", str(out), "--device", "cpu"]) == 0
+    _assert_same_training(full_baseline, out, rel=0.0)
+
+
+def test_a_killed_dpharness_train_leaves_no_orphan_training(user_dir, full_baseline):
+    """SIGKILL to `dpharness train` alone (its training child runs in its own session, out of
+    reach of a signal to its parent's group): the child is told (SIGTERM on its parent's death),
+    saves the step it reached and exits; nothing trains on beside a later --resume."""
+    out = user_dir / "parent-killed"
+    children: list[int] = []
+    p = _train_and_kill(user_dir, "baseline", out, signal.SIGKILL, parent_only=children)
+    assert p.returncode == -signal.SIGKILL and children
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and any(Path(f"/proc/{c}").exists() for c in children):
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{c}").exists() for c in children), "the training child outlived its parent"
+    stopped = json.loads((out / "stopped.json").read_text())
+    assert stopped["checkpoint"] and stopped["steps_done"] >= KILL_AT, (SEED, stopped)
     assert cli.main(["train", "--resume", str(out), "--device", "cpu"]) == 0
     _assert_same_training(full_baseline, out, rel=0.0)
 
