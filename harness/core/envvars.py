@@ -81,6 +81,8 @@ DPH_PARITY_SYSTEMS = _declare("DPH_PARITY_SYSTEMS", "tools/gpu_check_fused.py", 
                               "water")
 DPH_PARITY_COMPILED = _declare("DPH_PARITY_COMPILED", "tools/gpu_check_fused.py", "1: also check compiled parity")
 DPH_TEST_SIGNAL = _declare("DPH_TEST_SIGNAL", "tests/integration/test_reliability.py", "signal (or OOM) the killer variant raises")
+DPH_TEST_KILL_SEED = _declare("DPH_TEST_KILL_SEED", "tests/integration/test_train_resume.py",
+                              "seed of the random kill step (reproduces a failure; default: a fresh one)")
 DPH_TEST_KILL_AT = _declare("DPH_TEST_KILL_AT", "tests/integration/test_reliability.py", "step at which the killer variant dies",
                             "3")
 

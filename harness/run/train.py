@@ -307,6 +307,13 @@ def _diagnose(log_path: Path, rc: int) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if rc < 0:
         return f"killed by signal {-rc}"
+    from harness.child import resume
+
+    stopped = resume.read_stopped(log_path.parent) if rc == resume.STOP_EXIT else None
+    if stopped is not None:  # the child handled SIGTERM: it stopped at a step boundary (child/resume.py)
+        at = f"at step {stopped['steps_done']}" if stopped.get("steps_done") is not None else "before its first step"
+        ck = f", checkpoint {stopped['checkpoint']}" if stopped.get("checkpoint") else ""
+        return f"killed by signal {int(signal.SIGTERM)} (SIGTERM): stopped {at}{ck}"
     for ln in reversed(lines):
         if "OutOfMemoryError" in ln or "out of memory" in ln.lower():
             return "GPU out of memory: " + ln[-200:]
