@@ -289,9 +289,12 @@ class GraphEngine(Predictor, DeviceData):
         # the group sequence: one host RNG seed shared by all ranks, so their graphs line up
         rng = np.random.default_rng(host_seed)
         ngroups = len(self.groups)
-        replay = int(getattr(tr, "_dph_replay_steps", 0) or 0)  # a resumed run (harness/child/resume.py)
-        if replay and not self.follow_upstream_order:
-            self.replay_draws(rng, replay, chief)
+        # a resumed run on the engine's own sampler (harness/child/resume.py): the draws of the
+        # steps before its start (group choice and frames; sampling is eager on every device, no
+        # draw sits in a captured graph), the display steps' validation batches between them
+        replay = getattr(tr, "_dph_replay", None)
+        if replay is not None:
+            replay(lambda: self.sample(self.groups[0 if ngroups == 1 else int(rng.choice(ngroups, p=self.group_prob))]))
         if runtime is not None:
             runtime.clock.claim("graph")
         for step_id in range(tr.start_step, tr.num_steps):
@@ -352,23 +355,6 @@ class GraphEngine(Predictor, DeviceData):
         if chief:
             log.info(f"Trained model has been saved to: {tr.save_ckpt}")
             fout.close()
-
-    def replay_draws(self, rng, steps: int, chief: bool) -> None:
-        """A resumed run: the draws of the loop below for its first `steps` steps (group choice,
-        the batch's frames, a display step's validation batches), without training, so the
-        continued run trains on the frames the uninterrupted one does. Sampling is eager on
-        every device (no draw is inside a captured graph), so the same calls advance the same
-        generators."""
-        tr = self.tr
-        ngroups = len(self.groups)
-        for step_id in range(steps):
-            gi = 0 if ngroups == 1 else int(rng.choice(ngroups, p=self.group_prob))
-            self.sample(self.groups[gi])
-            d = step_id + 1
-            if chief and tr.display_in_training and (d % tr.disp_freq == 0 or d == 1) and tr.validation_data is not None:
-                for _ in range(tr.valid_numb_batch):
-                    if tr.get_data(is_train=False)[0] == {}:
-                        break
 
     def _seed_ranks(self) -> int:
         """The host seed of the group sequence, and (data parallel) a rank-specific device RNG.

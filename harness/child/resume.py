@@ -13,8 +13,7 @@
   torch generator: the statistics' sample at start-up, each step's training batch, the validation
   batches of each display step. A restart skips the statistics, so the stream is replayed: the
   statistics' sample, then every earlier step's draws, without training on them. A dpfast engine
-  on its own sampler replays its own draws (GraphEngine.replay_draws, given
-  `trainer._dph_replay_steps`).
+  on its own sampler replays through `trainer._dph_replay(draw_one_step)` before its loop.
 
 Single process, single task only; other trainings keep upstream's behaviour (and say so in the log).
 """
@@ -82,9 +81,11 @@ def install(run_dir: Path, clock, backend: str, follow_upstream_order: bool) -> 
         if replay:
             _replay_statistics(self)
             if engine is None or follow_upstream_order:  # the loop draws through upstream's samplers
-                _replay_upstream_draws(self, replay)
-                self._dph_replay_steps = 0
-            # else the engine replays its own sampler's draws before its loop
+                fn = type(self)._next_training_batch
+                draw = getattr(fn, "__wrapped__", fn)  # upstream's own, not through the step clock's hook
+                _replay_draws(self, replay, lambda: draw(self, "Default"))
+            else:  # the engine draws one step of its own sampler, before its loop, through this
+                self._dph_replay = functools.partial(_replay_draws, self, replay)
         seen = [0]
 
         def on_tick(_n: int) -> None:
@@ -176,13 +177,12 @@ def _display(tr, step: int) -> bool:
     return bool(getattr(tr, "display_in_training", True)) and (d % tr.disp_freq == 0 or d == 1)
 
 
-def _replay_upstream_draws(tr, steps: int) -> None:
-    """Every step's training batch and every display step's validation batches, as upstream's
-    loop (and a dpfast engine following upstream's order) draws them, without training."""
-    fn = type(tr)._next_training_batch
-    draw = getattr(fn, "__wrapped__", fn)  # upstream's own, not through the step clock's hook
+def _replay_draws(tr, steps: int, draw_training) -> None:
+    """Every step's training batch (`draw_training()`: upstream's sampler, or a dpfast engine's
+    own) and every display step's validation batches, in the order the loop draws them, without
+    training."""
     for s in range(steps):
-        draw(tr, "Default")
+        draw_training()
         if _display(tr, s) and tr.validation_data is not None:
             for _ in range(tr.valid_numb_batch):
                 tr.get_data(is_train=False)
