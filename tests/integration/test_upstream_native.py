@@ -222,6 +222,9 @@ def ptx_sweep(tiny_system, tmp_path_factory):
     recs = {}
     for p in (tmp / "res" / "runs").glob("*.json"):
         d = json.loads(p.read_text())
+        # the step clock's raw per-step times (the record keeps only their statistics)
+        steps = tmp / "res" / "work" / d["run_id"] / "steps.json"
+        d["_step_s"] = json.loads(steps.read_text())["step_s"] if steps.is_file() else None
         recs[d["variant"]] = d
     return rc, recs
 
@@ -235,10 +238,15 @@ def test_ptx_trains_is_timed_against_upstreams_own_average_and_passes_the_gate(p
     assert r["upstream_options"] == {}
     t = r["timing"]
     assert t["steps_measured"] >= 1 and t["step_s_median"] > 0
-    # our clock (ticks at upstream's train_step) vs upstream's own "average training time" line
-    # over steps 3..8 (display intervals, validation included): the same steps, two clocks
-    ratio = t["upstream_avg_step_s"] / t["step_s_median"]
-    assert 1 / 3 < ratio < 3, (t["upstream_avg_step_s"], t["step_s_median"])
+    # our clock (ticks at upstream's train_step) vs upstream's own "average training time" line:
+    # the same statistic over the same steps, two clocks. Upstream averages the display intervals
+    # ending at steps 4, 6, 8 (steps 3..8, validation included); step_s[i] is step i+1's interval,
+    # and the last one also holds our end-of-training save, so steps 3..7 are compared. (The
+    # median of the steady steps 6..7 is not the same statistic: on a loaded 2-core machine one
+    # slow display step moves upstream's mean 3x away from it.)
+    ours = sum(r["_step_s"][2:7]) / 5
+    ratio = t["upstream_avg_step_s"] / ours
+    assert 1 / 3 < ratio < 3, (t["upstream_avg_step_s"], ours, r["_step_s"])
     acc = r["accuracy"]
     assert acc["verdict"] == "pass", acc["detail"]
     assert acc["dp_test"]["rmse_f"] > 0  # dp --pt-expt test of its own checkpoint
