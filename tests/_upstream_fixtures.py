@@ -326,27 +326,16 @@ def upstream_adam_step(tr, inp: dict, label: dict, lr: float, params=None):
 def load_fused_patches(monkeypatch) -> None:
     """Load graph's and fused's patch modules in-process, as the training process does: they set
     the accuracy-gate hooks (harness.child.runtime) and make upstream's Trainer.run train with the
-    fused engine. All of that is put back after the test."""
+    fused engine, all through harness.core.rebind, and all put back after the test (tests/conftest.py
+    runs every test in a rebind scope). `monkeypatch`: kept for the callers' fixtures (knobs)."""
     import importlib.util
 
-    from deepmd.pt.train import training
-
-    from harness.child import runtime
-
-    monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)
-    monkeypatch.setattr(runtime, "parity_forward", runtime.parity_forward)
-    monkeypatch.setattr(runtime, "parity_train_step", runtime.parity_train_step)
     from dpfast import stats
 
-    # install() also rebinds upstream's neighbour-list builders (dpfast.stats); they are put back
+    # install() also replaces upstream's neighbour-list builders (dpfast.stats); they are put back
     # right after loading, so the upstream forward these tests compare with is upstream's own (as
-    # the gate's reference, always the unpatched build); tests/engines/test_stats.py tests them
-    monkeypatch.setattr(stats, "_saved", {})
-    import deepmd.dpmodel.utils.nlist as dp_nlist
-    import deepmd.pt.utils.nlist as pt_nlist
-
-    monkeypatch.setattr(dp_nlist, "build_neighbor_list", dp_nlist.build_neighbor_list)
-    monkeypatch.setattr(pt_nlist, "build_neighbor_list", pt_nlist.build_neighbor_list)
+    # the gate's reference, always the unpatched build); tests/engines/test_stats.py tests them.
+    # The rest is put back after the test (tests/conftest.py: every test runs in a rebind scope).
     for name, d in (("select_engine", "graph"), ("select_engine", "fused")):
         spec = importlib.util.spec_from_file_location(f"t_{name}", REPO / "patches" / d / f"{name}.py")
         m = importlib.util.module_from_spec(spec)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -85,6 +86,32 @@ def tiny_system(tmp_path_factory) -> Path:
     if water_source() is None:  # it is committed: a missing copy is a broken checkout, not a skip
         raise FileNotFoundError(f"{REPO / 'systems' / 'water' / 'data'} is missing (restore it with git checkout)")
     return make_tiny_system(tmp_path_factory.mktemp("systems") / "tinywater")
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, one OpenMP thread per worker's core share (unless OMP_NUM_THREADS is
+    set): every training child defaults to all cores (harness/run/train.py), and two workers'
+    children at 2 threads each on 2 cores spin against each other -- two tiny-water benches side
+    by side took 160 s at 2 threads each, 85 s at 1 (2-core machine, 2026-12-06). Set here, in
+    the controller before the workers start, so the workers, their in-process torch and every
+    child they launch inherit it."""
+    n = getattr(config.option, "numprocesses", None)
+    if hasattr(config, "workerinput") or not n or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = os.cpu_count() or 1
+    workers = cores if n in ("auto", "logical") else int(n)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // max(1, workers)))
+
+
+@pytest.fixture(autouse=True)
+def _upstream_code_put_back():
+    """What a test replaces of upstream's code through harness.core.rebind (engines, patch
+    modules, the child's hooks loaded in-process) is put back when it ends; what a wider-scoped
+    fixture replaced before it stays for its module."""
+    from harness.core import rebind
+
+    with rebind.scope():
+        yield
 
 
 # The modules that take longest on the 2-core CI machine, longest first (docs/testing.md's table):

@@ -6,7 +6,7 @@ Both build their list with an all-pairs distance matrix (nf x nloc x nall): upst
 ``build_neighbor_list`` in ``deepmd.dpmodel.utils.nlist`` (statistics: EnvMatStatSe.iter) and in
 ``deepmd.pt.utils.nlist`` (the model's forward). At 12,288 water atoms (nall = 27 x nloc) that
 is ~1 TB, the CUDA OOM that stopped the 4x4x4 sweep before the engine ran. ``install()``
-rebinds those two module functions to ``build_neighbor_list_dpmodel`` / ``_pt``: upstream's
+replaces those two module functions (through ``harness.core.rebind``, which records it) to ``build_neighbor_list_dpmodel`` / ``_pt``: upstream's
 own normalisation and ghost extension stay (linear in atoms), only the list is searched
 with the engine's cell grid (``cells.CellGrid``), one frame and a bounded chunk of centre rows
 at a time, so peak memory grows linearly with the atoms. Frames small enough for the all-pairs
@@ -26,13 +26,15 @@ from typing import Any
 
 import torch
 
+from harness.core import rebind
+
 from .cells import CellGrid, rows_per_chunk
 from .geometry import DENSE_MAX_PAIRS
 
 # frames whose all-pairs matrix (nloc x nall) stays below this go to upstream's own builder, so
 # small systems (192 water atoms: 1 M) keep upstream's code bit for bit; tests lower it to 0
 DENSE_LIMIT = DENSE_MAX_PAIRS
-_saved: dict[tuple[str, str], Any] = {}  # (module, name) -> upstream's function
+BY = "dpfast.stats"  # the installer's name in the rebind log (and the run record)
 
 
 def _nearest_rows(ext: torch.Tensor, nloc: int, rcut: float, nsel: int, norm, stable: bool) -> torch.Tensor:
@@ -109,7 +111,7 @@ def build_neighbor_list_dpmodel(coord, atype, nloc, rcut, sel, distinguish_types
     """Drop-in for deepmd.dpmodel.utils.nlist.build_neighbor_list on torch tensors (what the
     pt backend's input statistics pass); other array types go to upstream's."""
     if not isinstance(coord, torch.Tensor) or _dense_is_small(coord, nloc):
-        return _saved[("deepmd.dpmodel.utils.nlist", "build_neighbor_list")](
+        return _upstream("deepmd.dpmodel.utils.nlist")(
             coord, atype, nloc, rcut, sel, distinguish_types=distinguish_types, pair_excl=pair_excl)
     from deepmd.dpmodel.utils.nlist import apply_pair_exclusion_nlist
 
@@ -122,7 +124,7 @@ def build_neighbor_list_dpmodel(coord, atype, nloc, rcut, sel, distinguish_types
 def build_neighbor_list_pt(coord, atype, nloc, rcut, sel, distinguish_types=True, cap_neighbors=True):
     """Drop-in for deepmd.pt.utils.nlist.build_neighbor_list (the model forward's list)."""
     if not cap_neighbors or _dense_is_small(coord, nloc):  # cap_neighbors=False: data-sized, upstream's
-        return _saved[("deepmd.pt.utils.nlist", "build_neighbor_list")](
+        return _upstream("deepmd.pt.utils.nlist")(
             coord, atype, nloc, rcut, sel, distinguish_types=distinguish_types, cap_neighbors=cap_neighbors)
     return cell_neighbor_list(coord, atype, nloc, rcut, sel, distinguish_types, stable=False)
 
@@ -131,28 +133,30 @@ _TARGETS = {
     ("deepmd.dpmodel.utils.nlist", "build_neighbor_list"): build_neighbor_list_dpmodel,
     ("deepmd.pt.utils.nlist", "build_neighbor_list"): build_neighbor_list_pt,
 }
+_WHY = ("its all-pairs distance matrix (nf x nloc x nall) ran the 12,288-atom cell out of GPU memory: "
+        "the same list through cell lists, linear in the atoms (upstream's own below DENSE_LIMIT)")
+
+
+def _upstream(mod: str) -> Any:
+    import importlib
+
+    return rebind.original(importlib.import_module(mod), "build_neighbor_list")
 
 
 def install() -> None:
-    """Rebind upstream's two all-pairs list builders to the cell-list ones (idempotent)."""
+    """Replace upstream's two all-pairs list builders by the cell-list ones (idempotent)."""
     import importlib
 
     for (mod, name), fn in _TARGETS.items():
-        m = importlib.import_module(mod)
-        cur = getattr(m, name)
-        if cur is not fn:
-            _saved.setdefault((mod, name), cur)
-            setattr(m, name, fn)
+        rebind.replace(importlib.import_module(mod), name, fn, by=BY, why=_WHY)
 
 
 def uninstall() -> None:
     """Put upstream's builders back."""
-    import importlib
-
-    for (mod, name), orig in list(_saved.items()):
-        setattr(importlib.import_module(mod), name, orig)
-    _saved.clear()
+    rebind.restore(BY)
 
 
 def installed() -> bool:
-    return bool(_saved)
+    import importlib
+
+    return any(rebind.is_replaced(importlib.import_module(mod), name) for mod, name in _TARGETS)

@@ -6,17 +6,22 @@ accuracy-gate hooks so the gate judges the engine's own code. Inputs outside the
 scope raise ``support.Unsupported`` naming what is unsupported.
 
 A variant selects an engine with a two-line patch module: ``from dpfast import trainer;
-trainer.install("fused")``. The engine is chosen by name, never by rebinding another
-module's globals, so what runs does not depend on the order modules were loaded in.
+trainer.install("fused")``. The engine is chosen by name (the wrapped run reads it from
+``_dph_engine``), so what runs does not depend on the order modules were loaded in. What is
+replaced -- ``Trainer.run``, the gate's two ``harness.child.runtime`` hooks, and through
+``stats.install`` upstream's two neighbour-list builders -- goes through ``harness.core.rebind``,
+which records it for the run record and puts it back in ``uninstall``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
+
+from harness.core import rebind
 
 from . import fused, graph, stats
 
 ENGINES: dict[str, type] = {"graph": graph.GraphEngine, "fused": fused.FusedEngine}
-_selected: list[str] = []  # the installed engine's name
+BY = "dpfast.trainer"
 
 
 def engine_class(name: str) -> type:
@@ -53,26 +58,22 @@ def install(name: str) -> None:
             finally:
                 self._close_lmdb_loaders()
 
-        engine_run._dph_orig = orig_run
-        training.Trainer.run = engine_run
+        rebind.replace(training.Trainer, "run", engine_run, by=BY,
+                       why="the training loop is a dpfast engine's (the record's engine block names it), "
+                           "after upstream has built model, statistics, loss, schedule and data")
     training.Trainer.run._dph_engine = cls
     # upstream's input statistics and validation forward, which the engine keeps, build their
     # neighbour lists from all pairs: through cell lists they stay linear in the atoms
     stats.install()
-    _selected[:] = [name]
-    try:
-        from harness.child import runtime
-    except ImportError:  # used outside the harness (tests drive the engine directly)
-        return
-    runtime.parity_forward, runtime.parity_train_step = GATE_HOOKS[name]
+    from harness.child import runtime
+
+    fwd, step = GATE_HOOKS[name]
+    why = "the accuracy gate judges the engine's own forward and step, not upstream's"
+    rebind.replace(runtime, "parity_forward", fwd, by=BY, why=why)
+    rebind.replace(runtime, "parity_train_step", step, by=BY, why=why)
 
 
 def uninstall() -> None:
-    """Put upstream's Trainer.run and neighbour-list builders back (tests)."""
-    from deepmd.pt.train import training
-
-    orig: Any = getattr(training.Trainer.run, "_dph_orig", None)
-    if orig is not None:
-        training.Trainer.run = orig
+    """Put upstream's Trainer.run, the gate's hooks and the neighbour-list builders back (tests)."""
+    rebind.restore(BY)
     stats.uninstall()
-    _selected.clear()

@@ -40,6 +40,8 @@ import types
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from harness.core import rebind
+
 from deepmd.pt.model.descriptor import se_a as _se_a
 from deepmd.pt.model.model import ener_model as _ener_model
 from deepmd.pt.utils import env as _env
@@ -67,7 +69,11 @@ FAR = 1.0e4  # padding atoms sit here (Angstrom); nothing references them, any f
 
 # the class make_model(DPEnergyAtomicModel) built; EnergyModel inherits forward_common_lower from it
 TARGET = _ener_model.DPEnergyModel_
-_upstream_lower = TARGET.forward_common_lower
+
+
+def _upstream_lower(*a, **k):
+    """Upstream's forward_common_lower, as it was before install (never a copy taken at import)."""
+    return rebind.original(TARGET, "forward_common_lower")(*a, **k)
 
 STATS = {"compiled_calls": 0, "fallback_calls": 0, "builds": 0, "build_s": []}
 _said: set[str] = set()
@@ -438,35 +444,30 @@ def forward_common_lower(self, extended_coord, extended_atype, nlist, mapping=No
                            charge_spin=charge_spin)
 
 
-_saved_hook: list = []
+BY = "dpfast.upstream_compile"
 
 
 def install() -> None:
-    """Swap forward_common_lower and register the accuracy-gate hook (idempotent)."""
-    if TARGET.__dict__.get("forward_common_lower") is forward_common_lower:
+    """Replace forward_common_lower and register the accuracy-gate hook (idempotent), through
+    harness.core.rebind (recorded; `uninstall` puts them back)."""
+    if rebind.is_replaced(TARGET, "forward_common_lower"):
         return
     import torch._dynamo.config as dynamo_config
+    from harness.child import runtime
 
     # the compiled region sits inside upstream's DDP wrapper; DDPOptimizer would split it at
     # bucket boundaries as if it were the whole model (upstream's SeZM note 5)
-    dynamo_config.optimize_ddp = False
-    TARGET.forward_common_lower = forward_common_lower
-    try:
-        from harness.child import runtime as _runtime
-
-        _saved_hook[:] = [_runtime.parity_forward]
-        _runtime.parity_forward = parity_forward
-    except Exception:  # noqa: BLE001  (outside the harness)
-        pass
+    rebind.replace(dynamo_config, "optimize_ddp", False, by=BY,
+                   why="DDPOptimizer would split the compiled region at DDP's bucket boundaries")
+    rebind.replace(TARGET, "forward_common_lower", forward_common_lower, by=BY,
+                   why="the energy/force path through one make_fx + Inductor graph (upstream's eager where ineligible)")
+    rebind.replace(runtime, "parity_forward", parity_forward, by=BY,
+                   why="the accuracy gate's forward goes through the compiled path and fails loudly if it did not")
 
 
 def uninstall() -> None:
-    """Put upstream's method (and the previous gate hook) back; for tests."""
-    TARGET.forward_common_lower = _upstream_lower
-    if _saved_hook:
-        from harness.child import runtime as _runtime
-
-        _runtime.parity_forward = _saved_hook.pop()
+    """Put upstream's method, dynamo's setting and the previous gate hook back; for tests."""
+    rebind.restore(BY)
 
 
 def parity_forward(model, coord, atype, box):

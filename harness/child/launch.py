@@ -13,6 +13,8 @@ import sys
 import threading
 from pathlib import Path
 
+from harness.core import rebind  # standard library only
+
 
 # (module, class, method, which calls count as a training step) of each backend's loop
 STEP_HOOKS = {
@@ -54,7 +56,8 @@ def _install_upstream_hooks(clock, backend: str) -> None:
         return orig(self, *a, **k)
 
     hooked.__wrapped__ = orig  # a replay of the data order draws without ticking (child/resume.py)
-    setattr(cls, meth, hooked)
+    rebind.replace(cls, meth, hooked, by="harness.child.launch",
+                   why="the step clock ticks at every training step (then upstream's own runs)")
 
 
 LCURVE_FULL = "lcurve_full.jsonl"
@@ -90,7 +93,8 @@ def _install_lcurve_hook(run_dir: Path, backend: str) -> None:
             f.write(json.dumps(row) + "\n")
         return orig(self, fout, step_id, cur_lr, train_results, valid_results)
 
-    training.Trainer.print_on_training = hooked
+    rebind.replace(training.Trainer, "print_on_training", hooked, by="harness.child.launch",
+                   why="every displayed lcurve row also at full precision (lcurve_full.jsonl; then upstream's own)")
 
 
 def atomic_saver(real_save):
@@ -127,7 +131,8 @@ def _install_atomic_checkpoints(backend: str) -> None:
         finally:
             torch.save = real
 
-    training.Trainer._write_checkpoint = hooked
+    rebind.replace(training.Trainer, "_write_checkpoint", hooked, by="harness.child.launch",
+                   why="upstream's own checkpoint write, made atomic (a kill or a full disk leaves no half file)")
 
 
 def _backend_of(dp_args: list[str]) -> str:
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra["engine"] = runtime.engine_report()
             except Exception as e:  # noqa: BLE001 (the step times must still be written)
                 extra["engine"] = {"error": f"{type(e).__name__}: {e}"}
+        extra["replaced"] = rebind.replaced()  # which of upstream's code did not run as written
         clock.dump(str(run_dir / "steps.json"), extra)
 
     if rank0:

@@ -4,7 +4,9 @@
   next step boundary and writes a checkpoint of the step it reached, in upstream's format and
   name (model.ckpt-<steps done>.pt, `checkpoint` and model.ckpt.pt pointed at it; a dpfast
   engine's flat optimizer state synced first, as its own saves do), then `stopped.json`, and exits
-  with STOP_EXIT. Before the first step it exits at once: there is nothing to save.
+  with STOP_EXIT. Before the first step it exits at once: there is nothing to save. After the
+  last step (upstream has saved the final checkpoint; only the child's exit is left) it is noted
+  in the log and the child finishes normally: the training is complete, not stopped.
 * **--restart continues with the next step.** Upstream stores the index of the last step done
   (train_infos.step) and its own restart runs that step a second time (one extra optimizer
   step, a duplicated lcurve row); here start_step is that index + 1 and the learning-rate
@@ -26,7 +28,10 @@ import os
 import signal
 from pathlib import Path
 
+from harness.core import rebind
+
 log = logging.getLogger("dpharness.resume")
+BY = "harness.child.resume"
 
 STOP_EXIT = 143  # 128 + SIGTERM, what a shell reports for a job ended by it
 STOPPED_NAME = "stopped.json"
@@ -43,7 +48,18 @@ class StopAtStep(BaseException):
 
 class _State:
     term = False
-    in_loop = False
+    phase = "start-up"  # start-up | loop | finished
+
+
+def _on_term(run_dir: Path) -> None:
+    """SIGTERM's handler: in the loop, ask for a stop at the next step boundary."""
+    if _State.phase == "start-up":  # nothing trained yet, nothing to save
+        _write_stopped(run_dir, None, None)
+        raise SystemExit(STOP_EXIT)
+    if _State.phase == "finished":  # every step done and saved: let the child end as it would
+        log.warning("SIGTERM after the last step: the training is complete, the child finishes normally")
+        return
+    _State.term = True
 
 
 def install(run_dir: Path, clock, backend: str, follow_upstream_order: bool) -> None:
@@ -52,14 +68,7 @@ def install(run_dir: Path, clock, backend: str, follow_upstream_order: bool) -> 
     from deepmd.pt.train import training
 
     T = training.Trainer
-
-    def on_term(signum, frame):
-        if not _State.in_loop:  # start-up: nothing trained yet, nothing to save
-            _write_stopped(run_dir, None, None)
-            raise SystemExit(STOP_EXIT)
-        _State.term = True
-
-    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGTERM, lambda signum, frame: _on_term(run_dir))
     _workers_ignore_sigterm()
 
     orig_init = T.__init__
@@ -69,7 +78,8 @@ def install(run_dir: Path, clock, backend: str, follow_upstream_order: bool) -> 
         orig_init(self, *a, **k)
         _continue_after_checkpoint(self)
 
-    T.__init__ = init
+    rebind.replace(T, "__init__", init, by=BY,
+                   why="a restart continues with the step after the checkpoint's (upstream's repeats it)")
 
     orig_run = T.run
     engine = getattr(orig_run, "_dph_engine", None)  # a dpfast engine installed by the variant
@@ -94,18 +104,22 @@ def install(run_dir: Path, clock, backend: str, follow_upstream_order: bool) -> 
                 raise StopAtStep(start + seen[0] - 1)
 
         clock.on_tick.append(on_tick)
-        _State.in_loop = True
+        _State.phase = "loop"
         try:
-            return orig_run(self)
+            out = orig_run(self)
         except StopAtStep as s:
             path = _save_reached(self, s.done) if s.done > start else None
             _write_stopped(run_dir, s.done, path)
             raise SystemExit(STOP_EXIT) from None
         finally:
-            _State.in_loop = False
             clock.on_tick.remove(on_tick)
+        _State.phase = "finished"
+        if _State.term:  # the signal came during the last step, after its tick: it is complete
+            log.warning("SIGTERM during the last step: the training is complete, the child finishes normally")
+        return out
 
-    T.run = run
+    rebind.replace(T, "run", run, by=BY,
+                   why="SIGTERM stops at a step boundary with a checkpoint; a restart replays the data order first")
 
 
 def _workers_ignore_sigterm() -> None:
@@ -125,7 +139,8 @@ def _workers_ignore_sigterm() -> None:
         return r
 
     set_handlers._dph_ignores_sigterm = True
-    signal_handling._set_worker_signal_handlers = set_handlers
+    rebind.replace(signal_handling, "_set_worker_signal_handlers", set_handlers, by=BY,
+                   why="DataLoader workers ignore SIGTERM, so a job-wide signal cannot fail the last batch")
     # multiprocessing's own exit handler ends daemonic children (the DataLoader's workers) with
     # SIGTERM and joins them, which would now wait for ever; registered after it, this runs first
     import atexit

@@ -224,6 +224,8 @@ class TrainResult:
     world_size: int | None = None
     # what the engine of a fast variant really ran (dpfast.ran.Ran as a dict); None: upstream's loop
     engine: dict[str, Any] | None = None
+    # what of upstream's code the child replaced (harness.core.rebind: target, by, why); None: not written
+    replaced: list[dict[str, str]] | None = None
 
 
 @dataclass
@@ -536,6 +538,9 @@ class StoredRun(RecordFile):
     steps: int | None = None
     seed: int | None = None
     engine: EngineRan | None = None  # what a fast engine ran (None: upstream's loop, or an older record)
+    # what of upstream's code the training child replaced (harness.core.rebind): target, by, why
+    # each; [] for upstream's code as written; None: an older record or a child that wrote none
+    upstream_replaced: list[dict[str, str]] | None = None
     atoms_per_frame: int | None = None  # None: a record older than the field
     workload: dict[str, Any] | None = None  # replicate / batch size a derived system was made with
     device: DeviceInfo = field(default_factory=DeviceInfo)

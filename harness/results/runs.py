@@ -57,6 +57,7 @@ def to_dict(rec: RunRecord) -> dict[str, Any]:
         "steps": run.steps,
         "seed": run.seed,
         "engine": train.engine,
+        "upstream_replaced": train.replaced,
         "device": {"kind": run.device, "name": rec.environment.get("gpu_name") if run.device == "cuda" else "cpu",
                    "count": rec.environment.get("gpu_count", 0) if run.device == "cuda" else 0},
         "timing": {k: v for k, v in to_jsonable(timing).items()},

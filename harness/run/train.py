@@ -226,7 +226,7 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         work_dir=wd, checkpoint=ckpt, lcurve=lcurve if lcurve.is_file() else None,
         input_path=input_path, log_path=log_path, upstream_avg_step_s=upstream_average(log_path),
         command=tuple(cmd), returncode=None if timed_out else proc.returncode, timed_out=timed_out,
-        world_size=world_size, engine=engine,
+        world_size=world_size, engine=engine, replaced=steps.get("replaced"),
     )
 
 

@@ -15,14 +15,21 @@ import torch.nn.functional as F
 from deepmd.pt.model.descriptor import se_a as _se_a
 from deepmd.pt.model.network import mlp as _mlp
 
-from harness.core import envvars
+from harness.core import envvars, rebind
 
 LOW = {"bfloat16": torch.bfloat16, "float16": torch.float16}[envvars.get_str(envvars.DPH_MIXED_DTYPE)]
 _state = threading.local()
 STATS = {"low_precision_linears": 0}
 
-_orig_block_forward = _se_a.DescrptBlockSeA.forward
-_orig_layer_forward = _mlp.MLPLayer.forward
+BY = "patches/mixed"
+
+
+def _orig_block_forward(self, *args, **kwargs):
+    return rebind.original(_se_a.DescrptBlockSeA, "forward")(self, *args, **kwargs)
+
+
+def _orig_layer_forward(self, xx):
+    return rebind.original(_mlp.MLPLayer, "forward")(self, xx)
 
 
 def _block_forward(self, *args, **kwargs):
@@ -53,5 +60,7 @@ def _layer_forward(self, xx: torch.Tensor) -> torch.Tensor:
     return yy.to(ori_prec)
 
 
-_se_a.DescrptBlockSeA.forward = _block_forward
-_mlp.MLPLayer.forward = _layer_forward
+rebind.replace(_se_a.DescrptBlockSeA, "forward", _block_forward, by=BY,
+               why="marks the se_e2_a embedding block, whose linears run in low precision")
+rebind.replace(_mlp.MLPLayer, "forward", _layer_forward, by=BY,
+               why="inside the embedding block: the GEMM in bf16/fp16 with fp32 accumulation; elsewhere upstream's")

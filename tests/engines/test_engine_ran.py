@@ -166,7 +166,15 @@ def test_a_broken_capture_is_a_failed_run_and_an_allowed_fallback_is_never_the_v
 def test_fused_records_the_engine_path_it_ran(tiny_system, tmp_path):
     r = _bench(tiny_system, tmp_path / "res", REPO / "patches", "fused")
     assert r.returncode == 0, r.stderr[-3000:]
-    e = _records(tmp_path / "res")["fused"]["engine"]
+    recs = _records(tmp_path / "res")
+    e = recs["fused"]["engine"]
     # on CPU without DPH_COMPILE_CPU the manifest's compile knobs stay off: the eager analytic path
     assert (e["engine"], e["device"], e["forces"], e["compiled"], e["cuda_graphs"], e["fallback"]) == \
         ("fused", "cpu", "analytic", "none", 0, None)
+    # the record says which of upstream's code the engine replaced (test_core: a baseline's, none of it)
+    mine = {(x["by"], x["target"]) for x in recs["fused"]["upstream_replaced"]}
+    assert {("dpfast.trainer", "deepmd.pt.train.training.Trainer.run"),
+            ("dpfast.trainer", "harness.child.runtime.parity_forward"),
+            ("dpfast.stats", "deepmd.pt.utils.nlist.build_neighbor_list"),
+            ("dpfast.stats", "deepmd.dpmodel.utils.nlist.build_neighbor_list")} <= mine
+

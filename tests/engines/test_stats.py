@@ -182,25 +182,45 @@ def test_small_frames_go_to_upstreams_builder(monkeypatch, patched):
     assert dp_nlist.build_neighbor_list is patched.build_neighbor_list_dpmodel
 
 
-def test_trainer_install_rebinds_and_uninstall_restores(monkeypatch):
+def test_trainer_install_rebinds_and_uninstall_restores():
+    """Every replacement of upstream's code goes through harness.core.rebind: listed (target,
+    installer, reason) while in place, idempotent, and after uninstall upstream's functions are
+    the originals again -- the training loop, the gate's hooks, both list builders, and
+    upstream_compile's forward_common_lower and dynamo setting."""
     import deepmd.dpmodel.utils.nlist as dp_nlist
     import deepmd.pt.utils.nlist as pt_nlist
+    import torch._dynamo.config as dynamo_config
     from deepmd.pt.train import training
 
-    from dpfast import stats, trainer
+    from dpfast import stats, trainer, upstream_compile
 
     from harness.child import runtime
+    from harness.core import rebind
 
-    monkeypatch.setattr(training.Trainer, "run", training.Trainer.run)
-    monkeypatch.setattr(runtime, "parity_forward", runtime.parity_forward)
-    monkeypatch.setattr(runtime, "parity_train_step", runtime.parity_train_step)
-    orig_dp, orig_pt = dp_nlist.build_neighbor_list, pt_nlist.build_neighbor_list
+    targets = [(training.Trainer, "run"), (runtime, "parity_forward"), (runtime, "parity_train_step"),
+               (dp_nlist, "build_neighbor_list"), (pt_nlist, "build_neighbor_list"),
+               (upstream_compile.TARGET, "forward_common_lower"), (dynamo_config, "optimize_ddp")]
+    before = [rebind._own(o, n) for o, n in targets]
     trainer.install("fused")
     try:
         assert dp_nlist.build_neighbor_list is stats.build_neighbor_list_dpmodel
         assert pt_nlist.build_neighbor_list is stats.build_neighbor_list_pt
-        trainer.install("fused")  # idempotent: upstream's stays the saved one
+        once = rebind.replaced()
+        trainer.install("fused")  # idempotent: nothing replaced twice, upstream's stays the original
+        assert rebind.replaced() == once
+        upstream_compile.install()
+        listed = rebind.replaced()
+        upstream_compile.install()
+        assert rebind.replaced() == listed
+        assert rebind.original(pt_nlist, "build_neighbor_list") is before[4]
+        mine = {(r["by"], r["target"]) for r in listed}
+        assert {("dpfast.trainer", "deepmd.pt.train.training.Trainer.run"),
+                ("dpfast.stats", "deepmd.pt.utils.nlist.build_neighbor_list"),
+                ("dpfast.upstream_compile", f"{upstream_compile.TARGET.__module__}.{upstream_compile.TARGET.__qualname__}.forward_common_lower")
+                } <= mine
+        assert all(r["why"] for r in listed)
     finally:
+        upstream_compile.uninstall()
         trainer.uninstall()
-    assert dp_nlist.build_neighbor_list is orig_dp and pt_nlist.build_neighbor_list is orig_pt
-    assert not stats.installed()
+    assert [rebind._own(o, n) for o, n in targets] == before
+    assert not stats.installed() and not any(r["by"].startswith("dpfast.") for r in rebind.replaced())

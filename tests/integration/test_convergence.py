@@ -1,5 +1,8 @@
-"""`dpharness convergence` end to end on CPU: real trainings of water (40 steps, 1 baseline seed +
-1 fused seed side by side), upstream's dp test of each, one record under results/convergence."""
+"""`dpharness convergence` end to end on CPU: real trainings of tiny water (water's frames and
+input with a reduced-size net, conftest's tiny_system; 40 steps, 1 baseline seed + 1 fused seed
+side by side), upstream's dp test of each, one record under results/convergence. What is tested
+is the command's plumbing (records, splits, rejudging, refusals), not water's science: the
+full-size net cost ~4x the minutes for the same assertions."""
 from __future__ import annotations
 
 import json
@@ -9,9 +12,9 @@ from harness.core.convergence_records import ConvergenceRecord
 from harness.results import convergence as store
 
 
-def test_convergence_end_to_end_on_cpu_writes_a_record(tmp_path, capsys):
+def test_convergence_end_to_end_on_cpu_writes_a_record(tiny_system, tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main.main(["convergence", "--system", "water", "--variant", "baseline:1", "--variant", "fused:1",
+    rc = main.main(["convergence", "--system", str(tiny_system), "--variant", "baseline:1", "--variant", "fused:1",
                     "--steps", "40", "--device", "cpu", "--parallel", "2", "--out-dir", str(out),
                     "--work-dir", str(tmp_path / "work")])
     text = capsys.readouterr().out
@@ -32,8 +35,8 @@ def test_convergence_end_to_end_on_cpu_writes_a_record(tmp_path, capsys):
     assert ConvergenceRecord.from_json(rec.path).to_dict() == rec.to_dict()
 
 
-def test_a_time_budget_too_short_for_any_run_records_them_not_started(tmp_path, capsys):
-    rc = main.main(["convergence", "--system", "water", "--variant", "baseline:2", "--variant", "fused:1",
+def test_a_time_budget_too_short_for_any_run_records_them_not_started(tiny_system, tmp_path, capsys):
+    rc = main.main(["convergence", "--system", str(tiny_system), "--variant", "baseline:2", "--variant", "fused:1",
                     "--steps", "40", "--device", "cpu", "--time-budget", "5", "--out-dir", str(tmp_path),
                     "--work-dir", str(tmp_path / "work")])
     assert rc == 0, capsys.readouterr()
@@ -42,12 +45,12 @@ def test_a_time_budget_too_short_for_any_run_records_them_not_started(tmp_path, 
     assert all("time budget" in r.error for r in rec.runs)
 
 
-def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tmp_path, capsys):
+def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tiny_system, tmp_path, capsys):
     """Call 1 trains the baseline seeds alone; call 2 trains fused against them (--baseline-from),
     as a 10,000-step proof is split when upstream's seeds fill a whole GPU call; a third call of
     another length is refused before it trains."""
     out, work = tmp_path / "out", tmp_path / "work"
-    common = ["--system", "water", "--device", "cpu", "--out-dir", str(out), "--work-dir", str(work)]
+    common = ["--system", str(tiny_system), "--device", "cpu", "--out-dir", str(out), "--work-dir", str(work)]
     assert main.main(["convergence", "--variant", "baseline:1", "--steps", "30", *common]) == 0
     [first] = store.load_records(out)
     assert [r.variant for r in first.runs] == ["baseline"] and first.verdict == "incomplete"

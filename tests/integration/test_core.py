@@ -261,6 +261,12 @@ def test_short_real_training_through_the_cli_writes_complete_records(tiny_system
             else Path(r["artifacts"]["checkpoint"])
         assert ckpt.exists()
         assert "variant_hash" in r and "memory" in r and "gpu_peak_bytes" in r["memory"]
+        # what of upstream's code did not run as written: the harness's own hooks, each with its reason
+        by_target = {x["target"]: x for x in r["upstream_replaced"]}
+        assert by_target["deepmd.pt.train.training.Trainer._write_checkpoint"]["by"] == "harness.child.launch"
+        assert "deepmd.pt.train.training.Trainer.print_on_training" in by_target
+        assert all(x["why"] for x in r["upstream_replaced"])
+        assert not any(x["by"].startswith(("dpfast.", "patches/")) for x in r["upstream_replaced"])  # no variant code
     fp32 = next(r for r in recs if r["variant"] == "fp32")
     inp = json.loads(Path(fp32["artifacts"]["input"]).read_text())
     assert inp["model"]["descriptor"]["precision"] == "float32"

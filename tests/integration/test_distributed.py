@@ -42,13 +42,16 @@ def test_launch_prefix_is_torchrun_for_more_than_one_gpu():
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 8])
-def test_distributed_env_always_disables_multicast(gpus):
+def test_distributed_env_always_disables_multicast(gpus, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite sets it under pytest-xdist
     env = distributed.distributed_env(gpus, cpu_count=16)
     assert env["NCCL_NVLS_ENABLE"] == "0"
     assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
     assert env["NVSHMEM_DISABLE_NVLS"] == "1"
-    if gpus > 1 and "OMP_NUM_THREADS" not in os.environ:
+    if gpus > 1:
         assert env["OMP_NUM_THREADS"] == str(16 // gpus)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting is kept (not overridden)
+    assert "OMP_NUM_THREADS" not in distributed.distributed_env(gpus, cpu_count=16)
 
 
 def test_training_command_per_backend():

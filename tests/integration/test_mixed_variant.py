@@ -7,7 +7,8 @@ PT model, everything else float32 as upstream's fp32 override has it.
    (more than fp32 rounding, far less than an error), and forces are still -dE/dr of the patched
    model (finite differences);
 3. training goes through the double backward (one upstream step updates every parameter);
-4. slow: `bench --variant mixed` end to end with the accuracy gate writes a judged record.
+4. slow: `bench --variant mixed` end to end with the accuracy gate writes a judged record (on
+   conftest's tiny water: the record's plumbing is under test, not water's science).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.cli import main as cli
+from harness.core import rebind
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     build_trainer, data, fcc_config, frames_of, rel, torch,
@@ -30,19 +32,21 @@ MODULE = REPO / "patches" / "mixed" / "low_precision_embedding.py"
 
 @pytest.fixture()
 def patched():
-    """Import the patch module (it patches upstream's classes) and undo it afterwards."""
+    """Import the patch module (it replaces upstream's methods through harness.core.rebind) and
+    undo it afterwards; upstream's methods are the originals again."""
     from deepmd.pt.model.descriptor import se_a
     from deepmd.pt.model.network import mlp
 
-    saved = (se_a.DescrptBlockSeA.forward, mlp.MLPLayer.forward)
-    spec = importlib.util.spec_from_file_location("dph_test_mixed", MODULE)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    try:
+    saved = (se_a.DescrptBlockSeA.__dict__["forward"], mlp.MLPLayer.__dict__["forward"])
+    with rebind.scope():
+        spec = importlib.util.spec_from_file_location("dph_test_mixed", MODULE)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        assert {r["target"].rsplit(".", 2)[-2] for r in rebind.replaced() if r["by"] == "patches/mixed"} == {
+            "DescrptBlockSeA", "MLPLayer"}
         yield mod
-    finally:
-        se_a.DescrptBlockSeA.forward, mlp.MLPLayer.forward = saved
+    assert (se_a.DescrptBlockSeA.__dict__["forward"], mlp.MLPLayer.__dict__["forward"]) == saved
 
 
 def _model_and_frames(data, tmp_path):
@@ -64,14 +68,11 @@ def test_embedding_linears_run_in_bf16_and_nothing_else(data, tmp_path, patched)
     # the reference above already ran patched (the module is imported): recompute it unpatched
     from deepmd.pt.model.descriptor import se_a
 
-    patched_block = se_a.DescrptBlockSeA.forward
-    se_a.DescrptBlockSeA.forward = patched._orig_block_forward
-    try:
+    with rebind.scope():
+        rebind.replace(se_a.DescrptBlockSeA, "forward", patched._orig_block_forward, by="test", why="unmarked")
         patched.STATS["low_precision_linears"] = 0
         fp32 = _predict(model, coord, atype, box)
         assert patched.STATS["low_precision_linears"] == 0  # outside the descriptor block: upstream's code
-    finally:
-        se_a.DescrptBlockSeA.forward = patched_block
     patched.STATS["low_precision_linears"] = 0
     mixed = _predict(model, coord, atype, box)
     # 3 types, type_one_side false: 9 embedding nets x 2 layers, each evaluated once per call
@@ -120,8 +121,8 @@ def test_one_training_step_reaches_every_parameter(data, tmp_path, patched):
 
 
 @pytest.mark.slow
-def test_bench_mixed_end_to_end(tmp_path):
-    rc = cli.main(["bench", "--system", "water", "--variant", "mixed", "--steps", "4", "--device", "cpu",
+def test_bench_mixed_end_to_end(tiny_system, tmp_path):
+    rc = cli.main(["bench", "--system", str(tiny_system), "--variant", "mixed", "--steps", "4", "--device", "cpu",
                    "--results-dir", str(tmp_path / "res")])
     recs = [json.loads(p.read_text()) for p in (tmp_path / "res" / "runs").glob("*.json")]
     mixed = [r for r in recs if r["variant"] == "mixed"]

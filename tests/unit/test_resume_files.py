@@ -57,3 +57,24 @@ def test_resume_request_refuses_what_it_cannot_resume(tmp_path):
     (wd / "model.ckpt-40.pt").unlink()
     with pytest.raises(UserError, match="no checkpoint"):
         user_train.resume_request(wd)
+
+
+def test_sigterm_in_each_phase_of_the_child(tmp_path, monkeypatch):
+    """Start-up: exit at once, nothing to save (stopped.json says no step); the loop: a stop asked
+    for at the next step boundary; after the last step: the child finishes normally (the
+    training is complete: no stop, no stopped.json)."""
+    from harness.child import resume
+
+    for phase in ("start-up", "loop", "finished"):
+        monkeypatch.setattr(resume._State, "phase", phase)
+        monkeypatch.setattr(resume._State, "term", False)
+        d = tmp_path / phase
+        d.mkdir()
+        if phase == "start-up":
+            with pytest.raises(SystemExit) as e:
+                resume._on_term(d)
+            assert e.value.code == resume.STOP_EXIT
+            assert resume.read_stopped(d) == {"signal": "SIGTERM", "steps_done": None, "checkpoint": None}
+        else:
+            resume._on_term(d)
+            assert resume._State.term is (phase == "loop") and resume.read_stopped(d) is None
