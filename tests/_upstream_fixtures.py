@@ -345,10 +345,13 @@ def load_fused_patches(monkeypatch) -> None:
 
 @pytest.fixture
 def knobs(monkeypatch):
-    """fused's compile knobs on, on CPU, with the fast aot_eager backend (tests may override); no
-    fallback allowed (a failed compile raises, as a fused run without DPH_ENGINE_ALLOW_FALLBACK)."""
-    monkeypatch.setenv("DPH_FUSED_COMPILE_STEP", "1")
-    monkeypatch.setenv("DPH_FLAT_ADAM_COMPILE", "1")
+    """fused's options as its manifest sets them (the benchmarked path), applied on CPU with the
+    fast aot_eager backend (tests may override); no fallback allowed (a failed compile raises, as
+    a fused run without DPH_ENGINE_ALLOW_FALLBACK)."""
+    from harness.prepare import variants
+
+    for k, v in variants.chain_env(variants.chain("fused")).items():
+        monkeypatch.setenv(k, v)
     monkeypatch.setenv("DPH_COMPILE_CPU", "1")
     monkeypatch.setenv("DPH_COMPILE_BACKEND", "aot_eager")
     monkeypatch.delenv("DPH_ENGINE_ALLOW_FALLBACK", raising=False)

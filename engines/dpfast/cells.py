@@ -76,3 +76,32 @@ class CellGrid:
 def rows_per_chunk(width: int, budget: int = 4_000_000) -> int:
     """Query rows per chunk so one chunk holds about `budget` candidate pairs."""
     return max(1, budget // max(1, 27 * width))
+
+
+def nearest_in_cells(local: torch.Tensor, ext: torch.Tensor, rcut: float, k: int, *,
+                     norm=torch.linalg.norm, stable: bool = False):
+    """The one cell-list search of the engine and of upstream's statistics (stats.py): for the
+    local atoms of one frame (nloc x 3; local atom i is extended atom i), per chunk of rows,
+    (r0, rs, pos, cand, d): the k smallest distances of each row with their positions in its
+    candidate row `cand` (R x M ascending extended indices, -1 = none) and the displacements
+    `d` (ext - coord_i, R x M x 3) of all candidates. The atom itself is at distance -1 (first,
+    as upstream's ``rr[i, i] -= 1`` on a zero), padding at +inf. Selection as upstream's: torch.topk,
+    or (stable) a stable sort as its dpmodel builder."""
+    dev = ext.device
+    grid = CellGrid(local, ext, rcut)
+    step = rows_per_chunk(grid.width)
+    for r0 in range(0, local.shape[0], step):
+        q = local[r0 : r0 + step]
+        cand = grid.candidates(q)  # R x M, ascending extended index, -1 = none
+        d = ext[torch.clamp(cand, min=0)] - q[:, None, :]
+        rr = norm(d, dim=-1)
+        rr = torch.where(cand < 0, torch.inf, rr)
+        me = torch.arange(r0, r0 + q.shape[0], device=dev)[:, None]
+        rr = torch.where(cand == me, -1.0, rr)  # self (zero shift, distance 0) sorts first
+        kk = min(k, rr.shape[1])
+        if stable:
+            rs, pos = torch.sort(rr, dim=1, stable=True)
+            rs, pos = rs[:, :kk], pos[:, :kk]
+        else:
+            rs, pos = torch.topk(rr, kk, largest=False)
+        yield r0, rs, pos, cand, d

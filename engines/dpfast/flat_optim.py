@@ -29,9 +29,11 @@ and frozen ones are left out, as torch's optimizer leaves them out.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
+
+from . import options
+from .options import EngineOptions
 
 log = logging.getLogger("deepmd.graph")
 
@@ -39,18 +41,6 @@ log = logging.getLogger("deepmd.graph")
 # Inductor copies misaligned inputs (extra kernels) and GEMMs prefer aligned operands. The gaps
 # are zeros in parameters, gradients and moments alike, and Adam keeps zeros zero.
 ALIGN_BYTES = 256
-
-
-def compile_on_cpu() -> bool:
-    """DPH_COMPILE_CPU=1: the opt-in torch.compile knobs (DPH_FLAT_ADAM_COMPILE, fused's
-    DPH_FUSED_COMPILE_STEP) apply on CPU too (tests, CPU checks); otherwise they are CUDA-only."""
-    return os.environ.get("DPH_COMPILE_CPU") == "1"
-
-
-def compile_backend() -> str:
-    """torch.compile backend of those knobs: inductor, or (tests only) DPH_COMPILE_BACKEND=aot_eager
-    / eager, which trace the same graph without Inductor's minutes-long CPU compile."""
-    return os.environ.get("DPH_COMPILE_BACKEND", "inductor")
 
 
 def adam_bucket_update(p, g, m, v, lr, step, *, b1: float, b2: float, eps: float, wd: float,
@@ -165,7 +155,8 @@ class FlatAdam:
     (float or float64 device tensor), ``zero_grad``, ``step``."""
 
     def __init__(self, flat: FlatParams, *, decoupled: bool, lr, betas, eps: float, weight_decay: float,
-                 step_device: torch.device | None = None, compile: bool | None = None) -> None:
+                 step_device: torch.device | None = None, compile: bool | None = None,
+                 opts: EngineOptions | None = None) -> None:
         self.flat = flat
         self.decoupled = bool(decoupled)
         self.betas = (float(betas[0]), float(betas[1]))
@@ -180,18 +171,19 @@ class FlatAdam:
             {"exp_avg": torch.zeros_like(b["flat"]), "exp_avg_sq": torch.zeros_like(b["flat"])}
             for b in flat.buckets
         ]
-        # DPH_FLAT_ADAM_COMPILE=1 (CUDA; CPU with DPH_COMPILE_CPU=1): the per-bucket update
-        # compiled into one elementwise kernel per bucket (compile=True/False overrides the env)
+        # opts.flat_adam_compile (CUDA; CPU with compile_cpu): the per-bucket update compiled into
+        # one elementwise kernel per bucket (compile=True/False overrides the options)
+        opts = options.current() if opts is None else opts
         if compile is None:
-            compile = os.environ.get("DPH_FLAT_ADAM_COMPILE") == "1" and (dev.type == "cuda" or compile_on_cpu())
+            compile = opts.flat_adam_compile and opts.compiles_on(dev.type)
         self.compiled = None
         if compile:
             import functools
 
             fn = functools.partial(adam_bucket_update, b1=self.betas[0], b2=self.betas[1], eps=self.eps,
                                    wd=self.weight_decay, decoupled=self.decoupled)
-            self.compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=compile_backend())
-            log.info("graph: flat %s step compiled (backend %s)", "AdamW" if decoupled else "Adam", compile_backend())
+            self.compiled = torch.compile(fn, dynamic=False, fullgraph=True, backend=opts.compile_backend)
+            log.info("graph: flat %s step compiled (backend %s)", "AdamW" if decoupled else "Adam", opts.compile_backend)
 
     def zero_grad(self, set_to_none: bool = False) -> None:  # noqa: ARG002 (the flat grad stays)
         self.flat.zero_grad()

@@ -27,11 +27,12 @@ their derivatives, per net and grouped).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
-from . import analytic_nets, flat_optim, graph, ran
+from harness.core import rebind
+
+from . import analytic_nets, graph, ran
 from .analytic_energy import AnalyticEnergy
 from .device_data import label_keys, label_shapes, stored_geometry
 from .prediction import GEOM_KEYS
@@ -49,20 +50,20 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
     geom_default = "compact"
     engine_name = "fused"
 
-    def __init__(self, trainer, device=None) -> None:
-        super().__init__(trainer, device)
+    def __init__(self, trainer, device=None, opts=None) -> None:
+        super().__init__(trainer, device, opts)
         self._init_fused()
         log.info("fused: %s embedding nets, %s fitting nets, %s contractions (DPH_FUSED_GROUPED=%s)",
                  "grouped" if self.grouped else "per-block",
                  "grouped" if self.grouped and self.grouped_fit else "per-type",
                  "grouped" if self.grouped and self.grouped_contract else "per-block",
-                 os.environ.get("DPH_FUSED_GROUPED", "1"))
+                 self.opts.grouped)
 
     # ---- used by the parity hooks too (no trainer)
     @classmethod
-    def from_model(cls, model, device=None) -> "FusedEngine":
+    def from_model(cls, model, device=None, opts=None) -> "FusedEngine":
         """Predict-only engine (no trainer), via graph's own model set-up."""
-        self = cls.for_model(model, device)
+        self = cls.for_model(model, device, opts)
         self._init_fused()
         return self
 
@@ -73,15 +74,15 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         for ls in self.fit_layers:
             if ls[-1].matrix.shape[1] != 1:
                 refuse("fitting net output width != 1", "fused")
-        self.autograd_forces = os.environ.get("DPH_FUSED_AUTOGRAD") == "1"
+        self.autograd_forces = self.opts.autograd_forces
         if getattr(self, "ran", None) is not None:  # a training engine (the gate's has none)
             self.ran.forces = "autograd" if self.autograd_forces else "analytic"
         self._compiled = None
         # compiled whole step (fused's manifest env; off in fused-predict): gather + energy/forces + upstream's loss
         # in ONE torch.compile'd function (see compiled_step_wanted / _step_core)
-        self.compile_step = os.environ.get("DPH_FUSED_COMPILE_STEP") == "1"
+        self.compile_step = self.opts.compile_step
         self._step_compiled = None
-        self.batched = os.environ.get("DPH_FUSED_BATCHED", "0") == "1"  # measured slower on water (padding)
+        self.batched = self.opts.batched  # measured slower on water (padding)
         # grouped (default "1"): with several descriptor blocks (fitting types), all their
         # embedding (fitting) nets in one chain of batched GEMMs over row chunks, and the
         # contractions R~^T G, G gxyz^T, R~ gxyz of all blocks in one bmm each over sub-atoms
@@ -89,9 +90,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         # contractions per block (embed_grouped_with_tangent); "emb": embedding nets grouped,
         # fitting nets per type, contractions per block; "0": one GEMM chain per block (variant
         # fused-blocks). The intermediate modes are there to measure each grouping apart.
-        mode = os.environ.get("DPH_FUSED_GROUPED", "1")
-        if mode not in ("0", "1", "nets", "emb"):
-            raise ValueError(f"DPH_FUSED_GROUPED={mode!r} (0 | 1 | nets | emb)")
+        mode = self.opts.grouped  # validated: 0 | 1 | nets | emb
         self.grouped = mode != "0"
         self.grouped_fit = mode in ("1", "nets")
         self.grouped_contract = mode == "1"
@@ -117,10 +116,11 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
 
     # ------------------------------------------------------- compiled whole step
     def compiled_step_wanted(self) -> bool:
-        """DPH_FUSED_COMPILE_STEP=1 on CUDA; on CPU only with DPH_COMPILE_CPU=1 as well (tests and
-        CPU checks: Inductor's C++ compile of the whole step takes minutes on 2 cores)."""
-        return (self.compile_step and not self.autograd_forces
-                and (self.cuda or flat_optim.compile_on_cpu()))
+        """opts.compile_step (and compile: off means eager throughout) on CUDA; on CPU only with
+        opts.compile_cpu as well (tests and CPU checks: Inductor's C++ compile of the whole step
+        takes minutes on 2 cores)."""
+        return (self.compile_step and self.opts.compile and not self.autograd_forces
+                and self.opts.compiles_on(self.device.type))
 
     def _step_core(self, S: dict, idx: torch.Tensor, lr: torch.Tensor):
         """gather -> energy/forces/virial (_predict_core) -> upstream's loss (loss_and_more, same
@@ -146,8 +146,8 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         return S
 
     def enable_step_compile(self) -> None:
-        backend = flat_optim.compile_backend()
-        self._step_compiled = _torch_compile(self._step_core, backend)
+        backend = self.opts.compile_backend
+        self._step_compiled = _torch_compile(self._step_core, backend, self.opts.compile_mode)
         log.info("fused: compiled whole step enabled (gather + energy/forces + loss in one torch.compile, "
                  "backend=%s, device %s)", backend, self.device.type)
 
@@ -174,17 +174,17 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         return loss, more
 
     def enable_compile(self) -> None:
-        self._compiled = _torch_compile(self._predict_core, "inductor")
-        log.info("fused: torch.compile enabled (mode=%s)", os.environ.get("DPH_FUSED_COMPILE_MODE", "default"))
+        self._compiled = _torch_compile(self._predict_core, "inductor", self.opts.compile_mode)
+        log.info("fused: torch.compile enabled (mode=%s)", self.opts.compile_mode)
 
     # --------------------------------------------------------------- prepare
     def compile_wanted(self) -> bool:
-        """On CUDA: the compiled step (or energy/force function) unless DPH_FUSED_COMPILE=0; on
-        CPU only the compiled whole step, with DPH_COMPILE_CPU=1 (compiled_step_wanted)."""
+        """On CUDA: the compiled step (or energy/force function) unless opts.compile is off; on
+        CPU only the compiled whole step, with opts.compile_cpu (compiled_step_wanted)."""
         if self.autograd_forces:
             return False
         if self.cuda:
-            return os.environ.get("DPH_FUSED_COMPILE", "1") == "1"
+            return self.opts.compile
         return self.compiled_step_wanted()
 
     def prepare(self) -> None:
@@ -200,7 +200,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
                 self.enable_step_compile()  # the whole step; predict is traced inside it
             else:
                 self.enable_compile()
-            r.compiled, r.compile_backend = ("step", flat_optim.compile_backend()) if step else ("predict", "inductor")
+            r.compiled, r.compile_backend = ("step", self.opts.compile_backend) if step else ("predict", "inductor")
             if self.cuda:
                 self.capture()
             else:
@@ -211,7 +211,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
                 # and a second capture after an invalidated one cannot work (RNG offsets)
                 raise
             why = f"{type(e).__name__}: {str(e)[:500]}"
-            if not ran.allow_fallback():
+            if not self.opts.allow_fallback:
                 raise ran.CaptureFailed(f"fused: the compiled step could not be prepared ({why}); no fallback "
                                         f"(a manifest allows one with DPH_ENGINE_ALLOW_FALLBACK=1)") from e
             log.warning("fused: compiled step failed (%s); falling back to the eager analytic path (allowed by "
@@ -245,13 +245,16 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         self.opt.zero_grad(set_to_none=True)
 
 
-def _torch_compile(fn, backend: str):
-    """torch.compile of one of the engine's step functions: static shapes, graph breaks allowed,
-    Inductor's mode from DPH_FUSED_COMPILE_MODE; room in dynamo's cache for every group's shapes."""
+def _torch_compile(fn, backend: str, mode: str):
+    """torch.compile of one of the engine's step functions: static shapes, graph breaks allowed
+    (counted into the record), Inductor's `mode` (opts.compile_mode); room in dynamo's cache for
+    every group's shapes (a process-wide setting: through rebind, so the record lists it)."""
     import torch._dynamo
 
-    torch._dynamo.config.cache_size_limit = max(64, torch._dynamo.config.cache_size_limit)
-    mode = os.environ.get("DPH_FUSED_COMPILE_MODE", "default")
+    limit = max(64, torch._dynamo.config.cache_size_limit)
+    if limit != torch._dynamo.config.cache_size_limit:
+        rebind.replace(torch._dynamo.config, "cache_size_limit", limit, by="dpfast.fused",
+                       why="one compiled step per shape group (Al-Cu-Mg has three) without evictions")
     kw = {"mode": mode} if mode != "default" and backend == "inductor" else {}
     return torch.compile(fn, dynamic=False, fullgraph=False, backend=backend, **kw)
 

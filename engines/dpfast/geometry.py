@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from .cells import CellGrid, rows_per_chunk
+from .cells import nearest_in_cells
 
 
 def smooth_weight(distance: torch.Tensor, rmin: float, rmax: float) -> torch.Tensor:
@@ -183,22 +183,12 @@ def _nearest_dense(ext, coord, rcut: float, nsel: int):
 
 def _nearest_by_cells(ext, coord, rcut: float, nsel: int):
     """As _nearest_dense, one frame at a time, candidates from cell lists (O(N) memory)."""
-    nf, nloc = coord.shape[:2]
+    nf = coord.shape[0]
     dev = coord.device
     for f in range(nf):
-        grid = CellGrid(coord[f], ext[f], rcut)
-        step = rows_per_chunk(grid.width)
         rs_all, idx_all, d_all = [], [], []
-        for r0 in range(0, nloc, step):
-            q = coord[f, r0 : r0 + step]
-            cand = grid.candidates(q)  # R x M, ascending extended index, -1 = none
-            d = ext[f][torch.clamp(cand, min=0)] - q[:, None, :]
-            rr = torch.linalg.norm(d, dim=-1)
-            rr = torch.where(cand < 0, torch.inf, rr)
-            me = torch.arange(r0, r0 + q.shape[0], device=dev)
-            rr = torch.where(cand == me[:, None], -1.0, rr)  # self (zero shift) sorts first
-            rs, pos = _nearest(rr, nsel + 1)
-            rows = torch.arange(q.shape[0], device=dev)[:, None]
+        for _, rs, pos, cand, d in nearest_in_cells(coord[f], ext[f], rcut, nsel + 1):
+            rows = torch.arange(cand.shape[0], device=dev)[:, None]
             idx = torch.clamp(cand[rows, pos], min=0)
             rs, idx, dsel = rs[:, 1:], idx[:, 1:], d[rows, pos][:, 1:]
             if rs.shape[1] < nsel:

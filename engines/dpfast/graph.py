@@ -25,7 +25,6 @@ device-resident data and batches ``device_data.DeviceData``; what is refused, ``
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 
 from . import flat_optim, ran
 from .device_data import DeviceData
+from .options import EngineOptions
 from .prediction import Predictor
 from .support import check_supported, refuse
 
@@ -70,11 +70,12 @@ def _drop_ddp(trainer: Any) -> None:
 class GraphEngine(Predictor, DeviceData):
     """The graph variant's training loop over upstream's Trainer (see the module docstring)."""
 
-    def __init__(self, trainer: Any, device: torch.device | None = None) -> None:
+    def __init__(self, trainer: Any, device: torch.device | None = None,
+                 opts: EngineOptions | None = None) -> None:
         check_supported(trainer)
         self.tr = trainer
         _drop_ddp(trainer)
-        self._init_model(trainer.model, device)
+        self._init_model(trainer.model, device, opts)
         self.loss = trainer.loss
         self.params = list(trainer.wrapper.parameters())
         self._upstream_opt = trainer.optimizer
@@ -87,9 +88,10 @@ class GraphEngine(Predictor, DeviceData):
         self._build_lr_table()
         # train on the very frames upstream's sampler draws (DeviceData.upstream_batch) instead of
         # the engine's own device-side draw: same frames, same trajectory (issue 41)
-        self.follow_upstream_order = os.environ.get("DPH_FOLLOW_UPSTREAM_ORDER") == "1"
+        self.follow_upstream_order = self.opts.follow_upstream_order
         self.ran = ran.Ran(engine=self.engine_name, device=self.device.type, forces="autograd",
-                           order="upstream" if self.follow_upstream_order else "engine")
+                           order="upstream" if self.follow_upstream_order else "engine",
+                           options=self.opts.as_dict())
 
     engine_name = "graph"
 
@@ -152,7 +154,7 @@ class GraphEngine(Predictor, DeviceData):
         else:
             lr = lr0
         self.opt = flat_optim.FlatAdam(self.flat, decoupled=tr.opt_type == "AdamW", lr=lr, betas=betas, eps=eps,
-                                       weight_decay=wd, step_device=self.device)
+                                       weight_decay=wd, step_device=self.device, opts=self.opts)
         # restart: carry upstream's loaded optimizer state over
         if up is not None and len(up.state) > 0:
             self.opt.load_from_torch(up)

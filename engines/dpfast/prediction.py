@@ -9,12 +9,13 @@ with its analytic path and reuses the rest.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
 from . import geometry as geo
+from . import options
+from .options import EngineOptions
 from .support import refuse
 
 GEOM_MODES = ("precomputed", "onthefly", "compact")
@@ -56,16 +57,18 @@ class Predictor:
     geom_default = "precomputed"  # graph's eager step would pay extra kernels for on-the-fly
 
     @classmethod
-    def for_model(cls, model: Any, device: torch.device | None = None) -> "Predictor":
+    def for_model(cls, model: Any, device: torch.device | None = None,
+                  opts: EngineOptions | None = None) -> "Predictor":
         """An engine that can only predict (no trainer): used by the accuracy gate's
         same-weights parity, so the gate evaluates this variant's own forward/force code."""
         eng = cls.__new__(cls)
-        eng._init_model(model, device)
+        eng._init_model(model, device, opts)
         return eng
 
-    def _init_model(self, model: Any, device: torch.device | None) -> None:
+    def _init_model(self, model: Any, device: torch.device | None, opts: EngineOptions | None = None) -> None:
         from deepmd.pt.utils import env
 
+        self.opts = options.current() if opts is None else opts  # the variant's manifest, typed
         self.device = torch.device(device) if device is not None else env.DEVICE
         self.cuda = self.device.type == "cuda"
         am = model.atomic_model
@@ -92,9 +95,7 @@ class Predictor:
         # "compact": per frame the wrapped coordinates and image shift vectors (float64) and per
         # pair one int32 s*nloc + j; the step re-forms the displacements bitwise
         # (geometry.compact_diff) and continues as on-the-fly
-        self.geom_mode = os.environ.get("DPH_GEOM", self.geom_default)
-        if self.geom_mode not in GEOM_MODES:
-            raise ValueError(f"DPH_GEOM={self.geom_mode!r} ({' | '.join(GEOM_MODES)})")
+        self.geom_mode = self.opts.geom or self.geom_default
 
     # ----------------------------------------------------------------- forward
     def out_bias_per_type(self) -> torch.Tensor:

@@ -4,12 +4,11 @@
 ``publish`` hands it to the training child's runtime, whose launcher writes it into steps.json
 at exit (``engine``), and the harness copies it into the run record. A fast path that could not
 be prepared is a failed run (``CaptureFailed``), unless the variant's manifest allows a fallback
-(DPH_ENGINE_ALLOW_FALLBACK=1): then the run trains on the eager path, ``fallback`` says so, and
+(``options.EngineOptions.allow_fallback``, DPH_ENGINE_ALLOW_FALLBACK=1): then the run trains on the eager path, ``fallback`` says so, and
 the harness records the run as ``fallback``, never as that variant's speed.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 
 
@@ -30,17 +29,13 @@ class Ran:
     graph_breaks: int | None = None  # dynamo's count over the process (None: nothing compiled)
     fallback: str | None = None  # eager: the prepared path failed and the manifest allowed a fallback
     fallback_reason: str | None = None
+    options: dict | None = None  # the EngineOptions the engine ran with (options.py)
 
     def as_dict(self) -> dict:
         d = asdict(self)
         if self.compiled != "none":
             d["graph_breaks"], d["graph_break_reasons"] = graph_breaks()
         return d
-
-
-def allow_fallback() -> bool:
-    """DPH_ENGINE_ALLOW_FALLBACK=1 (a manifest's env): a failed compile/capture trains eagerly."""
-    return os.environ.get("DPH_ENGINE_ALLOW_FALLBACK") == "1"
 
 
 def graph_breaks(keep: int = 8) -> tuple[int, dict[str, int]]:

@@ -8,7 +8,7 @@ Both build their list with an all-pairs distance matrix (nf x nloc x nall): upst
 is ~1 TB, the CUDA OOM that stopped the 4x4x4 sweep before the engine ran. ``install()``
 replaces those two module functions (through ``harness.core.rebind``, which records it) to ``build_neighbor_list_dpmodel`` / ``_pt``: upstream's
 own normalisation and ghost extension stay (linear in atoms), only the list is searched
-with the engine's cell grid (``cells.CellGrid``), one frame and a bounded chunk of centre rows
+with the engine's own cell-list search (``cells.nearest_in_cells``, the one geometry uses too), one frame and a bounded chunk of centre rows
 at a time, so peak memory grows linearly with the atoms. Frames small enough for the all-pairs
 matrix (``DENSE_LIMIT``, the engine's own switch) still go to upstream's builders.
 
@@ -28,7 +28,7 @@ import torch
 
 from harness.core import rebind
 
-from .cells import CellGrid, rows_per_chunk
+from .cells import nearest_in_cells
 from .geometry import DENSE_MAX_PAIRS
 
 # frames whose all-pairs matrix (nloc x nall) stays below this go to upstream's own builder, so
@@ -41,29 +41,13 @@ def _nearest_rows(ext: torch.Tensor, nloc: int, rcut: float, nsel: int, norm, st
     """One frame: extended indices (nloc x nsel, -1 = none) of each local atom's nsel nearest
     extended atoms within rcut, nearest first, as upstream's build_neighbor_list selects them
     before it splits types."""
-    dev = ext.device
-    local = ext[:nloc]
-    out = torch.full((nloc, nsel), -1, dtype=torch.int64, device=dev)
+    out = torch.full((nloc, nsel), -1, dtype=torch.int64, device=ext.device)
     if nloc == 0 or nsel == 0:
         return out
-    grid = CellGrid(local, ext, rcut)
-    step = rows_per_chunk(grid.width)
-    for r0 in range(0, nloc, step):
-        q = local[r0 : r0 + step]
-        cand = grid.candidates(q)  # R x M ascending extended index, -1 = none
-        rr = norm(ext[torch.clamp(cand, min=0)] - q[:, None, :], dim=-1)
-        me = torch.arange(r0, r0 + q.shape[0], device=dev)[:, None]
-        rr = torch.where(cand == me, rr - 1.0, rr)  # upstream: rr[i, i] -= 1, self sorts first
-        rr = torch.where(cand < 0, torch.inf, rr)
-        k = min(nsel + 1, rr.shape[1])
-        if stable:
-            rs, pos = torch.sort(rr, dim=1, stable=True)
-            rs, pos = rs[:, :k], pos[:, :k]
-        else:
-            rs, pos = torch.topk(rr, k, largest=False)
+    for r0, rs, pos, cand, _ in nearest_in_cells(ext[:nloc], ext, rcut, nsel + 1, norm=norm, stable=stable):
         idx = torch.gather(cand, 1, pos)[:, 1:]
         idx = torch.where(rs[:, 1:] > rcut, -1, idx)  # also drops the inf padding
-        out[r0 : r0 + q.shape[0], : idx.shape[1]] = idx
+        out[r0 : r0 + idx.shape[0], : idx.shape[1]] = idx
     return out
 
 

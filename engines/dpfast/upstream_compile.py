@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import types
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from dpfast import options  # absolute: tests also load this file as a module of its own
 from harness.core import rebind
 
 from deepmd.pt.model.descriptor import se_a as _se_a
@@ -52,18 +52,18 @@ log = logging.getLogger("deepmd.compile")
 
 def backend() -> str:
     """torch.compile backend (read at each build, so a test can pick aot_eager)."""
-    return os.environ.get("DPH_COMPILE_BACKEND") or "inductor"
+    return options.current().compile_backend
 
 
 def bucket() -> int:
     """Padding multiple of the extended atom count. nall = nloc x (2a+1)(2b+1)(2c+1) (whole
     periodic images) is constant over all training frames of water (5184), copper and alcumg
     (2916 each): one graph per system at 256, 512 or 1024 alike, and 256 pads least (README)."""
-    return max(1, int(os.environ.get("DPH_COMPILE_BUCKET") or 256))
+    return options.current().upstream_compile_bucket
 
 
 def disabled() -> bool:
-    return os.environ.get("DPH_COMPILE_DISABLE", "") not in ("", "0")
+    return options.current().upstream_compile_disable
 
 FAR = 1.0e4  # padding atoms sit here (Angstrom); nothing references them, any finite value works
 

@@ -3,9 +3,9 @@
 Each declaration is also a constant of the same name (``envvars.DPH_RUN_DIR == "DPH_RUN_DIR"``):
 code that sets a variable for a child process writes ``env[envvars.DPH_RUN_DIR]``, and code that
 reads one goes through ``get``, ``get_str``, ``get_float`` or ``flag`` below, never os.environ.
-The one exception is engines/ (dpfast): a variant's build freezes a copy of the engine package and
-the engine also runs without the harness (tests drive it directly), so it reads os.environ itself;
-its names are still declared here.
+The engine (engines/dpfast) reads its knobs in one place, dpfast/options.py (EngineOptions.current,
+through this module); their declared defaults here are EngineOptions' code defaults (what the
+`fused` variant runs; tests/engines/test_options.py holds them together).
 
 tests/unit/test_envvars.py fails when code reads or sets a DPH_* name that is not declared here, when a
 declared name is no longer used anywhere (the list cannot drift from the code), or when code
@@ -49,28 +49,29 @@ DPH_RUN_DIR = _declare("DPH_RUN_DIR", "harness.child.runtime", "the run's work d
 DPH_VARIANT = _declare("DPH_VARIANT", "harness.child.runtime", "the variant the child trains", "baseline")
 DPH_PROFILE = _declare("DPH_PROFILE", "harness.child.launch", "in-process profiler spec: steady[,start=N][,window=M]")
 # --- engine knobs (engines/dpfast), set by a variant manifest's env ---
-DPH_GEOM = _declare("DPH_GEOM", "dpfast.prediction", "geometry mode of the fast engine (compact | onthefly | ...)")
-DPH_FUSED_GROUPED = _declare("DPH_FUSED_GROUPED", "dpfast.fused", "grouping of fused GEMM chains: 0 | 1 | nets | emb",
+DPH_GEOM = _declare("DPH_GEOM", "dpfast.options", "geometry mode of the fast engine (compact | onthefly | ...)")
+DPH_FUSED_GROUPED = _declare("DPH_FUSED_GROUPED", "dpfast.options", "grouping of fused GEMM chains: 0 | 1 | nets | emb",
                              "1")
-DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.fused",
+DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
-DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.fused", "0: fused's CUDA step stays eager", "1")
-DPH_FUSED_COMPILE_STEP = _declare("DPH_FUSED_COMPILE_STEP", "dpfast.fused", "1: torch.compile the whole fused step")
-DPH_FUSED_COMPILE_MODE = _declare("DPH_FUSED_COMPILE_MODE", "dpfast.fused", "Inductor mode of fused's compile",
+DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")
+DPH_FUSED_COMPILE_STEP = _declare("DPH_FUSED_COMPILE_STEP", "dpfast.options", "1: torch.compile the whole fused step",
+                                  "1")
+DPH_FUSED_COMPILE_MODE = _declare("DPH_FUSED_COMPILE_MODE", "dpfast.options", "Inductor mode of fused's compile",
                                   "default")
-DPH_FUSED_BATCHED = _declare("DPH_FUSED_BATCHED", "dpfast.fused", "1: batched (padded) per-type contractions", "0")
-DPH_FLAT_ADAM_COMPILE = _declare("DPH_FLAT_ADAM_COMPILE", "dpfast.flat_optim",
-                                 "1: compile the flat Adam update per bucket")
-DPH_FOLLOW_UPSTREAM_ORDER = _declare("DPH_FOLLOW_UPSTREAM_ORDER", "dpfast.graph",
+DPH_FUSED_BATCHED = _declare("DPH_FUSED_BATCHED", "dpfast.options", "1: batched (padded) per-type contractions", "0")
+DPH_FLAT_ADAM_COMPILE = _declare("DPH_FLAT_ADAM_COMPILE", "dpfast.options",
+                                 "1: compile the flat Adam update per bucket (graph's manifest: 0)", "1")
+DPH_FOLLOW_UPSTREAM_ORDER = _declare("DPH_FOLLOW_UPSTREAM_ORDER", "dpfast.options",
                                      "1: train on the frames upstream's own sampler draws, step for step")
-DPH_ENGINE_ALLOW_FALLBACK = _declare("DPH_ENGINE_ALLOW_FALLBACK", "dpfast.ran",
+DPH_ENGINE_ALLOW_FALLBACK = _declare("DPH_ENGINE_ALLOW_FALLBACK", "dpfast.options",
                                      "1: a failed compile/capture trains eagerly, recorded as a fallback (else: failed run)")
-DPH_COMPILE_CPU = _declare("DPH_COMPILE_CPU", "dpfast.flat_optim", "1: the compile knobs apply on CPU too (tests)")
-DPH_COMPILE_BACKEND = _declare("DPH_COMPILE_BACKEND", "dpfast.flat_optim, dpfast.upstream_compile",
+DPH_COMPILE_CPU = _declare("DPH_COMPILE_CPU", "dpfast.options", "1: the compile knobs apply on CPU too (tests)")
+DPH_COMPILE_BACKEND = _declare("DPH_COMPILE_BACKEND", "dpfast.options",
                                "torch.compile backend (tests use aot_eager)", "inductor")
-DPH_COMPILE_BUCKET = _declare("DPH_COMPILE_BUCKET", "dpfast.upstream_compile",
+DPH_COMPILE_BUCKET = _declare("DPH_COMPILE_BUCKET", "dpfast.options",
                               "pad the extended region to a multiple of this", "256")
-DPH_COMPILE_DISABLE = _declare("DPH_COMPILE_DISABLE", "dpfast.upstream_compile", "1: always upstream's eager path")
+DPH_COMPILE_DISABLE = _declare("DPH_COMPILE_DISABLE", "dpfast.options", "1: always upstream's eager path")
 DPH_MIXED_DTYPE = _declare("DPH_MIXED_DTYPE", "patches/mixed", "low-precision dtype of the mixed variant", "bfloat16")
 # --- tools/ and tests ---
 DPH_GPU_BUDGET_S = _declare("DPH_GPU_BUDGET_S", "tools/gpu_check_fused.py", "seconds the GPU check plan may use",

@@ -410,6 +410,7 @@ class EngineRan(Part):
     graph_break_reasons: dict[str, int] | None = None  # dynamo's most frequent reasons, with counts
     fallback: str | None = None  # eager: the run is status "fallback", never the variant's speed
     fallback_reason: str | None = None
+    options: dict[str, Any] | None = None  # the typed EngineOptions it ran with (engines/dpfast/options.py)
     error: str | None = None  # the report itself could not be written
 
 

@@ -158,10 +158,9 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     for k in ("DPH_GEOM", "DPH_FUSED_COMPILE_STEP", "DPH_FLAT_ADAM_COMPILE", "DPH_COMPILE_CPU", "DPH_COMPILE_BACKEND",
               "DPH_FUSED_GROUPED"):
         env.pop(k, None)
-    if variant.startswith("fused"):
-        from harness.prepare import variants
+    from harness.prepare import variants
 
-        env.update(variants.chain_env(variants.chain(variant)))
+    env.update(variants.chain_env(variants.chain(variant)))  # what the variant's manifest sets
     if variant == "fused":
         env.update(DPH_COMPILE_CPU="1", DPH_COMPILE_BACKEND="aot_eager")
     p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)

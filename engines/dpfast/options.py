@@ -1,0 +1,99 @@
+"""The dpfast engines' options, one typed and validated set (issue 37).
+
+A variant's manifest sets them (its `env`, e.g. fused's `DPH_FUSED_COMPILE_STEP: "1"`); they
+reach the training child in its environment, and ``current()`` is the one place the engine reads
+them (through harness.core.envvars, where each variable is declared). The code defaults are what
+the `fused` variant runs, so an engine built in a test without any setting is the benchmarked
+one; tests/engines/test_options.py fails when a manifest's set and these defaults drift apart.
+The engine writes the options it ran with into the run record (``engine.options``).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Mapping
+
+from harness.core import envvars
+
+GEOM_MODES = ("precomputed", "onthefly", "compact")
+GROUPINGS = ("1", "nets", "emb", "0")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    # geometry stored per training frame: precomputed (R~ and dR~/dr), onthefly (indices and
+    # displacements; R~ formed in the step), compact (coordinates, shifts, one int32 per pair);
+    # None: the engine's own default (graph: precomputed, fused: compact)
+    geom: str | None = None
+    # fused's GEMM grouping: 1 (all blocks' nets and contractions batched), nets (nets batched,
+    # contractions per block), emb (embedding nets batched only), 0 (one chain per block)
+    grouped: str = "1"
+    autograd_forces: bool = False  # fused: forces by autograd instead of the analytic first derivative
+    batched: bool = False  # fused: every block padded into one [nblocks, NA, S] layout (slower on water)
+    compile: bool = True  # fused on CUDA: compile at all (False: the eager analytic step, captured)
+    compile_step: bool = True  # fused: ONE torch.compile of gather + energy/forces + loss (else: predict only)
+    compile_mode: str = "default"  # Inductor's mode for fused's compile
+    flat_adam_compile: bool = True  # the flat Adam update compiled into one kernel per bucket
+    compile_cpu: bool = False  # the compile options apply on CPU too (tests; Inductor's C++ takes minutes)
+    compile_backend: str = "inductor"  # torch.compile backend (tests: aot_eager, eager)
+    follow_upstream_order: bool = False  # train on the frames upstream's own sampler draws
+    allow_fallback: bool = False  # a failed compile/capture trains eagerly, recorded as a fallback
+    upstream_compile_bucket: int = 256  # compile variant: pad the extended region to a multiple of this
+    upstream_compile_disable: bool = False  # compile variant: always upstream's eager path
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
+                              ("compile_backend", COMPILE_BACKENDS)):
+            v = getattr(self, name)
+            if v is not None and v not in allowed:
+                raise ValueError(f"{ENV[name]}={v!r}: not one of {' | '.join(allowed)}")
+        if self.upstream_compile_bucket < 1:
+            raise ValueError(f"{ENV['upstream_compile_bucket']}={self.upstream_compile_bucket}: must be >= 1")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def compiles_on(self, device_type: str) -> bool:
+        """Whether the compile options apply on this device (CUDA, or CPU with compile_cpu)."""
+        return device_type == "cuda" or self.compile_cpu
+
+
+# each option's variable (declared in harness.core.envvars)
+ENV = {
+    "geom": envvars.DPH_GEOM, "grouped": envvars.DPH_FUSED_GROUPED, "autograd_forces": envvars.DPH_FUSED_AUTOGRAD,
+    "batched": envvars.DPH_FUSED_BATCHED, "compile": envvars.DPH_FUSED_COMPILE,
+    "compile_step": envvars.DPH_FUSED_COMPILE_STEP, "compile_mode": envvars.DPH_FUSED_COMPILE_MODE,
+    "flat_adam_compile": envvars.DPH_FLAT_ADAM_COMPILE, "compile_cpu": envvars.DPH_COMPILE_CPU,
+    "compile_backend": envvars.DPH_COMPILE_BACKEND, "follow_upstream_order": envvars.DPH_FOLLOW_UPSTREAM_ORDER,
+    "allow_fallback": envvars.DPH_ENGINE_ALLOW_FALLBACK, "upstream_compile_bucket": envvars.DPH_COMPILE_BUCKET,
+    "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE,
+}
+
+
+def from_env(environ: Mapping[str, str]) -> EngineOptions:
+    """The options a variable mapping sets (a manifest's chain env, or a process environment);
+    an option it does not set keeps its code default. ValueError names a bad value's variable."""
+    kw = {}
+    for f in fields(EngineOptions):
+        raw = environ.get(ENV[f.name])
+        if raw is None or raw == "":
+            continue
+        if f.type == "bool":
+            if raw not in ("0", "1"):
+                raise ValueError(f"{ENV[f.name]}={raw!r}: must be 0 or 1")
+            kw[f.name] = raw == "1"
+        elif f.type == "int":
+            try:
+                kw[f.name] = int(raw)
+            except ValueError:
+                raise ValueError(f"{ENV[f.name]}={raw!r}: not an integer") from None
+        else:
+            kw[f.name] = raw
+    return EngineOptions(**kw)
+
+
+def current() -> EngineOptions:
+    """The options of this process: its environment as the variant's manifest set it, read
+    through harness.core.envvars (whose declared defaults are these code defaults)."""
+    return from_env({name: v for name in ENV.values() if (v := envvars.get(name)) is not None})
