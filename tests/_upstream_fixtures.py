@@ -271,9 +271,9 @@ def assert_engine_step_matches(eng, ref, lr, label: str, rtol: float) -> None:
     for g in eng.opt.param_groups:
         g["lr"] = lr
     # train_step split open, to look at the gradients before the update
-    rt, jac, jidx, diff, labels = eng.gather(G, idx)
-    pred = eng.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
-    loss_g, more_g = eng.loss_and_more(G, pred, labels, lr)
+    rt, jac, jidx, diff, labels = eng.gather(G.geom, G.labels, idx)
+    pred = eng.predict(rt, jac, jidx, diff, G.tcount, G.bias, create_graph=True)
+    loss_g, more_g = eng.loss_and_more(pred, labels, lr, **G.loss_inputs())
     loss_u, more_u = ref.loss_u, ref.more_u
     assert abs(float(loss_g.detach()) - float(loss_u.detach())) <= rtol * abs(float(loss_u))
     for k in more_u:

@@ -68,18 +68,14 @@ class AnalyticEnergy:
         else:
             ae, gdesc = self._fit_per_type(desc, tcount, bias)
         gxyz = self._descriptor_vjp(gdesc, x1, x2)
-        gxyz_t = gxyz.transpose(-1, -2)  # B nloc ng 4
-        # ---- per block: dE/dR~ = G gxyz^T, plus the s column via dG/ds
+        # ---- per block: dE/dR~ (analytic_nets.env_cotangent)
         if ctx is not None:
             gbs = analytic_nets.env_grad_grouped(ctx, gxyz, [0 if self.tos else a0 for (a0, *_) in blocks])
         else:
             gbs = []
             for (a0, na, *_), rr, (G, dG) in zip(blocks, rrs, embs):
                 at = slice(None) if self.tos else slice(a0, a0 + na)  # the block's centre atoms
-                gR = torch.matmul(G, gxyz_t[:, at])  # B na nb 4
-                gG = torch.matmul(rr, gxyz[:, at])  # B na nb ng
-                gs = (gG * dG).sum(-1, keepdim=True)
-                gbs.append(torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1))
+                gbs.append(analytic_nets.env_cotangent(rr, G, dG, gxyz[:, at]))  # B na nb 4
         g = self._per_pair(blocks, gbs)
         return ae, g
 
@@ -239,9 +235,6 @@ class AnalyticEnergy:
         # ---- descriptor VJP
         gxyz = self._descriptor_vjp(gdesc, x1, x2)
         gpad = torch.cat([gxyz, gxyz.new_zeros(B, 1, 4, ng)], dim=1).index_select(1, P["atom"]).reshape(B, K, NA, 4, ng)
-        gR = torch.matmul(G5, gpad.transpose(-1, -2))  # B K NA S 4
-        gG = torch.matmul(rr5, gpad)  # B K NA S ng
-        gs = (gG * dG.reshape(B, K, NA, S, ng)).sum(-1, keepdim=True)
-        gpad_r = torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1).reshape(B, K * NA * S, 4)
+        gpad_r = analytic_nets.env_cotangent(rr5, G5, dG.reshape(B, K, NA, S, ng), gpad).reshape(B, K * NA * S, 4)
         g = gpad_r.index_select(1, P["inv"]).reshape(B, nloc, nnei, 4)
         return ae, g

@@ -304,11 +304,19 @@ def env_grad_grouped(ctx: tuple, gxyz: torch.Tensor, starts: list) -> list:
             idx.append(torch.zeros(((p - n) // K,), dtype=torch.long, device=dev))
     idx = idx[0] if len(idx) == 1 else torch.cat(idx)
     gx_sub = gxyz.reshape(B * nloc, 4, ng).index_select(0, idx)  # nsub x 4 x ng
-    gR = torch.bmm(G_sub, gx_sub.transpose(1, 2))  # nsub x K x 4
-    gG = torch.bmm(rr_sub, gx_sub)  # nsub x K x ng
-    gs = (gG * dG_sub).sum(-1, keepdim=True)
-    gcol = torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1)
-    return _unpack_rows(gcol, shapes, padded)
+    return _unpack_rows(env_cotangent(rr_sub, G_sub, dG_sub, gx_sub), shapes, padded)
+
+
+def env_cotangent(rr: torch.Tensor, G: torch.Tensor, dG: torch.Tensor, gx: torch.Tensor) -> torch.Tensor:
+    """dE/dR~ [..., S, 4] of S neighbour rows R~ [..., S, 4] whose embedding G = G(s) [..., S, ng]
+    (s = R~'s first column) and its tangent dG/ds went into xyz = R~^T G, from gx = dE/dxyz
+    [..., 4, ng]: dE/dR~ = G gx^T, plus (rr gx) . dG/ds on the s column (G depends on R~ only
+    through s). The one copy of this product: every route of the engine (per block, batched,
+    grouped) calls it."""
+    gR = torch.matmul(G, gx.transpose(-1, -2))  # ... S x 4
+    gG = torch.matmul(rr, gx)  # ... S x ng
+    gs = (gG * dG).sum(-1, keepdim=True)
+    return torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1)
 
 
 def mlp_forward_saved_stacked(x: torch.Tensor, stk: list) -> tuple[torch.Tensor, list]:

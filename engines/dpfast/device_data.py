@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -91,6 +92,54 @@ def label_shapes(nloc: int) -> dict[str, tuple]:
     return {"energy": (1,), "force": (nloc, 3), "virial": (9,)}
 
 
+def label_array(value, key: str, nf: int, nloc: int, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """One label of nf frames in the engine's shape; a label the data lacks is zeros (its find_*
+    flag is 0, so upstream's loss leaves it out)."""
+    shape = (nf,) + label_shapes(nloc)[key]
+    if value is None:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.as_tensor(value).to(device=device, dtype=dtype).reshape(shape)
+
+
+@dataclass(eq=False)
+class ShapeGroup:
+    """Frames of one shape -- per-type atom counts ``tcount`` (atoms sorted by type), batch size
+    ``bsz``, label flags ``finds`` -- resident on the device, as one compiled step / CUDA graph
+    trains them. ``DeviceData.new_group`` is the one route that makes one (the training set's
+    groups and the accuracy gate's one-batch group alike)."""
+
+    tcount: tuple[int, ...]
+    bsz: int
+    nloc: int
+    finds: dict[str, float]  # find_<label> of upstream's batches (1.0: the data has the label)
+    labels: dict[str, torch.Tensor]  # label_keys -> [frames, *label_shapes]
+    geom: dict[str, torch.Tensor | None]  # GEOM_KEYS -> [frames, ...]; what the geometry mode keeps
+    bias: torch.Tensor  # per-type energy bias (upstream's out_bias)
+    atype_dummy: torch.Tensor  # [bsz, nloc] zeros: the loss reads only atype >= 0
+    mask: torch.Tensor  # [bsz, nloc] int32 ones, as upstream's model returns it
+    nbytes: int = 0  # device bytes of geometry and labels
+    # sampling (training groups): systems' probability, CDF, frame counts and offsets
+    prob: float = 1.0
+    cdf: torch.Tensor | None = None
+    nfr: torch.Tensor | None = None
+    off: torch.Tensor | None = None
+    nfr_max: int = 0
+    replace: bool = False
+    slots: dict[int, int] = field(default_factory=dict)  # upstream's system id -> first frame here
+    idx_in: torch.Tensor | None = None  # follow_upstream_order: the step's frames, written before a replay
+    # captured (graph / fused on CUDA): the step's CUDA graph(s) and its outputs
+    graph: Any = None
+    graph_a: Any = None
+    graph_b: Any = None
+    out_loss: Any = None
+    out_more: Any = None
+    step_view: dict | None = None  # fused's compiled step's inputs (fused._step_view)
+
+    def loss_inputs(self) -> dict:
+        """What upstream's loss reads of the group besides predictions and labels (loss_and_more)."""
+        return {"finds": self.finds, "nloc": self.nloc, "atype_dummy": self.atype_dummy, "mask": self.mask}
+
+
 class DeviceData:
     """Device-resident training frames (``build_data``), the step's batch (``sample``,
     ``gather``) and upstream's loss on it (``loss_and_more``)."""
@@ -105,13 +154,39 @@ class DeviceData:
             "atype_dummy": torch.zeros((nbatch, nloc), dtype=torch.int64, device=device),
             "mask": torch.ones((nbatch, nloc), dtype=torch.int32, device=device),
         }
+
+    def use_loss(self, loss_fn, has_box: bool = True) -> None:
+        """Upstream's loss object this engine's steps call (the trainer's in training; the gate's
+        own in the accuracy gate); virials are predicted when the loss has a virial term and the
+        frames have a box."""
+        self.loss = loss_fn
+        self.need_virial = bool(getattr(loss_fn, "has_v", False)) and has_box
+
+    def group_geometry(self, coord: torch.Tensor, at: torch.Tensor, box: torch.Tensor | None) -> dict:
+        """The geometry arrays of frames of one composition that the engine's geometry mode keeps
+        on the device (stored_geometry)."""
+        mode = self.geom_mode
+        return self.frames_geometry(coord, at, box, env=mode == "precomputed", compact=mode == "compact",
+                                    only=stored_geometry(mode, self.need_virial))
+
+    def new_group(self, tcount, bsz: int, finds: dict, geom: dict, labels: dict) -> ShapeGroup:
+        """A shape group on the device from its frames' geometry (group_geometry) and labels."""
+        dev = self.device
+        nloc = sum(tcount)
+        G = ShapeGroup(tcount=tuple(int(n) for n in tcount), bsz=int(bsz), nloc=nloc, finds=dict(finds),
+                       labels={k: v.to(dev) for k, v in labels.items()},
+                       geom={k: None if geom.get(k) is None else geom[k].to(dev) for k in GEOM_KEYS},
+                       **self.loss_statics(bsz, nloc, dev))
+        stored = [t for t in G.geom.values() if t is not None] + list(G.labels.values())
+        G.nbytes = sum(t.numel() * t.element_size() for t in stored)
+        return G
     # ------------------------------------------------------------------ data
     def build_data(self) -> None:
         tr = self.tr
         ds = tr.training_dataloader.dataset
         weights = tr.training_dataloader.sampler.weights.detach().cpu().numpy().astype(np.float64)
         weights = weights / weights.sum()
-        self.need_virial = bool(self.loss.has_v)
+        self.use_loss(self.loss)
         lab_keys = label_keys(self.need_virial)
         groups: dict[tuple, dict] = {}
         for sid, system in enumerate(ds.systems):
@@ -142,9 +217,7 @@ class DeviceData:
         for key, g in groups.items():
             tcount, bsz, finds = key
             nloc = sum(tcount)
-            mode = self.geom_mode
-            keep = stored_geometry(mode, self.need_virial)  # what stays on the device
-            parts = {k: [] for k in keep}
+            parts: dict[str, list] = {}
             labs = {k: [] for k in lab_keys}
             nframes = 0
             for system in g["sys"]:
@@ -154,61 +227,45 @@ class DeviceData:
                 pbc = getattr(system._data_system, "pbc", True)
                 has_box = pbc and frs[0].get("box") is not None and float(frs[0].get("find_box", 1.0)) != 0.0
                 box = torch.as_tensor(np.stack([np.asarray(fr["box"]) for fr in frs]), dtype=torch.float64) if has_box else None
-                geom = self.frames_geometry(coord, at, box, env=mode == "precomputed", compact=mode == "compact",
-                                            only=keep)
-                for k in parts:
+                for k, v in self.group_geometry(coord, at, box).items():
                     # staged on the host: the device then holds each array once (no
                     # per-system pieces next to their concatenation)
-                    parts[k].append(geom[k].cpu())
-                del geom
-                shape = label_shapes(nloc)
+                    parts.setdefault(k, []).append(v.cpu())
                 for k in lab_keys:
-                    if frs[0].get(k) is None:
-                        labs[k].append(torch.zeros((len(frs),) + shape[k], dtype=self.gprec))
-                    else:
-                        labs[k].append(torch.as_tensor(np.stack([np.asarray(fr[k]) for fr in frs]), dtype=self.gprec).reshape((len(frs),) + shape[k]))
+                    v = None if frs[0].get(k) is None else np.stack([np.asarray(fr[k]) for fr in frs])
+                    labs[k].append(label_array(v, k, len(frs), nloc, self.gprec))
                 nframes += len(frs)
-            dev = self.device
-            G = {
-                "tcount": list(tcount),
-                "bsz": bsz,
-                "finds": dict(zip(lab_keys, finds)),
-                "nloc": nloc,
-                "prob": float(sum(g["prob"])),
-                "labels": {k: torch.cat(v).to(dev) for k, v in labs.items()},
-            }
-            for k in GEOM_KEYS:
-                G[k] = cat_frames(parts.pop(k)).to(dev) if k in parts else None
+            geom = {k: cat_frames(v) for k, v in parts.items()}
             del parts
+            G = self.new_group(tcount, bsz, dict(zip(lab_keys, finds)), geom, {k: torch.cat(v) for k, v in labs.items()})
+            del geom
             # sampling tables: system CDF within the group, frame offsets
+            dev = self.device
             p = np.asarray(g["prob"], dtype=np.float64)
+            G.prob = float(p.sum())
             p = p / p.sum()
             cdf = np.cumsum(p)
             cdf[-1] = 1.0
-            G["cdf"] = torch.tensor(cdf, dtype=torch.float64, device=dev)
-            G["nfr"] = torch.tensor(g["nfr"], dtype=torch.int64, device=dev)
-            G["off"] = torch.tensor(np.concatenate([[0], np.cumsum(g["nfr"])[:-1]]), dtype=torch.int64, device=dev)
-            G["nfr_max"] = int(max(g["nfr"]))
-            G["replace"] = bsz > min(g["nfr"])
-            G.update(self.loss_statics(bsz, nloc, dev))
+            G.cdf = torch.tensor(cdf, dtype=torch.float64, device=dev)
+            G.nfr = torch.tensor(g["nfr"], dtype=torch.int64, device=dev)
+            G.off = torch.tensor(np.concatenate([[0], np.cumsum(g["nfr"])[:-1]]), dtype=torch.int64, device=dev)
+            G.nfr_max = int(max(g["nfr"]))
+            G.replace = bsz > min(g["nfr"])
             # where each of upstream's systems sits in this group (follow_upstream_order)
-            G["slots"] = dict(zip(g["sids"], np.concatenate([[0], np.cumsum(g["nfr"])[:-1]]).tolist()))
+            G.slots = dict(zip(g["sids"], np.concatenate([[0], np.cumsum(g["nfr"])[:-1]]).tolist()))
             if getattr(self, "follow_upstream_order", False):  # the step's frames, written before each replay
-                G["idx_in"] = torch.zeros(bsz, dtype=torch.int64, device=dev)
-            stored = {k: G[k] for k in GEOM_KEYS if G[k] is not None}
-            stored.update({f"label_{k}": v for k, v in G["labels"].items()})
-            nbytes = sum(t.numel() * t.element_size() for t in stored.values())
-            G["nbytes"] = nbytes
+                G.idx_in = torch.zeros(bsz, dtype=torch.int64, device=dev)
             self.groups.append(G)
+            stored = [k for k, v in G.geom.items() if v is not None] + [f"label_{k}" for k in G.labels]
             log.info(
                 "graph: group types=%s batch=%d systems=%d frames=%d prob=%.4f: device-resident geometry+labels "
                 "(%s mode; %s) %d bytes (%d bytes/frame)",
-                list(tcount), bsz, len(g["sids"]), nframes, G["prob"], self.geom_mode, "+".join(stored),
-                nbytes, nbytes // max(1, nframes),
+                list(tcount), bsz, len(g["sids"]), nframes, G.prob, self.geom_mode, "+".join(stored),
+                G.nbytes, G.nbytes // max(1, nframes),
             )
         if not self.groups:
             refuse("no training systems")
-        gp = np.array([G["prob"] for G in self.groups])
+        gp = np.array([G.prob for G in self.groups])
         self.group_prob = gp / gp.sum()
         log.info("graph: geometry precomputed in %.1f s", time.time() - t0)
 
@@ -224,51 +281,52 @@ class DeviceData:
         sid = int(np.asarray(log_dict["sid"]).reshape(-1)[0])
         fids = np.asarray(log_dict.get("fid"), dtype=np.int64).reshape(-1)
         for gi, G in enumerate(self.groups):
-            if sid in G["slots"]:
+            if sid in G.slots:
                 break
         else:
             refuse(f"upstream drew system {sid} at step {step}, which the engine does not hold (zero weight?)")
-        if fids.size != G["bsz"]:
+        if fids.size != G.bsz:
             refuse(f"upstream's batch at step {step} has {fids.size} frames of system {sid}, not its batch size "
-                   f"{G['bsz']} (the short last batch of an epoch, or frames dropped by min_pair_dist): the "
+                   f"{G.bsz} (the short last batch of an epoch, or frames dropped by min_pair_dist): the "
                    f"engine's fixed shapes cannot follow it; use a batch size that divides the system's frames")
-        return gi, torch.as_tensor(G["slots"][sid] + fids, dtype=torch.int64).to(self.device)
+        return gi, torch.as_tensor(G.slots[sid] + fids, dtype=torch.int64).to(self.device)
 
-    def sample(self, G: dict) -> torch.Tensor:
+    def sample(self, G: ShapeGroup) -> torch.Tensor:
         dev = self.device
         u = torch.rand(1, dtype=torch.float64, device=dev)
-        s = torch.searchsorted(G["cdf"], u, right=True).clamp_(max=G["cdf"].shape[0] - 1)
-        nfr = G["nfr"].index_select(0, s)  # 1
-        off = G["off"].index_select(0, s)
-        B = G["bsz"]
-        if B == 1 or G["replace"]:
+        s = torch.searchsorted(G.cdf, u, right=True).clamp_(max=G.cdf.shape[0] - 1)
+        nfr = G.nfr.index_select(0, s)  # 1
+        off = G.off.index_select(0, s)
+        B = G.bsz
+        if B == 1 or G.replace:
             r = torch.rand(B, dtype=torch.float64, device=dev)
             fi = torch.minimum((r * nfr.to(torch.float64)).long(), nfr - 1)
         else:
-            keys = torch.rand(G["nfr_max"], dtype=torch.float64, device=dev)
-            ar = torch.arange(G["nfr_max"], device=dev)
+            keys = torch.rand(G.nfr_max, dtype=torch.float64, device=dev)
+            ar = torch.arange(G.nfr_max, device=dev)
             keys = torch.where(ar < nfr, keys, 2.0)
             fi = torch.topk(keys, B, largest=False).indices
         return off + fi
 
-    def gather(self, G: dict, idx: torch.Tensor):
+    def gather(self, geom: dict, labels: dict, idx: torch.Tensor):
         """The batch's geometry: rt/jac are None in on-the-fly and compact mode (predict forms
         them); compact mode gathers the frames' packed indices, coordinates and shift tables
         (predict forms diff from them: inside the compiled function in fused)."""
-        sel = {k: G[k].index_select(0, idx) for k in GEOM_KEYS if G.get(k) is not None}
+        sel = {k: v.index_select(0, idx) for k, v in geom.items() if v is not None}
         rt, jac, jidx, diff = self.step_geometry(sel)
-        labels = {k: v.index_select(0, idx) for k, v in G["labels"].items()}
+        labels = {k: v.index_select(0, idx) for k, v in labels.items()}
         return rt, jac, jidx, diff, labels
 
-    def loss_and_more(self, G: dict, pred: dict, labels: dict, lr: Any):
+    def loss_and_more(self, pred: dict, labels: dict, lr: Any, *, finds: dict, nloc: int,
+                      atype_dummy: torch.Tensor, mask: torch.Tensor):
+        """Upstream's loss on the engine's predictions for a batch of one shape group (its
+        ShapeGroup.loss_inputs(); fused's compiled step passes the same from its step view)."""
         label = dict(labels)
-        for k, v in G["finds"].items():
+        for k, v in finds.items():
             label[f"find_{k}"] = F32Flag(v)
-        nloc = G["nloc"]
-        atype_dummy = G["atype_dummy"]
         # upstream's model returns the per-atom mask as int32, which makes the loss's
         # 1/natoms a float32 value; pass the same so the normalisations are identical
-        pred = dict(pred, mask=G["mask"])
+        pred = dict(pred, mask=mask)
         _, loss, more = self.loss(
             {"atype": atype_dummy},
             lambda **kw: pred,

@@ -34,8 +34,7 @@ from harness.core import rebind
 
 from . import analytic_nets, graph, ran
 from .analytic_energy import AnalyticEnergy
-from .device_data import label_keys, label_shapes, stored_geometry
-from .prediction import GEOM_KEYS
+from .device_data import ShapeGroup
 from .support import refuse
 
 log = logging.getLogger("deepmd.fused")
@@ -127,23 +126,20 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         arguments as the eager step), for the frames idx of the step view S (_step_view). Compiled
         as one function by enable_step_compile, so Inductor fuses the index_selects into their
         consumers and the loss's forward and (AOTAutograd) backward into the energy/force kernels."""
-        rt, jac, jidx, diff, labels = self.gather(S, idx)
+        rt, jac, jidx, diff, labels = self.gather(S["geom"], S["labels"], idx)
         virial = self.want_virial(diff, None)
         pred = self._predict_core(rt, jac, jidx, diff, S["tcount"], S["bias"], virial)
-        return self.loss_and_more(S, pred, labels, lr)
+        return self.loss_and_more(pred, labels, lr, **S["loss"])
 
     @staticmethod
-    def _step_view(G: dict) -> dict:
+    def _step_view(G: ShapeGroup) -> dict:
         """What _step_core reads of a group: the stored geometry/labels, the loss's static inputs.
         A small dict of its own (cached in G), so dynamo's guards do not see the CUDA graphs and
         outputs that capture later stores in G."""
-        S = G.get("_step_view")
-        if S is None:
-            S = {k: G.get(k) for k in GEOM_KEYS}
-            S.update(labels=G["labels"], finds=dict(G["finds"]), nloc=G["nloc"], tcount=tuple(G["tcount"]),
-                     bias=G["bias"], atype_dummy=G["atype_dummy"], mask=G["mask"])
-            G["_step_view"] = S
-        return S
+        if G.step_view is None:
+            loss = dict(G.loss_inputs(), finds=dict(G.finds))
+            G.step_view = {"geom": dict(G.geom), "labels": G.labels, "tcount": G.tcount, "bias": G.bias, "loss": loss}
+        return G.step_view
 
     def enable_step_compile(self) -> None:
         backend = self.opts.compile_backend
@@ -162,7 +158,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         t.fill_(float(lr))
         return t
 
-    def forward_backward(self, G: dict, lr, idx: torch.Tensor | None = None):
+    def forward_backward(self, G: ShapeGroup, lr, idx: torch.Tensor | None = None):
         if not self.compiled_step_wanted():
             return super().forward_backward(G, lr, idx)
         if self._step_compiled is None:
@@ -238,7 +234,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         snap = self.opt.snapshot()
         rng = torch.random.get_rng_state()
         for G in self.groups:
-            idx = torch.zeros(G["bsz"], dtype=torch.long, device=self.device)
+            idx = torch.zeros(G.bsz, dtype=torch.long, device=self.device)
             self.forward_backward(G, self.lr_values[self.tr.start_step], idx)
         torch.random.set_rng_state(rng)
         self.opt.restore(snap)
@@ -257,71 +253,3 @@ def _torch_compile(fn, backend: str, mode: str):
                        why="one compiled step per shape group (Al-Cu-Mg has three) without evictions")
     kw = {"mode": mode} if mode != "default" and backend == "inductor" else {}
     return torch.compile(fn, dynamic=False, fullgraph=False, backend=backend, **kw)
-
-
-# ------------------------------------------------------------------ parity hooks
-def parity_forward(model, coord, atype, box):
-    with torch.enable_grad():
-        return _parity_forward(model, coord, atype, box)
-
-
-def _parity_forward(model, coord, atype, box):
-    eng = FusedEngine.from_model(model, device=coord.device)
-    nf = coord.shape[0]
-    coord = coord.reshape(nf, -1, 3)
-    out = {"energy": [], "force": [], "virial": []}
-    for f in range(nf):  # frames may differ in atom order
-        perm, inv = graph.sorted_perm(atype[f : f + 1])
-        r = eng.predict_frames(coord[f : f + 1, perm], atype[f : f + 1, perm], None if box is None else box[f : f + 1])
-        out["energy"].append(r["energy"].detach().reshape(1))
-        out["force"].append(r["force"].detach()[:, inv])
-        out["virial"].append(r["virial"].detach().reshape(1, 9))
-    return {k: torch.cat(v) for k, v in out.items()}
-
-
-def parity_train_step(model, loss_fn, batch, lr) -> None:
-    """Accuracy-gate hook: one step of this variant's own code (analytic forces, upstream's loss,
-    gradients into the flat buffer, the flat Adam/AdamW of flat_optim). With the compiled-step
-    knobs (fused's default env) the gate's batch goes through the very compiled function the
-    training loop runs (gather + forces + loss), and FlatAdam compiles its update likewise."""
-    eng = FusedEngine.from_model(model)
-    if not eng.compiled_step_wanted():
-        graph.parity_train_step(model, loss_fn, batch, lr, engine=eng)
-        return
-    flat, opt = graph.parity_optimizer(model, batch["optim"], lr)
-    eng.device = flat.buckets[0]["flat"].device
-    eng.cuda = eng.device.type == "cuda"
-    G = _parity_group(eng, loss_fn, batch["input"], batch["label"])
-    eng.flat = flat
-    with torch.enable_grad():
-        eng.forward_backward(G, lr, torch.arange(G["bsz"], device=eng.device))
-    opt.step()
-
-
-def _parity_group(eng: FusedEngine, loss_fn, inp: dict, label: dict) -> dict:
-    """The gate's batch as a one-group training set (what build_data makes of training frames):
-    atoms sorted by type, the engine's geometry mode, labels in sorted order, upstream's find_*."""
-    dev = eng.device
-    coord, atype, perm, _, at, tcount, box = graph.sorted_batch(eng, inp)
-    if not bool((atype[:, perm] == at).all()):
-        raise RuntimeError("fused variant: gate batch frames differ in composition")
-    nf, nloc = atype.shape
-    eng.loss = loss_fn
-    eng.need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
-    mode = eng.geom_mode
-    keep = stored_geometry(mode, eng.need_virial)
-    geom = eng.frames_geometry(coord[:, perm].detach().to(dev), at.to(dev),
-                               None if box is None else box.detach().to(dev),
-                               env=mode == "precomputed", compact=mode == "compact", only=keep)
-    gp = eng.gprec
-    lab_keys = label_keys(eng.need_virial)
-    shape = label_shapes(nloc)
-    labels, finds = {}, {}
-    for k in lab_keys:
-        v = label.get(k)
-        v = torch.zeros((nf,) + shape[k], dtype=gp, device=dev) if v is None else v.detach().to(dev, gp).reshape((nf,) + shape[k])
-        labels[k] = v[:, perm] if k == "force" else v
-        finds[k] = float(label.get(f"find_{k}", 0.0))
-    G = {k: geom.get(k) for k in GEOM_KEYS}
-    G.update(tcount=tcount, bsz=nf, nloc=nloc, finds=finds, labels=labels, **eng.loss_statics(nf, nloc, dev))
-    return G

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import flat_optim, ran
-from .device_data import DeviceData
+from .device_data import DeviceData, ShapeGroup
 from .options import EngineOptions
 from .prediction import Predictor
 from .support import check_supported, refuse
@@ -103,13 +103,13 @@ class GraphEngine(Predictor, DeviceData):
         self.lr_values = [base * (tr.lr_schedule.value(s) / base) for s in range(tr.num_steps)]
 
     # ------------------------------------------------------------------ step
-    def forward_backward(self, G: dict, lr: Any, idx: torch.Tensor | None = None):
+    def forward_backward(self, G: ShapeGroup, lr: Any, idx: torch.Tensor | None = None):
         """Sample, gather, predict, upstream's loss, gradients into the flat gradient buffer."""
         if idx is None:
             idx = self.sample(G)
-        rt, jac, jidx, diff, labels = self.gather(G, idx)
-        pred = self.predict(rt, jac, jidx, diff, G["tcount"], G["bias"], create_graph=True)
-        loss, more = self.loss_and_more(G, pred, labels, lr)
+        rt, jac, jidx, diff, labels = self.gather(G.geom, G.labels, idx)
+        pred = self.predict(rt, jac, jidx, diff, G.tcount, G.bias, create_graph=True)
+        loss, more = self.loss_and_more(pred, labels, lr, **G.loss_inputs())
         self.flat.grads_from_loss(loss)
         return loss, more
 
@@ -124,7 +124,7 @@ class GraphEngine(Predictor, DeviceData):
             self.flat.divide_grads(self.world_size)
         self.opt.step()
 
-    def train_step(self, G: dict, lr: Any, idx: torch.Tensor | None = None):
+    def train_step(self, G: ShapeGroup, lr: Any, idx: torch.Tensor | None = None):
         loss, more = self.forward_backward(G, lr, idx)
         self.all_reduce_grads()
         self.update()
@@ -177,27 +177,27 @@ class GraphEngine(Predictor, DeviceData):
         self.opt.restore(snap)
         self.step_ctr.fill_(self.tr.start_step)
 
-    def _body_a(self, G: dict):
+    def _body_a(self, G: ShapeGroup):
         """Graph A: LR of this step, sample .. backward into the flat gradient."""
         idx = torch.clamp(self.step_ctr, max=self.lr_table.shape[0] - 1)  # warm-up may run past the end
         lr = self.lr_table.index_select(0, idx).reshape(())
         self.lr_t.copy_(lr)
-        return self.forward_backward(G, self.lr_t, G.get("idx_in"))  # idx_in: upstream's frames
+        return self.forward_backward(G, self.lr_t, G.idx_in)  # idx_in: upstream's frames
 
     def _body_b(self) -> None:
         """Graph B: (average) + optimizer step + LR-step counter."""
         self.update()
         self.step_ctr.add_(1)
 
-    def _replay(self, G: dict) -> None:
+    def _replay(self, G: ShapeGroup) -> None:
         if self.distributed:
             # NCCL stays outside the graphs: graph A, an eager all_reduce of the flat gradient on
             # the current stream, graph B; queued back to back, no host sync.
-            G["graph_a"].replay()
+            G.graph_a.replay()
             self.all_reduce_grads()
-            G["graph_b"].replay()
+            G.graph_b.replay()
         else:
-            G["graph"].replay()
+            G.graph.replay()
 
     def _warmup(self, s) -> None:
         with torch.cuda.stream(s):
@@ -218,7 +218,7 @@ class GraphEngine(Predictor, DeviceData):
     def _note_prepared(self) -> None:
         r = self.ran
         r.optimizer = "compiled" if getattr(self.opt, "compiled", None) is not None else "eager"
-        r.cuda_graphs = sum(1 for G in self.groups for k in ("graph", "graph_a", "graph_b") if G.get(k) is not None)
+        r.cuda_graphs = sum(1 for G in self.groups for k in ("graph", "graph_a", "graph_b") if getattr(G, k) is not None)
         ran.publish(r)
 
     def capture(self) -> None:
@@ -235,7 +235,7 @@ class GraphEngine(Predictor, DeviceData):
             torch.cuda.synchronize()
         # One memory pool for all groups' graphs: each replay writes every intermediate it reads,
         # graphs never run concurrently (one stream), and each group's outputs stay referenced
-        # (G["out_*"]), so reuse across groups is safe in any replay order; separate pools cost
+        # (G.out_*), so reuse across groups is safe in any replay order; separate pools cost
         # one step's workspace per group (Al-Cu-Mg has three groups).
         pool = torch.cuda.graph_pool_handle() if len(self.groups) > 1 else None
         for G in self.groups:
@@ -247,15 +247,15 @@ class GraphEngine(Predictor, DeviceData):
                 gb = torch.cuda.CUDAGraph()  # B shares A's pool (always replayed right after A)
                 with torch.cuda.graph(gb, pool=ga.pool(), capture_error_mode="thread_local"):
                     self._body_b()
-                G["graph_a"], G["graph_b"] = ga, gb
+                G.graph_a, G.graph_b = ga, gb
             else:
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g, pool=pool):
                     loss, more = self._body_a(G)
                     self._body_b()
-                G["graph"] = g
-            G["out_loss"] = loss
-            G["out_more"] = more
+                G.graph = g
+            G.out_loss = loss
+            G.out_more = more
         torch.cuda.synchronize()
         self._restore(snap)
         torch.cuda.synchronize()
@@ -312,9 +312,9 @@ class GraphEngine(Predictor, DeviceData):
             G = self.groups[gi]
             if self.cuda:
                 if idx is not None:
-                    G["idx_in"].copy_(idx)
+                    G.idx_in.copy_(idx)
                 self._replay(G)
-                more = G["out_more"]
+                more = G.out_more
             else:
                 for grp in self.opt.param_groups:
                     grp["lr"] = cur_lr
@@ -400,80 +400,3 @@ class GraphEngine(Predictor, DeviceData):
             # .grad buffers (they are overwritten by each replay anyway).
             tr.wrapper.train()
         return {k: v / sum_natoms for k, v in single.items()}
-
-
-# ------------------------------------------------------------------ accuracy-gate hooks
-def parity_forward(model, coord, atype, box):
-    """Accuracy-gate hook of the graph engine: energies/forces/virials from its own code path
-    (precomputed geometry + functional forward), for frames in any atom order."""
-    eng = GraphEngine.for_model(model)
-    coord = coord.to(eng.device)
-    atype = atype.to(eng.device)
-    order, inv = sorted_perm(atype)  # the engine wants atoms sorted by type
-    with torch.enable_grad():
-        out = eng.predict_frames(coord[:, order], atype[:, order], None if box is None else box.to(eng.device))
-    return {"energy": out["energy"].detach().reshape(-1), "force": out["force"].detach()[:, inv],
-            "virial": out["virial"].detach()}
-
-
-def sorted_perm(atype: torch.Tensor):
-    """Permutation sorting a frame's atoms by type (stable), and its inverse."""
-    at0 = atype.reshape(atype.shape[0], -1)[0]
-    perm = torch.argsort(at0, stable=True)
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return perm, inv
-
-
-def sorted_batch(eng: "GraphEngine", inp: dict):
-    """A gate batch (upstream's input dict, all frames one composition) with its atoms sorted by
-    type: (coord nf x nloc x 3, atype nf x nloc, perm, inv, sorted types, tcount, box nf x 9|None)."""
-    coord = inp["coord"]
-    nf = coord.shape[0]
-    coord = coord.reshape(nf, -1, 3)
-    atype = inp["atype"].reshape(nf, -1)
-    perm, inv = sorted_perm(atype)
-    at = atype[0, perm]
-    tcount = [int((at == t).sum()) for t in range(eng.ntypes)]
-    box = inp.get("box")
-    return coord, atype, perm, inv, at, tcount, None if box is None else box.reshape(nf, 9)
-
-
-def train_loss(eng: "GraphEngine", loss_fn, inp: dict, label: dict, lr):
-    """Upstream's loss on an engine's predictions for one batch (all frames one composition)."""
-    coord, atype, perm, inv, at, tcount, box = sorted_batch(eng, inp)
-    need_virial = bool(getattr(loss_fn, "has_v", False)) and box is not None
-    geom = eng.frames_geometry(coord[:, perm].detach(), at, None if box is None else box.detach())
-    nf, nloc = atype.shape
-    rt, jac, jidx, diff = eng.step_geometry(geom)
-    pred = eng.predict(rt, jac, jidx, diff,
-                       tcount, eng.out_bias_per_type().to(coord.device), create_graph=True, virial=need_virial)
-    pred = dict(pred)
-    pred["force"] = pred["force"][:, inv]
-    pred["mask"] = torch.ones((nf, nloc), dtype=torch.int32, device=coord.device)
-    _, loss, more = loss_fn({"atype": atype}, lambda **kw: pred, label, natoms=nloc, learning_rate=lr)
-    return loss, more
-
-
-def parity_optimizer(model, opt_cfg: dict, lr):
-    """Flat buffers over the model's parameters and a fresh flat Adam/AdamW with the gate's
-    optimizer settings (what the training loop builds in make_optimizer)."""
-    if opt_cfg.get("gradient_max_norm", 0.0):
-        raise RuntimeError("graph/fused variants: gradient_max_norm unsupported")
-    flat = flat_optim.FlatParams(model.parameters())
-    opt = flat_optim.FlatAdam(flat, decoupled=opt_cfg["type"] == "AdamW", lr=float(lr),
-                              betas=tuple(opt_cfg["betas"]), eps=1e-8, weight_decay=opt_cfg["weight_decay"],
-                              step_device=flat.buckets[0]["flat"].device)
-    return flat, opt
-
-
-def parity_train_step(model, loss_fn, batch, lr, engine: "GraphEngine | None" = None) -> None:
-    """Accuracy-gate hook: one training step of the variant's own code on the gate's batch:
-    its forward/forces, upstream's loss, gradients into the flat buffer (left in ``p.grad``, views
-    of it) and the flat Adam/AdamW (flat_optim.FlatAdam, what the training loop runs)."""
-    eng = engine if engine is not None else GraphEngine.for_model(model)
-    flat, opt = parity_optimizer(model, batch["optim"], lr)
-    with torch.enable_grad():
-        loss, _ = train_loss(eng, loss_fn, batch["input"], batch["label"], lr)
-        flat.grads_from_loss(loss)
-    opt.step()

@@ -18,7 +18,7 @@ from typing import Callable
 
 from harness.core import rebind
 
-from . import fused, graph, stats
+from . import fused, gate, graph, stats
 
 ENGINES: dict[str, type] = {"graph": graph.GraphEngine, "fused": fused.FusedEngine}
 BY = "dpfast.trainer"
@@ -32,10 +32,7 @@ def engine_class(name: str) -> type:
 
 
 # name -> (parity_forward, parity_train_step): what harness.child.runtime's gate hooks call
-GATE_HOOKS: dict[str, tuple[Callable, Callable]] = {
-    "graph": (graph.parity_forward, graph.parity_train_step),
-    "fused": (fused.parity_forward, fused.parity_train_step),
-}
+GATE_HOOKS: dict[str, tuple[Callable, Callable]] = gate.HOOKS
 
 
 def install(name: str) -> None:

@@ -21,7 +21,7 @@ Building a callable: ``make_fx`` traces a pure function (params, buffers, coord,
 ``torch.autograd.grad(E, coord, create_graph=True)`` inside the trace, so the first derivative is
 ordinary aten ops in the FX graph. While tracing, se_e2_a's per-centre-type boolean indexing
 (type_one_side false) is replaced by an exactly equivalent multiply with the type mask
-(``_masked_block_forward``), so the graph has static shapes for any type layout. The graph is
+(``static_type_masks.py``), so the graph has static shapes for any type layout. The graph is
 repaired (detach chains stripped, fresh node list), checked for data-dependent ops and handed to
 ``torch.compile``.
 The optimizer's backward is then a first-order backward through the compiled graph.
@@ -31,18 +31,16 @@ DPH_COMPILE_BUCKET (default 256), DPH_COMPILE_DISABLE=1 (always upstream's path)
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-import types
 
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from dpfast import options  # absolute: tests also load this file as a module of its own
+from dpfast.static_type_masks import BLOCK as _BLOCK, static_type_masks as _static_type_masks
 from harness.core import rebind
 
-from deepmd.pt.model.descriptor import se_a as _se_a
 from deepmd.pt.model.model import ener_model as _ener_model
 from deepmd.pt.utils import env as _env
 
@@ -206,102 +204,6 @@ def _rebuild(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(gm, g)
 
 
-
-# ----------------------------------------------------------------------------- static type masks
-_BLOCK = _se_a.DescrptBlockSeA
-
-
-def _masked_block_forward(self, nlist, extended_coord, extended_atype, extended_atype_embd=None,
-                          mapping=None, type_embedding=None):
-    """Upstream's DescrptBlockSeA.forward (3.2.0, non-compressed, type_one_side false) with the
-    per-centre-type boolean indexing replaced by a multiply with the type mask; used only while
-    make_fx traces (see `_static_type_masks`), never on upstream's eager path.
-
-    Upstream, for each network (centre type ti, neighbour type ii) in `filter_layers.networks`
-    order, evaluates the network on the rows of type ti only (`dmatrix[ti_mask, ...]`) and does
-    `xyz_scatter[ti_mask] += gr`; the shapes of those selections depend on the atom types, which
-    the compiler cannot take in one graph for all type layouts. Here every network runs on all
-    nf*nloc rows and `xyz_scatter += gr * (atype == ti)`. This is exactly upstream's value:
-    * each row's own-type terms are multiplied by 1.0 (exact), the others by 0.0, giving (+/-)0
-      (the terms are finite: a tanh network of the finite, env-protected dmatrix);
-    * x + (+/-)0 == x exactly, so a row only changes at its own type's networks, and those are
-      added in the same network order (ii = 0, 1, ... for its ti) as upstream's `+=` adds them,
-      starting from the same zeros;
-    * rr, ss, gg, gr of a row are computed from that row alone (row-wise network and batched
-      matmul), so its values do not depend on which other rows are in the batch.
-    The derivatives through the mask are zero for the other rows, so they add exact zeros to the
-    coordinate gradient as well. The price: every network sees all centre atoms, i.e. ntypes
-    times upstream's embedding work (upstream runs each centre atom through ntypes networks,
-    this runs it through ntypes**2).
-    Everything else (prod_env_mat, exclusion mask, the scaling and the final contractions) is
-    upstream's code, with upstream's helper calls.
-    """
-    if self.type_one_side or self.compress or type_embedding is not None:
-        return _upstream_block_forward(self, nlist, extended_coord, extended_atype,
-                                       extended_atype_embd, mapping, type_embedding)
-    del extended_atype_embd, mapping
-    nf = nlist.shape[0]
-    nloc = nlist.shape[1]
-    atype = extended_atype[:, :nloc]
-    dmatrix, diff, sw = _se_a.prod_env_mat(
-        extended_coord,
-        nlist,
-        atype,
-        self.mean,
-        self.stddev,
-        self.rcut,
-        self.rcut_smth,
-        protection=self.env_protection,
-    )
-    dmatrix = dmatrix.view(-1, self.nnei, 4)
-    nfnl = dmatrix.shape[0]
-    xyz_scatter = torch.zeros(
-        [nfnl, 4, self.filter_neuron[-1]],
-        dtype=self.prec,
-        device=extended_coord.device,
-    )
-    # nfnl x nnei
-    exclude_mask = self.emask(nlist, extended_atype).view(nfnl, self.nnei)
-    flat_atype = atype.ravel()
-    for embedding_idx, ll in enumerate(self.filter_layers.networks):
-        # ti: center atom type, ii: neighbor type (upstream's numbering)
-        ii = embedding_idx // self.ntypes
-        ti = embedding_idx % self.ntypes
-        # nfnl x nt: all rows (upstream: the rows of type ti)
-        mm = exclude_mask[:, self.sec[ii] : self.sec[ii + 1]]
-        # nfnl x nt x 4
-        rr = dmatrix[:, self.sec[ii] : self.sec[ii + 1], :]
-        rr = rr * mm[:, :, None]
-        ss = rr[:, :, :1]
-        # nfnl x nt x ng
-        gg = ll.forward(ss)
-        # nfnl x 4 x ng
-        gr = torch.matmul(rr.permute(0, 2, 1), gg)
-        # upstream: xyz_scatter[ti_mask] += gr
-        xyz_scatter += gr * flat_atype.eq(ti).to(gr.dtype)[:, None, None]
-
-    xyz_scatter /= self.nnei
-    xyz_scatter_1 = xyz_scatter.permute(0, 2, 1)
-    rot_mat = xyz_scatter_1[:, :, 1:4]
-    xyz_scatter_2 = xyz_scatter[:, :, 0 : self.axis_neuron]
-    result = torch.matmul(xyz_scatter_1, xyz_scatter_2)
-    result = result.view(nf, nloc, self.filter_neuron[-1] * self.axis_neuron)
-    rot_mat = rot_mat.view([nf, nloc] + list(rot_mat.shape[1:]))  # noqa:RUF005
-    return (result, rot_mat, None, None, sw)
-
-
-_upstream_block_forward = _BLOCK.forward
-
-
-@contextlib.contextmanager
-def _static_type_masks(block):
-    """While tracing: this model's se_e2_a block runs `_masked_block_forward` (an instance
-    attribute, so no other model and no eager call is affected); removed afterwards."""
-    block.__dict__["forward"] = types.MethodType(_masked_block_forward, block)
-    try:
-        yield
-    finally:
-        block.__dict__.pop("forward", None)
 
 # ----------------------------------------------------------------------------- build
 def _slots(am) -> list:

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
-from harness.core import fsutil
+from harness.core import fsutil, rebind
 from harness.analyse.profile import JAX_TRACE_DIR, MIN_START, PROFILE_JSON, RANGE_PREFIX, START_FRACTION, TRACE, WINDOW, breakdown_from_trace, jax_trace_events
 
 
@@ -89,25 +89,15 @@ class _Ranges:
         return wrapped
 
 
-class _Patches:
-    def __init__(self) -> None:
-        self._saved: list[tuple[Any, str, Any, bool]] = []
+BY = "harness.profiler"  # its one lasting replacement: the trainer's batch draw (finds the trainer)
+BY_WINDOW = "harness.profiler.window"  # the ranges' wrappers, put back when the window closes
 
-    def set(self, obj: Any, attr: str, value: Any) -> None:
-        had = attr in getattr(obj, "__dict__", {})
-        self._saved.append((obj, attr, getattr(obj, "__dict__", {}).get(attr), had))
-        setattr(obj, attr, value)
 
-    def restore(self) -> None:
-        for obj, attr, old, had in reversed(self._saved):
-            try:
-                if had:
-                    setattr(obj, attr, old)
-                else:
-                    delattr(obj, attr)
-            except Exception:
-                pass
-        self._saved.clear()
+def _wrap(owner: Any, name: str, kind: str, ranges: "_Ranges") -> None:
+    """owner.name inside a profiler range of `kind`, through harness.core.rebind (put back by
+    rebind.restore(BY_WINDOW) when the window closes)."""
+    rebind.replace(owner, name, ranges.wrap(kind, getattr(owner, name)), by=BY_WINDOW,
+                   why=f"the profiler's '{kind}' range, during its window only")
 
 
 def _module_kind(m: Any) -> str | None:
@@ -128,7 +118,7 @@ def _module_kind(m: Any) -> str | None:
     return None
 
 
-def _wrap_modules(root: Any, ranges: _Ranges, patches: _Patches) -> list[str]:
+def _wrap_modules(root: Any, ranges: _Ranges) -> list[str]:
     """Instance-level forward wrappers: outermost descriptor / fitting modules, and embedding nets
     inside descriptors."""
     done: list[str] = []
@@ -139,7 +129,7 @@ def _wrap_modules(root: Any, ranges: _Ranges, patches: _Patches) -> list[str]:
             kind = _module_kind(child)
             if kind == "fitting" and inside is None or kind == "descriptor" and inside is None \
                     or kind == "embedding" and inside == "descriptor":
-                patches.set(child, "forward", ranges.wrap(kind, child.forward))
+                _wrap(child, "forward", kind, ranges)
                 done.append(f"{p}:{kind}")
                 if kind != "fitting":
                     walk(child, p, kind)
@@ -164,7 +154,6 @@ class _Session:
         self.trainer: Any = None
         self.active = False
         self.prof = None
-        self.patches = _Patches()
         self.wrapped: list[str] = []
         self.t0 = self.t1 = 0.0
         self.done = False
@@ -195,7 +184,9 @@ class _Session:
                     return sess.ranges.wrap("data", orig)(trainer, *a, **k)
                 return orig(trainer, *a, **k)
 
-            pt_training.Trainer._next_training_batch = _next_training_batch
+            rebind.replace(pt_training.Trainer, "_next_training_batch", _next_training_batch, by=BY,
+                           why="the profiler learns the trainer from its first draw and, during its window, "
+                               "puts the draw inside its 'data' range")
         self.ranges: _Ranges | None = None
         self.clock.on_tick.append(self.on_tick)
         atexit.register(self.finish, "training ended before the profiling window closed")
@@ -211,7 +202,7 @@ class _Session:
             print(f"dpharness profile: {type(e).__name__}: {e}", file=sys.stderr)
             self.active = False
             self.done = True
-            self.patches.restore()
+            rebind.restore(BY_WINDOW)
             self._write({"status": "failed", "reason": f"profiler: {type(e).__name__}: {e}"})
 
     def start(self) -> None:
@@ -224,18 +215,18 @@ class _Session:
         self.cuda = cuda
         self.ranges = _Ranges(cuda)
         r = self.ranges
-        self.patches.set(torch.Tensor, "backward", r.wrap("backward", torch.Tensor.backward))
-        self.patches.set(torch.autograd, "grad", r.wrap("force", torch.autograd.grad))
+        _wrap(torch.Tensor, "backward", "backward", r)
+        _wrap(torch.autograd, "grad", "force", r)
         tr = self.trainer
         if tr is not None:
             wrapper = getattr(tr, "wrapper", None)
             if wrapper is not None:
-                self.patches.set(type(wrapper), "forward", r.wrap("forward", type(wrapper).forward))
-                self.wrapped = _wrap_modules(wrapper, r, self.patches)
+                _wrap(type(wrapper), "forward", "forward", r)
+                self.wrapped = _wrap_modules(wrapper, r)
             opt = getattr(tr, "optimizer", None)
             if opt is not None:
                 # instance level: torch's LR schedulers replace opt.step on the instance
-                self.patches.set(opt, "step", r.wrap("optimizer", opt.step))
+                _wrap(opt, "step", "optimizer", r)
         acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
         self.prof = profile(activities=acts, record_shapes=False, with_stack=False, profile_memory=False)
         if cuda:
@@ -257,7 +248,7 @@ class _Session:
             torch.cuda.synchronize()
         self.t1 = time.perf_counter()
         self.prof.stop()
-        self.patches.restore()
+        rebind.restore(BY_WINDOW)
         steps = self._steps(reason)
         raw = self.run_dir / "trace.json"
         self.prof.export_chrome_trace(str(raw))

@@ -13,6 +13,7 @@ Standard library only: importable beside any upstream tree, in every backend's c
 from __future__ import annotations
 
 import contextlib
+import types
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -44,10 +45,12 @@ _active: list[Replacement] = []
 
 def _own(owner: Any, name: str) -> Any:
     """What the owner holds under `name`: a class's own __dict__ entry as stored (not a bound
-    method, not an inherited one); a module's or an object's attribute (config modules keep
-    theirs outside __dict__). _MISSING when there is none."""
+    method, not an inherited one); an instance's own attribute (not its class's method); a
+    module's attribute (config modules keep theirs outside __dict__). _MISSING when there is none."""
     if isinstance(owner, type):
         return owner.__dict__.get(name, _MISSING)
+    if not isinstance(owner, types.ModuleType) and hasattr(owner, "__dict__"):
+        return vars(owner).get(name, _MISSING)  # an instance: its own attribute, not its class's method
     return getattr(owner, name, _MISSING)
 
 
@@ -70,7 +73,10 @@ def original(owner: Any, name: str) -> Any:
 
 
 def _inherited(owner: Any, name: str) -> Any:
-    """What a class would have under `name` without its own entry (a base's, as stored)."""
+    """What a class would have under `name` without its own entry (a base's, as stored); for an
+    instance, its class's attribute as the instance sees it (a method bound to it)."""
+    if not isinstance(owner, type):
+        return getattr(type(owner), name).__get__(owner, type(owner))
     for k in getattr(owner, "__mro__", ())[1:]:
         if name in k.__dict__:
             return k.__dict__[name]

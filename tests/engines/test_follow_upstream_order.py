@@ -90,8 +90,8 @@ def test_upstream_batch_maps_upstreams_draws_onto_the_engines_frames(tmp_path, m
     cfg = fcc_config(train, [fcc_system(tmp_path / "v", 2, 2)], tos=False)
     eng = fused.FusedEngine(build_trainer(cfg, tmp_path / "e"))
     eng.build_data()
-    assert len(eng.groups) == 1 and eng.groups[0]["slots"] == {0: 0, 1: 4}
-    energies = eng.groups[0]["labels"]["energy"].reshape(-1)
+    assert len(eng.groups) == 1 and eng.groups[0].slots == {0: 0, 1: 4}
+    energies = eng.groups[0].labels["energy"].reshape(-1)
     drawn = [eng.upstream_batch(step) for step in range(12)]
     ref = build_trainer(cfg, tmp_path / "r")  # seeded as the engine's was: the same draws
     seen = set()

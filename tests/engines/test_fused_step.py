@@ -268,9 +268,9 @@ def test_gate_hook_runs_compiled_step(data, tmp_path, knobs):
     from harness.child import runtime
 
     load_fused_patches(knobs)
-    from dpfast import fused as fused_engine
+    from dpfast import fused as fused_engine, gate
 
-    assert runtime.parity_train_step is fused_engine.parity_train_step
+    assert runtime.parity_train_step is gate.fused_parity_train_step
     # sel large enough that no neighbour list is truncated: upstream's answer is then
     # independent of the atom order, and the batch is shuffled (the hook sorts atoms + labels)
     tr = build_trainer(fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, sel=(100, 70, 50)), tmp_path)

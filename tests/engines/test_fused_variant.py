@@ -186,10 +186,10 @@ def test_gate_hooks(data, tmp_path, monkeypatch):
     from harness.child import runtime
 
     load_fused_patches(monkeypatch)
-    from dpfast import fused as fused_engine
+    from dpfast import gate
 
-    assert runtime.parity_forward is fused_engine.parity_forward
-    assert runtime.parity_train_step is fused_engine.parity_train_step
+    assert runtime.parity_forward is gate.fused_parity_forward
+    assert runtime.parity_train_step is gate.fused_parity_train_step
     tr = build_trainer(case_config("fcc-tos-false", data), tmp_path)
     _, coord, atype, box = frames_of(tr)
     nf = coord.shape[0]
@@ -369,13 +369,13 @@ def test_onthefly_engine_storage(data, tmp_path):
             os.environ["DPH_GEOM"] = old
     eng.build_data()
     G = eng.groups[0]
-    assert G["rt"] is None and G["jac"] is None and G["diff"] is not None
-    nloc, nnei = G["nloc"], eng.nnei
-    nfr = G["jidx"].shape[0]
+    assert G.geom["rt"] is None and G.geom["jac"] is None and G.geom["diff"] is not None
+    nloc, nnei = G.nloc, eng.nnei
+    nfr = G.geom["jidx"].shape[0]
     per_pair = 4 + 8 * 3  # int32 index + float64 displacement
-    labels = sum(v.numel() * v.element_size() for v in G["labels"].values())
-    assert G["nbytes"] == nfr * nloc * nnei * per_pair + labels
-    rt, jac, jidx, diff, _ = eng.gather(G, torch.tensor([0]))
+    labels = sum(v.numel() * v.element_size() for v in G.labels.values())
+    assert G.nbytes == nfr * nloc * nnei * per_pair + labels
+    rt, jac, jidx, diff, _ = eng.gather(G.geom, G.labels, torch.tensor([0]))
     assert rt is None and jac is None and diff.shape == (1, nloc, nnei, 3)
     GraphEngine = fused_engine.FusedEngine.__bases__[0]  # graph_engine.GraphEngine may be patched (gate hooks)
     geng = GraphEngine(tr)
@@ -459,28 +459,28 @@ def test_compact_engine_matches_onthefly(case, data, tmp_path, monkeypatch):
     assert eng.geom_mode == "compact"
     eng.build_data()
     for G0, G in zip(otf.groups, eng.groups):
-        assert G["rt"] is None and G["jac"] is None and G["diff"] is None and G["jidx"] is None
-        assert G["pidx"].dtype == torch.int32 and G["coord"].dtype == torch.float64
-        nfr, nloc, nnei = G["pidx"].shape
-        nsh = G["shifts"].shape[1]
+        assert G.geom["rt"] is None and G.geom["jac"] is None and G.geom["diff"] is None and G.geom["jidx"] is None
+        assert G.geom["pidx"].dtype == torch.int32 and G.geom["coord"].dtype == torch.float64
+        nfr, nloc, nnei = G.geom["pidx"].shape
+        nsh = G.geom["shifts"].shape[1]
         if case.startswith("fcc"):
             assert nsh == 125
-        labels = sum(v.numel() * v.element_size() for v in G["labels"].values())
-        assert G["nbytes"] == nfr * (nloc * nnei * 4 + nloc * 3 * 8 + nsh * 3 * 8) + labels
-        assert G["nbytes"] < G0["nbytes"] / 4
+        labels = sum(v.numel() * v.element_size() for v in G.labels.values())
+        assert G.nbytes == nfr * (nloc * nnei * 4 + nloc * 3 * 8 + nsh * 3 * 8) + labels
+        assert G.nbytes < G0.nbytes / 4
         idx = torch.arange(nfr)
-        rt, jac, pidx, geom = eng.gather(G, idx)[:4]
+        rt, jac, pidx, geom = eng.gather(G.geom, G.labels, idx)[:4]
         assert rt is None and jac is None and isinstance(geom, tuple)
         jf, d = eng.expand_geom(pidx, geom)
-        _, _, jidx0, diff0, _ = otf.gather(G0, idx)
+        _, _, jidx0, diff0, _ = otf.gather(G0.geom, G0.labels, idx)
         assert torch.equal(d, diff0) and torch.equal(jf, jidx0)
         bias = eng.out_bias_per_type()
-        a = otf._predict_core(None, None, jidx0, diff0, G0["tcount"], bias)
-        b = eng._predict_core(None, None, pidx, geom, G["tcount"], bias)
+        a = otf._predict_core(None, None, jidx0, diff0, G0.tcount, bias)
+        b = eng._predict_core(None, None, pidx, geom, G.tcount, bias)
         for k in a:
             assert torch.equal(a[k], b[k]), f"{case}: {k} compact vs on-the-fly {rel(b[k], a[k]):.3e}"
-        ga = _GRAPH_PREDICT(otf, None, None, jidx0, diff0, G0["tcount"], bias, create_graph=False)
-        gb = _GRAPH_PREDICT(eng, None, None, pidx, geom, G["tcount"], bias, create_graph=False)
+        ga = _GRAPH_PREDICT(otf, None, None, jidx0, diff0, G0.tcount, bias, create_graph=False)
+        gb = _GRAPH_PREDICT(eng, None, None, pidx, geom, G.tcount, bias, create_graph=False)
         for k in ga:
             assert torch.equal(ga[k], gb[k]), f"{case}: graph autograd {k} compact vs on-the-fly"
     out, ref = engine_and_upstream(eng, tr)
@@ -508,10 +508,10 @@ def test_compact_traces_without_graph_break(grouped, data, tmp_path, monkeypatch
     eng = fused_engine.FusedEngine(tr)
     eng.build_data()
     G = eng.groups[0]
-    rt, jac, pidx, geom, _ = eng.gather(G, torch.tensor([0]))
+    rt, jac, pidx, geom, _ = eng.gather(G.geom, G.labels, torch.tensor([0]))
     torch._dynamo.reset()
     assert (eng.grouped, eng.grouped_fit, eng.grouped_contract) == MODES[grouped]
-    ex = torch._dynamo.explain(eng._predict_core)(rt, jac, pidx, geom, tuple(G["tcount"]), G["bias"], True)
+    ex = torch._dynamo.explain(eng._predict_core)(rt, jac, pidx, geom, tuple(G.tcount), G.bias, True)
     assert ex.graph_count == 1 and ex.graph_break_count == 0, ex.break_reasons
     # 3 types present (9 descriptor blocks, 3 fitting types): grouped nets take one GEMM per
     # layer for all blocks (types) instead of one per block (type); grouped contractions one
@@ -757,8 +757,8 @@ def test_grouped_contraction_gemm_counts(case, data, tmp_path, monkeypatch):
     eng = fused_engine.FusedEngine(tr)
     eng.build_data()
     G = eng.groups[0]
-    rt, jac, pidx, geom, _ = eng.gather(G, torch.tensor([0]))
-    tcount, bias = G["tcount"], G["bias"]
+    rt, jac, pidx, geom, _ = eng.gather(G.geom, G.labels, torch.tensor([0]))
+    tcount, bias = G.tcount, G.bias
     params = [p for p in tr.wrapper.parameters() if p.requires_grad]
     mm = (torch.ops.aten.mm.default, torch.ops.aten.bmm.default)
     counts = {}

@@ -34,6 +34,22 @@ def test_an_inherited_method_is_removed_again_not_copied_down():
     assert "f" not in Child.__dict__ and Child().f() == "base"
 
 
+def test_an_instance_attribute_is_the_instances_own_and_goes_again():
+    """The profiler wraps one module instance's forward (not its class's): the original is the
+    class's method bound to that instance, and restore leaves the instance without an attribute
+    of its own, as it was; an attribute the instance had is put back."""
+    c, other = Child(), Child()
+    with rebind.scope():
+        orig = rebind.replace(c, "g", lambda: "wrapped " + rebind.original(c, "g")(), by="t", why="w")
+        assert orig() == "child" and c.g() == "wrapped child" and other.g() == "child"
+        assert rebind.replaced()[-1]["target"] == "Child.g"
+        rebind.restore("t")
+        assert "g" not in vars(c) and c.g() == "child"
+        c.g = own = lambda: "own"
+        rebind.replace(c, "g", lambda: "x", by="t", why="w")
+    assert vars(c)["g"] is own
+
+
 def test_stacked_replacements_unwind_in_any_order():
     mod = types.ModuleType("m")
     mod.h = orig = lambda: 0
