@@ -26,6 +26,11 @@ REPO = Path(__file__).resolve().parent.parent
 WATER_SOURCES = (REPO / "systems" / "water" / "data",)
 SMALL_MODEL = {"neuron": [4, 8, 16], "axis_neuron": 4, "fitting": [16, 16]}
 
+# Triton kernels (engines/dpfast/embed_kernels.py) run in Triton's interpreter on a machine with no
+# GPU: the choice is made when a kernel is defined, so it is set before any test imports one.
+if "TRITON_INTERPRET" not in os.environ and not Path("/dev/nvidia0").exists():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 def water_source() -> Path | None:
     """The first directory holding upstream's water data (data_0 .. data_3), or None."""

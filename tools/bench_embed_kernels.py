@@ -1,0 +1,134 @@
+"""Microbenchmark of the Triton embedding kernels (engines/dpfast/embed_kernels.py) against the
+paths the fused engine runs today, on one GPU, float64, se_e2_a's 1 -> 25 -> 50 -> 100 net:
+
+* ``eager``: analytic_nets.embed_with_tangent + the contraction (G and dG/ds in memory);
+* ``inductor``: the same function under torch.compile (Inductor), as fused's compiled step has it;
+* ``kernel``: embed_contract / env_cotangent (G never written), for several tile shapes.
+
+Water's four descriptor blocks (O-O 46, O-H 92, H-O 46, H-H 92 neighbour slots; 64 O and 128 H
+per 192 atoms) at 192 and 1,536 atoms. Per path: microseconds per call (median of CUDA-event
+timings after warm-up), achieved FP64 FLOP/s (the nets' GEMM work, value and tangent), the
+minimum bytes a call must move, and the worst relative difference to eager.
+
+Usage (GPU machine):  python tools/bench_embed_kernels.py --out $OUT/embed_kernels.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "engines"))
+sys.path.insert(0, str(REPO))
+
+from dpfast import analytic_nets, embed_kernels  # noqa: E402
+
+WIDTHS = (25, 50, 100)
+# (centre atoms per 192, neighbour slots) of water's blocks (type_one_side false: one net each)
+BLOCKS = ((64, 46), (64, 92), (128, 46), (128, 92))
+
+
+def _net(gen):
+    n = (1,) + WIDTHS
+    return [SimpleNamespace(matrix=(torch.randn(n[i], n[i + 1], generator=gen, dtype=torch.float64) / n[i] ** 0.5).cuda(),
+                            bias=torch.randn(n[i + 1], generator=gen, dtype=torch.float64).cuda(),
+                            idt=(0.1 + torch.rand(n[i + 1], generator=gen, dtype=torch.float64)).cuda(),
+                            activate_name="tanh", resnet=True, prec=torch.float64) for i in range(3)]
+
+
+def _eager_fwd(rr, layers):
+    G, _ = analytic_nets.embed_with_tangent(rr[..., :1], layers)
+    return torch.matmul(rr.transpose(-1, -2), G)
+
+
+def _eager_cot(rr, layers, gx):
+    G, dG = analytic_nets.embed_with_tangent(rr[..., :1], layers)
+    return analytic_nets.env_cotangent(rr, G, dG, gx)
+
+
+def _time_us(fn, reps: int) -> float:
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return statistics.median(ts)
+
+
+def _flops(rows: int) -> float:
+    """GEMM FLOPs of value + tangent through the three layers and the contraction."""
+    n1, n2, n3 = WIDTHS
+    return rows * (2 * 2 * n1 + 2 * 2 * (n1 * n2 + n2 * n3) + 2 * 4 * n3)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--replicate", default="1,8", help="multiples of 192 atoms")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_embed_kernels: no CUDA device", file=sys.stderr)
+        return 2
+    gen = torch.Generator().manual_seed(0)
+    rows_out = []
+    compiled_fwd = torch.compile(_eager_fwd, dynamic=False)
+    compiled_cot = torch.compile(_eager_cot, dynamic=False)
+    for rep in (int(x) for x in args.replicate.split(",")):
+        for na, S in BLOCKS:
+            A = na * rep
+            layers = _net(gen)
+            net = embed_kernels.pack_net(layers)
+            rr = (torch.randn(A, S, 4, generator=gen, dtype=torch.float64) * 0.3).cuda()
+            gx = torch.randn(A, 4, WIDTHS[-1], generator=gen, dtype=torch.float64).cuda()
+            ref_f, ref_c = _eager_fwd(rr, layers), _eager_cot(rr, layers, gx)
+            paths = {
+                "eager": (lambda: _eager_fwd(rr, layers), lambda: _eager_cot(rr, layers, gx)),
+                "inductor": (lambda: compiled_fwd(rr, layers), lambda: compiled_cot(rr, layers, gx)),
+            }
+            for tile in (16, 32, 64):
+                for warps in (4, 8):
+                    paths[f"kernel-r{tile}-w{warps}"] = (
+                        lambda t=tile, w=warps: embed_kernels.embed_contract(rr, net, rows=t, warps=w),
+                        lambda t=tile, w=warps: embed_kernels.env_cotangent(rr, net, gx, rows=t, warps=w))
+            for name, (f, c) in paths.items():
+                row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name}
+                try:
+                    t0 = time.perf_counter()
+                    out_f, out_c = f(), c()
+                    torch.cuda.synchronize()
+                    row["first_call_s"] = round(time.perf_counter() - t0, 3)
+                    row["rel_err_fwd"] = float((out_f - ref_f).abs().max() / ref_f.abs().max())
+                    row["rel_err_cot"] = float((out_c - ref_c).abs().max() / ref_c.abs().max())
+                    row["us_fwd"] = _time_us(f, args.reps)
+                    row["us_cot"] = _time_us(c, args.reps)
+                    fl = _flops(A * S)
+                    row["gflops_fwd"] = fl / row["us_fwd"] / 1e3
+                    row["gflops_cot"] = (fl + A * S * 2 * 4 * WIDTHS[-1]) / row["us_cot"] / 1e3
+                    # the least a call moves: R~ in, xyz out (fwd); R~ and gx in, dE/dR~ out (cot)
+                    row["min_bytes_fwd"] = A * (S * 4 + 4 * WIDTHS[-1]) * 8
+                    row["min_bytes_cot"] = A * (2 * S * 4 + 4 * WIDTHS[-1]) * 8
+                except Exception as e:  # a tile shape that does not compile is a row that says so
+                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                rows_out.append(row)
+                print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                    "widths": WIDTHS, "rows": rows_out}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
