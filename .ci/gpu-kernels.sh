@@ -13,4 +13,4 @@ make venv > "$OUT/venv-kernels.log" 2>&1 || { tail -20 "$OUT/venv-kernels.log"; 
 py=.venv/bin/python
 $py -c "import triton; print('triton', triton.__version__)"
 timeout $(( BUDGET_S / 2 )) $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" 2>&1 | tail -40 | tee "$OUT/kernels.log"
-timeout $(( BUDGET_S / 2 )) $py -m pytest -q tests/engines/test_embed_kernels.py -p no:cacheprovider 2>&1 | tail -8 | tee -a "$OUT/kernels.log"
+timeout $(( BUDGET_S / 2 )) $py -m pytest -q tests/engines/test_embed_kernels.py tests/engines/test_embed_autograd.py -p no:cacheprovider 2>&1 | tail -8 | tee -a "$OUT/kernels.log"

@@ -3,7 +3,10 @@ paths the fused engine runs today, on one GPU, float64, se_e2_a's 1 -> 25 -> 50 
 
 * ``eager``: analytic_nets.embed_with_tangent + the contraction (G and dG/ds in memory);
 * ``inductor``: the same function under torch.compile (Inductor), as fused's compiled step has it;
-* ``kernel``: embed_contract / env_cotangent (G never written), for several tile shapes.
+* ``kernel``: embed_contract / env_cotangent (G never written), for several tile shapes;
+* ``eager-train`` / ``kernel-train``: forward and the gradients of R~ and every weight (torch's
+  autograd of the eager path vs dpfast::embed_contract's two VJP kernels); both columns time the
+  same thing, and "rel_err_*" compares dE/dR~.
 
 Water's four descriptor blocks (O-O 46, O-H 92, H-O 46, H-H 92 neighbour slots; 64 O and 128 H
 per 192 atoms) at 192 and 1,536 atoms. Per path: microseconds per call (median of CUDA-event
@@ -28,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "engines"))
 sys.path.insert(0, str(REPO))
 
-from dpfast import analytic_nets, embed_kernels  # noqa: E402
+from dpfast import analytic_nets, embed_autograd, embed_kernels  # noqa: E402
 
 WIDTHS = (25, 50, 100)
 # (centre atoms per 192, neighbour slots) of water's blocks (type_one_side false: one net each)
@@ -102,15 +105,31 @@ def main() -> int:
                 paths[f"kernel-r{tile}-w{warps}"] = (
                     lambda t=tile, w=warps: embed_kernels.embed_contract(rr, net, rows=t, warps=w),
                     lambda t=tile, w=warps: embed_kernels.env_cotangent(rr, net, gx, rows=t, warps=w))
+            # training's backward of the contraction (value + gradients of R~ and every weight):
+            # torch autograd of the eager path vs the op's two VJP kernels
+            lw = [SimpleNamespace(**{**vars(l), **{k: getattr(l, k).detach().clone().requires_grad_()
+                                                   for k in ("matrix", "bias", "idt")}}) for l in layers]
+            rg = rr.detach().requires_grad_()
+            prm = [rg] + [x for l in lw for x in (l.matrix, l.bias, l.idt)]
+            def train_eager():
+                return torch.autograd.grad((_eager_fwd(rg, lw) * gx).sum(), prm)[0]
+
+            def train_kernel():
+                return torch.autograd.grad((embed_autograd.embed_contract(rg, lw) * gx).sum(), prm)[0]
+
+            paths["eager-train"] = (train_eager, train_eager)
+            paths["kernel-train"] = (train_kernel, train_kernel)
+            ref_train = train_eager()
             for name, (f, c) in paths.items():
+                rf, rc = (ref_train, ref_train) if name.endswith("-train") else (ref_f, ref_c)
                 row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name}
                 try:
                     t0 = time.perf_counter()
                     out_f, out_c = f(), c()
                     torch.cuda.synchronize()
                     row["first_call_s"] = round(time.perf_counter() - t0, 3)
-                    row["rel_err_fwd"] = float((out_f - ref_f).abs().max() / ref_f.abs().max())
-                    row["rel_err_cot"] = float((out_c - ref_c).abs().max() / ref_c.abs().max())
+                    row["rel_err_fwd"] = float((out_f - rf).abs().max() / rf.abs().max())
+                    row["rel_err_cot"] = float((out_c - rc).abs().max() / rc.abs().max())
                     row["us_fwd"] = _time_us(f, args.reps)
                     row["us_cot"] = _time_us(c, args.reps)
                     fl = _flops(A * S)

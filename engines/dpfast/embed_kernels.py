@@ -95,9 +95,10 @@ def unsupported(layers: list) -> str | None:
     return None
 
 
-def pack_net(layers: list) -> PackedNet:
-    """Upstream's three MLPLayers of one embedding net, padded for the kernels (weights detached:
-    the kernels compute values; the training backward is a later kernel)."""
+def pack_net(layers: list, differentiable: bool = False) -> PackedNet:
+    """Upstream's three MLPLayers of one embedding net, padded for the kernels. differentiable:
+    the padded tensors are functions of the layers' parameters (torch's pad), so gradients that
+    embed_autograd computes for them reach upstream's nn.Parameters; else detached copies."""
     why = unsupported(layers)
     if why:
         raise ValueError(f"embed_kernels: {why}")
@@ -105,17 +106,15 @@ def pack_net(layers: list) -> PackedNet:
     padded = tuple(_pow2(n) for n in widths)
     dev = layers[0].matrix.device
     f64 = dict(dtype=torch.float64, device=dev)
+    own = (lambda t: t) if differentiable else (lambda t: t.detach())
 
-    def vec(v, n, p, fill=0.0):
-        out = torch.full((p,), fill, **f64)
-        if v is not None:
-            out[:n] = v.detach().reshape(-1)[:n]
-        return out
+    def vec(v, n, p, fill=0.0):  # fill: a layer without this vector (no bias: 0, no idt: 1)
+        if v is None:
+            return torch.full((p,), fill, **f64)
+        return torch.nn.functional.pad(own(v).reshape(-1)[:n], (0, p - n))
 
     def mat(w, pin, pout):
-        out = torch.zeros((pin, pout), **f64)
-        out[: w.shape[0], : w.shape[1]] = w.detach()
-        return out
+        return torch.nn.functional.pad(own(w), (0, pout - w.shape[1], 0, pin - w.shape[0]))
 
     def dup(nin, nout, pin, pout, skip):
         d = torch.zeros((pin, pout), **f64)
@@ -129,10 +128,10 @@ def pack_net(layers: list) -> PackedNet:
     p1, p2, p3 = padded
     s1, s2 = _skip_of(l1, n1, n2), _skip_of(l2, n2, n3)
     return PackedNet(
-        w0=vec(l0.matrix[0], n1, p1), b0=vec(l0.bias, n1, p1), i0=vec(l0.idt, n1, p1, 0.0) if l0.idt is not None else vec(None, n1, p1, 1.0),
-        w1=mat(l1.matrix, p1, p2), b1=vec(l1.bias, n2, p2), i1=vec(l1.idt, n2, p2) if l1.idt is not None else vec(None, n2, p2, 1.0),
+        w0=vec(l0.matrix[0], n1, p1), b0=vec(l0.bias, n1, p1), i0=vec(l0.idt, n1, p1, 1.0),
+        w1=mat(l1.matrix, p1, p2), b1=vec(l1.bias, n2, p2), i1=vec(l1.idt, n2, p2, 1.0),
         d1=dup(n1, n2, p1, p2, s1),
-        w2=mat(l2.matrix, p2, p3), b2=vec(l2.bias, n3, p3), i2=vec(l2.idt, n3, p3) if l2.idt is not None else vec(None, n3, p3, 1.0),
+        w2=mat(l2.matrix, p2, p3), b2=vec(l2.bias, n3, p3), i2=vec(l2.idt, n3, p3, 1.0),
         d2=dup(n2, n3, p2, p3, s2),
         widths=widths, padded=padded, skips=(s1, s2),
         tanh=tuple((l.activate_name or "none").lower() == "tanh" for l in layers),

@@ -1,0 +1,237 @@
+"""The backward of the embedding kernel (issue 39, kernel 2) and its autograd: ``embed_contract``
+as a torch op (``dpfast::embed_contract``, torch.library) whose VJP is two kernels:
+
+* to R~: dE/dR~ = ``embed_kernels.env_cotangent(rr, net, gxyz)`` (the force path's product: the
+  contraction's cotangent with G and dG/ds recomputed on chip);
+* to the weights: ``_weight_vjp_kernel``. One program per ATOMS consecutive centre atoms; per
+  tile of neighbour rows it recomputes the three layers (pre-activations in registers),
+  G_bar = R~ gxyz, and runs the layers backward (tanh', idt, the concat / identity skips),
+  accumulating every weight's, bias's and idt's gradient in registers; each program writes its
+  partial sums once and torch sums the partials over programs in a fixed order: no atomics, so a
+  run's gradients are reproducible bit for bit.
+
+Registered as torch ops: ``dpfast::embed_contract`` (autograd: ``dpfast::embed_contract_vjp``).
+The weights enter as the padded PackedNet tensors, made differentiably from upstream's
+parameters by ``pack_net(..., differentiable=True)``, so the gradients reach upstream's
+``nn.Parameter``s through the padding. Once differentiable: the VJP itself has no derivative yet
+(the force loss's double backward is the next slice), so a second backward raises.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import embed_kernels as ek
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+ATOMS_PER_PROGRAM = 8  # partial weight gradients written once per this many centre atoms
+
+if triton is not None:
+    from .embed_kernels import _tanh
+
+    @triton.jit
+    def _fwd_layer(x, w_ptr, b_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+                   TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
+        """One MLPLayer forward on a [BS, PIN] tile: (output, activation before idt)."""
+        ri = tl.arange(0, PIN)
+        ro = tl.arange(0, POUT)
+        w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
+        z = tl.dot(x, w) + tl.load(b_ptr + ro)[None, :]
+        if TANH:
+            t = _tanh(z, TANH_EXP)
+        else:
+            t = z
+        a = t * tl.load(i_ptr + ro)[None, :]
+        if SKIP == 1:
+            a = a + x
+        elif SKIP == 2:
+            a = a + tl.dot(x, tl.load(d_ptr + ri[:, None] * POUT + ro[None, :]))
+        return a, t
+
+    @triton.jit
+    def _bwd_layer(y_bar, x, t, w_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+                   TANH: tl.constexpr, SKIP: tl.constexpr):
+        """One MLPLayer backward: from y_bar [BS, POUT] and the saved input x [BS, PIN] and
+        activation t: (x_bar, W_bar [PIN, POUT], b_bar [POUT], idt_bar [POUT])."""
+        ri = tl.arange(0, PIN)
+        ro = tl.arange(0, POUT)
+        idt = tl.load(i_ptr + ro)
+        i_bar = tl.sum(y_bar * t, axis=0)
+        z_bar = y_bar * idt[None, :]
+        if TANH:
+            z_bar = z_bar * (1.0 - t * t)
+        w_bar = tl.dot(tl.trans(x), z_bar)
+        b_bar = tl.sum(z_bar, axis=0)
+        w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
+        x_bar = tl.dot(z_bar, tl.trans(w))
+        if SKIP == 1:
+            x_bar = x_bar + y_bar
+        elif SKIP == 2:
+            x_bar = x_bar + tl.dot(y_bar, tl.trans(tl.load(d_ptr + ri[:, None] * POUT + ro[None, :])))
+        return x_bar, w_bar, b_bar, i_bar
+
+    @triton.jit
+    def _weight_vjp_kernel(rr_ptr, gb_ptr, part_ptr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, A,
+                           S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, BS: tl.constexpr,
+                           P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                           TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
+                           SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
+        p = tl.program_id(0).to(tl.int64)
+        rc = tl.arange(0, 16)
+        r1 = tl.arange(0, P1)
+        r2 = tl.arange(0, P2)
+        r3 = tl.arange(0, P3)
+        g_w0 = tl.zeros((P1,), dtype=tl.float64)
+        g_b0 = tl.zeros((P1,), dtype=tl.float64)
+        g_i0 = tl.zeros((P1,), dtype=tl.float64)
+        g_w1 = tl.zeros((P1, P2), dtype=tl.float64)
+        g_b1 = tl.zeros((P2,), dtype=tl.float64)
+        g_i1 = tl.zeros((P2,), dtype=tl.float64)
+        g_w2 = tl.zeros((P2, P3), dtype=tl.float64)
+        g_b2 = tl.zeros((P3,), dtype=tl.float64)
+        g_i2 = tl.zeros((P3,), dtype=tl.float64)
+        wr = tl.load(w0 + r1)
+        br = tl.load(b0 + r1)
+        idt0 = tl.load(i0 + r1)
+        for k in range(0, ATOMS):
+            a = p * ATOMS + k
+            live = a < A
+            gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + r3[None, :],
+                         mask=live & (rc[:, None] < 4) & (r3[None, :] < NG), other=0.0)
+            for r0 in range(0, S, BS):
+                rs = r0 + tl.arange(0, BS)
+                rows = live & (rs < S)
+                rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :],
+                             mask=rows[:, None] & (rc[None, :] < 4), other=0.0)
+                s = tl.sum(tl.where(rc[None, :] == 0, rr, 0.0), axis=1)
+                z0 = s[:, None] * wr[None, :] + br[None, :]
+                if TANH0:
+                    t0 = _tanh(z0, TANH_EXP)
+                else:
+                    t0 = z0
+                x1 = t0 * idt0[None, :]
+                x2, t1 = _fwd_layer(x1, w1, b1, i1, d1, P1, P2, TANH1, SKIP1, TANH_EXP)
+                _, t2 = _fwd_layer(x2, w2, b2, i2, d2, P2, P3, TANH2, SKIP2, TANH_EXP)
+                g_bar = tl.dot(rr, gb)  # [BS, P3]: d(sum gb . R~^T G)/dG, zero on rows past S
+                x2_bar, dw, db, di = _bwd_layer(g_bar, x2, t2, w2, i2, d2, P2, P3, TANH2, SKIP2)
+                g_w2 += dw
+                g_b2 += db
+                g_i2 += di
+                x1_bar, dw, db, di = _bwd_layer(x2_bar, x1, t1, w1, i1, d1, P1, P2, TANH1, SKIP1)
+                g_w1 += dw
+                g_b1 += db
+                g_i1 += di
+                g_i0 += tl.sum(x1_bar * t0, axis=0)
+                z0_bar = x1_bar * idt0[None, :]
+                if TANH0:
+                    z0_bar = z0_bar * (1.0 - t0 * t0)
+                g_w0 += tl.sum(z0_bar * s[:, None], axis=0)
+                g_b0 += tl.sum(z0_bar, axis=0)
+        # this program's partial sums, in _PARTS order, one row of the partials buffer
+        base = part_ptr + p * (3 * P1 + P1 * P2 + 2 * P2 + P2 * P3 + 2 * P3)
+        tl.store(base + r1, g_w0)
+        tl.store(base + P1 + r1, g_b0)
+        tl.store(base + 2 * P1 + r1, g_i0)
+        o = 3 * P1
+        tl.store(base + o + r1[:, None] * P2 + r2[None, :], g_w1)
+        o += P1 * P2
+        tl.store(base + o + r2, g_b1)
+        tl.store(base + o + P2 + r2, g_i1)
+        o += 2 * P2
+        tl.store(base + o + r2[:, None] * P3 + r3[None, :], g_w2)
+        o += P2 * P3
+        tl.store(base + o + r3, g_b2)
+        tl.store(base + o + P3 + r3, g_i2)
+
+
+def _part_shapes(net: ek.PackedNet) -> list[tuple]:
+    p1, p2, p3 = net.padded
+    return [(p1,), (p1,), (p1,), (p1, p2), (p2,), (p2,), (p2, p3), (p3,), (p3,)]
+
+
+def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor) -> list[torch.Tensor]:
+    """Gradients of sum(gxyz . R~^T G) w.r.t. w0, b0, i0, w1, b1, i1, w2, b2, i2 (padded shapes)."""
+    S = rr.shape[-2]
+    r = rr.reshape(-1, S, 4).contiguous()
+    ng = net.widths[2]
+    g = gxyz.reshape(-1, 4, ng).contiguous()
+    A = r.shape[0]
+    shapes = _part_shapes(net)
+    sizes = [int(torch.Size(s).numel()) for s in shapes]
+    nprog = max(1, -(-A // ATOMS_PER_PROGRAM))
+    parts = torch.zeros((nprog, sum(sizes)), dtype=torch.float64, device=rr.device)
+    if A:
+        meta = ek._meta(net, S, rr.device)
+        _weight_vjp_kernel[(nprog,)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, **meta)
+    total = parts.sum(0)  # over programs, in one fixed order
+    return [t.reshape(s).clone() for t, s in zip(total.split(sizes), shapes)]  # own storage each (op outputs may not alias)
+
+
+def _meta_of(net: ek.PackedNet) -> list[int]:
+    return [*net.widths, *net.skips, *(int(t) for t in net.tanh)]
+
+
+def _net_of(tensors: tuple, meta: list[int]) -> ek.PackedNet:
+    """The PackedNet of an op call: its 11 tensors (w0 b0 i0 w1 b1 i1 d1 w2 b2 i2 d2) and meta
+    (widths n1 n2 n3, skips of layers 1 and 2, tanh of layers 0 1 2)."""
+    w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2 = tensors
+    return ek.PackedNet(w0=w0, b0=b0, i0=i0, w1=w1, b1=b1, i1=i1, d1=d1, w2=w2, b2=b2, i2=i2, d2=d2,
+                        widths=tuple(meta[0:3]), padded=(w1.shape[0], w1.shape[1], w2.shape[1]),
+                        skips=tuple(meta[3:5]), tanh=tuple(bool(t) for t in meta[5:8]))
+
+
+# dpfast::embed_contract -- a torch op (torch.library), so torch.compile keeps it as one opaque
+# call (its fake implementation gives the shape) and a CUDA graph captures its kernel launch.
+@torch.library.custom_op("dpfast::embed_contract", mutates_args=())
+def embed_contract_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
+                      b1: torch.Tensor, i1: torch.Tensor, d1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                      i2: torch.Tensor, d2: torch.Tensor, meta: list[int]) -> torch.Tensor:
+    return ek.embed_contract(rr, _net_of((w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2), meta))
+
+
+@embed_contract_op.register_fake
+def _(rr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, meta):
+    return rr.new_empty((*rr.shape[:-2], 4, meta[2]))
+
+
+@torch.library.custom_op("dpfast::embed_contract_vjp", mutates_args=())
+def embed_contract_vjp_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
+                          b1: torch.Tensor, i1: torch.Tensor, d1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                          i2: torch.Tensor, d2: torch.Tensor, meta: list[int], gxyz: torch.Tensor) -> list[torch.Tensor]:
+    """[dE/dR~, then the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2] for the cotangent gxyz of xyz.
+    No autograd of its own: a second derivative through the op raises (once differentiable)."""
+    net = _net_of((w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2), meta)
+    gxyz = gxyz.contiguous()
+    return [ek.env_cotangent(rr, net, gxyz), *weight_vjp(rr, net, gxyz)]
+
+
+@embed_contract_vjp_op.register_fake
+def _(rr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, meta, gxyz):
+    return [torch.empty_like(rr)] + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:12])
+    ctx.meta = inputs[12]
+
+
+def _backward(ctx, gxyz):
+    saved = ctx.saved_tensors
+    g = embed_contract_vjp_op(*saved, ctx.meta, gxyz)
+    g_rr, (g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2) = g[0], g[1:]
+    # the duplication matrices d1, d2 and meta are constants
+    return g_rr, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, None, g_w2, g_b2, g_i2, None, None
+
+
+embed_contract_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def embed_contract(rr: torch.Tensor, layers: list) -> torch.Tensor:
+    """xyz = R~^T G(s) [..., 4, ng] of rows rr [..., S, 4] through upstream's three embedding
+    layers, differentiable w.r.t. rr and the layers' parameters (once), via dpfast::embed_contract."""
+    net = ek.pack_net(layers, differentiable=True)
+    return embed_contract_op(rr, *ek._weights(net), _meta_of(net))

@@ -1,0 +1,137 @@
+"""The embedding kernel as a differentiable torch op (engines/dpfast/embed_autograd.py, issue 39's
+kernel 2): dpfast::embed_contract's VJP -- dE/dR~ by the cotangent kernel, the weights' gradients
+by _weight_vjp_kernel with per-program partial sums -- against torch's autograd of the Inductor
+path's analytic_nets, float64. On a CPU machine in Triton's interpreter (tests/conftest.py)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from _upstream_fixtures import build_trainer, case_config, data, torch  # noqa: F401  (data is a fixture)
+
+BOUND = 1e-12
+
+
+@pytest.fixture(scope="module")
+def ea():
+    pytest.importorskip("triton", reason="Triton is in the dev pins (harness/pins/dev.txt); this venv lacks it")
+    from dpfast import embed_autograd
+
+    return embed_autograd
+
+
+def _dev():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _layers(widths, gen, *, resnet=True, idt=True, acts=("tanh", "tanh", "tanh")):
+    n = (1,) + tuple(widths)
+
+    def t(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(_dev()).requires_grad_()
+
+    return [SimpleNamespace(matrix=(torch.randn(n[i], n[i + 1], generator=gen, dtype=torch.float64) / n[i] ** 0.5)
+                            .to(_dev()).requires_grad_(),
+                            bias=t(n[i + 1]), idt=(0.1 + torch.rand(n[i + 1], generator=gen, dtype=torch.float64))
+                            .to(_dev()).requires_grad_() if idt else None,
+                            activate_name=acts[i], resnet=resnet, prec=torch.float64) for i in range(3)]
+
+
+def _params(layers):
+    return [x for l in layers for x in (l.matrix, l.bias, l.idt) if x is not None]
+
+
+def _reference(rr, layers):
+    from dpfast import analytic_nets
+
+    G, _ = analytic_nets.embed_with_tangent(rr[..., :1], layers)
+    return torch.matmul(rr.transpose(-1, -2), G)
+
+
+def _compare_grads(ea, rr, layers, gen):
+    params = [rr] + _params(layers)
+    gx = torch.randn(*rr.shape[:-2], 4, layers[-1].matrix.shape[1], generator=gen, dtype=torch.float64).to(rr.device)
+    ref = (_reference(rr, layers) * gx).sum()
+    out = (ea.embed_contract(rr, layers) * gx).sum()
+    assert abs(out.item() - ref.item()) <= BOUND * abs(ref.item())
+    for a, b in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params)):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err <= BOUND, f"gradient {tuple(b.shape)}: {err:.3g}"
+
+
+@pytest.mark.parametrize("widths,kw", [
+    ((25, 50, 100), {}),  # se_e2_a's default, concat skips, idt
+    ((25, 50, 100), {"idt": False}),
+    ((10, 10, 10), {}),  # identity skips
+    ((8, 24, 40), {"resnet": False, "acts": ("tanh", "linear", "tanh")}),
+])
+@pytest.mark.parametrize("A,S", [(11, 37), (1, 1), (8, 92)])
+def test_gradients_match_torch_autograd_of_the_analytic_path(ea, widths, kw, A, S):
+    """A = 11: two programs, the second with 3 live atoms of 8; S = 37: a tile and a remainder."""
+    gen = torch.Generator().manual_seed(A + S)
+    rr = (0.5 * torch.randn(A, S, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare_grads(ea, rr, _layers(widths, gen, **kw), gen)
+
+
+def test_gradcheck(ea):
+    gen = torch.Generator().manual_seed(2)
+    layers = _layers((4, 8, 16), gen)
+    rr = (0.5 * torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    params = _params(layers)
+
+    def f(rr, *ps):
+        it = iter(ps)
+        ls = [SimpleNamespace(matrix=next(it), bias=next(it), idt=next(it), activate_name=l.activate_name,
+                              resnet=l.resnet, prec=torch.float64) for l in layers]
+        return ea.embed_contract(rr, ls)
+
+    assert torch.autograd.gradcheck(f, (rr, *params), eps=1e-6, atol=1e-9, rtol=1e-7, fast_mode=True)
+
+
+def test_upstreams_water_nets_reach_their_parameters(ea, data, tmp_path):
+    """The gradient reaches upstream's own nn.Parameters through the padding."""
+    tr = build_trainer(case_config("water-tos-false", data), tmp_path)
+    sea = tr.model.atomic_model.descriptor.sea
+    gen = torch.Generator().manual_seed(4)
+    emb = sea.filter_layers.networks[1]
+    layers = list(emb.layers)
+    dev = layers[0].matrix.device
+    rr = (0.3 * torch.randn(5, int(sea.sel[1]), 4, generator=gen, dtype=torch.float64)).to(dev).requires_grad_()
+    _compare_grads(ea, rr, layers, gen)
+    assert all(isinstance(p, torch.nn.Parameter) for p in _params(layers))
+
+
+def test_gradients_are_reproducible_and_once_differentiable(ea):
+    gen = torch.Generator().manual_seed(6)
+    layers = _layers((25, 50, 100), gen)
+    rr = (0.5 * torch.randn(19, 46, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    gx = torch.randn(19, 4, 100, generator=gen, dtype=torch.float64).to(_dev())
+    params = [rr] + _params(layers)
+    g1 = torch.autograd.grad((ea.embed_contract(rr, layers) * gx).sum(), params)
+    g2 = torch.autograd.grad((ea.embed_contract(rr, layers) * gx).sum(), params)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))  # no atomics: bit for bit
+    out = (ea.embed_contract(rr, layers) * gx).sum()
+    with pytest.raises(RuntimeError, match="no autograd formula"):  # a second derivative is refused, never silently zero
+        (g_rr,) = torch.autograd.grad(out, [rr], create_graph=True)
+        torch.autograd.grad(g_rr.sum(), _params(layers)[:1])
+
+
+def test_torch_compile_keeps_the_op_whole(ea):
+    """Traced by dynamo as one opaque op (its fake implementation gives the shape): no graph break."""
+    import torch._dynamo
+
+    gen = torch.Generator().manual_seed(8)
+    layers = _layers((25, 50, 100), gen)
+    rr = (0.5 * torch.randn(4, 46, 4, generator=gen, dtype=torch.float64)).to(_dev())
+    net = ea.ek.pack_net(layers)
+
+    def f(rr):
+        return ea.embed_contract_op(rr, *ea.ek._weights(net), ea._meta_of(net)).sum(-1)
+
+    ex = torch._dynamo.explain(f)(rr)
+    assert ex.graph_count == 1 and ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
+    ops = [str(n.target) for gm in ex.graphs for n in gm.graph.nodes if n.op == "call_function"]
+    assert any("embed_contract" in o for o in ops)
+    got = torch.compile(f, backend="aot_eager")(rr)
+    assert torch.allclose(got, _reference(rr, layers).sum(-1), rtol=BOUND, atol=0)
