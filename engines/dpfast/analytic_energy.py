@@ -51,8 +51,14 @@ class AnalyticEnergy:
         rrs = [rt[:, :, sec[tj] : sec[tj + 1], :] if self.tos else rt[:, a0 : a0 + na, sec[tj] : sec[tj + 1], :]
                for (a0, na, _, tj, _) in blocks]
         nets = [k for (*_, k) in blocks]
-        ctx = embs = None
-        if self.grouped and self.grouped_contract and len(blocks) > 1:
+        ctx = embs = packed = None
+        if getattr(self, "kernels", False):
+            # ---- Triton kernels: net + contraction on chip per block, G never in memory
+            from . import embed_autograd
+
+            packed = {k: embed_autograd.ek.pack_net(self.emb_layers[k], differentiable=True) for k in set(nets)}
+            grs = [embed_autograd.contract(rr, packed[k]) for rr, k in zip(rrs, nets)]
+        elif self.grouped and self.grouped_contract and len(blocks) > 1:
             # ---- nets and contraction of all blocks at once (one bmm over sub-atoms)
             grs, ctx = analytic_nets.embed_contract_grouped(rrs, [self.emb_layers[k] for k in nets])
         else:
@@ -69,7 +75,12 @@ class AnalyticEnergy:
             ae, gdesc = self._fit_per_type(desc, tcount, bias)
         gxyz = self._descriptor_vjp(gdesc, x1, x2)
         # ---- per block: dE/dR~ (analytic_nets.env_cotangent)
-        if ctx is not None:
+        if packed is not None:
+            from . import cotangent_autograd
+
+            gbs = [cotangent_autograd.cotangent(rr, packed[k], gxyz if self.tos else gxyz[:, a0 : a0 + na])
+                   for (a0, na, *_), rr, k in zip(blocks, rrs, nets)]
+        elif ctx is not None:
             gbs = analytic_nets.env_grad_grouped(ctx, gxyz, [0 if self.tos else a0 for (a0, *_) in blocks])
         else:
             gbs = []

@@ -232,8 +232,12 @@ def _backward(ctx, ob):
 env_cotangent_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def cotangent(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor) -> torch.Tensor:
+    """dpfast::env_cotangent of a net packed with pack_net(differentiable=True)."""
+    return env_cotangent_op(rr, *ek._weights(net), _meta_of(net), gx)
+
+
 def env_cotangent(rr: torch.Tensor, layers: list, gx: torch.Tensor) -> torch.Tensor:
     """dE/dR~ [..., S, 4] of rows rr through upstream's three embedding layers from gx = dE/dxyz
     [..., 4, ng], differentiable (once) w.r.t. rr, gx and the layers' parameters."""
-    net = ek.pack_net(layers, differentiable=True)
-    return env_cotangent_op(rr, *ek._weights(net), _meta_of(net), gx)
+    return cotangent(rr, ek.pack_net(layers, differentiable=True), gx)

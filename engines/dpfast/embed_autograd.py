@@ -230,8 +230,12 @@ def _backward(ctx, gxyz):
 embed_contract_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def contract(rr: torch.Tensor, net: ek.PackedNet) -> torch.Tensor:
+    """dpfast::embed_contract of a net packed with pack_net(differentiable=True)."""
+    return embed_contract_op(rr, *ek._weights(net), _meta_of(net))
+
+
 def embed_contract(rr: torch.Tensor, layers: list) -> torch.Tensor:
     """xyz = R~^T G(s) [..., 4, ng] of rows rr [..., S, 4] through upstream's three embedding
     layers, differentiable w.r.t. rr and the layers' parameters (once), via dpfast::embed_contract."""
-    net = ek.pack_net(layers, differentiable=True)
-    return embed_contract_op(rr, *ek._weights(net), _meta_of(net))
+    return contract(rr, ek.pack_net(layers, differentiable=True))

@@ -244,19 +244,19 @@ if triton is not None:
             tl.store(out_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], out, mask=rows[:, None] & cols4)
 
 
-def _interpreted() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def interpreted() -> bool:
+    """Whether Triton runs kernels in its interpreter (its own setting, TRITON_INTERPRET=1: CPU tests)."""
+    return triton is not None and bool(triton.knobs.runtime.interpret)
 
 
 ROWS_PER_TILE = 32  # neighbour rows per register tile (a [32, 128] float64 tile per layer)
+ROWS_INTERPRETED = 128  # in Triton's interpreter each op costs a numpy call: fewer, larger tiles
 
 
 def _meta(net: PackedNet, S: int, device: torch.device, rows: int | None = None, warps: int | None = None) -> dict:
     p1, p2, p3 = net.padded
-    meta = dict(BS=min(_pow2(S), rows or ROWS_PER_TILE), P1=p1, P2=p2, P3=p3, TANH0=net.tanh[0], TANH1=net.tanh[1], TANH2=net.tanh[2],
-                SKIP1=net.skips[0], SKIP2=net.skips[1], TANH_EXP=_interpreted() or device.type != "cuda")
+    meta = dict(BS=min(_pow2(S), rows or (ROWS_INTERPRETED if interpreted() else ROWS_PER_TILE)), P1=p1, P2=p2, P3=p3, TANH0=net.tanh[0], TANH1=net.tanh[1], TANH2=net.tanh[2],
+                SKIP1=net.skips[0], SKIP2=net.skips[1], TANH_EXP=interpreted() or device.type != "cuda")
     if warps:
         meta["num_warps"] = warps
     return meta

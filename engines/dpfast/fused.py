@@ -82,6 +82,9 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         self.compile_step = self.opts.compile_step
         self._step_compiled = None
         self.batched = self.opts.batched  # measured slower on water (padding)
+        self.kernels = self.opts.kernels  # embedding nets + contractions by the Triton kernels
+        if self.kernels:
+            self._check_kernels()
         # grouped (default "1"): with several descriptor blocks (fitting types), all their
         # embedding (fitting) nets in one chain of batched GEMMs over row chunks, and the
         # contractions R~^T G, G gxyz^T, R~ gxyz of all blocks in one bmm each over sub-atoms
@@ -93,6 +96,22 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
         self.grouped = mode != "0"
         self.grouped_fit = mode in ("1", "nets")
         self.grouped_contract = mode == "1"
+
+    def _check_kernels(self) -> None:
+        """fused-kernels trains only what the kernels evaluate; a CPU run needs Triton's interpreter."""
+        from . import embed_kernels
+
+        if not embed_kernels.available():
+            refuse("the Triton kernels (Triton is not installed)", "fused-kernels")
+        if self.device.type != "cuda" and not embed_kernels.interpreted():
+            refuse(f"the Triton kernels on {self.device.type} (they need CUDA, or TRITON_INTERPRET=1 on a CPU)",
+                   "fused-kernels")
+        for k, layers in enumerate(self.emb_layers):
+            why = embed_kernels.unsupported(layers)
+            if why:
+                refuse(f"embedding net {k}: {why}", "fused-kernels")
+        if getattr(self, "ran", None) is not None:
+            self.ran.kernels = "triton"
 
     # ------------------------------------------------------------ analytic path
     def _predict_core(self, rt, jac, jidx, diff, tcount, bias, virial=True):

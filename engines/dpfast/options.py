@@ -31,6 +31,7 @@ class EngineOptions:
     grouped: str = "1"
     autograd_forces: bool = False  # fused: forces by autograd instead of the analytic first derivative
     batched: bool = False  # fused: every block padded into one [nblocks, NA, S] layout (slower on water)
+    kernels: bool = False  # fused: embedding nets + contractions by the Triton kernels (embed_autograd, cotangent_autograd)
     compile: bool = True  # fused on CUDA: compile at all (False: the eager analytic step, captured)
     compile_step: bool = True  # fused: ONE torch.compile of gather + energy/forces + loss (else: predict only)
     compile_mode: str = "default"  # Inductor's mode for fused's compile
@@ -62,7 +63,7 @@ class EngineOptions:
 # each option's variable (declared in harness.core.envvars)
 ENV = {
     "geom": envvars.DPH_GEOM, "grouped": envvars.DPH_FUSED_GROUPED, "autograd_forces": envvars.DPH_FUSED_AUTOGRAD,
-    "batched": envvars.DPH_FUSED_BATCHED, "compile": envvars.DPH_FUSED_COMPILE,
+    "batched": envvars.DPH_FUSED_BATCHED, "kernels": envvars.DPH_FUSED_KERNELS, "compile": envvars.DPH_FUSED_COMPILE,
     "compile_step": envvars.DPH_FUSED_COMPILE_STEP, "compile_mode": envvars.DPH_FUSED_COMPILE_MODE,
     "flat_adam_compile": envvars.DPH_FLAT_ADAM_COMPILE, "compile_cpu": envvars.DPH_COMPILE_CPU,
     "compile_backend": envvars.DPH_COMPILE_BACKEND, "follow_upstream_order": envvars.DPH_FOLLOW_UPSTREAM_ORDER,

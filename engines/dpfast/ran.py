@@ -21,6 +21,7 @@ class Ran:
     engine: str  # graph | fused
     device: str  # cpu | cuda
     forces: str  # analytic (fused) | autograd
+    kernels: str | None = None  # triton: fused's embedding nets and contractions by its Triton kernels
     order: str = "engine"  # whose draw of the step's frames: engine (device RNG) | upstream (its sampler)
     compiled: str = "none"  # step (gather + forces + loss) | predict (energy/forces) | none
     compile_backend: str | None = None

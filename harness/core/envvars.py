@@ -52,6 +52,8 @@ DPH_PROFILE = _declare("DPH_PROFILE", "harness.child.launch", "in-process profil
 DPH_GEOM = _declare("DPH_GEOM", "dpfast.options", "geometry mode of the fast engine (compact | onthefly | ...)")
 DPH_FUSED_GROUPED = _declare("DPH_FUSED_GROUPED", "dpfast.options", "grouping of fused GEMM chains: 0 | 1 | nets | emb",
                              "1")
+DPH_FUSED_KERNELS = _declare("DPH_FUSED_KERNELS", "dpfast.options",
+                             "1: fused's embedding nets and contractions by its Triton kernels (variant fused-kernels)")
 DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
 DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")

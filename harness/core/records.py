@@ -401,6 +401,7 @@ class EngineRan(Part):
     engine: str | None = None  # graph | fused
     device: str | None = None
     forces: str | None = None  # analytic | autograd
+    kernels: str | None = None  # triton: fused's embedding nets by its Triton kernels (fused-kernels)
     order: str | None = None  # whose draw of the frames: engine | upstream (DPH_FOLLOW_UPSTREAM_ORDER)
     compiled: str | None = None  # step | predict | none
     compile_backend: str | None = None

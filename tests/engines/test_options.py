@@ -27,7 +27,7 @@ def test_the_code_defaults_are_what_fused_runs():
 
 def test_every_dpfast_manifest_sets_valid_options_and_the_set_is_what_differs_from_fused():
     names = _dpfast_variants()
-    assert {"graph", "fused", "fused-predict", "fused-nets", "fused-blocks", "fused-onthefly"} <= set(names)
+    assert {"graph", "fused", "fused-predict", "fused-nets", "fused-blocks", "fused-onthefly", "fused-kernels"} <= set(names)
     seen = {}
     for v in names:
         seen[v] = options.from_env(variants.chain_env(variants.chain(v)))  # raises on a bad value
@@ -35,6 +35,7 @@ def test_every_dpfast_manifest_sets_valid_options_and_the_set_is_what_differs_fr
     assert seen["graph"].flat_adam_compile is False  # graph's eager Adam, as before the defaults moved
     assert seen["fused-nets"].grouped == "nets" and seen["fused-blocks"].grouped == "0"
     assert seen["fused-onthefly"].geom == "onthefly"
+    assert seen["fused-kernels"].kernels is True and not any(o.kernels for v, o in seen.items() if v != "fused-kernels")
 
 
 def test_declared_defaults_equal_the_code_defaults():
