@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from . import embed_kernels as ek
-from .embed_autograd import ATOMS_PER_PROGRAM, _meta_of, _net_of, _part_shapes
+from .embed_autograd import ATOMS_PER_PROGRAM, _meta_of, _net_of, partials_buffer, reduce_partials
 
 try:
     import triton
@@ -26,6 +26,7 @@ except ImportError:
     triton = None
 
 if triton is not None:
+    from .embed_autograd import _store_partials, _zero_partials
     from .embed_kernels import _tanh
 
     @triton.jit
@@ -96,17 +97,8 @@ if triton is not None:
         p = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, 16)
         r1 = tl.arange(0, P1)
-        r2 = tl.arange(0, P2)
         r3 = tl.arange(0, P3)
-        g_w0 = tl.zeros((P1,), dtype=tl.float64)
-        g_b0 = tl.zeros((P1,), dtype=tl.float64)
-        g_i0 = tl.zeros((P1,), dtype=tl.float64)
-        g_w1 = tl.zeros((P1, P2), dtype=tl.float64)
-        g_b1 = tl.zeros((P2,), dtype=tl.float64)
-        g_i1 = tl.zeros((P2,), dtype=tl.float64)
-        g_w2 = tl.zeros((P2, P3), dtype=tl.float64)
-        g_b2 = tl.zeros((P3,), dtype=tl.float64)
-        g_i2 = tl.zeros((P3,), dtype=tl.float64)
+        g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = _zero_partials(P1, P2, P3)
         wr = tl.load(w0 + r1)
         br = tl.load(b0 + r1)
         idt0 = tl.load(i0 + r1)
@@ -154,20 +146,7 @@ if triton is not None:
                 rr_bar += tl.where(rc[None, :] == 0, s_bar[:, None], 0.0)
                 tl.store(rrb_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], rr_bar, mask=m)
             tl.store(gxb_ptr + a * 4 * NG + rc[:, None] * NG + r3[None, :], gxb, mask=gmask)
-        base = part_ptr + p * (3 * P1 + P1 * P2 + 2 * P2 + P2 * P3 + 2 * P3)
-        tl.store(base + r1, g_w0)
-        tl.store(base + P1 + r1, g_b0)
-        tl.store(base + 2 * P1 + r1, g_i0)
-        o = 3 * P1
-        tl.store(base + o + r1[:, None] * P2 + r2[None, :], g_w1)
-        o += P1 * P2
-        tl.store(base + o + r2, g_b1)
-        tl.store(base + o + P2 + r2, g_i1)
-        o += 2 * P2
-        tl.store(base + o + r2[:, None] * P3 + r3[None, :], g_w2)
-        o += P2 * P3
-        tl.store(base + o + r3, g_b2)
-        tl.store(base + o + P3 + r3, g_i2)
+        _store_partials(part_ptr, p, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
 def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: torch.Tensor) -> list[torch.Tensor]:
@@ -178,18 +157,14 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
     g = gx.reshape(-1, 4, ng).contiguous()
     o = ob.reshape(-1, S, 4).contiguous()
     A = r.shape[0]
-    shapes = _part_shapes(net)
-    sizes = [int(torch.Size(x).numel()) for x in shapes]
-    nprog = max(1, -(-A // ATOMS_PER_PROGRAM))
-    parts = torch.zeros((nprog, sum(sizes)), dtype=torch.float64, device=rr.device)
+    parts = partials_buffer(net, A, rr.device)
     rrb = torch.zeros_like(r)
     gxb = torch.zeros_like(g)
     if A:
         meta = ek._meta(net, S, rr.device)
-        _cotangent_vjp_kernel[(nprog,)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, **meta)
-    total = parts.sum(0)
-    grads = [t.reshape(x).clone() for t, x in zip(total.split(sizes), shapes)]
-    return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *grads]
+        _cotangent_vjp_kernel[(parts.shape[0],)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
+                                                 ATOMS_PER_PROGRAM, **meta)
+    return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *reduce_partials(parts, net)]
 
 
 @torch.library.custom_op("dpfast::env_cotangent", mutates_args=())

@@ -75,6 +75,36 @@ if triton is not None:
         return x_bar, w_bar, b_bar, i_bar
 
     @triton.jit
+    def _zero_partials(P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr):
+        """Accumulators of one program's weight gradients: w0 b0 i0 [P1], w1 [P1, P2], b1 i1 [P2],
+        w2 [P2, P3], b2 i2 [P3]."""
+        return (tl.zeros((P1,), dtype=tl.float64), tl.zeros((P1,), dtype=tl.float64), tl.zeros((P1,), dtype=tl.float64),
+                tl.zeros((P1, P2), dtype=tl.float64), tl.zeros((P2,), dtype=tl.float64), tl.zeros((P2,), dtype=tl.float64),
+                tl.zeros((P2, P3), dtype=tl.float64), tl.zeros((P3,), dtype=tl.float64), tl.zeros((P3,), dtype=tl.float64))
+
+    @triton.jit
+    def _store_partials(part_ptr, p, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2,
+                        P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr):
+        """Program p's partial sums as row p of the partials buffer, in _part_shapes' order."""
+        r1 = tl.arange(0, P1)
+        r2 = tl.arange(0, P2)
+        r3 = tl.arange(0, P3)
+        base = part_ptr + p * (3 * P1 + P1 * P2 + 2 * P2 + P2 * P3 + 2 * P3)
+        tl.store(base + r1, g_w0)
+        tl.store(base + P1 + r1, g_b0)
+        tl.store(base + 2 * P1 + r1, g_i0)
+        o = 3 * P1
+        tl.store(base + o + r1[:, None] * P2 + r2[None, :], g_w1)
+        o += P1 * P2
+        tl.store(base + o + r2, g_b1)
+        tl.store(base + o + P2 + r2, g_i1)
+        o += 2 * P2
+        tl.store(base + o + r2[:, None] * P3 + r3[None, :], g_w2)
+        o += P2 * P3
+        tl.store(base + o + r3, g_b2)
+        tl.store(base + o + P3 + r3, g_i2)
+
+    @triton.jit
     def _weight_vjp_kernel(rr_ptr, gb_ptr, part_ptr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, A,
                            S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, BS: tl.constexpr,
                            P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
@@ -83,17 +113,8 @@ if triton is not None:
         p = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, 16)
         r1 = tl.arange(0, P1)
-        r2 = tl.arange(0, P2)
         r3 = tl.arange(0, P3)
-        g_w0 = tl.zeros((P1,), dtype=tl.float64)
-        g_b0 = tl.zeros((P1,), dtype=tl.float64)
-        g_i0 = tl.zeros((P1,), dtype=tl.float64)
-        g_w1 = tl.zeros((P1, P2), dtype=tl.float64)
-        g_b1 = tl.zeros((P2,), dtype=tl.float64)
-        g_i1 = tl.zeros((P2,), dtype=tl.float64)
-        g_w2 = tl.zeros((P2, P3), dtype=tl.float64)
-        g_b2 = tl.zeros((P3,), dtype=tl.float64)
-        g_i2 = tl.zeros((P3,), dtype=tl.float64)
+        g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = _zero_partials(P1, P2, P3)
         wr = tl.load(w0 + r1)
         br = tl.load(b0 + r1)
         idt0 = tl.load(i0 + r1)
@@ -131,21 +152,7 @@ if triton is not None:
                     z0_bar = z0_bar * (1.0 - t0 * t0)
                 g_w0 += tl.sum(z0_bar * s[:, None], axis=0)
                 g_b0 += tl.sum(z0_bar, axis=0)
-        # this program's partial sums, in _PARTS order, one row of the partials buffer
-        base = part_ptr + p * (3 * P1 + P1 * P2 + 2 * P2 + P2 * P3 + 2 * P3)
-        tl.store(base + r1, g_w0)
-        tl.store(base + P1 + r1, g_b0)
-        tl.store(base + 2 * P1 + r1, g_i0)
-        o = 3 * P1
-        tl.store(base + o + r1[:, None] * P2 + r2[None, :], g_w1)
-        o += P1 * P2
-        tl.store(base + o + r2, g_b1)
-        tl.store(base + o + P2 + r2, g_i1)
-        o += 2 * P2
-        tl.store(base + o + r2[:, None] * P3 + r3[None, :], g_w2)
-        o += P2 * P3
-        tl.store(base + o + r3, g_b2)
-        tl.store(base + o + P3 + r3, g_i2)
+        _store_partials(part_ptr, p, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
 def _part_shapes(net: ek.PackedNet) -> list[tuple]:
@@ -160,15 +167,26 @@ def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor) -> list[
     ng = net.widths[2]
     g = gxyz.reshape(-1, 4, ng).contiguous()
     A = r.shape[0]
-    shapes = _part_shapes(net)
-    sizes = [int(torch.Size(s).numel()) for s in shapes]
-    nprog = max(1, -(-A // ATOMS_PER_PROGRAM))
-    parts = torch.zeros((nprog, sum(sizes)), dtype=torch.float64, device=rr.device)
+    parts = partials_buffer(net, A, rr.device)
     if A:
         meta = ek._meta(net, S, rr.device)
-        _weight_vjp_kernel[(nprog,)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, **meta)
-    total = parts.sum(0)  # over programs, in one fixed order
-    return [t.reshape(s).clone() for t, s in zip(total.split(sizes), shapes)]  # own storage each (op outputs may not alias)
+        _weight_vjp_kernel[(parts.shape[0],)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, **meta)
+    return reduce_partials(parts, net)
+
+
+def partials_buffer(net: ek.PackedNet, A: int, device) -> torch.Tensor:
+    """One row of weight-gradient partial sums per program of ATOMS_PER_PROGRAM centre atoms."""
+    size = sum(int(torch.Size(s).numel()) for s in _part_shapes(net))
+    return torch.zeros((max(1, -(-A // ATOMS_PER_PROGRAM)), size), dtype=torch.float64, device=device)
+
+
+def reduce_partials(parts: torch.Tensor, net: ek.PackedNet) -> list[torch.Tensor]:
+    """The programs' partial sums added in one fixed order (torch's reduction, no atomics), split
+    into the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2, each with its own storage (op outputs may
+    not alias one another)."""
+    shapes = _part_shapes(net)
+    total = parts.sum(0)
+    return [t.reshape(s).clone() for t, s in zip(total.split([int(torch.Size(s).numel()) for s in shapes]), shapes)]
 
 
 def _meta_of(net: ek.PackedNet) -> list[int]:
