@@ -27,7 +27,7 @@ except ImportError:
 
 if triton is not None:
     from .embed_autograd import _store_partials, _zero_partials
-    from .embed_kernels import _tanh
+    from .embed_kernels import _skip, _skip_bar, _tanh
 
     @triton.jit
     def _act(z, TANH: tl.constexpr, TANH_EXP: tl.constexpr):
@@ -47,7 +47,7 @@ if triton is not None:
         return z_bar, ty_bar * idt[None, :] * ap, i_bar
 
     @triton.jit
-    def _pair_fwd(x, tx, w_ptr, b_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+    def _pair_fwd(x, tx, w_ptr, b_ptr, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
                   TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
         ri = tl.arange(0, PIN)
         ro = tl.arange(0, POUT)
@@ -56,40 +56,25 @@ if triton is not None:
         tz = tl.dot(tx, w)
         t, ap, app = _act(z, TANH, TANH_EXP)
         idt = tl.load(i_ptr + ro)
-        y = t * idt[None, :]
-        ty = ap * tz * idt[None, :]
-        if SKIP == 1:
-            y = y + x
-            ty = ty + tx
-        elif SKIP == 2:
-            d = tl.load(d_ptr + ri[:, None] * POUT + ro[None, :])
-            y = y + tl.dot(x, d)
-            ty = ty + tl.dot(tx, d)
-        return y, ty, t, ap, app, tz
+        y = _skip(t * idt[None, :], x, SKIP)
+        ty = _skip(ap * tz * idt[None, :], tx, SKIP)
+        return y, ty, t, ap, app, tz, w  # w: reused by _pair_bwd (one shared-memory copy)
 
     @triton.jit
-    def _pair_bwd(y_bar, ty_bar, x, tx, t, ap, app, tz, w_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+    def _pair_bwd(y_bar, ty_bar, x, tx, t, ap, app, tz, w, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
                   SKIP: tl.constexpr):
-        ri = tl.arange(0, PIN)
         ro = tl.arange(0, POUT)
         z_bar, tz_bar, i_bar = _pair_grads(y_bar, ty_bar, t, ap, app, tz, tl.load(i_ptr + ro))
         w_bar = tl.dot(tl.trans(x), z_bar) + tl.dot(tl.trans(tx), tz_bar)
         b_bar = tl.sum(z_bar, axis=0)
-        wt = tl.trans(tl.load(w_ptr + ri[:, None] * POUT + ro[None, :]))
-        x_bar = tl.dot(z_bar, wt)
-        tx_bar = tl.dot(tz_bar, wt)
-        if SKIP == 1:
-            x_bar = x_bar + y_bar
-            tx_bar = tx_bar + ty_bar
-        elif SKIP == 2:
-            dt = tl.trans(tl.load(d_ptr + ri[:, None] * POUT + ro[None, :]))
-            x_bar = x_bar + tl.dot(y_bar, dt)
-            tx_bar = tx_bar + tl.dot(ty_bar, dt)
+        wt = tl.trans(w)
+        x_bar = _skip_bar(tl.dot(z_bar, wt), y_bar, SKIP)
+        tx_bar = _skip_bar(tl.dot(tz_bar, wt), ty_bar, SKIP)
         return x_bar, tx_bar, w_bar, b_bar, i_bar
 
     @triton.jit
     def _cotangent_vjp_kernel(rr_ptr, gx_ptr, ob_ptr, rrb_ptr, gxb_ptr, part_ptr,
-                              w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, A,
+                              w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, A,
                               S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, BS: tl.constexpr,
                               P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                               TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
@@ -102,11 +87,12 @@ if triton is not None:
         wr = tl.load(w0 + r1)
         br = tl.load(b0 + r1)
         idt0 = tl.load(i0 + r1)
+        col = tl.load(cols + r3)  # G's column of each padded one (-1: padding)
         for k in range(0, ATOMS):
             a = p * ATOMS + k
             live = a < A
-            gmask = live & (rc[:, None] < 4) & (r3[None, :] < NG)
-            gx = tl.load(gx_ptr + a * 4 * NG + rc[:, None] * NG + r3[None, :], mask=gmask, other=0.0)
+            gmask = live & (rc[:, None] < 4) & (col[None, :] >= 0)
+            gx = tl.load(gx_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], mask=gmask, other=0.0)
             gxb = tl.zeros((16, P3), dtype=tl.float64)
             for r0 in range(0, S, BS):
                 rs = r0 + tl.arange(0, BS)
@@ -121,8 +107,8 @@ if triton is not None:
                 t0, ap0, app0 = _act(z0, TANH0, TANH_EXP)
                 y0 = t0 * idt0[None, :]
                 ty0 = ap0 * tz0 * idt0[None, :]
-                y1, ty1, t1, ap1, app1, tz1 = _pair_fwd(y0, ty0, w1, b1, i1, d1, P1, P2, TANH1, SKIP1, TANH_EXP)
-                G, dG, t2, ap2, app2, tz2 = _pair_fwd(y1, ty1, w2, b2, i2, d2, P2, P3, TANH2, SKIP2, TANH_EXP)
+                y1, ty1, t1, ap1, app1, tz1, wl1 = _pair_fwd(y0, ty0, w1, b1, i1, P1, P2, TANH1, SKIP1, TANH_EXP)
+                G, dG, t2, ap2, app2, tz2, wl2 = _pair_fwd(y1, ty1, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
                 # the product's own cotangents
                 rg = tl.dot(rr, gx)  # [BS, P3]
                 G_bar = tl.dot(ob, gx)
@@ -130,11 +116,11 @@ if triton is not None:
                 gxb += tl.dot(tl.trans(ob), G) + tl.dot(tl.trans(rr * h[:, None]), dG)
                 rr_bar = h[:, None] * tl.dot(dG, tl.trans(gx))  # [BS, 16]
                 # backward through the net's (value, tangent) pair
-                y1_bar, ty1_bar, dw, db, di = _pair_bwd(G_bar, dG_bar, y1, ty1, t2, ap2, app2, tz2, w2, i2, d2, P2, P3, SKIP2)
+                y1_bar, ty1_bar, dw, db, di = _pair_bwd(G_bar, dG_bar, y1, ty1, t2, ap2, app2, tz2, wl2, i2, P2, P3, SKIP2)
                 g_w2 += dw
                 g_b2 += db
                 g_i2 += di
-                y0_bar, ty0_bar, dw, db, di = _pair_bwd(y1_bar, ty1_bar, y0, ty0, t1, ap1, app1, tz1, w1, i1, d1, P1, P2, SKIP1)
+                y0_bar, ty0_bar, dw, db, di = _pair_bwd(y1_bar, ty1_bar, y0, ty0, t1, ap1, app1, tz1, wl1, i1, P1, P2, SKIP1)
                 g_w1 += dw
                 g_b1 += db
                 g_i1 += di
@@ -145,7 +131,7 @@ if triton is not None:
                 s_bar = tl.sum(z0_bar * wr[None, :], axis=1)
                 rr_bar += tl.where(rc[None, :] == 0, s_bar[:, None], 0.0)
                 tl.store(rrb_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], rr_bar, mask=m)
-            tl.store(gxb_ptr + a * 4 * NG + rc[:, None] * NG + r3[None, :], gxb, mask=gmask)
+            tl.store(gxb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], gxb, mask=gmask)
         _store_partials(part_ptr, p, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
@@ -161,7 +147,7 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
     rrb = torch.zeros_like(r)
     gxb = torch.zeros_like(g)
     if A:
-        meta = ek._meta(net, S, rr.device)
+        meta = ek._meta(net, S, rr.device, kind="vjp")
         _cotangent_vjp_kernel[(parts.shape[0],)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
                                                  ATOMS_PER_PROGRAM, **meta)
     return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *reduce_partials(parts, net)]
@@ -169,39 +155,39 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
 
 @torch.library.custom_op("dpfast::env_cotangent", mutates_args=())
 def env_cotangent_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
-                     b1: torch.Tensor, i1: torch.Tensor, d1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                     i2: torch.Tensor, d2: torch.Tensor, meta: list[int], gx: torch.Tensor) -> torch.Tensor:
-    return ek.env_cotangent(rr, _net_of((w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2), meta), gx.contiguous())
+                     b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                     i2: torch.Tensor, cols: torch.Tensor, meta: list[int], gx: torch.Tensor) -> torch.Tensor:
+    return ek.env_cotangent(rr, _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta), gx.contiguous())
 
 
 @env_cotangent_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, meta, gx):
+def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gx):
     return torch.empty_like(rr)
 
 
 @torch.library.custom_op("dpfast::env_cotangent_vjp", mutates_args=())
 def env_cotangent_vjp_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
-                         b1: torch.Tensor, i1: torch.Tensor, d1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                         i2: torch.Tensor, d2: torch.Tensor, meta: list[int], gx: torch.Tensor,
+                         b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                         i2: torch.Tensor, cols: torch.Tensor, meta: list[int], gx: torch.Tensor,
                          ob: torch.Tensor) -> list[torch.Tensor]:
-    return cotangent_vjp(rr, _net_of((w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2), meta), gx, ob)
+    return cotangent_vjp(rr, _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta), gx, ob)
 
 
 @env_cotangent_vjp_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, meta, gx, ob):
+def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gx, ob):
     return [torch.empty_like(rr), torch.empty_like(gx)] + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:12], inputs[13])
-    ctx.meta = inputs[12]
+    ctx.save_for_backward(*inputs[:11], inputs[12])
+    ctx.meta = inputs[11]
 
 
 def _backward(ctx, ob):
     *saved, gx = ctx.saved_tensors
     g = env_cotangent_vjp_op(*saved, ctx.meta, gx, ob.contiguous())
     rr_bar, gx_bar, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = g
-    return rr_bar, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, None, g_w2, g_b2, g_i2, None, None, gx_bar
+    return rr_bar, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, None, None, gx_bar
 
 
 env_cotangent_op.register_autograd(_backward, setup_context=_setup_context)

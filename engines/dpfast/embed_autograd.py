@@ -31,12 +31,13 @@ except ImportError:
 ATOMS_PER_PROGRAM = 8  # partial weight gradients written once per this many centre atoms
 
 if triton is not None:
-    from .embed_kernels import _tanh
+    from .embed_kernels import _skip, _skip_bar, _tanh
 
     @triton.jit
-    def _fwd_layer(x, w_ptr, b_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+    def _fwd_layer(x, w_ptr, b_ptr, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
                    TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
-        """One MLPLayer forward on a [BS, PIN] tile: (output, activation before idt)."""
+        """One MLPLayer forward on a [BS, PIN] tile: (output, activation before idt, the loaded
+        weight, which the backward reuses: one shared-memory copy per layer, not two)."""
         ri = tl.arange(0, PIN)
         ro = tl.arange(0, POUT)
         w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
@@ -45,19 +46,13 @@ if triton is not None:
             t = _tanh(z, TANH_EXP)
         else:
             t = z
-        a = t * tl.load(i_ptr + ro)[None, :]
-        if SKIP == 1:
-            a = a + x
-        elif SKIP == 2:
-            a = a + tl.dot(x, tl.load(d_ptr + ri[:, None] * POUT + ro[None, :]))
-        return a, t
+        return _skip(t * tl.load(i_ptr + ro)[None, :], x, SKIP), t, w
 
     @triton.jit
-    def _bwd_layer(y_bar, x, t, w_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+    def _bwd_layer(y_bar, x, t, w, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
                    TANH: tl.constexpr, SKIP: tl.constexpr):
-        """One MLPLayer backward: from y_bar [BS, POUT] and the saved input x [BS, PIN] and
-        activation t: (x_bar, W_bar [PIN, POUT], b_bar [POUT], idt_bar [POUT])."""
-        ri = tl.arange(0, PIN)
+        """One MLPLayer backward: from y_bar [BS, POUT] and the saved input x [BS, PIN],
+        activation t and weight w: (x_bar, W_bar [PIN, POUT], b_bar [POUT], idt_bar [POUT])."""
         ro = tl.arange(0, POUT)
         idt = tl.load(i_ptr + ro)
         i_bar = tl.sum(y_bar * t, axis=0)
@@ -66,12 +61,7 @@ if triton is not None:
             z_bar = z_bar * (1.0 - t * t)
         w_bar = tl.dot(tl.trans(x), z_bar)
         b_bar = tl.sum(z_bar, axis=0)
-        w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
-        x_bar = tl.dot(z_bar, tl.trans(w))
-        if SKIP == 1:
-            x_bar = x_bar + y_bar
-        elif SKIP == 2:
-            x_bar = x_bar + tl.dot(y_bar, tl.trans(tl.load(d_ptr + ri[:, None] * POUT + ro[None, :])))
+        x_bar = _skip_bar(tl.dot(z_bar, tl.trans(w)), y_bar, SKIP)
         return x_bar, w_bar, b_bar, i_bar
 
     @triton.jit
@@ -105,7 +95,7 @@ if triton is not None:
         tl.store(base + o + P3 + r3, g_i2)
 
     @triton.jit
-    def _weight_vjp_kernel(rr_ptr, gb_ptr, part_ptr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, A,
+    def _weight_vjp_kernel(rr_ptr, gb_ptr, part_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, A,
                            S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, BS: tl.constexpr,
                            P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                            TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
@@ -118,11 +108,12 @@ if triton is not None:
         wr = tl.load(w0 + r1)
         br = tl.load(b0 + r1)
         idt0 = tl.load(i0 + r1)
+        col = tl.load(cols + r3)  # G's column of each padded one (-1: padding)
         for k in range(0, ATOMS):
             a = p * ATOMS + k
             live = a < A
-            gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + r3[None, :],
-                         mask=live & (rc[:, None] < 4) & (r3[None, :] < NG), other=0.0)
+            gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :],
+                         mask=live & (rc[:, None] < 4) & (col[None, :] >= 0), other=0.0)
             for r0 in range(0, S, BS):
                 rs = r0 + tl.arange(0, BS)
                 rows = live & (rs < S)
@@ -135,14 +126,14 @@ if triton is not None:
                 else:
                     t0 = z0
                 x1 = t0 * idt0[None, :]
-                x2, t1 = _fwd_layer(x1, w1, b1, i1, d1, P1, P2, TANH1, SKIP1, TANH_EXP)
-                _, t2 = _fwd_layer(x2, w2, b2, i2, d2, P2, P3, TANH2, SKIP2, TANH_EXP)
+                x2, t1, wl1 = _fwd_layer(x1, w1, b1, i1, P1, P2, TANH1, SKIP1, TANH_EXP)
+                _, t2, wl2 = _fwd_layer(x2, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
                 g_bar = tl.dot(rr, gb)  # [BS, P3]: d(sum gb . R~^T G)/dG, zero on rows past S
-                x2_bar, dw, db, di = _bwd_layer(g_bar, x2, t2, w2, i2, d2, P2, P3, TANH2, SKIP2)
+                x2_bar, dw, db, di = _bwd_layer(g_bar, x2, t2, wl2, i2, P2, P3, TANH2, SKIP2)
                 g_w2 += dw
                 g_b2 += db
                 g_i2 += di
-                x1_bar, dw, db, di = _bwd_layer(x2_bar, x1, t1, w1, i1, d1, P1, P2, TANH1, SKIP1)
+                x1_bar, dw, db, di = _bwd_layer(x2_bar, x1, t1, wl1, i1, P1, P2, TANH1, SKIP1)
                 g_w1 += dw
                 g_b1 += db
                 g_i1 += di
@@ -169,7 +160,7 @@ def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor) -> list[
     A = r.shape[0]
     parts = partials_buffer(net, A, rr.device)
     if A:
-        meta = ek._meta(net, S, rr.device)
+        meta = ek._meta(net, S, rr.device, kind="vjp")
         _weight_vjp_kernel[(parts.shape[0],)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, **meta)
     return reduce_partials(parts, net)
 
@@ -194,10 +185,10 @@ def _meta_of(net: ek.PackedNet) -> list[int]:
 
 
 def _net_of(tensors: tuple, meta: list[int]) -> ek.PackedNet:
-    """The PackedNet of an op call: its 11 tensors (w0 b0 i0 w1 b1 i1 d1 w2 b2 i2 d2) and meta
+    """The PackedNet of an op call: its 10 tensors (w0 b0 i0 w1 b1 i1 w2 b2 i2 cols) and meta
     (widths n1 n2 n3, skips of layers 1 and 2, tanh of layers 0 1 2)."""
-    w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2 = tensors
-    return ek.PackedNet(w0=w0, b0=b0, i0=i0, w1=w1, b1=b1, i1=i1, d1=d1, w2=w2, b2=b2, i2=i2, d2=d2,
+    w0, b0, i0, w1, b1, i1, w2, b2, i2, cols = tensors
+    return ek.PackedNet(w0=w0, b0=b0, i0=i0, w1=w1, b1=b1, i1=i1, w2=w2, b2=b2, i2=i2, cols=cols,
                         widths=tuple(meta[0:3]), padded=(w1.shape[0], w1.shape[1], w2.shape[1]),
                         skips=tuple(meta[3:5]), tanh=tuple(bool(t) for t in meta[5:8]))
 
@@ -206,43 +197,43 @@ def _net_of(tensors: tuple, meta: list[int]) -> ek.PackedNet:
 # call (its fake implementation gives the shape) and a CUDA graph captures its kernel launch.
 @torch.library.custom_op("dpfast::embed_contract", mutates_args=())
 def embed_contract_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
-                      b1: torch.Tensor, i1: torch.Tensor, d1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                      i2: torch.Tensor, d2: torch.Tensor, meta: list[int]) -> torch.Tensor:
-    return ek.embed_contract(rr, _net_of((w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2), meta))
+                      b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                      i2: torch.Tensor, cols: torch.Tensor, meta: list[int]) -> torch.Tensor:
+    return ek.embed_contract(rr, _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta))
 
 
 @embed_contract_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, meta):
+def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta):
     return rr.new_empty((*rr.shape[:-2], 4, meta[2]))
 
 
 @torch.library.custom_op("dpfast::embed_contract_vjp", mutates_args=())
 def embed_contract_vjp_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
-                          b1: torch.Tensor, i1: torch.Tensor, d1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                          i2: torch.Tensor, d2: torch.Tensor, meta: list[int], gxyz: torch.Tensor) -> list[torch.Tensor]:
+                          b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
+                          i2: torch.Tensor, cols: torch.Tensor, meta: list[int], gxyz: torch.Tensor) -> list[torch.Tensor]:
     """[dE/dR~, then the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2] for the cotangent gxyz of xyz.
     No autograd of its own: a second derivative through the op raises (once differentiable)."""
-    net = _net_of((w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2), meta)
+    net = _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta)
     gxyz = gxyz.contiguous()
     return [ek.env_cotangent(rr, net, gxyz), *weight_vjp(rr, net, gxyz)]
 
 
 @embed_contract_vjp_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, meta, gxyz):
+def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gxyz):
     return [torch.empty_like(rr)] + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:12])
-    ctx.meta = inputs[12]
+    ctx.save_for_backward(*inputs[:11])
+    ctx.meta = inputs[11]
 
 
 def _backward(ctx, gxyz):
     saved = ctx.saved_tensors
     g = embed_contract_vjp_op(*saved, ctx.meta, gxyz)
     g_rr, (g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2) = g[0], g[1:]
-    # the duplication matrices d1, d2 and meta are constants
-    return g_rr, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, None, g_w2, g_b2, g_i2, None, None
+    # the column map and meta are constants
+    return g_rr, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, None, None
 
 
 embed_contract_op.register_autograd(_backward, setup_context=_setup_context)

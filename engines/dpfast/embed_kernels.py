@@ -10,8 +10,11 @@ value G(s) and tangent dG/ds are evaluated on chip, per centre atom, and never w
 One program per centre atom: its S neighbour rows (padded to a power of two) go through the
 1 -> n1 -> n2 -> n3 layers as [S, n] register tiles (tl.dot for the n1 x n2 and n2 x n3 GEMMs,
 value and tangent), then one tl.dot contracts them with the atom's R~ (or gx). Widths are padded
-to powers of two with zero weights, so padded columns stay exactly zero; upstream's concat skip
-[x, x] is a dot with a 0/1 duplication matrix (exact). Rows past S load as R~ = 0 and are not
+to powers of two with zero weights, so padded columns stay exactly zero. Upstream's concat skip
+[x, x] is a broadcast add: a concat layer's padded output is two halves of its padded input's
+width, [x's layout | x's layout shifted by n_in] (``_layouts``), so adding x to each half is
+exact and costs no GEMM and no shared memory for a 0/1 matrix; ``cols`` maps the last layer's
+padded columns to G's own. Rows past S load as R~ = 0 and are not
 stored. Upstream's own padding rows (a neighbour slot with no atom: R~ = -davg/dstd, not zero)
 are ordinary rows here, as they are upstream's.
 
@@ -60,13 +63,12 @@ class PackedNet:
     w1: torch.Tensor  # [P1, P2]
     b1: torch.Tensor
     i1: torch.Tensor
-    d1: torch.Tensor  # [P1, P2] duplication matrix of the concat skip (zeros when none)
     w2: torch.Tensor  # [P2, P3]
     b2: torch.Tensor
     i2: torch.Tensor
-    d2: torch.Tensor  # [P2, P3]
+    cols: torch.Tensor  # [P3] int32: G's column at each padded output position (-1: padding)
     widths: tuple[int, int, int]  # n1, n2, n3 (unpadded)
-    padded: tuple[int, int, int]
+    padded: tuple[int, int, int]  # P1, P2, P3 (a concat layer's P_out = 2 P_in)
     skips: tuple[int, int]  # of layers 1 and 2: SKIP_NONE / SKIP_IDENTITY / SKIP_CONCAT
     tanh: tuple[bool, bool, bool]
 
@@ -95,45 +97,61 @@ def unsupported(layers: list) -> str | None:
     return None
 
 
+def _layouts(widths: tuple, skips: tuple) -> list[torch.Tensor]:
+    """Each layer's padded output layout: the original column at every padded position (-1 for
+    padding). Layer 0: identity; a concat layer: [L_in | L_in + n_in] (so its skip adds x to
+    both halves); an identity-skip layer keeps L_in; a layer without skip: identity."""
+    def ident(n):
+        r = torch.arange(_pow2(n))
+        return torch.where(r < n, r, -1)
+
+    lays = [ident(widths[0])]
+    for nin, nout, skip in zip(widths[:-1], widths[1:], skips):
+        lin = lays[-1]
+        if skip == SKIP_CONCAT:
+            lays.append(torch.cat([lin, torch.where(lin >= 0, lin + nin, -1)]))
+        elif skip == SKIP_IDENTITY:
+            lays.append(lin)
+        else:
+            lays.append(ident(nout))
+    return lays
+
+
 def pack_net(layers: list, differentiable: bool = False) -> PackedNet:
-    """Upstream's three MLPLayers of one embedding net, padded for the kernels. differentiable:
-    the padded tensors are functions of the layers' parameters (torch's pad), so gradients that
-    embed_autograd computes for them reach upstream's nn.Parameters; else detached copies."""
+    """Upstream's three MLPLayers of one embedding net, laid out for the kernels (_layouts).
+    differentiable: the packed tensors are functions of the layers' parameters (torch indexing),
+    so gradients that embed_autograd computes for them reach upstream's nn.Parameters; else
+    detached copies."""
     why = unsupported(layers)
     if why:
         raise ValueError(f"embed_kernels: {why}")
     widths = tuple(int(l.matrix.shape[1]) for l in layers)
-    padded = tuple(_pow2(n) for n in widths)
+    l0, l1, l2 = layers
+    skips = (_skip_of(l1, widths[0], widths[1]), _skip_of(l2, widths[1], widths[2]))
+    lays = _layouts(widths, skips)
     dev = layers[0].matrix.device
-    f64 = dict(dtype=torch.float64, device=dev)
     own = (lambda t: t) if differentiable else (lambda t: t.detach())
 
-    def vec(v, n, p, fill=0.0):  # fill: a layer without this vector (no bias: 0, no idt: 1)
+    def at(lay, n):  # padding positions index an appended zero
+        return torch.where(lay >= 0, lay, n).to(dev)
+
+    def vec(v, lay, n, fill=0.0):  # fill: a layer without this vector (no bias: 0, no idt: 1)
         if v is None:
-            return torch.full((p,), fill, **f64)
-        return torch.nn.functional.pad(own(v).reshape(-1)[:n], (0, p - n))
+            return torch.full((len(lay),), fill, dtype=torch.float64, device=dev)
+        return torch.nn.functional.pad(own(v).reshape(-1)[:n], (0, 1))[at(lay, n)]
 
-    def mat(w, pin, pout):
-        return torch.nn.functional.pad(own(w), (0, pout - w.shape[1], 0, pin - w.shape[0]))
+    def mat(w, lin, lout):
+        nin, nout = w.shape
+        return torch.nn.functional.pad(own(w), (0, 1, 0, 1))[at(lin, nin)][:, at(lout, nout)]
 
-    def dup(nin, nout, pin, pout, skip):
-        d = torch.zeros((pin, pout), **f64)
-        if skip == SKIP_CONCAT:
-            j = torch.arange(nout, device=dev)
-            d[j % nin, j] = 1.0
-        return d
-
-    l0, l1, l2 = layers
     n1, n2, n3 = widths
-    p1, p2, p3 = padded
-    s1, s2 = _skip_of(l1, n1, n2), _skip_of(l2, n2, n3)
+    L1, L2, L3 = lays
     return PackedNet(
-        w0=vec(l0.matrix[0], n1, p1), b0=vec(l0.bias, n1, p1), i0=vec(l0.idt, n1, p1, 1.0),
-        w1=mat(l1.matrix, p1, p2), b1=vec(l1.bias, n2, p2), i1=vec(l1.idt, n2, p2, 1.0),
-        d1=dup(n1, n2, p1, p2, s1),
-        w2=mat(l2.matrix, p2, p3), b2=vec(l2.bias, n3, p3), i2=vec(l2.idt, n3, p3, 1.0),
-        d2=dup(n2, n3, p2, p3, s2),
-        widths=widths, padded=padded, skips=(s1, s2),
+        w0=vec(l0.matrix[0], L1, n1), b0=vec(l0.bias, L1, n1), i0=vec(l0.idt, L1, n1, 1.0),
+        w1=mat(l1.matrix, L1, L2), b1=vec(l1.bias, L2, n2), i1=vec(l1.idt, L2, n2, 1.0),
+        w2=mat(l2.matrix, L2, L3), b2=vec(l2.bias, L3, n3), i2=vec(l2.idt, L3, n3, 1.0),
+        cols=L3.to(device=dev, dtype=torch.int32),
+        widths=widths, padded=tuple(len(l) for l in lays), skips=skips,
         tanh=tuple((l.activate_name or "none").lower() == "tanh" for l in layers),
     )
 
@@ -150,10 +168,29 @@ if triton is not None:
             return libdevice.tanh(z)
 
     @triton.jit
-    def _layer(x, t, w_ptr, b_ptr, i_ptr, d_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
+    def _skip(a, x, SKIP: tl.constexpr):
+        """a [BS, POUT] plus the resnet skip of x [BS, PIN]: identity, or the concat [x, x] as x
+        added to both halves of a concat layer's layout (_layouts)."""
+        if SKIP == 1:
+            a = a + x
+        elif SKIP == 2:
+            a = tl.reshape(tl.reshape(a, (x.shape[0], 2, x.shape[1])) + x[:, None, :], a.shape)
+        return a
+
+    @triton.jit
+    def _skip_bar(x_bar, y_bar, SKIP: tl.constexpr):
+        """x_bar [BS, PIN] plus the skip's share of y_bar [BS, POUT] (the transpose of _skip)."""
+        if SKIP == 1:
+            x_bar = x_bar + y_bar
+        elif SKIP == 2:
+            x_bar = x_bar + tl.sum(tl.reshape(y_bar, (x_bar.shape[0], 2, x_bar.shape[1])), axis=1)
+        return x_bar
+
+    @triton.jit
+    def _layer(x, t, w_ptr, b_ptr, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
                TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
         """One MLPLayer on a [BS, PIN] tile with its tangent: value and tangent through one weight
-        load; skip: identity (PIN == POUT) or concat [x, x] via the 0/1 matrix d."""
+        load; skip: identity (PIN == POUT) or concat (POUT == 2 PIN)."""
         ri = tl.arange(0, PIN)
         ro = tl.arange(0, POUT)
         w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
@@ -166,19 +203,10 @@ if triton is not None:
             tz = tz * (1.0 - a * a)
         else:
             a = z
-        a = a * idt[None, :]
-        tz = tz * idt[None, :]
-        if SKIP == 1:
-            a = a + x
-            tz = tz + t
-        elif SKIP == 2:
-            d = tl.load(d_ptr + ri[:, None] * POUT + ro[None, :])
-            a = a + tl.dot(x, d)
-            tz = tz + tl.dot(t, d)
-        return a, tz
+        return _skip(a * idt[None, :], x, SKIP), _skip(tz * idt[None, :], t, SKIP)
 
     @triton.jit
-    def _net(s, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2,
+    def _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2,
              P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, TANH0: tl.constexpr, TANH1: tl.constexpr,
              TANH2: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
         """G(s) and dG/ds [BS, P3] for the rows' s [BS]: the first layer (input width 1) is an
@@ -195,18 +223,19 @@ if triton is not None:
         idt = tl.load(i0 + r1)
         a = a * idt[None, :]
         tz = tz * idt[None, :]
-        a, tz = _layer(a, tz, w1, b1, i1, d1, P1, P2, TANH1, SKIP1, TANH_EXP)
-        a, tz = _layer(a, tz, w2, b2, i2, d2, P2, P3, TANH2, SKIP2, TANH_EXP)
+        a, tz = _layer(a, tz, w1, b1, i1, P1, P2, TANH1, SKIP1, TANH_EXP)
+        a, tz = _layer(a, tz, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
         return a, tz
 
     @triton.jit
-    def _embed_contract_kernel(rr_ptr, xyz_ptr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, S: tl.constexpr, NG: tl.constexpr,
+    def _embed_contract_kernel(rr_ptr, xyz_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, S: tl.constexpr, NG: tl.constexpr,
                                BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                                TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
                                SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
         a = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, 16)  # R~'s 4 columns, padded for tl.dot
         ro = tl.arange(0, P3)
+        col = tl.load(cols + ro)  # G's column of each padded one (-1: padding)
         xyz = tl.zeros((16, P3), dtype=tl.float64)
         for r0 in range(0, S, BS):  # BS rows at a time, in order: the sum's order is fixed
             rs = r0 + tl.arange(0, BS)
@@ -214,13 +243,13 @@ if triton is not None:
             rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :],
                          mask=rows[:, None] & (rc[None, :] < 4), other=0.0)
             s = tl.sum(tl.where(rc[None, :] == 0, rr, 0.0), axis=1)
-            g, _ = _net(s, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, P1, P2, P3, TANH0, TANH1, TANH2,
+            g, _ = _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2, P1, P2, P3, TANH0, TANH1, TANH2,
                         SKIP1, SKIP2, TANH_EXP)
             xyz += tl.dot(tl.trans(rr), g)  # [16, P3]: rows past S have R~ = 0
-        tl.store(xyz_ptr + a * 4 * NG + rc[:, None] * NG + ro[None, :], xyz, mask=(rc[:, None] < 4) & (ro[None, :] < NG))
+        tl.store(xyz_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], xyz, mask=(rc[:, None] < 4) & (col[None, :] >= 0))
 
     @triton.jit
-    def _env_cotangent_kernel(rr_ptr, gx_ptr, out_ptr, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, S: tl.constexpr, NG: tl.constexpr,
+    def _env_cotangent_kernel(rr_ptr, gx_ptr, out_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, S: tl.constexpr, NG: tl.constexpr,
                               BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                               TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
                               SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
@@ -228,14 +257,15 @@ if triton is not None:
         rc = tl.arange(0, 16)
         ro = tl.arange(0, P3)
         cols4 = rc[None, :] < 4
-        gx = tl.load(gx_ptr + a * 4 * NG + rc[:, None] * NG + ro[None, :], mask=(rc[:, None] < 4) & (ro[None, :] < NG),
+        col = tl.load(cols + ro)
+        gx = tl.load(gx_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], mask=(rc[:, None] < 4) & (col[None, :] >= 0),
                      other=0.0)
         for r0 in range(0, S, BS):
             rs = r0 + tl.arange(0, BS)
             rows = rs < S
             rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], mask=rows[:, None] & cols4, other=0.0)
             s = tl.sum(tl.where(rc[None, :] == 0, rr, 0.0), axis=1)
-            g, dg = _net(s, w0, b0, i0, w1, b1, i1, d1, w2, b2, i2, d2, P1, P2, P3, TANH0, TANH1, TANH2,
+            g, dg = _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2, P1, P2, P3, TANH0, TANH1, TANH2,
                          SKIP1, SKIP2, TANH_EXP)
             g_r = tl.dot(g, tl.trans(gx))  # [BS, 16]: G gx^T
             g_g = tl.dot(rr, gx)  # [BS, P3]: R~ gx
@@ -250,20 +280,38 @@ def interpreted() -> bool:
 
 
 ROWS_PER_TILE = 32  # neighbour rows per register tile (a [32, 128] float64 tile per layer)
+# per kernel kind (tile rows, warps), from tools/kernel_resources.py's sm_90 builds: the VJP kernels
+# keep every layer's pieces, and 32 rows need > 227 KiB of shared memory; 8 warps spill less than 4
+LAUNCH = {"forward": (ROWS_PER_TILE, 4), "cotangent": (ROWS_PER_TILE, 8), "vjp": (16, 8)}
 ROWS_INTERPRETED = 128  # in Triton's interpreter each op costs a numpy call: fewer, larger tiles
 
 
-def _meta(net: PackedNet, S: int, device: torch.device, rows: int | None = None, warps: int | None = None) -> dict:
+def _meta(net: PackedNet, S: int, device: torch.device, rows: int | None = None, warps: int | None = None,
+          kind: str = "forward") -> dict:
+    """Launch constants: tile rows (BS), padded widths, activations, skips; on a GPU one pipeline
+    stage (the loops' loads are small; more stages only multiply shared-memory buffers)."""
     p1, p2, p3 = net.padded
-    meta = dict(BS=min(_pow2(S), rows or (ROWS_INTERPRETED if interpreted() else ROWS_PER_TILE)), P1=p1, P2=p2, P3=p3, TANH0=net.tanh[0], TANH1=net.tanh[1], TANH2=net.tanh[2],
+    tile_rows, tile_warps, stages = launch_config(kind, interpreted())
+    rows, warps = rows or tile_rows, warps or tile_warps
+    meta = dict(BS=min(_pow2(S), rows), P1=p1, P2=p2, P3=p3, TANH0=net.tanh[0], TANH1=net.tanh[1], TANH2=net.tanh[2],
                 SKIP1=net.skips[0], SKIP2=net.skips[1], TANH_EXP=interpreted() or device.type != "cuda")
     if warps:
         meta["num_warps"] = warps
+    if stages:
+        meta["num_stages"] = stages
     return meta
 
 
+def launch_config(kind: str, interpreter: bool) -> tuple[int, int | None, int | None]:
+    """(tile rows, warps, pipeline stages) of a launch of a kernel of this kind (LAUNCH); None:
+    Triton's default."""
+    if interpreter:
+        return ROWS_INTERPRETED, None, None
+    return (*LAUNCH[kind], 1)
+
+
 def _weights(net: PackedNet) -> tuple:
-    return (net.w0, net.b0, net.i0, net.w1, net.b1, net.i1, net.d1, net.w2, net.b2, net.i2, net.d2)
+    return (net.w0, net.b0, net.i0, net.w1, net.b1, net.i1, net.w2, net.b2, net.i2, net.cols)
 
 
 def embed_contract(rr: torch.Tensor, net: PackedNet, rows: int | None = None, warps: int | None = None) -> torch.Tensor:
@@ -290,5 +338,6 @@ def env_cotangent(rr: torch.Tensor, net: PackedNet, gx: torch.Tensor, rows: int 
     g = gx.reshape(-1, 4, ng).contiguous()
     out = torch.empty_like(r)
     if r.shape[0]:
-        _env_cotangent_kernel[(r.shape[0],)](r, g, out, *_weights(net), S, ng, **_meta(net, S, rr.device, rows, warps))
+        _env_cotangent_kernel[(r.shape[0],)](r, g, out, *_weights(net), S, ng,
+                                              **_meta(net, S, rr.device, rows, warps, kind="cotangent"))
     return out.reshape(*lead, S, 4)

@@ -1,0 +1,59 @@
+"""What the Triton embedding kernels ask of an sm_90 GPU (H100 / H200), known without one: each
+kernel compiled ahead of time for that target by Triton's own compiler and the ptxas it ships,
+its shared memory per block from Triton's metadata, its registers and spill stack per thread from
+``cuobjdump --dump-resource-usage`` of the cubin. A kernel whose shared memory exceeds the
+block limit cannot launch (Triton's OutOfResources, as the first H100 run of issue 39 found);
+spill stack is local-memory traffic on every use. Used by the CPU tests (the limit) and
+``tools/kernel_resources.py`` (the table)."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+from . import cotangent_autograd as ca
+from . import embed_autograd as ea
+from . import embed_kernels as ek
+
+SM90_SHARED_PER_BLOCK = 232448  # bytes: the opt-in limit Triton's launcher checks on H100 / H200
+
+
+def kernels() -> list[tuple[str, object, str]]:
+    """(name, Triton kernel, its kind in embed_kernels.LAUNCH) of every embedding kernel."""
+    return [("embed_contract", ek._embed_contract_kernel, "forward"), ("env_cotangent", ek._env_cotangent_kernel, "cotangent"),
+            ("weight_vjp", ea._weight_vjp_kernel, "vjp"), ("cotangent_vjp", ca._cotangent_vjp_kernel, "vjp")]
+
+
+def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100)) -> dict:
+    """The kernels' compile-time constants for se_e2_a's default net (concat skips, tanh)."""
+    lays = ek._layouts(widths, (ek.SKIP_CONCAT, ek.SKIP_CONCAT))
+    p1, p2, p3 = (len(l) for l in lays)
+    return dict(S=slots, NG=widths[2], P1=p1, P2=p2, P3=p3, TANH0=True, TANH1=True, TANH2=True,
+                SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM)
+
+
+def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, warps: int | None = None) -> dict:
+    """Compile `kernel` for sm_90 with the launch configuration the engine uses (or rows/warps):
+    {shared, regs, stack, rows, warps, stages}."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    tile_rows, tile_warps, stages = ek.launch_config(kind, interpreter=False)
+    rows, warps = rows or tile_rows, warps or tile_warps or 4
+    const = {k: v for k, v in dict(constants, BS=min(ek._pow2(constants["S"]), rows)).items() if k in kernel.arg_names}
+    sig = {n: "constexpr" if n in const else "i32" if n == "A" else "*i32" if n == "cols" else "*fp64"
+           for n in kernel.arg_names}
+    c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=warps, num_stages=stages or 3))
+    out = dict(shared=int(c.metadata.shared), rows=const["BS"], warps=warps, stages=stages)
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(c.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    for key, pat in (("regs", r"REG:(\d+)"), ("stack", r"STACK:(\d+)")):
+        m = re.search(pat, usage)
+        out[key] = int(m.group(1)) if m else None
+    return out
