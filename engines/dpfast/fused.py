@@ -49,22 +49,14 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
     geom_default = "compact"
     engine_name = "fused"
 
-    def __init__(self, trainer, device=None, opts=None) -> None:
-        super().__init__(trainer, device, opts)
+    def __init__(self, trainer=None, device=None, opts=None, model=None) -> None:
+        super().__init__(trainer, device, opts, model)
         self._init_fused()
         log.info("fused: %s embedding nets, %s fitting nets, %s contractions (DPH_FUSED_GROUPED=%s)",
                  "grouped" if self.grouped else "per-block",
                  "grouped" if self.grouped and self.grouped_fit else "per-type",
                  "grouped" if self.grouped and self.grouped_contract else "per-block",
                  self.opts.grouped)
-
-    # ---- used by the parity hooks too (no trainer)
-    @classmethod
-    def from_model(cls, model, device=None, opts=None) -> "FusedEngine":
-        """Predict-only engine (no trainer), via graph's own model set-up."""
-        self = cls.for_model(model, device, opts)
-        self._init_fused()
-        return self
 
     def _init_fused(self) -> None:
         nets = self.sea.filter_layers.networks
@@ -74,7 +66,7 @@ class FusedEngine(graph.GraphEngine, AnalyticEnergy):
             if ls[-1].matrix.shape[1] != 1:
                 refuse("fitting net output width != 1", "fused")
         self.autograd_forces = self.opts.autograd_forces
-        if getattr(self, "ran", None) is not None:  # a training engine (the gate's has none)
+        if self.ran is not None:  # a training engine (the gate's has none)
             self.ran.forces = "autograd" if self.autograd_forces else "analytic"
         self._compiled = None
         # compiled whole step (fused's manifest env; off in fused-predict): gather + energy/forces + upstream's loss

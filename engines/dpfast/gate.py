@@ -23,7 +23,7 @@ from .graph import GraphEngine
 def engine_for(name: str, model) -> GraphEngine:
     """A predict/step-only engine (no trainer) of the named kind on the model's device."""
     device = next(model.parameters()).device
-    return FusedEngine.from_model(model, device) if name == "fused" else GraphEngine.for_model(model, device)
+    return (FusedEngine if name == "fused" else GraphEngine).for_model(model, device)
 
 
 def sorted_perm(atype: torch.Tensor):

@@ -70,12 +70,18 @@ def _drop_ddp(trainer: Any) -> None:
 class GraphEngine(Predictor, DeviceData):
     """The graph variant's training loop over upstream's Trainer (see the module docstring)."""
 
-    def __init__(self, trainer: Any, device: torch.device | None = None,
-                 opts: EngineOptions | None = None) -> None:
+    def __init__(self, trainer: Any = None, device: torch.device | None = None,
+                 opts: EngineOptions | None = None, model: Any = None) -> None:
+        """trainer: upstream's Trainer (training); None with `model`: predict only (for_model,
+        the accuracy gate's parity), no data, optimizer or record."""
+        if trainer is None:
+            Predictor.__init__(self, model, device, opts)
+            self.ran = None
+            return
         check_supported(trainer)
         self.tr = trainer
         _drop_ddp(trainer)
-        self._init_model(trainer.model, device, opts)
+        Predictor.__init__(self, trainer.model, device, opts)
         self.loss = trainer.loss
         self.params = list(trainer.wrapper.parameters())
         self._upstream_opt = trainer.optimizer

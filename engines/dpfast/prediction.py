@@ -59,13 +59,12 @@ class Predictor:
     @classmethod
     def for_model(cls, model: Any, device: torch.device | None = None,
                   opts: EngineOptions | None = None) -> "Predictor":
-        """An engine that can only predict (no trainer): used by the accuracy gate's
-        same-weights parity, so the gate evaluates this variant's own forward/force code."""
-        eng = cls.__new__(cls)
-        eng._init_model(model, device, opts)
-        return eng
+        """An engine of this class that can only predict (no trainer): the accuracy gate's
+        same-weights parity, so the gate evaluates this variant's own forward/force code.
+        Through the class's own constructor (trainer=None), never around it."""
+        return cls(model=model, device=device, opts=opts)
 
-    def _init_model(self, model: Any, device: torch.device | None, opts: EngineOptions | None = None) -> None:
+    def __init__(self, model: Any, device: torch.device | None = None, opts: EngineOptions | None = None) -> None:
         from deepmd.pt.utils import env
 
         self.opts = options.current() if opts is None else opts  # the variant's manifest, typed
