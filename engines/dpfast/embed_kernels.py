@@ -280,9 +280,11 @@ def interpreted() -> bool:
 
 
 ROWS_PER_TILE = 32  # neighbour rows per register tile (a [32, 128] float64 tile per layer)
-# per kernel kind (tile rows, warps), from tools/kernel_resources.py's sm_90 builds: the VJP kernels
-# keep every layer's pieces, and 32 rows need > 227 KiB of shared memory; 8 warps spill less than 4
-LAUNCH = {"forward": (ROWS_PER_TILE, 4), "cotangent": (ROWS_PER_TILE, 8), "vjp": (16, 8)}
+# per kernel kind (tile rows, warps, register cap), from tools/kernel_resources.py's sm_90 builds:
+# the VJP kernels keep every layer's pieces, and 32 rows need > 227 KiB of shared memory; 8 warps
+# spill less than 4; without maxnreg ptxas kept the cotangent kernels at 56-64 registers and spilled
+# 4-10 KiB per thread (255: 2 KiB)
+LAUNCH = {"forward": (ROWS_PER_TILE, 4, None), "cotangent": (ROWS_PER_TILE, 8, 255), "vjp": (16, 8, 255)}
 ROWS_INTERPRETED = 128  # in Triton's interpreter each op costs a numpy call: fewer, larger tiles
 
 
@@ -291,23 +293,27 @@ def _meta(net: PackedNet, S: int, device: torch.device, rows: int | None = None,
     """Launch constants: tile rows (BS), padded widths, activations, skips; on a GPU one pipeline
     stage (the loops' loads are small; more stages only multiply shared-memory buffers)."""
     p1, p2, p3 = net.padded
-    tile_rows, tile_warps, stages = launch_config(kind, interpreted())
-    rows, warps = rows or tile_rows, warps or tile_warps
+    cfg = launch_config(kind, interpreted())
+    rows = rows or cfg.pop("rows")
+    cfg.pop("rows", None)
+    if warps:
+        cfg["num_warps"] = warps
     meta = dict(BS=min(_pow2(S), rows), P1=p1, P2=p2, P3=p3, TANH0=net.tanh[0], TANH1=net.tanh[1], TANH2=net.tanh[2],
                 SKIP1=net.skips[0], SKIP2=net.skips[1], TANH_EXP=interpreted() or device.type != "cuda")
-    if warps:
-        meta["num_warps"] = warps
-    if stages:
-        meta["num_stages"] = stages
+    meta.update(cfg)
     return meta
 
 
-def launch_config(kind: str, interpreter: bool) -> tuple[int, int | None, int | None]:
-    """(tile rows, warps, pipeline stages) of a launch of a kernel of this kind (LAUNCH); None:
-    Triton's default."""
+def launch_config(kind: str, interpreter: bool) -> dict:
+    """A launch of a kernel of this kind (LAUNCH): tile rows and Triton's launch options (on a GPU
+    num_warps, num_stages = 1 and maxnreg where set; the interpreter takes none)."""
     if interpreter:
-        return ROWS_INTERPRETED, None, None
-    return (*LAUNCH[kind], 1)
+        return dict(rows=ROWS_INTERPRETED)
+    rows, warps, maxnreg = LAUNCH[kind]
+    cfg = dict(rows=rows, num_warps=warps, num_stages=1)
+    if maxnreg:
+        cfg["maxnreg"] = maxnreg
+    return cfg
 
 
 def _weights(net: PackedNet) -> tuple:

@@ -35,19 +35,22 @@ def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100)) -> dict:
 
 def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, warps: int | None = None) -> dict:
     """Compile `kernel` for sm_90 with the launch configuration the engine uses (or rows/warps):
-    {shared, regs, stack, rows, warps, stages}."""
+    {shared, regs, stack, rows, warps, maxnreg}."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    tile_rows, tile_warps, stages = ek.launch_config(kind, interpreter=False)
-    rows, warps = rows or tile_rows, warps or tile_warps or 4
+    cfg = ek.launch_config(kind, interpreter=False)
+    rows = rows or cfg.pop("rows")
+    cfg.pop("rows", None)
+    if warps:
+        cfg["num_warps"] = warps
     const = {k: v for k, v in dict(constants, BS=min(ek._pow2(constants["S"]), rows)).items() if k in kernel.arg_names}
     sig = {n: "constexpr" if n in const else "i32" if n == "A" else "*i32" if n == "cols" else "*fp64"
            for n in kernel.arg_names}
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options=dict(num_warps=warps, num_stages=stages or 3))
-    out = dict(shared=int(c.metadata.shared), rows=const["BS"], warps=warps, stages=stages)
+                       options=cfg)
+    out = dict(shared=int(c.metadata.shared), rows=const["BS"], warps=cfg["num_warps"], maxnreg=cfg.get("maxnreg"))
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(c.asm["cubin"])
