@@ -97,12 +97,13 @@ def unsupported(layers: list) -> str | None:
     return None
 
 
-def _layouts(widths: tuple, skips: tuple) -> list[torch.Tensor]:
+def _layouts(widths: tuple, skips: tuple, device=None) -> list[torch.Tensor]:
     """Each layer's padded output layout: the original column at every padded position (-1 for
     padding). Layer 0: identity; a concat layer: [L_in | L_in + n_in] (so its skip adds x to
-    both halves); an identity-skip layer keeps L_in; a layer without skip: identity."""
+    both halves); an identity-skip layer keeps L_in; a layer without skip: identity. Made on
+    `device` (pack_net runs inside the captured step: no host-to-device copy may happen there)."""
     def ident(n):
-        r = torch.arange(_pow2(n))
+        r = torch.arange(_pow2(n), device=device)
         return torch.where(r < n, r, -1)
 
     lays = [ident(widths[0])]
@@ -128,12 +129,12 @@ def pack_net(layers: list, differentiable: bool = False) -> PackedNet:
     widths = tuple(int(l.matrix.shape[1]) for l in layers)
     l0, l1, l2 = layers
     skips = (_skip_of(l1, widths[0], widths[1]), _skip_of(l2, widths[1], widths[2]))
-    lays = _layouts(widths, skips)
     dev = layers[0].matrix.device
+    lays = _layouts(widths, skips, dev)
     own = (lambda t: t) if differentiable else (lambda t: t.detach())
 
     def at(lay, n):  # padding positions index an appended zero
-        return torch.where(lay >= 0, lay, n).to(dev)
+        return torch.where(lay >= 0, lay, n)
 
     def vec(v, lay, n, fill=0.0):  # fill: a layer without this vector (no bias: 0, no idt: 1)
         if v is None:
@@ -150,7 +151,7 @@ def pack_net(layers: list, differentiable: bool = False) -> PackedNet:
         w0=vec(l0.matrix[0], L1, n1), b0=vec(l0.bias, L1, n1), i0=vec(l0.idt, L1, n1, 1.0),
         w1=mat(l1.matrix, L1, L2), b1=vec(l1.bias, L2, n2), i1=vec(l1.idt, L2, n2, 1.0),
         w2=mat(l2.matrix, L2, L3), b2=vec(l2.bias, L3, n3), i2=vec(l2.idt, L3, n3, 1.0),
-        cols=L3.to(device=dev, dtype=torch.int32),
+        cols=L3.to(torch.int32),
         widths=widths, padded=tuple(len(l) for l in lays), skips=skips,
         tanh=tuple((l.activate_name or "none").lower() == "tanh" for l in layers),
     )
