@@ -31,7 +31,7 @@ except ImportError:
 ATOMS_PER_PROGRAM = 8  # partial weight gradients written once per this many centre atoms
 
 if triton is not None:
-    from .embed_kernels import _skip, _skip_bar, _tanh
+    from .embed_kernels import _atom_tile, _first_layer, _skip, _skip_bar, _tanh
 
     @triton.jit
     def _fwd_layer(x, w_ptr, b_ptr, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
@@ -102,18 +102,12 @@ if triton is not None:
                            SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
         p = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, 16)
-        r1 = tl.arange(0, P1)
-        r3 = tl.arange(0, P3)
         g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = _zero_partials(P1, P2, P3)
-        wr = tl.load(w0 + r1)
-        br = tl.load(b0 + r1)
-        idt0 = tl.load(i0 + r1)
-        col = tl.load(cols + r3)  # G's column of each padded one (-1: padding)
+        wr, br, idt0, col = _first_layer(w0, b0, i0, cols, P1, P3)
         for k in range(0, ATOMS):
             a = p * ATOMS + k
             live = a < A
-            gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :],
-                         mask=live & (rc[:, None] < 4) & (col[None, :] >= 0), other=0.0)
+            gb = _atom_tile(gb_ptr, a, live, col, NG)[0]
             for r0 in range(0, S, BS):
                 rs = r0 + tl.arange(0, BS)
                 rows = live & (rs < S)

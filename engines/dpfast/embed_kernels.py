@@ -188,6 +188,20 @@ if triton is not None:
         return x_bar
 
     @triton.jit
+    def _atom_tile(ptr, a, live, col, NG: tl.constexpr):
+        """Atom a's [16, P3] tile of an [A, 4, NG] array (gx, a cotangent of xyz) in the padded
+        column layout `col` (zero on rows past 4, padding columns and a dead atom), and its mask."""
+        rc = tl.arange(0, 16)
+        m = live & (rc[:, None] < 4) & (col[None, :] >= 0)
+        return tl.load(ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], mask=m, other=0.0), m
+
+    @triton.jit
+    def _first_layer(w0, b0, i0, cols, P1: tl.constexpr, P3: tl.constexpr):
+        """The first layer's weight row, bias and idt [P1], and G's column of each padded one [P3]."""
+        r1 = tl.arange(0, P1)
+        return tl.load(w0 + r1), tl.load(b0 + r1), tl.load(i0 + r1), tl.load(cols + tl.arange(0, P3))
+
+    @triton.jit
     def _layer(x, t, w_ptr, b_ptr, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
                TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
         """One MLPLayer on a [BS, PIN] tile with its tangent: value and tangent through one weight
@@ -258,9 +272,7 @@ if triton is not None:
         rc = tl.arange(0, 16)
         ro = tl.arange(0, P3)
         cols4 = rc[None, :] < 4
-        col = tl.load(cols + ro)
-        gx = tl.load(gx_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], mask=(rc[:, None] < 4) & (col[None, :] >= 0),
-                     other=0.0)
+        gx = _atom_tile(gx_ptr, a, True, tl.load(cols + ro), NG)[0]
         for r0 in range(0, S, BS):
             rs = r0 + tl.arange(0, BS)
             rows = rs < S
