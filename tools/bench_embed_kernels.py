@@ -117,8 +117,19 @@ def main() -> int:
             def train_kernel():
                 return torch.autograd.grad((embed_autograd.embed_contract(rg, lw) * gx).sum(), prm)[0]
 
+            def train_kernel_at(atoms):  # the weight-VJP kernels with this many atoms per program
+                def f():
+                    old, embed_autograd.ATOMS_PER_PROGRAM = embed_autograd.ATOMS_PER_PROGRAM, atoms
+                    try:
+                        return train_kernel()
+                    finally:
+                        embed_autograd.ATOMS_PER_PROGRAM = old
+                return f
+
             paths["eager-train"] = (train_eager, train_eager)
             paths["kernel-train"] = (train_kernel, train_kernel)
+            for atoms in (1, 2):
+                paths[f"kernel-train-a{atoms}"] = (train_kernel_at(atoms), train_kernel_at(atoms))
             ref_train = train_eager()
             for name, (f, c) in paths.items():
                 rf, rc = (ref_train, ref_train) if name.endswith("-train") else (ref_f, ref_c)

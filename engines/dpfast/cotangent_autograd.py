@@ -17,7 +17,8 @@ from __future__ import annotations
 import torch
 
 from . import embed_kernels as ek
-from .embed_autograd import ATOMS_PER_PROGRAM, _meta_of, _net_of, partials_buffer, reduce_partials
+from . import embed_autograd
+from .embed_autograd import _meta_of, _net_of, partials_buffer, reduce_partials
 
 try:
     import triton
@@ -143,7 +144,7 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
     if A:
         meta = ek._meta(net, S, rr.device, kind="vjp")
         _cotangent_vjp_kernel[(parts.shape[0],)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
-                                                 ATOMS_PER_PROGRAM, **meta)
+                                                 embed_autograd.ATOMS_PER_PROGRAM, **meta)
     return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *reduce_partials(parts, net)]
 
 

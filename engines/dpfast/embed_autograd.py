@@ -28,7 +28,9 @@ try:
 except ImportError:
     triton = None
 
-ATOMS_PER_PROGRAM = 8  # partial weight gradients written once per this many centre atoms
+# partial weight gradients written once per this many centre atoms (read at each call, so
+# tools/bench_embed_kernels.py can time others: fewer atoms, more programs, more partials)
+ATOMS_PER_PROGRAM = 8
 
 if triton is not None:
     from .embed_kernels import _atom_tile, _first_layer, _skip, _skip_bar, _tanh
