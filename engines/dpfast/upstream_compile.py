@@ -78,23 +78,16 @@ _said: set[str] = set()
 _CACHE_ATTR = "_dph_compile_cache"
 _REASON_ATTR = "_dph_compile_reason"
 
+def _aten(*names: str) -> set:
+    """ATen op overloads by name ("nonzero.default")."""
+    return {getattr(getattr(torch.ops.aten, n.split(".")[0]), n.split(".")[1]) for n in names}
+
+
 # ops whose output shape depends on data: none may remain in a graph handed to the compiler
-_DYNAMIC_OPS = {
-    torch.ops.aten.nonzero.default,
-    torch.ops.aten.masked_select.default,
-    torch.ops.aten.unique_consecutive.default,
-    torch.ops.aten._unique2.default,
-    torch.ops.aten.item.default,
-    torch.ops.aten._local_scalar_dense.default,
-}
-_INDEX_OPS = {
-    torch.ops.aten.index.Tensor,
-    torch.ops.aten.index_put.default,
-    torch.ops.aten.index_put_.default,
-    torch.ops.aten._index_put_impl_.default,
-    torch.ops.aten._unsafe_index.Tensor,
-    torch.ops.aten._unsafe_index_put.default,
-}
+_DYNAMIC_OPS = _aten("nonzero.default", "masked_select.default", "unique_consecutive.default", "_unique2.default",
+                     "item.default", "_local_scalar_dense.default")
+_INDEX_OPS = _aten("index.Tensor", "index_put.default", "index_put_.default", "_index_put_impl_.default",
+                   "_unsafe_index.Tensor", "_unsafe_index_put.default")
 
 
 def _say_once(msg: str) -> None:
