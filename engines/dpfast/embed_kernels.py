@@ -20,9 +20,10 @@ are ordinary rows here, as they are upstream's.
 
 ``TANH_EXP``: tanh as sign(z) (1 - e)/(1 + e), e = exp(-2|z|) -- the Triton interpreter (CPU
 tests, ``TRITON_INTERPRET=1``) has no libdevice; on CUDA libdevice's tanh, as torch's. Both are
-float64 to within ~1e-16 absolute per element. Not wired into a variant yet: the backward to the
-weights (kernel 2) comes next; until then these are checked against the Inductor path's
-analytic_nets (tests/engines/test_embed_kernels.py) and timed by tools/bench_embed_kernels.py.
+float64 to within ~1e-16 absolute per element. Their torch ops and VJP kernels are
+embed_autograd.py and cotangent_autograd.py (variant fused-kernels); checked against the Inductor
+path's analytic_nets (tests/engines/test_embed_kernels.py), built for sm_90 on any machine by
+kernel_resources.py and timed by tools/bench_embed_kernels.py.
 """
 from __future__ import annotations
 
@@ -306,9 +307,8 @@ def _meta(net: PackedNet, S: int, device: torch.device, rows: int | None = None,
     """Launch constants: tile rows (BS), padded widths, activations, skips; on a GPU one pipeline
     stage (the loops' loads are small; more stages only multiply shared-memory buffers)."""
     p1, p2, p3 = net.padded
-    cfg = launch_config(kind, interpreted())
-    rows = rows or cfg.pop("rows")
-    cfg.pop("rows", None)
+    tile_rows, cfg = launch_config(kind, interpreted())
+    rows = rows or tile_rows
     if warps:
         cfg["num_warps"] = warps
     meta = dict(BS=min(_pow2(S), rows), P1=p1, P2=p2, P3=p3, TANH0=net.tanh[0], TANH1=net.tanh[1], TANH2=net.tanh[2],
@@ -317,16 +317,16 @@ def _meta(net: PackedNet, S: int, device: torch.device, rows: int | None = None,
     return meta
 
 
-def launch_config(kind: str, interpreter: bool) -> dict:
-    """A launch of a kernel of this kind (LAUNCH): tile rows and Triton's launch options (on a GPU
+def launch_config(kind: str, interpreter: bool) -> tuple[int, dict]:
+    """A launch of a kernel of this kind (LAUNCH): (tile rows, Triton's launch options -- on a GPU
     num_warps, num_stages = 1 and maxnreg where set; the interpreter takes none)."""
     if interpreter:
-        return dict(rows=ROWS_INTERPRETED)
+        return ROWS_INTERPRETED, {}
     rows, warps, maxnreg = LAUNCH[kind]
-    cfg = dict(rows=rows, num_warps=warps, num_stages=1)
+    cfg = dict(num_warps=warps, num_stages=1)
     if maxnreg:
         cfg["maxnreg"] = maxnreg
-    return cfg
+    return rows, cfg
 
 
 def _weights(net: PackedNet) -> tuple:

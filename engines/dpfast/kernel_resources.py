@@ -40,9 +40,8 @@ def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, wa
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cfg = ek.launch_config(kind, interpreter=False)
-    rows = rows or cfg.pop("rows")
-    cfg.pop("rows", None)
+    tile_rows, cfg = ek.launch_config(kind, interpreter=False)
+    rows = rows or tile_rows
     if warps:
         cfg["num_warps"] = warps
     const = {k: v for k, v in dict(constants, BS=min(ek._pow2(constants["S"]), rows)).items() if k in kernel.arg_names}
