@@ -26,7 +26,7 @@ train: venv  ## train your own model: INPUT=path/input.json [VARIANT=] [OUTPUT=]
 TEST_WORKERS ?= auto
 test:  ## run the test suite on every core (CPU; tests/gpu skips without CUDA): TEST_WORKERS=0 runs it in one process
 	@$(PYTHON) harness/bootstrap.py --dev
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=30 --junitxml=build/test-report.xml $(ARGS)
 
 test-gpu: venv  ## the engine on CUDA vs upstream on CUDA (tests/gpu, -m gpu; on the GPU machine, whose python has pytest)
 	$(PY) -m pytest -q -m gpu tests/gpu $(ARGS)

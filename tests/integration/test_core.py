@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -170,7 +171,31 @@ def test_concurrent_builds_of_one_variant_give_one_valid_tree(tmp_path, patches)
         trees = pool.map(_build_in_child, [(str(tmp_path / "b"), str(patches))] * 2)
     assert trees[0] == trees[1]
     assert (Path(trees[0]) / "deepmd" / "main.py").is_file()
+    assert list((Path(trees[0]) / "deepmd" / "__pycache__").glob(f"main.{sys.implementation.cache_tag}.pyc"))
     assert not list((tmp_path / "b").glob(".tmp-*"))
+
+
+def test_a_built_tree_carries_its_bytecode_and_refuses_a_bad_diff(tmp_path):
+    """Every child imports the tree's ~900 modules; with PYTHONDONTWRITEBYTECODE (CI's image)
+    they were recompiled from source in each one. The build writes the bytecode, which must
+    stay valid after the atomic rename (tracebacks name the final path) and be what imports read."""
+    import importlib.util
+
+    pkg = tmp_path / "tmp-tree" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("def f():\n    raise ValueError('from the tree')\n")
+    build._compile_tree(tmp_path / "tmp-tree")
+    assert Path(importlib.util.cache_from_source(str(pkg / "__init__.py"))).is_file()
+    final = tmp_path / "final"
+    (tmp_path / "tmp-tree").rename(final)
+    env = {**os.environ, "PYTHONPATH": str(final), "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run([sys.executable, "-v", "-c", "import pkg; pkg.f()"], env=env, capture_output=True, text=True)
+    assert "ValueError: from the tree" in r.stderr
+    assert f'File "{final / "pkg" / "__init__.py"}"' in r.stderr and "tmp-tree" not in r.stderr.split("Traceback")[-1]
+    assert f"code object from '{final / 'pkg' / '__pycache__'}" in r.stderr  # read, not recompiled
+    (final / "pkg" / "bad.py").write_text("def g(:\n")
+    with pytest.raises(UserError, match=r"patched tree has syntax errors: pkg/bad.py:1"):
+        build._compile_tree(final)
 
 
 # ---------------------------------------------------------------- inputs, timing, records
