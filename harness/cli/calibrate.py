@@ -93,7 +93,8 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
             new_seeds = {r["seed"] for r in runs.get(cls, [])}
             runs.setdefault(cls, [])[:0] = [r for r in rs if r["seed"] not in new_seeds]
     if min((len(rs) for rs in runs.values()), default=0) < 3:
-        raise RunFailed(f"calibration of {resolved['system']} has fewer than 3 seeds per class")
+        raise RunFailed(f"calibration of {resolved['system']} has fewer than 3 seeds per class (the runs' records "
+                        f"are kept under {out_dir / 'runs'}: train more seeds, then `calibrate --from-runs`)")
     cal = build_calibration(resolved["system"], resolved["device"], resolved["steps"], runs, n)
     fsutil.atomic_write_json(path, cal)
     return path
