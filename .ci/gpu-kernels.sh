@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One GPU call (issue 39): the Triton embedding kernels on the card, then fused-kernels against
 # fused in one sweep. (1) tools/bench_embed_kernels.py: us/call, FP64 GFLOP/s and minimum bytes of
-# embed_contract / env_cotangent / forward+all gradients (the weight VJP at 8, 2 and 1 atoms per
-# program) vs eager and Inductor at 192 and 1,536 water atoms; (2) the kernels' float64 tests,
-# compiled (not interpreted); (3) water, 300 steps: fused and fused-kernels timed in one sweep;
-# (4) the same gated (baseline + gate) if the budget allows. The records and logs come back in
-# $OUT/results.tgz. Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
+# embed_contract / env_cotangent / forward+all gradients (the VJP kernels at 8, 2 and 1 atoms per
+# program, and 1 atom with its slots in chunks of 32 or 16: embed_autograd.vjp_split) vs eager and
+# Inductor at 192 and 1,536 water atoms; (2) the kernels' float64 tests, compiled (not interpreted);
+# (3) water, 300 steps: fused and fused-kernels timed in one sweep; (4) the same gated (baseline +
+# gate) if the budget allows. The records and logs come back in $OUT/results.tgz.
+# Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
 #   BUDGET_S=540 bash .ci/gpu-kernels.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -19,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 make venv > "$OUT/venv-kernels.log" 2>&1 || { tail -20 "$OUT/venv-kernels.log"; exit 2; }
 py=.venv/bin/python
 bench() { $py -m harness bench --device cuda "$@" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \["; }
-timeout 120 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
+timeout 180 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
 timeout 60 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_cotangent_autograd.py \
   -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/kernels.log"
 timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" | tail -10 | tee "$OUT/bench.log"

@@ -117,19 +117,21 @@ def main() -> int:
             def train_kernel():
                 return torch.autograd.grad((embed_autograd.embed_contract(rg, lw) * gx).sum(), prm)[0]
 
-            def train_kernel_at(atoms):  # the weight-VJP kernels with this many atoms per program
+            def train_kernel_at(atoms, slots):  # the VJP kernels' split (embed_autograd.vjp_split)
                 def f():
-                    old, embed_autograd.ATOMS_PER_PROGRAM = embed_autograd.ATOMS_PER_PROGRAM, atoms
+                    old = embed_autograd.ATOMS_PER_PROGRAM, embed_autograd.SLOTS_PER_PROGRAM
+                    embed_autograd.ATOMS_PER_PROGRAM, embed_autograd.SLOTS_PER_PROGRAM = atoms, slots
                     try:
                         return train_kernel()
                     finally:
-                        embed_autograd.ATOMS_PER_PROGRAM = old
+                        embed_autograd.ATOMS_PER_PROGRAM, embed_autograd.SLOTS_PER_PROGRAM = old
                 return f
 
             paths["eager-train"] = (train_eager, train_eager)
             paths["kernel-train"] = (train_kernel, train_kernel)
-            for atoms in (1, 2):
-                paths[f"kernel-train-a{atoms}"] = (train_kernel_at(atoms), train_kernel_at(atoms))
+            for atoms, slots in ((1, 0), (2, 0), (1, 32), (1, 16)):  # slots 0: all of an atom's
+                name = f"kernel-train-a{atoms}" + (f"-s{slots}" if slots else "")
+                paths[name] = (train_kernel_at(atoms, slots), train_kernel_at(atoms, slots))
             ref_train = train_eager()
             for name, (f, c) in paths.items():
                 rf, rc = (ref_train, ref_train) if "-train" in name else (ref_f, ref_c)  # kernel-train-a1 too

@@ -76,11 +76,13 @@ if triton is not None:
     @triton.jit
     def _cotangent_vjp_kernel(rr_ptr, gx_ptr, ob_ptr, rrb_ptr, gxb_ptr, part_ptr,
                               w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, A,
-                              S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, BS: tl.constexpr,
-                              P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                              S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, SLOTS: tl.constexpr,
+                              NC: tl.constexpr, BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                               TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
                               SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
-        p = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
+        p = pid // NC  # atom group
+        c = pid % NC  # slot chunk (embed_autograd.vjp_split)
         rc = tl.arange(0, 16)
         g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = _zero_partials(P1, P2, P3)
         wr, br, idt0, col = _first_layer(w0, b0, i0, cols, P1, P3)
@@ -89,8 +91,8 @@ if triton is not None:
             live = a < A
             gx, gmask = _atom_tile(gx_ptr, a, live, col, NG)
             gxb = tl.zeros((16, P3), dtype=tl.float64)
-            for r0 in range(0, S, BS):
-                rs = r0 + tl.arange(0, BS)
+            for r0 in range(0, SLOTS, BS):
+                rs = c * SLOTS + r0 + tl.arange(0, BS)
                 m = (live & (rs < S))[:, None] & (rc[None, :] < 4)
                 rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], mask=m, other=0.0)
                 ob = tl.load(ob_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], mask=m, other=0.0)
@@ -126,8 +128,9 @@ if triton is not None:
                 s_bar = tl.sum(z0_bar * wr[None, :], axis=1)
                 rr_bar += tl.where(rc[None, :] == 0, s_bar[:, None], 0.0)
                 tl.store(rrb_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], rr_bar, mask=m)
-            tl.store(gxb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :], gxb, mask=gmask)
-        _store_partials(part_ptr, p, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
+            # this chunk's share of gx_bar: row (a, c) of [A, NC, 4, NG], summed over chunks by torch
+            tl.store(gxb_ptr + (a * NC + c) * 4 * NG + rc[:, None] * NG + col[None, :], gxb, mask=gmask)
+        _store_partials(part_ptr, pid, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
 def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: torch.Tensor) -> list[torch.Tensor]:
@@ -138,14 +141,15 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
     g = gx.reshape(-1, 4, ng).contiguous()
     o = ob.reshape(-1, S, 4).contiguous()
     A = r.shape[0]
-    parts = partials_buffer(net, A, rr.device)
+    meta = ek._meta(net, S, rr.device, kind="vjp")
+    programs, slots, chunks = embed_autograd.vjp_split(A, S, meta["BS"])
+    parts = partials_buffer(net, programs, rr.device)
     rrb = torch.zeros_like(r)
-    gxb = torch.zeros_like(g)
+    gxb = torch.zeros((A, chunks, 4, ng), dtype=g.dtype, device=g.device)
     if A:
-        meta = ek._meta(net, S, rr.device, kind="vjp")
-        _cotangent_vjp_kernel[(parts.shape[0],)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
-                                                 embed_autograd.ATOMS_PER_PROGRAM, **meta)
-    return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *reduce_partials(parts, net)]
+        _cotangent_vjp_kernel[(programs,)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
+                                           embed_autograd.ATOMS_PER_PROGRAM, slots, chunks, **meta)
+    return [rrb.reshape(rr.shape), gxb.sum(1).reshape(gx.shape), *reduce_partials(parts, net)]
 
 
 @torch.library.custom_op("dpfast::env_cotangent", mutates_args=())

@@ -3,8 +3,9 @@ as a torch op (``dpfast::embed_contract``, torch.library) whose VJP is two kerne
 
 * to R~: dE/dR~ = ``embed_kernels.env_cotangent(rr, net, gxyz)`` (the force path's product: the
   contraction's cotangent with G and dG/ds recomputed on chip);
-* to the weights: ``_weight_vjp_kernel``. One program per ATOMS consecutive centre atoms; per
-  tile of neighbour rows it recomputes the three layers (pre-activations in registers),
+* to the weights: ``_weight_vjp_kernel``. One program per ATOMS consecutive centre atoms (and,
+  with SLOTS_PER_PROGRAM, per chunk of their neighbour slots: ``vjp_split``); per tile of
+  neighbour rows it recomputes the three layers (pre-activations in registers),
   G_bar = R~ gxyz, and runs the layers backward (tanh', idt, the concat / identity skips),
   accumulating every weight's, bias's and idt's gradient in registers; each program writes its
   partial sums once and torch sums the partials over programs in a fixed order: no atomics, so a
@@ -31,6 +32,18 @@ except ImportError:
 # partial weight gradients written once per this many centre atoms (read at each call, so
 # tools/bench_embed_kernels.py can time others: fewer atoms, more programs, more partials)
 ATOMS_PER_PROGRAM = 8
+# neighbour slots of an atom per program (rounded up to the tile rows; 0: all of them). Splitting
+# the slots gives a small system more programs than atoms/ATOMS (128 atoms at 8 a program fill
+# 16 of an H100's 132 SMs); each (atom group, slot chunk) writes its own partials row.
+SLOTS_PER_PROGRAM = 0
+
+
+def vjp_split(A: int, S: int, BS: int) -> tuple[int, int, int]:
+    """(programs, slots per program, slot chunks per atom) of a VJP launch over A atoms x S slots
+    in tiles of BS rows: program pid takes atom group pid // chunks and slot chunk pid % chunks."""
+    slots = -(-(SLOTS_PER_PROGRAM or S) // BS) * BS
+    chunks = -(-S // slots)
+    return max(1, -(-A // ATOMS_PER_PROGRAM)) * chunks, slots, chunks
 
 if triton is not None:
     from .embed_kernels import _atom_tile, _first_layer, _skip, _skip_bar, _tanh
@@ -98,11 +111,13 @@ if triton is not None:
 
     @triton.jit
     def _weight_vjp_kernel(rr_ptr, gb_ptr, part_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, A,
-                           S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, BS: tl.constexpr,
-                           P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                           S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, SLOTS: tl.constexpr,
+                           NC: tl.constexpr, BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                            TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
                            SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
-        p = tl.program_id(0).to(tl.int64)
+        pid = tl.program_id(0).to(tl.int64)
+        p = pid // NC  # atom group
+        c = pid % NC  # slot chunk (vjp_split)
         rc = tl.arange(0, 16)
         g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = _zero_partials(P1, P2, P3)
         wr, br, idt0, col = _first_layer(w0, b0, i0, cols, P1, P3)
@@ -110,8 +125,8 @@ if triton is not None:
             a = p * ATOMS + k
             live = a < A
             gb = _atom_tile(gb_ptr, a, live, col, NG)[0]
-            for r0 in range(0, S, BS):
-                rs = r0 + tl.arange(0, BS)
+            for r0 in range(0, SLOTS, BS):
+                rs = c * SLOTS + r0 + tl.arange(0, BS)
                 rows = live & (rs < S)
                 rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :],
                              mask=rows[:, None] & (rc[None, :] < 4), other=0.0)
@@ -139,7 +154,7 @@ if triton is not None:
                     z0_bar = z0_bar * (1.0 - t0 * t0)
                 g_w0 += tl.sum(z0_bar * s[:, None], axis=0)
                 g_b0 += tl.sum(z0_bar, axis=0)
-        _store_partials(part_ptr, p, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
+        _store_partials(part_ptr, pid, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
 def _part_shapes(net: ek.PackedNet) -> list[tuple]:
@@ -154,17 +169,19 @@ def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor) -> list[
     ng = net.widths[2]
     g = gxyz.reshape(-1, 4, ng).contiguous()
     A = r.shape[0]
-    parts = partials_buffer(net, A, rr.device)
+    meta = ek._meta(net, S, rr.device, kind="vjp")
+    programs, slots, chunks = vjp_split(A, S, meta["BS"])
+    parts = partials_buffer(net, programs, rr.device)
     if A:
-        meta = ek._meta(net, S, rr.device, kind="vjp")
-        _weight_vjp_kernel[(parts.shape[0],)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, **meta)
+        _weight_vjp_kernel[(programs,)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, slots, chunks,
+                                        **meta)
     return reduce_partials(parts, net)
 
 
-def partials_buffer(net: ek.PackedNet, A: int, device) -> torch.Tensor:
-    """One row of weight-gradient partial sums per program of ATOMS_PER_PROGRAM centre atoms."""
+def partials_buffer(net: ek.PackedNet, programs: int, device) -> torch.Tensor:
+    """One row of weight-gradient partial sums per program (vjp_split)."""
     size = sum(int(torch.Size(s).numel()) for s in _part_shapes(net))
-    return torch.zeros((max(1, -(-A // ATOMS_PER_PROGRAM)), size), dtype=torch.float64, device=device)
+    return torch.zeros((programs, size), dtype=torch.float64, device=device)
 
 
 def reduce_partials(parts: torch.Tensor, net: ek.PackedNet) -> list[torch.Tensor]:

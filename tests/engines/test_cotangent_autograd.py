@@ -56,6 +56,19 @@ def test_gradients_match_torch_autograd_of_the_analytic_path(ca, widths, kw, A, 
     _compare(ca, rr, _layers(widths, gen, **kw), gen)
 
 
+@pytest.mark.parametrize("atoms,slots", [(1, 16), (3, 32)])
+def test_split_launches_give_the_same_gradients(ca, monkeypatch, atoms, slots):
+    """embed_autograd.vjp_split over atoms and slot chunks: gx's gradient is summed over the
+    chunks that share an atom, R~'s is written by the one chunk that holds the row."""
+    from dpfast import embed_autograd
+
+    monkeypatch.setattr(embed_autograd, "ATOMS_PER_PROGRAM", atoms)
+    monkeypatch.setattr(embed_autograd, "SLOTS_PER_PROGRAM", slots)
+    gen = torch.Generator().manual_seed(atoms * 100 + slots)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare(ca, rr, _layers((25, 50, 100), gen), gen)
+
+
 def test_gradcheck(ca):
     from types import SimpleNamespace
 

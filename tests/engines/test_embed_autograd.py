@@ -74,6 +74,20 @@ def test_gradients_match_torch_autograd_of_the_analytic_path(ea, widths, kw, A, 
     _compare_grads(ea, rr, _layers(widths, gen, **kw), gen)
 
 
+@pytest.mark.parametrize("atoms,slots", [(1, 16), (3, 32), (2, 1)])
+def test_split_launches_give_the_same_gradients(ea, monkeypatch, atoms, slots):
+    """vjp_split: fewer atoms and a chunk of slots per program (more programs for a small
+    system): A = 11 atoms x S = 37 slots leave a partial atom group and a partial slot chunk;
+    slots=1 rounds up to one tile of rows."""
+    monkeypatch.setattr(ea, "ATOMS_PER_PROGRAM", atoms)
+    monkeypatch.setattr(ea, "SLOTS_PER_PROGRAM", slots)
+    programs, per, chunks = ea.vjp_split(11, 37, 16)
+    assert per % 16 == 0 and chunks == -(-37 // per) and programs == -(-11 // atoms) * chunks
+    gen = torch.Generator().manual_seed(atoms * 100 + slots)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare_grads(ea, rr, _layers((25, 50, 100), gen), gen)
+
+
 def test_gradcheck(ea):
     gen = torch.Generator().manual_seed(2)
     layers = _layers((4, 8, 16), gen)
