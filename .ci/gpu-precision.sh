@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One GPU call (issue 40, slice 2): the per-stage precision budget on the card for each system --
+# a float64 baseline trained STEPS steps, then `dpharness precision-budget --device cuda` on its
+# checkpoint (descriptor float32, fitting float32, both, both with TF32 GEMMs: the gate's own
+# same-weights parity per stage). The systems run side by side (the parity children are light),
+# each under its own deadline, so the budgets that finished always come back in
+# $OUT/precision.tgz (results/precision/<system>-cuda.json, the baselines' records, the logs).
+# Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
+#   bash .ci/gpu-precision.sh
+# Overrides: SYSTEMS="water copper alcumg" STEPS=200 DEADLINE=500 OUT=/tmp/dph-out
+# (DEVICE=cpu SYSTEMS=<a tiny system dir> STEPS=4: the plumbing on a CPU machine)
+set -u
+cd "$(dirname "$0")/.."
+SYSTEMS=${SYSTEMS:-water copper alcumg}
+STEPS=${STEPS:-200}
+DEADLINE=${DEADLINE:-500}
+OUT=${OUT:-/tmp/dph-out}
+DEVICE=${DEVICE:-cuda}
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/card.txt"
+if ! make venv > "$OUT/venv.log" 2>&1; then
+  tail -20 "$OUT/venv.log"; echo "gpu-precision: make venv failed (is wheelhouse/ carried?)" >&2; exit 2
+fi
+touch /tmp/gpu-precision.start
+mkdir -p results/precision/logs
+one() {  # a system's baseline (its own results dir: the budget takes that checkpoint), then its budget
+  local s=$1 res=/tmp/gpu-precision-$(basename "$1")
+  .venv/bin/python -m harness bench --system "$s" --device "$DEVICE" --variant baseline --steps "$STEPS" \
+    --no-accuracy --results-dir "$res" || return 1
+  local ckpt
+  ckpt=$(.venv/bin/python -c "import json,glob,sys; r=[json.load(open(p)) for p in glob.glob('$res/runs/*.json')]; \
+r=[x for x in r if x['status']=='ok' and x['artifacts'].get('checkpoint')]; print(r[-1]['artifacts']['checkpoint'] if r else '')")
+  [ -n "$ckpt" ] || { echo "gpu-precision: $s: no baseline checkpoint" >&2; return 1; }
+  mkdir -p results/runs && cp "$res"/runs/*.json results/runs/
+  .venv/bin/python -m harness precision-budget --system "$s" --device "$DEVICE" --checkpoint "$ckpt"
+}
+pids=()
+for s in $SYSTEMS; do
+  ( export -f one; timeout -k 10 "$DEADLINE" bash -c "STEPS=$STEPS DEVICE=$DEVICE; one $s" ) \
+    > "results/precision/logs/$(basename "$s").log" 2>&1 &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+for s in $SYSTEMS; do echo "== $s"; grep -v '^\s*\[' "results/precision/logs/$(basename "$s").log" | tail -8; done
+find results/runs -name '*.json' -newer /tmp/gpu-precision.start > /tmp/gpu-precision.list
+tar czf "$OUT/precision.tgz" results/precision -T /tmp/gpu-precision.list
+exit "$rc"
