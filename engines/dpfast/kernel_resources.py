@@ -29,9 +29,10 @@ def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100)) -> dict:
     """The kernels' compile-time constants for se_e2_a's default net (concat skips, tanh)."""
     lays = ek._layouts(widths, (ek.SKIP_CONCAT, ek.SKIP_CONCAT))
     p1, p2, p3 = (len(l) for l in lays)
+    _, per_program, chunks = ea.vjp_split(1, slots, min(ek._pow2(slots), ek.LAUNCH["vjp"][0]))  # the engine's split
     return dict(S=slots, NG=widths[2], P1=p1, P2=p2, P3=p3, TANH0=True, TANH1=True, TANH2=True,
                 SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM,
-                SLOTS=-(-slots // ek.LAUNCH["vjp"][0]) * ek.LAUNCH["vjp"][0], NC=1)  # vjp_split's default: one chunk
+                SLOTS=per_program, NC=chunks)
 
 
 def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, warps: int | None = None) -> dict:
