@@ -241,7 +241,9 @@ def _cmd_precision_budget(a: argparse.Namespace) -> int:
         raise UserError(f"--checkpoint {ckpt}: not found")
     from harness.cli.floor import card_name
 
-    b = precision_budget.measure(name, ckpt, dev, card_name(dev), parity_check)
+    # the record names the system; the parity checks load it as given (a user's system is a path)
+    b = precision_budget.measure(name, ckpt, dev, card_name(dev),
+                                 lambda _name, variant, c, d: parity_check(a.system, variant, c, d))
     print(precision_budget.table(b))
     out = Path(a.out) if a.out else ROOT / "results" / "precision" / f"{name}-{dev}.json"
     fsutil.atomic_write_json(out, precision_budget.to_dict(b))

@@ -36,3 +36,18 @@ def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not found" in err[0] and not out.exists()
+
+
+def test_a_users_system_directory_reaches_the_parity_checks(tmp_path, tiny_system, monkeypatch):
+    """--system may be a path (a user's data): the parity checks must load that path, the record
+    names the system (found by the GPU script's first CPU run, which failed on 'unknown system')."""
+    from harness.cli import calibrate
+
+    seen = []
+    monkeypatch.setattr(calibrate, "parity_check", fake_parity(seen))
+    (tmp_path / "c.pt").write_bytes(b"")
+    out = tmp_path / "b.json"
+    assert main(["precision-budget", "--system", str(tiny_system), "--device", "cpu",
+                 "--checkpoint", str(tmp_path / "c.pt"), "--out", str(out)]) == 0
+    assert {s for s, _, _ in seen} == {str(tiny_system)}
+    assert json.loads(out.read_text())["system"] == "tinywater"
