@@ -45,4 +45,5 @@ for p in "${pids[@]}"; do wait "$p" || rc=1; done
 for s in $SYSTEMS; do echo "== $s"; grep -v '^\s*\[' "results/precision/logs/$(basename "$s").log" | tail -8; done
 find results/runs -name '*.json' -newer /tmp/gpu-precision.start > /tmp/gpu-precision.list
 tar czf "$OUT/precision.tgz" results/precision -T /tmp/gpu-precision.list
+rm -rf results/precision/logs  # they travel in the tar
 exit "$rc"
