@@ -121,7 +121,6 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
     from harness.run import bench
     from harness.prepare import systems
     from harness.prepare import variants
-    from harness.core.errors import UserError
 
     backend = variants.load_variant(variant).backend
     if backend != "pt":  # parity runs PyTorch code: for another backend it would judge the wrong model
