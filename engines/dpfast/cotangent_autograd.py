@@ -149,7 +149,8 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
     if A:
         _cotangent_vjp_kernel[(programs,)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
                                            embed_autograd.ATOMS_PER_PROGRAM, slots, chunks, **meta)
-    return [rrb.reshape(rr.shape), gxb.sum(1).reshape(gx.shape), *reduce_partials(parts, net)]
+    gxb = gxb.sum(1) if chunks > 1 else gxb  # one chunk (the default): no extra reduction in the step
+    return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *reduce_partials(parts, net)]
 
 
 @torch.library.custom_op("dpfast::env_cotangent", mutates_args=())
