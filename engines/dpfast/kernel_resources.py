@@ -29,10 +29,8 @@ def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100)) -> dict:
     """The kernels' compile-time constants for se_e2_a's default net (concat skips, tanh)."""
     lays = ek._layouts(widths, (ek.SKIP_CONCAT, ek.SKIP_CONCAT))
     p1, p2, p3 = (len(l) for l in lays)
-    _, per_program, chunks = ea.vjp_split(1, slots, min(ek._pow2(slots), ek.LAUNCH["vjp"][0]))  # the engine's split
     return dict(S=slots, NG=widths[2], P1=p1, P2=p2, P3=p3, TANH0=True, TANH1=True, TANH2=True,
-                SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM,
-                SLOTS=per_program, NC=chunks)
+                SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM)
 
 
 def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, warps: int | None = None) -> dict:
@@ -46,7 +44,9 @@ def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, wa
     rows = rows or tile_rows
     if warps:
         cfg["num_warps"] = warps
-    const = {k: v for k, v in dict(constants, BS=min(ek._pow2(constants["S"]), rows)).items() if k in kernel.arg_names}
+    bs = min(ek._pow2(constants["S"]), rows)
+    _, slots, chunks = ea.vjp_split(1, constants["S"], bs)  # a VJP kernel's split at these tile rows, as the engine's
+    const = {k: v for k, v in dict(constants, BS=bs, SLOTS=slots, NC=chunks).items() if k in kernel.arg_names}
     sig = {n: "constexpr" if n in const else "i32" if n == "A" else "*i32" if n == "cols" else "*fp64"
            for n in kernel.arg_names}
     c = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
