@@ -23,16 +23,11 @@ if ! make venv > "$OUT/venv.log" 2>&1; then
 fi
 touch /tmp/gpu-precision.start
 mkdir -p results/precision/logs
-one() {  # a system's baseline (its own results dir: the budget takes that checkpoint), then its budget
-  local s=$1 res=/tmp/gpu-precision-$(basename "$1")
-  .venv/bin/python -m harness bench --system "$s" --device "$DEVICE" --variant baseline --steps "$STEPS" \
-    --no-accuracy --results-dir "$res" || return 1
-  local ckpt
-  ckpt=$(.venv/bin/python -c "import json,glob,sys; r=[json.load(open(p)) for p in glob.glob('$res/runs/*.json')]; \
-r=[x for x in r if x['status']=='ok' and x['artifacts'].get('checkpoint')]; print(r[-1]['artifacts']['checkpoint'] if r else '')")
-  [ -n "$ckpt" ] || { echo "gpu-precision: $s: no baseline checkpoint" >&2; return 1; }
-  mkdir -p results/runs && cp "$res"/runs/*.json results/runs/
-  .venv/bin/python -m harness precision-budget --system "$s" --device "$DEVICE" --checkpoint "$ckpt"
+one() {  # a system's float64 baseline, then the budget on it (precision-budget's default checkpoint:
+         # the newest baseline run of the system under results/runs, i.e. the one just trained)
+  .venv/bin/python -m harness bench --system "$1" --device "$DEVICE" --variant baseline --steps "$STEPS" \
+    --no-accuracy || return 1
+  .venv/bin/python -m harness precision-budget --system "$1" --device "$DEVICE"
 }
 pids=()
 for s in $SYSTEMS; do
