@@ -4,14 +4,18 @@
 # embed_contract / env_cotangent / forward+all gradients (the VJP kernels at 8, 2 and 1 atoms per
 # program, and 1 atom with its slots in chunks of 32 or 16: embed_autograd.vjp_split) vs eager and
 # Inductor at 192 and 1,536 water atoms; (2) the kernels' float64 tests, compiled (not interpreted);
-# (3) water, 300 steps: fused and fused-kernels timed in one sweep; (4) the same gated (baseline +
-# gate) if the budget allows. The records and logs come back in $OUT/results.tgz.
+# (3) water, 300 steps: fused and fused-kernels timed in one sweep; (4) per VJP split in SPLITS
+# ("atoms,slots" pairs: DPH_FUSED_VJP_ATOMS / _SLOTS) a sweep of fused and fused-kernels with that
+# split, while the budget allows; (5) fused-kernels gated (baseline + gate) if GATE=1 and the
+# budget allows. The records and logs come back in $OUT/results.tgz.
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
-#   BUDGET_S=540 bash .ci/gpu-kernels.sh
+#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="1,32 1,16" GATE=0 by default)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dph-out}
 BUDGET_S=${BUDGET_S:-540}
+SPLITS=${SPLITS:-1,32 1,16}
+GATE=${GATE:-0}
 mkdir -p "$OUT"
 touch /tmp/gpu-kernels.start
 end=$(( $(date +%s) + BUDGET_S ))
@@ -24,7 +28,14 @@ timeout 180 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "
 timeout 60 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_cotangent_autograd.py \
   -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/kernels.log"
 timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" | tail -10 | tee "$OUT/bench.log"
-if [ "$(left)" -gt 200 ]; then
+for split in $SPLITS; do
+  [ "$(left)" -gt 150 ] || { echo "gpu-kernels: no time left for split $split" | tee -a "$OUT/bench.log"; break; }
+  echo "== VJP split $split (atoms,slots)" | tee -a "$OUT/bench.log"
+  DPH_FUSED_VJP_ATOMS=${split%,*} DPH_FUSED_VJP_SLOTS=${split#*,} timeout $(( $(left) - 20 )) bash -c \
+    "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" \
+    | tail -10 | tee -a "$OUT/bench.log"
+done
+if [ "$GATE" = 1 ] && [ "$(left)" -gt 200 ]; then
   timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water --steps 300 --variant fused-kernels --gate-jobs 2" | tail -10 | tee -a "$OUT/bench.log"
 fi
 find results/runs -name '*.json' -newer /tmp/gpu-kernels.start > /tmp/gpu-kernels.list

@@ -42,6 +42,10 @@ class EngineOptions:
     allow_fallback: bool = False  # a failed compile/capture trains eagerly, recorded as a fallback
     upstream_compile_bucket: int = 256  # compile variant: pad the extended region to a multiple of this
     upstream_compile_disable: bool = False  # compile variant: always upstream's eager path
+    # fused-kernels' VJP launch (embed_autograd.vjp_split): centre atoms per program, and neighbour
+    # slots per program (0: all of an atom's); fewer of either = more programs for a small system
+    vjp_atoms: int = 8
+    vjp_slots: int = 0
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
@@ -49,8 +53,9 @@ class EngineOptions:
             v = getattr(self, name)
             if v is not None and v not in allowed:
                 raise ValueError(f"{ENV[name]}={v!r}: not one of {' | '.join(allowed)}")
-        if self.upstream_compile_bucket < 1:
-            raise ValueError(f"{ENV['upstream_compile_bucket']}={self.upstream_compile_bucket}: must be >= 1")
+        for name, least in (("upstream_compile_bucket", 1), ("vjp_atoms", 1), ("vjp_slots", 0)):
+            if getattr(self, name) < least:
+                raise ValueError(f"{ENV[name]}={getattr(self, name)}: must be >= {least}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +73,8 @@ ENV = {
     "flat_adam_compile": envvars.DPH_FLAT_ADAM_COMPILE, "compile_cpu": envvars.DPH_COMPILE_CPU,
     "compile_backend": envvars.DPH_COMPILE_BACKEND, "follow_upstream_order": envvars.DPH_FOLLOW_UPSTREAM_ORDER,
     "allow_fallback": envvars.DPH_ENGINE_ALLOW_FALLBACK, "upstream_compile_bucket": envvars.DPH_COMPILE_BUCKET,
-    "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE,
+    "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE, "vjp_atoms": envvars.DPH_FUSED_VJP_ATOMS,
+    "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS,
 }
 
 

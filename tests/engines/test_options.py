@@ -3,6 +3,9 @@ defaults are what the `fused` variant runs -- so an engine built without setting
 tests') is the benchmarked one, and a manifest that drifts from them fails here."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -56,6 +59,8 @@ def test_declared_defaults_equal_the_code_defaults():
     ({"DPH_COMPILE_BUCKET": "x"}, "DPH_COMPILE_BUCKET='x': not an integer"),
     ({"DPH_COMPILE_BUCKET": "0"}, "DPH_COMPILE_BUCKET=0: must be >= 1"),
     ({"DPH_COMPILE_BACKEND": "tvm"}, "DPH_COMPILE_BACKEND='tvm'"),
+    ({"DPH_FUSED_VJP_ATOMS": "0"}, "DPH_FUSED_VJP_ATOMS=0: must be >= 1"),
+    ({"DPH_FUSED_VJP_SLOTS": "-16"}, "DPH_FUSED_VJP_SLOTS=-16: must be >= 0"),
 ])
 def test_a_bad_value_names_its_variable(env, needle):
     with pytest.raises(ValueError) as e:
@@ -68,6 +73,18 @@ def test_current_reads_the_process_environment(monkeypatch):
     monkeypatch.setenv("DPH_COMPILE_CPU", "1")
     o = options.current()
     assert o.grouped == "nets" and o.compile_cpu and o.compiles_on("cpu") and o.compile_step
+
+
+def test_the_vjp_kernels_launch_split_comes_from_the_options():
+    """fused-kernels' VJP split (DPH_FUSED_VJP_ATOMS / _SLOTS) reaches embed_autograd, which both
+    VJP kernels read, in a fresh process as a training child would import it."""
+    code = ("import dpfast.embed_autograd as ea; print(ea.ATOMS_PER_PROGRAM, ea.SLOTS_PER_PROGRAM, "
+            "ea.vjp_split(128, 92, 16))")
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'engines'}:{REPO}",
+           "DPH_FUSED_VJP_ATOMS": "1", "DPH_FUSED_VJP_SLOTS": "32"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "32", "(384,", "32,", "3)"]  # 128 atoms x 3 chunks of 32 slots (92 -> 3)
+    assert (EngineOptions().vjp_atoms, EngineOptions().vjp_slots) == (8, 0)  # fused-kernels' default
 
 
 def test_no_engine_module_reads_the_environment_but_options():
