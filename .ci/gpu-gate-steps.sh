@@ -6,6 +6,8 @@
 # Usage (repo root, wheelhouse/ carried):  bash .ci/gpu-gate-steps.sh
 # Overrides: SYSTEMS="copper" LENGTHS="2 1000 2000 4000" SEEDS=1,2,3,4 DEADLINE=520 OUT=/tmp/dph-out
 # EXTEND=1 adds SEEDS to the existing calibration of each length (a slow system's seeds over two calls)
+# REFERENCE=fused-follow: that float64 variant trains the seeds instead of upstream's baseline (a
+# stand-in for lengths upstream cannot train in one call; its files say so and judge no gate)
 set -u
 cd "$(dirname "$0")/.."
 SYSTEMS=${SYSTEMS:-copper}
@@ -26,7 +28,8 @@ for s in $SYSTEMS; do
   for n in $LENGTHS; do
     # -k: a calibrate that ignores the deadline's SIGTERM (it waits for its trainings) is killed
     timeout -k 10 "$DEADLINE" .venv/bin/python -m harness calibrate --system "$s" --steps "$n" --device cuda \
-      --classes float64 --seeds "$SEEDS" --jobs "$jobs" ${EXTEND:+--extend} > "$OUT/calibrate-$s-$n.log" 2>&1 &
+      --classes float64 --seeds "$SEEDS" --jobs "$jobs" ${EXTEND:+--extend} ${REFERENCE:+--reference "$REFERENCE"} \
+      > "$OUT/calibrate-$s-$n.log" 2>&1 &
     pids+=($!)
   done
 done

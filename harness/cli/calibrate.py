@@ -39,19 +39,42 @@ def _dp_test_only(frames: int | None) -> Callable[[RunRecord, list[RunRecord]], 
 CALIBRATION_VARIANTS = {"float64": "baseline", "float32": "fp32"}
 
 
+def check_reference(reference: str, classes: list[str]) -> None:
+    """calibrate --reference: a float64-class variant other than baseline trains the float64 seeds
+    (a stand-in for a length upstream cannot train in one GPU call, e.g. fused-follow: upstream's
+    own frame order, same-weights parity ~1e-14); only the float64 class then. UserError if not."""
+    from harness.core.errors import UserError
+    from harness.prepare import variants as variant_defs
+
+    if reference == "baseline":
+        return
+    try:
+        cls = variant_defs.load_variant(reference).accuracy_class
+    except Exception as e:
+        raise UserError(f"--reference {reference}: {e}") from None
+    if cls != "float64":
+        raise UserError(f"--reference {reference}: its accuracy class is {cls}, a stand-in for the float64 baseline "
+                        "must be float64")
+    if classes != ["float64"]:
+        raise UserError(f"--reference {reference}: calibrates the float64 class only (--classes float64)")
+
+
 def calibrate(system: str, steps: int | str, device: str, seeds: list[int], classes: list[str],
               frames: int | None = None, out_dir: Path = CALIBRATION, work_root: Path = results.WORK,
-              log: Callable[[str], None] = print, jobs: int = 1, extend: bool = False) -> Path:
+              log: Callable[[str], None] = print, jobs: int = 1, extend: bool = False,
+              reference: str = "baseline") -> Path:
     """Train each class's reference variant with every seed, dp-test each, write the calibration.
     extend: keep the seeds already in the (system, device, steps) file and add these (a tighter
-    upper bound on the spread without re-running the old seeds)."""
+    upper bound on the spread without re-running the old seeds). reference: the float64 class's
+    variant (check_reference); its file is named after it (calibration_path)."""
     from harness.run import bench
 
     if len(seeds) < 3 and not extend:
         from harness.core.errors import UserError
 
         raise UserError("calibrate needs at least 3 seeds (a spread of two is no spread)")
-    variants = [CALIBRATION_VARIANTS[c] for c in classes]
+    check_reference(reference, classes)
+    variants = [reference if c == "float64" else CALIBRATION_VARIANTS[c] for c in classes]
     runs: dict[str, list[dict]] = {c: [] for c in classes}
     resolved: dict[str, Any] = {}
     from harness.core.progress import Progress
@@ -84,7 +107,7 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
                               "dp_test": acc.dp_test})
             log(f"seed {seed} {r.variant}: {format_dp_test(acc.dp_test)}")
     n = frames if frames is not None else DEFAULT_TEST_FRAMES.get(resolved["device"], 0)
-    path = calibration_path(resolved["system"], resolved["device"], resolved["steps"], out_dir)
+    path = calibration_path(resolved["system"], resolved["device"], resolved["steps"], out_dir, reference)
     if extend and path.is_file():
         old = json.loads(path.read_text())
         if int(old.get("numb_test", n)) != n:
@@ -95,7 +118,7 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
     if min((len(rs) for rs in runs.values()), default=0) < 3:
         raise RunFailed(f"calibration of {resolved['system']} has fewer than 3 seeds per class (the runs' records "
                         f"are kept under {out_dir / 'runs'}: train more seeds, then `calibrate --from-runs`)")
-    cal = build_calibration(resolved["system"], resolved["device"], resolved["steps"], runs, n)
+    cal = build_calibration(resolved["system"], resolved["device"], resolved["steps"], runs, n, reference)
     fsutil.atomic_write_json(path, cal)
     return path
 
@@ -154,11 +177,14 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
             "verdict": "fail" if bad else "pass", "detail": "; ".join(bad) or "within tolerance"}
 
 
-def calibration_from_runs(system: str, device: str, steps: int, directory: Path = CALIBRATION) -> Path:
+def calibration_from_runs(system: str, device: str, steps: int, directory: Path = CALIBRATION,
+                          reference: str = "baseline") -> Path:
     """Rebuild (system, device, steps)'s calibration from the run records under directory/runs
     (a calibration call cut short by its time limit keeps every seed it finished): each class's
-    reference variant, ok and dp-tested, one record per seed (the newest)."""
-    by_variant = {v: c for c, v in CALIBRATION_VARIANTS.items()}
+    reference variant, ok and dp-tested, one record per seed (the newest). reference: a stand-in's
+    float64 calibration (calibrate --reference) from its runs alone."""
+    by_variant = ({v: c for c, v in CALIBRATION_VARIANTS.items()} if reference == "baseline"
+                  else {reference: "float64"})
     runs: dict[str, dict[int, dict]] = {c: {} for c in CALIBRATION_VARIANTS}
     frames = set()
     for r in sorted(results.load_runs(directory / "runs"), key=lambda r: r.created or ""):
@@ -173,9 +199,9 @@ def calibration_from_runs(system: str, device: str, steps: int, directory: Path 
         raise RunFailed(f"{system}: calibration runs used different dp-test frame counts {sorted(frames)}")
     runs_l = {c: [rs[k] for k in sorted(rs)] for c, rs in runs.items() if len(rs) >= 3}
     if "float64" not in runs_l:
-        raise RunFailed(f"{system}-{device}-{steps}: fewer than 3 finished baseline seeds under {directory / 'runs'}")
-    cal = build_calibration(system, device, int(steps), runs_l, frames.pop() if frames else 0)
-    path = calibration_path(system, device, steps, directory)
+        raise RunFailed(f"{system}-{device}-{steps}: fewer than 3 finished {reference} seeds under {directory / 'runs'}")
+    cal = build_calibration(system, device, int(steps), runs_l, frames.pop() if frames else 0, reference)
+    path = calibration_path(system, device, steps, directory, reference)
     fsutil.atomic_write_json(path, cal)
     return path
 
@@ -195,7 +221,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
             from harness.core.errors import UserError
 
             raise UserError("--from-runs needs --steps N and --device cpu|cuda (the calibration to rebuild)")
-        path = calibration_from_runs(a.system, a.device, steps)
+        check_reference(a.reference, ["float64"])
+        path = calibration_from_runs(a.system, a.device, steps, reference=a.reference)
         _print_calibration(json.loads(path.read_text()))
         print(f"wrote {path}", file=sys.stderr)
         return 0
@@ -215,7 +242,7 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
             raise UserError(f"--classes: {c!r} is not one of {', '.join(CALIBRATION_VARIANTS)}")
     path = calibrate(a.system, a.steps, a.device, seeds, classes, frames=a.frames,
-                     log=lambda m: print(m, file=sys.stderr), jobs=a.jobs, extend=a.extend)
+                     log=lambda m: print(m, file=sys.stderr), jobs=a.jobs, extend=a.extend, reference=a.reference)
     _print_calibration(json.loads(path.read_text()))
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -264,6 +291,10 @@ def register_cli(subparsers) -> None:
                    help="add these seeds to the existing calibration of (system, device, steps)")
     c.add_argument("--from-runs", action="store_true",
                    help="rebuild the calibration from its run records under results/calibration/runs (no training)")
+    c.add_argument("--reference", default="baseline", metavar="VARIANT",
+                   help="the float64 variant that trains the seeds (default: upstream's baseline); a stand-in such "
+                        "as fused-follow where upstream's length does not fit a GPU call; its file is "
+                        "<system>-<device>-<steps>-<variant>.json and never judges a gate (docs/accuracy.md)")
     c.add_argument("--rederive", action="store_true",
                    help="recompute every committed calibration's thresholds from its recorded runs (no training)")
     c.set_defaults(func=_cmd_calibrate)

@@ -18,8 +18,13 @@ CALIBRATION = ROOT / "results" / "calibration"
 CAL_SCHEMA = "dpharness.calibration/1"
 
 
-def calibration_path(system: str, device: str, steps: int, directory: Path = CALIBRATION) -> Path:
-    return directory / f"{system}-{device}-{int(steps)}.json"
+def calibration_path(system: str, device: str, steps: int, directory: Path = CALIBRATION,
+                     reference: str = "baseline") -> Path:
+    """The file of (system, device, steps)'s calibration; one trained by another float64 variant
+    than upstream's baseline (calibrate --reference, a stand-in where upstream's length does not
+    fit a GPU call) carries that variant's name, so the gate never reads it as upstream's."""
+    tail = "" if reference == "baseline" else f"-{reference}"
+    return directory / f"{system}-{device}-{int(steps)}{tail}.json"
 
 
 def find_calibration(system: str, device: str, steps: int,
@@ -34,7 +39,8 @@ def find_calibration(system: str, device: str, steps: int,
             d = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if d.get("schema") == CAL_SCHEMA and d.get("system") == system and d.get("device") == device:
+        if (d.get("schema") == CAL_SCHEMA and d.get("system") == system and d.get("device") == device
+                and d.get("reference", "baseline") == "baseline"):  # a stand-in's file judges nothing
             cands.append((abs(int(d["steps"]) - int(steps)), int(d["steps"]), p.name, d))
     if not cands:
         return None, f"no seed-spread calibration for {system}"
@@ -99,15 +105,18 @@ RULE = ("rel_tol[class][metric] = max(2.576*sqrt(2)*std_upper/mean, (max-min)/me
 def rederive(cal: dict[str, Any]) -> dict[str, Any]:
     """The calibration with thresholds recomputed from its own recorded runs by this rule (so a
     rule change never needs the GPU runs again)."""
-    fresh = build_calibration(cal["system"], cal["device"], cal["steps"], cal["runs"], cal.get("numb_test", 0))
+    fresh = build_calibration(cal["system"], cal["device"], cal["steps"], cal["runs"], cal.get("numb_test", 0),
+                              cal.get("reference", "baseline"))
     fresh["created"] = cal.get("created", fresh["created"])
     fresh["rederived"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return fresh
 
 
 def build_calibration(system: str, device: str, steps: int, runs: dict[str, list[dict]],
-                      frames: int) -> dict[str, Any]:
-    """runs: class -> [{"seed", "variant", "dp_test"}]. Stats and thresholds per class and metric."""
+                      frames: int, reference: str = "baseline") -> dict[str, Any]:
+    """runs: class -> [{"seed", "variant", "dp_test"}]. Stats and thresholds per class and metric.
+    reference: the float64 variant that trained the float64 seeds (upstream's baseline unless
+    calibrate --reference named a stand-in)."""
     stats: dict[str, dict] = {}
     thresholds: dict[str, dict] = {}
     ref = {r["seed"]: r["dp_test"] for r in runs.get("float64", []) if r.get("dp_test")}
@@ -131,6 +140,7 @@ def build_calibration(system: str, device: str, steps: int, runs: dict[str, list
     return {
         "schema": CAL_SCHEMA, "system": system, "device": device, "steps": int(steps),
         "numb_test": int(frames), "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
+        "reference": reference,
         "rule": RULE,
         "runs": runs, "stats": stats, "thresholds": thresholds,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

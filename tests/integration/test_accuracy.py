@@ -365,3 +365,37 @@ def test_calibration_from_runs_keeps_every_finished_seed(tmp_path: Path) -> None
     assert "float32" not in cal["runs"]
     with pytest.raises(RunFailed, match="fewer than 3"):
         calibrate.calibration_from_runs("other", "cuda", 200, tmp_path)
+
+
+def test_a_stand_in_reference_calibrates_under_its_own_name_and_judges_no_gate(tmp_path: Path, capsys) -> None:
+    """calibrate --reference fused-follow (Al-Cu-Mg's lengths upstream cannot train in a GPU call):
+    its float64 seeds alone build <system>-<device>-<steps>-fused-follow.json, which says so and
+    which find_calibration (the gate's lookup) never returns, exact or nearest; upstream's own
+    baseline runs of that length are not mixed in. A reference that is not a float64 variant, or
+    another class beside it, is refused with exit 2."""
+    from harness.cli import main as cli
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for i, (variant, seed, f) in enumerate([("fused-follow", 1, 0.30), ("fused-follow", 2, 0.31),
+                                            ("fused-follow", 3, 0.29), ("baseline", 1, 0.9), ("baseline", 2, 0.9)]):
+        (runs / f"r{i}.json").write_text(json.dumps({
+            "schema": "dpharness.run/1", "run_id": f"r{i}", "sweep_id": "s", "system": "tiny", "variant": variant,
+            "seed": seed, "status": "ok", "steps": 8000, "device": {"kind": "cuda"}, "created": "2026-12-07T04:00:00Z",
+            "accuracy": {"dp_test": {"rmse_e_per_atom": 0.1, "rmse_f": f, "rmse_v": None, "numb_test": 0}}}))
+    path = calibrate.calibration_from_runs("tiny", "cuda", 8000, tmp_path, reference="fused-follow")
+    cal = json.loads(path.read_text())
+    assert path.name == "tiny-cuda-8000-fused-follow.json" and cal["reference"] == "fused-follow"
+    assert [r["variant"] for r in cal["runs"]["float64"]] == ["fused-follow"] * 3
+    assert cal["stats"]["float64"]["rmse_f"]["mean"] == pytest.approx(0.30)
+    assert calibration.find_calibration("tiny", "cuda", 8000, tmp_path) == (None, "no seed-spread calibration for tiny")
+    with pytest.raises(RunFailed, match="fewer than 3 finished baseline seeds"):
+        calibrate.calibration_from_runs("tiny", "cuda", 8000, tmp_path)  # upstream's two seeds are not three
+    assert calibration.rederive(cal)["reference"] == "fused-follow"
+    for argv, why in ((["--reference", "fp32", "--classes", "float64"], "accuracy class is float32"),
+                      (["--reference", "fused-follow"], "calibrates the float64 class only"),
+                      (["--reference", "no-such-variant", "--classes", "float64"], "--reference no-such-variant"),
+                      (["--reference", "fp32", "--from-runs", "--steps", "8000", "--device", "cuda"], "float32")):
+        assert cli.main(["calibrate", "--system", "tiny", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert why in err and len(err.splitlines()) == 1, err
