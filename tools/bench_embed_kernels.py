@@ -101,7 +101,7 @@ def main() -> int:
             paths = {"eager": (lambda: _eager_fwd(rr, layers), lambda: _eager_cot(rr, layers, gx))}
             if S == max(s for _, s in BLOCKS):  # Inductor compiles every shape anew: the larger blocks only
                 paths["inductor"] = (lambda: compiled_fwd(rr, layers), lambda: compiled_cot(rr, layers, gx))
-            for tile, warps in ((16, 4), (32, 4), (32, 8), (64, 8)):  # rows per register tile, warps
+            for tile, warps in ((16, 4), (16, 8), (32, 4), (32, 8), (64, 8)):  # rows per register tile, warps
                 paths[f"kernel-r{tile}-w{warps}"] = (
                     lambda t=tile, w=warps: embed_kernels.embed_contract(rr, net, rows=t, warps=w),
                     lambda t=tile, w=warps: embed_kernels.env_cotangent(rr, net, gx, rows=t, warps=w))

@@ -222,11 +222,10 @@ if triton is not None:
         return _skip(a * idt[None, :], x, SKIP), _skip(tz * idt[None, :], t, SKIP)
 
     @triton.jit
-    def _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2,
-             P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, TANH0: tl.constexpr, TANH1: tl.constexpr,
-             TANH2: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
-        """G(s) and dG/ds [BS, P3] for the rows' s [BS]: the first layer (input width 1) is an
-        outer product, its tangent the weight row."""
+    def _hidden(s, w0, b0, i0, w1, b1, i1, P1: tl.constexpr, P2: tl.constexpr, TANH0: tl.constexpr,
+                TANH1: tl.constexpr, SKIP1: tl.constexpr, TANH_EXP: tl.constexpr):
+        """The first two layers' output and its tangent [BS, P2] for the rows' s [BS]: the first
+        layer (input width 1) is an outer product, its tangent the weight row."""
         r1 = tl.arange(0, P1)
         wr = tl.load(w0 + r1)
         z = s[:, None] * wr[None, :] + tl.load(b0 + r1)[None, :]
@@ -237,11 +236,34 @@ if triton is not None:
         else:
             a = z
         idt = tl.load(i0 + r1)
-        a = a * idt[None, :]
-        tz = tz * idt[None, :]
-        a, tz = _layer(a, tz, w1, b1, i1, P1, P2, TANH1, SKIP1, TANH_EXP)
-        a, tz = _layer(a, tz, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
-        return a, tz
+        return _layer(a * idt[None, :], tz * idt[None, :], w1, b1, i1, P1, P2, TANH1, SKIP1, TANH_EXP)
+
+    @triton.jit
+    def _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2,
+             P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr, TANH0: tl.constexpr, TANH1: tl.constexpr,
+             TANH2: tl.constexpr, SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
+        """G(s) and dG/ds [BS, P3] for the rows' s [BS]."""
+        a, tz = _hidden(s, w0, b0, i0, w1, b1, i1, P1, P2, TANH0, TANH1, SKIP1, TANH_EXP)
+        return _layer(a, tz, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
+
+    @triton.jit
+    def _concat_half(x, t, w_ptr, b_ptr, i_ptr, H: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
+                     TANH: tl.constexpr, TANH_EXP: tl.constexpr):
+        """Padded columns [H P2, (H+1) P2) of a concat last layer (P3 = 2 P2, _layouts: each half
+        is the input's layout, so its skip adds all of x) with their tangent: half the layer's
+        weight, value and tangent tiles live at once."""
+        ri = tl.arange(0, P2)
+        ro = H * P2 + tl.arange(0, P2)
+        w = tl.load(w_ptr + ri[:, None] * P3 + ro[None, :])
+        z = tl.dot(x, w) + tl.load(b_ptr + ro)[None, :]
+        tz = tl.dot(t, w)
+        if TANH:
+            a = _tanh(z, TANH_EXP)
+            tz = tz * (1.0 - a * a)
+        else:
+            a = z
+        idt = tl.load(i_ptr + ro)
+        return a * idt[None, :] + x, tz * idt[None, :] + t
 
     @triton.jit
     def _embed_contract_kernel(rr_ptr, xyz_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, S: tl.constexpr, NG: tl.constexpr,
@@ -273,17 +295,33 @@ if triton is not None:
         rc = tl.arange(0, 16)
         ro = tl.arange(0, P3)
         cols4 = rc[None, :] < 4
-        gx = _atom_tile(gx_ptr, a, True, tl.load(cols + ro), NG)[0]
+        if SKIP2 == 2:
+            # a concat last layer in its two column halves: G, dG/ds and the layer's weight
+            # were what spilled (sm_90: 2 KiB of stack per thread at any tile rows or warps)
+            rh = tl.arange(0, P2)
+            gx0 = _atom_tile(gx_ptr, a, True, tl.load(cols + rh), NG)[0]
+            gx1 = _atom_tile(gx_ptr, a, True, tl.load(cols + P2 + rh), NG)[0]
+        else:
+            gx = _atom_tile(gx_ptr, a, True, tl.load(cols + ro), NG)[0]
         for r0 in range(0, S, BS):
             rs = r0 + tl.arange(0, BS)
             rows = rs < S
             rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], mask=rows[:, None] & cols4, other=0.0)
             s = tl.sum(tl.where(rc[None, :] == 0, rr, 0.0), axis=1)
-            g, dg = _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2, P1, P2, P3, TANH0, TANH1, TANH2,
-                         SKIP1, SKIP2, TANH_EXP)
-            g_r = tl.dot(g, tl.trans(gx))  # [BS, 16]: G gx^T
-            g_g = tl.dot(rr, gx)  # [BS, P3]: R~ gx
-            gs = tl.sum(g_g * dg, axis=1)  # the s column's extra term, through dG/ds
+            # G gx^T [BS, 16], and R~ gx . dG/ds summed over G's columns (the s column's extra term)
+            if SKIP2 == 2:
+                x, t = _hidden(s, w0, b0, i0, w1, b1, i1, P1, P2, TANH0, TANH1, SKIP1, TANH_EXP)
+                g, dg = _concat_half(x, t, w2, b2, i2, 0, P2, P3, TANH2, TANH_EXP)
+                g_r = tl.dot(g, tl.trans(gx0))
+                gs = tl.sum(tl.dot(rr, gx0) * dg, axis=1)
+                g, dg = _concat_half(x, t, w2, b2, i2, 1, P2, P3, TANH2, TANH_EXP)
+                g_r += tl.dot(g, tl.trans(gx1))
+                gs += tl.sum(tl.dot(rr, gx1) * dg, axis=1)
+            else:
+                g, dg = _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2, P1, P2, P3, TANH0, TANH1, TANH2,
+                             SKIP1, SKIP2, TANH_EXP)
+                g_r = tl.dot(g, tl.trans(gx))
+                gs = tl.sum(tl.dot(rr, gx) * dg, axis=1)
             out = g_r + tl.where(rc[None, :] == 0, gs[:, None], 0.0)
             tl.store(out_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], out, mask=rows[:, None] & cols4)
 
