@@ -207,8 +207,14 @@ if triton is not None:
                TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
         """One MLPLayer on a [BS, PIN] tile with its tangent: value and tangent through one weight
         load; skip: identity (PIN == POUT) or concat (POUT == 2 PIN)."""
+        return _layer_cols(x, t, w_ptr, b_ptr, i_ptr, 0, PIN, POUT, POUT, TANH, SKIP, TANH_EXP)
+
+    @triton.jit
+    def _layer_cols(x, t, w_ptr, b_ptr, i_ptr, H: tl.constexpr, PIN: tl.constexpr, PH: tl.constexpr,
+                    POUT: tl.constexpr, TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
+        """_layer's padded output columns [H PH, (H+1) PH) of POUT (all of them: H = 0, PH = POUT)."""
         ri = tl.arange(0, PIN)
-        ro = tl.arange(0, POUT)
+        ro = H * PH + tl.arange(0, PH)
         w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
         b = tl.load(b_ptr + ro)
         idt = tl.load(i_ptr + ro)
@@ -250,20 +256,9 @@ if triton is not None:
     def _concat_half(x, t, w_ptr, b_ptr, i_ptr, H: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                      TANH: tl.constexpr, TANH_EXP: tl.constexpr):
         """Padded columns [H P2, (H+1) P2) of a concat last layer (P3 = 2 P2, _layouts: each half
-        is the input's layout, so its skip adds all of x) with their tangent: half the layer's
+        is the input's layout, so its skip is the identity's) with their tangent: half the layer's
         weight, value and tangent tiles live at once."""
-        ri = tl.arange(0, P2)
-        ro = H * P2 + tl.arange(0, P2)
-        w = tl.load(w_ptr + ri[:, None] * P3 + ro[None, :])
-        z = tl.dot(x, w) + tl.load(b_ptr + ro)[None, :]
-        tz = tl.dot(t, w)
-        if TANH:
-            a = _tanh(z, TANH_EXP)
-            tz = tz * (1.0 - a * a)
-        else:
-            a = z
-        idt = tl.load(i_ptr + ro)
-        return a * idt[None, :] + x, tz * idt[None, :] + t
+        return _layer_cols(x, t, w_ptr, b_ptr, i_ptr, H, P2, P2, P3, TANH, 1, TANH_EXP)  # 1: SKIP_IDENTITY
 
     @triton.jit
     def _embed_contract_kernel(rr_ptr, xyz_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, S: tl.constexpr, NG: tl.constexpr,
