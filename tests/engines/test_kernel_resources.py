@@ -30,7 +30,7 @@ def test_every_kernel_fits_sm90_shared_memory(tmp_path):
     assert not too_big, f"shared memory over the sm_90 limit {SM90_SHARED_PER_BLOCK} B: {too_big}"
     assert all(r["regs"] for r in rows)  # cuobjdump read the cubins
     # env_cotangent evaluates a concat last layer in column halves: its spill stack at the
-    # engine's launch halved (2,056 -> 1,040 B per thread at 92 slots, 32 rows x 8 warps)
+    # engine's launch halved (2,056 -> 1,048 B per thread at 92 slots, 32 rows x 8 warps)
     spill = {r["slots"]: r["stack"] for r in rows if r["kernel"] == "env_cotangent"}
     assert spill[92] <= 1100 and spill[46] <= 1100, spill
     assert p.returncode == 0, p.stdout + p.stderr
