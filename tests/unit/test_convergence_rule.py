@@ -257,7 +257,7 @@ def test_a_calibration_of_this_length_sets_the_final_band(tmp_path, monkeypatch)
 
     assert convergence.calibrated_final_tol("water", "cuda", 12345) is None  # none at this length
     monkeypatch.setattr(calibration, "CALIBRATION", tmp_path)
-    monkeypatch.setattr(calibration.calibration_path, "__defaults__", (tmp_path,))
+    monkeypatch.setattr(calibration.calibration_path, "__defaults__", (tmp_path, "baseline"))
     (tmp_path / "water-cuda-12345.json").write_text(json.dumps(
         {"thresholds": {"float64": {"rmse_e_per_atom": 0.2, "rmse_f": 0.05}}}))
     tol = convergence.calibrated_final_tol("water", "cuda", 12345)
