@@ -253,14 +253,6 @@ if triton is not None:
         return _layer(a, tz, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
 
     @triton.jit
-    def _concat_half(x, t, w_ptr, b_ptr, i_ptr, H: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
-                     TANH: tl.constexpr, TANH_EXP: tl.constexpr):
-        """Padded columns [H P2, (H+1) P2) of a concat last layer (P3 = 2 P2, _layouts: each half
-        is the input's layout, so its skip is the identity's) with their tangent: half the layer's
-        weight, value and tangent tiles live at once."""
-        return _layer_cols(x, t, w_ptr, b_ptr, i_ptr, H, P2, P2, P3, TANH, 1, TANH_EXP)  # 1: SKIP_IDENTITY
-
-    @triton.jit
     def _embed_contract_kernel(rr_ptr, xyz_ptr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, S: tl.constexpr, NG: tl.constexpr,
                                BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                                TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
@@ -288,38 +280,33 @@ if triton is not None:
                               SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
         a = tl.program_id(0).to(tl.int64)
         rc = tl.arange(0, 16)
-        ro = tl.arange(0, P3)
         cols4 = rc[None, :] < 4
-        if SKIP2 == 2:
-            # a concat last layer in its two column halves: G, dG/ds and the layer's weight
-            # were what spilled (sm_90: 2 KiB of stack per thread at any tile rows or warps)
-            rh = tl.arange(0, P2)
-            gx0 = _atom_tile(gx_ptr, a, True, tl.load(cols + rh), NG)[0]
-            gx1 = _atom_tile(gx_ptr, a, True, tl.load(cols + P2 + rh), NG)[0]
-        else:
-            gx = _atom_tile(gx_ptr, a, True, tl.load(cols + ro), NG)[0]
+        # the last layer in column groups: a concat layer's two halves (each is x's layout, so
+        # its skip is the identity's), any other layer whole. G, dG/ds and the layer's weight whole
+        # were what spilled (sm_90: 2 KiB of stack per thread at any tile rows or warps)
+        NH: tl.constexpr = 1 + (SKIP2 == 2)
+        PH: tl.constexpr = P3 // NH
+        GSKIP: tl.constexpr = (SKIP2 != 0) * 1  # a group's skip: identity, or none
+        rh = tl.arange(0, PH)
+        gx0 = _atom_tile(gx_ptr, a, True, tl.load(cols + rh), NG)[0]
+        if NH == 2:
+            gx1 = _atom_tile(gx_ptr, a, True, tl.load(cols + PH + rh), NG)[0]
         for r0 in range(0, S, BS):
             rs = r0 + tl.arange(0, BS)
             rows = rs < S
             rr = tl.load(rr_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], mask=rows[:, None] & cols4, other=0.0)
             s = tl.sum(tl.where(rc[None, :] == 0, rr, 0.0), axis=1)
             # G gx^T [BS, 16], and R~ gx . dG/ds summed over G's columns (the s column's extra term)
-            if SKIP2 == 2:
-                x, t = _hidden(s, w0, b0, i0, w1, b1, i1, P1, P2, TANH0, TANH1, SKIP1, TANH_EXP)
-                g, dg = _concat_half(x, t, w2, b2, i2, 0, P2, P3, TANH2, TANH_EXP)
-                g_r = tl.dot(g, tl.trans(gx0))
-                gs = tl.sum(tl.dot(rr, gx0) * dg, axis=1)
-                g, dg = _concat_half(x, t, w2, b2, i2, 1, P2, P3, TANH2, TANH_EXP)
+            x, t = _hidden(s, w0, b0, i0, w1, b1, i1, P1, P2, TANH0, TANH1, SKIP1, TANH_EXP)
+            g, dg = _layer_cols(x, t, w2, b2, i2, 0, P2, PH, P3, TANH2, GSKIP, TANH_EXP)
+            g_r = tl.dot(g, tl.trans(gx0))
+            gs = tl.sum(tl.dot(rr, gx0) * dg, axis=1)
+            if NH == 2:
+                g, dg = _layer_cols(x, t, w2, b2, i2, 1, P2, PH, P3, TANH2, GSKIP, TANH_EXP)
                 g_r += tl.dot(g, tl.trans(gx1))
                 gs += tl.sum(tl.dot(rr, gx1) * dg, axis=1)
-            else:
-                g, dg = _net(s, w0, b0, i0, w1, b1, i1, w2, b2, i2, P1, P2, P3, TANH0, TANH1, TANH2,
-                             SKIP1, SKIP2, TANH_EXP)
-                g_r = tl.dot(g, tl.trans(gx))
-                gs = tl.sum(tl.dot(rr, gx) * dg, axis=1)
             out = g_r + tl.where(rc[None, :] == 0, gs[:, None], 0.0)
             tl.store(out_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], out, mask=rows[:, None] & cols4)
-
 
 def interpreted() -> bool:
     """Whether Triton runs kernels in its interpreter (its own setting, TRITON_INTERPRET=1: CPU tests)."""
