@@ -183,6 +183,7 @@ def calibration_from_runs(system: str, device: str, steps: int, directory: Path 
     (a calibration call cut short by its time limit keeps every seed it finished): each class's
     reference variant, ok and dp-tested, one record per seed (the newest). reference: a stand-in's
     float64 calibration (calibrate --reference) from its runs alone."""
+    check_reference(reference, ["float64"])
     by_variant = ({v: c for c, v in CALIBRATION_VARIANTS.items()} if reference == "baseline"
                   else {reference: "float64"})
     runs: dict[str, dict[int, dict]] = {c: {} for c in CALIBRATION_VARIANTS}
@@ -221,7 +222,6 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
             from harness.core.errors import UserError
 
             raise UserError("--from-runs needs --steps N and --device cpu|cuda (the calibration to rebuild)")
-        check_reference(a.reference, ["float64"])
         path = calibration_from_runs(a.system, a.device, steps, reference=a.reference)
         _print_calibration(json.loads(path.read_text()))
         print(f"wrote {path}", file=sys.stderr)
