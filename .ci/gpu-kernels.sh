@@ -27,11 +27,12 @@ bench() { $py -m harness bench --device cuda "$@" 2>&1 | grep -v "^\s*\[.*\] \["
 timeout 180 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
 timeout 60 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_cotangent_autograd.py \
   -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/kernels.log"
-timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" | tail -10 | tee "$OUT/bench.log"
-for split in $SPLITS; do
+: > "$OUT/bench.log"
+for split in default $SPLITS; do  # default: the engine's own split, step (3)'s sweep
   [ "$(left)" -gt 150 ] || { echo "gpu-kernels: no time left for split $split" | tee -a "$OUT/bench.log"; break; }
   echo "== VJP split $split (atoms,slots)" | tee -a "$OUT/bench.log"
-  DPH_FUSED_VJP_ATOMS=${split%,*} DPH_FUSED_VJP_SLOTS=${split#*,} timeout $(( $(left) - 20 )) bash -c \
+  vars=(); [ "$split" = default ] || vars=(DPH_FUSED_VJP_ATOMS="${split%,*}" DPH_FUSED_VJP_SLOTS="${split#*,}")
+  env "${vars[@]}" timeout $(( $(left) - 20 )) bash -c \
     "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" \
     | tail -10 | tee -a "$OUT/bench.log"
 done
