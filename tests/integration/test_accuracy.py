@@ -178,7 +178,7 @@ def test_broken_force_manifest_says_test_only() -> None:
 
 @pytest.fixture(scope="module")
 def sweep(tiny_system: Path, tmp_path_factory):
-    """One sweep: baseline, fp32, broken-force, with the real accuracy stage. Returns
+    """One sweep: baseline, fp32, broken-force, fused-bf16, with the real accuracy stage. Returns
     (rows, records) -- records as the stage saw them, for follow-up runs."""
     tmp = tmp_path_factory.mktemp("acc")
     seen: list[RunRecord] = []
@@ -189,11 +189,11 @@ def sweep(tiny_system: Path, tmp_path_factory):
         seen.append(rec)
         return res
 
-    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "broken-force"],
+    req = bench.BenchRequest(system=str(tiny_system), variants=["baseline", "fp32", "broken-force", "fused-bf16"],
                              steps=STEPS, device="cpu", seed=7, runs_dir=tmp / "runs", work_root=tmp / "work",
                              gate_jobs=2)  # the deferred, concurrent gates (what GPU sweeps use)
     rows = bench.run(req, log=lambda m: None, accuracy_stage=capture)
-    assert [r.status for r in rows] == ["ok", "ok", "ok"], [r.error for r in rows]
+    assert [r.status for r in rows] == ["ok"] * 4, [r.error for r in rows]
     order = [r.run_id for r in rows]
     seen.sort(key=lambda rec: order.index(rec.run.run_id))  # the gates ran concurrently
     return rows, seen, tmp
@@ -230,6 +230,17 @@ def test_gate_fails_the_broken_variant(sweep) -> None:
     # and the results JSON carries it
     saved = json.loads(Path(rows[2].path).read_text())
     assert saved["accuracy"]["verdict"] == "fail"
+
+
+@pytest.mark.slow
+def test_gate_fails_a_bfloat16_descriptor_under_the_mixed_class(sweep) -> None:
+    """The reduced-precision checks discriminate (issue 40): a legal override that trains (no NaN,
+    unlike float16 without loss scaling) but rounds the descriptor to an 8-bit mantissa is failed
+    by the mixed class's same-weights parity, on forces and on the training step."""
+    rows, _, _ = sweep
+    acc, par = _gated(rows, 3, "fused-bf16", "fail", "mixed", 1e-3)
+    assert par["max_rel_f"] > 1e-3 and par["step_grad_max_rel"] > 1e-3
+    assert "f rel" in acc.detail
 
 
 @pytest.mark.slow
