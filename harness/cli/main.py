@@ -25,6 +25,30 @@ def parse_seeds(text: str) -> list[int]:
     return seeds
 
 
+def upstream_once(variants: list[str], seeds: list[int]) -> list[str]:
+    """`bench --seeds ... --upstream-once`: the variants every seed after the first trains -- ours
+    only. Upstream's runs (baseline, its legal and native settings) train on the first seed alone:
+    they are the speed anchors of that seed's bench and the same-weights parity reference of every
+    seed's runs (parity compares code on the same weights, so any seed's baseline serves; the gate
+    says which seed it used). The equivalence test's baseline seeds then come from the
+    calibration at gate_steps. Saves upstream's long runs where they would not fit one GPU call."""
+    from harness.prepare import variants as vmod
+
+    if len(seeds) < 2:
+        raise UserError("--upstream-once needs --seeds (upstream's runs train on the first seed only)")
+    ours = [v for v in variants if not vmod.upstream_only(vmod.chain(v))]
+    if not ours:
+        raise UserError("--upstream-once: every variant is upstream's own code, so the later seeds would train nothing")
+    return ours
+
+
+def budget_share(plans: list[list[str]], k: int) -> float:
+    """The share of the time left that bench k of a multi-size sweep may use: its runs over the
+    runs of the benches still to come (equal shares when every bench runs the same variants;
+    with --upstream-once the first seed's bench, which also trains upstream, gets more)."""
+    return len(plans[k]) / max(1, sum(len(p) for p in plans[k:]))
+
+
 def _bench(a: argparse.Namespace) -> int:
     from harness.prepare import workload
     from harness.run import bench
@@ -43,19 +67,21 @@ def _bench(a: argparse.Namespace) -> int:
     variants = list(dict.fromkeys(a.variant or ["baseline"]))
     if not a.no_baseline and "baseline" not in variants:
         variants.insert(0, "baseline")  # speed is a ratio to a baseline of the same sweep
+    later = upstream_once(variants, seeds) if a.upstream_once else variants
     # work sizes (comma lists): every (replicate, batch size) is one bench of the same sweep, so
     # the report can fit how each variant's cost grows with the work (harness/report/worksize.py)
     # seeds (--seeds): every seed one bench of the same sweep, so a reduced-precision variant's
     # gate sees the earlier seeds' runs (the training-equivalence test, docs/accuracy.md)
     sizes = [(seed, r, bs) for seed in seeds for r in workload.parse_replicates(a.replicate)
              for bs in workload.parse_batch_sizes(a.batch_size)]
+    plans = [variants if seed == seeds[0] else later for seed, _, _ in sizes]
     sweep_id, t0 = None, time.monotonic()
     for k, (seed, reps, bs) in enumerate(sizes):
         budget = a.time_budget
-        if budget is not None:  # a fair share of what is left for each size still to run
-            budget = max(1.0, (a.time_budget - (time.monotonic() - t0)) / (len(sizes) - k))
+        if budget is not None:  # each size's share of what is left, by its number of runs
+            budget = max(1.0, (a.time_budget - (time.monotonic() - t0)) * budget_share(plans, k))
         req = bench.BenchRequest(
-            system=a.system, variants=variants, steps=a.steps, device=a.device,
+            system=a.system, variants=plans[k], steps=a.steps, device=a.device,
             seed=seed, seed_in_id=bool(a.seeds), accuracy=not a.no_accuracy, profile=a.profile,
             upstream_version=a.upstream_version, upstream_source=Path(a.upstream_source) if a.upstream_source else None,
             runs_dir=Path(a.results_dir) / "runs", work_root=Path(a.results_dir) / "work",
@@ -206,6 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", default=None, metavar="S1,S2,...",
                    help="train every variant with each seed (one sweep): a reduced-precision variant's "
                         "gate then runs the training-equivalence test over them (at least 3; see docs/accuracy.md)")
+    b.add_argument("--upstream-once", action="store_true",
+                   help="with --seeds: upstream's runs (baseline and upstream-only settings) train on the first "
+                        "seed only, ours on every seed, each judged against the first seed's baseline "
+                        "(equivalence baseline seeds: the calibration at gate_steps)")
     b.add_argument("--no-accuracy", action="store_true", help="skip the accuracy gate")
     b.add_argument("--strict", action="store_true", help="exit non-zero when the accuracy gate fails")
     b.add_argument("--profile", action="store_true", help="also capture a torch.profiler window")

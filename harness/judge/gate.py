@@ -63,14 +63,18 @@ def _pt_expt_parity(rec: RunRecord, base: RunRecord, dp_proc, nframes: int, tree
 
 
 def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | None:
-    """The sweep's baseline run of the same system, seed and steps; of those, the one with the
-    same GPU count (an N-GPU run trains on N times the frames, so it is judged against the N-GPU
-    baseline when the sweep has one)."""
+    """The sweep's baseline run of the same system and steps, of the same seed where the sweep
+    has one (else its first seed's: `bench --seeds --upstream-once` trains upstream on the first
+    seed only; same-weights parity compares code on the same weights, so any seed's baseline is
+    a reference, and the gate says which it used); of those, the one with the same GPU count (an
+    N-GPU run trains on N times the frames, so it is judged against the N-GPU baseline when the
+    sweep has one)."""
     cands = [r for r in previous
-             if r.run.variant.name == "baseline" and r.run.system.name == rec.run.system.name
-             and r.run.seed == rec.run.seed and r.run.steps == rec.run.steps
+             if r is not rec and r.run.variant.name == "baseline" and r.run.system.name == rec.run.system.name
+             and r.run.steps == rec.run.steps
              and r.run.sweep_id == rec.run.sweep_id and r.train.status == "ok"
              and r.train.checkpoint is not None]
+    cands = [r for r in cands if r.run.seed == rec.run.seed] or cands[:1]
     same = [r for r in cands if r.run.gpus == rec.run.gpus]
     return (same or cands or [None])[-1]
 
@@ -120,6 +124,9 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     out = acc_dir / "parity_variant.npz"
     reasons: list[str] = []
     notes: list[str] = []
+    if base.run.seed != rec.run.seed:
+        notes.append(f"judged against the sweep's baseline of seed {base.run.seed} (this run's seed "
+                     f"{rec.run.seed} has none: upstream trained once)")
     parity: dict[str, Any] | None = None
     if v.backend not in PARITY_BACKENDS:
         # parity loads the baseline's PyTorch weights into the variant's model: for another backend
@@ -214,11 +221,15 @@ def stage(strict: bool = False, frames: int | None = None, calibration_dir: Path
     """The accuracy stage bench.run calls after each successful training run. peers: a list the
     caller extends with each finished seed's stored runs (read when a gate runs)."""
     peers = [] if peers is None else peers
+    baselines: list[RunRecord] = []  # the sweep's baseline runs from earlier benches (seeds) of this stage
 
     def accuracy_stage(rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
+        earlier = [b for b in baselines if b.run.sweep_id == rec.run.sweep_id and b not in previous]
+        if rec.run.variant.name == "baseline":
+            baselines.append(rec)
         try:
-            res = evaluate(rec, previous, strict=strict, frames=frames, calibration_dir=calibration_dir,
-                           peers=list(peers), planned=planned)
+            res = evaluate(rec, earlier + list(previous), strict=strict, frames=frames,
+                           calibration_dir=calibration_dir, peers=list(peers), planned=planned)
             if rec.run.variant.name == "baseline" and res.verdict != "baseline":
                 # a judged N-GPU baseline is still the parity reference of the sweep's N-GPU
                 # variants: cache it now, before their gates may run concurrently

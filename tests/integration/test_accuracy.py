@@ -410,3 +410,36 @@ def test_a_stand_in_reference_calibrates_under_its_own_name_and_judges_no_gate(t
         assert cli.main(["calibrate", "--system", "tiny", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert why in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.slow
+def test_upstream_once_judges_every_seed_against_the_first_seeds_baseline(tiny_system: Path, tmp_path: Path,
+                                                                          capsys) -> None:
+    """`bench --seeds --upstream-once` (issue 40: an equivalence sweep whose upstream seeds would
+    not fit one GPU call): the baseline trains on the first seed only, the variant on every seed,
+    and every seed's same-weights parity really runs against that baseline -- broken-force fails
+    it on each seed, the later seeds saying which baseline they were judged against."""
+    from harness.cli import main
+
+    rc = main.main(["bench", "--system", str(tiny_system), "--variant", "broken-force", "--seeds", "1,2,3",
+                    "--upstream-once", "--steps", "3", "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert rc == 0
+    recs = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*.json")]
+    assert sorted((r["variant"], r["seed"]) for r in recs) == [
+        ("baseline", 1), ("broken-force", 1), ("broken-force", 2), ("broken-force", 3)]
+    assert len({r["sweep_id"] for r in recs}) == 1
+    for r in recs:
+        assert r["status"] == "ok", r["error"]
+        if r["variant"] == "broken-force":
+            acc = r["accuracy"]
+            assert acc["verdict"] == "fail" and acc["parity"]["max_rel_f"] > 1e-8, acc["detail"]
+            other = "judged against the sweep's baseline of seed 1" in acc["detail"]
+            assert other == (r["seed"] != 1), acc["detail"]
+    capsys.readouterr()
+    for args, needle in ((["--variant", "broken-force"], "--upstream-once needs --seeds"),
+                         (["--variant", "fp32", "--seeds", "1,2,3"], "every variant is upstream's own code")):
+        rc = main.main(["bench", "--system", str(tiny_system), *args, "--upstream-once", "--steps", "3",
+                        "--device", "cpu", "--results-dir", str(tmp_path / "refused")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and needle in err[-1], err
+        assert not (tmp_path / "refused" / "runs").exists()

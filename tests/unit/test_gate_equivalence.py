@@ -146,3 +146,22 @@ def test_bench_seeds_needs_three_distinct_integers() -> None:
         parse_seeds("1,1,2")
     with pytest.raises(UserError, match="comma list of integers"):
         parse_seeds("1,x,3")
+
+
+def test_upstream_once_keeps_our_variants_for_the_later_seeds_and_shares_the_budget_by_runs() -> None:
+    """`bench --seeds --upstream-once`: the later seeds train our variants only (upstream-only
+    settings such as fp32-tos and ptx-tf32 drop out); the time budget is shared by runs, so the
+    first seed's bench, which also trains upstream, gets more than an equal share."""
+    from harness.cli.main import budget_share, upstream_once
+
+    first = ["baseline", "fp32-tos", "ptx-tf32", "fused", "fused-fp32"]
+    later = upstream_once(first, [1, 2, 3])
+    assert later == ["fused", "fused-fp32"]
+    plans = [first, later, later]
+    assert budget_share(plans, 0) == pytest.approx(5 / 9)
+    assert budget_share(plans, 1) == pytest.approx(1 / 2) and budget_share(plans, 2) == 1.0
+    assert budget_share([first] * 3, 0) == pytest.approx(1 / 3)  # same variants: equal shares
+    with pytest.raises(UserError, match="needs --seeds"):
+        upstream_once(first, [10])
+    with pytest.raises(UserError, match="upstream's own code"):
+        upstream_once(["baseline", "fp32-tos"], [1, 2, 3])
