@@ -115,7 +115,7 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     base = _find_baseline(rec, previous)
     if base is None:
         dp = finish_dp_test(*dp_proc, nframes)
-        why = (f"no baseline run of sweep {rec.run.sweep_id} with the same system, seed and steps "
+        why = (f"no baseline run of sweep {rec.run.sweep_id} with the same system and steps "
                "to compare with")
         return AccuracyResult(dp_test=dp, verdict="fail" if strict else None,
                               detail=f"not judged: {why}; {format_dp_test(dp)}")
