@@ -224,7 +224,7 @@ def stage(strict: bool = False, frames: int | None = None, calibration_dir: Path
     baselines: list[RunRecord] = []  # the sweep's baseline runs from earlier benches (seeds) of this stage
 
     def accuracy_stage(rec: RunRecord, previous: list[RunRecord]) -> AccuracyResult:
-        earlier = [b for b in baselines if b.run.sweep_id == rec.run.sweep_id and b not in previous]
+        earlier = [b for b in baselines if b.run.sweep_id == rec.run.sweep_id and all(b is not r for r in previous)]
         if rec.run.variant.name == "baseline":
             baselines.append(rec)
         try:
