@@ -74,7 +74,8 @@ def _find_baseline(rec: RunRecord, previous: list[RunRecord]) -> RunRecord | Non
              and r.run.steps == rec.run.steps
              and r.run.sweep_id == rec.run.sweep_id and r.train.status == "ok"
              and r.train.checkpoint is not None]
-    cands = [r for r in cands if r.run.seed == rec.run.seed] or cands[:1]
+    cands = ([r for r in cands if r.run.seed == rec.run.seed]
+             or [r for r in cands if r.run.seed == cands[0].run.seed])  # the first seed's, every GPU count
     same = [r for r in cands if r.run.gpus == rec.run.gpus]
     return (same or cands or [None])[-1]
 
@@ -125,8 +126,8 @@ def evaluate(rec: RunRecord, previous: list[RunRecord], *, strict: bool = False,
     reasons: list[str] = []
     notes: list[str] = []
     if base.run.seed != rec.run.seed:
-        notes.append(f"judged against the sweep's baseline of seed {base.run.seed} (this run's seed "
-                     f"{rec.run.seed} has none: upstream trained once)")
+        notes.append(f"judged against the sweep's baseline of seed {base.run.seed} (no baseline run of "
+                     f"this run's seed {rec.run.seed})")
     parity: dict[str, Any] | None = None
     if v.backend not in PARITY_BACKENDS:
         # parity loads the baseline's PyTorch weights into the variant's model: for another backend

@@ -311,6 +311,17 @@ def test_multi_gpu_runs_are_judged_against_the_baseline_with_the_same_gpu_count(
     assert gate._find_baseline(rec("fused", 2), [b1, b2]) is b2
     assert gate._find_baseline(rec("fused", 4), [b1, b2]) is b2  # none with 4: the latest
     assert gate._find_baseline(rec("fused", 1), [rec("baseline", 1, "failed")]) is None
+    # a seed without a baseline (bench --upstream-once) is judged against the first seed's, still
+    # by GPU count
+    def seeded(variant, gpus, seed):
+        r = rec(variant, gpus)
+        r.run.seed = seed
+        return r
+
+    s1g1, s1g2, s2g1 = seeded("baseline", 1, 1), seeded("baseline", 2, 1), seeded("baseline", 1, 2)
+    assert gate._find_baseline(seeded("fused", 2, 3), [s1g1, s1g2, s2g1]) is s1g2
+    assert gate._find_baseline(seeded("fused", 1, 3), [s1g1, s1g2, s2g1]) is s1g1
+    assert gate._find_baseline(seeded("fused", 1, 2), [s1g1, s1g2, s2g1]) is s2g1  # its own seed first
 
 
 def test_a_multi_gpu_baseline_is_judged_against_the_one_gpu_baseline(monkeypatch, tmp_path) -> None:
