@@ -31,17 +31,19 @@ t0=$(date +%s)
 if ! make venv > "$OUT/venv.log" 2>&1; then
   tail -20 "$OUT/venv.log"; echo "gpu-equivalence: make venv failed (is wheelhouse/ carried?)" >&2; exit 2
 fi
-steps=${STEPS:-$(.venv/bin/python -c "import sys, yaml; print(yaml.safe_load(open(f'systems/{sys.argv[1]}/system.yaml')).get('gate_steps') or '')" "$SYSTEM")}
-[ -n "$steps" ] || { echo "gpu-equivalence: systems/$SYSTEM/system.yaml has no gate_steps (calibrate it first)" >&2; exit 2; }
+steps=${STEPS:-$(.venv/bin/python -c "import sys; from harness.prepare import systems; from harness.judge.seeds import gate_steps
+print(gate_steps(systems.load_system(sys.argv[1]).spec) or '')" "$SYSTEM")}
+[ -n "$steps" ] || { echo "gpu-equivalence: system $SYSTEM has no gate_steps (calibrate it first)" >&2; exit 2; }
+log="$OUT/equivalence-$(basename "$SYSTEM").log"
 touch /tmp/gpu-equivalence.start
 args=(); for v in $VARIANTS $ANCHORS; do args+=(--variant "$v"); done
 left=$(( BUDGET_S - ($(date +%s) - t0) - 15 ))
 timeout -k 10 "$left" .venv/bin/python -m harness bench --system "$SYSTEM" --device "$DEVICE" --steps "$steps" \
-  --seeds "$SEEDS" --upstream-once "${args[@]}" --gate-jobs 2 > "$OUT/equivalence-$(basename "$SYSTEM").log" 2>&1
+  --seeds "$SEEDS" --upstream-once "${args[@]}" --gate-jobs 2 > "$log" 2>&1
 rc=$?
-grep -v '^\s*\[' "$OUT/equivalence-$(basename "$SYSTEM").log" | tail -40
+grep -v '^\s*\[' "$log" | tail -40
 find results/runs -name '*.json' -newer /tmp/gpu-equivalence.start > /tmp/gpu-equivalence.list
-mkdir -p results/equivalence-logs && mv "$OUT/equivalence-$(basename "$SYSTEM").log" results/equivalence-logs/
+mkdir -p results/equivalence-logs && mv "$log" results/equivalence-logs/
 tar czf "$OUT/equivalence.tgz" -T /tmp/gpu-equivalence.list results/equivalence-logs
 rm -rf results/equivalence-logs
 exit "$rc"
