@@ -31,12 +31,12 @@ except ImportError:
     triton = None
 
 # partial weight gradients written once per this many centre atoms (DPH_FUSED_VJP_ATOMS, default
-# 8; read at each call, so tools/bench_embed_kernels.py can time others: fewer atoms, more
+# 1; read at each call, so tools/bench_embed_kernels.py can time others: fewer atoms, more
 # programs, more partials)
 _OPTIONS = options.current()  # this process's engine options (the training child's environment)
 ATOMS_PER_PROGRAM = _OPTIONS.vjp_atoms
-# neighbour slots of an atom per program (DPH_FUSED_VJP_SLOTS; rounded up to the tile rows; 0: all
-# of them). Splitting the slots gives a small system more programs than atoms/ATOMS (128 atoms at
+# neighbour slots of an atom per program (DPH_FUSED_VJP_SLOTS, default 16; rounded up to the tile
+# rows; 0: all of them). Splitting the slots gives a small system more programs than atoms/ATOMS (128 atoms at
 # 8 a program fill 16 of an H100's 132 SMs); each (atom group, slot chunk) writes its own partials row.
 SLOTS_PER_PROGRAM = _OPTIONS.vjp_slots
 

@@ -43,9 +43,11 @@ class EngineOptions:
     upstream_compile_bucket: int = 256  # compile variant: pad the extended region to a multiple of this
     upstream_compile_disable: bool = False  # compile variant: always upstream's eager path
     # fused-kernels' VJP launch (embed_autograd.vjp_split): centre atoms per program, and neighbour
-    # slots per program (0: all of an atom's); fewer of either = more programs for a small system
-    vjp_atoms: int = 8
-    vjp_slots: int = 0
+    # slots per program (0: all of an atom's); fewer of either = more programs for a small system.
+    # 1 x 16 trained water at 2.67 ms/step vs 7.20 at 8 x all (H100, sweeps 20261207T102038Z-4f0844
+    # and 20261207T101821Z-129bb9)
+    vjp_atoms: int = 1
+    vjp_slots: int = 16
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),

@@ -55,9 +55,9 @@ DPH_FUSED_GROUPED = _declare("DPH_FUSED_GROUPED", "dpfast.options", "grouping of
 DPH_FUSED_KERNELS = _declare("DPH_FUSED_KERNELS", "dpfast.options",
                              "1: fused's embedding nets and contractions by its Triton kernels (variant fused-kernels)")
 DPH_FUSED_VJP_ATOMS = _declare("DPH_FUSED_VJP_ATOMS", "dpfast.options",
-                               "fused-kernels: centre atoms per VJP kernel program (embed_autograd.vjp_split)", "8")
+                               "fused-kernels: centre atoms per VJP kernel program (embed_autograd.vjp_split)", "1")
 DPH_FUSED_VJP_SLOTS = _declare("DPH_FUSED_VJP_SLOTS", "dpfast.options",
-                               "fused-kernels: neighbour slots per VJP kernel program, 0 = all of an atom's", "0")
+                               "fused-kernels: neighbour slots per VJP kernel program, 0 = all of an atom's", "16")
 DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
 DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")

@@ -84,7 +84,7 @@ def test_the_vjp_kernels_launch_split_comes_from_the_options():
            "DPH_FUSED_VJP_ATOMS": "1", "DPH_FUSED_VJP_SLOTS": "32"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "32", "(384,", "32,", "3)"]  # 128 atoms x 3 chunks of 32 slots (92 -> 3)
-    assert (EngineOptions().vjp_atoms, EngineOptions().vjp_slots) == (8, 0)  # fused-kernels' default
+    assert (EngineOptions().vjp_atoms, EngineOptions().vjp_slots) == (1, 16)  # fused-kernels' default
 
 
 def test_no_engine_module_reads_the_environment_but_options():
