@@ -27,6 +27,7 @@ MIN_SEEDS = 3  # per side: with 2 the Welch degrees of freedom can fall to 1 and
 # (docs/accuracy.md says why each): forces carry the signal; energy and virial RMSEs per atom are
 # small numbers whose seed-to-seed spread is several times the force's.
 MARGINS = {"rmse_f": 0.05, "rmse_e_per_atom": 0.10, "rmse_v": 0.10}
+MAX_PLANNED_SEEDS = 100  # seeds_needed looks no further: beyond it the margin is the problem, not n
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class MetricEquivalence:
     p_tost: float
     equivalent: bool
     not_worse: bool
+    # inconclusive only: seeds per side at which this TOST would pass if both sides kept their
+    # observed means and spreads (a plug-in planning estimate, not a promise); None when the
+    # observed difference is itself outside the margin or MAX_PLANNED_SEEDS would not do
+    seeds_needed: int | None = None
 
     @property
     def outcome(self) -> str:
@@ -71,11 +76,15 @@ class EquivalenceResult:
 
 def _welch(v: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """Welch's standard error of mean(v) - mean(b) and its Welch-Satterthwaite degrees of freedom."""
-    qv, qb = v.var(ddof=1) / v.size, b.var(ddof=1) / b.size
+    return _welch_moments(v.var(ddof=1) / v.size, b.var(ddof=1) / b.size, v.size, b.size)
+
+
+def _welch_moments(qv: float, qb: float, nv: int, nb: int) -> tuple[float, float]:
+    """(se, df) from the squared standard errors of the two means and the sample sizes."""
     se = math.sqrt(qv + qb)
     if se == 0.0:
-        return 0.0, float(v.size + b.size - 2)
-    df = (qv + qb) ** 2 / (qv ** 2 / (v.size - 1) + qb ** 2 / (b.size - 1))
+        return 0.0, float(nv + nb - 2)
+    df = (qv + qb) ** 2 / (qv ** 2 / (nv - 1) + qb ** 2 / (nb - 1))
     return se, df
 
 
@@ -84,6 +93,20 @@ def _p_greater(t_num: float, se: float, df: float) -> float:
     if se == 0.0:  # no spread at all: the sign decides (a tie is not a rejection)
         return 0.0 if t_num > 0 else 1.0
     return float(stats.t.sf(t_num / se, df))
+
+
+def seeds_needed(variant: np.ndarray, baseline: np.ndarray, margin: float, alpha: float = ALPHA) -> int | None:
+    """Smallest n (the same on both sides, at least today's larger side) whose Welch 90 % interval,
+    at today's difference and per-side variances, lies inside +-margin; None if none <= MAX_PLANNED_SEEDS."""
+    d = abs(float(variant.mean() - baseline.mean()))
+    if d >= margin:
+        return None
+    sv, sb = variant.var(ddof=1), baseline.var(ddof=1)
+    for n in range(max(variant.size, baseline.size), MAX_PLANNED_SEEDS + 1):
+        se, df = _welch_moments(sv / n, sb / n, n, n)
+        if d + float(stats.t.ppf(1.0 - alpha, df)) * se < margin:
+            return n
+    return None
 
 
 def metric_equivalence(metric: str, variant: list[float], baseline: list[float], margin_rel: float,
@@ -97,11 +120,23 @@ def metric_equivalence(metric: str, variant: list[float], baseline: list[float],
     p_lower = _p_greater(d + margin, se, df)  # rejects d <= -margin
     p_upper = _p_greater(margin - d, se, df)  # rejects d >= +margin
     half = float(stats.t.ppf(1.0 - alpha, df)) * se
+    equivalent, not_worse = max(p_lower, p_upper) < alpha, p_upper < alpha
+    worse = d - half > margin
+    planned = None if equivalent or not_worse or worse else seeds_needed(v, b, margin, alpha)
     return MetricEquivalence(
         metric=metric, n_variant=int(v.size), n_baseline=int(b.size), mean_variant=float(v.mean()),
         mean_baseline=float(b.mean()), diff=d, ci90=(d - half, d + half), margin=margin,
         margin_rel=margin_rel, p_lower=p_lower, p_upper=p_upper, p_tost=max(p_lower, p_upper),
-        equivalent=max(p_lower, p_upper) < alpha, not_worse=p_upper < alpha)
+        equivalent=equivalent, not_worse=not_worse, seeds_needed=planned)
+
+
+def _plan(m: MetricEquivalence) -> str:
+    """What an inconclusive metric would need: the reader's next step, in the detail line."""
+    if m.outcome != "inconclusive":
+        return ""
+    if m.seeds_needed is None:
+        return f"; more seeds would not resolve it at this difference and spread (> {MAX_PLANNED_SEEDS} per side)"
+    return f"; at this difference and spread ~{m.seeds_needed} seeds per side would resolve it"
 
 
 def judge(variant: dict[str, list[float]], baseline: dict[str, list[float]],
@@ -127,8 +162,8 @@ def judge(variant: dict[str, list[float]], baseline: dict[str, list[float]],
     if not out:
         return EquivalenceResult(None, "not judged: no metric measured by both sides", out, alpha)
     parts = [f"{m.metric} {m.outcome} (diff {m.diff:+.3g}, 90% CI [{m.ci90[0]:+.3g}, {m.ci90[1]:+.3g}], "
-             f"margin {m.margin_rel:.0%} = {m.margin:.3g}, p_tost {m.p_tost:.2g}, not-worse p {m.p_upper:.2g})"
-             for m in out.values()]
+             f"margin {m.margin_rel:.0%} = {m.margin:.3g}, p_tost {m.p_tost:.2g}, not-worse p {m.p_upper:.2g}"
+             f"{_plan(m)})" for m in out.values()]
     ok = all(m.equivalent for m in out.values())
     better = [m.metric for m in out.values() if m.outcome == "better"]
     head = "training equivalent" if ok else "training not equivalent"

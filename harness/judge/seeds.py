@@ -97,5 +97,6 @@ def training_equivalence(rec: RunRecord, dp: dict, peers: list[StoredRun], direc
                                "diff": m.diff, "ci90": list(m.ci90), "margin": m.margin,
                                "margin_rel": m.margin_rel, "p_lower": m.p_lower, "p_upper": m.p_upper,
                                "p_tost": m.p_tost, "equivalent": m.equivalent, "not_worse": m.not_worse,
-                               "outcome": m.outcome} for m in res.metrics.values()} or None
+                               "outcome": m.outcome, "seeds_needed": m.seeds_needed}
+                        for m in res.metrics.values()} or None
     return base

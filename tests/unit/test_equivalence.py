@@ -44,6 +44,37 @@ def test_shift_inside_margin_passes_but_noise_is_inconclusive() -> None:
     assert not r.metrics["rmse_f"].equivalent
 
 
+def _exact(n: int, mean: float, std: float) -> list[float]:
+    """n values with exactly this mean and sample std (ddof=1)."""
+    z = np.arange(n, dtype=np.float64)
+    z = (z - z.mean()) / z.std(ddof=1)
+    return list(mean + std * z)
+
+
+def test_inconclusive_says_how_many_seeds_would_resolve_it() -> None:
+    """The plan is the smallest n at which the same means and spreads pass: n seeds per side
+    drawn with exactly those moments pass, n - 1 do not (water's GPU case: 3 vs 4 seeds,
+    5 % margin, baseline spread 5 % of its mean)."""
+    var, base = _exact(3, 0.2418, 0.0043), _exact(4, 0.2411, 0.0131)
+    r = eq.judge(_f(var), _f(base))
+    m = r.metrics["rmse_f"]
+    assert r.verdict == "fail" and m.outcome == "inconclusive" and m.seeds_needed is not None
+    n = m.seeds_needed
+    assert n > 4 and f"~{n} seeds per side would resolve it" in r.detail
+    assert eq.judge(_f(_exact(n, 0.2418, 0.0043)), _f(_exact(n, 0.2411, 0.0131))).verdict == "pass"
+    assert eq.judge(_f(_exact(n - 1, 0.2418, 0.0043)), _f(_exact(n - 1, 0.2411, 0.0131))).verdict == "fail"
+
+
+def test_no_seed_plan_when_the_difference_itself_is_outside_the_margin_or_the_verdict_is_clear() -> None:
+    # a 6 % mean difference under a 5 % margin, too noisy to call worse: no n resolves it
+    r = eq.judge(_f(_exact(3, 0.318, 0.02)), _f(_exact(4, 0.300, 0.02)))
+    m = r.metrics["rmse_f"]
+    assert m.outcome == "inconclusive" and m.seeds_needed is None and "would not resolve it" in r.detail
+    for var in ([0.301, 0.299, 0.300, 0.302], [x * 1.08 for x in BASE[:4]], [x * 0.85 for x in BASE[:4]]):
+        done = eq.judge(_f(var), _f(BASE)).metrics["rmse_f"]  # equivalent, worse, better
+        assert done.seeds_needed is None
+
+
 def test_too_few_seeds_not_judged() -> None:
     r = eq.judge(_f([0.3, 0.3]), _f(BASE))
     assert r.verdict is None and r.detail.startswith("not judged") and "2 variant" in r.detail
