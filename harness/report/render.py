@@ -213,7 +213,8 @@ def equivalence_cell(e: Any) -> str:
         mb = d.get("mean_baseline") or 0.0
         rel = (lambda x: f"{100 * x / mb:+.1f}%") if mb else (lambda x: f"{x:+.2g}")
         lo, hi = d.get("ci90") or (float("nan"), float("nan"))
-        cells.append(f"{m} {rel(d['diff'])} [{rel(lo)}, {rel(hi)}] (±{100 * d['margin_rel']:.0f}%) {d['outcome']}")
+        plan = f" (~{d['seeds_needed']} seeds/side to resolve)" if d.get("seeds_needed") else ""
+        cells.append(f"{m} {rel(d['diff'])} [{rel(lo)}, {rel(hi)}] (±{100 * d['margin_rel']:.0f}%) {d['outcome']}{plan}")
     return f"{e.verdict} ({n}): " + "; ".join(cells)
 
 

@@ -91,6 +91,14 @@ def test_shifted_seeds_fail_and_better_ones_say_so(judge) -> None:
     assert "not worse: rmse_f better than the baseline" in better.detail
 
 
+def test_an_inconclusive_record_and_its_report_cell_say_how_many_seeds_would_resolve_it(judge) -> None:
+    res = judge(0.30, [0.33, 0.27])  # 10 % seed spread against a 5 % margin: 3 seeds cannot tell
+    m = res.equivalence.metrics["rmse_f"]
+    assert res.verdict == "fail" and m["outcome"] == "inconclusive" and m["seeds_needed"] > 4
+    back = AccuracyResult.from_dict(res.to_dict())
+    assert f"inconclusive (~{m['seeds_needed']} seeds/side to resolve)" in equivalence_cell(back.equivalence)
+
+
 def test_too_few_seeds_falls_back_to_the_single_run_check(judge) -> None:
     res = judge(0.30, [0.30])
     assert res.equivalence.verdict is None and "needs >= 3 seeds" in res.equivalence.detail
