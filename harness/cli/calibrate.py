@@ -19,6 +19,7 @@ from harness.core.paths import ROOT
 from harness.core import fsutil
 from harness.judge.processes import DEFAULT_TEST_FRAMES, format_dp_test, run_dp_test, stop_gates
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, parity_verdict, start_parity_eval
+from harness.judge import equivalence
 from harness.judge.calibration import CALIBRATION, build_calibration, calibration_path, rederive
 
 
@@ -212,7 +213,18 @@ def _print_calibration(cal: dict[str, Any]) -> None:
         for m, t in th.items():
             st = cal["stats"][cls][m]
             print(f"{cal['system']:8} {cls:8} {m:16} n {st['n']} mean {st['mean']:.5g} std {st['std']:.2g} "
-                  f"[{st['min']:.5g}, {st['max']:.5g}] -> rel tol {t:.3g}")
+                  f"[{st['min']:.5g}, {st['max']:.5g}] -> rel tol {t:.3g}{_seed_plan(m, st)}")
+
+
+def _seed_plan(metric: str, st: dict[str, Any]) -> str:
+    """What this spread means for the training-equivalence test (docs/accuracy.md section 4): the
+    seeds per side a variant identical to the baseline needs to pass with 80 % probability."""
+    margin = equivalence.MARGINS.get(metric)
+    if margin is None or not st.get("mean") or st.get("n", 0) < 2:
+        return ""
+    n = equivalence.seeds_for_power(st["std"] / abs(st["mean"]), margin)
+    need = f"~{n}" if n is not None else f"> {equivalence.MAX_PLANNED_SEEDS}"
+    return f"; equivalence at margin {margin:.0%}: {need} seeds per side for 80 % power"
 
 
 def _cmd_calibrate(a: argparse.Namespace) -> int:

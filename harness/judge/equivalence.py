@@ -109,6 +109,25 @@ def seeds_needed(variant: np.ndarray, baseline: np.ndarray, margin: float, alpha
     return None
 
 
+def seeds_for_power(cv: float, margin_rel: float, power: float = 0.8, alpha: float = ALPHA) -> int | None:
+    """Seeds per side for a variant that trains exactly like the baseline (same mean, same seed CV
+    cv = std/mean) to pass TOST with this probability at margin_rel: the usual equal-n TOST plan,
+    n = 2 (cv / margin)^2 (t_{1-alpha} + t_{1-(1-power)/2})^2 with df = 2n - 2, iterated to a
+    fixed point (approximate; tests/unit/test_equivalence.py checks it by simulation). None when
+    MAX_PLANNED_SEEDS would not do."""
+    if cv <= 0.0:
+        return MIN_SEEDS
+    n = MIN_SEEDS
+    for _ in range(50):
+        df = 2 * n - 2
+        q = float(stats.t.ppf(1.0 - alpha, df) + stats.t.ppf(1.0 - (1.0 - power) / 2.0, df))
+        nxt = max(MIN_SEEDS, math.ceil(2.0 * (cv / margin_rel) ** 2 * q * q))
+        if nxt == n:
+            break
+        n = nxt
+    return n if n <= MAX_PLANNED_SEEDS else None
+
+
 def metric_equivalence(metric: str, variant: list[float], baseline: list[float], margin_rel: float,
                        alpha: float = ALPHA) -> MetricEquivalence:
     v, b = np.asarray(variant, dtype=np.float64), np.asarray(baseline, dtype=np.float64)

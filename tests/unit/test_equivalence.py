@@ -75,6 +75,24 @@ def test_no_seed_plan_when_the_difference_itself_is_outside_the_margin_or_the_ve
         assert done.seeds_needed is None
 
 
+def test_seeds_for_power_is_checked_by_simulation() -> None:
+    """At the planned n a variant drawn like the baseline passes ~80 % of the time; at half of it
+    far less (water's GPU spread at gate_steps: force CV 5.4 % against the 5 % margin)."""
+    n = eq.seeds_for_power(0.054, 0.05)
+    assert n is not None and 15 <= n <= 30
+    rng = np.random.default_rng(7)
+
+    def pass_rate(k: int, trials: int = 1500) -> float:
+        return float(np.mean([eq.metric_equivalence("rmse_f", list(1 + 0.054 * rng.standard_normal(k)),
+                                                    list(1 + 0.054 * rng.standard_normal(k)), 0.05).equivalent
+                              for _ in range(trials)]))
+
+    assert 0.75 <= pass_rate(n) <= 0.9
+    assert pass_rate(n // 2) < 0.45
+    assert eq.seeds_for_power(0.003, 0.05) == eq.MIN_SEEDS  # 200-step spread: three seeds are plenty
+    assert eq.seeds_for_power(0.20, 0.05) is None  # copper at 4000 steps: beyond MAX_PLANNED_SEEDS
+
+
 def test_too_few_seeds_not_judged() -> None:
     r = eq.judge(_f([0.3, 0.3]), _f(BASE))
     assert r.verdict is None and r.detail.startswith("not judged") and "2 variant" in r.detail

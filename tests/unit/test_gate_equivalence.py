@@ -173,3 +173,20 @@ def test_upstream_once_keeps_our_variants_for_the_later_seeds_and_shares_the_bud
         upstream_once(first, [10])
     with pytest.raises(UserError, match="upstream's own code"):
         upstream_once(["baseline", "fp32-tos"], [1, 2, 3])
+
+
+def test_calibrate_prints_the_seeds_its_spread_asks_of_the_equivalence_test(capsys) -> None:
+    """`calibrate` tells before any variant trains what the seed spread costs: water's GPU
+    calibration at gate_steps (force CV 5.4 %) needs ~20 seeds per side, a tight one 3."""
+    from harness.cli.calibrate import _print_calibration
+
+    def cal(fs):
+        runs = {"float64": [{"seed": i + 1, "variant": "baseline", "dp_test": _dp(f)} for i, f in enumerate(fs)]}
+        return calibration.build_calibration("w", "cuda", 2000, runs, 0)
+
+    _print_calibration(cal([0.2322099, 0.2568767, 0.2465499, 0.2286506]))
+    wide = capsys.readouterr().out
+    n = int(wide.split("equivalence at margin 5%: ~")[1].split()[0])
+    assert 15 <= n <= 30 and "seeds per side for 80 % power" in wide
+    _print_calibration(cal(BASE_F))
+    assert "equivalence at margin 5%: ~3 seeds per side" in capsys.readouterr().out
