@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     md_cli.register_cli(sub)  # dpharness md
     from harness.cli import tf_era as tf_era_cli
     tf_era_cli.register_cli(sub)  # dpharness tf-era
+    from harness.cli import equivalence as equivalence_cli
+    equivalence_cli.register_cli(sub)  # dpharness equivalence
     return p
 
 

@@ -20,7 +20,8 @@ def gate_steps(spec: dict[str, Any]) -> int | None:
     return int(g) if g is not None else None
 
 
-def _samples(dps: Iterable[tuple[int, dict]]) -> tuple[list[int], dict[str, list[float | None]]]:
+def samples(dps: Iterable[tuple[int, dict]]) -> tuple[list[int], dict[str, list[float | None]]]:
+    """(seeds in order, metric -> values in that order) from (seed, dp test) pairs; a seed's first wins."""
     seen: dict[int, dict] = {}
     for seed, dp in dps:
         seen.setdefault(int(seed), dp)
@@ -49,9 +50,7 @@ def baseline_samples(rec: RunRecord, peers: Iterable[StoredRun], directory: Path
     but the gate holds it as a record of this sweep's cell, not among the stored peers."""
     path = calibration_path(rec.run.system.name, rec.run.device, rec.run.steps, directory)
     if path.is_file():
-        cal = json.loads(path.read_text())
-        runs = [(int(r["seed"]), r["dp_test"]) for r in cal.get("runs", {}).get("float64", []) if r.get("dp_test")]
-        return runs, path.name
+        return calibration_samples(path), path.name
     own = [(int(r.seed), r.accuracy.dp_test) for r in peers
            if r.variant == "baseline" and r.system == rec.run.system.name and r.sweep_id == rec.run.sweep_id
            and r.steps == rec.run.steps and r.device.kind == rec.run.device and r.status == "ok"
@@ -87,16 +86,28 @@ def training_equivalence(rec: RunRecord, dp: dict, peers: list[StoredRun], direc
     if len(frames) > 1:
         base.detail = f"not judged: dp test frame counts differ between the samples {sorted(frames)}"
         return base
-    v_seeds, v = _samples(vs)
-    b_seeds, b = _samples(bs)
+    v_seeds, v = samples(vs)
+    b_seeds, b = samples(bs)
     res = eq.judge(v, b)
     base.verdict, base.detail, base.calibration = res.verdict, res.detail, source
     base.seeds_variant, base.seeds_baseline = v_seeds, b_seeds
-    base.metrics = {m.metric: {"n_variant": m.n_variant, "n_baseline": m.n_baseline,
-                               "mean_variant": m.mean_variant, "mean_baseline": m.mean_baseline,
-                               "diff": m.diff, "ci90": list(m.ci90), "margin": m.margin,
-                               "margin_rel": m.margin_rel, "p_lower": m.p_lower, "p_upper": m.p_upper,
-                               "p_tost": m.p_tost, "equivalent": m.equivalent, "not_worse": m.not_worse,
-                               "outcome": m.outcome, "seeds_needed": m.seeds_needed}
-                        for m in res.metrics.values()} or None
+    base.metrics = metrics_record(res)
     return base
+
+
+def metrics_record(res: eq.EquivalenceResult) -> dict[str, dict] | None:
+    """The judgement per metric as a record holds it (accuracy.equivalence.metrics, and the
+    `equivalence` command's record)."""
+    return {m.metric: {"n_variant": m.n_variant, "n_baseline": m.n_baseline,
+                       "mean_variant": m.mean_variant, "mean_baseline": m.mean_baseline,
+                       "diff": m.diff, "ci90": list(m.ci90), "margin": m.margin,
+                       "margin_rel": m.margin_rel, "p_lower": m.p_lower, "p_upper": m.p_upper,
+                       "p_tost": m.p_tost, "equivalent": m.equivalent, "not_worse": m.not_worse,
+                       "outcome": m.outcome, "seeds_needed": m.seeds_needed}
+            for m in res.metrics.values()} or None
+
+
+def calibration_samples(path: Path) -> list[tuple[int, dict]]:
+    """(seed, dp test) of a calibration file's float64 baseline runs."""
+    cal = json.loads(path.read_text())
+    return [(int(r["seed"]), r["dp_test"]) for r in cal.get("runs", {}).get("float64", []) if r.get("dp_test")]
