@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 from harness.results import export
 from harness.results import runs as results
+from harness.report import equivalence as equivalence_section
 from harness.report import floor as floor_section
 from harness.report import summary, training, worksize
 from harness.report import trajectory as trajectory_section
@@ -125,7 +126,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
 {% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
 {% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
-{% endfor %}{% if training or trajectories %}<li><a href="#training">Training</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
+{% endfor %}{% if training or trajectories %}<li><a href="#training">Training</a></li>{% endif %}{% if equivalences %}<li><a href="#equivalence">Training equivalence</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
 {% for g in groups %}
 <h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
@@ -147,6 +148,7 @@ memory exponent: the same for the process's peak GPU memory (2 = an all-pairs st
 {% if w.failed %}<p class="muted">failed: {{ w.failed|join(', ') }}</p>{% endif %}
 {% endfor %}{% endif %}
 {% include "training" %}
+{% include "equivalence" %}
 {% include "floor" %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>
 {% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}{% if v.native %}<br><span class="muted">upstream-native, outside the three-parameter rule: {{ v.native }}</span>{% endif %}</dd>{% endfor %}
@@ -372,16 +374,20 @@ def variant_list(runs: list[StoredRun]) -> list[dict]:
 
 
 def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None,
-           convergence: list | None = None, floors: list | None = None, trajectories: list | None = None) -> str:
+           convergence: list | None = None, floors: list | None = None, trajectories: list | None = None,
+           equivalences: list | None = None) -> str:
     """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table;
     convergence: ConvergenceRecords for the Training section; floors: FloorRecords for the Floor section;
-    trajectories: TrajectoryRecords for the Training section's same-trajectory part."""
+    trajectories: TrajectoryRecords for the Training section's same-trajectory part; equivalences:
+    `dpharness equivalence` records (dicts) for the Training equivalence section."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.DictLoader({"head": HEAD, "row": ROW, "section": SECTION,
                                                                 "training": training.TEMPLATE,
                                                                 "trajectory": trajectory_section.TEMPLATE,
-                                                                "floor": floor_section.TEMPLATE}), autoescape=True,
+                                                                "floor": floor_section.TEMPLATE,
+                                                                "equivalence": equivalence_section.TEMPLATE}),
+                             autoescape=True,
                              undefined=jinja2.StrictUndefined)
     sections = build_sections(runs, all_sweeps, href)
     return env.from_string(TEMPLATE).render(
@@ -389,7 +395,8 @@ def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None,
         summary=summary_rows(runs, href), groups=by_card(runs, sections), variants=variant_list(runs), csv=csv,
         work_sizes=worksize.sections(runs), training=training.sections(convergence or []),
         trajectories=trajectory_section.sections(trajectories or []),
-        floors=floor_section.sections(floors or [], runs))
+        floors=floor_section.sections(floors or [], runs),
+        equivalences=equivalence_section.sections(equivalences or []))
 
 
 CSV_NAME = "runs.csv"
@@ -397,7 +404,7 @@ CSV_NAME = "runs.csv"
 
 def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False,
                  convergence_dir: Path | None = None, floor_dir: Path | None = None,
-                 trajectory_dir: Path | None = None) -> Path:
+                 trajectory_dir: Path | None = None, equivalence_dir: Path | None = None) -> Path:
     """index.html and, next to it, runs.csv (the export table); bad record files are skipped
     with a warning (results.iter_runs). The Training and Floor sections read the convergence/ and
     floor/ folders beside runs_dir unless told otherwise: one results tree, not the checkout's."""
@@ -405,6 +412,7 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
     convergence_dir = runs_dir.parent / "convergence" if convergence_dir is None else Path(convergence_dir)
     floor_dir = runs_dir.parent / "floor" if floor_dir is None else Path(floor_dir)
     trajectory_dir = runs_dir.parent / "trajectory" if trajectory_dir is None else Path(trajectory_dir)
+    equivalence_dir = runs_dir.parent / "equivalence" if equivalence_dir is None else Path(equivalence_dir)
     pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
     files = {r.run_id: p for p, r in pairs}
     runs = [r for _, r in pairs]
@@ -427,7 +435,9 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
     from harness.results import trajectory  # the Training section's same-trajectory records
 
     trajectories = trajectory.load_records(trajectory_dir)
-    text = render(runs, all_sweeps, href, csv, conv, floors, trajectories)
+    equivalences = equivalence_section.load_records(
+        equivalence_dir, warn=lambda m: print(f"dpharness: warning: {m}", file=sys.stderr))
+    text = render(runs, all_sweeps, href, csv, conv, floors, trajectories, equivalences)
     return fsutil.atomic_write_text(out, text)
 
 

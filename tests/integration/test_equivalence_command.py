@@ -43,6 +43,15 @@ def test_the_baseline_against_its_own_other_seeds_passes_and_the_record_says_wha
     mean_f = sum(stored[s]["accuracy"]["dp_test"]["rmse_f"] for s in stored) / 3
     assert back["metrics"]["rmse_f"]["mean_variant"] == pytest.approx(mean_f, rel=1e-12)
     assert [r["run_id"] for r in back["runs"]] == [stored[s]["run_id"] for s in (4, 5, 6)]
+    # the report's Training equivalence section shows it; a stray file there is skipped, said once
+    from harness.report.render import write_report
+
+    (tmp / "eq" / "notes.json").write_text("{")
+    page = write_report(runs_dir=tmp / "none" / "runs", out=tmp / "report" / "index.html",
+                        equivalence_dir=tmp / "eq").read_text()
+    row = page.split('id="equivalence"')[1]
+    assert rec["sweep_id"] in row and "baseline (float64)" in row and "PASS" in row and cal.name in row
+    assert "rmse_f" in row and "equivalent" in row and "(gate_steps -)" in row
 
 
 def test_refusals_before_anything_trains(tiny_system, calibrated, tmp_path):
