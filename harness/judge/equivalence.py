@@ -153,6 +153,8 @@ def _plan(m: MetricEquivalence) -> str:
     """What an inconclusive metric would need: the reader's next step, in the detail line."""
     if m.outcome != "inconclusive":
         return ""
+    if m.seeds_needed is None and abs(m.diff) >= m.margin:
+        return "; more seeds would not resolve it: the observed difference is itself outside the margin"
     if m.seeds_needed is None:
         return f"; more seeds would not resolve it at this difference and spread (> {MAX_PLANNED_SEEDS} per side)"
     return f"; at this difference and spread ~{m.seeds_needed} seeds per side would resolve it"
