@@ -93,10 +93,9 @@ def calibrate(system: str, steps: int | str, device: str, seeds: list[int], clas
         return seed, req, rows
 
     # seeds are independent and only their accuracy matters (not their speed): run `jobs` at once
-    from concurrent.futures import ThreadPoolExecutor
+    from harness.run import side_by_side
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        outcomes = list(pool.map(one_seed, seeds))
+    outcomes = side_by_side.run_all(one_seed, seeds, jobs)
     for seed, req, rows in outcomes:
         resolved = {"steps": req.steps, "device": rows[0].device.kind if rows else device,
                     "system": rows[0].system if rows else system}

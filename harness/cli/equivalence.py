@@ -12,7 +12,6 @@ import argparse
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -24,6 +23,7 @@ from harness.judge.calibration import CALIBRATION, calibration_path
 from harness.judge.processes import format_dp_test
 from harness.judge.seeds import calibration_samples, gate_steps, metrics_record, samples
 from harness.results import runs as results
+from harness.run import side_by_side
 
 EQUIVALENCE = ROOT / "results" / "equivalence"
 SCHEMA = "dpharness.equivalence/1"
@@ -87,8 +87,7 @@ def run_equivalence(system: str, variant: str, seeds: list[int], steps: int | No
         return seed, rows[0]
 
     t0 = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        outcomes = list(pool.map(one_seed, seeds))
+    outcomes = side_by_side.run_all(one_seed, seeds, jobs)
     ran: list[tuple[int, dict]] = []
     per_seed = []
     for seed, r in outcomes:

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,21 @@ def upstream_refusal(backend: str, upstream_options: dict[str, Any], tree: Path)
             f"({COMPILE_COMPAT} SUPPORTED_COMPILE_TORCH)")
 
 
+# Set while a side-by-side run (calibrate, equivalence: trainings in worker threads, which no
+# signal reaches) is being stopped: every training this process waits on stops as on Ctrl-C.
+_STOP = threading.Event()
+
+
+def stop_trainings() -> None:
+    """Stop every training this process is waiting on, in any thread, as Ctrl-C stops one (SIGINT
+    to its process group, SIGKILL after 30 s), until resume_trainings()."""
+    _STOP.set()
+
+
+def resume_trainings() -> None:
+    _STOP.clear()
+
+
 def run_training(spec: RunSpec, progress=None) -> TrainResult:
     """Train; never raises for a failed run (status says it), only for bad input."""
     wd = spec.work_dir
@@ -181,6 +197,8 @@ def run_training(spec: RunSpec, progress=None) -> TrainResult:
         try:
             while proc.poll() is None:
                 time.sleep(0.25)
+                if _STOP.is_set():
+                    raise KeyboardInterrupt  # stop_trainings(): the same stop as Ctrl-C, below
                 if progress is not None:
                     progress(_read_progress(wd), spec.steps)
                 if deadline is not None and time.monotonic() > deadline:

@@ -5,8 +5,11 @@ what ran, and bad input is refused before anything trains."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +73,55 @@ def test_refusals_before_anything_trains(tiny_system, calibrated, tmp_path):
         p = subprocess.run([sys.executable, "-m", "harness", "equivalence", "--variant", "fp32", *args],
                            capture_output=True, text=True)
         assert p.returncode == 2 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def _children_under(root: Path) -> list[int]:
+    """Pids of live processes whose working directory is under root (the training children)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if str(Path(os.readlink(d / "cwd"))).startswith(str(root)):
+                    pids.append(int(d.name))
+            except OSError:
+                pass
+    return pids
+
+
+def test_sigterm_stops_the_running_seeds_starts_no_queued_one_and_writes_nothing(tiny_system, tmp_path):
+    """A deadline's SIGTERM (timeout, Slurm) while seeds train side by side: the running trainings
+    are stopped as Ctrl-C stops one, the queued seeds never start, no record is written, and no
+    training is left behind (before side_by_side the pool kept launching every queued seed)."""
+    from harness.core import fsutil
+    from harness.judge import calibration
+
+    runs = {"float64": [{"seed": s, "variant": "baseline", "dp_test": {"rmse_e_per_atom": 0.7, "rmse_f": 0.84,
+                                                                       "rmse_v": None, "numb_test": 0}}
+                        for s in (1, 2, 3)]}
+    cal_dir, work, out = tmp_path / "cal", tmp_path / "work", tmp_path / "eq"
+    fsutil.atomic_write_json(calibration.calibration_path("tinywater", "cpu", 400, cal_dir),
+                             calibration.build_calibration("tinywater", "cpu", 400, runs, 0))
+    code = ("import signal, sys\nfrom pathlib import Path\nfrom harness.cli.main import _sigterm\n"
+            "signal.signal(signal.SIGTERM, _sigterm)\nfrom harness.cli.equivalence import run_equivalence\n"
+            "try:\n    run_equivalence(sys.argv[1], 'baseline', [7, 8, 9, 10], steps=400, device='cpu', jobs=2,"
+            " calibration_dir=Path(sys.argv[2]), out_dir=Path(sys.argv[3]), work_root=Path(sys.argv[4]),"
+            " log=lambda m: None)\nexcept KeyboardInterrupt:\n    sys.exit(130)\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(tiny_system), str(cal_dir), str(out), str(work)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and len(_children_under(work)) < 2 and p.poll() is None:
+        time.sleep(0.5)
+    assert p.poll() is None and len(_children_under(work)) >= 2, "two seeds should be training side by side"
+    time.sleep(3)
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=90)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, p.stdout.read()[-2000:]
+    time.sleep(1)
+    assert _children_under(work) == []
+    started = sorted(d.name for d in work.iterdir())
+    assert len(started) == 2 and not any(d.endswith(("-s9", "-s10")) for d in started), started
+    assert not any(out.glob("*.json")) if out.exists() else True
