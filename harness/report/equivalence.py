@@ -1,7 +1,7 @@
 """The report's "Training equivalence" section: one row per `dpharness equivalence` record
 (results/equivalence/*.json): the variant's seeds against the baseline's calibration, the verdict
 and per metric the effect size with its 90 % interval, the margin, the outcome and, when
-inconclusive, the seeds that would resolve it (render.equivalence_cell, as for a bench run)."""
+inconclusive, the seeds that would resolve it (cells.equivalence_cell, as for a bench run)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core.records import Equivalence
+from harness.report.cells import equivalence_cell, verdict as _verdict
 
 SCHEMA = "dpharness.equivalence/1"
 
@@ -31,8 +32,6 @@ def load_records(directory: Path, warn: Callable[[str], None] = lambda m: None) 
 
 
 def sections(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from harness.report.render import _verdict, equivalence_cell
-
     rows = []
     for r in records:
         label, vclass = _verdict(r.get("verdict"))

@@ -20,6 +20,7 @@ from typing import Any
 from harness.results import export
 from harness.results import runs as results
 from harness.report import equivalence as equivalence_section
+from harness.report.cells import equivalence_cell, verdict as _verdict
 from harness.report import floor as floor_section
 from harness.report import summary, training, worksize
 from harness.report import trajectory as trajectory_section
@@ -200,29 +201,6 @@ def _acc_cell(col: str, x: Any) -> str:
     if col == "numb_test":  # frames per validation system; 0 is dp test's "all of them"
         return "all" if x == 0 else str(x)
     return number(x, 1, 5)
-
-
-def equivalence_cell(e: Any) -> str:
-    """One line per metric of a record's training-equivalence part: the relative effect size with
-    its 90 % interval against the margin, the seeds and the outcome; else why it was not judged."""
-    if e is None or e.is_empty():
-        return "-"
-    if not e.metrics:
-        return e.detail or "-"
-    n = f"n {len(e.seeds_variant or [])}/{len(e.seeds_baseline or [])}"
-    cells = []
-    for m, d in e.metrics.items():
-        mb = d.get("mean_baseline") or 0.0
-        rel = (lambda x: f"{100 * x / mb:+.1f}%") if mb else (lambda x: f"{x:+.2g}")
-        lo, hi = d.get("ci90") or (float("nan"), float("nan"))
-        plan = f" (~{d['seeds_needed']} seeds/side to resolve)" if d.get("seeds_needed") else ""
-        cells.append(f"{m} {rel(d['diff'])} [{rel(lo)}, {rel(hi)}] (±{100 * d['margin_rel']:.0f}%) {d['outcome']}{plan}")
-    return f"{e.verdict} ({n}): " + "; ".join(cells)
-
-
-def _verdict(v: Any) -> tuple[str, str]:
-    s = str(v or "-")
-    return {"pass": ("PASS", "pass"), "fail": ("FAIL", "fail"), "baseline": ("reference", "")}.get(s, (s, ""))
 
 
 def _anchor(*parts: str) -> str:
