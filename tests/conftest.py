@@ -108,6 +108,30 @@ def pytest_configure(config):
     os.environ["OMP_NUM_THREADS"] = str(max(1, cores // max(1, workers)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _fork_server():
+    """PyTorch children (trainings, dp test/freeze, parity evaluations) are forked from a server
+    per worker and environment that imported upstream once (harness/child/forkserver.py): each
+    saves the ~5-9 s import of torch and deepmd, several hundred times a run. DPH_FORK_SERVER=0
+    runs every child plain. The folder is short (a UNIX socket path has 108 bytes); removing it
+    ends its servers."""
+    import shutil
+    import tempfile
+
+    from harness.core import envvars
+
+    if os.environ.get(envvars.DPH_FORK_SERVER) is not None:
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="dph-fork-")
+    os.environ[envvars.DPH_FORK_SERVER] = folder
+    try:
+        yield
+    finally:
+        os.environ.pop(envvars.DPH_FORK_SERVER, None)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _upstream_code_put_back():
     """What a test replaces of upstream's code through harness.core.rebind (engines, patch

@@ -189,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as e:  # noqa: BLE001 (the step times must still be written)
                 extra["engine"] = {"error": f"{type(e).__name__}: {e}"}
         extra["replaced"] = rebind.replaced()  # which of upstream's code did not run as written
+        from harness.child import forkserver
+
+        if forkserver.IN_CHILD:  # forked from a server that imported upstream: startup_s excludes that
+            extra["launcher"] = "fork server"
         clock.dump(str(run_dir / "steps.json"), extra)
 
     if rank0:
@@ -217,4 +221,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     threading.current_thread().name = "dph-launch"
-    sys.exit(main())
+    from harness.child import forkserver  # served: this process stays a proxy of a forked child
+
+    served = forkserver.delegate("harness.child.launch", sys.argv[1:])
+    sys.exit(main() if served is None else served)

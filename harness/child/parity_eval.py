@@ -318,6 +318,11 @@ def _run_pt_expt(a, meta: dict, arrays: dict, config: dict, pt_model, pt_loss, l
 
 
 if __name__ == "__main__":
+    from harness.child import forkserver  # served: this process stays a proxy of a forked child
+
+    served = forkserver.delegate("harness.child.parity_eval", sys.argv[1:])
+    if served is not None:
+        sys.exit(served)
     try:
         sys.exit(main())
     except Exception:

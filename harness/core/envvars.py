@@ -43,6 +43,9 @@ DPH_GIT_SHA = _declare("DPH_GIT_SHA", "harness.core.environment",
                        "the commit a copied tree was taken from (a GPU node's copy has no real .git)")
 DPH_UPSTREAM_TREE = _declare("DPH_UPSTREAM_TREE", "tools/gpu_env.sh",
                              "an upstream tree to use instead of building baseline")
+DPH_FORK_SERVER = _declare("DPH_FORK_SERVER", "harness.child.forkserver",
+                           "a folder: PyTorch children are forked from a server that imported upstream once "
+                           "(tests/conftest.py sets one per pytest worker; unset: every child starts fresh)")
 # --- set by the harness for the training child process ---
 DPH_RUN_DIR = _declare("DPH_RUN_DIR", "harness.child.runtime", "the run's work directory (steps.json, profile.json)",
                        ".")

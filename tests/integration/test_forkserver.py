@@ -1,0 +1,169 @@
+"""The fork server (harness/child/forkserver.py): a served child is the plain child, as the harness
+observes it -- same training to the last bit, same exit status, signals reach it, a SIGKILLed proxy
+takes its child with it -- and what may not be served starts as before."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.child import forkserver
+from harness.core import envvars
+from harness.prepare import build, systems
+from harness.run import train
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tree() -> Path:
+    return Path(build.build_variant("baseline").tree)
+
+
+def _start(tree: Path, system: Path, wd: Path, steps: int, served: Path | None) -> subprocess.Popen:
+    wd.mkdir(parents=True)
+    inp = train.make_input(systems.load_system(str(system)), {}, steps, seed=7)
+    inp["training"]["disp_freq"] = 1
+    (wd / "input.json").write_text(json.dumps(inp))
+    env = train.subprocess_env("cpu", {}, wd)
+    env.pop(envvars.DPH_FORK_SERVER, None)
+    if served is not None:
+        env[envvars.DPH_FORK_SERVER] = str(served)
+    cmd = train.launch_command(tree, (), ["--pt", "train", "input.json", "--skip-neighbor-stat"])
+    return subprocess.Popen(cmd, cwd=wd, env=env, stdout=open(wd / "train.log", "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _rows(wd: Path) -> list[dict]:
+    return [json.loads(x) for x in (wd / "lcurve_full.jsonl").read_text().splitlines()]
+
+
+def _wait_for_step(p: subprocess.Popen, wd: Path, step: int) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        try:
+            if int((wd / "progress").read_text() or 0) >= step:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} (exit {p.poll()}): {(wd / 'train.log').read_text()[-2000:]}")
+
+
+def _pids_in(wd: Path) -> list[int]:
+    """Processes whose working directory is wd (the proxy, its forked child, the child's data loaders)."""
+    found = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(d / "cwd") == str(wd):
+                found.append(int(d.name))
+        except OSError:
+            pass
+    return found
+
+
+def _gone(wd: Path, within_s: float = 30) -> bool:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline and _pids_in(wd):
+        time.sleep(0.05)
+    return not _pids_in(wd)
+
+
+@pytest.fixture
+def folder(tmp_path: Path):
+    """A server folder of the test's own; removing it ends its servers, and nothing outlives the test."""
+    d = tmp_path / "srv"
+    d.mkdir()
+    yield d
+    for wd in tmp_path.iterdir():
+        for pid in _pids_in(wd):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    import shutil
+
+    shutil.rmtree(d)
+
+
+def test_a_served_training_is_the_plain_training(tree: Path, tiny_system: Path, tmp_path: Path, folder) -> None:
+    runs = {}
+    for name, served in (("plain", None), ("served", folder), ("served-again", folder)):
+        p = _start(tree, tiny_system, tmp_path / name, STEPS, served)
+        assert p.wait(timeout=600) == 0, (tmp_path / name / "train.log").read_text()[-3000:]
+        runs[name] = tmp_path / name
+    plain = _rows(runs["plain"])
+    assert len(plain) == STEPS
+    for name in ("served", "served-again"):  # bit for bit: same code, same inputs, same seed
+        assert _rows(runs[name]) == plain
+    steps = {n: json.loads((wd / "steps.json").read_text()) for n, wd in runs.items()}
+    assert "launcher" not in steps["plain"] and steps["served"]["launcher"] == "fork server"
+    assert len(steps["served"]["step_s"]) == len(steps["plain"]["step_s"])
+    logs = list(folder.glob("*.log"))
+    assert len(logs) == 1 and "serving" in logs[0].read_text()  # one server, both runs forked from it
+    assert (runs["served"] / "model.ckpt.pt").exists() or list(runs["served"].glob("model.ckpt-*.pt"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_reaches_the_forked_child_and_its_exit_status_comes_back(tree, tiny_system, tmp_path, folder,
+                                                                          sig) -> None:
+    codes = {}
+    for name, served in (("plain", None), ("served", folder)):
+        wd = tmp_path / name
+        p = _start(tree, tiny_system, wd, 100000, served)
+        _wait_for_step(p, wd, 3)
+        os.killpg(p.pid, sig)  # as train.run_training stops a child: its whole group
+        codes[name] = p.wait(timeout=120)
+        assert _gone(wd), name
+    assert codes["served"] == codes["plain"], (codes, (tmp_path / "served" / "train.log").read_text()[-2000:])
+
+
+def test_a_sigkilled_proxy_takes_its_forked_child_with_it(tree, tiny_system, tmp_path, folder) -> None:
+    wd = tmp_path / "killed"
+    p = _start(tree, tiny_system, wd, 100000, folder)
+    _wait_for_step(p, wd, 3)
+    # the proxy stays the harness's child; the training runs in the fork, in a session of its own
+    forked = [pid for pid in _pids_in(wd) if pid != p.pid and os.getsid(pid) == pid
+              and b"harness.child.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(forked) == 1 and os.getsid(p.pid) == p.pid
+    os.killpg(p.pid, signal.SIGKILL)
+    assert p.wait(timeout=60) == -signal.SIGKILL
+    assert _gone(wd), "the forked training (or its data loaders) outlived its proxy"
+
+
+def test_what_is_not_served_starts_as_before(tmp_path: Path) -> None:
+    env = {envvars.DPH_FORK_SERVER: str(tmp_path)}
+    launch = ["--tree", "/t", "--", "--pt", "train", "input.json"]
+    assert forkserver.servable("harness.child.launch", launch, env) == "/t"
+    assert forkserver.servable("harness.child.launch", launch, {}) is None  # not asked for
+    assert forkserver.servable("harness.child.launch", launch, {envvars.DPH_FORK_SERVER: "0"}) is None
+    assert forkserver.servable("harness.child.launch", launch, {**env, "RANK": "0"}) is None  # torchrun's rank
+    assert forkserver.servable("harness.child.launch", ["--tree", "/t", "--", "--tf", "train", "x"], env) is None
+    assert forkserver.servable("harness.child.md_nve", ["--tree", "/t"], env) is None
+    parity = ["--tree", "/t", "--backend", "pt"]
+    assert forkserver.servable("harness.child.parity_eval", parity, env) == "/t"
+    assert forkserver.servable("harness.child.parity_eval", ["--tree", "/t", "--backend", "pt-expt"], env) is None
+    # the key: the environment deepmd and torch read at import, not the harness's own variables
+    assert forkserver.server_key("/t", {"DPH_RUN_DIR": "a", "PYTEST_CURRENT_TEST": "x", "DEVICE": "cpu"}) == \
+        forkserver.server_key("/t", {"DPH_RUN_DIR": "b", "DEVICE": "cpu"})
+    assert forkserver.server_key("/t", {"DEVICE": "cpu"}) != forkserver.server_key("/t", {"DEVICE": "cuda"})
+    assert forkserver.server_key("/t", {"OMP_NUM_THREADS": "1"}) != forkserver.server_key("/t", {"OMP_NUM_THREADS": "2"})
+    assert forkserver.server_key("/t", {}) != forkserver.server_key("/u", {})
+
+
+def test_a_server_that_cannot_start_leaves_the_child_to_run_itself(tiny_system, tmp_path) -> None:
+    """A tree without upstream in it: the server says why and exits; the proxy runs the child
+    itself, which fails as a plain one would (no deepmd), and says the server was not used."""
+    empty = tmp_path / "empty-tree"
+    empty.mkdir()
+    wd = tmp_path / "run"
+    p = _start(empty, tiny_system, wd, 2, tmp_path)
+    rc = p.wait(timeout=300)
+    log = (wd / "train.log").read_text()
+    assert rc != 0 and "dpharness fork server: not used (the server exited 3" in log, log[-2000:]
+    assert "ModuleNotFoundError" in log
