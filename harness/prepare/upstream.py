@@ -2,8 +2,10 @@
 The competition's asc-2022 branch is v2 code: the TF v2 family builds it (harness/prepare/tf_era.py)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 try:
@@ -46,15 +48,24 @@ def fetch_wheel(pin: UpstreamPin, log: list[str]) -> Path:
             return verified_wheel(p, pin, log)
     DOWNLOADS.mkdir(parents=True, exist_ok=True)
     log.append(f"downloading {pin.package}=={pin.version} into {DOWNLOADS}")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--platform", "manylinux_2_28_x86_64", "-d", str(DOWNLOADS),
-           f"{pin.package}=={pin.version}"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
     p = DOWNLOADS / pin.wheel
-    if r.returncode != 0 or not p.is_file():
+    why = ""
+    for _attempt in range(2):  # one retry: a download is the one step here a network blip fails
+        # into a folder of its own, then one rename: processes downloading at once (pytest-xdist's
+        # workers collecting) never see each other's half-written file
+        with tempfile.TemporaryDirectory(dir=DOWNLOADS, prefix=".tmp-") as tmp:
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                   "--platform", "manylinux_2_28_x86_64", "-d", tmp, f"{pin.package}=={pin.version}"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            got = Path(tmp) / pin.wheel
+            if r.returncode == 0 and got.is_file():
+                os.replace(got, p)
+                break
+            why = (r.stderr.strip().splitlines() or [f"pip exit {r.returncode}"])[-1]
+    if not p.is_file():
         raise UserError(
-            f"cannot obtain {pin.wheel}: not in wheelhouse/ and the download failed "
-            f"(offline node? run `make wheelhouse` on a machine with internet and copy wheelhouse/ here)"
+            f"cannot obtain {pin.wheel}: not in wheelhouse/ and the download failed ({why}; offline node? "
+            f"run `make wheelhouse` on a machine with internet and copy wheelhouse/ here)"
         )
     return verified_wheel(p, pin, log)
 
