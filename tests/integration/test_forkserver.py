@@ -147,7 +147,10 @@ def test_what_is_not_served_starts_as_before(tmp_path: Path) -> None:
     assert forkserver.servable("harness.child.md_nve", ["--tree", "/t"], env) is None
     parity = ["--tree", "/t", "--backend", "pt"]
     assert forkserver.servable("harness.child.parity_eval", parity, env) == "/t"
-    assert forkserver.servable("harness.child.parity_eval", ["--tree", "/t", "--backend", "pt-expt"], env) is None
+    assert forkserver.servable("harness.child.launch", ["--tree", "/t", "--", "--pt-expt", "train", "x"], env) == "/t"
+    assert forkserver.servable("harness.child.launch", ["--tree", "/t", "--", "--jax", "train", "x"], env) is None
+    assert forkserver.servable("harness.child.parity_eval", ["--tree", "/t", "--backend", "pt-expt"], env) == "/t"
+    assert forkserver.servable("harness.child.parity_eval", ["--tree", "/t", "--backend", "jax"], env) is None
     # the key: the environment deepmd and torch read at import, not the harness's own variables
     assert forkserver.server_key("/t", {"DPH_RUN_DIR": "a", "PYTEST_CURRENT_TEST": "x", "DEVICE": "cpu"}) == \
         forkserver.server_key("/t", {"DPH_RUN_DIR": "b", "DEVICE": "cpu"})
