@@ -117,24 +117,21 @@ def delegate(module: str, argv: list[str]) -> int | None:
             pending.append(sig)
 
     before = {sig: signal.signal(sig, forward) for sig in FORWARDED}
+    request = json.dumps({"module": module, "argv": argv, "env": env, "cwd": os.getcwd()}).encode()
     try:
         conn = _connect(folder, key, tree, env)
-    except OSError as e:
+        socket.send_fds(conn, [struct.pack("!Q", len(request)) + request], [0, 1, 2])
+        reader = conn.makefile("r")
+        line = reader.readline()
+        if not line.startswith("pid "):  # e.g. a server that closed at its idle timeout as we came
+            raise OSError(f"no child started: {line.strip() or 'the server closed the connection'}")
+    except OSError as e:  # nothing was started: this process runs the child itself
         print(f"dpharness fork server: not used ({e}); starting the child directly", file=sys.stderr)
-        conn = None
-    if conn is None:
         for sig, handler in before.items():
             signal.signal(sig, handler)
         for sig in pending:
             os.kill(os.getpid(), sig)
         return None
-    request = json.dumps({"module": module, "argv": argv, "env": env, "cwd": os.getcwd()}).encode()
-    socket.send_fds(conn, [struct.pack("!Q", len(request)) + request], [0, 1, 2])
-    reader = conn.makefile("r")
-    line = reader.readline()
-    if not line.startswith("pid "):
-        print(f"dpharness fork server: no child started ({line.strip() or 'connection closed'})", file=sys.stderr)
-        return 1
     child[0] = int(line.split()[1])
     for sig in pending:
         os.kill(child[0], sig)

@@ -170,3 +170,35 @@ def test_a_server_that_cannot_start_leaves_the_child_to_run_itself(tiny_system, 
     log = (wd / "train.log").read_text()
     assert rc != 0 and "dpharness fork server: not used (the server exited 3" in log, log[-2000:]
     assert "ModuleNotFoundError" in log
+
+
+def test_a_server_that_closes_as_the_proxy_comes_leaves_the_child_to_run_itself(tiny_system, tmp_path) -> None:
+    """A server at its idle timeout can accept a connection and close it without forking: the
+    proxy, which started nothing, runs the child itself (here: no upstream in the tree, so it fails
+    as a plain child would) instead of failing the run."""
+    import socket
+    import threading
+
+    empty = tmp_path / "empty-tree"
+    empty.mkdir()
+    wd = tmp_path / "run"
+    env = train.subprocess_env("cpu", {}, wd)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / f"{forkserver.server_key(str(empty), env)}.sock"))
+    listener.listen(1)
+
+    def close_at_once():
+        conn, _ = listener.accept()
+        conn.close()
+
+    t = threading.Thread(target=close_at_once, daemon=True)
+    t.start()
+    p = _start(empty, tiny_system, wd, 2, tmp_path)
+    rc = p.wait(timeout=300)
+    t.join(timeout=10)
+    listener.close()
+    log = (wd / "train.log").read_text()
+    # the send or the first read fails, which of the two depends on timing
+    assert rc != 0 and "dpharness fork server: not used (" in log, log[-2000:]
+    assert "starting the child directly" in log
+    assert "ModuleNotFoundError" in log
