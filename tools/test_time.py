@@ -47,7 +47,8 @@ def main(argv=None) -> int:
     print(f"worker time per module ({len(t)} modules, {int(t['tests'].sum())} tests, {total / 60:.1f} worker-minutes):")
     print(f"{'min':>6} {'share':>6} {'tests':>5} {'slowest s':>9}  module / slowest test")
     for mod, r in t.head(a.top).iterrows():
-        print(f"{r.seconds / 60:6.1f} {r.seconds / total:6.1%} {int(r.tests):5d} {r.slowest_s:9.0f}  {mod} / {str(r.slowest)[:70]}")
+        share = r.seconds / total if total else 0.0  # a run stopped at collection timed nothing
+        print(f"{r.seconds / 60:6.1f} {share:6.1%} {int(r.tests):5d} {r.slowest_s:9.0f}  {mod} / {str(r.slowest)[:70]}")
     return 0
 
 

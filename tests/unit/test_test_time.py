@@ -35,3 +35,14 @@ def test_a_missing_or_empty_report_is_one_line_exit_2(tmp_path):
         r = subprocess.run([sys.executable, str(REPO / "tools" / "test_time.py"), str(path)],
                            capture_output=True, text=True)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and str(path) in r.stderr, r.stderr
+
+
+def test_a_run_stopped_at_collection_prints_its_table_without_a_warning(tmp_path):
+    """Collection errors are test cases of 0 s: the shares are 0 %, not nan with a RuntimeWarning
+    (the log of a fresh clone whose collection failed, 4954a2a)."""
+    (tmp_path / "r.xml").write_text(
+        '<testsuites><testsuite name="pytest"><testcase classname="" name="tests.engines.test_x" time="0.000">'
+        '<error message="collection failure"/></testcase></testsuite></testsuites>')
+    r = subprocess.run([sys.executable, "-W", "error", str(REPO / "tools" / "test_time.py"), str(tmp_path / "r.xml")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and not r.stderr and "0.0%" in r.stdout and "nan" not in r.stdout, r.stdout + r.stderr
