@@ -5,7 +5,6 @@ what ran, and bad input is refused before anything trains."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import pytest
 from harness.cli.calibrate import calibrate
 from harness.cli.equivalence import run_equivalence
 from harness.core.errors import UserError
+from _procs import gone_within, pids_under
 
 STEPS = 100  # enough training for half the learning rate to show (at 10 steps broken-lr passes)
 
@@ -90,19 +90,6 @@ def test_refusals_before_anything_trains(tiny_system, calibrated, tmp_path):
         assert p.returncode == 2 and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def _children_under(root: Path) -> list[int]:
-    """Pids of live processes whose working directory is under root (the training children)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if str(Path(os.readlink(d / "cwd"))).startswith(str(root)):
-                    pids.append(int(d.name))
-            except OSError:
-                pass
-    return pids
-
-
 def test_sigterm_stops_the_running_seeds_starts_no_queued_one_and_writes_nothing(tiny_system, tmp_path):
     """A deadline's SIGTERM (timeout, Slurm) while seeds train side by side: the running trainings
     are stopped as Ctrl-C stops one, the queued seeds never start, no record is written, and no
@@ -124,9 +111,9 @@ def test_sigterm_stops_the_running_seeds_starts_no_queued_one_and_writes_nothing
     p = subprocess.Popen([sys.executable, "-c", code, str(tiny_system), str(cal_dir), str(out), str(work)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and len(_children_under(work)) < 2 and p.poll() is None:
+    while time.monotonic() < deadline and len(pids_under(work)) < 2 and p.poll() is None:
         time.sleep(0.5)
-    assert p.poll() is None and len(_children_under(work)) >= 2, "two seeds should be training side by side"
+    assert p.poll() is None and len(pids_under(work)) >= 2, "two seeds should be training side by side"
     time.sleep(3)
     p.send_signal(signal.SIGTERM)
     try:
@@ -137,10 +124,8 @@ def test_sigterm_stops_the_running_seeds_starts_no_queued_one_and_writes_nothing
     assert p.returncode == 130, p.stdout.read()[-2000:]
     # torch's shared-memory daemon (torch_shm_manager, its own session) leaves once its last client
     # has gone: ~1.7 s after the fork server's proxies exit, so the check waits for that
-    deadline = time.monotonic() + 30
-    while _children_under(work) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in _children_under(work)}
+    gone_within(work, 30)
+    left = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in pids_under(work)}
     assert not left, left
     started = sorted(d.name for d in work.iterdir())
     assert len(started) == 2 and not any(d.endswith(("-s9", "-s10")) for d in started), started

@@ -16,6 +16,7 @@ from harness.child import forkserver
 from harness.core import envvars
 from harness.prepare import build, systems
 from harness.run import train
+from _procs import gone_within, kill_under, pids_under
 
 STEPS = 6
 
@@ -57,21 +58,11 @@ def _wait_for_step(p: subprocess.Popen, wd: Path, step: int) -> None:
 
 def _pids_in(wd: Path) -> list[int]:
     """Processes whose working directory is wd (the proxy, its forked child, the child's data loaders)."""
-    found = []
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            if os.readlink(d / "cwd") == str(wd):
-                found.append(int(d.name))
-        except OSError:
-            pass
-    return found
+    return pids_under(wd, exact=True)
 
 
 def _gone(wd: Path, within_s: float = 30) -> bool:
-    deadline = time.monotonic() + within_s
-    while time.monotonic() < deadline and _pids_in(wd):
-        time.sleep(0.05)
-    return not _pids_in(wd)
+    return gone_within(wd, within_s, exact=True)
 
 
 @pytest.fixture
@@ -81,11 +72,7 @@ def folder(tmp_path: Path):
     d.mkdir()
     yield d
     for wd in tmp_path.iterdir():
-        for pid in _pids_in(wd):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_under(wd, exact=True)
     import shutil
 
     shutil.rmtree(d)

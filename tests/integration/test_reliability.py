@@ -18,6 +18,7 @@ import pytest
 from harness.results import runs as results
 from harness.prepare import systems
 from harness.core.errors import UserError
+from _procs import kill_under
 
 REPO = Path(__file__).resolve().parents[2]
 TYPE_MAP = ("O", "H")
@@ -217,21 +218,6 @@ def test_training_killed_mid_run_is_recorded_failed_with_reason(tiny_system, tmp
     assert rec.timing.step_s_median is None or rec.timing.steps_measured < 6
 
 
-def _kill_processes_under(root: Path) -> None:
-    """SIGKILL every process whose working directory is below `root` (Linux /proc)."""
-    root = root.resolve()
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            cwd = (d / "cwd").resolve()
-        except OSError:
-            continue
-        if cwd == root or root in cwd.parents:
-            try:
-                os.kill(int(d.name), signal.SIGKILL)
-            except OSError:
-                pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path, sig):
@@ -259,7 +245,7 @@ def test_sigint_to_the_harness_records_an_interrupted_run(tiny_system, tmp_path,
         p.send_signal(sig)
         out, err = p.communicate(timeout=120)
     finally:  # a failed test must not leave a 20000-step training behind (it runs in its own session)
-        _kill_processes_under(tmp_path)
+        kill_under(tmp_path)
         if p.poll() is None:
             p.kill()
             p.wait()
