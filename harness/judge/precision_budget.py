@@ -18,7 +18,10 @@ STAGES = (
     ("descriptor float32 (env matrix, embedding, R~^T G)", "fused-desc32", ("cpu", "cuda")),
     ("fitting net float32", "fused-fit32", ("cpu", "cuda")),
     ("descriptor + fitting float32", "fused-fp32", ("cpu", "cuda")),
+    ("descriptor float32, TF32 embedding GEMMs", "fused-desc-tf32", ("cuda",)),
+    ("fitting net float32, TF32 GEMMs", "fused-fit-tf32", ("cuda",)),
     ("descriptor + fitting float32, TF32 GEMMs", "fused-mixed", ("cuda",)),
+    ("descriptor bfloat16, fitting float32", "fused-bf16", ("cpu", "cuda")),
 )
 METRICS = ("max_rel_e", "max_rel_f", "max_rel_v", "rms_f", "step_grad_max_rel", "step_update_max_rel")
 

@@ -12,21 +12,26 @@ from harness.judge import precision_budget as pb
 def fake_parity(seen):
     def parity(system, variant, checkpoint, device):
         seen.append((system, variant, device))
-        err = {"fused-desc32": 5e-7, "fused-fit32": 1e-7, "fused-fp32": 6e-7}[variant]
-        return {"verdict": "pass", "detail": "within tolerance",
-                "parity": {"class": "float32", "tolerance": 1e-5, "max_rel_f": err, "max_rel_e": err / 10}}
+        err = {"fused-desc32": 5e-7, "fused-fit32": 1e-7, "fused-fp32": 6e-7, "fused-bf16": 5e-2}[variant]
+        cls, tol = ("mixed", 1e-3) if variant == "fused-bf16" else ("float32", 1e-5)
+        verdict = "pass" if err <= tol else "fail"
+        return {"verdict": verdict, "detail": "within tolerance" if verdict == "pass" else f"f rel {err:.2e} > {tol:g}",
+                "parity": {"class": cls, "tolerance": tol, "max_rel_f": err, "max_rel_e": err / 10}}
     return parity
 
 
 def test_every_stage_is_measured_where_it_can_be(tmp_path):
     seen = []
     b = pb.measure("water", tmp_path / "c.pt", "cpu", "cpu", fake_parity(seen))
-    assert [r.variant for r in b.rows] == ["fused-desc32", "fused-fit32", "fused-fp32", "fused-mixed"]
-    assert seen == [("water", v, "cpu") for v in ("fused-desc32", "fused-fit32", "fused-fp32")]
+    assert [r.variant for r in b.rows] == ["fused-desc32", "fused-fit32", "fused-fp32", "fused-desc-tf32",
+                                           "fused-fit-tf32", "fused-mixed", "fused-bf16"]
+    assert seen == [("water", v, "cpu") for v in ("fused-desc32", "fused-fit32", "fused-fp32", "fused-bf16")]
     assert b.rows[0].metrics["max_rel_f"] == 5e-7 and b.rows[0].metrics["max_rel_v"] is None
-    assert b.rows[3].verdict == "not measured" and "cuda" in b.rows[3].detail and not b.rows[3].metrics
+    for r in b.rows[3:6]:  # TF32 exists on CUDA only
+        assert r.verdict == "not measured" and "cuda" in r.detail and not r.metrics
+    assert b.rows[6].verdict == "fail" and b.rows[6].accuracy_class == "mixed"
     text = pb.table(b)
-    assert "5.00e-07" in text and "not measured: needs cuda" in text
+    assert "5.00e-07" in text and "not measured: needs cuda" in text and "mixed): f rel 5.00e-02 > 0.001" in text
     assert json.loads(json.dumps(pb.to_dict(b)))["schema"] == pb.SCHEMA
 
 
