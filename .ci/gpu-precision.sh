@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU call (issue 40, slice 2): the per-stage precision budget on the card for each system --
 # a float64 baseline trained STEPS steps, then `dpharness precision-budget --device cuda` on its
-# checkpoint (descriptor float32, fitting float32, both, both with TF32 GEMMs: the gate's own
+# checkpoint (descriptor float32, fitting float32, both, TF32 GEMMs in each and both, the bfloat16
+# descriptor probe: the gate's own
 # same-weights parity per stage). The systems run side by side (the parity children are light),
 # each under its own deadline, so the budgets that finished always come back in
 # $OUT/precision.tgz (results/precision/<system>-cuda.json, the baselines' records, the logs).
@@ -37,7 +38,7 @@ for s in $SYSTEMS; do
 done
 rc=0
 for p in "${pids[@]}"; do wait "$p" || rc=1; done
-for s in $SYSTEMS; do echo "== $s"; grep -v '^\s*\[' "results/precision/logs/$(basename "$s").log" | tail -8; done
+for s in $SYSTEMS; do echo "== $s"; grep -v '^\s*\[' "results/precision/logs/$(basename "$s").log" | tail -12; done
 find results/runs -name '*.json' -newer /tmp/gpu-precision.start > /tmp/gpu-precision.list
 tar czf "$OUT/precision.tgz" results/precision -T /tmp/gpu-precision.list
 rm -rf results/precision/logs  # they travel in the tar

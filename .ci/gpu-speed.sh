@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One GPU call (issues 39 and 40): is a reduced-precision or kernel variant of fused faster where
+# the cell grows? Sweeps of fused, fused-fp32, fused-mixed and fused-kernels at REPLICATE sizes
+# (one sweep per entry of SIZES: ratios are read within a sweep), no baseline, no gate (speed
+# only: their gates and parity are the precision budget's and the equivalence test's), then
+# the per-stage precision budget of PRECISION_SYSTEMS (.ci/gpu-precision.sh) in what is left.
+# Records, logs and budgets come back in $OUT/results.tgz and $OUT/precision.tgz.
+# Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
+#   bash .ci/gpu-speed.sh
+# Overrides: SIZES="2x2x2:fused,fused-fp32,fused-mixed,fused-kernels:300 4x4x4:fused,fused-fp32,fused-mixed:200"
+#   (size:variants:steps per sweep) SWEEP_S=170 (each sweep's limit) PRECISION_SYSTEMS="water"
+#   PRECISION_S=200 OUT=/tmp/dph-out
+set -u
+cd "$(dirname "$0")/.."
+SIZES=${SIZES:-2x2x2:fused,fused-fp32,fused-mixed,fused-kernels:300 4x4x4:fused,fused-fp32,fused-mixed:200}
+SWEEP_S=${SWEEP_S:-170}
+PRECISION_SYSTEMS=${PRECISION_SYSTEMS-water}
+PRECISION_S=${PRECISION_S:-200}
+OUT=${OUT:-/tmp/dph-out}
+mkdir -p "$OUT"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/card.txt"
+if ! make venv > "$OUT/venv.log" 2>&1; then
+  tail -20 "$OUT/venv.log"; echo "gpu-speed: make venv failed (is wheelhouse/ carried?)" >&2; exit 2
+fi
+touch /tmp/gpu-speed.start
+py=.venv/bin/python
+for entry in $SIZES; do
+  IFS=: read -r size vars steps <<< "$entry"
+  args=(); IFS=, read -ra vs <<< "$vars"; for v in "${vs[@]}"; do args+=(--variant "$v"); done
+  echo "== $size: ${vs[*]} ($steps steps)" | tee -a "$OUT/bench.log"
+  timeout -k 10 "$SWEEP_S" $py -m harness bench --device cuda --system water --replicate "$size" --steps "$steps" \
+    --no-baseline --no-accuracy "${args[@]}" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \[" | tail -12 | tee -a "$OUT/bench.log"
+done
+find results/runs -name '*.json' -newer /tmp/gpu-speed.start > /tmp/gpu-speed.list
+tar czf "$OUT/results.tgz" -T /tmp/gpu-speed.list results/work/*/train.log results/work/*/steps.json 2>/dev/null
+if [ -n "$PRECISION_SYSTEMS" ]; then
+  SYSTEMS="$PRECISION_SYSTEMS" DEADLINE="$PRECISION_S" OUT="$OUT" bash .ci/gpu-precision.sh 2>&1 | tail -30
+fi
+ls -la "$OUT"
