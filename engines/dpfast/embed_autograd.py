@@ -182,9 +182,11 @@ def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor) -> list[
 
 
 def partials_buffer(net: ek.PackedNet, programs: int, device) -> torch.Tensor:
-    """One row of weight-gradient partial sums per program (vjp_split)."""
+    """One row of weight-gradient partial sums per program (vjp_split). Not zeroed: every program
+    writes its whole row (_store_partials), and a memset of every row (tens of MB per call on
+    water: ~1,700 programs x 84 KiB) would be the step's largest write."""
     size = sum(int(torch.Size(s).numel()) for s in _part_shapes(net))
-    return torch.zeros((programs, size), dtype=torch.float64, device=device)
+    return torch.empty((programs, size), dtype=torch.float64, device=device)
 
 
 def reduce_partials(parts: torch.Tensor, net: ek.PackedNet) -> list[torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from _upstream_fixtures import build_trainer, case_config, data, torch  # noqa: F401  (data is a fixture)
-from test_embed_autograd import BOUND, _dev, _layers, _params
+from test_embed_autograd import BOUND, _dev, _layers, _params, _poison_partials
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -65,6 +65,18 @@ def test_split_launches_give_the_same_gradients(ca, monkeypatch, atoms, slots):
     monkeypatch.setattr(embed_autograd, "ATOMS_PER_PROGRAM", atoms)
     monkeypatch.setattr(embed_autograd, "SLOTS_PER_PROGRAM", slots)
     gen = torch.Generator().manual_seed(atoms * 100 + slots)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare(ca, rr, _layers((25, 50, 100), gen), gen)
+
+
+def test_every_program_writes_its_whole_partials_row(ca, monkeypatch):
+    """As embed_autograd's: the unzeroed partials buffer, NaN-poisoned, gives the same gradients."""
+    from dpfast import embed_autograd
+
+    _poison_partials(monkeypatch, embed_autograd, ca)
+    monkeypatch.setattr(embed_autograd, "ATOMS_PER_PROGRAM", 3)
+    monkeypatch.setattr(embed_autograd, "SLOTS_PER_PROGRAM", 16)
+    gen = torch.Generator().manual_seed(7)
     rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
     _compare(ca, rr, _layers((25, 50, 100), gen), gen)
 

@@ -88,6 +88,31 @@ def test_split_launches_give_the_same_gradients(ea, monkeypatch, atoms, slots):
     _compare_grads(ea, rr, _layers((25, 50, 100), gen), gen)
 
 
+def _poison_partials(monkeypatch, *modules):
+    """Partials buffers filled with NaN instead of left as torch.empty gives them: a program that
+    did not write its whole row would put NaN into a gradient."""
+    from dpfast import embed_autograd
+
+    real = embed_autograd.partials_buffer
+
+    def poisoned(net, programs, device):
+        return real(net, programs, device).fill_(float("nan"))
+
+    for m in modules:
+        monkeypatch.setattr(m, "partials_buffer", poisoned)
+
+
+def test_every_program_writes_its_whole_partials_row(ea, monkeypatch):
+    """The partials buffer is not zeroed (its memset was the step's largest write): dead atoms of
+    the last group (11 atoms, 3 a program) and a short last slot chunk must still write theirs."""
+    _poison_partials(monkeypatch, ea)
+    monkeypatch.setattr(ea, "ATOMS_PER_PROGRAM", 3)
+    monkeypatch.setattr(ea, "SLOTS_PER_PROGRAM", 16)
+    gen = torch.Generator().manual_seed(7)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare_grads(ea, rr, _layers((25, 50, 100), gen), gen)
+
+
 def test_gradcheck(ea):
     gen = torch.Generator().manual_seed(2)
     layers = _layers((4, 8, 16), gen)
