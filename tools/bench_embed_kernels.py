@@ -7,6 +7,12 @@ paths the fused engine runs today, on one GPU, float64, se_e2_a's 1 -> 25 -> 50 
 * ``eager-train`` / ``kernel-train``: forward and the gradients of R~ and every weight (torch's
   autograd of the eager path vs dpfast::embed_contract's two VJP kernels); both columns time the
   same thing, and "rel_err_*" compares dE/dR~.
+* ``vjp`` (the training step's backward kernels alone, as its CUDA graph runs them, at the engine's
+  default split): us_fwd the weights' VJP of embed_contract (kernel, partials and their fixed-order
+  sum: embed_autograd.weight_vjp), us_cot the VJP of env_cotangent (cotangent_autograd.cotangent_vjp,
+  the force loss's backward); ``vjp-reduce``: the partials' sum alone, at that launch's size. Their
+  correctness is tests/engines/test_embed_autograd.py's and test_cotangent_autograd.py's (float64,
+  1e-12 against torch's autograd); here "partials_bytes" is what each VJP writes and reads back.
 
 Water's four descriptor blocks (O-O 46, O-H 92, H-O 46, H-H 92 neighbour slots; 64 O and 128 H
 per 192 atoms) at 192 and 1,536 atoms. Per path: microseconds per call (median of CUDA-event
@@ -75,6 +81,37 @@ def _flops(rows: int) -> float:
     """GEMM FLOPs of value + tangent through the three layers and the contraction."""
     n1, n2, n3 = WIDTHS
     return rows * (2 * 2 * n1 + 2 * 2 * (n1 * n2 + n2 * n3) + 2 * 4 * n3)
+
+
+def _vjp_rows(rep: int, A: int, S: int, rr, gx, layers, reps: int) -> list[dict]:
+    """The backward kernels of a training step alone (``vjp``, ``vjp-reduce``): see the module's doc."""
+    from dpfast import cotangent_autograd
+
+    net = embed_kernels.pack_net(layers)
+    ob = torch.randn(A, S, 4, dtype=torch.float64, device=rr.device)
+    meta = embed_kernels._meta(net, S, rr.device, kind="vjp")
+    programs, _, _ = embed_autograd.vjp_split(A, S, meta["BS"])
+    parts = embed_autograd.partials_buffer(net, programs, rr.device).normal_()
+    pbytes = parts.numel() * 8
+    out = []
+    for name, f, c in (("vjp", lambda: embed_autograd.weight_vjp(rr, net, gx),
+                        lambda: cotangent_autograd.cotangent_vjp(rr, net, gx, ob)),
+                       ("vjp-reduce", lambda: embed_autograd.reduce_partials(parts, net),
+                        lambda: embed_autograd.reduce_partials(parts, net))):
+        row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name, "programs": programs,
+               "partials_bytes": pbytes}
+        try:
+            t0 = time.perf_counter()
+            f(), c()
+            torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 3)
+            row["us_fwd"] = _time_us(f, reps)
+            row["us_cot"] = _time_us(c, reps)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
 
 
 def main() -> int:
@@ -155,6 +192,7 @@ def main() -> int:
                     row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows_out.append(row)
                 print(json.dumps(row), flush=True)
+            rows_out.extend(_vjp_rows(rep, A, S, rr, gx, layers, args.reps))
     args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
                                     "widths": WIDTHS, "rows": rows_out}, indent=1))
     return 0
