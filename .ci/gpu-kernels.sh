@@ -7,15 +7,20 @@
 # (3) water, 300 steps: fused and fused-kernels timed in one sweep; (4) per VJP split in SPLITS
 # ("atoms,slots" pairs: DPH_FUSED_VJP_ATOMS / _SLOTS) a sweep of fused and fused-kernels with that
 # split, while the budget allows; (5) fused-kernels gated (baseline + gate) if GATE=1 and the
-# budget allows. The records and logs come back in $OUT/results.tgz.
+# budget allows; (6) if PROFILE=1 and the budget allows, `dpharness profile` of fused and
+# fused-kernels with ncu metrics of the top NCU kernels (kernels per step, where the time goes).
+# The records and logs come back in $OUT/results.tgz.
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
-#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="8,0 1,32" GATE=0 by default; the engine's default is 1,16)
+#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="" GATE=0 PROFILE=1 NCU=8 by default; the engine's
+#   default split is 1,16; 8,0 and 1,32 were measured in sweeps 20261207T101821Z-129bb9 / T101943Z-93ecb5)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dph-out}
 BUDGET_S=${BUDGET_S:-540}
-SPLITS=${SPLITS:-8,0 1,32}
+SPLITS=${SPLITS-}
 GATE=${GATE:-0}
+PROFILE=${PROFILE:-1}
+NCU=${NCU:-8}
 mkdir -p "$OUT"
 touch /tmp/gpu-kernels.start
 end=$(( $(date +%s) + BUDGET_S ))
@@ -39,6 +44,13 @@ done
 if [ "$GATE" = 1 ] && [ "$(left)" -gt 200 ]; then
   timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water --steps 300 --variant fused-kernels --gate-jobs 2" | tail -10 | tee -a "$OUT/bench.log"
 fi
+if [ "$PROFILE" = 1 ] && [ "$(left)" -gt 120 ]; then
+  echo "== profile: fused, fused-kernels (ncu top $NCU)" | tee -a "$OUT/bench.log"
+  timeout $(( $(left) - 20 )) $py -m harness profile --device cuda --system water --variant fused \
+    --variant fused-kernels --steps 100 --ncu "$NCU" --ncu-timeout $(( ($(left) - 40) / 2 )) 2>&1 \
+    | grep -v "^\s*\[.*\] \[" | tail -60 > "$OUT/profile.log"
+  tail -25 "$OUT/profile.log"
+fi
 find results/runs -name '*.json' -newer /tmp/gpu-kernels.start > /tmp/gpu-kernels.list
-tar czf "$OUT/results.tgz" -T /tmp/gpu-kernels.list results/work/*/train.log 2>/dev/null
+tar czf "$OUT/results.tgz" -T /tmp/gpu-kernels.list results/work/*/train.log results/work/*/profile*.json 2>/dev/null
 ls -la "$OUT"
