@@ -10,12 +10,17 @@
 # Overrides: SIZES="2x2x2:fused,fused-fp32,fused-mixed,fused-kernels:300 4x4x4:fused,fused-fp32,fused-mixed:200"
 #   (size:variants:steps per sweep) SWEEP_S=170 (each sweep's limit) PRECISION_SYSTEMS="water"
 #   PRECISION_S=200 OUT=/tmp/dph-out
+# (DEVICE=cpu SYSTEM=<a tiny system dir> SIZES="1x1x1:fused,fused-fp32:4" PRECISION_SYSTEMS=<it>
+# PRECISION_STEPS=4: the plumbing on a CPU machine)
 set -u
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-2x2x2:fused,fused-fp32,fused-mixed,fused-kernels:300 4x4x4:fused,fused-fp32,fused-mixed:200}
 SWEEP_S=${SWEEP_S:-170}
 PRECISION_SYSTEMS=${PRECISION_SYSTEMS-water}
 PRECISION_S=${PRECISION_S:-200}
+PRECISION_STEPS=${PRECISION_STEPS:-200}
+DEVICE=${DEVICE:-cuda}
+SYSTEM=${SYSTEM:-water}
 OUT=${OUT:-/tmp/dph-out}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/card.txt"
@@ -28,12 +33,13 @@ for entry in $SIZES; do
   IFS=: read -r size vars steps <<< "$entry"
   args=(); IFS=, read -ra vs <<< "$vars"; for v in "${vs[@]}"; do args+=(--variant "$v"); done
   echo "== $size: ${vs[*]} ($steps steps)" | tee -a "$OUT/bench.log"
-  timeout -k 10 "$SWEEP_S" $py -m harness bench --device cuda --system water --replicate "$size" --steps "$steps" \
+  timeout -k 10 "$SWEEP_S" $py -m harness bench --device "$DEVICE" --system "$SYSTEM" --replicate "$size" --steps "$steps" \
     --no-baseline --no-accuracy "${args[@]}" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \[" | tail -12 | tee -a "$OUT/bench.log"
 done
 find results/runs -name '*.json' -newer /tmp/gpu-speed.start > /tmp/gpu-speed.list
 tar czf "$OUT/results.tgz" -T /tmp/gpu-speed.list results/work/*/train.log results/work/*/steps.json 2>/dev/null
 if [ -n "$PRECISION_SYSTEMS" ]; then
-  SYSTEMS="$PRECISION_SYSTEMS" DEADLINE="$PRECISION_S" OUT="$OUT" bash .ci/gpu-precision.sh 2>&1 | tail -30
+  SYSTEMS="$PRECISION_SYSTEMS" DEADLINE="$PRECISION_S" STEPS="$PRECISION_STEPS" DEVICE="$DEVICE" OUT="$OUT" \
+    bash .ci/gpu-precision.sh 2>&1 | tail -30
 fi
 ls -la "$OUT"
