@@ -34,6 +34,12 @@ if str(TREE) not in sys.path:
     sys.path.insert(0, str(TREE))
 
 
+def python_c(code: str, *args: str) -> list[str]:
+    """The command of `python -c code args` for a driver that runs upstream's PyTorch backend from
+    TREE, spelled `python -m harness.child.pycode` so the fork server serves it (docs/testing.md)."""
+    return [sys.executable, "-m", "harness.child.pycode", "--tree", str(TREE), "--", code, *args]
+
+
 def write_system(path: Path, coords, boxes, types, type_map, energy, force, virial=None) -> Path:
     (path / "set.000").mkdir(parents=True, exist_ok=True)
     np.savetxt(path / "type.raw", np.asarray(types, dtype=int), fmt="%d")

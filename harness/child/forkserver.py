@@ -1,7 +1,7 @@
 """A fork server for the harness's PyTorch child processes (issue 36): `import deepmd.pt` once, fork
 a child per training, `dp test`, `dp freeze` or parity evaluation.
 
-Every such child is `python -m harness.child.launch|parity_eval ...` and spends ~5-9 s importing
+Every such child is `python -m harness.child.launch|parity_eval|pycode ...` and spends ~5-9 s importing
 torch and deepmd before its first line of work; the test suite starts several hundred of them. With
 ``DPH_FORK_SERVER`` set to a folder (tests/conftest.py sets one per pytest worker), the command
 stays exactly the same, but its first lines (``delegate``) hand the work to a server process that
@@ -46,7 +46,7 @@ from harness.core import envvars
 
 IDLE_S = 120.0  # a server holds ~0.5 GB: one idle this long goes (its key may never come back)
 START_TIMEOUT_S = 600.0
-SERVED = ("harness.child.launch", "harness.child.parity_eval")
+SERVED = ("harness.child.launch", "harness.child.parity_eval", "harness.child.pycode")
 # upstream's PyTorch backends: pt_expt costs 0.04 s to import once deepmd.pt is in
 SERVED_BACKENDS = ("pt", "pt-expt")
 SERVED_BACKEND_FLAGS = ("--pt", "--pytorch", "--pt-expt", "--pytorch-exportable")
@@ -88,6 +88,8 @@ def servable(module: str, argv: list[str], env: dict[str, str]) -> str | None:
         dp_args = argv[argv.index("--"):] if "--" in argv else []
         if not any(flag in dp_args for flag in SERVED_BACKEND_FLAGS):
             return None
+    elif module == "harness.child.pycode":  # its caller vouches for a PyTorch-only CODE
+        return _arg(argv[:argv.index("--")] if "--" in argv else argv, "--tree")
     elif (_arg(argv, "--backend") or "pt") not in SERVED_BACKENDS:
         return None
     return _arg(argv, "--tree")
@@ -245,8 +247,8 @@ def _become_child(request: dict, fds: list[int], open_sockets: list[socket.socke
     os.environ.clear()
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
-    if sys.path and sys.path[0] == SERVER_CWD:
-        sys.path[0] = request["cwd"]  # `python -m` puts the working directory first
+    if SERVER_CWD in sys.path:  # `python -m` puts the working directory first (after it, the tree)
+        sys.path[sys.path.index(SERVER_CWD)] = request["cwd"]
     if "numpy" in sys.modules:
         sys.modules["numpy"].random.seed()  # a fresh process draws a fresh global state
     sys.argv = [request["module"], *request["argv"]]

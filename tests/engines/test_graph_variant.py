@@ -29,7 +29,7 @@ WATER = REPO / "systems" / "water" / "data"
 
 from _upstream_fixtures import (  # noqa: E402,F401  (data is a fixture)
     fcc_config, water_config, build_trainer, rel, data, frames_of, upstream_reference_step, assert_engine_step_matches, TREE, torch, np,
-    engine_and_upstream, assert_float32_parity,
+    engine_and_upstream, assert_float32_parity, python_c,
 )
 
 RTOL = 1e-10
@@ -163,7 +163,7 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
     env.update(variants.chain_env(variants.chain(variant)))  # what the variant's manifest sets
     if variant == "fused":
         env.update(DPH_COMPILE_CPU="1", DPH_COMPILE_BACKEND="aot_eager")
-    p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(python_c(driver), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     assert "TICKS 20" in p.stdout
     assert "graph: group" in p.stderr + p.stdout and "bytes" in p.stderr + p.stdout
@@ -196,13 +196,13 @@ def test_end_to_end_train_then_upstream_test(variant, data, tmp_path):
         f"main(['--pt', 'test', '-m', 'model.ckpt.pt', '-s', {str(data['fcc_valid'][0])!r}, '-n', '2', '-d', 'dptest'])"
     )
     env = dict(os.environ, PYTHONPATH=_clean_pythonpath())
-    q = subprocess.run([sys.executable, "-c", test_cmd], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    q = subprocess.run(python_c(test_cmd), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     assert "Energy RMSE" in q.stdout + q.stderr
     assert (tmp_path / "dptest.e.out").exists()
     # and freezes it (TorchScript of upstream's model with the engine-trained weights)
-    fz = subprocess.run([sys.executable, "-c", "from deepmd.main import main; "
-                         "main(['--pt', 'freeze', '-c', 'model.ckpt.pt', '-o', 'frozen.pth'])"],
+    fz = subprocess.run(python_c("from deepmd.main import main; "
+                                 "main(['--pt', 'freeze', '-c', 'model.ckpt.pt', '-o', 'frozen.pth'])"),
                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert fz.returncode == 0, fz.stdout[-3000:] + fz.stderr[-3000:]
     assert (tmp_path / "frozen.pth").stat().st_size > 0
@@ -223,7 +223,7 @@ def test_restart_carries_flat_optimizer_state(data, tmp_path):
         "main(['--pt', 'train', 'input.json'] + sys.argv[1:])\n"
     )
     env = dict(os.environ, PYTHONPATH=_clean_pythonpath())
-    p = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(python_c(driver), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ck = torch.load(tmp_path / "model.ckpt-3.pt", map_location="cpu", weights_only=True)
     st = ck["optimizer"]["state"]
@@ -231,7 +231,7 @@ def test_restart_carries_flat_optimizer_state(data, tmp_path):
     assert all(float(s["exp_avg_sq"].abs().sum()) > 0 for s in st.values())
     cfg["training"]["numb_steps"] = 9
     (tmp_path / "input.json").write_text(json.dumps(cfg))
-    p = subprocess.run([sys.executable, "-c", driver, "--restart", "model.ckpt-6.pt"], cwd=tmp_path, env=env,
+    p = subprocess.run(python_c(driver, "--restart", "model.ckpt-6.pt"), cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     ck9 = torch.load(tmp_path / "model.ckpt-9.pt", map_location="cpu", weights_only=True)

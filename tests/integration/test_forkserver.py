@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -121,6 +122,32 @@ def test_a_sigkilled_proxy_takes_its_forked_child_with_it(tree, tiny_system, tmp
     os.killpg(p.pid, signal.SIGKILL)
     assert p.wait(timeout=60) == -signal.SIGKILL
     assert _gone(wd), "the forked training (or its data loaders) outlived its proxy"
+
+
+def test_driver_code_runs_as_python_c_would_served_or_not(tree, tmp_path, folder) -> None:
+    """harness.child.pycode (the tests' upstream drivers): the same argv, output and exit code as
+    `python -c`; served, the code runs in a fork (another pid than the proxy's), not served, in the
+    process itself."""
+    code = ("import os, sys; import deepmd.pt.entrypoints.main; print('argv', sys.argv, __name__, any(os.path.abspath(p) == os.getcwd() for p in sys.path)); "
+            "print('pid', os.getpid(), flush=True); raise SystemExit(int(sys.argv[2]))")
+    seen = {}
+    for how, served in (("python -c", None), ("plain", None), ("served", folder)):
+        env = dict(os.environ)
+        env.pop(envvars.DPH_FORK_SERVER, None)
+        if served is not None:
+            env[envvars.DPH_FORK_SERVER] = str(served)
+        if how == "python -c":  # how the drivers find upstream
+            env["PYTHONPATH"] = str(tree)
+        cmd = ([sys.executable, "-c", code] if how == "python -c" else
+               [sys.executable, "-m", "harness.child.pycode", "--tree", str(tree), "--", code])
+        p = subprocess.Popen([*cmd, "a", "3"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 3, (how, err[-2000:])
+        assert "argv ['-c', 'a', '3'] __main__ True" in out, (how, out)
+        seen[how] = int(out.split("pid ")[1].split()[0]) == p.pid
+    assert seen == {"python -c": True, "plain": True, "served": False}
+    assert list(folder.glob("*.sock")), "no server was started"
 
 
 def test_what_is_not_served_starts_as_before(tmp_path: Path) -> None:
