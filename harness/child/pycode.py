@@ -13,11 +13,11 @@ def main(argv: list[str]) -> None:
     if "--" not in argv or argv.index("--") + 1 >= len(argv):
         print("harness.child.pycode: usage: --tree TREE -- CODE [ARG ...]", file=sys.stderr)
         raise SystemExit(2)
-    i = argv.index("--")
-    tree = next((argv[j + 1] for j in range(i - 1) if argv[j] == "--tree"), None)
-    if tree:  # as the fork server has it: the tree first, served or not
-        from harness.child import patch_loader
+    from harness.child import forkserver, patch_loader
 
+    i = argv.index("--")
+    tree = forkserver._arg(argv[:i], "--tree")
+    if tree:  # as the fork server has it: the tree first, served or not
         patch_loader.put_on_path(tree, [])
     sys.argv = ["-c", *argv[i + 2:]]
     exec(compile(argv[i + 1], "<string>", "exec"), {"__name__": "__main__", "__builtins__": __builtins__})

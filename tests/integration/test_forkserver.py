@@ -128,7 +128,9 @@ def test_driver_code_runs_as_python_c_would_served_or_not(tree, tmp_path, folder
     """harness.child.pycode (the tests' upstream drivers): the same argv, output and exit code as
     `python -c`; served, the code runs in a fork (another pid than the proxy's), not served, in the
     process itself."""
-    code = ("import os, sys; import deepmd.pt.entrypoints.main; print('argv', sys.argv, __name__, any(os.path.abspath(p) == os.getcwd() for p in sys.path)); "
+    # upstream found (not imported: a full import in the two unserved runs cost ~40 s of this test)
+    code = ("import importlib.util, os, sys; print('argv', sys.argv, __name__, importlib.util.find_spec('deepmd') is not None, "
+            "any(os.path.abspath(p) == os.getcwd() for p in sys.path)); "
             "print('pid', os.getpid(), flush=True); raise SystemExit(int(sys.argv[2]))")
     seen = {}
     for how, served in (("python -c", None), ("plain", None), ("served", folder)):
@@ -144,7 +146,7 @@ def test_driver_code_runs_as_python_c_would_served_or_not(tree, tmp_path, folder
                              text=True)
         out, err = p.communicate(timeout=300)
         assert p.returncode == 3, (how, err[-2000:])
-        assert "argv ['-c', 'a', '3'] __main__ True" in out, (how, out)
+        assert "argv ['-c', 'a', '3'] __main__ True True" in out, (how, out)
         seen[how] = int(out.split("pid ")[1].split()[0]) == p.pid
     assert seen == {"python -c": True, "plain": True, "served": False}
     assert list(folder.glob("*.sock")), "no server was started"
