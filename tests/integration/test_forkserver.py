@@ -57,15 +57,6 @@ def _wait_for_step(p: subprocess.Popen, wd: Path, step: int) -> None:
     raise AssertionError(f"no step {step} (exit {p.poll()}): {(wd / 'train.log').read_text()[-2000:]}")
 
 
-def _pids_in(wd: Path) -> list[int]:
-    """Processes whose working directory is wd (the proxy, its forked child, the child's data loaders)."""
-    return pids_under(wd, exact=True)
-
-
-def _gone(wd: Path, within_s: float = 30) -> bool:
-    return gone_within(wd, within_s, exact=True)
-
-
 @pytest.fixture
 def folder(tmp_path: Path):
     """A server folder of the test's own; removing it ends its servers, and nothing outlives the test."""
@@ -107,7 +98,7 @@ def test_a_signal_reaches_the_forked_child_and_its_exit_status_comes_back(tree, 
         _wait_for_step(p, wd, 3)
         os.killpg(p.pid, sig)  # as train.run_training stops a child: its whole group
         codes[name] = p.wait(timeout=120)
-        assert _gone(wd), name
+        assert gone_within(wd, 30, exact=True), name
     assert codes["served"] == codes["plain"], (codes, (tmp_path / "served" / "train.log").read_text()[-2000:])
 
 
@@ -116,12 +107,12 @@ def test_a_sigkilled_proxy_takes_its_forked_child_with_it(tree, tiny_system, tmp
     p = _start(tree, tiny_system, wd, 100000, folder)
     _wait_for_step(p, wd, 3)
     # the proxy stays the harness's child; the training runs in the fork, in a session of its own
-    forked = [pid for pid in _pids_in(wd) if pid != p.pid and os.getsid(pid) == pid
+    forked = [pid for pid in pids_under(wd, exact=True) if pid != p.pid and os.getsid(pid) == pid
               and b"harness.child.forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(forked) == 1 and os.getsid(p.pid) == p.pid
     os.killpg(p.pid, signal.SIGKILL)
     assert p.wait(timeout=60) == -signal.SIGKILL
-    assert _gone(wd), "the forked training (or its data loaders) outlived its proxy"
+    assert gone_within(wd, 30, exact=True), "the forked training (or its data loaders) outlived its proxy"
 
 
 def test_driver_code_runs_as_python_c_would_served_or_not(tree, tmp_path, folder) -> None:
