@@ -77,6 +77,26 @@ def _time_us(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _measure(row: dict, f, c, reps: int, ref=None) -> dict:
+    """Fill ``row`` with one (value, cotangent) pair's first-call seconds, its relative errors
+    against ``ref`` (a (value, cotangent) pair, when given) and median CUDA-event times; a pair
+    that fails (a tile shape that does not compile) is a row that says so."""
+    try:
+        t0 = time.perf_counter()
+        out_f, out_c = f(), c()
+        torch.cuda.synchronize()
+        row["first_call_s"] = round(time.perf_counter() - t0, 3)
+        if ref is not None:
+            rf, rc = ref
+            row["rel_err_fwd"] = float((out_f - rf).abs().max() / rf.abs().max())
+            row["rel_err_cot"] = float((out_c - rc).abs().max() / rc.abs().max())
+        row["us_fwd"] = _time_us(f, reps)
+        row["us_cot"] = _time_us(c, reps)
+    except Exception as e:
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
 def _flops(rows: int) -> float:
     """GEMM FLOPs of value + tangent through the three layers and the contraction."""
     n1, n2, n3 = WIDTHS
@@ -100,16 +120,7 @@ def _vjp_rows(rep: int, A: int, S: int, rr, gx, layers, reps: int) -> list[dict]
                         lambda: embed_autograd.reduce_partials(parts, net))):
         row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name, "programs": programs,
                "partials_bytes": pbytes}
-        try:
-            t0 = time.perf_counter()
-            f(), c()
-            torch.cuda.synchronize()
-            row["first_call_s"] = round(time.perf_counter() - t0, 3)
-            row["us_fwd"] = _time_us(f, reps)
-            row["us_cot"] = _time_us(c, reps)
-        except Exception as e:
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-        out.append(row)
+        out.append(_measure(row, f, c, reps))
         print(json.dumps(row), flush=True)
     return out
 
@@ -173,23 +184,13 @@ def main() -> int:
             for name, (f, c) in paths.items():
                 rf, rc = (ref_train, ref_train) if "-train" in name else (ref_f, ref_c)  # kernel-train-a1 too
                 row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name}
-                try:
-                    t0 = time.perf_counter()
-                    out_f, out_c = f(), c()
-                    torch.cuda.synchronize()
-                    row["first_call_s"] = round(time.perf_counter() - t0, 3)
-                    row["rel_err_fwd"] = float((out_f - rf).abs().max() / rf.abs().max())
-                    row["rel_err_cot"] = float((out_c - rc).abs().max() / rc.abs().max())
-                    row["us_fwd"] = _time_us(f, args.reps)
-                    row["us_cot"] = _time_us(c, args.reps)
+                if "error" not in _measure(row, f, c, args.reps, ref=(rf, rc)):
                     fl = _flops(A * S)
                     row["gflops_fwd"] = fl / row["us_fwd"] / 1e3
                     row["gflops_cot"] = (fl + A * S * 2 * 4 * WIDTHS[-1]) / row["us_cot"] / 1e3
                     # the least a call moves: R~ in, xyz out (fwd); R~ and gx in, dE/dR~ out (cot)
                     row["min_bytes_fwd"] = A * (S * 4 + 4 * WIDTHS[-1]) * 8
                     row["min_bytes_cot"] = A * (2 * S * 4 + 4 * WIDTHS[-1]) * 8
-                except Exception as e:  # a tile shape that does not compile is a row that says so
-                    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
                 rows_out.append(row)
                 print(json.dumps(row), flush=True)
             rows_out.extend(_vjp_rows(rep, A, S, rr, gx, layers, args.reps))
