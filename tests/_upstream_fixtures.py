@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from harness.child import pycode
+
 REPO = Path(__file__).resolve().parents[1]
 WATER = REPO / "systems" / "water" / "data"
 
@@ -37,7 +39,7 @@ if str(TREE) not in sys.path:
 def python_c(code: str, *args: str) -> list[str]:
     """The command of `python -c code args` for a driver that runs upstream's PyTorch backend from
     TREE, spelled `python -m harness.child.pycode` so the fork server serves it (docs/testing.md)."""
-    return [sys.executable, "-m", "harness.child.pycode", "--tree", str(TREE), "--", code, *args]
+    return pycode.command(TREE, code, *args)
 
 
 def write_system(path: Path, coords, boxes, types, type_map, energy, force, virial=None) -> Path:

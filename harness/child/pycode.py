@@ -9,6 +9,12 @@ from __future__ import annotations
 import sys
 
 
+def command(tree, code: str, *args: str) -> list[str]:
+    """The argv of `python -c code args` with upstream's TREE first on sys.path, spelled so a fork
+    server serves it; its environment needs the harness importable (paths.ROOT on PYTHONPATH)."""
+    return [sys.executable, "-m", "harness.child.pycode", "--tree", str(tree), "--", code, *map(str, args)]
+
+
 def main(argv: list[str]) -> None:
     if "--" not in argv or argv.index("--") + 1 >= len(argv):
         print("harness.child.pycode: usage: --tree TREE -- CODE [ARG ...]", file=sys.stderr)

@@ -6,12 +6,14 @@ name by name and shape by shape. A frozen model (TorchScript) is named as such."
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
+from harness.child import pycode
 from harness.core.errors import UserError
+from harness.core.paths import ROOT
 
 _CHILD = r"""
 import json, sys, zipfile
@@ -60,7 +62,8 @@ def check_checkpoint(path: Path, inp: dict[str, Any], tree: Path, flag: str) -> 
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {p}: a folder, not a checkpoint (give its model.ckpt-<step>.pt, or --resume FOLDER)")
-    r = subprocess.run([sys.executable, "-c", _CHILD, str(tree), str(p)], input=json.dumps(inp),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
+    r = subprocess.run(pycode.command(tree, _CHILD, tree, p), input=json.dumps(inp), env=env,
                        capture_output=True, text=True, timeout=600)
     out = r.stdout.strip().splitlines()
     if r.returncode != 0:
