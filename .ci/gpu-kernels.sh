@@ -29,7 +29,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 make venv > "$OUT/venv-kernels.log" 2>&1 || { tail -20 "$OUT/venv-kernels.log"; exit 2; }
 py=.venv/bin/python
 bench() { $py -m harness bench --device cuda "$@" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \["; }
-timeout 180 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
+timeout 240 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
 timeout 60 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_cotangent_autograd.py \
   -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/kernels.log"
 : > "$OUT/bench.log"

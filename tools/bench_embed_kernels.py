@@ -14,6 +14,9 @@ paths the fused engine runs today, on one GPU, float64, se_e2_a's 1 -> 25 -> 50 
   correctness is tests/engines/test_embed_autograd.py's and test_cotangent_autograd.py's (float64,
   1e-12 against torch's autograd); here "partials_bytes" is what each VJP writes and reads back.
 
+Every path is timed twice: launch by launch (``us_fwd``, ``us_cot``) and replayed as one CUDA
+graph (``us_fwd_graph``, ``us_cot_graph``: the GPU's own time, as fused's captured step sees it).
+
 Water's four descriptor blocks (O-O 46, O-H 92, H-O 46, H-H 92 neighbour slots; 64 O and 128 H
 per 192 atoms) at 192 and 1,536 atoms. Per path: microseconds per call (median of CUDA-event
 timings after warm-up), achieved FP64 FLOP/s (the nets' GEMM work, value and tangent), the
@@ -77,10 +80,41 @@ def _time_us(fn, reps: int) -> float:
     return statistics.median(ts)
 
 
+def _graph_us(fn, reps: int) -> float:
+    """Median microseconds of ``fn`` replayed as one CUDA graph: the GPU's time alone, as fused's
+    captured training step runs it (the launch-by-launch timing above also holds the host's
+    launch and dispatch gaps, which make the training paths look flat in size)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(g):
+            fn()
+        return _time_us(g.replay, reps)
+    finally:
+        g.reset()  # its private memory pool back before the next row
+
+
 def _measure(row: dict, f, c, reps: int, ref=None) -> dict:
     """Fill ``row`` with one (value, cotangent) pair's first-call seconds, its relative errors
-    against ``ref`` (a (value, cotangent) pair, when given) and median CUDA-event times; a pair
-    that fails (a tile shape that does not compile) is a row that says so."""
+    against ``ref`` (a (value, cotangent) pair, when given), median CUDA-event times launch by
+    launch (us_*) and replayed as a CUDA graph (us_*_graph; graph_error where a path cannot be
+    captured); a pair that fails (a tile shape that does not compile) is a row that says so."""
+    _timed(row, f, c, reps, ref)
+    if "error" not in row:
+        try:
+            row["us_fwd_graph"] = _graph_us(f, reps)
+            row["us_cot_graph"] = _graph_us(c, reps)
+        except Exception as e:
+            row["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+
+
+def _timed(row: dict, f, c, reps: int, ref) -> None:
     try:
         t0 = time.perf_counter()
         out_f, out_c = f(), c()
@@ -94,7 +128,6 @@ def _measure(row: dict, f, c, reps: int, ref=None) -> dict:
         row["us_cot"] = _time_us(c, reps)
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    return row
 
 
 def _flops(rows: int) -> float:
