@@ -13,6 +13,7 @@ paths the fused engine runs today, on one GPU, float64, se_e2_a's 1 -> 25 -> 50 
   the force loss's backward); ``vjp-reduce``: the partials' sum alone, at that launch's size. Their
   correctness is tests/engines/test_embed_autograd.py's and test_cotangent_autograd.py's (float64,
   1e-12 against torch's autograd); here "partials_bytes" is what each VJP writes and reads back.
+  ``vjp-r32-w8``, ``vjp-r32-w16``: the weight VJP alone (both columns) at a wider tile (VJP_TILES).
 
 Every path is timed twice: launch by launch (``us_fwd``, ``us_cot``) and replayed as one CUDA
 graph (``us_fwd_graph``, ``us_cot_graph``: the GPU's own time, as fused's captured step sees it).
@@ -45,6 +46,9 @@ from dpfast import analytic_nets, embed_autograd, embed_kernels  # noqa: E402
 WIDTHS = (25, 50, 100)
 # (centre atoms per 192, neighbour slots) of water's blocks (type_one_side false: one net each)
 BLOCKS = ((64, 46), (64, 92), (128, 46), (128, 92))
+# weight-VJP tiles (rows, warps) timed beside the launch table's 16 x 8: they fit sm_90's shared
+# memory with a small spill stack (tools/kernel_resources.py: 192 KiB, 376-576 B per thread)
+VJP_TILES = ((32, 8), (32, 16))
 
 
 def _net(gen):
@@ -142,17 +146,24 @@ def _vjp_rows(rep: int, A: int, S: int, rr, gx, layers, reps: int) -> list[dict]
 
     net = embed_kernels.pack_net(layers)
     ob = torch.randn(A, S, 4, dtype=torch.float64, device=rr.device)
-    meta = embed_kernels._meta(net, S, rr.device, kind="vjp")
-    programs, _, _ = embed_autograd.vjp_split(A, S, meta["BS"])
-    parts = embed_autograd.partials_buffer(net, programs, rr.device).normal_()
-    pbytes = parts.numel() * 8
+
+    def split(rows=None, warps=None):  # (programs, partials) of a weight-VJP launch at this tile
+        meta = embed_kernels._meta(net, S, rr.device, rows, warps, kind="vjp")
+        programs = embed_autograd.vjp_split(A, S, meta["BS"])[0]
+        return programs, embed_autograd.partials_buffer(net, programs, rr.device).normal_()
+
+    programs, parts = split()
+    paths = [("vjp", lambda: embed_autograd.weight_vjp(rr, net, gx),
+              lambda: cotangent_autograd.cotangent_vjp(rr, net, gx, ob), programs, parts),
+             ("vjp-reduce", lambda: embed_autograd.reduce_partials(parts, net),
+              lambda: embed_autograd.reduce_partials(parts, net), programs, parts)]
+    for rows, warps in VJP_TILES:  # the weight VJP alone at a wider tile (DPH_FUSED_VJP_ROWS / _WARPS)
+        f = lambda r=rows, w=warps: embed_autograd.weight_vjp(rr, net, gx, rows=r, warps=w)  # noqa: E731
+        paths.append((f"vjp-r{rows}-w{warps}", f, f, *split(rows, warps)))
     out = []
-    for name, f, c in (("vjp", lambda: embed_autograd.weight_vjp(rr, net, gx),
-                        lambda: cotangent_autograd.cotangent_vjp(rr, net, gx, ob)),
-                       ("vjp-reduce", lambda: embed_autograd.reduce_partials(parts, net),
-                        lambda: embed_autograd.reduce_partials(parts, net))):
+    for name, f, c, programs, parts in paths:
         row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name, "programs": programs,
-               "partials_bytes": pbytes}
+               "partials_bytes": parts.numel() * 8}
         out.append(_measure(row, f, c, reps))
         print(json.dumps(row), flush=True)
     return out

@@ -1,6 +1,6 @@
 """Shared memory, registers and spill stack of every Triton embedding kernel built for sm_90,
 on any machine (no GPU needed): engines/dpfast/kernel_resources.py.
-Usage: python tools/kernel_resources.py [--slots 46,92] [--rows 16,32] [--warps 4,8] [--json FILE]"""
+Usage: python tools/kernel_resources.py [--slots 46,92] [--rows 16,32] [--warps 4,8] [--kernel weight_vjp] [--json FILE]"""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +19,15 @@ def main() -> int:
     p.add_argument("--slots", default="92")
     p.add_argument("--rows", default="", help="tile rows to try (default: the engine's)")
     p.add_argument("--warps", default="", help="warps to try (default: the engine's)")
+    p.add_argument("--kernel", action="append", default=[], help="only these kernels (repeatable; default: all)")
     p.add_argument("--json", default="")
     a = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x] or [None]  # noqa: E731
     rows = []
     print(f"{'kernel':15} {'slots':>5} {'rows':>4} {'warps':>5} {'shared B':>9} {'fits':>4} {'regs':>4} {'stack B':>7}")
     for name, kernel, kind in kr.kernels():
+        if a.kernel and name not in a.kernel:
+            continue
         for slots in ints(a.slots):
             for r in ints(a.rows):
                 for w in ints(a.warps):

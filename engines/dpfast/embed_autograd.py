@@ -39,6 +39,9 @@ ATOMS_PER_PROGRAM = _OPTIONS.vjp_atoms
 # rows; 0: all of them). Splitting the slots gives a small system more programs than atoms/ATOMS (128 atoms at
 # 8 a program fill 16 of an H100's 132 SMs); each (atom group, slot chunk) writes its own partials row.
 SLOTS_PER_PROGRAM = _OPTIONS.vjp_slots
+# the weight-VJP kernel's tile rows and warps (DPH_FUSED_VJP_ROWS / _WARPS; None: embed_kernels.LAUNCH's)
+WEIGHT_VJP_ROWS = _OPTIONS.vjp_rows or None
+WEIGHT_VJP_WARPS = _OPTIONS.vjp_warps or None
 
 
 def vjp_split(A: int, S: int, BS: int) -> tuple[int, int, int]:
@@ -165,14 +168,16 @@ def _part_shapes(net: ek.PackedNet) -> list[tuple]:
     return [(p1,), (p1,), (p1,), (p1, p2), (p2,), (p2,), (p2, p3), (p3,), (p3,)]
 
 
-def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor) -> list[torch.Tensor]:
-    """Gradients of sum(gxyz . R~^T G) w.r.t. w0, b0, i0, w1, b1, i1, w2, b2, i2 (padded shapes)."""
+def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor, rows: int | None = None,
+               warps: int | None = None) -> list[torch.Tensor]:
+    """Gradients of sum(gxyz . R~^T G) w.r.t. w0, b0, i0, w1, b1, i1, w2, b2, i2 (padded shapes);
+    rows / warps: the kernel's tile (default WEIGHT_VJP_ROWS / _WARPS, else the launch table's)."""
     S = rr.shape[-2]
     r = rr.reshape(-1, S, 4).contiguous()
     ng = net.widths[2]
     g = gxyz.reshape(-1, 4, ng).contiguous()
     A = r.shape[0]
-    meta = ek._meta(net, S, rr.device, kind="vjp")
+    meta = ek._meta(net, S, rr.device, rows or WEIGHT_VJP_ROWS, warps or WEIGHT_VJP_WARPS, kind="vjp")
     programs, slots, chunks = vjp_split(A, S, meta["BS"])
     parts = partials_buffer(net, programs, rr.device)
     if A:

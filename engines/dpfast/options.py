@@ -18,6 +18,8 @@ GEOM_MODES = ("precomputed", "onthefly", "compact")
 GROUPINGS = ("1", "nets", "emb", "0")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+VJP_ROWS = (0, 16, 32, 64)  # tl.dot needs >= 16 rows; a power of two for tl.arange
+VJP_WARPS = (0, 1, 2, 4, 8, 16)
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,11 @@ class EngineOptions:
     # and 20261207T101821Z-129bb9)
     vjp_atoms: int = 1
     vjp_slots: int = 16
+    # the weight-VJP kernel's tile: neighbour rows per tile and warps per program (0: LAUNCH's 16
+    # rows, 8 warps). Built for sm_90 (tools/kernel_resources.py), 32 rows x 8 or 16 warps fit
+    # (192 KiB shared, 376-576 B spill stack); the cotangent VJP stays at 16 rows (32 spill ~10 KB)
+    vjp_rows: int = 0
+    vjp_warps: int = 0
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
@@ -58,6 +65,10 @@ class EngineOptions:
         for name, least in (("upstream_compile_bucket", 1), ("vjp_atoms", 1), ("vjp_slots", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{ENV[name]}={getattr(self, name)}: must be >= {least}")
+        if self.vjp_rows not in VJP_ROWS:
+            raise ValueError(f"{ENV['vjp_rows']}={self.vjp_rows}: not one of {' | '.join(map(str, VJP_ROWS))}")
+        if self.vjp_warps not in VJP_WARPS:
+            raise ValueError(f"{ENV['vjp_warps']}={self.vjp_warps}: not one of {' | '.join(map(str, VJP_WARPS))}")
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +87,8 @@ ENV = {
     "compile_backend": envvars.DPH_COMPILE_BACKEND, "follow_upstream_order": envvars.DPH_FOLLOW_UPSTREAM_ORDER,
     "allow_fallback": envvars.DPH_ENGINE_ALLOW_FALLBACK, "upstream_compile_bucket": envvars.DPH_COMPILE_BUCKET,
     "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE, "vjp_atoms": envvars.DPH_FUSED_VJP_ATOMS,
-    "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS,
+    "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS, "vjp_rows": envvars.DPH_FUSED_VJP_ROWS,
+    "vjp_warps": envvars.DPH_FUSED_VJP_WARPS,
 }
 
 

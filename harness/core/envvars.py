@@ -61,6 +61,11 @@ DPH_FUSED_VJP_ATOMS = _declare("DPH_FUSED_VJP_ATOMS", "dpfast.options",
                                "fused-kernels: centre atoms per VJP kernel program (embed_autograd.vjp_split)", "1")
 DPH_FUSED_VJP_SLOTS = _declare("DPH_FUSED_VJP_SLOTS", "dpfast.options",
                                "fused-kernels: neighbour slots per VJP kernel program, 0 = all of an atom's", "16")
+DPH_FUSED_VJP_ROWS = _declare("DPH_FUSED_VJP_ROWS", "dpfast.options",
+                              "fused-kernels: neighbour rows per tile of the weight-VJP kernel (16, 32, 64), 0 = "
+                              "the launch table's (embed_kernels.LAUNCH)", "0")
+DPH_FUSED_VJP_WARPS = _declare("DPH_FUSED_VJP_WARPS", "dpfast.options",
+                               "fused-kernels: warps of a weight-VJP kernel program (1-16), 0 = the launch table's", "0")
 DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
 DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")

@@ -174,3 +174,27 @@ def test_torch_compile_keeps_the_op_whole(ea):
     assert any("embed_contract" in o for o in ops)
     got = torch.compile(f, backend="aot_eager")(rr)
     assert torch.allclose(got, _reference(rr, layers).sum(-1), rtol=BOUND, atol=0)
+
+
+@pytest.mark.parametrize("rows,warps", [(16, None), (32, 8), (64, 16)])
+def test_the_weight_vjp_tile_gives_the_same_gradients(ea, monkeypatch, rows, warps):
+    """DPH_FUSED_VJP_ROWS / _WARPS (WEIGHT_VJP_ROWS / _WARPS): a wider tile of neighbour rows per
+    iteration; 11 atoms x 37 slots in chunks of 16 slots leave a partial tile at every size (the
+    chunk is rounded up to the tile). Warps are a GPU launch option (the interpreter has none)."""
+    monkeypatch.setattr(ea, "WEIGHT_VJP_ROWS", rows)
+    monkeypatch.setattr(ea, "WEIGHT_VJP_WARPS", warps)
+    monkeypatch.setattr(ea, "SLOTS_PER_PROGRAM", 16)
+    seen = []
+    real = ea.ek._meta
+
+    def meta(*a, **k):
+        m = real(*a, **k)
+        if k.get("kind") == "vjp":
+            seen.append(m["BS"])
+        return m
+
+    monkeypatch.setattr(ea.ek, "_meta", meta)
+    gen = torch.Generator().manual_seed(rows)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare_grads(ea, rr, _layers((25, 50, 100), gen), gen)
+    assert seen and set(seen) == {rows}  # every weight-VJP launch ran at this tile

@@ -34,3 +34,11 @@ def test_every_kernel_fits_sm90_shared_memory(tmp_path):
     spill = {r["slots"]: r["stack"] for r in rows if r["kernel"] == "env_cotangent"}
     assert spill[92] <= 1100 and spill[46] <= 1100, spill
     assert p.returncode == 0, p.stdout + p.stderr
+    # the weight VJP's wider tile offered by DPH_FUSED_VJP_ROWS / _WARPS (32 rows x 8 warps) fits too
+    wide = tmp_path / "wide.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "kernel_resources.py"), "--slots", "46,92", "--rows", "32",
+                    "--warps", "8", "--kernel", "weight_vjp", "--json", str(wide)], env=env, capture_output=True, text=True, timeout=600)
+    rows = json.loads(wide.read_text())
+    assert [(r["kernel"], r["slots"], r["rows"], r["warps"]) for r in rows] == [("weight_vjp", 46, 32, 8),
+                                                                                  ("weight_vjp", 92, 32, 8)]
+    assert all(r["shared"] <= SM90_SHARED_PER_BLOCK and r["stack"] <= 1024 for r in rows), rows
