@@ -17,6 +17,7 @@ from pathlib import Path
 
 from harness import __version__
 from harness.prepare import diffs
+from harness.prepare import engine_options
 from harness.prepare import upstream
 from harness.prepare import variants
 from harness.core.errors import UserError
@@ -138,6 +139,8 @@ def build_variant(name: str, pin: UpstreamPin | None = None, *, build_dir: Path 
 
     cached = not _atomic_dir(vdir, fill_variant)
     env = variants.chain_env(chain)
+    if engine:  # a bad engine option (the manifest's, or the user's environment) -> UserError now
+        engine_options.check(vdir / "engines" / engine, name, env, os.environ)
     modules = tuple(vdir / "patches" / v.name / m.relative_to(v.directory) for v in chain for m in v.modules)
     return BuiltVariant(
         name=name, chain=tuple(v.name for v in chain), hash=digest, tree=tdir / "site",
