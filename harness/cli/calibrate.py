@@ -315,8 +315,9 @@ def register_cli(subparsers) -> None:
     p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_parity)
-    q = subparsers.add_parser("precision-budget", help="same-weights error of each legal precision stage in float32 "
-                              "(descriptor, fitting, both, both + TF32) against float64")
+    q = subparsers.add_parser("precision-budget", help="same-weights error of each reduced-precision stage against float64: "
+                              "float32 descriptor / fitting / both, TF32 in either or both (CUDA), "
+                              "the bfloat16 descriptor probe")
     q.add_argument("--system", default="water")
     q.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
     q.add_argument("--device", default="auto")
