@@ -5,21 +5,23 @@
 # program, and 1 atom with its slots in chunks of 32 or 16: embed_autograd.vjp_split) vs eager and
 # Inductor at 192 and 1,536 water atoms; (2) the kernels' float64 tests, compiled (not interpreted);
 # (3) water, 300 steps: fused and fused-kernels timed in one sweep; (4) per VJP launch in SPLITS
-# ("atoms,slots[,rows,warps]": DPH_FUSED_VJP_ATOMS / _SLOTS, the weight VJP's tile DPH_FUSED_VJP_ROWS /
-# _WARPS) a sweep of fused and fused-kernels with that launch, while the budget allows; (5)
+# ("atoms,slots[,rows,warps[,halves]]": DPH_FUSED_VJP_ATOMS / _SLOTS, the weight VJP's tile
+# DPH_FUSED_VJP_ROWS / _WARPS, its last layer by halves DPH_FUSED_VJP_HALVES) a sweep of fused and fused-kernels with that launch, while the budget allows; (5)
 # fused-kernels gated (baseline + gate) if GATE=1 and the budget allows; (6) if PROFILE=1 and the
 # budget allows, `dpharness profile` of fused and fused-kernels with ncu metrics of the top NCU
 # kernels (kernels per step, where the time goes).
 # The records and logs come back in $OUT/results.tgz.
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
-#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="1,32,32,8" GATE=0 PROFILE=1 NCU=8 by default: the
-#   engine's default is 1,16 at a 16-row x 8-warp tile; 8,0 and 1,32 were measured in sweeps
-#   20261207T101821Z-129bb9 / T101943Z-93ecb5; 32 rows x 8 warps is the weight VJP's wider tile)
+#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="1,32,32,8 1,16,16,4,1" GATE=0 PROFILE=1 NCU=8 by
+#   default: the engine's default is 1,16 at a 16-row x 8-warp tile; 8,0 and 1,32 were measured in
+#   sweeps 20261207T101821Z-129bb9 / T101943Z-93ecb5; 32 x 8 is the weight VJP's wider tile, 16 x 4
+#   with halves its two-programs-per-SM launch. The profile runs only if time is left after them:
+#   SPLITS="" for the profile alone)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dph-out}
 BUDGET_S=${BUDGET_S:-540}
-SPLITS=${SPLITS-1,32,32,8}
+SPLITS=${SPLITS-1,32,32,8 1,16,16,4,1}
 GATE=${GATE:-0}
 PROFILE=${PROFILE:-1}
 NCU=${NCU:-8}
@@ -32,16 +34,18 @@ make venv > "$OUT/venv-kernels.log" 2>&1 || { tail -20 "$OUT/venv-kernels.log"; 
 py=.venv/bin/python
 bench() { $py -m harness bench --device cuda "$@" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \["; }
 timeout 240 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
-timeout 60 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_cotangent_autograd.py \
+timeout 120 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_embed_autograd.py \
+  tests/engines/test_cotangent_autograd.py \
   -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/kernels.log"
 : > "$OUT/bench.log"
 for split in default $SPLITS; do  # default: the engine's own split, step (3)'s sweep
   [ "$(left)" -gt 150 ] || { echo "gpu-kernels: no time left for split $split" | tee -a "$OUT/bench.log"; break; }
-  echo "== VJP launch $split (atoms,slots[,rows,warps])" | tee -a "$OUT/bench.log"
+  echo "== VJP launch $split (atoms,slots[,rows,warps[,halves]])" | tee -a "$OUT/bench.log"
   vars=()
   if [ "$split" != default ]; then
-    IFS=, read -r atoms slots rows warps <<< "$split"
-    vars=(DPH_FUSED_VJP_ATOMS="$atoms" DPH_FUSED_VJP_SLOTS="$slots" DPH_FUSED_VJP_ROWS="${rows:-0}" DPH_FUSED_VJP_WARPS="${warps:-0}")
+    IFS=, read -r atoms slots rows warps halves <<< "$split"
+    vars=(DPH_FUSED_VJP_ATOMS="$atoms" DPH_FUSED_VJP_SLOTS="$slots" DPH_FUSED_VJP_ROWS="${rows:-0}"
+          DPH_FUSED_VJP_WARPS="${warps:-0}" DPH_FUSED_VJP_HALVES="${halves:-0}")
   fi
   env "${vars[@]}" timeout $(( $(left) - 20 )) bash -c \
     "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" \

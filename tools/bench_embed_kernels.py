@@ -13,7 +13,8 @@ paths the fused engine runs today, on one GPU, float64, se_e2_a's 1 -> 25 -> 50 
   the force loss's backward); ``vjp-reduce``: the partials' sum alone, at that launch's size. Their
   correctness is tests/engines/test_embed_autograd.py's and test_cotangent_autograd.py's (float64,
   1e-12 against torch's autograd); here "partials_bytes" is what each VJP writes and reads back.
-  ``vjp-r32-w8``, ``vjp-r32-w16``: the weight VJP alone (both columns) at a wider tile (VJP_TILES).
+  ``vjp-r32-w8``, ``vjp-r32-w16``, ``vjp-r16-w4-halves``, ``vjp-r16-w8-halves``: the weight VJP
+  alone (both columns) at a wider tile or with its last layer by column halves (VJP_TILES).
 
 Every path is timed twice: launch by launch (``us_fwd``, ``us_cot``) and replayed as one CUDA
 graph (``us_fwd_graph``, ``us_cot_graph``: the GPU's own time, as fused's captured step sees it).
@@ -46,9 +47,10 @@ from dpfast import analytic_nets, embed_autograd, embed_kernels  # noqa: E402
 WIDTHS = (25, 50, 100)
 # (centre atoms per 192, neighbour slots) of water's blocks (type_one_side false: one net each)
 BLOCKS = ((64, 46), (64, 92), (128, 46), (128, 92))
-# weight-VJP tiles (rows, warps) timed beside the launch table's 16 x 8: they fit sm_90's shared
-# memory with a small spill stack (tools/kernel_resources.py: 192 KiB, 376-576 B per thread)
-VJP_TILES = ((32, 8), (32, 16))
+# weight-VJP launches (rows, warps, last layer by halves) timed beside the launch table's 16 x 8:
+# each fits sm_90 (tools/kernel_resources.py): 32 rows 192 KiB shared, 376-576 B of stack; halves
+# 77,824 B, so two 4-warp programs share an SM
+VJP_TILES = ((32, 8, False), (32, 16, False), (16, 4, True), (16, 8, True))
 
 
 def _net(gen):
@@ -157,9 +159,10 @@ def _vjp_rows(rep: int, A: int, S: int, rr, gx, layers, reps: int) -> list[dict]
               lambda: cotangent_autograd.cotangent_vjp(rr, net, gx, ob), programs, parts),
              ("vjp-reduce", lambda: embed_autograd.reduce_partials(parts, net),
               lambda: embed_autograd.reduce_partials(parts, net), programs, parts)]
-    for rows, warps in VJP_TILES:  # the weight VJP alone at a wider tile (DPH_FUSED_VJP_ROWS / _WARPS)
-        f = lambda r=rows, w=warps: embed_autograd.weight_vjp(rr, net, gx, rows=r, warps=w)  # noqa: E731
-        paths.append((f"vjp-r{rows}-w{warps}", f, f, *split(rows, warps)))
+    for rows, warps, halves in VJP_TILES:  # the weight VJP alone (DPH_FUSED_VJP_ROWS / _WARPS / _HALVES)
+        f = lambda r=rows, w=warps, h=halves: embed_autograd.weight_vjp(rr, net, gx, rows=r, warps=w,  # noqa: E731
+                                                                        halves=h)
+        paths.append((f"vjp-r{rows}-w{warps}" + ("-halves" if halves else ""), f, f, *split(rows, warps)))
     out = []
     for name, f, c, programs, parts in paths:
         row = {"atoms_x192": rep, "block_atoms": A, "slots": S, "path": name, "programs": programs,

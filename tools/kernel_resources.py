@@ -1,6 +1,6 @@
 """Shared memory, registers and spill stack of every Triton embedding kernel built for sm_90,
 on any machine (no GPU needed): engines/dpfast/kernel_resources.py.
-Usage: python tools/kernel_resources.py [--slots 46,92] [--rows 16,32] [--warps 4,8] [--kernel weight_vjp] [--json FILE]"""
+Usage: python tools/kernel_resources.py [--slots 46,92] [--rows 16,32] [--warps 4,8] [--kernel weight_vjp] [--halves] [--json FILE]"""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +20,7 @@ def main() -> int:
     p.add_argument("--rows", default="", help="tile rows to try (default: the engine's)")
     p.add_argument("--warps", default="", help="warps to try (default: the engine's)")
     p.add_argument("--kernel", action="append", default=[], help="only these kernels (repeatable; default: all)")
+    p.add_argument("--halves", action="store_true", help="the weight VJP's last layer by column halves")
     p.add_argument("--json", default="")
     a = p.parse_args()
     ints = lambda s: [int(x) for x in s.split(",") if x] or [None]  # noqa: E731
@@ -31,7 +32,8 @@ def main() -> int:
         for slots in ints(a.slots):
             for r in ints(a.rows):
                 for w in ints(a.warps):
-                    res = dict(kernel=name, slots=slots, **kr.compile_sm90(kernel, kr.se_e2_a_constants(slots), kind, r, w))
+                    consts = kr.se_e2_a_constants(slots, halves=a.halves)
+                    res = dict(kernel=name, slots=slots, **kr.compile_sm90(kernel, consts, kind, r, w))
                     res["fits"] = res["shared"] <= kr.SM90_SHARED_PER_BLOCK
                     rows.append(res)
                     print(f"{name:15} {slots:5} {res['rows']:4} {res['warps']:5} {res['shared']:9} {'yes' if res['fits'] else 'NO':>4} "

@@ -42,6 +42,9 @@ SLOTS_PER_PROGRAM = _OPTIONS.vjp_slots
 # the weight-VJP kernel's tile rows and warps (DPH_FUSED_VJP_ROWS / _WARPS; None: embed_kernels.LAUNCH's)
 WEIGHT_VJP_ROWS = _OPTIONS.vjp_rows or None
 WEIGHT_VJP_WARPS = _OPTIONS.vjp_warps or None
+# a concat last layer by column halves (DPH_FUSED_VJP_HALVES): the sm_90 build's shared memory
+# 169,984 -> 77,824 B at 16 x 8, so two 4-warp programs fit an SM (registers: 255 a thread)
+WEIGHT_VJP_HALVES = _OPTIONS.vjp_halves
 
 
 def vjp_split(A: int, S: int, BS: int) -> tuple[int, int, int]:
@@ -86,6 +89,44 @@ if triton is not None:
         return x_bar, w_bar, b_bar, i_bar
 
     @triton.jit
+    def _last_half_bwd(x2, rr, gb_ptr, a, live, cols, w_ptr, b_ptr, i_ptr, H: tl.constexpr, P2: tl.constexpr,
+                       P3: tl.constexpr, NG: tl.constexpr, TANH: tl.constexpr, TANH_EXP: tl.constexpr):
+        """A concat last layer's column half H (P2 of its P3 = 2 P2 columns), forward and backward
+        at once: (W_bar [P2, P2], b_bar, idt_bar [P2], its share of x2_bar [BS, P2]). The half's
+        weight slice, gx columns and z_bar live one after the other, so the two halves share
+        their shared memory (_weight_vjp_kernel with HALVES)."""
+        r2 = tl.arange(0, P2)
+        rc = tl.arange(0, 16)
+        ro = H * P2 + r2
+        w = tl.load(w_ptr + r2[:, None] * P3 + ro[None, :])
+        z = tl.dot(x2, w) + tl.load(b_ptr + ro)[None, :]
+        if TANH:
+            t = _tanh(z, TANH_EXP)
+        else:
+            t = z
+        col = tl.load(cols + ro)
+        gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :],
+                     mask=live & (rc[:, None] < 4) & (col[None, :] >= 0), other=0.0)
+        y_bar = tl.dot(rr, gb)  # this half's columns of d(sum gb . R~^T G)/dG
+        idt = tl.load(i_ptr + ro)
+        i_bar = tl.sum(y_bar * t, axis=0)
+        z_bar = y_bar * idt[None, :]
+        if TANH:
+            z_bar = z_bar * (1.0 - t * t)
+        # the concat skip adds x2 to each half: its cotangent is y_bar itself
+        return tl.dot(tl.trans(x2), z_bar), tl.sum(z_bar, axis=0), i_bar, tl.dot(z_bar, tl.trans(w)) + y_bar
+
+    @triton.jit
+    def _halves_2d(a, b, R: tl.constexpr, C: tl.constexpr):
+        """[R, C] halves a, b as one [R, 2 C] (a's columns first)."""
+        return tl.reshape(tl.permute(tl.join(a, b), (0, 2, 1)), (R, 2 * C))
+
+    @triton.jit
+    def _halves_1d(a, b, C: tl.constexpr):
+        """[C] halves a, b as one [2 C] (a first)."""
+        return tl.reshape(tl.permute(tl.join(a, b), (1, 0)), (2 * C,))
+
+    @triton.jit
     def _zero_partials(P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr):
         """Accumulators of one program's weight gradients: w0 b0 i0 [P1], w1 [P1, P2], b1 i1 [P2],
         w2 [P2, P3], b2 i2 [P3]."""
@@ -120,17 +161,26 @@ if triton is not None:
                            S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, SLOTS: tl.constexpr,
                            NC: tl.constexpr, BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                            TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
-                           SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
+                           SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr,
+                           HALVES: tl.constexpr = False):
         pid = tl.program_id(0).to(tl.int64)
         p = pid // NC  # atom group
         c = pid % NC  # slot chunk (vjp_split)
         rc = tl.arange(0, 16)
         g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = _zero_partials(P1, P2, P3)
+        if HALVES:  # a concat last layer by column halves (SKIP2 == 2, P3 == 2 P2): their own sums
+            g_w2a = tl.zeros((P2, P2), dtype=tl.float64)
+            g_w2b = tl.zeros((P2, P2), dtype=tl.float64)
+            g_b2a = tl.zeros((P2,), dtype=tl.float64)
+            g_b2b = tl.zeros((P2,), dtype=tl.float64)
+            g_i2a = tl.zeros((P2,), dtype=tl.float64)
+            g_i2b = tl.zeros((P2,), dtype=tl.float64)
         wr, br, idt0, col = _first_layer(w0, b0, i0, cols, P1, P3)
         for k in range(0, ATOMS):
             a = p * ATOMS + k
             live = a < A
-            gb = _atom_tile(gb_ptr, a, live, col, NG)[0]
+            if not HALVES:
+                gb = _atom_tile(gb_ptr, a, live, col, NG)[0]
             for r0 in range(0, SLOTS, BS):
                 rs = c * SLOTS + r0 + tl.arange(0, BS)
                 rows = live & (rs < S)
@@ -144,12 +194,25 @@ if triton is not None:
                     t0 = z0
                 x1 = t0 * idt0[None, :]
                 x2, t1, wl1 = _fwd_layer(x1, w1, b1, i1, P1, P2, TANH1, SKIP1, TANH_EXP)
-                _, t2, wl2 = _fwd_layer(x2, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
-                g_bar = tl.dot(rr, gb)  # [BS, P3]: d(sum gb . R~^T G)/dG, zero on rows past S
-                x2_bar, dw, db, di = _bwd_layer(g_bar, x2, t2, wl2, i2, P2, P3, TANH2, SKIP2)
-                g_w2 += dw
-                g_b2 += db
-                g_i2 += di
+                if HALVES:
+                    dw, db, di, x2_bar = _last_half_bwd(x2, rr, gb_ptr, a, live, cols, w2, b2, i2, 0, P2, P3,
+                                                        NG, TANH2, TANH_EXP)
+                    g_w2a += dw
+                    g_b2a += db
+                    g_i2a += di
+                    dw, db, di, xb = _last_half_bwd(x2, rr, gb_ptr, a, live, cols, w2, b2, i2, 1, P2, P3,
+                                                    NG, TANH2, TANH_EXP)
+                    g_w2b += dw
+                    g_b2b += db
+                    g_i2b += di
+                    x2_bar += xb
+                else:
+                    _, t2, wl2 = _fwd_layer(x2, w2, b2, i2, P2, P3, TANH2, SKIP2, TANH_EXP)
+                    g_bar = tl.dot(rr, gb)  # [BS, P3]: d(sum gb . R~^T G)/dG, zero on rows past S
+                    x2_bar, dw, db, di = _bwd_layer(g_bar, x2, t2, wl2, i2, P2, P3, TANH2, SKIP2)
+                    g_w2 += dw
+                    g_b2 += db
+                    g_i2 += di
                 x1_bar, dw, db, di = _bwd_layer(x2_bar, x1, t1, wl1, i1, P1, P2, TANH1, SKIP1)
                 g_w1 += dw
                 g_b1 += db
@@ -160,6 +223,10 @@ if triton is not None:
                     z0_bar = z0_bar * (1.0 - t0 * t0)
                 g_w0 += tl.sum(z0_bar * s[:, None], axis=0)
                 g_b0 += tl.sum(z0_bar, axis=0)
+        if HALVES:
+            g_w2 = _halves_2d(g_w2a, g_w2b, P2, P2)
+            g_b2 = _halves_1d(g_b2a, g_b2b, P2)
+            g_i2 = _halves_1d(g_i2a, g_i2b, P2)
         _store_partials(part_ptr, pid, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
@@ -169,9 +236,10 @@ def _part_shapes(net: ek.PackedNet) -> list[tuple]:
 
 
 def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor, rows: int | None = None,
-               warps: int | None = None) -> list[torch.Tensor]:
+               warps: int | None = None, halves: bool | None = None) -> list[torch.Tensor]:
     """Gradients of sum(gxyz . R~^T G) w.r.t. w0, b0, i0, w1, b1, i1, w2, b2, i2 (padded shapes);
-    rows / warps: the kernel's tile (default WEIGHT_VJP_ROWS / _WARPS, else the launch table's)."""
+    rows / warps: the kernel's tile (default WEIGHT_VJP_ROWS / _WARPS, else the launch table's);
+    halves: a concat last layer by column halves (default WEIGHT_VJP_HALVES)."""
     S = rr.shape[-2]
     r = rr.reshape(-1, S, 4).contiguous()
     ng = net.widths[2]
@@ -181,8 +249,9 @@ def weight_vjp(rr: torch.Tensor, net: ek.PackedNet, gxyz: torch.Tensor, rows: in
     programs, slots, chunks = vjp_split(A, S, meta["BS"])
     parts = partials_buffer(net, programs, rr.device)
     if A:
+        halves = (WEIGHT_VJP_HALVES if halves is None else halves) and net.skips[1] == ek.SKIP_CONCAT
         _weight_vjp_kernel[(programs,)](r, g, parts, *ek._weights(net), A, S, ng, ATOMS_PER_PROGRAM, slots, chunks,
-                                        **meta)
+                                        HALVES=halves, **meta)
     return reduce_partials(parts, net)
 
 

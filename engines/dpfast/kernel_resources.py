@@ -25,12 +25,14 @@ def kernels() -> list[tuple[str, object, str]]:
             ("weight_vjp", ea._weight_vjp_kernel, "vjp"), ("cotangent_vjp", ca._cotangent_vjp_kernel, "vjp")]
 
 
-def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100)) -> dict:
-    """The kernels' compile-time constants for se_e2_a's default net (concat skips, tanh)."""
+def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100), halves: bool = False) -> dict:
+    """The kernels' compile-time constants for se_e2_a's default net (concat skips, tanh); halves:
+    the weight VJP's last layer by column halves (DPH_FUSED_VJP_HALVES)."""
     lays = ek._layouts(widths, (ek.SKIP_CONCAT, ek.SKIP_CONCAT))
     p1, p2, p3 = (len(l) for l in lays)
     return dict(S=slots, NG=widths[2], P1=p1, P2=p2, P3=p3, TANH0=True, TANH1=True, TANH2=True,
-                SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM)
+                SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM,
+                HALVES=halves)
 
 
 def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, warps: int | None = None) -> dict:

@@ -55,6 +55,8 @@ class EngineOptions:
     # (192 KiB shared, 376-576 B spill stack); the cotangent VJP stays at 16 rows (32 spill ~10 KB)
     vjp_rows: int = 0
     vjp_warps: int = 0
+    # the weight VJP evaluates a concat last layer by column halves (embed_autograd.WEIGHT_VJP_HALVES)
+    vjp_halves: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
@@ -88,7 +90,7 @@ ENV = {
     "allow_fallback": envvars.DPH_ENGINE_ALLOW_FALLBACK, "upstream_compile_bucket": envvars.DPH_COMPILE_BUCKET,
     "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE, "vjp_atoms": envvars.DPH_FUSED_VJP_ATOMS,
     "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS, "vjp_rows": envvars.DPH_FUSED_VJP_ROWS,
-    "vjp_warps": envvars.DPH_FUSED_VJP_WARPS,
+    "vjp_warps": envvars.DPH_FUSED_VJP_WARPS, "vjp_halves": envvars.DPH_FUSED_VJP_HALVES,
 }
 
 

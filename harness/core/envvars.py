@@ -66,6 +66,9 @@ DPH_FUSED_VJP_ROWS = _declare("DPH_FUSED_VJP_ROWS", "dpfast.options",
                               "the launch table's (embed_kernels.LAUNCH)", "0")
 DPH_FUSED_VJP_WARPS = _declare("DPH_FUSED_VJP_WARPS", "dpfast.options",
                                "fused-kernels: warps of a weight-VJP kernel program (1-16), 0 = the launch table's", "0")
+DPH_FUSED_VJP_HALVES = _declare("DPH_FUSED_VJP_HALVES", "dpfast.options",
+                                "1: fused-kernels' weight VJP evaluates a concat last layer by column halves "
+                                "(less shared memory per program)")
 DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
 DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")

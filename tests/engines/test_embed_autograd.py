@@ -176,7 +176,7 @@ def test_torch_compile_keeps_the_op_whole(ea):
     assert torch.allclose(got, _reference(rr, layers).sum(-1), rtol=BOUND, atol=0)
 
 
-@pytest.mark.parametrize("rows,warps", [(16, None), (32, 8), (64, 16)])
+@pytest.mark.parametrize("rows,warps", [(16, None), (32, 8), (32, 16)])  # each fits sm_90 (test_kernel_resources)
 def test_the_weight_vjp_tile_gives_the_same_gradients(ea, monkeypatch, rows, warps):
     """DPH_FUSED_VJP_ROWS / _WARPS (WEIGHT_VJP_ROWS / _WARPS): a wider tile of neighbour rows per
     iteration; 11 atoms x 37 slots in chunks of 16 slots leave a partial tile at every size (the
@@ -198,3 +198,30 @@ def test_the_weight_vjp_tile_gives_the_same_gradients(ea, monkeypatch, rows, war
     rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
     _compare_grads(ea, rr, _layers((25, 50, 100), gen), gen)
     assert seen and set(seen) == {rows}  # every weight-VJP launch ran at this tile
+
+
+@pytest.mark.parametrize("widths,kw", [
+    ((25, 50, 100), {}),  # se_e2_a's default: a concat last layer, halved
+    ((8, 24, 40), {"resnet": False, "acts": ("tanh", "linear", "tanh")}),  # no concat: the whole layer
+    ((25, 50, 100), {"acts": ("tanh", "tanh", "linear")}),  # a linear last layer, halved
+])
+def test_the_last_layer_by_halves_gives_the_same_gradients(ea, monkeypatch, widths, kw):
+    """DPH_FUSED_VJP_HALVES (WEIGHT_VJP_HALVES): a concat last layer's two column halves, each with
+    its weight slice and gx columns, summed into x2's cotangent and stored as one layer's
+    gradients; 11 atoms x 37 slots (a partial tile), 1e-12 against torch's autograd."""
+    monkeypatch.setattr(ea, "WEIGHT_VJP_HALVES", True)
+    seen = []
+    real = ea._weight_vjp_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **k):
+                seen.append(k["HALVES"])
+                return real[grid](*a, **k)
+            return launch
+
+    monkeypatch.setattr(ea, "_weight_vjp_kernel", Spy())
+    gen = torch.Generator().manual_seed(5)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
+    _compare_grads(ea, rr, _layers(widths, gen, **kw), gen)
+    assert seen == [widths == (25, 50, 100)]  # halved exactly where the last layer is a concat

@@ -42,3 +42,12 @@ def test_every_kernel_fits_sm90_shared_memory(tmp_path):
     assert [(r["kernel"], r["slots"], r["rows"], r["warps"]) for r in rows] == [("weight_vjp", 46, 32, 8),
                                                                                   ("weight_vjp", 92, 32, 8)]
     assert all(r["shared"] <= SM90_SHARED_PER_BLOCK and r["stack"] <= 1024 for r in rows), rows
+    # DPH_FUSED_VJP_HALVES: the last layer by column halves needs so little shared memory that two
+    # 4-warp programs fit one SM (228 KiB, 1 KiB reserved per block; 255 registers x 128 threads each)
+    halves = tmp_path / "halves.json"
+    subprocess.run([sys.executable, str(REPO / "tools" / "kernel_resources.py"), "--slots", "46,92", "--warps", "4",
+                    "--kernel", "weight_vjp", "--halves", "--json", str(halves)], env=env, capture_output=True,
+                   text=True, timeout=600)
+    rows = json.loads(halves.read_text())
+    assert [(r["slots"], r["rows"], r["warps"]) for r in rows] == [(46, 16, 4), (92, 16, 4)]
+    assert all(2 * (r["shared"] + 1024) <= 228 * 1024 and 2 * 128 * r["regs"] <= 65536 for r in rows), rows
