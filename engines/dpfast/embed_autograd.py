@@ -108,13 +108,9 @@ if triton is not None:
         gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :],
                      mask=live & (rc[:, None] < 4) & (col[None, :] >= 0), other=0.0)
         y_bar = tl.dot(rr, gb)  # this half's columns of d(sum gb . R~^T G)/dG
-        idt = tl.load(i_ptr + ro)
-        i_bar = tl.sum(y_bar * t, axis=0)
-        z_bar = y_bar * idt[None, :]
-        if TANH:
-            z_bar = z_bar * (1.0 - t * t)
-        # the concat skip adds x2 to each half: its cotangent is y_bar itself
-        return tl.dot(tl.trans(x2), z_bar), tl.sum(z_bar, axis=0), i_bar, tl.dot(z_bar, tl.trans(w)) + y_bar
+        # the concat skip adds all of x2 to each half: per half, an identity skip (SKIP 1)
+        x_bar, w_bar, b_bar, i_bar = _bwd_layer(y_bar, x2, t, w, i_ptr + H * P2, P2, P2, TANH, 1)
+        return w_bar, b_bar, i_bar, x_bar
 
     @triton.jit
     def _halves_2d(a, b, R: tl.constexpr, C: tl.constexpr):
