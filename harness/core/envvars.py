@@ -62,7 +62,7 @@ DPH_FUSED_VJP_ATOMS = _declare("DPH_FUSED_VJP_ATOMS", "dpfast.options",
 DPH_FUSED_VJP_SLOTS = _declare("DPH_FUSED_VJP_SLOTS", "dpfast.options",
                                "fused-kernels: neighbour slots per VJP kernel program, 0 = all of an atom's", "16")
 DPH_FUSED_VJP_ROWS = _declare("DPH_FUSED_VJP_ROWS", "dpfast.options",
-                              "fused-kernels: neighbour rows per tile of the weight-VJP kernel (16, 32, 64), 0 = "
+                              "fused-kernels: neighbour rows per tile of the weight-VJP kernel (16, 32), 0 = "
                               "the launch table's (embed_kernels.LAUNCH)", "0")
 DPH_FUSED_VJP_WARPS = _declare("DPH_FUSED_VJP_WARPS", "dpfast.options",
                                "fused-kernels: warps of a weight-VJP kernel program (1-16), 0 = the launch table's", "0")
