@@ -241,8 +241,11 @@ def main() -> int:
                 rows_out.append(row)
                 print(json.dumps(row), flush=True)
             rows_out.extend(_vjp_rows(rep, A, S, rr, gx, layers, args.reps))
-    args.out.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
-                                    "widths": WIDTHS, "rows": rows_out}, indent=1))
+            # after every block, so a run cut by its time limit still leaves the blocks it finished
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps({"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                                       "widths": WIDTHS, "rows": rows_out}, indent=1))
+            tmp.replace(args.out)
     return 0
 
 
