@@ -59,12 +59,13 @@ if triton is not None:
 
     @triton.jit
     def _fwd_layer(x, w_ptr, b_ptr, i_ptr, PIN: tl.constexpr, POUT: tl.constexpr,
-                   TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr):
+                   TANH: tl.constexpr, SKIP: tl.constexpr, TANH_EXP: tl.constexpr, STRIDE: tl.constexpr = 0):
         """One MLPLayer forward on a [BS, PIN] tile: (output, activation before idt, the loaded
-        weight, which the backward reuses: one shared-memory copy per layer, not two)."""
+        weight, which the backward reuses: one shared-memory copy per layer, not two). STRIDE:
+        the weight's row length when these POUT columns are a slice of a wider layer."""
         ri = tl.arange(0, PIN)
         ro = tl.arange(0, POUT)
-        w = tl.load(w_ptr + ri[:, None] * POUT + ro[None, :])
+        w = tl.load(w_ptr + ri[:, None] * (STRIDE if STRIDE else POUT) + ro[None, :])
         z = tl.dot(x, w) + tl.load(b_ptr + ro)[None, :]
         if TANH:
             t = _tanh(z, TANH_EXP)
@@ -95,21 +96,15 @@ if triton is not None:
         at once: (W_bar [P2, P2], b_bar, idt_bar [P2], its share of x2_bar [BS, P2]). The half's
         weight slice, gx columns and z_bar live one after the other, so the two halves share
         their shared memory (_weight_vjp_kernel with HALVES)."""
-        r2 = tl.arange(0, P2)
         rc = tl.arange(0, 16)
-        ro = H * P2 + r2
-        w = tl.load(w_ptr + r2[:, None] * P3 + ro[None, :])
-        z = tl.dot(x2, w) + tl.load(b_ptr + ro)[None, :]
-        if TANH:
-            t = _tanh(z, TANH_EXP)
-        else:
-            t = z
-        col = tl.load(cols + ro)
+        o = H * P2
+        _, t, w = _fwd_layer(x2, w_ptr + o, b_ptr + o, i_ptr + o, P2, P2, TANH, 1, TANH_EXP, P3)
+        col = tl.load(cols + o + tl.arange(0, P2))
         gb = tl.load(gb_ptr + a * 4 * NG + rc[:, None] * NG + col[None, :],
                      mask=live & (rc[:, None] < 4) & (col[None, :] >= 0), other=0.0)
         y_bar = tl.dot(rr, gb)  # this half's columns of d(sum gb . R~^T G)/dG
         # the concat skip adds all of x2 to each half: per half, an identity skip (SKIP 1)
-        x_bar, w_bar, b_bar, i_bar = _bwd_layer(y_bar, x2, t, w, i_ptr + H * P2, P2, P2, TANH, 1)
+        x_bar, w_bar, b_bar, i_bar = _bwd_layer(y_bar, x2, t, w, i_ptr + o, P2, P2, TANH, 1)
         return w_bar, b_bar, i_bar, x_bar
 
     @triton.jit
