@@ -55,7 +55,8 @@ class EngineOptions:
     # (192 KiB shared, 376-576 B spill stack); the cotangent VJP stays at 16 rows (32 spill ~10 KB)
     vjp_rows: int = 0
     vjp_warps: int = 0
-    # the weight VJP evaluates a concat last layer by column halves (embed_autograd.WEIGHT_VJP_HALVES)
+    # the weight VJP evaluates the last layer by column halves where it is a concat layer (se_e2_a's
+    # default 1 -> 25 -> 50 -> 100; another last layer runs whole: embed_autograd.WEIGHT_VJP_HALVES)
     vjp_halves: bool = False
 
     def __post_init__(self) -> None:
