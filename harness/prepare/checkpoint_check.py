@@ -13,7 +13,7 @@ from typing import Any
 
 from harness.child import pycode
 from harness.core.errors import UserError
-from harness.core.paths import ROOT
+from harness.core import paths
 
 _CHILD = r"""
 import json, sys, zipfile
@@ -62,8 +62,8 @@ def check_checkpoint(path: Path, inp: dict[str, Any], tree: Path, flag: str) -> 
     p = Path(path)
     if p.is_dir():
         raise UserError(f"{flag} {p}: a folder, not a checkpoint (give its model.ckpt-<step>.pt, or --resume FOLDER)")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))}
-    r = subprocess.run(pycode.command(tree, _CHILD, tree, p), input=json.dumps(inp), env=env,
+    r = subprocess.run(pycode.command(tree, _CHILD, tree, p), input=json.dumps(inp),
+                       env=paths.harness_importable(os.environ),
                        capture_output=True, text=True, timeout=600)
     out = r.stdout.strip().splitlines()
     if r.returncode != 0:

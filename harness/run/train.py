@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness.core import envvars
+from harness.core import envvars, paths
 from harness.run import distributed
 from harness.core.errors import UserError
 from harness.core.records import ALLOWED_OVERRIDES, RunSpec, System, TrainResult
 
-from harness.core.paths import ROOT
 BACKEND_FLAG = {"pt": "--pt", "jax": "--jax", "tf": "--tf", "pt-expt": "--pt-expt", "tf2": "--tf2"}
 
 
@@ -80,8 +79,7 @@ def launch_command(tree: Path, modules: tuple[Path, ...], dp_args: list[str]) ->
 
 
 def subprocess_env(device: str, extra: dict[str, str], work_dir: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = paths.harness_importable(os.environ)
     env[envvars.DPH_RUN_DIR] = str(work_dir)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2))))
     if device == "cpu":
