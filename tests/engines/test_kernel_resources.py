@@ -16,13 +16,19 @@ pytest.importorskip("triton")
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_every_kernel_fits_sm90_shared_memory(tmp_path):
-    out = tmp_path / "resources.json"
+def _resources(tmp_path, name: str, *args: str) -> tuple[list[dict], subprocess.CompletedProcess]:
+    """tools/kernel_resources.py's rows for water's slots (46, 92) with these options, compiled for
+    sm_90 (not interpreted), and its process."""
+    out = tmp_path / f"{name}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
     env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
-    p = subprocess.run([sys.executable, str(REPO / "tools" / "kernel_resources.py"), "--slots", "46,92",
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "kernel_resources.py"), "--slots", "46,92", *args,
                         "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text()), p
+
+
+def test_every_kernel_fits_sm90_shared_memory(tmp_path):
+    rows, p = _resources(tmp_path, "resources")
     sys.path.insert(0, str(REPO / "engines"))
     from dpfast.kernel_resources import SM90_SHARED_PER_BLOCK
     assert {r["kernel"] for r in rows} == {"embed_contract", "env_cotangent", "weight_vjp", "cotangent_vjp"}
@@ -35,19 +41,12 @@ def test_every_kernel_fits_sm90_shared_memory(tmp_path):
     assert spill[92] <= 1100 and spill[46] <= 1100, spill
     assert p.returncode == 0, p.stdout + p.stderr
     # the weight VJP's wider tile offered by DPH_FUSED_VJP_ROWS / _WARPS (32 rows x 8 warps) fits too
-    wide = tmp_path / "wide.json"
-    subprocess.run([sys.executable, str(REPO / "tools" / "kernel_resources.py"), "--slots", "46,92", "--rows", "32",
-                    "--warps", "8", "--kernel", "weight_vjp", "--json", str(wide)], env=env, capture_output=True, text=True, timeout=600)
-    rows = json.loads(wide.read_text())
+    rows = _resources(tmp_path, "wide", "--rows", "32", "--warps", "8", "--kernel", "weight_vjp")[0]
     assert [(r["kernel"], r["slots"], r["rows"], r["warps"]) for r in rows] == [("weight_vjp", 46, 32, 8),
                                                                                   ("weight_vjp", 92, 32, 8)]
     assert all(r["shared"] <= SM90_SHARED_PER_BLOCK and r["stack"] <= 1024 for r in rows), rows
     # DPH_FUSED_VJP_HALVES: the last layer by column halves needs so little shared memory that two
     # 4-warp programs fit one SM (228 KiB, 1 KiB reserved per block; 255 registers x 128 threads each)
-    halves = tmp_path / "halves.json"
-    subprocess.run([sys.executable, str(REPO / "tools" / "kernel_resources.py"), "--slots", "46,92", "--warps", "4",
-                    "--kernel", "weight_vjp", "--halves", "--json", str(halves)], env=env, capture_output=True,
-                   text=True, timeout=600)
-    rows = json.loads(halves.read_text())
+    rows = _resources(tmp_path, "halves", "--warps", "4", "--kernel", "weight_vjp", "--halves")[0]
     assert [(r["slots"], r["rows"], r["warps"]) for r in rows] == [(46, 16, 4), (92, 16, 4)]
     assert all(2 * (r["shared"] + 1024) <= 228 * 1024 and 2 * 128 * r["regs"] <= 65536 for r in rows), rows
