@@ -8,8 +8,9 @@
 # ("atoms,slots[,rows,warps[,halves]]": DPH_FUSED_VJP_ATOMS / _SLOTS, the weight VJP's tile
 # DPH_FUSED_VJP_ROWS / _WARPS, its last layer by halves DPH_FUSED_VJP_HALVES) a sweep of fused and
 # fused-kernels with that launch, while the budget allows; (5) fused-kernels gated (baseline +
-# gate) if GATE=1 and the budget allows; (6) if PROFILE=1 and the budget allows, `dpharness profile` of fused and fused-kernels with ncu metrics of the top NCU
-# kernels (kernels per step, where the time goes).
+# gate) if GATE=1 and the budget allows; (6) if PROFILE=1 and the budget allows, `dpharness
+# profile` of fused and fused-kernels with ncu metrics of the top NCU kernels (kernels per step,
+# where the time goes).
 # The records and logs come back in $OUT/results.tgz.
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
 #   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="1,32,32,8 1,16,16,4,1" GATE=0 PROFILE=1 NCU=8 by
