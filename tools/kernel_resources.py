@@ -34,7 +34,7 @@ def main() -> int:
                 for w in ints(a.warps):
                     consts = kr.se_e2_a_constants(slots, halves=a.halves)
                     res = dict(kernel=name, slots=slots, **kr.compile_sm90(kernel, consts, kind, r, w))
-                    res["fits"] = res["shared"] <= kr.SM90_SHARED_PER_BLOCK
+                    res["fits"] = kr.fits(res)
                     rows.append(res)
                     print(f"{name:15} {slots:5} {res['rows']:4} {res['warps']:5} {res['shared']:9} {'yes' if res['fits'] else 'NO':>4} "
                           f"{res['regs']:4} {res['stack']:7}", flush=True)

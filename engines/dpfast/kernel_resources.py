@@ -17,6 +17,14 @@ from . import embed_autograd as ea
 from . import embed_kernels as ek
 
 SM90_SHARED_PER_BLOCK = 232448  # bytes: the opt-in limit Triton's launcher checks on H100 / H200
+SM90_REGISTERS_PER_BLOCK = 65536  # 32-bit registers: regs per thread x threads must fit (Triton checks it too)
+
+
+def fits(res: dict) -> bool:
+    """Whether a compiled kernel (compile_sm90's answer) can launch on sm_90: its shared memory and
+    its registers x threads within one block's limits. 255 registers x 16 warps cannot (the H100
+    run of 41f8efd: "out of resource: threads, Required: 512, Hardware limit: 256")."""
+    return res["shared"] <= SM90_SHARED_PER_BLOCK and res["regs"] * 32 * res["warps"] <= SM90_REGISTERS_PER_BLOCK
 
 
 def kernels() -> list[tuple[str, object, str]]:

@@ -19,7 +19,7 @@ GROUPINGS = ("1", "nets", "emb", "0")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 VJP_ROWS = (0, 16, 32)  # tl.dot needs >= 16 rows; 64 rows exceed sm_90's shared memory
-VJP_WARPS = (0, 1, 2, 4, 8, 16)
+VJP_WARPS = (0, 1, 2, 4, 8)  # 16 cannot launch: 255 registers x 512 threads > 64 K (H100 run, 41f8efd)
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,8 @@ class EngineOptions:
     vjp_atoms: int = 1
     vjp_slots: int = 16
     # the weight-VJP kernel's tile: neighbour rows per tile and warps per program (0: LAUNCH's 16
-    # rows, 8 warps). Built for sm_90 (tools/kernel_resources.py), 32 rows x 8 or 16 warps fit
-    # (192 KiB shared, 376-576 B spill stack); the cotangent VJP stays at 16 rows (32 spill ~10 KB)
+    # rows, 8 warps). Built for sm_90 (tools/kernel_resources.py), 32 rows x 8 warps fit (192 KiB
+    # shared, 376-576 B spill stack); the cotangent VJP stays at 16 rows (32 spill ~10 KB)
     vjp_rows: int = 0
     vjp_warps: int = 0
     # the weight VJP evaluates the last layer by column halves where it is a concat layer (se_e2_a's

@@ -45,6 +45,10 @@ def test_every_kernel_fits_sm90_shared_memory(tmp_path):
     assert [(r["kernel"], r["slots"], r["rows"], r["warps"]) for r in rows] == [("weight_vjp", 46, 32, 8),
                                                                                   ("weight_vjp", 92, 32, 8)]
     assert all(r["shared"] <= SM90_SHARED_PER_BLOCK and r["stack"] <= 1024 for r in rows), rows
+    # ... but not at 16 warps: 255 registers x 512 threads is over a block's 64 K registers (the
+    # H100 refused it: "out of resource: threads"), so the tool says NO and exits 1
+    rows, p16 = _resources(tmp_path, "w16", "--slots", "46", "--rows", "32", "--warps", "16", "--kernel", "weight_vjp")
+    assert [(r["warps"], r["fits"]) for r in rows] == [(16, False)] and p16.returncode == 1, rows
     # DPH_FUSED_VJP_HALVES: the last layer by column halves needs so little shared memory that two
     # 4-warp programs fit one SM (228 KiB, 1 KiB reserved per block; 255 registers x 128 threads each)
     rows = _resources(tmp_path, "halves", "--warps", "4", "--kernel", "weight_vjp", "--halves")[0]

@@ -62,7 +62,7 @@ def test_declared_defaults_equal_the_code_defaults():
     ({"DPH_FUSED_VJP_ATOMS": "0"}, "DPH_FUSED_VJP_ATOMS=0: must be >= 1"),
     ({"DPH_FUSED_VJP_SLOTS": "-16"}, "DPH_FUSED_VJP_SLOTS=-16: must be >= 0"),
     ({"DPH_FUSED_VJP_ROWS": "24"}, "DPH_FUSED_VJP_ROWS=24: not one of 0 | 16 | 32"),
-    ({"DPH_FUSED_VJP_WARPS": "3"}, "DPH_FUSED_VJP_WARPS=3: not one of 0 | 1 | 2 | 4 | 8 | 16"),
+    ({"DPH_FUSED_VJP_WARPS": "3"}, "DPH_FUSED_VJP_WARPS=3: not one of 0 | 1 | 2 | 4 | 8"),
 ])
 def test_a_bad_value_names_its_variable(env, needle):
     with pytest.raises(ValueError) as e:
@@ -85,10 +85,10 @@ def test_the_vjp_kernels_launch_split_and_tile_come_from_the_options():
             "ea.vjp_split(128, 92, 16), ea.WEIGHT_VJP_ROWS, ea.WEIGHT_VJP_WARPS)")
     env = {**os.environ, "PYTHONPATH": f"{REPO / 'engines'}:{REPO}",
            "DPH_FUSED_VJP_ATOMS": "1", "DPH_FUSED_VJP_SLOTS": "32", "DPH_FUSED_VJP_ROWS": "32",
-           "DPH_FUSED_VJP_WARPS": "16"}
+           "DPH_FUSED_VJP_WARPS": "4"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    # 128 atoms x 3 chunks of 32 slots (92 -> 3); the weight VJP's tile 32 rows x 16 warps
-    assert out.split() == ["1", "32", "(384,", "32,", "3)", "32", "16"]
+    # 128 atoms x 3 chunks of 32 slots (92 -> 3); the weight VJP's tile 32 rows x 4 warps
+    assert out.split() == ["1", "32", "(384,", "32,", "3)", "32", "4"]
     o = EngineOptions()  # fused-kernels' default: 1 x 16, the launch table's tile
     assert (o.vjp_atoms, o.vjp_slots, o.vjp_rows, o.vjp_warps) == (1, 16, 0, 0)
 
