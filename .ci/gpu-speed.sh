@@ -8,14 +8,15 @@
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
 #   bash .ci/gpu-speed.sh
 # Overrides: SIZES="2x2x2:fused,fused-fp32,fused-mixed,fused-kernels:300 4x4x4:fused,fused-fp32,fused-mixed:200"
-#   (size:variants:steps per sweep) SWEEP_S=170 (each sweep's limit) PRECISION_SYSTEMS="water"
+#   (size:variants:steps per sweep) SWEEP_S=75 (each sweep's limit per variant: start-ups are
+#   22-46 s each on an H100; 170 s for a whole four-variant sweep cut its third, 41f8efd) PRECISION_SYSTEMS="water"
 #   PRECISION_S=200 OUT=/tmp/dph-out
 # (DEVICE=cpu SYSTEM=<a tiny system dir> SIZES="1x1x1:fused,fused-fp32:4" PRECISION_SYSTEMS=<it>
 # PRECISION_STEPS=4: the plumbing on a CPU machine)
 set -u
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-2x2x2:fused,fused-fp32,fused-mixed,fused-kernels:300 4x4x4:fused,fused-fp32,fused-mixed:200}
-SWEEP_S=${SWEEP_S:-170}
+SWEEP_S=${SWEEP_S:-75}
 PRECISION_SYSTEMS=${PRECISION_SYSTEMS-water}
 PRECISION_S=${PRECISION_S:-200}
 PRECISION_STEPS=${PRECISION_STEPS:-200}
@@ -33,7 +34,7 @@ for entry in $SIZES; do
   IFS=: read -r size vars steps <<< "$entry"
   args=(); IFS=, read -ra vs <<< "$vars"; for v in "${vs[@]}"; do args+=(--variant "$v"); done
   echo "== $size: ${vs[*]} ($steps steps)" | tee -a "$OUT/bench.log"
-  timeout -k 10 "$SWEEP_S" $py -m harness bench --device "$DEVICE" --system "$SYSTEM" --replicate "$size" --steps "$steps" \
+  timeout -k 10 $(( SWEEP_S * ${#vs[@]} + 30 )) $py -m harness bench --device "$DEVICE" --system "$SYSTEM" --replicate "$size" --steps "$steps" \
     --no-baseline --no-accuracy "${args[@]}" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \[" | tail -12 | tee -a "$OUT/bench.log"
 done
 find results/runs -name '*.json' -newer /tmp/gpu-speed.start > /tmp/gpu-speed.list

@@ -65,7 +65,7 @@ class AnalyticEnergy:
             # ---- embedding (value + tangent) per block, or all blocks' nets grouped (see
             # _embed_blocks); contraction per block
             embs = self._embed_blocks(rrs, nets)
-            grs = [torch.matmul(rr.transpose(-1, -2), G) for rr, (G, _) in zip(rrs, embs)]
+            grs = [analytic_nets.contract(rr.transpose(-1, -2), G) for rr, (G, _) in zip(rrs, embs)]
         desc, x1, x2 = self.descriptor_from_xyz(self._per_atom(blocks, grs))
         desc = desc.to(self.fprec)
         # ---- fitting forward + VJP (unit cotangent: E = sum of atomic energies)
@@ -127,8 +127,8 @@ class AnalyticEnergy:
         x1 = xyz^T, x2 = xyz[:, :axis] (descriptor_from_xyz)."""
         B, nloc = x1.shape[:2]
         gd = gdesc.to(self.dprec).reshape(B, nloc, self.ng, self.axis)
-        gx1 = torch.matmul(gd, x2.transpose(-1, -2))  # B nloc ng 4
-        gx2 = torch.matmul(x1.transpose(-1, -2), gd)  # B nloc 4 axis
+        gx1 = analytic_nets.contract(gd, x2.transpose(-1, -2))  # B nloc ng 4
+        gx2 = analytic_nets.contract(x1.transpose(-1, -2), gd)  # B nloc 4 axis
         gxyz = gx1.transpose(-1, -2)
         return torch.cat([gxyz[..., : self.axis] + gx2, gxyz[..., self.axis :]], dim=-1) / self.nnei
 
@@ -225,7 +225,7 @@ class AnalyticEnergy:
         ng = G.shape[-1]
         rr5 = rr.reshape(B, K, NA, S, 4)
         G5 = G.reshape(B, K, NA, S, ng)
-        gr = torch.matmul(rr5.transpose(-1, -2), G5)  # B K NA 4 ng
+        gr = analytic_nets.contract(rr5.transpose(-1, -2), G5)  # B K NA 4 ng
         xyz = rt.new_zeros(B, nloc + 1, 4, ng).index_add(1, P["atom"], gr.reshape(B, K * NA, 4, ng))[:, :nloc]
         desc, x1, x2 = self.descriptor_from_xyz(xyz)
         desc = desc.to(self.fprec)

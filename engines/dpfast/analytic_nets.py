@@ -21,7 +21,21 @@ import math
 
 import torch
 
+from . import options
 from .support import refuse
+
+# DPH_FUSED_CONTRACT_F64 (read once, as the training child's environment set it)
+CONTRACT_F64 = options.current().contract_f64
+
+
+def contract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.matmul(a, b) for one of the descriptor's contractions (R~^T G, D = xyz^T xyz<, their
+    VJPs, dE/dR~ through its Jacobian): with CONTRACT_F64 a float32 product is computed in float64
+    and rounded back once, so no TF32 (nor its CPU emulation) touches it -- these sums over a
+    centre atom's neighbours are where TF32's 10-bit inputs cost the virial most."""
+    if CONTRACT_F64 and a.dtype == torch.float32:
+        return torch.matmul(a.double(), b.double()).to(a.dtype)
+    return torch.matmul(a, b)
 
 _ACTS = {"tanh", "none", "linear"}
 
@@ -276,7 +290,7 @@ def embed_contract_grouped(rrs: list, layer_lists: list) -> tuple[list, tuple]:
     nsub = sum(padded) // K
     rr_sub = rp.reshape(nsub, K, 4)
     G_sub = G.reshape(nsub, K, ng)
-    partial = torch.bmm(rr_sub.transpose(1, 2), G_sub)  # nsub x 4 x ng
+    partial = contract(rr_sub.transpose(1, 2), G_sub)  # nsub x 4 x ng (one bmm)
     sub_shapes = [(b, na, sel // K) for (b, na, sel) in shapes]
     parts = _unpack_rows(partial.reshape(nsub, 4 * ng), sub_shapes, [p // K for p in padded])
     xyzs = [x.reshape(b, na, ns, 4, ng).sum(2) for x, (b, na, ns) in zip(parts, sub_shapes)]
@@ -313,8 +327,8 @@ def env_cotangent(rr: torch.Tensor, G: torch.Tensor, dG: torch.Tensor, gx: torch
     [..., 4, ng]: dE/dR~ = G gx^T, plus (rr gx) . dG/ds on the s column (G depends on R~ only
     through s). The one copy of this product: every route of the engine (per block, batched,
     grouped) calls it."""
-    gR = torch.matmul(G, gx.transpose(-1, -2))  # ... S x 4
-    gG = torch.matmul(rr, gx)  # ... S x ng
+    gR = contract(G, gx.transpose(-1, -2))  # ... S x 4
+    gG = contract(rr, gx)  # ... S x ng
     gs = (gG * dG).sum(-1, keepdim=True)
     return torch.cat([gR[..., :1] + gs, gR[..., 1:]], dim=-1)
 

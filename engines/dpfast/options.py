@@ -58,6 +58,11 @@ class EngineOptions:
     # the weight VJP evaluates the last layer by column halves where it is a concat layer (se_e2_a's
     # default 1 -> 25 -> 50 -> 100; another last layer runs whole: embed_autograd.WEIGHT_VJP_HALVES)
     vjp_halves: bool = False
+    # the descriptor's contractions (R~^T G, D = xyz^T xyz<, their VJPs, dE/dR~ times its Jacobian)
+    # in float64 where the descriptor is float32 (analytic_nets.contract): TF32 then rounds only the
+    # nets' GEMMs. The CPU's emulated budget put fused-mixed's metal virial error (2e-3 > the mixed
+    # class's 1e-3) in the descriptor, not the fitting net
+    contract_f64: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
@@ -92,6 +97,7 @@ ENV = {
     "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE, "vjp_atoms": envvars.DPH_FUSED_VJP_ATOMS,
     "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS, "vjp_rows": envvars.DPH_FUSED_VJP_ROWS,
     "vjp_warps": envvars.DPH_FUSED_VJP_WARPS, "vjp_halves": envvars.DPH_FUSED_VJP_HALVES,
+    "contract_f64": envvars.DPH_FUSED_CONTRACT_F64,
 }
 
 

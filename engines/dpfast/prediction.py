@@ -15,6 +15,7 @@ import torch
 
 from . import geometry as geo
 from . import options
+from .analytic_nets import contract
 from .options import EngineOptions
 from .support import refuse
 
@@ -109,7 +110,7 @@ class Predictor:
             for tj in range(self.ntypes):
                 rr = rt[:, :, self.sec[tj] : self.sec[tj + 1], :]
                 gg = nets[tj](rr[..., :1])
-                gr = torch.matmul(rr.transpose(-1, -2), gg)
+                gr = contract(rr.transpose(-1, -2), gg)
                 xyz = gr if xyz is None else xyz + gr
         else:
             parts = []
@@ -118,7 +119,7 @@ class Predictor:
                 for tj in range(self.ntypes):
                     rr = rt[:, a0 : a0 + na, self.sec[tj] : self.sec[tj + 1], :]
                     gg = nets[tj * self.ntypes + ti](rr[..., :1])
-                    gr = torch.matmul(rr.transpose(-1, -2), gg)
+                    gr = contract(rr.transpose(-1, -2), gg)
                     acc = gr if acc is None else acc + gr
                 parts.append(acc)
             xyz = cat_atoms(parts)
@@ -131,7 +132,7 @@ class Predictor:
         xyz = xyz / self.nnei  # B x nloc x 4 x ng
         x1 = xyz.transpose(-1, -2)  # B x nloc x ng x 4
         x2 = xyz[..., : self.axis]  # B x nloc x 4 x axis
-        d = torch.matmul(x1, x2).reshape(xyz.shape[0], xyz.shape[1], self.ng * self.axis)
+        d = contract(x1, x2).reshape(xyz.shape[0], xyz.shape[1], self.ng * self.axis)
         return d.to(self.gprec), x1, x2
 
     def atom_types(self, tcount, device) -> torch.Tensor:
@@ -242,7 +243,7 @@ class Predictor:
         """Energy, forces and virial from g = dE/dR~ (B x nloc x nnei x 4), however g was obtained:
         F_i = -dE/dr_i through the precomputed Jacobian, scattered to both atoms of each pair."""
         # dE/d(r_j - r_i) for every pair: B x nloc x nnei x 3
-        gd = torch.matmul(g.unsqueeze(-2), jac).squeeze(-2)
+        gd = contract(g.unsqueeze(-2), jac).squeeze(-2)
         return self.forces_from_pair_grad(energy, gd, jidx, diff)
 
     def forces_from_pair_grad(self, energy, gd, jidx, diff) -> dict[str, torch.Tensor]:

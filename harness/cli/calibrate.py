@@ -16,7 +16,7 @@ from harness.run import train
 from harness.core.records import AccuracyResult, RunRecord, StoredRun
 from harness.core.errors import RunFailed
 from harness.core.paths import ROOT
-from harness.core import fsutil
+from harness.core import envvars, fsutil
 from harness.judge.processes import DEFAULT_TEST_FRAMES, format_dp_test, run_dp_test, stop_gates
 from harness.judge.parity import TOLERANCE, compare_eval, compare_step, finish_parity_eval, parity_verdict, start_parity_eval
 from harness.judge import equivalence
@@ -138,9 +138,12 @@ def newest_baseline_checkpoint(system: str, runs_dir: Path = results.RUNS) -> Pa
 
 
 def parity_check(system: str, variant: str, checkpoint: Path | None = None, device: str = "auto",
-                 steps: int = 20, runs_dir: Path = results.RUNS, work_dir: Path | None = None) -> dict[str, Any]:
+                 steps: int = 20, runs_dir: Path = results.RUNS, work_dir: Path | None = None,
+                 emulate_tf32: bool = False) -> dict[str, Any]:
     """Same-weights parity of `variant` against baseline on a baseline checkpoint, without training.
-    The checkpoint defaults to the newest successful baseline run of `system` in runs_dir."""
+    The checkpoint defaults to the newest successful baseline run of `system` in runs_dir.
+    emulate_tf32: the variant's float32 CPU GEMMs get TF32-rounded inputs (a TF32 variant's
+    numerics where no tensor core exists; DPH_TF32_EMULATE)."""
     from harness.run import bench
     from harness.prepare import systems
     from harness.prepare import variants
@@ -163,7 +166,8 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
         inputs[b.name] = p
     rp = start_parity_eval(bb.tree, (), {}, "baseline", inputs["baseline"], checkpoint, sysobj.validation[0],
                            sysobj.train[0], wd / "parity_baseline.npz", dev)
-    vp = start_parity_eval(vb.tree, vb.modules, vb.env, vb.name, inputs[vb.name], checkpoint,
+    venv = {**vb.env, envvars.DPH_TF32_EMULATE: "1"} if emulate_tf32 else vb.env
+    vp = start_parity_eval(vb.tree, vb.modules, venv, vb.name, inputs[vb.name], checkpoint,
                            sysobj.validation[0], sysobj.train[0], wd / "parity_variant.npz", dev)
     rmeta, ref = finish_parity_eval(*rp, wd / "parity_baseline.npz")
     vmeta, var = finish_parity_eval(*vp, wd / "parity_variant.npz")
@@ -174,7 +178,8 @@ def parity_check(system: str, variant: str, checkpoint: Path | None = None, devi
     par.update(compare_step(ref, var, TOLERANCE[vb.accuracy_class]))
     bad = parity_verdict(par, vb.accuracy_class)
     return {"variant": variant, "system": sysobj.name, "checkpoint": str(checkpoint), "parity": par,
-            "verdict": "fail" if bad else "pass", "detail": "; ".join(bad) or "within tolerance"}
+            "tf32_emulated": emulate_tf32, "verdict": "fail" if bad else "pass",
+            "detail": "; ".join(bad) or "within tolerance"}
 
 
 def calibration_from_runs(system: str, device: str, steps: int, directory: Path = CALIBRATION,
@@ -280,7 +285,8 @@ def _cmd_precision_budget(a: argparse.Namespace) -> int:
 
     # the record names the system; the parity checks load it as given (a user's system is a path)
     b = precision_budget.measure(name, ckpt, dev, card_name(dev),
-                                 lambda _name, variant, c, d: parity_check(a.system, variant, c, d))
+                                 lambda _name, variant, c, d, emulate_tf32: parity_check(a.system, variant, c, d,
+                                                                                        emulate_tf32=emulate_tf32))
     print(precision_budget.table(b))
     out = Path(a.out) if a.out else ROOT / "results" / "precision" / f"{name}-{dev}.json"
     fsutil.atomic_write_json(out, precision_budget.to_dict(b))
@@ -316,7 +322,7 @@ def register_cli(subparsers) -> None:
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_cmd_parity)
     q = subparsers.add_parser("precision-budget", help="same-weights error of each reduced-precision stage against float64: "
-                              "float32 descriptor / fitting / both, TF32 in either or both (CUDA), "
+                              "float32 descriptor / fitting / both, TF32 in either or both (emulated off CUDA), "
                               "the bfloat16 descriptor probe")
     q.add_argument("--system", default="water")
     q.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")

@@ -69,6 +69,9 @@ DPH_FUSED_VJP_WARPS = _declare("DPH_FUSED_VJP_WARPS", "dpfast.options",
 DPH_FUSED_VJP_HALVES = _declare("DPH_FUSED_VJP_HALVES", "dpfast.options",
                                 "1: fused-kernels' weight VJP evaluates a concat last layer by column halves "
                                 "(less shared memory per program)")
+DPH_FUSED_CONTRACT_F64 = _declare("DPH_FUSED_CONTRACT_F64", "dpfast.options",
+                                  "1: fused's descriptor contractions in float64 under a float32 descriptor "
+                                  "(TF32 rounds only the nets' GEMMs)")
 DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
 DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")
@@ -89,6 +92,8 @@ DPH_COMPILE_BACKEND = _declare("DPH_COMPILE_BACKEND", "dpfast.options",
 DPH_COMPILE_BUCKET = _declare("DPH_COMPILE_BUCKET", "dpfast.options",
                               "pad the extended region to a multiple of this", "256")
 DPH_COMPILE_DISABLE = _declare("DPH_COMPILE_DISABLE", "dpfast.options", "1: always upstream's eager path")
+DPH_TF32_EMULATE = _declare("DPH_TF32_EMULATE", "patches/fused-mixed",
+                            "1: round float32 CPU GEMM inputs to TF32 (the precision budget's CPU rows)")
 DPH_MIXED_DTYPE = _declare("DPH_MIXED_DTYPE", "patches/mixed", "low-precision dtype of the mixed variant", "bfloat16")
 # --- tools/ and tests ---
 DPH_GPU_BUDGET_S = _declare("DPH_GPU_BUDGET_S", "tools/gpu_check_fused.py", "seconds the GPU check plan may use",

@@ -225,3 +225,24 @@ def test_the_last_layer_by_halves_gives_the_same_gradients(ea, monkeypatch, widt
     rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev()).requires_grad_()
     _compare_grads(ea, rr, _layers(widths, gen, **kw), gen)
     assert seen == [widths == (25, 50, 100)]  # halved exactly where the last layer is a concat
+
+
+def test_training_skips_the_r_gradient_and_keeps_the_weights(ea, monkeypatch):
+    """Where R~ needs no gradient (a training step: it is data), the backward runs the weights' VJP
+    alone -- no env_cotangent launch -- and gives the same weight gradients as the full VJP."""
+    from dpfast import embed_kernels as ek
+
+    gen = torch.Generator().manual_seed(5)
+    layers = _layers((25, 50, 100), gen)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev())
+    gx = torch.randn(11, 4, 100, generator=gen, dtype=torch.float64).to(_dev())
+    full = torch.autograd.grad((ea.embed_contract(rr.clone().requires_grad_(), layers) * gx).sum(), _params(layers))
+    calls = []
+    real = ek.env_cotangent
+    monkeypatch.setattr(ek, "env_cotangent", lambda *a, **k: calls.append(1) or real(*a, **k))
+    alone = torch.autograd.grad((ea.embed_contract(rr, layers) * gx).sum(), _params(layers))
+    assert not calls  # the cotangent kernel did not run
+    for a, b in zip(alone, full):
+        assert torch.equal(a, b)
+    (ea.embed_contract(rr.clone().requires_grad_(), layers) * gx).sum().backward()
+    assert calls  # ... and does where R~ wants its gradient

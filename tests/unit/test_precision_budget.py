@@ -1,6 +1,6 @@
 """The per-stage precision budget without running parity: one row per stage in order, the gate's
-parity numbers carried through, the TF32 stage not measured off CUDA (said so, not faked), the
-table and the record; a missing checkpoint is one line, exit 2, nothing written."""
+parity numbers carried through, the TF32 stages emulated off CUDA (and said so), the table and the
+record; a missing checkpoint is one line, exit 2, nothing written."""
 from __future__ import annotations
 
 import json
@@ -10,10 +10,11 @@ from harness.judge import precision_budget as pb
 
 
 def fake_parity(seen):
-    def parity(system, variant, checkpoint, device):
-        seen.append((system, variant, device))
-        err = {"fused-desc32": 5e-7, "fused-fit32": 1e-7, "fused-fp32": 6e-7, "fused-bf16": 5e-2}[variant]
-        cls, tol = ("mixed", 1e-3) if variant == "fused-bf16" else ("float32", 1e-5)
+    def parity(system, variant, checkpoint, device, emulate_tf32=False):
+        seen.append((system, variant, device, emulate_tf32))
+        err = {"fused-desc32": 5e-7, "fused-fit32": 1e-7, "fused-fp32": 6e-7, "fused-bf16": 5e-2,
+               "fused-desc-tf32": 4e-4, "fused-fit-tf32": 2e-5, "fused-mixed": 3e-3, "fused-tf32-nets": 5e-4}[variant]
+        cls, tol = ("mixed", 1e-3) if "tf32" in variant or variant in ("fused-bf16", "fused-mixed") else ("float32", 1e-5)
         verdict = "pass" if err <= tol else "fail"
         return {"verdict": verdict, "detail": "within tolerance" if verdict == "pass" else f"f rel {err:.2e} > {tol:g}",
                 "parity": {"class": cls, "tolerance": tol, "max_rel_f": err, "max_rel_e": err / 10}}
@@ -23,16 +24,20 @@ def fake_parity(seen):
 def test_every_stage_is_measured_where_it_can_be(tmp_path):
     seen = []
     b = pb.measure("water", tmp_path / "c.pt", "cpu", "cpu", fake_parity(seen))
-    assert [r.variant for r in b.rows] == ["fused-desc32", "fused-fit32", "fused-fp32", "fused-desc-tf32",
-                                           "fused-fit-tf32", "fused-mixed", "fused-bf16"]
-    assert seen == [("water", v, "cpu") for v in ("fused-desc32", "fused-fit32", "fused-fp32", "fused-bf16")]
+    order = ["fused-desc32", "fused-fit32", "fused-fp32", "fused-desc-tf32", "fused-fit-tf32", "fused-mixed",
+             "fused-tf32-nets", "fused-bf16"]
+    assert [r.variant for r in b.rows] == order
+    # off CUDA the three TF32 rows run with the inputs rounded by hand, and only they
+    assert seen == [("water", v, "cpu", "tf32" in v or v == "fused-mixed") for v in order]
     assert b.rows[0].metrics["max_rel_f"] == 5e-7 and b.rows[0].metrics["max_rel_v"] is None
-    for r in b.rows[3:6]:  # TF32 exists on CUDA only
-        assert r.verdict == "not measured" and "cuda" in r.detail and not r.metrics
-    assert b.rows[6].verdict == "fail" and b.rows[6].accuracy_class == "mixed"
+    assert [r.stage.endswith(pb.EMULATED) for r in b.rows] == [False] * 3 + [True] * 4 + [False]
+    assert b.rows[5].verdict == "fail" and b.rows[7].verdict == "fail" and b.rows[7].accuracy_class == "mixed"
     text = pb.table(b)
-    assert "5.00e-07" in text and "not measured: needs cuda" in text and "mixed): f rel 5.00e-02 > 0.001" in text
+    assert "5.00e-07" in text and "TF32 GEMMs [TF32 emulated]" in text and "mixed): f rel 5.00e-02 > 0.001" in text
     assert json.loads(json.dumps(pb.to_dict(b)))["schema"] == pb.SCHEMA
+    seen.clear()  # on CUDA the tensor cores round: nothing emulated, no row renamed
+    b = pb.measure("water", tmp_path / "c.pt", "cuda", "H100", fake_parity(seen))
+    assert not any(e for *_, e in seen) and not any(pb.EMULATED in r.stage for r in b.rows)
 
 
 def test_missing_checkpoint_is_one_line_exit_2(tmp_path, capsys):
@@ -54,5 +59,5 @@ def test_a_users_system_directory_reaches_the_parity_checks(tmp_path, tiny_syste
     out = tmp_path / "b.json"
     assert main(["precision-budget", "--system", str(tiny_system), "--device", "cpu",
                  "--checkpoint", str(tmp_path / "c.pt"), "--out", str(out)]) == 0
-    assert {s for s, _, _ in seen} == {str(tiny_system)}
+    assert {s for s, *_ in seen} == {str(tiny_system)}
     assert json.loads(out.read_text())["system"] == "tinywater"
