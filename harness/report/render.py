@@ -22,6 +22,7 @@ from harness.results import runs as results
 from harness.report import equivalence as equivalence_section
 from harness.report.cells import equivalence_cell, verdict as _verdict
 from harness.report import floor as floor_section
+from harness.report import precision as precision_section
 from harness.report import summary, training, worksize
 from harness.report import trajectory as trajectory_section
 from harness.results.runs import ROOT, RUNS
@@ -127,7 +128,7 @@ results JSONs under <code>results/runs/</code>, then <code>make report</code>.</
 {% for g in groups %}<li><a href="#{{ g.anchor }}"><strong>{{ g.system }} — {{ g.card }}</strong></a>:
 {% for s in g.open %}<span class="muted">{{ s.kind }}</span> <a href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% if g.older %}<span class="muted">older:</span>
 {% for s in g.older %}<a class="muted" href="#{{ s.anchor }}">{{ s.sweep }}</a>{% endfor %}{% endif %}</li>
-{% endfor %}{% if training or trajectories %}<li><a href="#training">Training</a></li>{% endif %}{% if equivalences %}<li><a href="#equivalence">Training equivalence</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
+{% endfor %}{% if training or trajectories %}<li><a href="#training">Training</a></li>{% endif %}{% if equivalences %}<li><a href="#equivalence">Training equivalence</a></li>{% endif %}{% if budgets %}<li><a href="#precision">Precision budget</a></li>{% endif %}{% if floors %}<li><a href="#floor">Floor</a></li>{% endif %}{% if work_sizes %}<li><a href="#work-size">Work size</a></li>{% endif %}{% if variants %}<li><a href="#variants">Variants</a></li>{% endif %}</ul></nav>
 {% endif %}
 {% for g in groups %}
 <h2 id="{{ g.anchor }}">{{ g.system }} — {{ g.card }}</h2>
@@ -150,6 +151,7 @@ memory exponent: the same for the process's peak GPU memory (2 = an all-pairs st
 {% endfor %}{% endif %}
 {% include "training" %}
 {% include "equivalence" %}
+{% include "precision" %}
 {% include "floor" %}
 {% if variants %}<h2 id="variants">Variants</h2><dl>
 {% for v in variants %}<dt>{{ v.name }}{% if v.chain %} <span class="muted">({{ v.chain }})</span>{% endif %}</dt><dd>{{ v.description }}{% if v.overrides %}<br><span class="muted">overrides: {{ v.overrides }}</span>{% endif %}{% if v.native %}<br><span class="muted">upstream-native, outside the three-parameter rule: {{ v.native }}</span>{% endif %}</dd>{% endfor %}
@@ -353,17 +355,19 @@ def variant_list(runs: list[StoredRun]) -> list[dict]:
 
 def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None, csv: str | None = None,
            convergence: list | None = None, floors: list | None = None, trajectories: list | None = None,
-           equivalences: list | None = None) -> str:
+           equivalences: list | None = None, budgets: list | None = None) -> str:
     """The page; href(record) -> relative link to the record's JSON; csv: link to the flat table;
     convergence: ConvergenceRecords for the Training section; floors: FloorRecords for the Floor section;
     trajectories: TrajectoryRecords for the Training section's same-trajectory part; equivalences:
-    `dpharness equivalence` records (dicts) for the Training equivalence section."""
+    `dpharness equivalence` records (dicts) for the Training equivalence section; budgets:
+    `dpharness precision-budget` records (dicts) for the Precision budget section."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.DictLoader({"head": HEAD, "row": ROW, "section": SECTION,
                                                                 "training": training.TEMPLATE,
                                                                 "trajectory": trajectory_section.TEMPLATE,
                                                                 "floor": floor_section.TEMPLATE,
+                                                                "precision": precision_section.TEMPLATE,
                                                                 "equivalence": equivalence_section.TEMPLATE}),
                              autoescape=True,
                              undefined=jinja2.StrictUndefined)
@@ -374,7 +378,8 @@ def render(runs: list[StoredRun], all_sweeps: bool = False, href=lambda r: None,
         work_sizes=worksize.sections(runs), training=training.sections(convergence or []),
         trajectories=trajectory_section.sections(trajectories or []),
         floors=floor_section.sections(floors or [], runs),
-        equivalences=equivalence_section.sections(equivalences or []))
+        equivalences=equivalence_section.sections(equivalences or []),
+        budgets=precision_section.sections(budgets or []))
 
 
 CSV_NAME = "runs.csv"
@@ -382,7 +387,8 @@ CSV_NAME = "runs.csv"
 
 def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = False,
                  convergence_dir: Path | None = None, floor_dir: Path | None = None,
-                 trajectory_dir: Path | None = None, equivalence_dir: Path | None = None) -> Path:
+                 trajectory_dir: Path | None = None, equivalence_dir: Path | None = None,
+                 precision_dir: Path | None = None) -> Path:
     """index.html and, next to it, runs.csv (the export table); bad record files are skipped
     with a warning (results.iter_runs). The Training and Floor sections read the convergence/ and
     floor/ folders beside runs_dir unless told otherwise: one results tree, not the checkout's."""
@@ -391,6 +397,7 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
     floor_dir = runs_dir.parent / "floor" if floor_dir is None else Path(floor_dir)
     trajectory_dir = runs_dir.parent / "trajectory" if trajectory_dir is None else Path(trajectory_dir)
     equivalence_dir = runs_dir.parent / "equivalence" if equivalence_dir is None else Path(equivalence_dir)
+    precision_dir = runs_dir.parent / "precision" if precision_dir is None else Path(precision_dir)
     pairs = list(results.iter_runs(results.run_files(runs_dir))) if runs_dir.is_dir() else []
     files = {r.run_id: p for p, r in pairs}
     runs = [r for _, r in pairs]
@@ -415,13 +422,16 @@ def write_report(runs_dir: Path = RUNS, out: Path = OUT, all_sweeps: bool = Fals
     trajectories = trajectory.load_records(trajectory_dir)
     equivalences = equivalence_section.load_records(
         equivalence_dir, warn=lambda m: print(f"dpharness: warning: {m}", file=sys.stderr))
-    text = render(runs, all_sweeps, href, csv, conv, floors, trajectories, equivalences)
+    budgets = precision_section.load_records(
+        precision_dir, warn=lambda m: print(f"dpharness: warning: {m}", file=sys.stderr))
+    text = render(runs, all_sweeps, href, csv, conv, floors, trajectories, equivalences, budgets)
     return fsutil.atomic_write_text(out, text)
 
 
 def _report_cmd(a) -> int:
     out = write_report(Path(a.runs), Path(a.out), all_sweeps=a.all,
-                       convergence_dir=a.convergence and Path(a.convergence), floor_dir=a.floor and Path(a.floor))
+                       convergence_dir=a.convergence and Path(a.convergence), floor_dir=a.floor and Path(a.floor),
+                       precision_dir=a.precision and Path(a.precision))
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KiB) and {out.parent / CSV_NAME}", file=sys.stderr)
     return 0
 
@@ -435,4 +445,6 @@ def register_cli(subparsers) -> None:
                    help="directory of convergence records (the Training section; default: convergence/ beside --runs)")
     p.add_argument("--floor", default=None,
                    help="directory of floor records (the Floor section; default: floor/ beside --runs)")
+    p.add_argument("--precision", default=None, help="directory of precision-budget records (the Precision budget "
+                                                     "section; default: precision/ beside --runs)")
     p.set_defaults(func=_report_cmd)
