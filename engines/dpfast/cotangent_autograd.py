@@ -79,7 +79,8 @@ if triton is not None:
                               S: tl.constexpr, NG: tl.constexpr, ATOMS: tl.constexpr, SLOTS: tl.constexpr,
                               NC: tl.constexpr, BS: tl.constexpr, P1: tl.constexpr, P2: tl.constexpr, P3: tl.constexpr,
                               TANH0: tl.constexpr, TANH1: tl.constexpr, TANH2: tl.constexpr,
-                              SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr):
+                              SKIP1: tl.constexpr, SKIP2: tl.constexpr, TANH_EXP: tl.constexpr,
+                              NEED_RR: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         p = pid // NC  # atom group
         c = pid % NC  # slot chunk (embed_autograd.vjp_split)
@@ -111,7 +112,8 @@ if triton is not None:
                 G_bar = tl.dot(ob, gx)
                 dG_bar = h[:, None] * rg
                 gxb += tl.dot(tl.trans(ob), G) + tl.dot(tl.trans(rr * h[:, None]), dG)
-                rr_bar = h[:, None] * tl.dot(dG, tl.trans(gx))  # [BS, 16]
+                if NEED_RR:  # R~'s own gradient (here, while dG is live: later it spills ~10 KB a thread)
+                    rr_bar = h[:, None] * tl.dot(dG, tl.trans(gx))  # [BS, 16]
                 # backward through the net's (value, tangent) pair
                 y1_bar, ty1_bar, dw, db, di = _pair_bwd(G_bar, dG_bar, y1, ty1, t2, ap2, app2, tz2, wl2, i2, P2, P3, SKIP2)
                 g_w2 += dw
@@ -125,16 +127,19 @@ if triton is not None:
                 g_i0 += di
                 g_w0 += tl.sum(z0_bar * s[:, None] + tz0_bar, axis=0)  # z0 = s w0 + b0, tz0 = w0
                 g_b0 += tl.sum(z0_bar, axis=0)
-                s_bar = tl.sum(z0_bar * wr[None, :], axis=1)
-                rr_bar += tl.where(rc[None, :] == 0, s_bar[:, None], 0.0)
-                tl.store(rrb_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], rr_bar, mask=m)
+                if NEED_RR:  # a training step's R~ is data: NEED_RR off skips its gradient
+                    s_bar = tl.sum(z0_bar * wr[None, :], axis=1)
+                    rr_bar += tl.where(rc[None, :] == 0, s_bar[:, None], 0.0)
+                    tl.store(rrb_ptr + a * S * 4 + rs[:, None] * 4 + rc[None, :], rr_bar, mask=m)
             # this chunk's share of gx_bar: row (a, c) of [A, NC, 4, NG], summed over chunks by torch
             tl.store(gxb_ptr + (a * NC + c) * 4 * NG + rc[:, None] * NG + col[None, :], gxb, mask=gmask)
         _store_partials(part_ptr, pid, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, P1, P2, P3)
 
 
-def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: torch.Tensor) -> list[torch.Tensor]:
-    """[R~_bar, gx_bar, then the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2] of sum(ob . dE/dR~)."""
+def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: torch.Tensor,
+                  need_rr: bool = True) -> list[torch.Tensor]:
+    """[R~_bar, gx_bar, then the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2] of sum(ob . dE/dR~);
+    need_rr False: R~_bar is not computed (an empty tensor in its place; training, where R~ is data)."""
     S = rr.shape[-2]
     ng = net.widths[2]
     r = rr.reshape(-1, S, 4).contiguous()
@@ -144,13 +149,13 @@ def cotangent_vjp(rr: torch.Tensor, net: ek.PackedNet, gx: torch.Tensor, ob: tor
     meta = ek._meta(net, S, rr.device, kind="vjp")
     programs, slots, chunks = embed_autograd.vjp_split(A, S, meta["BS"])
     parts = partials_buffer(net, programs, rr.device)
-    rrb = torch.zeros_like(r)
+    rrb = torch.zeros_like(r) if need_rr else r.new_empty(0)
     gxb = torch.zeros((A, chunks, 4, ng), dtype=g.dtype, device=g.device)
     if A:
         _cotangent_vjp_kernel[(programs,)](r, g, o, rrb, gxb, parts, *ek._weights(net), A, S, ng,
-                                           embed_autograd.ATOMS_PER_PROGRAM, slots, chunks, **meta)
+                                           embed_autograd.ATOMS_PER_PROGRAM, slots, chunks, **meta, NEED_RR=need_rr)
     gxb = gxb.sum(1) if chunks > 1 else gxb  # one chunk (the default): no extra reduction in the step
-    return [rrb.reshape(rr.shape), gxb.reshape(gx.shape), *reduce_partials(parts, net)]
+    return [rrb.reshape(rr.shape) if need_rr else rrb, gxb.reshape(gx.shape), *reduce_partials(parts, net)]
 
 
 @torch.library.custom_op("dpfast::env_cotangent", mutates_args=())
@@ -169,13 +174,13 @@ def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gx):
 def env_cotangent_vjp_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
                          b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
                          i2: torch.Tensor, cols: torch.Tensor, meta: list[int], gx: torch.Tensor,
-                         ob: torch.Tensor) -> list[torch.Tensor]:
-    return cotangent_vjp(rr, _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta), gx, ob)
+                         ob: torch.Tensor, need_rr: bool) -> list[torch.Tensor]:
+    return cotangent_vjp(rr, _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta), gx, ob, need_rr)
 
 
 @env_cotangent_vjp_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gx, ob):
-    return [torch.empty_like(rr), torch.empty_like(gx)] + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
+def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gx, ob, need_rr):
+    return [torch.empty_like(rr) if need_rr else rr.new_empty(0), torch.empty_like(gx)] + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
 
 
 def _setup_context(ctx, inputs, output):
@@ -185,8 +190,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, ob):
     *saved, gx = ctx.saved_tensors
-    g = env_cotangent_vjp_op(*saved, ctx.meta, gx, ob.contiguous())
+    need_rr = bool(ctx.needs_input_grad[0])  # a training step's R~ is data: no R~_bar computed
+    g = env_cotangent_vjp_op(*saved, ctx.meta, gx, ob.contiguous(), need_rr)
     rr_bar, gx_bar, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = g
+    rr_bar = rr_bar if need_rr else None
     return rr_bar, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, None, None, gx_bar
 
 

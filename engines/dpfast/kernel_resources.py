@@ -40,7 +40,7 @@ def se_e2_a_constants(slots: int = 92, widths: tuple = (25, 50, 100), halves: bo
     p1, p2, p3 = (len(l) for l in lays)
     return dict(S=slots, NG=widths[2], P1=p1, P2=p2, P3=p3, TANH0=True, TANH1=True, TANH2=True,
                 SKIP1=ek.SKIP_CONCAT, SKIP2=ek.SKIP_CONCAT, TANH_EXP=False, ATOMS=ea.ATOMS_PER_PROGRAM,
-                HALVES=halves)
+                HALVES=halves, NEED_RR=True)
 
 
 def compile_sm90(kernel, constants: dict, kind: str, rows: int | None = None, warps: int | None = None) -> dict:

@@ -126,3 +126,19 @@ def test_reproducible_and_one_opaque_op(ca):
 
     ex = torch._dynamo.explain(f)(rr.detach(), gx.detach())
     assert ex.graph_count == 1 and ex.graph_break_count == 0, [r.reason for r in ex.break_reasons]
+
+
+def test_training_skips_the_r_gradient_and_keeps_the_others(ca):
+    """Where R~ needs no gradient (a training step: it is data), the VJP kernel is built without
+    R~_bar (NEED_RR off): gx's and every weight's gradient are the same bit for bit."""
+    gen = torch.Generator().manual_seed(9)
+    layers = _layers((25, 50, 100), gen)
+    rr = (0.5 * torch.randn(11, 37, 4, generator=gen, dtype=torch.float64)).to(_dev())
+    gx = torch.randn(11, 4, 100, generator=gen, dtype=torch.float64).to(_dev()).requires_grad_()
+    ob = torch.randn(11, 37, 4, generator=gen, dtype=torch.float64).to(_dev())
+    rq = rr.clone().requires_grad_()
+    full = torch.autograd.grad((ca.env_cotangent(rq, layers, gx) * ob).sum(), [rq, gx] + _params(layers))
+    alone = torch.autograd.grad((ca.env_cotangent(rr, layers, gx) * ob).sum(), [gx] + _params(layers))
+    assert full[0].abs().max() > 0  # R~'s gradient is real where it is asked for
+    for a, b in zip(alone, full[1:]):
+        assert torch.equal(a, b)
