@@ -1,4 +1,4 @@
-"""The one atomic write and the one sha256 of the project.
+"""The one atomic write, the one sha256 and the one reader of a folder of schema records of the project.
 
 A result file is either the old one or the complete new one: readers (the report, a second sweep,
 an NFS client) never see half a JSON. The temporary name carries the pid and a random token so
@@ -50,3 +50,20 @@ def sha256_file(path: Path | str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def json_records(directory: Path | str, schema: str, warn: Callable[[str], None] = lambda m: None) -> list[dict]:
+    """The JSON records of `schema` directly under `directory` (its *.json, by name); a file that
+    is not one -- unreadable, not JSON, another schema -- is skipped with a warning naming it."""
+    out = []
+    for p in sorted(Path(directory).glob("*.json")) if Path(directory).is_dir() else []:
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, ValueError) as e:
+            warn(f"{p}: not readable JSON ({e}); skipped")
+            continue
+        if not isinstance(rec, dict) or rec.get("schema") != schema:
+            warn(f"{p}: not a {schema} record; skipped")
+            continue
+        out.append(rec)
+    return out

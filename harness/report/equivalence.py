@@ -4,10 +4,10 @@ and per metric the effect size with its 90 % interval, the margin, the outcome a
 inconclusive, the seeds that would resolve it (cells.equivalence_cell, as for a bench run)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.core import fsutil
 from harness.core.records import Equivalence
 from harness.report.cells import equivalence_cell, verdict as _verdict
 
@@ -17,17 +17,7 @@ SCHEMA = "dpharness.equivalence/1"
 def load_records(directory: Path, warn: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
     """The equivalence records directly under `directory` (their per-seed runs under runs/ are not),
     newest first; a file that is not one is skipped with a warning."""
-    out = []
-    for p in sorted(Path(directory).glob("*.json")) if Path(directory).is_dir() else []:
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            warn(f"{p}: not readable JSON ({e}); skipped")
-            continue
-        if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
-            warn(f"{p}: not a {SCHEMA} record; skipped")
-            continue
-        out.append(rec)
+    out = fsutil.json_records(directory, SCHEMA, warn)
     return sorted(out, key=lambda r: str(r.get("created") or ""), reverse=True)
 
 

@@ -5,10 +5,10 @@ It says which stage spends a reduced-precision variant's error (docs/accuracy.md
 sees why a variant passes or fails before reading its runs."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Callable
 
+from harness.core import fsutil
 from harness.judge.precision_budget import METRICS, SCHEMA
 
 
@@ -17,19 +17,9 @@ def _g(x: Any) -> str:
 
 
 def load_records(directory: Path, warn: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
-    """Every budget record under directory (its *.json), newest first per (system, device); a
-    file that is not one is skipped with a warning."""
-    out = []
-    for p in sorted(Path(directory).glob("*.json")) if Path(directory).is_dir() else []:
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, ValueError) as e:
-            warn(f"{p}: not a precision-budget record ({e})")
-            continue
-        if not isinstance(rec, dict) or rec.get("schema") != SCHEMA:
-            warn(f"{p}: not a precision-budget record (schema {rec.get('schema') if isinstance(rec, dict) else None!r})")
-            continue
-        out.append(rec)
+    """Every budget record directly under directory, by system and device; a file that is not one
+    is skipped with a warning."""
+    out = fsutil.json_records(directory, SCHEMA, warn)
     return sorted(out, key=lambda r: (r.get("system", ""), r.get("device", "")))
 
 

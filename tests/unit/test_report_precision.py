@@ -32,7 +32,7 @@ def test_each_budget_is_a_table_with_its_verdicts(tmp_path, capsys):
     assert "TF32 GEMMs [TF32 emulated]" in text  # the CPU record's TF32 rows say how they were measured
     assert "3.00e-03" in text and "fail: v rel 3.00e-03 &gt; 0.001" in text and "0.001 (mixed)" in text
     assert "fused-tf32-nets" in text
-    assert "notes.json: not a precision-budget record" in capsys.readouterr().err
+    assert "notes.json: not a dpharness.precision-budget/1 record" in capsys.readouterr().err
 
 
 def test_no_budget_records_no_section(tmp_path):
