@@ -61,3 +61,26 @@ def test_a_users_system_directory_reaches_the_parity_checks(tmp_path, tiny_syste
                  "--checkpoint", str(tmp_path / "c.pt"), "--out", str(out)]) == 0
     assert {s for s, *_ in seen} == {str(tiny_system)}
     assert json.loads(out.read_text())["system"] == "tinywater"
+
+
+def test_an_emulated_row_asks_the_variants_child_and_only_it_to_round(tmp_path, tiny_system, monkeypatch):
+    """parity_check(emulate_tf32=True) sets DPH_TF32_EMULATE=1 in the variant's parity child, not
+    in the float64 reference's, and not without it (the children themselves are stubbed: the
+    rounding is test_tf32_emulation's)."""
+    from harness.cli import calibrate
+
+    envs = {}
+
+    def start(tree, modules, env, name, *args, **kw):
+        envs[name] = dict(env)
+        return None, tmp_path / f"{name}.log"
+
+    monkeypatch.setattr(calibrate, "start_parity_eval", start)
+    monkeypatch.setattr(calibrate, "finish_parity_eval", lambda *a, **k: ({"load": "stubbed"}, {}))
+    (tmp_path / "c.pt").write_bytes(b"")
+    out = calibrate.parity_check(str(tiny_system), "fused-mixed", tmp_path / "c.pt", "cpu", work_dir=tmp_path / "w",
+                                 emulate_tf32=True)
+    assert out["verdict"] == "not applicable" and out["detail"] == "stubbed"
+    assert envs["fused-mixed"].get("DPH_TF32_EMULATE") == "1" and "DPH_TF32_EMULATE" not in envs["baseline"]
+    calibrate.parity_check(str(tiny_system), "fused-mixed", tmp_path / "c.pt", "cpu", work_dir=tmp_path / "w")
+    assert "DPH_TF32_EMULATE" not in envs["fused-mixed"]
