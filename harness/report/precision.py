@@ -36,7 +36,8 @@ def sections(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                          "why": "" if r.get("verdict") == "pass" else r.get("detail", ""),
                          "tolerance": f"{tol:g} ({r.get('accuracy_class')})" if tol is not None else "-"})
         rows_of.append({"system": rec.get("system", "?"), "device": rec.get("device", "?"),
-                        "card": rec.get("card", "?"), "created": rec.get("created", "?"), "rows": rows})
+                        "card": rec.get("card", "?"), "created": rec.get("created", "?"), "rows": rows,
+                        "checkpoint": Path(str(rec.get("checkpoint") or "?")).name})
     return rows_of
 
 
@@ -45,7 +46,7 @@ TEMPLATE = """{% if budgets %}<h2 id="precision">Precision budget</h2>
 (<code>dpharness precision-budget</code>; the gate's parity check, relative: energy, force, virial, the training step's
 gradient and update). "[TF32 emulated]": measured on a CPU with every float32 GEMM's inputs rounded to TF32
 (docs/accuracy.md).</p>
-{% for b in budgets %}<h3>{{ b.system }} — {{ b.card }} ({{ b.device }}), {{ b.created }}</h3>
+{% for b in budgets %}<h3>{{ b.system }} — {{ b.card }} ({{ b.device }}), checkpoint {{ b.checkpoint }}, {{ b.created }}</h3>
 <table><tr><th class="l">stage</th><th class="l">variant</th><th>E rel</th><th>F rel</th><th>V rel</th><th>grad rel</th>
 <th>update rel</th><th>tolerance</th><th class="l">verdict</th></tr>
 {% for r in b.rows %}<tr><td class="l">{{ r.stage }}</td><td class="l">{{ r.variant }}</td>{% for v in r.cells %}<td>{{ v }}</td>{% endfor %}

@@ -28,7 +28,7 @@ def test_each_budget_is_a_table_with_its_verdicts(tmp_path, capsys):
     (tmp_path / "precision" / "notes.json").write_text('{"schema": "something else"}')
     text = report.write_report(tmp_path / "runs", tmp_path / "report" / "index.html").read_text()
     assert 'href="#precision"' in text and 'id="precision"' in text
-    assert "copper — cpu (cpu)" in text and "copper — NVIDIA H100 (cuda)" in text
+    assert "copper — cpu (cpu), checkpoint ckpt.pt" in text and "copper — NVIDIA H100 (cuda)" in text
     assert "TF32 GEMMs [TF32 emulated]" in text  # the CPU record's TF32 rows say how they were measured
     assert "3.00e-03" in text and "fail: v rel 3.00e-03 &gt; 0.001" in text and "0.001 (mixed)" in text
     assert "fused-tf32-nets" in text
