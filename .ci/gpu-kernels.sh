@@ -13,16 +13,20 @@
 # where the time goes).
 # The records and logs come back in $OUT/results.tgz.
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
-#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="1,32,32,8 1,16,16,4,1" GATE=0 PROFILE=1 NCU=8 by
-#   default: the engine's default is 1,16 at a 16-row x 8-warp tile; 8,0 and 1,32 were measured in
-#   sweeps 20261207T101821Z-129bb9 / T101943Z-93ecb5; 32 x 8 is the weight VJP's wider tile, 16 x 4
-#   with halves its two-programs-per-SM launch. The profile runs only if time is left after them:
-#   SPLITS="" for the profile alone)
+#   BUDGET_S=540 bash .ci/gpu-kernels.sh        (SPLITS="" GATE=0 PROFILE=1 NCU=8 MICRO=1 REPLICATE=""
+#   by default: the engine's default is 1,16 at a 16-row x 8-warp tile; 8,0 and 1,32 were measured
+#   in sweeps 20261207T101821Z-129bb9 / T101943Z-93ecb5, 32 x 8 (the weight VJP's wider tile) and
+#   1,16,16,4,1 (halves) in 20261207T210557Z-3c5609 / T210744Z-d633d7: none beat the default at 192
+#   atoms. REPLICATE=2x2x2 runs the sweeps (not the profile) on the replicated cell (the microbenchmark
+#   has 2 atoms x all slots best at 1,536 atoms: SPLITS="2,0 1,0"); MICRO=0 skips step (1))
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/dph-out}
 BUDGET_S=${BUDGET_S:-540}
-SPLITS=${SPLITS-1,32,32,8 1,16,16,4,1}
+SPLITS=${SPLITS-}
+MICRO=${MICRO:-1}
+REPLICATE=${REPLICATE:-}
+rep=(); [ -n "$REPLICATE" ] && rep=(--replicate "$REPLICATE")
 GATE=${GATE:-0}
 PROFILE=${PROFILE:-1}
 NCU=${NCU:-8}
@@ -34,7 +38,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 make venv > "$OUT/venv-kernels.log" 2>&1 || { tail -20 "$OUT/venv-kernels.log"; exit 2; }
 py=.venv/bin/python
 bench() { $py -m harness bench --device cuda "$@" 2>&1 | grep -v "^\s*\[.*\] \[" | grep -v "^  \["; }
-timeout 240 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
+[ "$MICRO" = 1 ] && timeout 240 $py tools/bench_embed_kernels.py --out "$OUT/embed_kernels.json" > "$OUT/kernels.log" 2>&1
 timeout 120 $py -m pytest -q -x tests/engines/test_embed_kernels.py tests/engines/test_embed_autograd.py \
   tests/engines/test_cotangent_autograd.py \
   -p no:cacheprovider 2>&1 | tail -4 | tee -a "$OUT/kernels.log"
@@ -49,11 +53,11 @@ for split in default $SPLITS; do  # default: the engine's own split, step (3)'s 
           DPH_FUSED_VJP_WARPS="${warps:-0}" DPH_FUSED_VJP_HALVES="${halves:-0}")
   fi
   env "${vars[@]}" timeout $(( $(left) - 20 )) bash -c \
-    "$(declare -f bench); py=$py; bench --system water --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" \
+    "$(declare -f bench); py=$py; bench --system water ${rep[*]} --steps 300 --no-baseline --no-accuracy --variant fused --variant fused-kernels" \
     | tail -10 | tee -a "$OUT/bench.log"
 done
 if [ "$GATE" = 1 ] && [ "$(left)" -gt 200 ]; then
-  timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water --steps 300 --variant fused-kernels --gate-jobs 2" | tail -10 | tee -a "$OUT/bench.log"
+  timeout $(( $(left) - 20 )) bash -c "$(declare -f bench); py=$py; bench --system water ${rep[*]} --steps 300 --variant fused-kernels --gate-jobs 2" | tail -10 | tee -a "$OUT/bench.log"
 fi
 if [ "$PROFILE" = 1 ] && [ "$(left)" -gt 120 ]; then
   echo "== profile: fused, fused-kernels (ncu top $NCU)" | tee -a "$OUT/bench.log"
