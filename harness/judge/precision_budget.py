@@ -1,9 +1,9 @@
 """The per-stage precision budget of the fused engine: for each stage whose precision the
 competition's rule lets change (model/descriptor/precision, model/fitting_net/precision), the
 same-weights error of that stage alone in float32 against float64, then both, then both with TF32
-GEMMs (on CUDA the tensor cores'; on a CPU emulated: every float32 GEMM's inputs rounded to TF32,
-DPH_TF32_EMULATE, patches/fused-mixed/enable_tf32.py) — energy, force and virial of a validation batch and the training step's
-gradient and update, from the gate's own parity check (harness/judge/parity.py) on one baseline
+GEMMs (on CUDA the tensor cores'; elsewhere emulated: every float32 GEMM's inputs rounded to
+TF32, DPH_TF32_EMULATE, patches/fused-mixed/enable_tf32.py) — energy, force and virial of a
+validation batch and the training step's gradient and update, from the gate's own parity check (harness/judge/parity.py) on one baseline
 checkpoint. It says which stage spends the error a reduced-precision variant must stay within,
 before any variant is designed around it (the reduced-precision issue's "measured budget")."""
 from __future__ import annotations
@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 SCHEMA = "dpharness.precision-budget/1"
-# (what runs reduced, the variant that runs it, where it can be measured, whether it is a TF32 row)
+# (what runs reduced, the variant that runs it, whether it is a TF32 row); every row runs anywhere
 STAGES = (
-    ("descriptor float32 (env matrix, embedding, R~^T G)", "fused-desc32", ("cpu", "cuda"), False),
-    ("fitting net float32", "fused-fit32", ("cpu", "cuda"), False),
-    ("descriptor + fitting float32", "fused-fp32", ("cpu", "cuda"), False),
-    ("descriptor float32, TF32 GEMMs", "fused-desc-tf32", ("cpu", "cuda"), True),
-    ("fitting net float32, TF32 GEMMs", "fused-fit-tf32", ("cpu", "cuda"), True),
-    ("descriptor + fitting float32, TF32 GEMMs", "fused-mixed", ("cpu", "cuda"), True),
-    ("TF32 in the nets only, contractions float64", "fused-tf32-nets", ("cpu", "cuda"), True),
-    ("descriptor bfloat16, fitting float32", "fused-bf16", ("cpu", "cuda"), False),
+    ("descriptor float32 (env matrix, embedding, R~^T G)", "fused-desc32", False),
+    ("fitting net float32", "fused-fit32", False),
+    ("descriptor + fitting float32", "fused-fp32", False),
+    ("descriptor float32, TF32 GEMMs", "fused-desc-tf32", True),
+    ("fitting net float32, TF32 GEMMs", "fused-fit-tf32", True),
+    ("descriptor + fitting float32, TF32 GEMMs", "fused-mixed", True),
+    ("TF32 in the nets only, contractions float64", "fused-tf32-nets", True),
+    ("descriptor bfloat16, fitting float32", "fused-bf16", False),
 )
 EMULATED = " [TF32 emulated]"  # a TF32 row measured off CUDA: the inputs rounded by hand
 METRICS = ("max_rel_e", "max_rel_f", "max_rel_v", "rms_f", "step_grad_max_rel", "step_update_max_rel")
@@ -33,7 +33,7 @@ METRICS = ("max_rel_e", "max_rel_f", "max_rel_v", "rms_f", "step_grad_max_rel", 
 class BudgetRow:
     stage: str
     variant: str
-    verdict: str  # pass | fail | not measured | not applicable
+    verdict: str  # pass | fail | not applicable
     detail: str
     accuracy_class: str | None = None
     tolerance: float | None = None
@@ -56,10 +56,7 @@ def measure(system: str, checkpoint: Path, device: str, card: str,
     """One row per stage; `parity(system, variant, checkpoint, device, emulate_tf32=...)` is the
     gate's check. A TF32 row off CUDA runs with its GEMM inputs rounded to TF32 by hand and says so."""
     rows = []
-    for stage, variant, where, tf32 in STAGES:
-        if device not in where:
-            rows.append(BudgetRow(stage, variant, "not measured", f"needs {' or '.join(where)} (this run: {device})"))
-            continue
+    for stage, variant, tf32 in STAGES:
         emulate = tf32 and device != "cuda"
         res = parity(system, variant, checkpoint, device, emulate_tf32=emulate)
         stage += EMULATED if emulate else ""
