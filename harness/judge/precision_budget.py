@@ -71,17 +71,19 @@ def to_dict(b: PrecisionBudget) -> dict[str, Any]:
     return asdict(b)
 
 
-def table(b: PrecisionBudget) -> str:
-    def g(x):
-        return "-" if x is None else f"{x:.2e}"
+def rel(x: float | None) -> str:
+    """A relative error as the table and the report print it."""
+    return "-" if x is None else f"{x:.2e}"
 
+
+def table(b: PrecisionBudget) -> str:
     head = f"{'stage':60} {'E rel':>9} {'F rel':>9} {'V rel':>9} {'grad rel':>9} {'update':>9}  verdict"
     lines = [f"precision budget, {b.system} on {b.card} ({b.device}), same weights as {b.checkpoint}", head,
              "-" * len(head)]
     for r in b.rows:
         m = r.metrics
-        lines.append(f"{r.stage:60} {g(m.get('max_rel_e')):>9} {g(m.get('max_rel_f')):>9} {g(m.get('max_rel_v')):>9} "
-                     f"{g(m.get('step_grad_max_rel')):>9} {g(m.get('step_update_max_rel')):>9}  {r.verdict}"
+        lines.append(f"{r.stage:60} {rel(m.get('max_rel_e')):>9} {rel(m.get('max_rel_f')):>9} {rel(m.get('max_rel_v')):>9} "
+                     f"{rel(m.get('step_grad_max_rel')):>9} {rel(m.get('step_update_max_rel')):>9}  {r.verdict}"
                      + (f" (tolerance {r.tolerance:g}, {r.accuracy_class})" if r.tolerance is not None else "")
                      + ("" if r.verdict == "pass" else f": {r.detail}"))
     return "\n".join(lines)

@@ -9,11 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from harness.core import fsutil
-from harness.judge.precision_budget import METRICS, SCHEMA
-
-
-def _g(x: Any) -> str:
-    return "-" if x is None else f"{x:.2e}"
+from harness.judge.precision_budget import METRICS, SCHEMA, rel
 
 
 def load_records(directory: Path, warn: Callable[[str], None] = lambda m: None) -> list[dict[str, Any]]:
@@ -31,7 +27,7 @@ def sections(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             m = r.get("metrics") or {}
             tol = r.get("tolerance")
             rows.append({"stage": r.get("stage", "?"), "variant": r.get("variant", "?"),
-                         "cells": [_g(m.get(k)) for k in METRICS[:3] + METRICS[4:]],
+                         "cells": [rel(m.get(k)) for k in METRICS[:3] + METRICS[4:]],
                          "verdict": r.get("verdict", "-"),
                          "why": "" if r.get("verdict") == "pass" else r.get("detail", ""),
                          "tolerance": f"{tol:g} ({r.get('accuracy_class')})" if tol is not None else "-"})
