@@ -40,6 +40,8 @@ def _rounding(fn, operands: tuple[int, ...]):
 
 
 def _einsum(fn):
+    """einsum with every operand rounded (a two-operand einsum is a GEMM; its operands may come
+    as one list)."""
     @functools.wraps(fn)
     def wrapped(eq, *ops, **kwargs):
         if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
