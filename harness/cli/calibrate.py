@@ -265,7 +265,8 @@ def _cmd_calibrate(a: argparse.Namespace) -> int:
 
 
 def _cmd_parity(a: argparse.Namespace) -> int:
-    out = parity_check(a.system, a.variant, Path(a.checkpoint) if a.checkpoint else None, a.device)
+    out = parity_check(a.system, a.variant, Path(a.checkpoint) if a.checkpoint else None, a.device,
+                       emulate_tf32=a.emulate_tf32)
     print(json.dumps(out, indent=1))
     return 4 if out.get("verdict") == "fail" else 0
 
@@ -320,6 +321,8 @@ def register_cli(subparsers) -> None:
     p.add_argument("--variant", required=True)
     p.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--emulate-tf32", action="store_true",
+                   help="round the variant's float32 CPU GEMM inputs to TF32 (a TF32 variant's numerics on a CPU)")
     p.set_defaults(func=_cmd_parity)
     q = subparsers.add_parser("precision-budget", help="same-weights error of each reduced-precision stage against float64: "
                               "float32 descriptor / fitting / both, TF32 in either or both (emulated off CUDA), "

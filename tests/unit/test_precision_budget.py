@@ -84,3 +84,14 @@ def test_an_emulated_row_asks_the_variants_child_and_only_it_to_round(tmp_path, 
     assert envs["fused-mixed"].get("DPH_TF32_EMULATE") == "1" and "DPH_TF32_EMULATE" not in envs["baseline"]
     calibrate.parity_check(str(tiny_system), "fused-mixed", tmp_path / "c.pt", "cpu", work_dir=tmp_path / "w")
     assert "DPH_TF32_EMULATE" not in envs["fused-mixed"]
+
+
+def test_the_parity_command_can_emulate_tf32(monkeypatch, capsys):
+    from harness.cli import calibrate
+
+    seen = []
+    monkeypatch.setattr(calibrate, "parity_check",
+                        lambda *a, emulate_tf32=False: seen.append(emulate_tf32) or {"verdict": "pass"})
+    assert main(["parity", "--variant", "fused-tf32-nets", "--device", "cpu", "--emulate-tf32"]) == 0
+    assert main(["parity", "--variant", "fused-tf32-nets", "--device", "cpu"]) == 0
+    assert seen == [True, False]
