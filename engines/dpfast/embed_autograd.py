@@ -293,34 +293,22 @@ def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta):
 @torch.library.custom_op("dpfast::embed_contract_vjp", mutates_args=())
 def embed_contract_vjp_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor, w1: torch.Tensor,
                           b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor,
-                          i2: torch.Tensor, cols: torch.Tensor, meta: list[int], gxyz: torch.Tensor) -> list[torch.Tensor]:
-    """[dE/dR~, then the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2] for the cotangent gxyz of xyz.
-    No autograd of its own: a second derivative through the op raises (once differentiable)."""
+                          i2: torch.Tensor, cols: torch.Tensor, meta: list[int], gxyz: torch.Tensor,
+                          need_rr: bool) -> list[torch.Tensor]:
+    """[dE/dR~, then the gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2] for the cotangent gxyz of xyz;
+    need_rr False (a training step, where R~ is data): an empty tensor in dE/dR~'s place, and its
+    cotangent kernel -- one launch per net, half of fused-kernels' _env_cotangent_kernel time on
+    an H100 (profile 20261207T211114Z-091f9e) -- not run. No autograd of its own: a second
+    derivative through the op raises (once differentiable)."""
     net = _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta)
     gxyz = gxyz.contiguous()
-    return [ek.env_cotangent(rr, net, gxyz), *weight_vjp(rr, net, gxyz)]
+    return [ek.env_cotangent(rr, net, gxyz) if need_rr else rr.new_empty(0), *weight_vjp(rr, net, gxyz)]
 
 
 @embed_contract_vjp_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gxyz):
-    return [torch.empty_like(rr)] + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
-
-
-@torch.library.custom_op("dpfast::embed_contract_weight_vjp", mutates_args=())
-def embed_contract_weight_vjp_op(rr: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, i0: torch.Tensor,
-                                 w1: torch.Tensor, b1: torch.Tensor, i1: torch.Tensor, w2: torch.Tensor,
-                                 b2: torch.Tensor, i2: torch.Tensor, cols: torch.Tensor, meta: list[int],
-                                 gxyz: torch.Tensor) -> list[torch.Tensor]:
-    """The gradients of w0 b0 i0 w1 b1 i1 w2 b2 i2 alone: a training step's backward, where R~ is
-    data (coordinates and fixed statistics), so dE/dR~'s cotangent kernel -- one launch per net,
-    half of fused-kernels' _env_cotangent_kernel time on an H100 (profile 20261207T211114Z-091f9e)
-    -- would compute a gradient nobody reads."""
-    return weight_vjp(rr, _net_of((w0, b0, i0, w1, b1, i1, w2, b2, i2, cols), meta), gxyz.contiguous())
-
-
-@embed_contract_weight_vjp_op.register_fake
-def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gxyz):
-    return [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)]
+def _(rr, w0, b0, i0, w1, b1, i1, w2, b2, i2, cols, meta, gxyz, need_rr):
+    return ([torch.empty_like(rr) if need_rr else rr.new_empty(0)]
+            + [torch.empty_like(t) for t in (w0, b0, i0, w1, b1, i1, w2, b2, i2)])
 
 
 def _setup_context(ctx, inputs, output):
@@ -330,12 +318,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gxyz):
     saved = ctx.saved_tensors
-    if ctx.needs_input_grad[0]:
-        g = embed_contract_vjp_op(*saved, ctx.meta, gxyz)
-        g_rr, (g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2) = g[0], g[1:]
-    else:  # R~ needs no gradient (training): the weights' VJP alone
-        g_rr = None
-        g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = embed_contract_weight_vjp_op(*saved, ctx.meta, gxyz)
+    need_rr = bool(ctx.needs_input_grad[0])  # a training step's R~ is data: no dE/dR~ computed
+    g = embed_contract_vjp_op(*saved, ctx.meta, gxyz, need_rr)
+    g_rr = g[0] if need_rr else None
+    g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2 = g[1:]
     # the column map and meta are constants
     return g_rr, g_w0, g_b0, g_i0, g_w1, g_b1, g_i1, g_w2, g_b2, g_i2, None, None
 
