@@ -9,6 +9,9 @@
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
 #   bash .ci/gpu-precision.sh
 # Overrides: SYSTEMS="water copper alcumg" STEPS=200 DEADLINE=500 OUT=/tmp/dph-out
+#   STAGES="" (all eight rows; e.g. fused-fit-tf32,fused-mixed,fused-tf32-nets: the TF32 rows alone)
+#   JOBS=4 (rows measured at once: one by one, copper's eight rows did not finish in the ~6 min
+#   left after its 4000-step baseline, 201627c; each row prints as it finishes, "[budget] ...")
 # (DEVICE=cpu SYSTEMS=<a tiny system dir> STEPS=4: the plumbing on a CPU machine)
 set -u
 cd "$(dirname "$0")/.."
@@ -17,6 +20,8 @@ STEPS=${STEPS:-200}
 DEADLINE=${DEADLINE:-500}
 OUT=${OUT:-/tmp/dph-out}
 DEVICE=${DEVICE:-cuda}
+STAGES=${STAGES:-}
+JOBS=${JOBS:-4}
 mkdir -p "$OUT"
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || echo "no GPU"; } | tee "$OUT/card.txt"
 if ! make venv > "$OUT/venv.log" 2>&1; then
@@ -28,11 +33,12 @@ one() {  # a system's float64 baseline, then the budget on it (precision-budget'
          # the newest baseline run of the system under results/runs, i.e. the one just trained)
   .venv/bin/python -m harness bench --system "$1" --device "$DEVICE" --variant baseline --steps "$STEPS" \
     --no-accuracy || return 1
-  .venv/bin/python -m harness precision-budget --system "$1" --device "$DEVICE"
+  .venv/bin/python -m harness precision-budget --system "$1" --device "$DEVICE" --jobs "$JOBS" \
+    ${STAGES:+--stages "$STAGES"}
 }
 pids=()
 for s in $SYSTEMS; do
-  ( export -f one; timeout -k 10 "$DEADLINE" bash -c "STEPS=$STEPS DEVICE=$DEVICE; one $s" ) \
+  ( export -f one; timeout -k 10 "$DEADLINE" bash -c "STEPS=$STEPS DEVICE=$DEVICE JOBS=$JOBS STAGES=$STAGES; one $s" ) \
     > "results/precision/logs/$(basename "$s").log" 2>&1 &
   pids+=($!)
 done

@@ -284,10 +284,19 @@ def _cmd_precision_budget(a: argparse.Namespace) -> int:
         raise UserError(f"--checkpoint {ckpt}: not found")
     from harness.cli.floor import card_name
 
+    try:
+        chosen = precision_budget.select(a.stages) if a.stages else None
+    except ValueError as e:
+        raise UserError(f"--stages: {e}") from None
+    if a.jobs < 1:
+        raise UserError(f"--jobs {a.jobs}: must be at least 1")
     # the record names the system; the parity checks load it as given (a user's system is a path)
     b = precision_budget.measure(name, ckpt, dev, card_name(dev),
                                  lambda _name, variant, c, d, emulate_tf32: parity_check(a.system, variant, c, d,
-                                                                                        emulate_tf32=emulate_tf32))
+                                                                                        emulate_tf32=emulate_tf32),
+                                 variants=chosen, jobs=a.jobs,
+                                 on_row=lambda r: print(f"[budget] {precision_budget.row_line(r)}", file=sys.stderr,
+                                                        flush=True))
     print(precision_budget.table(b))
     out = Path(a.out) if a.out else ROOT / "results" / "precision" / f"{name}-{dev}.json"
     fsutil.atomic_write_json(out, precision_budget.to_dict(b))
@@ -331,4 +340,8 @@ def register_cli(subparsers) -> None:
     q.add_argument("--checkpoint", default=None, help="baseline checkpoint (default: newest baseline run)")
     q.add_argument("--device", default="auto")
     q.add_argument("--out", default=None, help="record path (default: results/precision/<system>-<device>.json)")
+    q.add_argument("--stages", default=None, metavar="VARIANT,...",
+                   help="only these stages' rows, by variant (default: all eight)")
+    q.add_argument("--jobs", type=int, default=1,
+                   help="rows measured at once (each is two start-up-bound parity children; a GPU has room for several)")
     q.set_defaults(func=_cmd_precision_budget)

@@ -9,6 +9,7 @@ before any variant is designed around it (the reduced-precision issue's "measure
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -52,19 +53,43 @@ class PrecisionBudget:
 
 
 def measure(system: str, checkpoint: Path, device: str, card: str,
-            parity: Callable[..., dict[str, Any]]) -> PrecisionBudget:
+            parity: Callable[..., dict[str, Any]], variants: list[str] | None = None, jobs: int = 1,
+            on_row: Callable[[BudgetRow], None] | None = None) -> PrecisionBudget:
     """One row per stage; `parity(system, variant, checkpoint, device, emulate_tf32=...)` is the
-    gate's check. A TF32 row off CUDA runs with its GEMM inputs rounded to TF32 by hand and says so."""
-    rows = []
-    for stage, variant, tf32 in STAGES:
+    gate's check. A TF32 row off CUDA runs with its GEMM inputs rounded to TF32 by hand and says so.
+    variants: only these stages' rows (STAGES' order kept); jobs: rows measured at once (each row is
+    two parity children bound by start-up, so a GPU has room for several); on_row: called as each
+    row finishes, so a call cut by its time limit still leaves in its log the rows it measured."""
+    stages = [s for s in STAGES if variants is None or s[1] in variants]
+
+    def one(stage: str, variant: str, tf32: bool) -> BudgetRow:
         emulate = tf32 and device != "cuda"
         res = parity(system, variant, checkpoint, device, emulate_tf32=emulate)
-        stage += EMULATED if emulate else ""
         par = res.get("parity") or {}
-        rows.append(BudgetRow(stage, variant, res.get("verdict", "-"), res.get("detail", ""),
-                              par.get("class"), par.get("tolerance"), {m: par.get(m) for m in METRICS}))
+        row = BudgetRow(stage + (EMULATED if emulate else ""), variant, res.get("verdict", "-"),
+                        res.get("detail", ""), par.get("class"), par.get("tolerance"),
+                        {m: par.get(m) for m in METRICS})
+        if on_row:
+            on_row(row)
+        return row
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        rows = list(pool.map(lambda s: one(*s), stages))
     return PrecisionBudget(SCHEMA, system, device, card, str(checkpoint), rows,
                            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+def select(names: str) -> list[str]:
+    """--stages' comma list of stage variants, each checked against STAGES (ValueError names the
+    unknown one)."""
+    known = [v for _, v, _ in STAGES]
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    for n in chosen:
+        if n not in known:
+            raise ValueError(f"{n!r} is not a budget stage (one of {', '.join(known)})")
+    if not chosen:
+        raise ValueError("no stage named")
+    return chosen
 
 
 def to_dict(b: PrecisionBudget) -> dict[str, Any]:
@@ -76,14 +101,18 @@ def rel(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
+HEAD = f"{'stage':60} {'E rel':>9} {'F rel':>9} {'V rel':>9} {'grad rel':>9} {'update':>9}  verdict"
+
+
+def row_line(r: BudgetRow) -> str:
+    m = r.metrics
+    return (f"{r.stage:60} {rel(m.get('max_rel_e')):>9} {rel(m.get('max_rel_f')):>9} {rel(m.get('max_rel_v')):>9} "
+            f"{rel(m.get('step_grad_max_rel')):>9} {rel(m.get('step_update_max_rel')):>9}  {r.verdict}"
+            + (f" (tolerance {r.tolerance:g}, {r.accuracy_class})" if r.tolerance is not None else "")
+            + ("" if r.verdict == "pass" else f": {r.detail}"))
+
+
 def table(b: PrecisionBudget) -> str:
-    head = f"{'stage':60} {'E rel':>9} {'F rel':>9} {'V rel':>9} {'grad rel':>9} {'update':>9}  verdict"
-    lines = [f"precision budget, {b.system} on {b.card} ({b.device}), same weights as {b.checkpoint}", head,
-             "-" * len(head)]
-    for r in b.rows:
-        m = r.metrics
-        lines.append(f"{r.stage:60} {rel(m.get('max_rel_e')):>9} {rel(m.get('max_rel_f')):>9} {rel(m.get('max_rel_v')):>9} "
-                     f"{rel(m.get('step_grad_max_rel')):>9} {rel(m.get('step_update_max_rel')):>9}  {r.verdict}"
-                     + (f" (tolerance {r.tolerance:g}, {r.accuracy_class})" if r.tolerance is not None else "")
-                     + ("" if r.verdict == "pass" else f": {r.detail}"))
-    return "\n".join(lines)
+    lines = [f"precision budget, {b.system} on {b.card} ({b.device}), same weights as {b.checkpoint}", HEAD,
+             "-" * len(HEAD)]
+    return "\n".join(lines + [row_line(r) for r in b.rows])

@@ -95,3 +95,36 @@ def test_the_parity_command_can_emulate_tf32(monkeypatch, capsys):
     assert main(["parity", "--variant", "fused-tf32-nets", "--device", "cpu", "--emulate-tf32"]) == 0
     assert main(["parity", "--variant", "fused-tf32-nets", "--device", "cpu"]) == 0
     assert seen == [True, False]
+
+
+def test_chosen_stages_run_at_once_keep_their_order_and_report_each_row(tmp_path):
+    """--stages picks rows (STAGES' order kept, whatever order they were named in), --jobs runs
+    them side by side (a GPU call has room for several start-up-bound parity children; a budget
+    that ran them one by one did not finish copper's in its call), and each row is reported as it
+    finishes, so a call cut short leaves the rows it measured in its log."""
+    import threading
+
+    seen, done, gate = [], [], threading.Barrier(3, timeout=10)
+    slow = fake_parity(seen)
+
+    def parity(*a, **k):
+        gate.wait()  # all three rows in flight at once, or this times out (BrokenBarrierError)
+        return slow(*a, **k)
+
+    b = pb.measure("copper", tmp_path / "c.pt", "cuda", "H100", parity,
+                   variants=pb.select("fused-tf32-nets,fused-fit-tf32, fused-mixed"), jobs=3, on_row=done.append)
+    assert [r.variant for r in b.rows] == ["fused-fit-tf32", "fused-mixed", "fused-tf32-nets"]
+    assert sorted(r.variant for r in done) == ["fused-fit-tf32", "fused-mixed", "fused-tf32-nets"]
+    line = pb.row_line(b.rows[1])
+    assert "3.00e-03" in line and line in pb.table(b)
+
+
+def test_an_unknown_stage_or_no_job_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "c.pt").write_bytes(b"")
+    out = tmp_path / "b.json"
+    for extra, why in ((["--stages", "fused,fused-mixed"], "'fused' is not a budget stage"),
+                       (["--stages", ","], "no stage named"), (["--jobs", "0"], "--jobs 0")):
+        assert main(["precision-budget", "--device", "cpu", "--checkpoint", str(tmp_path / "c.pt"),
+                     "--out", str(out), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0] and not out.exists(), err
