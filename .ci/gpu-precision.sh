@@ -9,7 +9,7 @@
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
 #   bash .ci/gpu-precision.sh
 # Overrides: SYSTEMS="water copper alcumg" STEPS=200 DEADLINE=500 OUT=/tmp/dph-out
-#   STAGES="" (all eight rows; e.g. fused-fit-tf32,fused-mixed,fused-tf32-nets: the TF32 rows alone)
+#   STAGES="" (every row; e.g. fused-fit-tf32,fused-mixed,fused-tf32-nets,fused-3xtf32: TF32 rows alone)
 #   JOBS=4 (rows measured at once: one by one, copper's eight rows did not finish in the ~6 min
 #   left after its 4000-step baseline, 201627c; each row prints as it finishes, "[budget] ...")
 # (DEVICE=cpu SYSTEMS=<a tiny system dir> STEPS=4: the plumbing on a CPU machine)

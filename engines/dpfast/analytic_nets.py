@@ -24,18 +24,64 @@ import torch
 from . import options
 from .support import refuse
 
-# DPH_FUSED_CONTRACT_F64 (read once, as the training child's environment set it)
+# DPH_FUSED_CONTRACT_F64, DPH_FUSED_SPLIT_TF32 (read once, as the training child's environment set them)
 CONTRACT_F64 = options.current().contract_f64
+SPLIT_TF32 = options.current().split_tf32
+
+
+def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = hi + lo exactly, hi = x rounded to TF32 (10 explicit mantissa bits, nearest even; a
+    tensor core takes it unchanged) and lo the float32 remainder, |lo| <= 2^-11 |x|. Finite x."""
+    i = x.view(torch.int32)
+    hi = ((i + (0x0FFF + ((i >> 13) & 1))) & -8192).view(torch.float32)
+    return hi, x - hi
+
+
+def _mm3(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b from three TF32 products (CUTLASS's "3xTF32"): hi.hi + (hi.lo + lo.hi), the small
+    terms summed first; lo.lo (~2^-22 relative) dropped. On a tensor core each product is TF32 with
+    float32 accumulation, so the sum carries ~float32's accuracy at TF32's rate."""
+    ah, al = tf32_split(a)
+    bh, bl = tf32_split(b)
+    return torch.matmul(ah, bh) + (torch.matmul(ah, bl) + torch.matmul(al, bh))
+
+
+class _Split3(torch.autograd.Function):
+    """matmul(a, b) of float32 operands as _mm3, and its backward's two products as _mm3 too (so
+    the training gradient is not rounded to TF32 either). First derivatives only: the engine's
+    forces are the hand-written VJP (forward ops), so the loss needs one backward; the autograd
+    forces option (a second derivative) is refused with it (options.EngineOptions)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return _mm3(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        ga = _mm3(g, b.transpose(-1, -2)).sum_to_size(a.shape) if ctx.needs_input_grad[0] else None
+        gb = _mm3(a.transpose(-1, -2), g).sum_to_size(b.shape) if ctx.needs_input_grad[1] else None
+        return ga, gb
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """torch.matmul(a, b) for a net's layer (the embedding and fitting nets' GEMMs, their
+    hand-written VJPs): with SPLIT_TF32 a float32 product is three TF32 products (_Split3)."""
+    if SPLIT_TF32 and a.dtype == torch.float32 and a.dim() >= 2 and b.dim() >= 2:
+        return _Split3.apply(a, b)
+    return torch.matmul(a, b)
 
 
 def contract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.matmul(a, b) for one of the descriptor's contractions (R~^T G, D = xyz^T xyz<, their
     VJPs, dE/dR~ through its Jacobian): with CONTRACT_F64 a float32 product is computed in float64
     and rounded back once, so no TF32 (nor its CPU emulation) touches it -- these sums over a
-    centre atom's neighbours are where TF32's 10-bit inputs cost the virial most."""
+    centre atom's neighbours are where TF32's 10-bit inputs cost the virial most; with SPLIT_TF32
+    it is three TF32 products, as the nets' (gemm)."""
     if CONTRACT_F64 and a.dtype == torch.float32:
         return torch.matmul(a.double(), b.double()).to(a.dtype)
-    return torch.matmul(a, b)
+    return gemm(a, b)
 
 _ACTS = {"tanh", "none", "linear"}
 
@@ -95,7 +141,7 @@ def layer_with_tangent(x, t, W, first_row, nin: int, bias, idt, tanh: bool, skip
     else:
         if t is None:
             t = torch.ones_like(x)
-        zz = torch.matmul(torch.stack([x, t]), W)  # value and tangent share one GEMM
+        zz = gemm(torch.stack([x, t]), W)  # value and tangent share one GEMM
         z, tz = zz[0], zz[1]
     if bias is not None:
         z = z + bias
@@ -342,7 +388,7 @@ def mlp_forward_saved_stacked(x: torch.Tensor, stk: list) -> tuple[torch.Tensor,
     for (W, b, idt, l0) in stk:
         x = x.to(l0.prec)
         nin, nout = l0.matrix.shape
-        z = torch.matmul(x, W)
+        z = gemm(x, W)
         if b is not None:
             z = z + b
         a = torch.tanh(z) if _is_tanh(l0) else z
@@ -365,7 +411,7 @@ def mlp_vjp_stacked(gy: torch.Tensor, stk: list, saved: list) -> torch.Tensor:
         gz = gy * idt if idt is not None else gy
         if a is not None:
             gz = gz * (1.0 - a * a)
-        gx = torch.matmul(gz, W.transpose(-1, -2))
+        gx = gemm(gz, W.transpose(-1, -2))
         sk = _skip(l0, nin, nout)
         if sk == 1:
             gx = gx + gy

@@ -63,6 +63,10 @@ class EngineOptions:
     # nets' GEMMs. The CPU's emulated budget put fused-mixed's metal virial error (2e-3 > the mixed
     # class's 1e-3) in the descriptor, not the fitting net
     contract_f64: bool = False
+    # every float32 GEMM of the nets and contractions as three TF32 products (hi.hi + hi.lo + lo.hi,
+    # analytic_nets.gemm): float32's accuracy from the tensor cores -- fused-3xtf32, for the virial
+    # the TF32 embedding nets broke on copper's 4000-step checkpoint (1.64e-3, emulated)
+    split_tf32: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
@@ -73,6 +77,9 @@ class EngineOptions:
         for name, least in (("upstream_compile_bucket", 1), ("vjp_atoms", 1), ("vjp_slots", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{ENV[name]}={getattr(self, name)}: must be >= {least}")
+        if self.split_tf32 and self.autograd_forces:
+            raise ValueError(f"{ENV['split_tf32']}=1 with {ENV['autograd_forces']}=1: the three-product GEMM has first "
+                             "derivatives only, autograd forces need a second")
         if self.vjp_rows not in VJP_ROWS:
             raise ValueError(f"{ENV['vjp_rows']}={self.vjp_rows}: not one of {' | '.join(map(str, VJP_ROWS))}")
         if self.vjp_warps not in VJP_WARPS:
@@ -97,7 +104,7 @@ ENV = {
     "upstream_compile_disable": envvars.DPH_COMPILE_DISABLE, "vjp_atoms": envvars.DPH_FUSED_VJP_ATOMS,
     "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS, "vjp_rows": envvars.DPH_FUSED_VJP_ROWS,
     "vjp_warps": envvars.DPH_FUSED_VJP_WARPS, "vjp_halves": envvars.DPH_FUSED_VJP_HALVES,
-    "contract_f64": envvars.DPH_FUSED_CONTRACT_F64,
+    "contract_f64": envvars.DPH_FUSED_CONTRACT_F64, "split_tf32": envvars.DPH_FUSED_SPLIT_TF32,
 }
 
 

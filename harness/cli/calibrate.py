@@ -341,7 +341,7 @@ def register_cli(subparsers) -> None:
     q.add_argument("--device", default="auto")
     q.add_argument("--out", default=None, help="record path (default: results/precision/<system>-<device>.json)")
     q.add_argument("--stages", default=None, metavar="VARIANT,...",
-                   help="only these stages' rows, by variant (default: all eight)")
+                   help="only these stages' rows, by variant (default: every stage)")
     q.add_argument("--jobs", type=int, default=1,
                    help="rows measured at once (each is two start-up-bound parity children; a GPU has room for several)")
     q.set_defaults(func=_cmd_precision_budget)

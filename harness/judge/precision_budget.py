@@ -24,6 +24,7 @@ STAGES = (
     ("fitting net float32, TF32 GEMMs", "fused-fit-tf32", True),
     ("descriptor + fitting float32, TF32 GEMMs", "fused-mixed", True),
     ("TF32 in the nets only, contractions float64", "fused-tf32-nets", True),
+    ("nets + contractions float32 as three TF32 products (3xTF32)", "fused-3xtf32", True),
     ("descriptor bfloat16, fitting float32", "fused-bf16", False),
 )
 EMULATED = " [TF32 emulated]"  # a TF32 row measured off CUDA: the inputs rounded by hand
@@ -101,12 +102,12 @@ def rel(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
-HEAD = f"{'stage':60} {'E rel':>9} {'F rel':>9} {'V rel':>9} {'grad rel':>9} {'update':>9}  verdict"
+HEAD = f"{'stage':76} {'E rel':>9} {'F rel':>9} {'V rel':>9} {'grad rel':>9} {'update':>9}  verdict"
 
 
 def row_line(r: BudgetRow) -> str:
     m = r.metrics
-    return (f"{r.stage:60} {rel(m.get('max_rel_e')):>9} {rel(m.get('max_rel_f')):>9} {rel(m.get('max_rel_v')):>9} "
+    return (f"{r.stage:76} {rel(m.get('max_rel_e')):>9} {rel(m.get('max_rel_f')):>9} {rel(m.get('max_rel_v')):>9} "
             f"{rel(m.get('step_grad_max_rel')):>9} {rel(m.get('step_update_max_rel')):>9}  {r.verdict}"
             + (f" (tolerance {r.tolerance:g}, {r.accuracy_class})" if r.tolerance is not None else "")
             + ("" if r.verdict == "pass" else f": {r.detail}"))
