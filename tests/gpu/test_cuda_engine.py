@@ -119,3 +119,31 @@ def test_flat_adam_equals_torch_on_cuda(compiled):
         fopt.step()
         for p, q in zip(mine.parameters(), ref.parameters()):
             assert rel(p, q) <= 1e-12
+
+
+def test_three_tf32_products_keep_float32s_accuracy_on_the_tensor_cores(monkeypatch):
+    """fused-3xtf32 on the card (issue 40): with TF32 on, one float32 GEMM of a net's shape loses
+    ~1e-3 relative, its three-product form (analytic_nets.gemm, forward and backward) stays at
+    float32's ~1e-6 -- the CPU tests prove it on emulated TF32, this on the real tensor cores."""
+    from dpfast import analytic_nets as an
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    g = torch.Generator(device="cuda").manual_seed(5)
+    a = torch.randn(2, 20000, 50, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(50, 100, device="cuda", generator=g) / 7).requires_grad_()
+    gy = torch.randn(2, 20000, 100, device="cuda", generator=g)
+    a64, w64 = a.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = torch.matmul(a64, w64)
+    exact.backward(gy.double())
+
+    def err(x, ref):
+        return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+    monkeypatch.setattr(an, "SPLIT_TF32", False)
+    one = err(an.gemm(a.detach(), w.detach()), exact.detach())
+    monkeypatch.setattr(an, "SPLIT_TF32", True)
+    y = an.gemm(a, w)
+    y.backward(gy)
+    three = err(y.detach(), exact.detach())
+    assert one > 1e-4 and three < 5e-6, (one, three)
+    assert err(a.grad, a64.grad) < 5e-6 and err(w.grad, w64.grad) < 5e-6
