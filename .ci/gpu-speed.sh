@@ -11,6 +11,9 @@
 #   (size:variants:steps per sweep) SWEEP_S=100 (each sweep's limit per variant: start-ups are
 #   22-76 s each on an H100; 170 s for a whole four-variant sweep cut its third, 41f8efd) PRECISION_SYSTEMS=""
 #   PRECISION_S=200 OUT=/tmp/dph-out
+# One call for a new variant's speed and its card parity at a gate_steps checkpoint (~6-7 min):
+#   SIZES="2x2x2:fused,fused-3xtf32:300" PRECISION_SYSTEMS=copper PRECISION_STEPS=4000 PRECISION_S=330 \
+#   STAGES=fused-tf32-nets,fused-3xtf32 JOBS=2 bash .ci/gpu-speed.sh   (STAGES / JOBS reach gpu-precision.sh)
 # (DEVICE=cpu SYSTEM=<a tiny system dir> SIZES="1x1x1:fused,fused-fp32:4" PRECISION_SYSTEMS=<it>
 # PRECISION_STEPS=4: the plumbing on a CPU machine)
 set -u
