@@ -27,6 +27,7 @@ from .support import refuse
 # DPH_FUSED_CONTRACT_F64, DPH_FUSED_SPLIT_TF32 (read once, as the training child's environment set them)
 CONTRACT_F64 = options.current().contract_f64
 SPLIT_TF32 = options.current().split_tf32
+SPLIT_TF32_KERNEL = options.current().split_tf32_kernel
 
 
 def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,8 +72,20 @@ def gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """torch.matmul(a, b) for a net's layer (the embedding and fitting nets' GEMMs, their
     hand-written VJPs): with SPLIT_TF32 a float32 product is three TF32 products (_Split3)."""
     if SPLIT_TF32 and a.dtype == torch.float32 and a.dim() >= 2 and b.dim() >= 2:
+        if SPLIT_TF32_KERNEL and _kernel_takes(a, b):
+            return torch.ops.dpfast.tf32x3_mm(a, b)
         return _Split3.apply(a, b)
     return torch.matmul(a, b)
+
+
+def _kernel_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the Triton 3xTF32 kernel (tf32x3_gemm) runs this product: on CUDA, or on a CPU in
+    Triton's interpreter (tests), for a batch layout it takes; else _Split3's torch ops do."""
+    from . import tf32x3_gemm as k
+
+    if not k.supports(a, b):
+        return False
+    return a.is_cuda or (a.device.type == "cpu" and bool(k.triton.knobs.runtime.interpret))
 
 
 def contract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

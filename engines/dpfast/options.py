@@ -67,6 +67,9 @@ class EngineOptions:
     # analytic_nets.gemm): float32's accuracy from the tensor cores -- fused-3xtf32, for the virial
     # the TF32 embedding nets broke on copper's 4000-step checkpoint (1.64e-3, emulated)
     split_tf32: bool = False
+    # ... with the three products formed on chip by a Triton kernel (tf32x3_gemm: each tile loaded
+    # once as float32, split in registers) instead of torch ops that write [hi | hi | lo] out
+    split_tf32_kernel: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in (("geom", GEOM_MODES), ("grouped", GROUPINGS), ("compile_mode", COMPILE_MODES),
@@ -77,6 +80,8 @@ class EngineOptions:
         for name, least in (("upstream_compile_bucket", 1), ("vjp_atoms", 1), ("vjp_slots", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{ENV[name]}={getattr(self, name)}: must be >= {least}")
+        if self.split_tf32_kernel and not self.split_tf32:
+            raise ValueError(f"{ENV['split_tf32_kernel']}=1 needs {ENV['split_tf32']}=1")
         if self.split_tf32 and self.autograd_forces:
             raise ValueError(f"{ENV['split_tf32']}=1 with {ENV['autograd_forces']}=1: the three-product GEMM has first "
                              "derivatives only, autograd forces need a second")
@@ -105,6 +110,7 @@ ENV = {
     "vjp_slots": envvars.DPH_FUSED_VJP_SLOTS, "vjp_rows": envvars.DPH_FUSED_VJP_ROWS,
     "vjp_warps": envvars.DPH_FUSED_VJP_WARPS, "vjp_halves": envvars.DPH_FUSED_VJP_HALVES,
     "contract_f64": envvars.DPH_FUSED_CONTRACT_F64, "split_tf32": envvars.DPH_FUSED_SPLIT_TF32,
+    "split_tf32_kernel": envvars.DPH_FUSED_SPLIT_TF32_KERNEL,
 }
 
 

@@ -75,6 +75,9 @@ DPH_FUSED_CONTRACT_F64 = _declare("DPH_FUSED_CONTRACT_F64", "dpfast.options",
 DPH_FUSED_SPLIT_TF32 = _declare("DPH_FUSED_SPLIT_TF32", "dpfast.options",
                                  "1: fused's float32 net GEMMs and contractions as three TF32 products "
                                  "(3xTF32: float32's accuracy on tensor cores)")
+DPH_FUSED_SPLIT_TF32_KERNEL = _declare("DPH_FUSED_SPLIT_TF32_KERNEL", "dpfast.options",
+                                        "1: fused-3xtf32's three TF32 products formed on chip by a Triton "
+                                        "kernel (dpfast::tf32x3_mm)")
 DPH_FUSED_AUTOGRAD = _declare("DPH_FUSED_AUTOGRAD", "dpfast.options",
                               "1: forces by autograd instead of the hand-written backward")
 DPH_FUSED_COMPILE = _declare("DPH_FUSED_COMPILE", "dpfast.options", "0: fused's CUDA step stays eager", "1")

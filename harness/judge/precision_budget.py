@@ -25,6 +25,7 @@ STAGES = (
     ("descriptor + fitting float32, TF32 GEMMs", "fused-mixed", True),
     ("TF32 in the nets only, contractions float64", "fused-tf32-nets", True),
     ("nets + contractions float32 as three TF32 products (3xTF32)", "fused-3xtf32", True),
+    ("3xTF32 split on chip by a Triton kernel (off CUDA: the row above)", "fused-3xtf32-kernel", True),
     ("descriptor bfloat16, fitting float32", "fused-bf16", False),
 )
 EMULATED = " [TF32 emulated]"  # a TF32 row measured off CUDA: the inputs rounded by hand

@@ -147,3 +147,26 @@ def test_three_tf32_products_keep_float32s_accuracy_on_the_tensor_cores(monkeypa
     three = err(y.detach(), exact.detach())
     assert one > 1e-4 and three < 5e-6, (one, three)
     assert err(a.grad, a64.grad) < 5e-6 and err(w.grad, w64.grad) < 5e-6
+
+
+def test_the_triton_3xtf32_kernel_keeps_float32s_accuracy_on_the_tensor_cores():
+    """fused-3xtf32-kernel's GEMM (dpfast::tf32x3_mm, tl.dot tf32x3) on the card: a net's shape and a
+    weight gradient's (long inner dimension, split), forward and backward, at float32's accuracy
+    where one TF32 product loses ~1e-3 -- the CPU interpreter checks only its indexing."""
+    from dpfast import tf32x3_gemm  # noqa: F401 (registers the op)
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    a = torch.randn(2, 20000, 50, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(50, 100, device="cuda", generator=g) / 7).requires_grad_()
+    gy = torch.randn(2, 20000, 100, device="cuda", generator=g)
+    a64, w64 = a.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = torch.matmul(a64, w64)
+    exact.backward(gy.double())
+
+    def err(x, ref):
+        return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+    y = torch.ops.dpfast.tf32x3_mm(a, w)
+    y.backward(gy)
+    assert err(y.detach(), exact.detach()) < 5e-6
+    assert err(a.grad, a64.grad) < 5e-6 and err(w.grad, w64.grad) < 5e-6

@@ -13,7 +13,7 @@ def fake_parity(seen):
     def parity(system, variant, checkpoint, device, emulate_tf32=False):
         seen.append((system, variant, device, emulate_tf32))
         err = {"fused-desc32": 5e-7, "fused-fit32": 1e-7, "fused-fp32": 6e-7, "fused-bf16": 5e-2,
-               "fused-desc-tf32": 4e-4, "fused-fit-tf32": 2e-5, "fused-mixed": 3e-3, "fused-tf32-nets": 5e-4, "fused-3xtf32": 2e-6}[variant]
+               "fused-desc-tf32": 4e-4, "fused-fit-tf32": 2e-5, "fused-mixed": 3e-3, "fused-tf32-nets": 5e-4, "fused-3xtf32": 2e-6, "fused-3xtf32-kernel": 2e-6}[variant]
         cls, tol = ("mixed", 1e-3) if "tf32" in variant or variant in ("fused-bf16", "fused-mixed") else ("float32", 1e-5)
         verdict = "pass" if err <= tol else "fail"
         return {"verdict": verdict, "detail": "within tolerance" if verdict == "pass" else f"f rel {err:.2e} > {tol:g}",
@@ -25,13 +25,13 @@ def test_every_stage_is_measured_where_it_can_be(tmp_path):
     seen = []
     b = pb.measure("water", tmp_path / "c.pt", "cpu", "cpu", fake_parity(seen))
     order = ["fused-desc32", "fused-fit32", "fused-fp32", "fused-desc-tf32", "fused-fit-tf32", "fused-mixed",
-             "fused-tf32-nets", "fused-3xtf32", "fused-bf16"]
+             "fused-tf32-nets", "fused-3xtf32", "fused-3xtf32-kernel", "fused-bf16"]
     assert [r.variant for r in b.rows] == order
     # off CUDA the three TF32 rows run with the inputs rounded by hand, and only they
     assert seen == [("water", v, "cpu", "tf32" in v or v == "fused-mixed") for v in order]
     assert b.rows[0].metrics["max_rel_f"] == 5e-7 and b.rows[0].metrics["max_rel_v"] is None
-    assert [r.stage.endswith(pb.EMULATED) for r in b.rows] == [False] * 3 + [True] * 5 + [False]
-    assert b.rows[5].verdict == "fail" and b.rows[8].verdict == "fail" and b.rows[8].accuracy_class == "mixed"
+    assert [r.stage.endswith(pb.EMULATED) for r in b.rows] == [False] * 3 + [True] * 6 + [False]
+    assert b.rows[5].verdict == "fail" and b.rows[9].verdict == "fail" and b.rows[9].accuracy_class == "mixed"
     text = pb.table(b)
     assert "5.00e-07" in text and "TF32 GEMMs [TF32 emulated]" in text and "mixed): f rel 5.00e-02 > 0.001" in text
     assert json.loads(json.dumps(pb.to_dict(b)))["schema"] == pb.SCHEMA
