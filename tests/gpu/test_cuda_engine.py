@@ -121,6 +121,23 @@ def test_flat_adam_equals_torch_on_cuda(compiled):
             assert rel(p, q) <= 1e-12
 
 
+def _net_gemm_case(seed: int):
+    """A net layer's float32 GEMM on the card (value and tangent rows x weights), its cotangent, and
+    float64's product and gradients of the same numbers."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = torch.randn(2, 20000, 50, device="cuda", generator=g).requires_grad_()
+    w = (torch.randn(50, 100, device="cuda", generator=g) / 7).requires_grad_()
+    gy = torch.randn(2, 20000, 100, device="cuda", generator=g)
+    a64, w64 = a.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    exact = torch.matmul(a64, w64)
+    exact.backward(gy.double())
+    return a, w, gy, exact.detach(), a64.grad, w64.grad
+
+
+def _err(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max()).item()
+
+
 def test_three_tf32_products_keep_float32s_accuracy_on_the_tensor_cores(monkeypatch):
     """fused-3xtf32 on the card (issue 40): with TF32 on, one float32 GEMM of a net's shape loses
     ~1e-3 relative, its three-product form (analytic_nets.gemm, forward and backward) stays at
@@ -128,25 +145,15 @@ def test_three_tf32_products_keep_float32s_accuracy_on_the_tensor_cores(monkeypa
     from dpfast import analytic_nets as an
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    g = torch.Generator(device="cuda").manual_seed(5)
-    a = torch.randn(2, 20000, 50, device="cuda", generator=g).requires_grad_()
-    w = (torch.randn(50, 100, device="cuda", generator=g) / 7).requires_grad_()
-    gy = torch.randn(2, 20000, 100, device="cuda", generator=g)
-    a64, w64 = a.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    exact = torch.matmul(a64, w64)
-    exact.backward(gy.double())
-
-    def err(x, ref):
-        return ((x.double() - ref).abs().max() / ref.abs().max()).item()
-
+    a, w, gy, exact, ga, gw = _net_gemm_case(5)
     monkeypatch.setattr(an, "SPLIT_TF32", False)
-    one = err(an.gemm(a.detach(), w.detach()), exact.detach())
+    one = _err(an.gemm(a.detach(), w.detach()), exact)
     monkeypatch.setattr(an, "SPLIT_TF32", True)
     y = an.gemm(a, w)
     y.backward(gy)
-    three = err(y.detach(), exact.detach())
+    three = _err(y.detach(), exact)
     assert one > 1e-4 and three < 5e-6, (one, three)
-    assert err(a.grad, a64.grad) < 5e-6 and err(w.grad, w64.grad) < 5e-6
+    assert _err(a.grad, ga) < 5e-6 and _err(w.grad, gw) < 5e-6
 
 
 def test_the_triton_3xtf32_kernel_keeps_float32s_accuracy_on_the_tensor_cores():
@@ -155,18 +162,8 @@ def test_the_triton_3xtf32_kernel_keeps_float32s_accuracy_on_the_tensor_cores():
     where one TF32 product loses ~1e-3 -- the CPU interpreter checks only its indexing."""
     from dpfast import tf32x3_gemm  # noqa: F401 (registers the op)
 
-    g = torch.Generator(device="cuda").manual_seed(7)
-    a = torch.randn(2, 20000, 50, device="cuda", generator=g).requires_grad_()
-    w = (torch.randn(50, 100, device="cuda", generator=g) / 7).requires_grad_()
-    gy = torch.randn(2, 20000, 100, device="cuda", generator=g)
-    a64, w64 = a.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    exact = torch.matmul(a64, w64)
-    exact.backward(gy.double())
-
-    def err(x, ref):
-        return ((x.double() - ref).abs().max() / ref.abs().max()).item()
-
+    a, w, gy, exact, ga, gw = _net_gemm_case(7)
     y = torch.ops.dpfast.tf32x3_mm(a, w)
     y.backward(gy)
-    assert err(y.detach(), exact.detach()) < 5e-6
-    assert err(a.grad, a64.grad) < 5e-6 and err(w.grad, w64.grad) < 5e-6
+    assert _err(y.detach(), exact) < 5e-6
+    assert _err(a.grad, ga) < 5e-6 and _err(w.grad, gw) < 5e-6
