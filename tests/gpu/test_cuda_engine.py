@@ -160,7 +160,9 @@ def test_the_triton_3xtf32_kernel_keeps_float32s_accuracy_on_the_tensor_cores():
     """fused-3xtf32-kernel's GEMM (dpfast::tf32x3_mm, tl.dot tf32x3) on the card: a net's shape and a
     weight gradient's (long inner dimension, split), forward and backward, at float32's accuracy
     where one TF32 product loses ~1e-3 -- the CPU interpreter checks only its indexing."""
-    from dpfast import tf32x3_gemm  # noqa: F401 (registers the op)
+    import importlib
+
+    importlib.import_module("dpfast.tf32x3_gemm")  # registers dpfast::tf32x3_mm
 
     a, w, gy, exact, ga, gw = _net_gemm_case(7)
     y = torch.ops.dpfast.tf32x3_mm(a, w)
