@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _upstream_fixtures import data  # noqa: F401  (a fixture)
 from dpfast import analytic_nets as an
 from dpfast import options
 
@@ -139,3 +140,53 @@ def test_the_kernel_builds_for_sm90_with_tf32_tensor_core_products(tmp_path):
     assert all(r["mma_one"] > 0 and r["mma"] == 3 * r["mma_one"] for r in rows), rows
     assert all(r["shared"] <= SM90_SHARED_PER_BLOCK for r in rows), rows
     assert rows[-1]["split"] > 1 and all(r["split"] == 1 for r in rows[:-1])  # only the weight gradient splits
+
+
+def _step_grads(tr):
+    """Loss and every parameter's gradient of fused's eager training step on frame 1 of trainer tr."""
+    from dpfast import fused as fused_engine
+
+    eng = fused_engine.FusedEngine(tr)
+    eng.build_data()
+    eng.make_optimizer()
+    G = eng.groups[0]
+    idx = torch.tensor([1], device=eng.device)
+    eng.opt.zero_grad(set_to_none=True)
+    rt, jac, jidx, diff, labels = eng.gather(G.geom, G.labels, idx)
+    pred = eng.predict(rt, jac, jidx, diff, G.tcount, G.bias, create_graph=True)
+    loss, _ = eng.loss_and_more(pred, labels, 1e-3, **G.loss_inputs())
+    loss.backward()
+    return float(loss.detach()), [p.grad.detach().clone() for p in tr.wrapper.parameters() if p.grad is not None]
+
+
+def test_the_fused_step_takes_every_net_product_through_the_kernel(data, tmp_path, monkeypatch):
+    """fused's float32 training step (the 3-type fcc case, float32 descriptor and fitting) with the
+    kernel on: every GEMM of the nets and contractions is the kernel's -- none falls back to the
+    torch-op form unseen -- and the loss and every gradient equal the torch-op form's to float32's
+    accuracy (in the interpreter both are float32 products)."""
+    from _upstream_fixtures import build_trainer, fcc_config
+
+    cfg = fcc_config(data["fcc_train"], data["fcc_valid"], tos=False, prec="float32")
+    monkeypatch.setattr(an, "SPLIT_TF32", True)
+    calls = {"kernel": 0, "torch ops": 0}
+    real_mm, real_split = k.mm, an._Split3.apply
+
+    def counted(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(k, "mm", counted("kernel", real_mm))
+    monkeypatch.setattr(an._Split3, "apply", counted("torch ops", real_split))
+    monkeypatch.setattr(an, "SPLIT_TF32_KERNEL", False)
+    loss_ops, grads_ops = _step_grads(build_trainer(cfg, tmp_path / "ops"))
+    assert calls["torch ops"] > 0 and calls["kernel"] == 0
+    calls.update({"kernel": 0, "torch ops": 0})
+    monkeypatch.setattr(an, "SPLIT_TF32_KERNEL", True)
+    loss_k, grads_k = _step_grads(build_trainer(cfg, tmp_path / "kernel"))
+    assert calls["kernel"] > 0 and calls["torch ops"] == 0, calls
+    assert abs(loss_k - loss_ops) <= 1e-5 * abs(loss_ops)
+    assert len(grads_k) == len(grads_ops) > 4
+    for gk, go in zip(grads_k, grads_ops):
+        assert _rel(gk, go.double()) < 1e-4
