@@ -10,7 +10,8 @@
 # Overrides: SIZES="2x2x2:fused,fused-3xtf32,fused-3xtf32-kernel:300 4x4x4:fused,fused-3xtf32,fused-3xtf32-kernel:200"
 #   (size:variants:steps per sweep) SWEEP_S=100 (each sweep's limit per variant: start-ups are
 #   22-76 s each on an H100; 170 s for a whole four-variant sweep cut its third, 41f8efd) PRECISION_SYSTEMS=""
-#   PRECISION_S=200 OUT=/tmp/dph-out
+#   PRECISION_S=200 OUT=/tmp/dph-out MICRO=1 (first tools/bench_tf32x3.py: one net GEMM as fp64, fp32, tf32,
+#   3xTF32 by torch ops and by the Triton kernel, us per call at 192 and 1,536 atoms)
 # One call for a new variant's speed and its card parity at a gate_steps checkpoint (~6-7 min):
 #   SIZES="2x2x2:fused,fused-3xtf32:300" PRECISION_SYSTEMS=copper PRECISION_STEPS=4000 PRECISION_S=330 \
 #   STAGES=fused-tf32-nets,fused-3xtf32 JOBS=2 bash .ci/gpu-speed.sh   (STAGES / JOBS reach gpu-precision.sh)
@@ -41,6 +42,10 @@ if ! make venv > "$OUT/venv.log" 2>&1; then
 fi
 touch /tmp/gpu-speed.start
 py=.venv/bin/python
+if [ "${MICRO:-1}" = 1 ] && [ "$DEVICE" = cuda ]; then  # the nets' GEMMs five ways (fp64 .. 3xTF32 kernel), ~30 s
+  timeout -k 5 150 $py tools/bench_tf32x3.py --atoms 192,1536 --json "$OUT/tf32x3-micro.json" > "$OUT/tf32x3-micro.log" 2>&1
+  tail -32 "$OUT/tf32x3-micro.log"
+fi
 for entry in $SIZES; do
   IFS=: read -r size vars steps <<< "$entry"
   args=(); IFS=, read -ra vs <<< "$vars"; for v in "${vs[@]}"; do args+=(--variant "$v"); done
