@@ -85,7 +85,7 @@ def _kernel_takes(a: torch.Tensor, b: torch.Tensor) -> bool:
 
     if not k.supports(a, b):
         return False
-    return a.is_cuda or (a.device.type == "cpu" and bool(k.triton.knobs.runtime.interpret))
+    return a.is_cuda or (a.device.type == "cpu" and k.INTERPRETED)
 
 
 def contract(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,11 @@ SPLIT_MAX = 256
 FEW_TILES = 264  # ~2 programs per H100 SM: fewer output tiles than this leave the card idle
 
 
+# Triton's interpreter (TRITON_INTERPRET=1: the CPU tests), read once: torch.compile cannot trace
+# Triton's settings reader where analytic_nets.gemm asks inside a compiled step
+INTERPRETED = triton is not None and bool(triton.knobs.runtime.interpret)
+
+
 def available() -> bool:
     return triton is not None
 
@@ -109,7 +114,7 @@ def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     N = b.shape[-1]
     a3 = a.reshape(na, M, K)  # a view where a's batch dims flatten (they do for the engine's tensors)
     b3 = b.reshape(nb, K, N)
-    BM, BN, BK, chunk, S = launch(M, N, K, na, bool(triton.knobs.runtime.interpret))
+    BM, BN, BK, chunk, S = launch(M, N, K, na, INTERPRETED)
     c = torch.empty((na * S, M, N), dtype=torch.float32, device=a.device)
     grid = (triton.cdiv(M, BM), triton.cdiv(N, BN), na * S)
     _mm_kernel[grid](a3, b3, c, M, N, K, S, nb,

@@ -190,3 +190,23 @@ def test_the_fused_step_takes_every_net_product_through_the_kernel(data, tmp_pat
     assert len(grads_k) == len(grads_ops) > 4
     for gk, go in zip(grads_k, grads_ops):
         assert _rel(gk, go.double()) < 1e-4
+
+
+def test_a_compiled_step_traces_the_routing_and_keeps_the_op_whole(monkeypatch):
+    """torch.compile(fullgraph=True) over analytic_nets.gemm with the kernel on: Dynamo traces the
+    routing (it could not trace Triton's settings reader, asked there at first) and keeps the op
+    as one node, forward and backward equal to eager."""
+    monkeypatch.setattr(an, "SPLIT_TF32", True)
+    monkeypatch.setattr(an, "SPLIT_TF32_KERNEL", True)
+
+    def f(a, w):
+        return torch.tanh(an.gemm(a, w)).sum()
+
+    a, w = _rand(2, 40, 25, seed=14).requires_grad_(), _rand(25, 50, seed=15).requires_grad_()
+    torch._dynamo.reset()
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(a, w)
+    y.backward()
+    ga, gw = a.grad.clone(), w.grad.clone()
+    a.grad = w.grad = None
+    f(a, w).backward()
+    assert torch.allclose(ga, a.grad, rtol=1e-5, atol=1e-6) and torch.allclose(gw, w.grad, rtol=1e-5, atol=1e-6)
