@@ -39,6 +39,9 @@ def test_every_dpfast_manifest_sets_valid_options_and_the_set_is_what_differs_fr
     assert seen["fused-nets"].grouped == "nets" and seen["fused-blocks"].grouped == "0"
     assert seen["fused-onthefly"].geom == "onthefly"
     assert seen["fused-kernels"].kernels is True and not any(o.kernels for v, o in seen.items() if v != "fused-kernels")
+    assert seen["fused-3xtf32"].split_tf32 and not seen["fused-3xtf32"].split_tf32_kernel
+    assert seen["fused-3xtf32-kernel"].split_tf32 and seen["fused-3xtf32-kernel"].split_tf32_kernel
+    assert {v for v, o in seen.items() if o.split_tf32} == {"fused-3xtf32", "fused-3xtf32-kernel"}
 
 
 def test_declared_defaults_equal_the_code_defaults():
