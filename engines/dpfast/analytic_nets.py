@@ -25,9 +25,10 @@ from . import options
 from .support import refuse
 
 # DPH_FUSED_CONTRACT_F64, DPH_FUSED_SPLIT_TF32 (read once, as the training child's environment set them)
-CONTRACT_F64 = options.current().contract_f64
-SPLIT_TF32 = options.current().split_tf32
-SPLIT_TF32_KERNEL = options.current().split_tf32_kernel
+_OPTIONS = options.current()
+CONTRACT_F64 = _OPTIONS.contract_f64
+SPLIT_TF32 = _OPTIONS.split_tf32
+SPLIT_TF32_KERNEL = _OPTIONS.split_tf32_kernel
 
 
 def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
