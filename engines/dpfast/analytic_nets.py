@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from harness.core.tf32_bits import round_to_tf32
+
 from . import options
 from .support import refuse
 
@@ -34,8 +36,7 @@ SPLIT_TF32_KERNEL = _OPTIONS.split_tf32_kernel
 def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x = hi + lo exactly, hi = x rounded to TF32 (10 explicit mantissa bits, nearest even; a
     tensor core takes it unchanged) and lo the float32 remainder, |lo| <= 2^-11 |x|. Finite x."""
-    i = x.view(torch.int32)
-    hi = ((i + (0x0FFF + ((i >> 13) & 1))) & -8192).view(torch.float32)
+    hi = round_to_tf32(x)
     return hi, x - hi
 
 

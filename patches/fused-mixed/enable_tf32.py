@@ -13,6 +13,7 @@ import functools
 
 import torch
 
+from harness.core.tf32_bits import round_to_tf32
 from harness.core import envvars
 
 torch.backends.cuda.matmul.allow_tf32 = True
@@ -25,8 +26,7 @@ def to_tf32(x):
     gradient passes straight through. Finite values only (a GEMM's inputs)."""
     if not isinstance(x, torch.Tensor) or x.dtype != torch.float32 or x.device.type != "cpu":
         return x
-    i = x.detach().contiguous().view(torch.int32)
-    r = ((i + (0x0FFF + ((i >> 13) & 1))) & -8192).view(torch.float32)  # drop 13 bits, nearest even
+    r = round_to_tf32(x.detach().contiguous())  # drop 13 bits, nearest even
     return x + (r - x).detach() if x.requires_grad else r
 
 
