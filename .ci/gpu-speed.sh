@@ -7,7 +7,7 @@
 # Records, logs and budgets come back in $OUT/results.tgz and $OUT/precision.tgz.
 # Usage (repo root, wheelhouse/ carried; DPH_GIT_SHA set):
 #   bash .ci/gpu-speed.sh
-# Overrides: SIZES="2x2x2:fused,fused-3xtf32,fused-3xtf32-kernel:300 4x4x4:fused,fused-3xtf32,fused-3xtf32-kernel:200"
+# Overrides: SIZES="2x2x2:fused-3xtf32,fused-3xtf32-kernel,fused,fp32-tos:300 4x4x4:fused,fused-3xtf32,fused-3xtf32-kernel:200"
 #   (size:variants:steps per sweep) SWEEP_S=100 (each sweep's limit per variant: start-ups are
 #   22-76 s each on an H100; 170 s for a whole four-variant sweep cut its third, 41f8efd) PRECISION_SYSTEMS=""
 #   PRECISION_S=200 OUT=/tmp/dph-out MICRO=1 (first tools/bench_tf32x3.py: one net GEMM as fp64, fp32, tf32,
@@ -23,8 +23,9 @@ cd "$(dirname "$0")/.."
 # fused-tf32-nets (1.36x / 1.47x) and fused-kernels (0.61x at 1,536 atoms) by 201627c (sweeps
 # 20261208T000433Z-d61ba3, T000958Z-1dfcdf, T002411Z-9d894f); fused-3xtf32 (three TF32 products per
 # GEMM by torch ops, float32's error on the emulated budgets) and fused-3xtf32-kernel (the same
-# products split on chip by a Triton kernel) are the ones not yet timed
-SIZES=${SIZES:-2x2x2:fused,fused-3xtf32,fused-3xtf32-kernel:300 4x4x4:fused,fused-3xtf32,fused-3xtf32-kernel:200}
+# products split on chip by a Triton kernel) are the ones not yet timed; fp32-tos (upstream's best legal
+# setting) in the 1,536-atom sweep is its anchor, so the ratios vs upstream are of one sweep too
+SIZES=${SIZES:-2x2x2:fused-3xtf32,fused-3xtf32-kernel,fused,fp32-tos:300 4x4x4:fused,fused-3xtf32,fused-3xtf32-kernel:200}
 # fused-kernels' start-up alone took 76 s on an H100 (Triton builds), past 75 s
 SWEEP_S=${SWEEP_S:-100}
 # default none: the eight-row budget got only its baseline trained in the 200 s left after the
