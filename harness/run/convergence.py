@@ -127,6 +127,17 @@ class _Sweep:
             raise KeyboardInterrupt  # run_training stops its child as on Ctrl-C
 
 
+def thread_env(parallel: int, environ: dict[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
+    """OpenMP threads of each training: the cores split between the `parallel` side-by-side runs,
+    unless OMP_NUM_THREADS is set already (the user's choice; the test suite's one per worker --
+    and a server-forked child needs it: upstream's import starts OpenMP threads above 1, so such a
+    child was never served), as distributed_env and train.subprocess_env leave it."""
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (cores or os.cpu_count() or 2) // max(1, parallel)))}
+
+
 def _one(i: int, name: str, seed: int, built: BuiltVariant, system: System, req: ConvergenceRequest,
          device: str, sweep: str, state: _Sweep, judge_tree: Path, log: Callable[[str], None]) -> ConvergenceRun:
     run = ConvergenceRun(variant=name, seed=seed, status="not started")
@@ -135,9 +146,8 @@ def _one(i: int, name: str, seed: int, built: BuiltVariant, system: System, req:
         run.error = "stopped" if state.stop.is_set() else "time budget: would not finish with its dp test"
         return run
     rid = results.run_id(sweep, system.name, name, f"s{seed}")
-    threads = max(1, (os.cpu_count() or 2) // max(1, req.parallel))
     spec = RunSpec(run_id=rid, sweep_id=sweep, system=system, variant=built, steps=int(req.steps), device=device,
-                   seed=seed, work_dir=req.work_root / rid, launch_env={"OMP_NUM_THREADS": str(threads)},
+                   seed=seed, work_dir=req.work_root / rid, launch_env=thread_env(req.parallel),
                    timeout_s=timeout)
     log(f"[{name} seed {seed}] training {req.steps} steps on {device}")
     t0 = time.monotonic()

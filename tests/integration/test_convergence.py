@@ -6,10 +6,12 @@ full-size net cost ~4x the minutes for the same assertions."""
 from __future__ import annotations
 
 import json
+import os
 
 from harness.cli import main
 from harness.core.convergence_records import ConvergenceRecord
 from harness.results import convergence as store
+from harness.run.convergence import thread_env
 
 
 def test_convergence_end_to_end_on_cpu_writes_a_record(tiny_system, tmp_path, capsys):
@@ -33,6 +35,13 @@ def test_convergence_end_to_end_on_cpu_writes_a_record(tiny_system, tmp_path, ca
     assert rec.time_to_rmse["by_variant"]["baseline"]["10"] is not None  # it reaches its own final value
     assert "INCOMPLETE" in text and "wall time to the baseline" in text
     assert ConvergenceRecord.from_json(rec.path).to_dict() == rec.to_dict()
+
+
+def test_each_training_gets_a_share_of_the_cores_unless_omp_num_threads_is_set():
+    assert thread_env(2, {}, cores=8) == {"OMP_NUM_THREADS": "4"}
+    assert thread_env(3, {}, cores=2) == {"OMP_NUM_THREADS": "1"}
+    assert thread_env(1, {"OMP_NUM_THREADS": "1"}, cores=8) == {}  # the user's (or the suite's) setting stands
+    assert thread_env(1, {"OMP_NUM_THREADS": ""}, cores=8) == {"OMP_NUM_THREADS": "8"}
 
 
 def test_a_time_budget_too_short_for_any_run_records_them_not_started(tiny_system, tmp_path, capsys):
@@ -85,6 +94,12 @@ def test_a_proof_split_over_two_calls_reuses_the_first_calls_baseline_seeds(tiny
     assert again.verdict == "incomplete" and "needs >= 3 finished baseline seeds" in again.checks["fused"]["reasons"][0]
     assert second.verdict == "incomplete" and second.path.read_bytes() == before  # the old record as it was
     assert ConvergenceRecord.from_json(again.path).to_dict() == again.to_dict()
+    # one at a time, the cores would be each training's: the suite's one OpenMP thread reached
+    # them instead, so the fork server served them (above one, upstream's import starts threads,
+    # a fork is not safe, and every training imported torch and deepmd anew)
+    if os.environ.get("DPH_FORK_SERVER", "0") != "0":  # (DPH_FORK_SERVER=0 make test: every child plain)
+        for d in work.iterdir():
+            assert json.loads((d / "steps.json").read_text()).get("launcher") == "fork server", d
     # a seed already in the record is refused, in one line, nothing written
     n = len(store.load_records(out))
     rc = main.main(["convergence", "--rejudge", str(second.path), "--baseline-from", str(first.path), "--out-dir", str(out)])
