@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from harness.judge import convergence_rule as rule
 from harness.judge import processes
 from harness.results import convergence as store
 from harness.results import runs as results
-from harness.run import bench, timing, train
+from harness.run import bench, distributed, timing, train
 
 CONVERGENCE = store.CONVERGENCE
 ROWS = 100  # lcurve rows per run: disp_freq = steps // ROWS
@@ -127,17 +126,6 @@ class _Sweep:
             raise KeyboardInterrupt  # run_training stops its child as on Ctrl-C
 
 
-def thread_env(parallel: int, environ: dict[str, str] | None = None, cores: int | None = None) -> dict[str, str]:
-    """OpenMP threads of each training: the cores split between the `parallel` side-by-side runs,
-    unless OMP_NUM_THREADS is set already (the user's choice; the test suite's one per worker --
-    and a server-forked child needs it: upstream's import starts OpenMP threads above 1, so such a
-    child was never served), as distributed_env and train.subprocess_env leave it."""
-    environ = os.environ if environ is None else environ
-    if environ.get("OMP_NUM_THREADS"):
-        return {}
-    return {"OMP_NUM_THREADS": str(max(1, (cores or os.cpu_count() or 2) // max(1, parallel)))}
-
-
 def _one(i: int, name: str, seed: int, built: BuiltVariant, system: System, req: ConvergenceRequest,
          device: str, sweep: str, state: _Sweep, judge_tree: Path, log: Callable[[str], None]) -> ConvergenceRun:
     run = ConvergenceRun(variant=name, seed=seed, status="not started")
@@ -147,7 +135,7 @@ def _one(i: int, name: str, seed: int, built: BuiltVariant, system: System, req:
         return run
     rid = results.run_id(sweep, system.name, name, f"s{seed}")
     spec = RunSpec(run_id=rid, sweep_id=sweep, system=system, variant=built, steps=int(req.steps), device=device,
-                   seed=seed, work_dir=req.work_root / rid, launch_env=thread_env(req.parallel),
+                   seed=seed, work_dir=req.work_root / rid, launch_env=distributed.cores_share_env(req.parallel),
                    timeout_s=timeout)
     log(f"[{name} seed {seed}] training {req.steps} steps on {device}")
     t0 = time.monotonic()

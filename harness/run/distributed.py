@@ -93,14 +93,21 @@ def launch_prefix(gpus: int, python: str | None = None) -> list[str]:
     return [py, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc_per_node", str(int(gpus))]
 
 
+def cores_share_env(share: int, cpu_count: int | None = None, environ=None) -> dict[str, str]:
+    """OMP_NUM_THREADS for one of `share` processes that run at once (ranks, side-by-side
+    trainings): the cores split between them -- unless it is set already (the user's choice; the
+    test suite's one thread per worker, which the fork server needs: above one, upstream's import
+    starts OpenMP threads and a fork of it is not safe)."""
+    if "OMP_NUM_THREADS" in (os.environ if environ is None else environ):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (cpu_count or os.cpu_count() or 1) // max(1, int(share))))}
+
+
 def distributed_env(gpus: int, cpu_count: int | None = None) -> dict[str, str]:
     """Environment for a (possibly) multi-process training run. Multicast is ALWAYS disabled."""
     env = dict(NO_MULTICAST_ENV)
-    if gpus > 1:
-        if "OMP_NUM_THREADS" not in os.environ:
-            # torchrun would set 1 and warn; split the cores between the ranks instead
-            cores = cpu_count or os.cpu_count() or 1
-            env["OMP_NUM_THREADS"] = str(max(1, cores // int(gpus)))
+    if gpus > 1:  # torchrun would set 1 and warn; split the cores between the ranks instead
+        env.update(cores_share_env(gpus, cpu_count))
     return env
 
 

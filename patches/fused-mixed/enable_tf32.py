@@ -13,8 +13,8 @@ import functools
 
 import torch
 
-from harness.core.tf32_bits import round_to_tf32
 from harness.core import envvars
+from harness.core.tf32_bits import round_to_tf32
 
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True

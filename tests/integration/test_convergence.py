@@ -11,7 +11,7 @@ import os
 from harness.cli import main
 from harness.core.convergence_records import ConvergenceRecord
 from harness.results import convergence as store
-from harness.run.convergence import thread_env
+from harness.run.distributed import cores_share_env
 
 
 def test_convergence_end_to_end_on_cpu_writes_a_record(tiny_system, tmp_path, capsys):
@@ -38,10 +38,10 @@ def test_convergence_end_to_end_on_cpu_writes_a_record(tiny_system, tmp_path, ca
 
 
 def test_each_training_gets_a_share_of_the_cores_unless_omp_num_threads_is_set():
-    assert thread_env(2, {}, cores=8) == {"OMP_NUM_THREADS": "4"}
-    assert thread_env(3, {}, cores=2) == {"OMP_NUM_THREADS": "1"}
-    assert thread_env(1, {"OMP_NUM_THREADS": "1"}, cores=8) == {}  # the user's (or the suite's) setting stands
-    assert thread_env(1, {"OMP_NUM_THREADS": ""}, cores=8) == {"OMP_NUM_THREADS": "8"}
+    # convergence's side-by-side trainings take distributed's rule for ranks
+    assert cores_share_env(2, 8, environ={}) == {"OMP_NUM_THREADS": "4"}
+    assert cores_share_env(3, 2, environ={}) == {"OMP_NUM_THREADS": "1"}
+    assert cores_share_env(1, 8, environ={"OMP_NUM_THREADS": "1"}) == {}  # the user's (or the suite's) setting stands
 
 
 def test_a_time_budget_too_short_for_any_run_records_them_not_started(tiny_system, tmp_path, capsys):
